@@ -1,0 +1,256 @@
+//! The address of a cache entry: `{namespace, function, digest}`, and the rules each part obeys.
+//!
+//! Names are 1 to [`MAX_NAME_LEN`] characters of `[A-Za-z0-9_.-]`. That charset has no `:`
+//! (the separator in the Redis key) and no glob character, which is what makes busting one
+//! function or namespace exact: the pattern for `fetch` can never match `fetch_user`.
+
+use std::fmt;
+
+/// The longest namespace or function name accepted.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// The length of a digest: an md5 in lowercase hex.
+pub const DIGEST_LEN: usize = 32;
+
+/// A key part that broke its rule, with the field it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    field: String,
+    problem: String,
+}
+
+impl KeyError {
+    fn new(field: &str, problem: String) -> Self {
+        KeyError {
+            field: field.to_owned(),
+            problem,
+        }
+    }
+
+    /// The field that was wrong, e.g. `namespace` or `keys[3].digest`.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// Places the field inside a message field, e.g. `digest` becomes `key.digest`.
+    pub fn nested(mut self, parent: &str) -> Self {
+        self.field = format!("{parent}.{}", self.field);
+        self
+    }
+
+    /// Places the field inside a list, e.g. `digest` becomes `keys[3].digest`.
+    pub fn within(mut self, list: &str, index: usize) -> Self {
+        self.field = format!("{list}[{index}].{}", self.field);
+        self
+    }
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// Shows a rejected value in an error message: quoted, escaped and cut short, since it may be
+/// 10 KB of control characters.
+fn shown(value: &str) -> String {
+    const SHOWN_CHARS: usize = 40;
+    let mut out: String = value.chars().take(SHOWN_CHARS).collect();
+    if out.len() < value.len() {
+        out.push('…');
+    }
+    format!("{out:?}")
+}
+
+/// Checks a namespace or function name; `field` names it in the error.
+///
+/// # Errors
+/// When the name is empty, longer than [`MAX_NAME_LEN`] or has a character outside
+/// `[A-Za-z0-9_.-]`.
+pub fn check_name(field: &str, name: &str) -> Result<(), KeyError> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-');
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.bytes().all(allowed) {
+        return Err(KeyError::new(
+            field,
+            format!(
+                "must be 1-{MAX_NAME_LEN} characters of [A-Za-z0-9_.-], got {} ({} bytes)",
+                shown(name),
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a digest: exactly [`DIGEST_LEN`] lowercase hex characters.
+///
+/// # Errors
+/// When the digest has another length or a character outside `[0-9a-f]`.
+pub fn check_digest(field: &str, digest: &str) -> Result<(), KeyError> {
+    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    if digest.len() != DIGEST_LEN || !digest.bytes().all(hex) {
+        return Err(KeyError::new(
+            field,
+            format!(
+                "must be {DIGEST_LEN} lowercase hex characters (an md5), got {}",
+                shown(digest)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// One function: the scope of `BustFunction` and `Keys`, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FunctionKey {
+    namespace: String,
+    function: String,
+}
+
+impl FunctionKey {
+    /// Validates and takes ownership of a namespace and a function name.
+    ///
+    /// # Errors
+    /// When either breaks the rule of [`check_name`].
+    pub fn new(namespace: String, function: String) -> Result<Self, KeyError> {
+        check_name("namespace", &namespace)?;
+        check_name("function", &function)?;
+        Ok(FunctionKey {
+            namespace,
+            function,
+        })
+    }
+
+    /// The caller's module, e.g. `billing.invoices`.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The function's name.
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+}
+
+/// One call of one function: the address of a single cache entry, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EntryKey {
+    function: FunctionKey,
+    digest: String,
+}
+
+impl EntryKey {
+    /// Validates and takes ownership of the three parts of a key.
+    ///
+    /// # Errors
+    /// When a name breaks [`check_name`] or the digest breaks [`check_digest`].
+    pub fn new(namespace: String, function: String, digest: String) -> Result<Self, KeyError> {
+        let function = FunctionKey::new(namespace, function)?;
+        check_digest("digest", &digest)?;
+        Ok(EntryKey { function, digest })
+    }
+
+    /// The function this entry belongs to.
+    pub fn function_key(&self) -> &FunctionKey {
+        &self.function
+    }
+
+    /// The caller's module.
+    pub fn namespace(&self) -> &str {
+        self.function.namespace()
+    }
+
+    /// The function's name.
+    pub fn function(&self) -> &str {
+        self.function.function()
+    }
+
+    /// The md5 of the call's canonical arguments, lowercase hex.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+}
+
+impl fmt::Display for EntryKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}",
+            self.namespace(),
+            self.function(),
+            self.digest
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "0123456789abcdef0123456789abcdef";
+
+    /// Every character of the charset is accepted, at both length bounds.
+    #[test]
+    fn names_in_the_charset_are_accepted() {
+        for name in ["a", "__main__", "billing.invoices", "fetch-v2", "A_9.z-"] {
+            assert_eq!(check_name("namespace", name), Ok(()), "{name}");
+        }
+        assert!(check_name("namespace", &"x".repeat(MAX_NAME_LEN)).is_ok());
+    }
+
+    /// Empty, too long, separators, globs, spaces and non-ASCII are refused, naming the field.
+    #[test]
+    fn names_outside_the_charset_are_refused() {
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        for name in [
+            "",
+            "a:b",
+            "a*",
+            "a?",
+            "[a]",
+            "a\\b",
+            "a b",
+            "é",
+            "a\n",
+            long.as_str(),
+        ] {
+            let err = check_name("function", name).expect_err(name);
+            assert_eq!(err.field(), "function");
+            assert!(
+                err.to_string().starts_with("function: must be 1-128"),
+                "{err}"
+            );
+        }
+    }
+
+    /// Only 32 lowercase hex characters make a digest.
+    #[test]
+    fn digests_are_32_lowercase_hex() {
+        assert!(check_digest("digest", DIGEST).is_ok());
+        for bad in [
+            "",
+            &DIGEST[1..],
+            &DIGEST.to_uppercase(),
+            "g123456789abcdef0123456789abcdef",
+        ] {
+            assert!(check_digest("digest", bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A long bad value is cut short in the message rather than echoed whole.
+    #[test]
+    fn error_messages_stay_short() {
+        let err = check_name("namespace", &"*".repeat(10_000)).unwrap_err();
+        assert!(err.to_string().len() < 200, "{err}");
+        assert!(err.to_string().contains("10000 bytes"), "{err}");
+    }
+
+    /// Errors inside a batch name the item's position.
+    #[test]
+    fn batch_errors_name_the_position() {
+        let err = EntryKey::new("ns".into(), "f".into(), "nope".into()).unwrap_err();
+        assert_eq!(err.within("keys", 3).field(), "keys[3].digest");
+    }
+}

@@ -1,0 +1,258 @@
+//! Server configuration: every limit has a `DEFAULT_*` constant, a flag and an environment
+//! variable.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// Where the server listens unless told otherwise: loopback, so nothing is exposed by accident.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Prefix of every Redis key the server writes; `BustAll` removes only keys under it.
+pub const DEFAULT_KEY_PREFIX: &str = "cm:";
+/// Redis connections in the pool. Each is multiplexed, so this bounds parallel commands.
+pub const DEFAULT_POOL_SIZE: u32 = 16;
+/// Bound on one store operation, from pool checkout to reply: past it the RPC is UNAVAILABLE.
+pub const DEFAULT_STORE_TIMEOUT_MS: u64 = 250;
+/// Bound on opening one Redis connection.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 200;
+/// The longest time to live a `Put` may ask for: 30 days.
+pub const DEFAULT_MAX_TTL_SECONDS: u32 = 30 * 24 * 60 * 60;
+/// The largest value a `Put` may store: 1 MiB.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// The most keys or entries in one `GetMany` or `PutMany`.
+pub const DEFAULT_MAX_BATCH: usize = 1000;
+/// The largest gRPC message the server decodes; it bounds a whole `PutMany`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+/// Keys asked of each Redis `SCAN` step (and removed per `UNLINK`) while busting.
+pub const DEFAULT_BUST_BATCH: usize = 1000;
+/// Bytes the in-memory store may hold before it evicts the entries closest to expiry.
+pub const DEFAULT_MEMORY_MAX_BYTES: usize = 256 * 1024 * 1024;
+/// How often the store is probed for the health service.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 500;
+/// How long in-flight RPCs may run after a shutdown signal before the server exits anyway.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+
+/// How log lines are written to standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Everything the server can be told, from flags or `CACHE_MONEY_*` environment variables.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "cache-money-server",
+    version,
+    about = "Memoization as a service: a gRPC cache in front of Redis (or in memory)."
+)]
+pub struct Config {
+    /// Address to serve gRPC on. Port 0 picks a free port (logged at start-up).
+    #[arg(long, env = "CACHE_MONEY_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Redis to store entries in, e.g. redis://127.0.0.1:6379/0, redis://:password@host,
+    /// rediss://host or unix:///run/redis.sock. Absent: an in-memory store.
+    #[arg(long, env = "CACHE_MONEY_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key written; BustAll removes only keys under it.
+    #[arg(long, env = "CACHE_MONEY_KEY_PREFIX", default_value = DEFAULT_KEY_PREFIX)]
+    pub key_prefix: String,
+
+    /// Redis connections in the pool (each multiplexed).
+    #[arg(long, env = "CACHE_MONEY_POOL_SIZE", default_value_t = DEFAULT_POOL_SIZE)]
+    pub pool_size: u32,
+
+    /// Milliseconds one store operation may take, checkout included, before UNAVAILABLE.
+    #[arg(long, env = "CACHE_MONEY_STORE_TIMEOUT_MS", default_value_t = DEFAULT_STORE_TIMEOUT_MS)]
+    pub store_timeout_ms: u64,
+
+    /// Milliseconds to open one Redis connection.
+    #[arg(long, env = "CACHE_MONEY_CONNECT_TIMEOUT_MS", default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
+    pub connect_timeout_ms: u64,
+
+    /// Longest time to live a Put may ask for, in seconds.
+    #[arg(long, env = "CACHE_MONEY_MAX_TTL_SECONDS", default_value_t = DEFAULT_MAX_TTL_SECONDS)]
+    pub max_ttl_seconds: u32,
+
+    /// Largest value a Put may store, in bytes.
+    #[arg(long, env = "CACHE_MONEY_MAX_VALUE_BYTES", default_value_t = DEFAULT_MAX_VALUE_BYTES)]
+    pub max_value_bytes: usize,
+
+    /// Most keys or entries in one GetMany or PutMany.
+    #[arg(long, env = "CACHE_MONEY_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+
+    /// Largest gRPC request the server decodes, in bytes; it bounds a whole PutMany.
+    #[arg(long, env = "CACHE_MONEY_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+
+    /// Keys per SCAN step and UNLINK while busting.
+    #[arg(long, env = "CACHE_MONEY_BUST_BATCH", default_value_t = DEFAULT_BUST_BATCH)]
+    pub bust_batch: usize,
+
+    /// Bytes the in-memory store may hold before evicting the entries closest to expiry.
+    #[arg(long, env = "CACHE_MONEY_MEMORY_MAX_BYTES", default_value_t = DEFAULT_MEMORY_MAX_BYTES)]
+    pub memory_max_bytes: usize,
+
+    /// Milliseconds between store health probes.
+    #[arg(long, env = "CACHE_MONEY_HEALTH_INTERVAL_MS", default_value_t = DEFAULT_HEALTH_INTERVAL_MS)]
+    pub health_interval_ms: u64,
+
+    /// Milliseconds in-flight RPCs may take to finish after SIGTERM or Ctrl-C.
+    #[arg(long, env = "CACHE_MONEY_DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
+    pub drain_timeout_ms: u64,
+
+    /// Log line format. Verbosity comes from RUST_LOG (default: info).
+    #[arg(long, env = "CACHE_MONEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Checks the values against each other, so a bad setting stops start-up with a clear
+    /// message instead of failing requests later.
+    ///
+    /// # Errors
+    /// A message naming the flag and the rule it breaks.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("--pool-size", u64::from(self.pool_size)),
+            ("--store-timeout-ms", self.store_timeout_ms),
+            ("--connect-timeout-ms", self.connect_timeout_ms),
+            ("--max-ttl-seconds", u64::from(self.max_ttl_seconds)),
+            ("--max-value-bytes", self.max_value_bytes as u64),
+            ("--max-batch", self.max_batch as u64),
+            ("--bust-batch", self.bust_batch as u64),
+            ("--health-interval-ms", self.health_interval_ms),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(format!("{flag}: must be at least 1"));
+        }
+        // Room for the key and framing of a Put carrying the largest value.
+        let needed = self.max_value_bytes.saturating_add(4096);
+        if self.max_message_bytes < needed {
+            return Err(format!(
+                "--max-message-bytes: must be at least --max-value-bytes + 4096 ({needed}), got {}",
+                self.max_message_bytes
+            ));
+        }
+        if self.redis_url.is_none() && self.memory_max_bytes < self.max_value_bytes {
+            return Err(format!(
+                "--memory-max-bytes: must be at least --max-value-bytes ({}), got {}",
+                self.max_value_bytes, self.memory_max_bytes
+            ));
+        }
+        if self
+            .key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "--key-prefix: must not contain whitespace or control characters, got {:?}",
+                self.key_prefix
+            ));
+        }
+        if let Some(url) = &self.redis_url {
+            let scheme = url.split("://").next().unwrap_or_default();
+            if !url.contains("://") || !matches!(scheme, "redis" | "rediss" | "unix" | "redis+unix")
+            {
+                return Err(format!(
+                    "--redis-url: must start with redis://, rediss:// or unix://, got {:?}",
+                    redacted_url(url)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bound on one store operation.
+    pub fn store_timeout(&self) -> Duration {
+        Duration::from_millis(self.store_timeout_ms)
+    }
+
+    /// Bound on opening one Redis connection.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// Time between store health probes.
+    pub fn health_interval(&self) -> Duration {
+        Duration::from_millis(self.health_interval_ms)
+    }
+
+    /// Time in-flight RPCs get after a shutdown signal.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// The Redis URL with any password replaced by `***`, fit for logs and error messages.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        let mut argv = vec!["cache-money-server"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).expect("arguments parse")
+    }
+
+    /// With no flags the server is in-memory on loopback with the documented limits.
+    #[test]
+    fn defaults_are_valid_and_in_memory() {
+        let config = config(&[]);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.redis_url, None);
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.max_ttl_seconds, 2_592_000);
+    }
+
+    /// Settings that contradict each other stop start-up, naming the flag.
+    #[test]
+    fn contradictions_are_refused() {
+        let err = config(&["--max-value-bytes", "9000000"])
+            .validate()
+            .unwrap_err();
+        assert!(err.starts_with("--max-message-bytes"), "{err}");
+        let err = config(&["--pool-size", "0"]).validate().unwrap_err();
+        assert_eq!(err, "--pool-size: must be at least 1");
+        let err = config(&["--redis-url", "localhost:6379"])
+            .validate()
+            .unwrap_err();
+        assert!(err.starts_with("--redis-url"), "{err}");
+    }
+
+    /// Passwords never reach the logs.
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redacted_url("redis://:s3cret@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(
+            redacted_url("redis://app:s3cret@h/1"),
+            "redis://app:***@h/1"
+        );
+        assert_eq!(
+            redacted_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! The cache-money server: [`run`] serves `cache_money.v1.CacheMoney`, gRPC health and server
+//! reflection on a listener until a shutdown future completes.
+//!
+//! # Layout
+//! - [`config`]: flags, environment variables and their `DEFAULT_*` constants.
+//! - [`service`]: the gRPC service: validation, store calls, status mapping, stats.
+//! - [`store`]: the [`Store`](store::Store) trait and its Redis and in-memory implementations.
+//! - [`key`]: the Redis key layout and the exact SCAN patterns of each bust scope.
+//! - [`shutdown`]: SIGTERM / Ctrl-C handling.
+
+pub mod config;
+pub mod key;
+pub mod service;
+pub mod shutdown;
+pub mod store;
+
+use std::{
+    fmt,
+    future::{Future, pending},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+};
+
+use tokio::{net::TcpListener, sync::oneshot};
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tracing::{info, warn};
+
+use self::config::{Config, LogFormat, redacted_url};
+use self::service::{CacheService, Limits};
+use self::store::{MemoryStore, RedisStore, Store, StoreError, redis::RedisSettings};
+use crate::pb::{self, cache_money_server::CacheMoneyServer};
+
+/// The gRPC name of the cache service, as health checks and reflection know it.
+pub const SERVICE_NAME: &str = "cache_money.v1.CacheMoney";
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug)]
+pub enum ServeError {
+    /// The configuration is inconsistent.
+    Config(String),
+    /// The store could not be set up.
+    Store(StoreError),
+    /// The listener failed.
+    Io(std::io::Error),
+    /// Reflection could not load the descriptors (a build problem).
+    Reflection(String),
+    /// The gRPC transport failed.
+    Transport(tonic::transport::Error),
+}
+
+impl fmt::Display for ServeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServeError::Config(message) => write!(f, "configuration: {message}"),
+            ServeError::Store(err) => write!(f, "store: {err}"),
+            ServeError::Io(err) => write!(f, "listener: {err}"),
+            ServeError::Reflection(message) => write!(f, "reflection: {message}"),
+            ServeError::Transport(err) => write!(f, "transport: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for ServeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ServeError::Store(err) => Some(err),
+            ServeError::Io(err) => Some(err),
+            ServeError::Transport(err) => Some(err),
+            ServeError::Config(_) | ServeError::Reflection(_) => None,
+        }
+    }
+}
+
+/// Sets up `tracing` logs on standard error, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Serves on `listener` with the store `config` names, until `shutdown` completes; then stops
+/// accepting connections, lets in-flight RPCs finish for up to the drain timeout, and returns.
+///
+/// # Errors
+/// When the configuration is inconsistent, the Redis URL is malformed or the transport fails.
+/// An unreachable Redis is not an error: the server serves, reporting NOT_SERVING.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    config.validate().map_err(ServeError::Config)?;
+    match &config.redis_url {
+        Some(url) => {
+            let store = RedisStore::new(&RedisSettings {
+                url: url.clone(),
+                key_prefix: config.key_prefix.clone(),
+                pool_size: config.pool_size,
+                timeout: config.store_timeout(),
+                connect_timeout: config.connect_timeout(),
+                bust_batch: config.bust_batch,
+            })
+            .map_err(ServeError::Store)?;
+            serve(store, config, listener, shutdown).await
+        }
+        None => {
+            serve(
+                MemoryStore::new(config.memory_max_bytes),
+                config,
+                listener,
+                shutdown,
+            )
+            .await
+        }
+    }
+}
+
+async fn serve<S: Store>(
+    store: S,
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let local_addr = listener.local_addr().map_err(ServeError::Io)?;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let store_up = Arc::new(AtomicBool::new(false));
+    // The first probe runs before serving, so health is right from the first request.
+    let monitor = HealthMonitor {
+        store: store.clone(),
+        reporter: reporter.clone(),
+        store_up: store_up.clone(),
+    };
+    monitor.probe().await;
+    let monitor = tokio::spawn(monitor.watch(config.health_interval()));
+
+    let limits = Limits {
+        max_ttl_seconds: config.max_ttl_seconds,
+        max_value_bytes: config.max_value_bytes,
+        max_batch: config.max_batch,
+    };
+    let cache = CacheMoneyServer::new(CacheService::new(store.clone(), limits, store_up.clone()))
+        .max_decoding_message_size(config.max_message_bytes);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|err| ServeError::Reflection(err.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|err| ServeError::Reflection(err.to_string()))?;
+
+    info!(
+        listen = %local_addr,
+        store = store.kind(),
+        redis_url = config.redis_url.as_deref().map(redacted_url).unwrap_or_default(),
+        key_prefix = %config.key_prefix,
+        store_up = store_up.load(Relaxed),
+        pool_size = config.pool_size,
+        store_timeout_ms = config.store_timeout_ms,
+        connect_timeout_ms = config.connect_timeout_ms,
+        max_ttl_seconds = config.max_ttl_seconds,
+        max_value_bytes = config.max_value_bytes,
+        max_batch = config.max_batch,
+        max_message_bytes = config.max_message_bytes,
+        memory_max_bytes = config.memory_max_bytes,
+        drain_timeout_ms = config.drain_timeout_ms,
+        "cache-money serving"
+    );
+
+    let (signalled_tx, signalled_rx) = oneshot::channel();
+    let stop_reporter = reporter.clone();
+    let signal = async move {
+        shutdown.await;
+        info!(
+            drain_timeout_ms = config.drain_timeout_ms,
+            "shutting down: refusing new connections, finishing in-flight RPCs"
+        );
+        // Load balancers stop routing here before the listener closes.
+        set_status(&stop_reporter, ServingStatus::NotServing).await;
+        let _ = signalled_tx.send(());
+    };
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(cache)
+        .serve_with_incoming_shutdown(incoming, signal);
+    let drain_deadline = async {
+        match signalled_rx.await {
+            Ok(()) => tokio::time::sleep(config.drain_timeout()).await,
+            // The server ended without a signal; it decides the outcome.
+            Err(_) => pending().await,
+        }
+    };
+    let result = tokio::select! {
+        result = server => result.map_err(ServeError::Transport),
+        () = drain_deadline => {
+            warn!(drain_timeout_ms = config.drain_timeout_ms, "drain timeout passed with RPCs in flight; stopping anyway");
+            Ok(())
+        }
+    };
+    monitor.abort();
+    info!("cache-money stopped");
+    result
+}
+
+async fn set_status(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Probes the store and keeps the health service (and `Stats.store_up`) in step with it.
+struct HealthMonitor<S> {
+    store: S,
+    reporter: HealthReporter,
+    store_up: Arc<AtomicBool>,
+}
+
+impl<S: Store> HealthMonitor<S> {
+    async fn probe(&self) {
+        let result = self.store.ping().await;
+        let up = result.is_ok();
+        let was_up = self.store_up.swap(up, Relaxed);
+        match result {
+            Ok(()) if !was_up => info!(store = self.store.kind(), "store reachable: SERVING"),
+            Err(err) if was_up => {
+                warn!(store = self.store.kind(), cause = %err, "store unreachable: NOT_SERVING")
+            }
+            Err(err) => tracing::debug!(cause = %err, "store still unreachable"),
+            Ok(()) => {}
+        }
+        let status = if up {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        set_status(&self.reporter, status).await;
+    }
+
+    async fn watch(self, interval: std::time::Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            self.probe().await;
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The `cache_money.v1.CacheMoney` gRPC service: validates each request, calls the store, and
+//! maps store failures to status codes. Nothing reaches the store until the whole request is
+//! valid, so a bad request writes nothing.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use crate::key::{EntryKey, FunctionKey, KeyError, check_name};
+use crate::pb::{self, cache_money_server::CacheMoney};
+use crate::server::store::{NewEntry, Scope, Store, StoreError};
+
+/// Default page size of `Keys`.
+pub const DEFAULT_KEYS_LIMIT: usize = 100;
+/// Largest page size of `Keys`.
+pub const MAX_KEYS_LIMIT: usize = 1000;
+
+/// The request limits the service enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest TTL a write may ask for.
+    pub max_ttl_seconds: u32,
+    /// Largest value a write may carry.
+    pub max_value_bytes: usize,
+    /// Most keys or entries in one batch.
+    pub max_batch: usize,
+}
+
+/// Counters behind the `Stats` RPC.
+#[derive(Debug)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    puts: AtomicU64,
+    busts: AtomicU64,
+    busted_entries: AtomicU64,
+    errors: AtomicU64,
+    started: Instant,
+}
+
+/// The gRPC service over a store. Cloning is shallow.
+#[derive(Debug, Clone)]
+pub struct CacheService<S> {
+    store: S,
+    limits: Limits,
+    counters: Arc<Counters>,
+    store_up: Arc<AtomicBool>,
+}
+
+impl From<StoreError> for Status {
+    fn from(err: StoreError) -> Status {
+        let message = err.to_string();
+        match err {
+            StoreError::Timeout { .. } | StoreError::Unavailable(_) => Status::unavailable(message),
+            StoreError::PoolExhausted { .. } | StoreError::OutOfMemory(_) => {
+                Status::resource_exhausted(message)
+            }
+            StoreError::InvalidCursor(_) => Status::invalid_argument(message),
+            StoreError::Internal(_) => Status::internal(message),
+        }
+    }
+}
+
+fn invalid(err: KeyError) -> Status {
+    Status::invalid_argument(err.to_string())
+}
+
+fn entry_key(key: Option<pb::Key>) -> Result<EntryKey, KeyError> {
+    let key = key.unwrap_or_default();
+    EntryKey::new(key.namespace, key.function, key.digest)
+}
+
+impl<S: Store> CacheService<S> {
+    /// A service over `store`. `store_up` is the health monitor's latest verdict, reported by
+    /// `Stats`.
+    pub fn new(store: S, limits: Limits, store_up: Arc<AtomicBool>) -> Self {
+        CacheService {
+            store,
+            limits,
+            counters: Arc::new(Counters {
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
+                puts: AtomicU64::new(0),
+                busts: AtomicU64::new(0),
+                busted_entries: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+                started: Instant::now(),
+            }),
+            store_up,
+        }
+    }
+
+    /// Counts and logs a store failure, then turns it into a status.
+    fn failed(&self, rpc: &'static str, err: StoreError) -> Status {
+        self.counters.errors.fetch_add(1, Relaxed);
+        warn!(rpc, cause = %err, "store operation failed");
+        err.into()
+    }
+
+    fn check_batch(&self, field: &str, len: usize) -> Result<(), Status> {
+        if len > self.limits.max_batch {
+            return Err(Status::invalid_argument(format!(
+                "{field}: at most {} per call (--max-batch), got {len}",
+                self.limits.max_batch
+            )));
+        }
+        Ok(())
+    }
+
+    /// Validates one write; `field` prefixes the names in error messages (`entries[3].`).
+    fn new_entry(&self, request: pb::PutRequest, field: &str) -> Result<NewEntry, Status> {
+        let max_ttl = self.limits.max_ttl_seconds;
+        if request.ttl_seconds == 0 || request.ttl_seconds > max_ttl {
+            return Err(Status::invalid_argument(format!(
+                "{field}ttl_seconds: must be between 1 and {max_ttl}, got {}",
+                request.ttl_seconds
+            )));
+        }
+        let max_value = self.limits.max_value_bytes;
+        if request.value.len() > max_value {
+            return Err(Status::invalid_argument(format!(
+                "{field}value: must be at most {max_value} bytes (--max-value-bytes), got {}",
+                request.value.len()
+            )));
+        }
+        let key = entry_key(request.key)
+            .map_err(|err| Status::invalid_argument(format!("{field}key.{err}")))?;
+        Ok(NewEntry {
+            key,
+            value: request.value,
+            ttl: Duration::from_secs(u64::from(request.ttl_seconds)),
+        })
+    }
+
+    fn record_lookup(&self, hit: bool) {
+        let counter = if hit {
+            &self.counters.hits
+        } else {
+            &self.counters.misses
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    async fn bust_scope(
+        &self,
+        rpc: &'static str,
+        scope: Scope<'_>,
+    ) -> Result<Response<pb::BustResponse>, Status> {
+        let removed = self
+            .store
+            .bust(scope)
+            .await
+            .map_err(|err| self.failed(rpc, err))?;
+        self.counters.busts.fetch_add(1, Relaxed);
+        self.counters.busted_entries.fetch_add(removed, Relaxed);
+        Ok(Response::new(pb::BustResponse { removed }))
+    }
+}
+
+fn lookup(value: Option<bytes::Bytes>) -> pb::GetResponse {
+    match value {
+        Some(value) => pb::GetResponse { hit: true, value },
+        None => pb::GetResponse::default(),
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> CacheMoney for CacheService<S> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let key = entry_key(request.into_inner().key).map_err(|err| invalid(err.nested("key")))?;
+        let value = self
+            .store
+            .get(&key)
+            .await
+            .map_err(|err| self.failed("Get", err))?;
+        self.record_lookup(value.is_some());
+        Ok(Response::new(lookup(value)))
+    }
+
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        let entry = self.new_entry(request.into_inner(), "")?;
+        self.store
+            .put(entry)
+            .await
+            .map_err(|err| self.failed("Put", err))?;
+        self.counters.puts.fetch_add(1, Relaxed);
+        Ok(Response::new(pb::PutResponse {}))
+    }
+
+    async fn bust(
+        &self,
+        request: Request<pb::BustRequest>,
+    ) -> Result<Response<pb::BustResponse>, Status> {
+        let key = entry_key(request.into_inner().key).map_err(|err| invalid(err.nested("key")))?;
+        self.bust_scope("Bust", Scope::Entry(&key)).await
+    }
+
+    async fn bust_function(
+        &self,
+        request: Request<pb::BustFunctionRequest>,
+    ) -> Result<Response<pb::BustResponse>, Status> {
+        let request = request.into_inner();
+        let function = FunctionKey::new(request.namespace, request.function).map_err(invalid)?;
+        self.bust_scope("BustFunction", Scope::Function(&function))
+            .await
+    }
+
+    async fn bust_namespace(
+        &self,
+        request: Request<pb::BustNamespaceRequest>,
+    ) -> Result<Response<pb::BustResponse>, Status> {
+        let namespace = request.into_inner().namespace;
+        check_name("namespace", &namespace).map_err(invalid)?;
+        self.bust_scope("BustNamespace", Scope::Namespace(&namespace))
+            .await
+    }
+
+    async fn bust_all(
+        &self,
+        _: Request<pb::BustAllRequest>,
+    ) -> Result<Response<pb::BustResponse>, Status> {
+        self.bust_scope("BustAll", Scope::All).await
+    }
+
+    async fn get_many(
+        &self,
+        request: Request<pb::GetManyRequest>,
+    ) -> Result<Response<pb::GetManyResponse>, Status> {
+        let keys = request.into_inner().keys;
+        self.check_batch("keys", keys.len())?;
+        let keys = keys
+            .into_iter()
+            .enumerate()
+            .map(|(i, key)| {
+                EntryKey::new(key.namespace, key.function, key.digest)
+                    .map_err(|err| invalid(err.within("keys", i)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let values = self
+            .store
+            .get_many(&keys)
+            .await
+            .map_err(|err| self.failed("GetMany", err))?;
+        let results = values
+            .into_iter()
+            .map(|value| {
+                self.record_lookup(value.is_some());
+                lookup(value)
+            })
+            .collect();
+        Ok(Response::new(pb::GetManyResponse { results }))
+    }
+
+    async fn put_many(
+        &self,
+        request: Request<pb::PutManyRequest>,
+    ) -> Result<Response<pb::PutManyResponse>, Status> {
+        let entries = request.into_inner().entries;
+        self.check_batch("entries", entries.len())?;
+        let entries = entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, entry)| self.new_entry(entry, &format!("entries[{i}].")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stored = entries.len() as u64;
+        self.store
+            .put_many(entries)
+            .await
+            .map_err(|err| self.failed("PutMany", err))?;
+        self.counters.puts.fetch_add(stored, Relaxed);
+        Ok(Response::new(pb::PutManyResponse { stored }))
+    }
+
+    async fn keys(
+        &self,
+        request: Request<pb::KeysRequest>,
+    ) -> Result<Response<pb::KeysResponse>, Status> {
+        let request = request.into_inner();
+        let function = FunctionKey::new(request.namespace, request.function).map_err(invalid)?;
+        let limit = match request.limit as usize {
+            0 => DEFAULT_KEYS_LIMIT,
+            limit if limit <= MAX_KEYS_LIMIT => limit,
+            limit => {
+                return Err(Status::invalid_argument(format!(
+                    "limit: must be at most {MAX_KEYS_LIMIT} (0 means {DEFAULT_KEYS_LIMIT}), got {limit}"
+                )));
+            }
+        };
+        let page = self
+            .store
+            .keys(&function, &request.cursor, limit)
+            .await
+            .map_err(|err| match err {
+                StoreError::InvalidCursor(_) => Status::from(err),
+                err => self.failed("Keys", err),
+            })?;
+        let entries = page
+            .entries
+            .into_iter()
+            .map(|info| pb::KeyEntry {
+                digest: info.digest,
+                ttl_ms: info.ttl.as_millis() as u64,
+            })
+            .collect();
+        Ok(Response::new(pb::KeysResponse {
+            entries,
+            next_cursor: page.next_cursor,
+        }))
+    }
+
+    async fn stats(
+        &self,
+        _: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let counters = &self.counters;
+        Ok(Response::new(pb::StatsResponse {
+            hits: counters.hits.load(Relaxed),
+            misses: counters.misses.load(Relaxed),
+            puts: counters.puts.load(Relaxed),
+            busts: counters.busts.load(Relaxed),
+            busted_entries: counters.busted_entries.load(Relaxed),
+            errors: counters.errors.load(Relaxed),
+            store: self.store.kind().to_owned(),
+            store_up: self.store_up.load(Relaxed),
+            uptime_seconds: counters.started.elapsed().as_secs(),
+        }))
+    }
+}

@@ -1,0 +1,388 @@
+//! The in-memory store: what the server uses when no Redis is configured, so the quick start
+//! needs nothing installed. Same rules as Redis: every entry expires, busts are exact.
+
+use std::{
+    collections::BTreeMap,
+    ops::Bound,
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::{KeyInfo, KeysPage, NewEntry, Scope, Store, StoreError};
+use crate::key::{EntryKey, FunctionKey, check_digest};
+
+/// How often expired entries are swept out. Reads never see them either way; this only bounds
+/// how long their memory stays counted.
+const PURGE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Bytes charged per entry on top of its key and value, for the map's own bookkeeping.
+const ENTRY_OVERHEAD: usize = 96;
+
+/// Entries in a process-local ordered map. Cloning is shallow.
+///
+/// Keys are `namespace:function:digest`. Names cannot contain `:`, so one function's entries
+/// are exactly the range starting at `namespace:function:`, and a namespace's the range
+/// starting at `namespace:`. When the byte budget is reached, the entries closest to expiry
+/// make room (Redis's `volatile-ttl`), since a cache that refuses writes helps nobody.
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    shared: Arc<Mutex<State>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    value: Bytes,
+    expires_at: Instant,
+    /// Tells apart two entries expiring at the same instant in `expirations`.
+    seq: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    entries: BTreeMap<String, Entry>,
+    /// (expiry, seq) → key: the next entry to expire (or to evict) is the first.
+    expirations: BTreeMap<(Instant, u64), String>,
+    next_seq: u64,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+fn charge(key: &str, value: &Bytes) -> usize {
+    key.len() + value.len() + ENTRY_OVERHEAD
+}
+
+impl State {
+    fn remove(&mut self, key: &str) -> bool {
+        let Some(entry) = self.entries.remove(key) else {
+            return false;
+        };
+        self.expirations.remove(&(entry.expires_at, entry.seq));
+        self.bytes -= charge(key, &entry.value);
+        true
+    }
+
+    fn live(&self, key: &str, now: Instant) -> Option<&Entry> {
+        self.entries.get(key).filter(|entry| entry.expires_at > now)
+    }
+
+    fn insert(&mut self, key: String, value: Bytes, ttl: Duration, now: Instant) {
+        self.remove(&key);
+        let cost = charge(&key, &value);
+        while self.bytes + cost > self.max_bytes {
+            let Some((_, victim)) = self.expirations.pop_first() else {
+                break;
+            };
+            let entry = self
+                .entries
+                .remove(&victim)
+                .expect("expirations mirrors entries");
+            self.bytes -= charge(&victim, &entry.value);
+        }
+        let expires_at = now + ttl;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.expirations.insert((expires_at, seq), key.clone());
+        self.entries.insert(
+            key,
+            Entry {
+                value,
+                expires_at,
+                seq,
+            },
+        );
+        self.bytes += cost;
+    }
+
+    fn purge_expired(&mut self, now: Instant) {
+        while let Some(entry) = self.expirations.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let key = entry.remove();
+            let entry = self
+                .entries
+                .remove(&key)
+                .expect("expirations mirrors entries");
+            self.bytes -= charge(&key, &entry.value);
+        }
+    }
+
+    /// Removes every key starting with `prefix` (empty: all), returning how many were live.
+    fn remove_prefixed(&mut self, prefix: &str, now: Instant) -> u64 {
+        let doomed: Vec<String> = self
+            .entries
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut live = 0;
+        for key in doomed {
+            if self.live(&key, now).is_some() {
+                live += 1;
+            }
+            self.remove(&key);
+        }
+        live
+    }
+}
+
+fn map_key(key: &EntryKey) -> String {
+    key.to_string()
+}
+
+fn function_prefix(function: &FunctionKey) -> String {
+    format!("{}:{}:", function.namespace(), function.function())
+}
+
+impl MemoryStore {
+    /// An empty store that holds at most `max_bytes` (keys, values and bookkeeping).
+    ///
+    /// Must be called inside a Tokio runtime: it starts the task that sweeps expired entries,
+    /// which ends when the last clone of the store is dropped.
+    pub fn new(max_bytes: usize) -> Self {
+        let shared = Arc::new(Mutex::new(State {
+            entries: BTreeMap::new(),
+            expirations: BTreeMap::new(),
+            next_seq: 0,
+            bytes: 0,
+            max_bytes,
+        }));
+        tokio::spawn(purge_expired(Arc::downgrade(&shared)));
+        MemoryStore { shared }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the maps consistent (every mutation is
+        // completed before anything that can panic), so a poisoned lock is still usable.
+        self.shared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+async fn purge_expired(shared: Weak<Mutex<State>>) {
+    let mut tick = tokio::time::interval(PURGE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut state = shared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.purge_expired(Instant::now());
+    }
+}
+
+impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn get(&self, key: &EntryKey) -> Result<Option<Bytes>, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .state()
+            .live(&map_key(key), now)
+            .map(|entry| entry.value.clone()))
+    }
+
+    async fn get_many(&self, keys: &[EntryKey]) -> Result<Vec<Option<Bytes>>, StoreError> {
+        let now = Instant::now();
+        let state = self.state();
+        Ok(keys
+            .iter()
+            .map(|key| {
+                state
+                    .live(&map_key(key), now)
+                    .map(|entry| entry.value.clone())
+            })
+            .collect())
+    }
+
+    async fn put(&self, entry: NewEntry) -> Result<(), StoreError> {
+        let key = map_key(&entry.key);
+        self.state()
+            .insert(key, entry.value, entry.ttl, Instant::now());
+        Ok(())
+    }
+
+    async fn put_many(&self, entries: Vec<NewEntry>) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        for entry in entries {
+            state.insert(map_key(&entry.key), entry.value, entry.ttl, now);
+        }
+        Ok(())
+    }
+
+    async fn bust(&self, scope: Scope<'_>) -> Result<u64, StoreError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        Ok(match scope {
+            Scope::Entry(key) => {
+                let key = map_key(key);
+                let live = state.live(&key, now).is_some();
+                state.remove(&key);
+                u64::from(live)
+            }
+            Scope::Function(function) => state.remove_prefixed(&function_prefix(function), now),
+            Scope::Namespace(namespace) => state.remove_prefixed(&format!("{namespace}:"), now),
+            Scope::All => state.remove_prefixed("", now),
+        })
+    }
+
+    async fn keys(
+        &self,
+        function: &FunctionKey,
+        cursor: &str,
+        limit: usize,
+    ) -> Result<KeysPage, StoreError> {
+        if !cursor.is_empty() && check_digest("cursor", cursor).is_err() {
+            return Err(StoreError::InvalidCursor(cursor.to_owned()));
+        }
+        let prefix = function_prefix(function);
+        // The cursor is the last digest handed out; the page starts just after it.
+        let start = format!("{prefix}{cursor}");
+        let lower = if cursor.is_empty() {
+            Bound::Included(start.as_str())
+        } else {
+            Bound::Excluded(start.as_str())
+        };
+        let now = Instant::now();
+        let state = self.state();
+        let mut live = state
+            .entries
+            .range::<str, _>((lower, Bound::Unbounded))
+            .take_while(|(key, _)| key.starts_with(&prefix))
+            .filter(|(_, entry)| entry.expires_at > now)
+            .map(|(key, entry)| KeyInfo {
+                digest: key[prefix.len()..].to_owned(),
+                ttl: entry.expires_at - now,
+            });
+        let entries: Vec<KeyInfo> = live.by_ref().take(limit).collect();
+        let next_cursor = match (live.next(), entries.last()) {
+            (Some(_), Some(last)) => last.digest.clone(),
+            _ => String::new(),
+        };
+        Ok(KeysPage {
+            entries,
+            next_cursor,
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(function: &str, n: u32) -> EntryKey {
+        EntryKey::new("ns".into(), function.into(), format!("{n:032x}")).unwrap()
+    }
+
+    fn entry(function: &str, n: u32, value: &'static [u8], ttl: Duration) -> NewEntry {
+        NewEntry {
+            key: key(function, n),
+            value: Bytes::from_static(value),
+            ttl,
+        }
+    }
+
+    /// The byte budget holds: the entry closest to expiry is evicted to make room.
+    #[tokio::test]
+    async fn full_store_evicts_soonest_expiring() {
+        let one = charge(&key("f", 0).to_string(), &Bytes::from_static(b"v"));
+        let store = MemoryStore::new(one * 2);
+        store
+            .put(entry("f", 0, b"v", Duration::from_secs(10)))
+            .await
+            .unwrap();
+        store
+            .put(entry("f", 1, b"v", Duration::from_secs(5)))
+            .await
+            .unwrap();
+        store
+            .put(entry("f", 2, b"v", Duration::from_secs(20)))
+            .await
+            .unwrap();
+        assert!(
+            store.get(&key("f", 1)).await.unwrap().is_none(),
+            "soonest to expire goes"
+        );
+        assert!(store.get(&key("f", 0)).await.unwrap().is_some());
+        assert!(store.get(&key("f", 2)).await.unwrap().is_some());
+        assert_eq!(store.state().bytes, one * 2);
+    }
+
+    /// Overwriting an entry replaces its charge and expiry instead of adding to them.
+    #[tokio::test]
+    async fn overwrite_keeps_accounting_exact() {
+        let store = MemoryStore::new(1 << 20);
+        store
+            .put(entry("f", 0, b"first", Duration::from_secs(1)))
+            .await
+            .unwrap();
+        store
+            .put(entry("f", 0, b"second", Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let state = store.state();
+        assert_eq!(state.entries.len(), 1);
+        assert_eq!(state.expirations.len(), 1);
+        assert_eq!(
+            state.bytes,
+            charge(&key("f", 0).to_string(), &Bytes::from_static(b"second"))
+        );
+    }
+
+    /// Expired entries are invisible at once and swept from memory by the purge task.
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_are_swept() {
+        let store = MemoryStore::new(1 << 20);
+        store
+            .put(entry("f", 0, b"v", Duration::from_secs(1)))
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert!(store.get(&key("f", 0)).await.unwrap().is_none());
+        tokio::time::sleep(PURGE_INTERVAL * 2).await;
+        assert_eq!(store.state().entries.len(), 0);
+        assert_eq!(store.state().bytes, 0);
+    }
+
+    /// Paging with a cursor visits every entry of a function once, and no other function's.
+    #[tokio::test]
+    async fn keys_pages_through_one_function() {
+        let store = MemoryStore::new(1 << 20);
+        for n in 0..25 {
+            store
+                .put(entry("f", n, b"v", Duration::from_secs(60)))
+                .await
+                .unwrap();
+            store
+                .put(entry("f_user", n, b"v", Duration::from_secs(60)))
+                .await
+                .unwrap();
+        }
+        let function = key("f", 0).function_key().clone();
+        let (mut cursor, mut seen) = (String::new(), Vec::new());
+        loop {
+            let page = store.keys(&function, &cursor, 10).await.unwrap();
+            assert!(page.entries.len() <= 10);
+            seen.extend(page.entries.into_iter().map(|info| info.digest));
+            if page.next_cursor.is_empty() {
+                break;
+            }
+            cursor = page.next_cursor;
+        }
+        let expected: Vec<String> = (0..25).map(|n| format!("{n:032x}")).collect();
+        assert_eq!(seen, expected);
+    }
+}

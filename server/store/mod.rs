@@ -1,0 +1,153 @@
+//! Where entries live: one [`Store`] trait, implemented by Redis (the product) and an
+//! in-memory map (the embedded default). Both obey the same TTL, bust and limit rules, and the
+//! same behaviour suite in `tests/` runs against each.
+
+mod memory;
+pub mod redis;
+
+use std::{fmt, future::Future, time::Duration};
+
+use bytes::Bytes;
+
+use crate::key::{EntryKey, FunctionKey};
+
+pub use self::memory::MemoryStore;
+pub use self::redis::RedisStore;
+
+/// Which entries a bust removes.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// One call of one function.
+    Entry(&'a EntryKey),
+    /// Every call of one function.
+    Function(&'a FunctionKey),
+    /// Every function of one namespace (a validated name).
+    Namespace(&'a str),
+    /// Everything the server stored.
+    All,
+}
+
+/// One entry as `Keys` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The entry's digest.
+    pub digest: String,
+    /// Time until it expires.
+    pub ttl: Duration,
+}
+
+/// One page of a function's entries.
+#[derive(Debug, Clone, Default)]
+pub struct KeysPage {
+    /// The entries on this page.
+    pub entries: Vec<KeyInfo>,
+    /// Where the next page starts; empty when the listing is complete.
+    pub next_cursor: String,
+}
+
+/// One entry to write.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    /// Where it goes.
+    pub key: EntryKey,
+    /// The encoded value.
+    pub value: Bytes,
+    /// Time to live; the service has checked it against the configured maximum.
+    pub ttl: Duration,
+}
+
+/// Why a store operation failed.
+#[derive(Debug)]
+pub enum StoreError {
+    /// The store did not answer within the configured time.
+    Timeout {
+        /// What was being done.
+        op: &'static str,
+        /// The bound that passed.
+        after: Duration,
+    },
+    /// The store could not be reached, or dropped the connection.
+    Unavailable(String),
+    /// Every pooled connection is busy and none came free in time.
+    PoolExhausted {
+        /// The pool's size.
+        size: u32,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// The store is out of memory and refuses writes.
+    OutOfMemory(String),
+    /// A `Keys` cursor that this store never handed out.
+    InvalidCursor(String),
+    /// The store answered something unexpected.
+    Internal(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Timeout { op, after } => {
+                write!(
+                    f,
+                    "store did not answer {op} within {} ms",
+                    after.as_millis()
+                )
+            }
+            StoreError::Unavailable(cause) => write!(f, "store unreachable: {cause}"),
+            StoreError::PoolExhausted { size, waited } => write!(
+                f,
+                "all {size} store connections stayed busy for {} ms; retry later or raise --pool-size",
+                waited.as_millis()
+            ),
+            StoreError::OutOfMemory(cause) => write!(f, "store out of memory: {cause}"),
+            StoreError::InvalidCursor(cursor) => {
+                write!(f, "cursor: not one this server handed out, got {cursor:?}")
+            }
+            StoreError::Internal(cause) => write!(f, "store answered unexpectedly: {cause}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// A place to keep entries. Cloning is shallow: clones share the same entries.
+///
+/// Every write carries a TTL; every operation is bounded in time and fails with a
+/// [`StoreError`] rather than hanging.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// `"redis"` or `"memory"`, for stats and logs.
+    fn kind(&self) -> &'static str;
+
+    /// Reads one entry; `None` when absent or expired.
+    fn get(&self, key: &EntryKey)
+    -> impl Future<Output = Result<Option<Bytes>, StoreError>> + Send;
+
+    /// Reads many entries in one round trip, results in key order.
+    fn get_many(
+        &self,
+        keys: &[EntryKey],
+    ) -> impl Future<Output = Result<Vec<Option<Bytes>>, StoreError>> + Send;
+
+    /// Writes one entry, replacing any earlier value and TTL.
+    fn put(&self, entry: NewEntry) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Writes many entries in one round trip.
+    fn put_many(
+        &self,
+        entries: Vec<NewEntry>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes the entries in `scope`, returning how many there were.
+    fn bust(&self, scope: Scope<'_>) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Lists up to about `limit` entries of one function from `cursor` (empty: the start).
+    fn keys(
+        &self,
+        function: &FunctionKey,
+        cursor: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<KeysPage, StoreError>> + Send;
+
+    /// Checks that the store answers.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}

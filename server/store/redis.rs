@@ -1,0 +1,411 @@
+//! The Redis store: a bb8 pool of multiplexed redis-rs connections, every operation bounded by
+//! the store timeout, busting by SCAN + UNLINK.
+
+use std::{future::Future, time::Duration};
+
+use bb8::{ManageConnection, Pool, PooledConnection, RunError};
+use bytes::Bytes;
+use redis::{
+    AsyncConnectionConfig, Client, RedisError, RedisResult, Value, aio::MultiplexedConnection,
+};
+use tokio::time::{Instant, timeout_at};
+use tracing::warn;
+
+use super::{KeyInfo, KeysPage, NewEntry, Scope, Store, StoreError};
+use crate::key::{EntryKey, FunctionKey};
+use crate::server::key::KeyLayout;
+
+/// What the Redis store needs to know.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://`, `rediss://` or `unix://` URL, credentials included.
+    pub url: String,
+    /// Prefix of every key written.
+    pub key_prefix: String,
+    /// Connections in the pool.
+    pub pool_size: u32,
+    /// Bound on one operation, checkout included.
+    pub timeout: Duration,
+    /// Bound on opening one connection.
+    pub connect_timeout: Duration,
+    /// Keys per SCAN step while busting.
+    pub bust_batch: usize,
+}
+
+/// Opens multiplexed connections and notices when one has died.
+///
+/// bb8-redis's manager (and redis-rs's own) can only find a dead connection by sending PING on
+/// every checkout, which costs a round trip per request; without it a connection that Redis
+/// dropped (a restart) would stay in the pool, failing forever. This one marks a connection
+/// broken when a command on it fails at the I/O level or times out, and bb8 replaces it.
+#[derive(Debug)]
+struct Manager {
+    client: Client,
+    config: AsyncConnectionConfig,
+}
+
+/// A pooled connection and whether a command on it has failed in a way that leaves it unusable.
+#[derive(Debug)]
+struct Connection {
+    redis: MultiplexedConnection,
+    broken: bool,
+}
+
+impl ManageConnection for Manager {
+    type Connection = Connection;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<Connection, RedisError> {
+        let redis = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        Ok(Connection {
+            redis,
+            broken: false,
+        })
+    }
+
+    async fn is_valid(&self, _: &mut Connection) -> Result<(), RedisError> {
+        // Not called: test_on_check_out is off (see the type's doc).
+        Ok(())
+    }
+
+    fn has_broken(&self, connection: &mut Connection) -> bool {
+        connection.broken
+    }
+}
+
+/// Entries in Redis under `{prefix}{namespace}:{function}:{digest}`. Cloning is shallow.
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    pool: Pool<Manager>,
+    layout: KeyLayout,
+    timeout: Duration,
+    pool_size: u32,
+    bust_batch: usize,
+}
+
+fn classify(err: RedisError) -> StoreError {
+    if err.code() == Some("OOM") {
+        return StoreError::OutOfMemory(format!(
+            "redis refused the write ({}); raise its maxmemory or set an eviction policy",
+            err.detail().unwrap_or("OOM")
+        ));
+    }
+    if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error() {
+        return StoreError::Unavailable(err.to_string());
+    }
+    match err.code() {
+        Some("NOAUTH" | "WRONGPASS" | "NOPERM") => StoreError::Unavailable(format!(
+            "redis refused our credentials or permissions ({err}); check --redis-url"
+        )),
+        Some("LOADING" | "MASTERDOWN" | "READONLY" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN") => {
+            StoreError::Unavailable(err.to_string())
+        }
+        _ => StoreError::Internal(err.to_string()),
+    }
+}
+
+impl RedisStore {
+    /// A store for `settings`. Connects lazily, so the server starts (and reports NOT_SERVING)
+    /// while Redis is down.
+    ///
+    /// # Errors
+    /// When the URL cannot be parsed.
+    pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let client = Client::open(settings.url.as_str())
+            .map_err(|err| StoreError::Internal(format!("--redis-url: {err}")))?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_response_timeout(Some(settings.timeout));
+        let pool = Pool::builder()
+            .max_size(settings.pool_size)
+            .min_idle(None)
+            .test_on_check_out(false)
+            .connection_timeout(settings.timeout)
+            .build_unchecked(Manager { client, config });
+        Ok(RedisStore {
+            pool,
+            layout: KeyLayout::new(&settings.key_prefix),
+            timeout: settings.timeout,
+            pool_size: settings.pool_size,
+            bust_batch: settings.bust_batch,
+        })
+    }
+
+    /// Checks out a connection by `deadline`.
+    async fn checkout(
+        &self,
+        op: &'static str,
+        deadline: Instant,
+    ) -> Result<PooledConnection<'_, Manager>, StoreError> {
+        let started = Instant::now();
+        match timeout_at(deadline, self.pool.get()).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(RunError::User(err))) => Err(classify(err)),
+            Ok(Err(RunError::TimedOut)) | Err(_) => {
+                let state = self.pool.state();
+                if state.connections == self.pool_size && state.idle_connections == 0 {
+                    Err(StoreError::PoolExhausted {
+                        size: self.pool_size,
+                        waited: started.elapsed(),
+                    })
+                } else {
+                    Err(StoreError::Timeout {
+                        op,
+                        after: self.timeout,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Runs one command (or pipeline) within the store timeout, checkout included, and retires
+    /// the connection when the failure means it can no longer be trusted.
+    async fn run<T, F, Fut>(&self, op: &'static str, command: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut pooled = self.checkout(op, deadline).await?;
+        // Cloning a multiplexed connection shares its socket; the pooled one stays checked out
+        // until the reply, so the pool size still bounds commands in flight.
+        match timeout_at(deadline, command(pooled.redis.clone())).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => {
+                if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error()
+                {
+                    pooled.broken = true;
+                }
+                Err(classify(err))
+            }
+            Err(_) => {
+                // A reply may still arrive on this connection for a command we gave up on;
+                // replacing it keeps the next caller from waiting behind it.
+                pooled.broken = true;
+                Err(StoreError::Timeout {
+                    op,
+                    after: self.timeout,
+                })
+            }
+        }
+    }
+
+    /// SCANs `pattern` and UNLINKs what it finds, batch by batch; each step is bounded by the
+    /// store timeout, the whole bust by nothing but the work (a million keys take seconds).
+    /// Each round trip unlinks one batch and asks for the next, halving the round trips.
+    async fn bust_matching(&self, pattern: String) -> Result<u64, StoreError> {
+        let mut cursor: u64 = 0;
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut removed = 0;
+        loop {
+            let mut pipe = redis::pipe();
+            if !batch.is_empty() {
+                pipe.cmd("UNLINK").arg(&batch);
+            }
+            pipe.cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(self.bust_batch);
+            let replies: Vec<Value> = self
+                .run("SCAN/UNLINK", |mut conn| async move {
+                    pipe.query_async(&mut conn).await
+                })
+                .await?;
+            let (unlinked, scanned): (u64, (u64, Vec<Vec<u8>>)) = match replies.as_slice() {
+                [unlinked, scanned] => (from_value(unlinked)?, from_value(scanned)?),
+                [scanned] => (0, from_value(scanned)?),
+                _ => return Err(StoreError::Internal("SCAN pipeline reply".into())),
+            };
+            removed += unlinked;
+            (cursor, batch) = scanned;
+            if cursor == 0 {
+                break;
+            }
+        }
+        if !batch.is_empty() {
+            let unlinked: u64 = self
+                .run("UNLINK", |mut conn| async move {
+                    redis::cmd("UNLINK")
+                        .arg(&batch)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            removed += unlinked;
+        }
+        Ok(removed)
+    }
+}
+
+fn from_value<T: redis::FromRedisValue>(value: &Value) -> Result<T, StoreError> {
+    redis::from_redis_value_ref(value).map_err(|err| StoreError::Internal(err.to_string()))
+}
+
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn get(&self, key: &EntryKey) -> Result<Option<Bytes>, StoreError> {
+        let key = self.layout.entry(key);
+        let value: Option<Vec<u8>> = self
+            .run("GET", |mut conn| async move {
+                redis::cmd("GET").arg(key).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(value.map(Bytes::from))
+    }
+
+    async fn get_many(&self, keys: &[EntryKey]) -> Result<Vec<Option<Bytes>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = keys.iter().map(|key| self.layout.entry(key)).collect();
+        let values: Vec<Option<Vec<u8>>> = self
+            .run("MGET", |mut conn| async move {
+                redis::cmd("MGET").arg(keys).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(values
+            .into_iter()
+            .map(|value| value.map(Bytes::from))
+            .collect())
+    }
+
+    async fn put(&self, entry: NewEntry) -> Result<(), StoreError> {
+        let key = self.layout.entry(&entry.key);
+        self.run("SET", |mut conn| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(entry.value.as_ref())
+                .arg("PX")
+                .arg(entry.ttl.as_millis() as u64)
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn put_many(&self, entries: Vec<NewEntry>) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for entry in &entries {
+            pipe.cmd("SET")
+                .arg(self.layout.entry(&entry.key))
+                .arg(entry.value.as_ref())
+                .arg("PX")
+                .arg(entry.ttl.as_millis() as u64)
+                .ignore();
+        }
+        self.run("SET (batch)", |mut conn| async move {
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
+    }
+
+    async fn bust(&self, scope: Scope<'_>) -> Result<u64, StoreError> {
+        let pattern = match scope {
+            Scope::Entry(key) => {
+                let key = self.layout.entry(key);
+                return self
+                    .run("UNLINK", |mut conn| async move {
+                        redis::cmd("UNLINK").arg(key).query_async(&mut conn).await
+                    })
+                    .await;
+            }
+            Scope::Function(function) => self.layout.function_pattern(function),
+            Scope::Namespace(namespace) => self.layout.namespace_pattern(namespace),
+            Scope::All => self.layout.all_pattern(),
+        };
+        self.bust_matching(pattern).await
+    }
+
+    async fn keys(
+        &self,
+        function: &FunctionKey,
+        cursor: &str,
+        limit: usize,
+    ) -> Result<KeysPage, StoreError> {
+        let mut cursor: u64 = match cursor {
+            "" => 0,
+            text => text
+                .parse()
+                .map_err(|_| StoreError::InvalidCursor(text.to_owned()))?,
+        };
+        let pattern = self.layout.function_pattern(function);
+        let mut found: Vec<String> = Vec::new();
+        // SCAN may return nothing for many steps when the keyspace is large and the function
+        // small; keep stepping until the page has entries or the scan is done.
+        loop {
+            let step = |mut conn: MultiplexedConnection| {
+                let pattern = pattern.clone();
+                async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(limit.max(100))
+                        .query_async::<(u64, Vec<String>)>(&mut conn)
+                        .await
+                }
+            };
+            let (next, keys) = self.run("SCAN", step).await?;
+            found.extend(keys);
+            cursor = next;
+            if cursor == 0 || found.len() >= limit {
+                break;
+            }
+        }
+        let mut pipe = redis::pipe();
+        for key in &found {
+            pipe.cmd("PTTL").arg(key);
+        }
+        let ttls: Vec<i64> = if found.is_empty() {
+            Vec::new()
+        } else {
+            self.run("PTTL", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?
+        };
+        let prefix_len = self.layout.function_prefix(function).len();
+        let entries = found
+            .into_iter()
+            .zip(ttls)
+            // -2: expired or busted since the SCAN; -1 cannot happen for keys we wrote.
+            .filter(|(_, ttl)| *ttl >= 0)
+            .map(|(key, ttl)| KeyInfo {
+                digest: key[prefix_len..].to_owned(),
+                ttl: Duration::from_millis(ttl as u64),
+            })
+            .collect();
+        Ok(KeysPage {
+            entries,
+            next_cursor: if cursor == 0 {
+                String::new()
+            } else {
+                cursor.to_string()
+            },
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let pong: String = self
+            .run("PING", |mut conn| async move {
+                redis::cmd("PING").query_async(&mut conn).await
+            })
+            .await?;
+        if pong != "PONG" {
+            warn!(reply = %pong, "redis answered PING oddly");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,357 @@
+//! The end-to-end harness: a real `redis-server` on a free loopback port and the real
+//! `cache-money-server` binary, each started, probed until ready, and stopped by its own PID.
+#![allow(dead_code)] // Each test binary uses its own part of the harness.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use cache_money::pb::{self, cache_money_client::CacheMoneyClient};
+use tonic::transport::Channel;
+
+/// How long any process gets to become ready before the test fails.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Polls `check` every few milliseconds until it holds or `within` passes; returns whether it
+/// held. A readiness probe, never a fixed sleep.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// A `redis-server` child process on 127.0.0.1.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts Redis on a free port with persistence off.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts Redis with extra `--option value` arguments (e.g. `--maxmemory 1mb`).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let extra: Vec<String> = extra.iter().map(|arg| arg.to_string()).collect();
+        // Another process may take the port between our probe and Redis's bind; then Redis
+        // exits and we try another.
+        for _ in 0..10 {
+            let port = free_port();
+            if let Some(child) = Self::spawn(port, &extra) {
+                return RedisServer {
+                    child: Some(child),
+                    port,
+                    extra,
+                };
+            }
+        }
+        panic!("redis-server did not bind any of 10 free ports");
+    }
+
+    fn spawn(port: u16, extra: &[String]) -> Option<Child> {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--loglevel", "warning"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (the README test command installs it)");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if child.try_wait().expect("poll redis-server").is_some() {
+                return None;
+            }
+            if Self::answers_ping(port) {
+                return Some(child);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    /// True when something on the port speaks Redis.
+    fn answers_ping(port: u16) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    /// The port Redis listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL for the server's `--redis-url`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A direct connection, to check what the server really wrote.
+    pub async fn connect(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+
+    /// Number of keys in the database.
+    pub async fn dbsize(&self) -> u64 {
+        redis::cmd("DBSIZE")
+            .query_async(&mut self.connect().await)
+            .await
+            .expect("DBSIZE")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis is running").id()
+    }
+
+    /// Kills Redis (SIGKILL) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts Redis again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Some(Self::spawn(self.port, &self.extra).expect("redis restarts on its port"));
+    }
+
+    /// Freezes Redis (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        send_signal(self.pid(), "STOP");
+    }
+
+    /// Thaws Redis (SIGCONT).
+    pub fn resume(&self) {
+        send_signal(self.pid(), "CONT");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A frozen process ignores SIGKILL until it is continued on some kernels' views.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+/// Everything the server wrote to standard error, and a way to wait for a line.
+#[derive(Debug, Default)]
+struct LogBook {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+/// The real `cache-money-server` binary, listening on a free port.
+#[derive(Debug)]
+pub struct CacheServer {
+    child: Child,
+    addr: SocketAddr,
+    logs: Arc<LogBook>,
+}
+
+impl CacheServer {
+    /// Starts the server in memory.
+    pub fn memory(extra: &[&str]) -> Self {
+        Self::start(extra)
+    }
+
+    /// Starts the server in front of `redis`.
+    pub fn redis(redis: &RedisServer, extra: &[&str]) -> Self {
+        let url = redis.url();
+        let mut args = vec!["--redis-url", url.as_str()];
+        args.extend_from_slice(extra);
+        Self::start(&args)
+    }
+
+    /// Starts the binary with `args`, on port 0, and waits for its start-up line.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cache-money-server"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("CACHE_MONEY_REDIS_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cache-money-server");
+        let logs = Arc::new(LogBook::default());
+        let stderr = child.stderr.take().expect("piped stderr");
+        let book = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                book.lines.lock().unwrap().push(line);
+                book.grew.notify_all();
+            }
+        });
+        let mut server = CacheServer {
+            child,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            logs,
+        };
+        let started = server
+            .wait_for_log("cache-money serving", READY_TIMEOUT)
+            .unwrap_or_else(|| panic!("server did not start; its log:\n{}", server.log_text()));
+        let listen = started
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("listen="))
+            .expect("start-up line names the address");
+        server.addr = listen.parse().expect("listen address parses");
+        server
+    }
+
+    /// Waits until a log line contains `needle`; returns it.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        let mut lines = self.logs.lines.lock().unwrap();
+        loop {
+            if let Some(line) = lines.iter().find(|line| line.contains(needle)) {
+                return Some(line.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            lines = self.logs.grew.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// All log lines so far.
+    pub fn log_text(&self) -> String {
+        self.logs.lines.lock().unwrap().join("\n")
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The gRPC endpoint URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A new channel (its own HTTP/2 connection) to the server.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("url")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect to cache-money-server")
+    }
+
+    /// A raw cache client.
+    pub async fn client(&self) -> CacheMoneyClient<Channel> {
+        CacheMoneyClient::new(self.channel().await)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        send_signal(self.child.id(), "TERM");
+    }
+
+    /// Waits up to `within` for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll server") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for CacheServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A digest made from a number, so tests can name many distinct entries.
+pub fn digest(n: u64) -> String {
+    format!("{n:032x}")
+}
+
+/// A key message.
+pub fn key(namespace: &str, function: &str, n: u64) -> pb::Key {
+    pb::Key {
+        namespace: namespace.into(),
+        function: function.into(),
+        digest: digest(n),
+    }
+}
+
+/// A Put request.
+pub fn put(key: pb::Key, value: &[u8], ttl_seconds: u32) -> pb::PutRequest {
+    pb::PutRequest {
+        key: Some(key),
+        value: value.to_vec().into(),
+        ttl_seconds,
+    }
+}
+
+/// Reads one entry: `Some(value)` on a hit.
+pub async fn get(client: &mut CacheMoneyClient<Channel>, key: pb::Key) -> Option<Vec<u8>> {
+    let reply = client
+        .get(pb::GetRequest { key: Some(key) })
+        .await
+        .expect("Get succeeds")
+        .into_inner();
+    reply.hit.then(|| reply.value.to_vec())
+}
