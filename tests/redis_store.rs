@@ -12,12 +12,16 @@ use std::{
 use cache_money::pb;
 use common::{CacheServer, RedisServer, digest, eventually, get, key, put};
 use tonic::Code;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 async fn health(server: &CacheServer) -> i32 {
     let mut health = HealthClient::new(server.channel().await);
     health
-        .check(HealthCheckRequest { service: "cache_money.v1.CacheMoney".into() })
+        .check(HealthCheckRequest {
+            service: "cache_money.v1.CacheMoney".into(),
+        })
         .await
         .expect("health answers even when the store is down")
         .into_inner()
@@ -34,7 +38,12 @@ async fn fill(redis: &RedisServer, prefix: &str, function: &str, count: u64) {
     for chunk in (0..count).collect::<Vec<_>>().chunks(10_000) {
         let mut pipe = redis::pipe();
         for n in chunk {
-            pipe.cmd("SET").arg(format!("{prefix}ns:{function}:{}", digest(*n))).arg("v").arg("EX").arg(600).ignore();
+            pipe.cmd("SET")
+                .arg(format!("{prefix}ns:{function}:{}", digest(*n)))
+                .arg("v")
+                .arg("EX")
+                .arg(600)
+                .ignore();
         }
         pipe.query_async::<()>(&mut conn).await.expect("fill redis");
     }
@@ -46,13 +55,27 @@ async fn entries_have_the_documented_key_and_ttl_in_redis() {
     let redis = RedisServer::start();
     let server = CacheServer::redis(&redis, &[]);
     let mut cm = server.client().await;
-    cm.put(put(key("billing.invoices", "fetch_invoice", 7), b"{\"total\":3}", 3600)).await.unwrap();
+    cm.put(put(
+        key("billing.invoices", "fetch_invoice", 7),
+        b"{\"total\":3}",
+        3600,
+    ))
+    .await
+    .unwrap();
 
     let mut conn = redis.connect().await;
     let redis_key = format!("cm:billing.invoices:fetch_invoice:{}", digest(7));
-    let value: Vec<u8> = redis::cmd("GET").arg(&redis_key).query_async(&mut conn).await.unwrap();
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(&redis_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(value, b"{\"total\":3}");
-    let ttl: i64 = redis::cmd("PTTL").arg(&redis_key).query_async(&mut conn).await.unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&redis_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(ttl > 3_590_000 && ttl <= 3_600_000, "PTTL {ttl}");
     assert_eq!(redis.dbsize().await, 1, "exactly one key written");
 }
@@ -68,17 +91,40 @@ async fn bust_all_leaves_keys_outside_the_prefix() {
         cm.put(put(key("ns", "f", n), b"v", 60)).await.unwrap();
     }
     let mut conn = redis.connect().await;
-    let foreign = ["session:42", "cm:ns:f:0123", "app1:config", "app10:ns:f:00000000000000000000000000000001"];
+    let foreign = [
+        "session:42",
+        "cm:ns:f:0123",
+        "app1:config",
+        "app10:ns:f:00000000000000000000000000000001",
+    ];
     for foreign_key in foreign {
-        redis::cmd("SET").arg(foreign_key).arg("keep").query_async::<()>(&mut conn).await.unwrap();
+        redis::cmd("SET")
+            .arg(foreign_key)
+            .arg("keep")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
     }
-    let stored: i64 = redis::cmd("EXISTS").arg(format!("app1:ns:f:{}", digest(3))).query_async(&mut conn).await.unwrap();
+    let stored: i64 = redis::cmd("EXISTS")
+        .arg(format!("app1:ns:f:{}", digest(3)))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(stored, 1, "entries go under the configured prefix");
 
-    let removed = cm.bust_all(pb::BustAllRequest {}).await.unwrap().into_inner().removed;
+    let removed = cm
+        .bust_all(pb::BustAllRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
     assert_eq!(removed, 20);
     for foreign_key in foreign {
-        let exists: i64 = redis::cmd("EXISTS").arg(foreign_key).query_async(&mut conn).await.unwrap();
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(foreign_key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         assert_eq!(exists, 1, "{foreign_key} was removed");
     }
     assert_eq!(redis.dbsize().await, foreign.len() as u64);
@@ -93,13 +139,20 @@ async fn bust_function_spans_many_scan_batches() {
     fill(&redis, "cm:", "big_sibling", 300).await;
     let mut cm = server.client().await;
     let removed = cm
-        .bust_function(pb::BustFunctionRequest { namespace: "ns".into(), function: "big".into() })
+        .bust_function(pb::BustFunctionRequest {
+            namespace: "ns".into(),
+            function: "big".into(),
+        })
         .await
         .unwrap()
         .into_inner()
         .removed;
     assert_eq!(removed, 5_000);
-    assert_eq!(redis.dbsize().await, 300, "only big_sibling's entries remain");
+    assert_eq!(
+        redis.dbsize().await,
+        300,
+        "only big_sibling's entries remain"
+    );
 }
 
 /// Requests refused as INVALID_ARGUMENT leave Redis's DBSIZE unchanged.
@@ -115,14 +168,30 @@ async fn invalid_requests_leave_dbsize_unchanged() {
         put(key("ns", "f", 2), b"v", 0),
         put(key("ns", "f", 2), b"v", u32::MAX),
         put(key("ns", "f", 2), &[7; 101], 60),
-        put(pb::Key { digest: "*".into(), ..key("ns", "f", 2) }, b"v", 60),
+        put(
+            pb::Key {
+                digest: "*".into(),
+                ..key("ns", "f", 2)
+            },
+            b"v",
+            60,
+        ),
     ];
     for request in bad {
         let err = cm.put(request).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     }
-    let entries = vec![put(key("ns", "f", 3), b"v", 60), put(key("ns", "f", 4), &[7; 101], 60)];
-    assert_eq!(cm.put_many(pb::PutManyRequest { entries }).await.unwrap_err().code(), Code::InvalidArgument);
+    let entries = vec![
+        put(key("ns", "f", 3), b"v", 60),
+        put(key("ns", "f", 4), &[7; 101], 60),
+    ];
+    assert_eq!(
+        cm.put_many(pb::PutManyRequest { entries })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
     assert_eq!(redis.dbsize().await, before);
 }
 
@@ -140,9 +209,18 @@ async fn redis_outage_is_reported_and_survived() {
     assert!(health_becomes(&server, ServingStatus::NotServing, Duration::from_secs(5)).await);
     for _ in 0..3 {
         let started = Instant::now();
-        let err = cm.get(pb::GetRequest { key: Some(key("ns", "f", 1)) }).await.unwrap_err();
+        let err = cm
+            .get(pb::GetRequest {
+                key: Some(key("ns", "f", 1)),
+            })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
-        assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
         let err = cm.put(put(key("ns", "f", 2), b"v", 60)).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     }
@@ -152,8 +230,13 @@ async fn redis_outage_is_reported_and_survived() {
 
     redis.restart();
     assert!(health_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await);
-    cm.put(put(key("ns", "f", 1), b"after", 60)).await.expect("Put works again");
-    assert_eq!(get(&mut cm, key("ns", "f", 1)).await.as_deref(), Some(&b"after"[..]));
+    cm.put(put(key("ns", "f", 1), b"after", 60))
+        .await
+        .expect("Put works again");
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 1)).await.as_deref(),
+        Some(&b"after"[..])
+    );
 }
 
 /// The server starts while Redis is down, answering UNAVAILABLE within the timeout, and
@@ -168,11 +251,17 @@ async fn server_starts_while_redis_is_down() {
     let started = Instant::now();
     let err = cm.put(put(key("ns", "f", 1), b"v", 60)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
 
     redis.restart();
     assert!(health_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await);
-    cm.put(put(key("ns", "f", 1), b"v", 60)).await.expect("Put works once Redis is up");
+    cm.put(put(key("ns", "f", 1), b"v", 60))
+        .await
+        .expect("Put works once Redis is up");
 }
 
 /// A frozen Redis (SIGSTOP) costs callers the store timeout, not a hang; after SIGCONT the
@@ -187,14 +276,29 @@ async fn frozen_redis_times_out_instead_of_hanging() {
     redis.pause();
     for _ in 0..3 {
         let started = Instant::now();
-        let err = cm.get(pb::GetRequest { key: Some(key("ns", "f", 1)) }).await.unwrap_err();
+        let err = cm
+            .get(pb::GetRequest {
+                key: Some(key("ns", "f", 1)),
+            })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
-        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
     }
     redis.resume();
     let recovered = eventually(Duration::from_secs(5), || {
         let mut cm = cm.clone();
-        async move { cm.get(pb::GetRequest { key: Some(key("ns", "f", 1)) }).await.is_ok_and(|reply| reply.into_inner().hit) }
+        async move {
+            cm.get(pb::GetRequest {
+                key: Some(key("ns", "f", 1)),
+            })
+            .await
+            .is_ok_and(|reply| reply.into_inner().hit)
+        }
     })
     .await;
     assert!(recovered, "no service after SIGCONT");
@@ -204,7 +308,8 @@ async fn frozen_redis_times_out_instead_of_hanging() {
 /// saying what to do, and Get keeps working.
 #[tokio::test]
 async fn out_of_memory_is_resource_exhausted() {
-    let redis = RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]);
+    let redis =
+        RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]);
     let server = CacheServer::redis(&redis, &[]);
     let mut cm = server.client().await;
     cm.put(put(key("ns", "f", 0), b"small", 60)).await.unwrap();
@@ -219,7 +324,10 @@ async fn out_of_memory_is_resource_exhausted() {
     let err = refused.expect("Redis never ran out of memory");
     assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
     assert!(err.message().contains("maxmemory"), "{}", err.message());
-    assert_eq!(get(&mut cm, key("ns", "f", 0)).await.as_deref(), Some(&b"small"[..]));
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 0)).await.as_deref(),
+        Some(&b"small"[..])
+    );
 }
 
 /// SIGTERM while a bust is in flight: new connections are refused, the bust finishes, and the
@@ -231,24 +339,44 @@ async fn sigterm_lets_in_flight_rpcs_finish() {
     fill(&redis, "cm:", "f", 50_000).await;
     let mut cm = server.client().await;
     let bust = tokio::spawn(async move {
-        cm.bust_function(pb::BustFunctionRequest { namespace: "ns".into(), function: "f".into() }).await
+        cm.bust_function(pb::BustFunctionRequest {
+            namespace: "ns".into(),
+            function: "f".into(),
+        })
+        .await
     });
     assert!(
-        eventually(Duration::from_secs(10), || async { redis.dbsize().await < 50_000 }).await,
+        eventually(Duration::from_secs(10), || async {
+            redis.dbsize().await < 50_000
+        })
+        .await,
         "the bust never started"
     );
     server.terminate();
     let left_at_signal = redis.dbsize().await;
-    assert!(left_at_signal > 0, "the bust finished before SIGTERM; nothing was in flight");
+    assert!(
+        left_at_signal > 0,
+        "the bust finished before SIGTERM; nothing was in flight"
+    );
 
     let addr = server.addr();
     assert!(
-        eventually(Duration::from_secs(5), || async move { TcpStream::connect(addr).is_err() }).await,
+        eventually(Duration::from_secs(5), || async move {
+            TcpStream::connect(addr).is_err()
+        })
+        .await,
         "new connections still accepted after SIGTERM"
     );
-    let removed = bust.await.unwrap().expect("the in-flight bust completes").into_inner().removed;
+    let removed = bust
+        .await
+        .unwrap()
+        .expect("the in-flight bust completes")
+        .into_inner()
+        .removed;
     assert_eq!(removed, 50_000);
-    let status = server.wait_exit(Duration::from_secs(10)).expect("server exits after draining");
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("server exits after draining");
     assert!(status.success(), "{status:?}");
 }
 
@@ -256,19 +384,45 @@ async fn sigterm_lets_in_flight_rpcs_finish() {
 #[tokio::test]
 async fn drain_timeout_bounds_shutdown() {
     let redis = RedisServer::start();
-    let mut server = CacheServer::redis(&redis, &["--bust-batch", "1", "--drain-timeout-ms", "200"]);
+    let mut server =
+        CacheServer::redis(&redis, &["--bust-batch", "1", "--drain-timeout-ms", "200"]);
     fill(&redis, "cm:", "f", 20_000).await;
     let mut cm = server.client().await;
     let bust = tokio::spawn(async move {
-        cm.bust_function(pb::BustFunctionRequest { namespace: "ns".into(), function: "f".into() }).await
+        cm.bust_function(pb::BustFunctionRequest {
+            namespace: "ns".into(),
+            function: "f".into(),
+        })
+        .await
     });
-    assert!(eventually(Duration::from_secs(10), || async { redis.dbsize().await < 20_000 }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            redis.dbsize().await < 20_000
+        })
+        .await
+    );
     let signalled = Instant::now();
     server.terminate();
-    let status = server.wait_exit(Duration::from_secs(10)).expect("server exits at the drain timeout");
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("server exits at the drain timeout");
     assert!(status.success(), "{status:?}");
-    assert!(signalled.elapsed() < Duration::from_secs(5), "took {:?}", signalled.elapsed());
-    assert!(redis.dbsize().await > 0, "the bust finished within the drain timeout; nothing was cut short");
-    assert!(bust.await.unwrap().is_err(), "the cut-short RPC reports an error");
-    assert!(server.log_text().contains("drain timeout passed"), "{}", server.log_text());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        signalled.elapsed()
+    );
+    assert!(
+        redis.dbsize().await > 0,
+        "the bust finished within the drain timeout; nothing was cut short"
+    );
+    assert!(
+        bust.await.unwrap().is_err(),
+        "the cut-short RPC reports an error"
+    );
+    assert!(
+        server.log_text().contains("drain timeout passed"),
+        "{}",
+        server.log_text()
+    );
 }

@@ -245,9 +245,14 @@ impl CacheServer {
         let started = server
             .wait_for_log("cache-money serving", READY_TIMEOUT)
             .unwrap_or_else(|| panic!("server did not start; its log:\n{}", server.log_text()));
+        // `listen=ADDR` in text logs, `"listen":"ADDR"` in JSON ones.
         let listen = started
-            .split_whitespace()
-            .find_map(|field| field.strip_prefix("listen="))
+            .split([' ', ','])
+            .find_map(|field| {
+                field
+                    .strip_prefix("listen=")
+                    .or_else(|| field.strip_prefix("\"listen\":\"")?.strip_suffix('"'))
+            })
             .expect("start-up line names the address");
         server.addr = listen.parse().expect("listen address parses");
         server
