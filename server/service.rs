@@ -116,6 +116,8 @@ impl<S: Store> CacheService<S> {
 
     /// Validates one write; `field` prefixes the names in error messages (`entries[3].`).
     fn new_entry(&self, request: pb::PutRequest, field: &str) -> Result<NewEntry, Status> {
+        let key = entry_key(request.key)
+            .map_err(|err| Status::invalid_argument(format!("{field}key.{err}")))?;
         let max_ttl = self.limits.max_ttl_seconds;
         if request.ttl_seconds == 0 || request.ttl_seconds > max_ttl {
             return Err(Status::invalid_argument(format!(
@@ -130,8 +132,6 @@ impl<S: Store> CacheService<S> {
                 request.value.len()
             )));
         }
-        let key = entry_key(request.key)
-            .map_err(|err| Status::invalid_argument(format!("{field}key.{err}")))?;
         Ok(NewEntry {
             key,
             value: request.value,
