@@ -7,11 +7,13 @@
 //!
 //! # Layout
 //! - [`pb`]: the generated protobuf types and gRPC stubs, for raw RPCs.
+//! - [`canonical`]: the canonical key of a call's arguments (RFC 8785 JSON, md5).
 //! - [`key`]: the address of a cache entry (namespace, function, digest) and its validation,
 //!   shared by client and server so both enforce the same rules.
 //! - `server` (feature `server`): configuration, the gRPC service, the Redis and in-memory
 //!   stores, health and graceful shutdown.
 
+pub mod canonical;
 pub mod key;
 
 /// The generated protobuf messages and gRPC client and server stubs of `cache_money.v1`.

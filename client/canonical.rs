@@ -1,0 +1,636 @@
+//! The canonical key of a call: its arguments as one JSON array serialized per RFC 8785 (JSON
+//! Canonicalization Scheme), then md5, in lowercase hex. Any language can compute the same
+//! digest; `tests/vectors/keys.json` holds the cases both implementations are checked against.
+//!
+//! # The arguments as JSON
+//! - A tuple is the argument list: `&(3, 4)` is `[3,4]`, `&(x,)` is `[x]`, `&()` is `[]`.
+//!   Any other value is a single argument: `&5` is `[5]`, `&vec![1, 2]` is `[[1,2]]`.
+//! - serde's data model maps as serde_json does: `None` and unit structs are `null`, structs
+//!   and maps are objects, unit enum variants are `"Variant"`, other variants
+//!   `{"Variant": …}`, bytes are arrays of numbers.
+//! - What JSON cannot carry faithfully is refused, never approximated into a key that could
+//!   collide: NaN and infinite floats, integers beyond ±(2^53 − 1) (send them as strings),
+//!   and map keys that are not strings.
+//!
+//! # The serialization (RFC 8785)
+//! No whitespace; object members sorted by their keys' UTF-16 code units; strings escape only
+//! `"`, `\` and control characters (`\b \f \n \r \t`, others as `\u00xx`); numbers in the
+//! ECMAScript format (`1e+21`, `1e-7`, `0.000001`, `-0` as `0`, `3.0` as `3`).
+
+use std::fmt::{self, Write as _};
+
+use serde::{Serialize, ser};
+use serde_json::{Map, Number, Value};
+
+/// The largest integer every JSON implementation reads exactly: 2^53 − 1.
+pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// Why arguments cannot make a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArgsError(String);
+
+impl fmt::Display for ArgsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "arguments cannot make a cache key: {}", self.0)
+    }
+}
+
+impl std::error::Error for ArgsError {}
+
+impl ser::Error for ArgsError {
+    fn custom<T: fmt::Display>(message: T) -> Self {
+        ArgsError(message.to_string())
+    }
+}
+
+/// The arguments as the JSON array they are keyed by, with every value checked.
+///
+/// # Errors
+/// On NaN or infinite floats, integers beyond ±(2^53 − 1), non-string map keys, or a
+/// `Serialize` implementation that fails.
+pub fn args_value<A: Serialize + ?Sized>(args: &A) -> Result<Value, ArgsError> {
+    args.serialize(Strict { top: true })
+}
+
+/// The canonical JSON text of the arguments (RFC 8785).
+///
+/// # Errors
+/// As [`args_value`].
+pub fn canonical_json<A: Serialize + ?Sized>(args: &A) -> Result<String, ArgsError> {
+    Ok(canonical_text(&args_value(args)?))
+}
+
+/// The digest of the arguments: md5 of their canonical JSON, 32 lowercase hex characters.
+///
+/// # Errors
+/// As [`args_value`].
+pub fn digest<A: Serialize + ?Sized>(args: &A) -> Result<String, ArgsError> {
+    Ok(digest_of(&args_value(args)?))
+}
+
+/// The digest of an already-built JSON value (e.g. one a key function returned).
+pub fn digest_of(value: &Value) -> String {
+    format!("{:x}", md5::compute(canonical_text(value)))
+}
+
+/// Writes a JSON value per RFC 8785. Values built by [`args_value`] are always representable;
+/// a float that is not finite (only possible in a hand-built `Value`) is written as `null`, as
+/// ECMAScript's `JSON.stringify` does.
+pub fn canonical_text(value: &Value) -> String {
+    let mut out = String::new();
+    write_value(&mut out, value);
+    out
+}
+
+fn write_value(out: &mut String, value: &Value) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(number) => write_number(out, number),
+        Value::String(text) => write_string(out, text),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_value(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(members) => {
+            let mut members: Vec<(&String, &Value)> = members.iter().collect();
+            members.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
+            out.push('{');
+            for (i, (name, item)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_string(out, name);
+                out.push(':');
+                write_value(out, item);
+            }
+            out.push('}');
+        }
+    }
+}
+
+fn write_string(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c < ' ' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn write_number(out: &mut String, number: &Number) {
+    if let Some(n) = number.as_u64() {
+        let _ = write!(out, "{n}");
+    } else if let Some(n) = number.as_i64() {
+        let _ = write!(out, "{n}");
+    } else {
+        out.push_str(&es_number(number.as_f64().unwrap_or(f64::NAN)));
+    }
+}
+
+/// Formats a float as ECMAScript's `Number.prototype.toString` does, which RFC 8785 adopts:
+/// the shortest digits that read back to the same float, in fixed notation for exponents from
+/// -7 to 20 and in exponential notation (`1e+21`, `1.5e-7`) beyond.
+pub fn es_number(x: f64) -> String {
+    if !x.is_finite() {
+        return "null".to_owned();
+    }
+    if x == 0.0 {
+        return "0".to_owned(); // -0 too
+    }
+    let sign = if x < 0.0 { "-" } else { "" };
+    // ryu gives the shortest round-trip digits; only their layout differs from ECMAScript's.
+    let mut buffer = ryu::Buffer::new();
+    let shortest = buffer.format_finite(x.abs());
+    let (mantissa, exponent) = match shortest.split_once('e') {
+        Some((mantissa, exponent)) => (mantissa, exponent.parse::<i32>().unwrap_or(0)),
+        None => (shortest, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all: String = [whole, fraction].concat();
+    let leading_zeros = all.len() - all.trim_start_matches('0').len();
+    let digits = all.trim_start_matches('0').trim_end_matches('0');
+    // value = 0.DIGITS × 10^n
+    let n = whole.len() as i32 - leading_zeros as i32 + exponent;
+    let k = digits.len() as i32;
+    let body = if k <= n && n <= 21 {
+        format!("{digits}{}", "0".repeat((n - k) as usize))
+    } else if 0 < n && n <= 21 {
+        format!("{}.{}", &digits[..n as usize], &digits[n as usize..])
+    } else if -6 < n && n <= 0 {
+        format!("0.{}{digits}", "0".repeat(-n as usize))
+    } else {
+        let e = n - 1;
+        let e_sign = if e < 0 { '-' } else { '+' };
+        let (first, rest) = digits.split_at(1);
+        let rest = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
+        format!("{first}{rest}e{e_sign}{}", e.abs())
+    };
+    format!("{sign}{body}")
+}
+
+/// Serializes into a checked `Value`. At the top (`top`), a tuple is the argument list, `()`
+/// is no arguments, and anything else is one argument.
+#[derive(Debug, Clone, Copy)]
+struct Strict {
+    top: bool,
+}
+
+impl Strict {
+    const NESTED: Strict = Strict { top: false };
+
+    fn done(self, value: Value) -> Result<Value, ArgsError> {
+        Ok(if self.top {
+            Value::Array(vec![value])
+        } else {
+            value
+        })
+    }
+
+    fn integer(self, n: i128) -> Result<Value, ArgsError> {
+        if n.unsigned_abs() > u128::from(MAX_SAFE_INTEGER) {
+            return Err(ArgsError(format!(
+                "integer {n} is beyond ±(2^53 - 1), which JSON readers cannot all hold exactly; \
+                 pass it as a string"
+            )));
+        }
+        let number = if n < 0 {
+            Number::from(n as i64)
+        } else {
+            Number::from(n as u64)
+        };
+        self.done(Value::Number(number))
+    }
+
+    fn float(self, x: f64) -> Result<Value, ArgsError> {
+        let Some(number) = Number::from_f64(x) else {
+            return Err(ArgsError(format!(
+                "{x} has no JSON form; NaN and infinities cannot be keyed"
+            )));
+        };
+        // Integral floats key like integers (JSON has one number type), e.g. 3.0 as 3.
+        self.done(Value::Number(number))
+    }
+}
+
+/// Collects the elements of a sequence, tuple or tuple variant.
+#[derive(Debug)]
+struct SeqBuilder {
+    items: Vec<Value>,
+    wrap: bool,
+    variant: Option<&'static str>,
+}
+
+impl SeqBuilder {
+    fn finish(self) -> Result<Value, ArgsError> {
+        let mut value = Value::Array(self.items);
+        if let Some(variant) = self.variant {
+            value = Value::Object(Map::from_iter([(variant.to_owned(), value)]));
+        }
+        Ok(if self.wrap {
+            Value::Array(vec![value])
+        } else {
+            value
+        })
+    }
+}
+
+/// Collects the members of a map, struct or struct variant.
+#[derive(Debug)]
+struct MapBuilder {
+    members: Map<String, Value>,
+    next_key: Option<String>,
+    wrap: bool,
+    variant: Option<&'static str>,
+}
+
+impl MapBuilder {
+    fn finish(self) -> Result<Value, ArgsError> {
+        let mut value = Value::Object(self.members);
+        if let Some(variant) = self.variant {
+            value = Value::Object(Map::from_iter([(variant.to_owned(), value)]));
+        }
+        Ok(if self.wrap {
+            Value::Array(vec![value])
+        } else {
+            value
+        })
+    }
+}
+
+impl ser::Serializer for Strict {
+    type Ok = Value;
+    type Error = ArgsError;
+    type SerializeSeq = SeqBuilder;
+    type SerializeTuple = SeqBuilder;
+    type SerializeTupleStruct = SeqBuilder;
+    type SerializeTupleVariant = SeqBuilder;
+    type SerializeMap = MapBuilder;
+    type SerializeStruct = MapBuilder;
+    type SerializeStructVariant = MapBuilder;
+
+    fn serialize_bool(self, v: bool) -> Result<Value, ArgsError> {
+        self.done(Value::Bool(v))
+    }
+    fn serialize_i8(self, v: i8) -> Result<Value, ArgsError> {
+        self.integer(v.into())
+    }
+    fn serialize_i16(self, v: i16) -> Result<Value, ArgsError> {
+        self.integer(v.into())
+    }
+    fn serialize_i32(self, v: i32) -> Result<Value, ArgsError> {
+        self.integer(v.into())
+    }
+    fn serialize_i64(self, v: i64) -> Result<Value, ArgsError> {
+        self.integer(v.into())
+    }
+    fn serialize_i128(self, v: i128) -> Result<Value, ArgsError> {
+        self.integer(v)
+    }
+    fn serialize_u8(self, v: u8) -> Result<Value, ArgsError> {
+        self.integer(v.into())
+    }
+    fn serialize_u16(self, v: u16) -> Result<Value, ArgsError> {
+        self.integer(v.into())
+    }
+    fn serialize_u32(self, v: u32) -> Result<Value, ArgsError> {
+        self.integer(v.into())
+    }
+    fn serialize_u64(self, v: u64) -> Result<Value, ArgsError> {
+        self.integer(v.into())
+    }
+    fn serialize_u128(self, v: u128) -> Result<Value, ArgsError> {
+        self.integer(i128::try_from(v).unwrap_or(i128::MAX))
+    }
+    fn serialize_f32(self, v: f32) -> Result<Value, ArgsError> {
+        // Through its shortest decimal form, so 0.1f32 keys as 0.1 and not 0.10000000149011612.
+        let mut buffer = ryu::Buffer::new();
+        let shortest = if v.is_finite() {
+            buffer.format_finite(v).parse().unwrap_or(f64::NAN)
+        } else {
+            f64::from(v)
+        };
+        self.float(shortest)
+    }
+    fn serialize_f64(self, v: f64) -> Result<Value, ArgsError> {
+        self.float(v)
+    }
+    fn serialize_char(self, v: char) -> Result<Value, ArgsError> {
+        self.done(Value::String(v.to_string()))
+    }
+    fn serialize_str(self, v: &str) -> Result<Value, ArgsError> {
+        self.done(Value::String(v.to_owned()))
+    }
+    fn serialize_bytes(self, v: &[u8]) -> Result<Value, ArgsError> {
+        self.done(Value::Array(v.iter().map(|&b| Value::from(b)).collect()))
+    }
+    fn serialize_none(self) -> Result<Value, ArgsError> {
+        self.done(Value::Null)
+    }
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<Value, ArgsError> {
+        self.done(value.serialize(Strict::NESTED)?)
+    }
+    fn serialize_unit(self) -> Result<Value, ArgsError> {
+        // `()` at the top means a call without arguments.
+        Ok(if self.top {
+            Value::Array(Vec::new())
+        } else {
+            Value::Null
+        })
+    }
+    fn serialize_unit_struct(self, _: &'static str) -> Result<Value, ArgsError> {
+        self.done(Value::Null)
+    }
+    fn serialize_unit_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+    ) -> Result<Value, ArgsError> {
+        self.done(Value::String(variant.to_owned()))
+    }
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        value: &T,
+    ) -> Result<Value, ArgsError> {
+        value.serialize(self)
+    }
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+        value: &T,
+    ) -> Result<Value, ArgsError> {
+        let inner = value.serialize(Strict::NESTED)?;
+        self.done(Value::Object(Map::from_iter([(variant.to_owned(), inner)])))
+    }
+    fn serialize_seq(self, len: Option<usize>) -> Result<SeqBuilder, ArgsError> {
+        Ok(SeqBuilder {
+            items: Vec::with_capacity(len.unwrap_or(0)),
+            wrap: self.top,
+            variant: None,
+        })
+    }
+    fn serialize_tuple(self, len: usize) -> Result<SeqBuilder, ArgsError> {
+        // A tuple at the top is the argument list itself, never wrapped.
+        Ok(SeqBuilder {
+            items: Vec::with_capacity(len),
+            wrap: false,
+            variant: None,
+        })
+    }
+    fn serialize_tuple_struct(self, _: &'static str, len: usize) -> Result<SeqBuilder, ArgsError> {
+        Ok(SeqBuilder {
+            items: Vec::with_capacity(len),
+            wrap: self.top,
+            variant: None,
+        })
+    }
+    fn serialize_tuple_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+        len: usize,
+    ) -> Result<SeqBuilder, ArgsError> {
+        Ok(SeqBuilder {
+            items: Vec::with_capacity(len),
+            wrap: self.top,
+            variant: Some(variant),
+        })
+    }
+    fn serialize_map(self, _: Option<usize>) -> Result<MapBuilder, ArgsError> {
+        Ok(MapBuilder {
+            members: Map::new(),
+            next_key: None,
+            wrap: self.top,
+            variant: None,
+        })
+    }
+    fn serialize_struct(self, _: &'static str, _: usize) -> Result<MapBuilder, ArgsError> {
+        self.serialize_map(None)
+    }
+    fn serialize_struct_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+        _: usize,
+    ) -> Result<MapBuilder, ArgsError> {
+        Ok(MapBuilder {
+            members: Map::new(),
+            next_key: None,
+            wrap: self.top,
+            variant: Some(variant),
+        })
+    }
+}
+
+impl ser::SerializeSeq for SeqBuilder {
+    type Ok = Value;
+    type Error = ArgsError;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ArgsError> {
+        self.items.push(value.serialize(Strict::NESTED)?);
+        Ok(())
+    }
+    fn end(self) -> Result<Value, ArgsError> {
+        self.finish()
+    }
+}
+
+impl ser::SerializeTuple for SeqBuilder {
+    type Ok = Value;
+    type Error = ArgsError;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ArgsError> {
+        ser::SerializeSeq::serialize_element(self, value)
+    }
+    fn end(self) -> Result<Value, ArgsError> {
+        self.finish()
+    }
+}
+
+impl ser::SerializeTupleStruct for SeqBuilder {
+    type Ok = Value;
+    type Error = ArgsError;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ArgsError> {
+        ser::SerializeSeq::serialize_element(self, value)
+    }
+    fn end(self) -> Result<Value, ArgsError> {
+        self.finish()
+    }
+}
+
+impl ser::SerializeTupleVariant for SeqBuilder {
+    type Ok = Value;
+    type Error = ArgsError;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ArgsError> {
+        ser::SerializeSeq::serialize_element(self, value)
+    }
+    fn end(self) -> Result<Value, ArgsError> {
+        self.finish()
+    }
+}
+
+impl ser::SerializeMap for MapBuilder {
+    type Ok = Value;
+    type Error = ArgsError;
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), ArgsError> {
+        match key.serialize(Strict::NESTED)? {
+            Value::String(key) => {
+                self.next_key = Some(key);
+                Ok(())
+            }
+            other => Err(ArgsError(format!(
+                "map key {other} is not a string; JSON objects have string keys only, so \
+                 convert the keys (or use a list of pairs)"
+            ))),
+        }
+    }
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ArgsError> {
+        let key = self
+            .next_key
+            .take()
+            .ok_or_else(|| ArgsError("map value without a key".to_owned()))?;
+        self.members.insert(key, value.serialize(Strict::NESTED)?);
+        Ok(())
+    }
+    fn end(self) -> Result<Value, ArgsError> {
+        self.finish()
+    }
+}
+
+impl ser::SerializeStruct for MapBuilder {
+    type Ok = Value;
+    type Error = ArgsError;
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<(), ArgsError> {
+        self.members
+            .insert(name.to_owned(), value.serialize(Strict::NESTED)?);
+        Ok(())
+    }
+    fn end(self) -> Result<Value, ArgsError> {
+        self.finish()
+    }
+}
+
+impl ser::SerializeStructVariant for MapBuilder {
+    type Ok = Value;
+    type Error = ArgsError;
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<(), ArgsError> {
+        ser::SerializeStruct::serialize_field(self, name, value)
+    }
+    fn end(self) -> Result<Value, ArgsError> {
+        self.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use super::*;
+
+    /// ECMAScript's number layout, at each boundary of its rules.
+    #[test]
+    fn numbers_follow_ecmascript() {
+        let cases = [
+            (1e21, "1e+21"),
+            (1e20, "100000000000000000000"),
+            (1e-7, "1e-7"),
+            (1e-6, "0.000001"),
+            (-0.0, "0"),
+            (3.0, "3"),
+            (0.1, "0.1"),
+            (-1.5e-7, "-1.5e-7"),
+            (123.456, "123.456"),
+            (5e-324, "5e-324"),
+            (f64::MAX, "1.7976931348623157e+308"),
+            (4.35e-5, "0.0000435"),
+        ];
+        for (x, expected) in cases {
+            assert_eq!(es_number(x), expected, "{x:e}");
+        }
+    }
+
+    /// Tuples are the argument list; `()` is none; anything else is one argument.
+    #[test]
+    fn argument_lists() {
+        assert_eq!(canonical_json(&()).unwrap(), "[]");
+        assert_eq!(canonical_json(&(3, 4)).unwrap(), "[3,4]");
+        assert_eq!(canonical_json(&(5,)).unwrap(), "[5]");
+        assert_eq!(canonical_json(&5).unwrap(), "[5]");
+        assert_eq!(canonical_json(&vec![1, 2]).unwrap(), "[[1,2]]");
+        assert_eq!(canonical_json(&None::<i32>).unwrap(), "[null]");
+        assert_eq!(canonical_json(&((), 1)).unwrap(), "[null,1]");
+        assert_eq!(canonical_json("s").unwrap(), "[\"s\"]");
+    }
+
+    /// Maps are objects with sorted keys whatever their source order.
+    #[test]
+    fn maps_are_sorted() {
+        let map: HashMap<&str, i32> = [("b", 2), ("a", 1), ("c", 3)].into_iter().collect();
+        assert_eq!(canonical_json(&(map,)).unwrap(), r#"[{"a":1,"b":2,"c":3}]"#);
+    }
+
+    /// What JSON cannot carry faithfully is refused, with a message saying what to do.
+    #[test]
+    fn unrepresentable_arguments_are_refused() {
+        let nan = canonical_json(&(f64::NAN,)).unwrap_err();
+        assert!(nan.to_string().contains("NaN"), "{nan}");
+        assert!(canonical_json(&(f64::INFINITY,)).is_err());
+        assert!(canonical_json(&(f32::NEG_INFINITY,)).is_err());
+        let big = canonical_json(&(9_007_199_254_740_992u64,)).unwrap_err();
+        assert!(big.to_string().contains("pass it as a string"), "{big}");
+        assert!(canonical_json(&(-9_007_199_254_740_992i64,)).is_err());
+        assert!(canonical_json(&(u128::MAX,)).is_err());
+        assert_eq!(
+            canonical_json(&(9_007_199_254_740_991u64,)).unwrap(),
+            "[9007199254740991]"
+        );
+        let keys: BTreeMap<i32, i32> = [(1, 2)].into_iter().collect();
+        let err = canonical_json(&(keys,)).unwrap_err();
+        assert!(err.to_string().contains("not a string"), "{err}");
+    }
+
+    /// f32 keys by its shortest decimal, as a JavaScript caller would write the same number.
+    #[test]
+    fn f32_uses_its_shortest_decimal() {
+        assert_eq!(canonical_json(&(0.1f32,)).unwrap(), "[0.1]");
+    }
+
+    /// The digest is md5 of the canonical text, lowercase hex.
+    #[test]
+    fn digest_is_md5_hex() {
+        assert_eq!(digest(&(3, 4)).unwrap(), "b814fa889082069ffb727ee1623c0944");
+    }
+}
