@@ -5,7 +5,26 @@
 //! and one place to administer it. This crate is both the server (feature `server`, on by
 //! default) and the client library (always).
 //!
+//! ```no_run
+//! use cache_money::{Client, Ttl};
+//!
+//! # async fn example() -> Result<(), cache_money::Error> {
+//! let cm = Client::connect("http://127.0.0.1:50051").await?;
+//! let add = cm.function("__main__", "addition", Ttl::HOUR);
+//! let sum: i64 = add.memoize(&(3, 4), || async { 3 + 4 }).await?; // computed, then cached
+//! add.bust(&(3, 4)).await?; // one call
+//! add.bust_all().await?; // every call of `addition`
+//! cm.bust_all().await?; // everything
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Layout
+//! - [`Client`] (`client`): the connection, options, circuit breaker and metrics.
+//! - [`Function`] (`memoize`): one function's entries: `memoize`, `try_memoize`, busts.
+//! - [`Ttl`] (`ttl`): the seed's TTL constants.
+//! - `breaker`: the circuit breaker that keeps a down service from costing every call.
+//! - [`Error`] (`error`): the client's error type.
 //! - [`pb`]: the generated protobuf types and gRPC stubs, for raw RPCs.
 //! - [`canonical`]: the canonical key of a call's arguments (RFC 8785 JSON, md5).
 //! - [`key`]: the address of a cache entry (namespace, function, digest) and its validation,
@@ -13,8 +32,31 @@
 //! - `server` (feature `server`): configuration, the gRPC service, the Redis and in-memory
 //!   stores, health and graceful shutdown.
 
+mod breaker;
 pub mod canonical;
+mod client;
+mod error;
 pub mod key;
+mod memoize;
+mod ttl;
+
+pub use client::{
+    Client, ClientMetrics, ClientOptions, DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD,
+    DEFAULT_BUST_DEADLINE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE,
+};
+pub use error::Error;
+pub use memoize::{Function, KeyFn};
+pub use ttl::Ttl;
+
+/// A [`Function`] handle named after the calling module: `function!(client, "addition",
+/// Ttl::HOUR)` is `client.function(module_path!(), "addition", Ttl::HOUR)`, with the
+/// module path's `::` written as `.` (`my_app::billing` becomes `my_app.billing`).
+#[macro_export]
+macro_rules! function {
+    ($client:expr, $name:expr, $ttl:expr) => {
+        $client.function(::std::module_path!(), $name, $ttl)
+    };
+}
 
 /// The generated protobuf messages and gRPC client and server stubs of `cache_money.v1`.
 pub mod pb {

@@ -199,6 +199,7 @@ pub struct CacheServer {
     child: Child,
     addr: SocketAddr,
     logs: Arc<LogBook>,
+    args: Vec<String>,
 }
 
 impl CacheServer {
@@ -217,9 +218,29 @@ impl CacheServer {
 
     /// Starts the binary with `args`, on port 0, and waits for its start-up line.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_on(
+            "127.0.0.1:0",
+            args.iter().map(|arg| arg.to_string()).collect(),
+        )
+    }
+
+    /// Kills the server and starts it again with the same arguments on the same address.
+    pub fn restart(&mut self) {
+        self.kill();
+        let replacement = Self::start_on(&self.addr.to_string(), self.args.clone());
+        *self = replacement;
+    }
+
+    /// Kills the server (SIGKILL) and waits until it is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn start_on(listen: &str, args: Vec<String>) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cache-money-server"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
+            .args(["--listen", listen])
+            .args(&args)
             .env("RUST_LOG", "info")
             .env_remove("CACHE_MONEY_REDIS_URL")
             .stdin(Stdio::null())
@@ -241,6 +262,7 @@ impl CacheServer {
             child,
             addr: "127.0.0.1:0".parse().unwrap(),
             logs,
+            args,
         };
         let started = server
             .wait_for_log("cache-money serving", READY_TIMEOUT)

@@ -1,0 +1,137 @@
+//! A circuit breaker: after repeated failures the client stops paying the deadline on every
+//! call, and lets one probe through now and then to find out when the service is back.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    /// Calls go through; this many have failed in a row.
+    Closed { failures: u32 },
+    /// Calls are skipped until the instant; then one probe goes through.
+    Open { until: Instant },
+    /// One probe is in flight; others are skipped. A probe that never reports (its caller
+    /// went away) is replaced after a cool-down.
+    Probing { since: Instant },
+}
+
+/// Shared by every clone of a client.
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    state: Mutex<State>,
+    threshold: u32,
+    cooldown: Duration,
+}
+
+impl Breaker {
+    /// Opens after `threshold` failures in a row; probes every `cooldown` while open.
+    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
+        Breaker {
+            state: Mutex::new(State::Closed { failures: 0 }),
+            threshold: threshold.max(1),
+            cooldown,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update is a single assignment, so a poisoned lock still holds a valid state.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether a call may go to the service now.
+    pub(crate) fn allow(&self) -> bool {
+        let now = Instant::now();
+        let mut state = self.state();
+        match *state {
+            State::Closed { .. } => true,
+            State::Open { until } if now >= until => {
+                *state = State::Probing { since: now };
+                true
+            }
+            State::Probing { since } if now.duration_since(since) >= self.cooldown => {
+                *state = State::Probing { since: now };
+                true
+            }
+            State::Open { .. } | State::Probing { .. } => false,
+        }
+    }
+
+    /// The service answered.
+    pub(crate) fn success(&self) {
+        *self.state() = State::Closed { failures: 0 };
+    }
+
+    /// The service failed or did not answer in time.
+    pub(crate) fn failure(&self) {
+        let mut state = self.state();
+        let failures = match *state {
+            State::Closed { failures } => failures + 1,
+            State::Open { .. } | State::Probing { .. } => self.threshold,
+        };
+        *state = if failures >= self.threshold {
+            State::Open {
+                until: Instant::now() + self.cooldown,
+            }
+        } else {
+            State::Closed { failures }
+        };
+    }
+
+    /// Whether calls are currently being skipped.
+    pub(crate) fn is_open(&self) -> bool {
+        !matches!(*self.state(), State::Closed { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Closed → open after the threshold → one probe after the cool-down → closed on success.
+    #[test]
+    fn opens_probes_and_closes() {
+        let breaker = Breaker::new(3, Duration::from_millis(30));
+        for _ in 0..2 {
+            assert!(breaker.allow());
+            breaker.failure();
+        }
+        assert!(!breaker.is_open(), "two failures are below the threshold");
+        breaker.failure();
+        assert!(breaker.is_open());
+        assert!(!breaker.allow(), "open: calls are skipped");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(
+            breaker.allow(),
+            "after the cool-down one probe goes through"
+        );
+        assert!(!breaker.allow(), "only one probe at a time");
+        breaker.success();
+        assert!(!breaker.is_open());
+        assert!(breaker.allow());
+    }
+
+    /// A failed probe reopens the breaker for another cool-down.
+    #[test]
+    fn failed_probe_reopens() {
+        let breaker = Breaker::new(1, Duration::from_millis(30));
+        breaker.failure();
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(breaker.allow());
+        breaker.failure();
+        assert!(!breaker.allow());
+    }
+
+    /// A success resets the count of failures in a row.
+    #[test]
+    fn success_resets_the_count() {
+        let breaker = Breaker::new(2, Duration::from_secs(60));
+        breaker.failure();
+        breaker.success();
+        breaker.failure();
+        assert!(!breaker.is_open());
+    }
+}

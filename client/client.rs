@@ -1,0 +1,348 @@
+//! [`Client`]: a cheap, cloneable handle to a cache-money service, shared by every
+//! [`Function`] made from it.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tonic::{Code, Status, transport::Channel, transport::Endpoint};
+use tracing::debug;
+
+use crate::{
+    Error, Function,
+    breaker::Breaker,
+    key::{EntryKey, check_name},
+    pb::{self, cache_money_client::CacheMoneyClient},
+};
+
+/// How long a cache lookup or store may take before `memoize` gives up on the cache.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(100);
+/// How long a bust may take; a large bust walks the keyspace for seconds.
+pub const DEFAULT_BUST_DEADLINE: Duration = Duration::from_secs(60);
+/// Failures in a row that open the circuit breaker.
+pub const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
+/// How long an open breaker skips the cache before probing it again.
+pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
+/// How long to wait for a TCP connection to the service.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How a [`Client`] behaves; [`Default`] gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Bound on each cache lookup and store made by `memoize`.
+    pub deadline: Duration,
+    /// Bound on each bust.
+    pub bust_deadline: Duration,
+    /// Failures in a row that open the circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long an open breaker skips the cache before one probe.
+    pub breaker_cooldown: Duration,
+    /// Bound on opening a connection to the service.
+    pub connect_timeout: Duration,
+    /// `false` turns caching off: `memoize` calls the function every time and busts do
+    /// nothing, as the seed allows for local development.
+    pub enabled: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            deadline: DEFAULT_DEADLINE,
+            bust_deadline: DEFAULT_BUST_DEADLINE,
+            breaker_threshold: DEFAULT_BREAKER_THRESHOLD,
+            breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            enabled: true,
+        }
+    }
+}
+
+/// What a client has done since it was made, for dashboards and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientMetrics {
+    /// Lookups and stores sent to the service.
+    pub rpc_attempts: u64,
+    /// Of those, the ones that failed or timed out.
+    pub rpc_failures: u64,
+    /// Lookups and stores skipped because the breaker was open.
+    pub skipped: u64,
+    /// `memoize` calls answered from the cache.
+    pub hits: u64,
+    /// `memoize` calls that ran the function.
+    pub computed: u64,
+    /// Stored values that did not decode into the expected type (treated as misses).
+    pub undecodable: u64,
+    /// Whether the breaker is currently open.
+    pub breaker_open: bool,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    rpc_attempts: AtomicU64,
+    rpc_failures: AtomicU64,
+    skipped: AtomicU64,
+    hits: AtomicU64,
+    computed: AtomicU64,
+    undecodable: AtomicU64,
+}
+
+/// A result some callers are waiting for: the encoded value, or `None` when it could not be
+/// shared (an error, or a value that does not encode), so each waiter computes its own.
+pub(crate) type Flight = Arc<tokio::sync::OnceCell<Option<Bytes>>>;
+
+#[derive(Debug)]
+struct Inner {
+    rpc: CacheMoneyClient<Channel>,
+    options: ClientOptions,
+    breaker: Breaker,
+    counters: Counters,
+    flights: Mutex<HashMap<EntryKey, Flight>>,
+}
+
+/// A handle to a cache-money service. Cloning is shallow: clones share the connection, the
+/// circuit breaker and the in-process single-flight table.
+///
+/// ```no_run
+/// use cache_money::{Client, Ttl};
+///
+/// # async fn example() -> Result<(), cache_money::Error> {
+/// let cm = Client::connect("http://127.0.0.1:50051").await?;
+/// let add = cm.function("__main__", "addition", Ttl::HOUR);
+/// let sum: i64 = add.memoize(&(3, 4), || async { 3 + 4 }).await?;
+/// assert_eq!(sum, 7);
+/// add.bust(&(3, 4)).await?;
+/// add.bust_all().await?;
+/// cm.bust_all().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// A client for the service at `url` (e.g. `http://127.0.0.1:50051`) with default options.
+    ///
+    /// Connects lazily: a service that is down now does not stop the application from
+    /// starting; `memoize` computes until it is back.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] when the URL cannot be parsed.
+    pub async fn connect(url: impl Into<String>) -> Result<Self, Error> {
+        Self::connect_with(url, ClientOptions::default()).await
+    }
+
+    /// As [`Client::connect`], with options.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] when the URL cannot be parsed.
+    pub async fn connect_with(
+        url: impl Into<String>,
+        options: ClientOptions,
+    ) -> Result<Self, Error> {
+        let url = url.into();
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?
+            .connect_timeout(options.connect_timeout)
+            .tcp_nodelay(true);
+        Ok(Self::from_channel_with(endpoint.connect_lazy(), options))
+    }
+
+    /// A client over a channel you configured yourself (TLS, load balancing, interceptors).
+    pub fn from_channel(channel: Channel) -> Self {
+        Self::from_channel_with(channel, ClientOptions::default())
+    }
+
+    /// As [`Client::from_channel`], with options.
+    pub fn from_channel_with(channel: Channel, options: ClientOptions) -> Self {
+        Client {
+            inner: Arc::new(Inner {
+                rpc: CacheMoneyClient::new(channel),
+                breaker: Breaker::new(options.breaker_threshold, options.breaker_cooldown),
+                options,
+                counters: Counters::default(),
+                flights: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// A handle for one function's cache entries, kept for `ttl`.
+    ///
+    /// `namespace` is the caller's module: `__main__`, `billing.invoices`, or a Rust
+    /// `module_path!()` (`a::b` is written `a.b`). See [`function!`](crate::function) for a
+    /// shorthand.
+    ///
+    /// # Panics
+    /// When a name breaks the naming rule (1–128 characters of `[A-Za-z0-9_.-]`) or `ttl` is
+    /// under one second: names are almost always literals, so this is a programming error,
+    /// like an invalid regex literal. Use [`Client::try_function`] for names made at run time.
+    pub fn function(&self, namespace: &str, name: &str, ttl: Duration) -> Function {
+        self.try_function(namespace, name, ttl)
+            .unwrap_or_else(|err| panic!("cache-money function handle: {err}"))
+    }
+
+    /// As [`Client::function`], returning an error instead of panicking.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] or [`Error::InvalidTtl`].
+    pub fn try_function(
+        &self,
+        namespace: &str,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<Function, Error> {
+        let namespace = namespace.replace("::", ".");
+        check_name("namespace", &namespace)?;
+        check_name("function", name)?;
+        if ttl < Duration::from_secs(1) {
+            return Err(Error::InvalidTtl(format!(
+                "must be at least 1 second, got {ttl:?}"
+            )));
+        }
+        Ok(Function::new(self.clone(), namespace, name.to_owned(), ttl))
+    }
+
+    /// Removes every entry of one namespace (every function of a module).
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], or the service's failure: a bust that did not happen is
+    /// reported, never swallowed.
+    pub async fn bust_namespace(&self, namespace: &str) -> Result<u64, Error> {
+        let namespace = namespace.replace("::", ".");
+        check_name("namespace", &namespace)?;
+        let request = pb::BustNamespaceRequest { namespace };
+        self.bust_rpc(|mut rpc| async move { rpc.bust_namespace(request).await })
+            .await
+    }
+
+    /// Removes every entry cache-money stored (the seed's global `bust()`).
+    ///
+    /// # Errors
+    /// The service's failure.
+    pub async fn bust_all(&self) -> Result<u64, Error> {
+        self.bust_rpc(|mut rpc| async move { rpc.bust_all(pb::BustAllRequest {}).await })
+            .await
+    }
+
+    /// A snapshot of what this client (and its clones) has done.
+    pub fn metrics(&self) -> ClientMetrics {
+        let counters = &self.inner.counters;
+        ClientMetrics {
+            rpc_attempts: counters.rpc_attempts.load(Relaxed),
+            rpc_failures: counters.rpc_failures.load(Relaxed),
+            skipped: counters.skipped.load(Relaxed),
+            hits: counters.hits.load(Relaxed),
+            computed: counters.computed.load(Relaxed),
+            undecodable: counters.undecodable.load(Relaxed),
+            breaker_open: self.inner.breaker.is_open(),
+        }
+    }
+
+    /// The raw generated stub, for RPCs the helpers do not cover.
+    pub fn raw(&self) -> CacheMoneyClient<Channel> {
+        self.inner.rpc.clone()
+    }
+
+    pub(crate) fn options(&self) -> &ClientOptions {
+        &self.inner.options
+    }
+
+    /// Runs a bust RPC within the bust deadline. Busts bypass the breaker: they are rare and
+    /// their outcome matters.
+    pub(crate) async fn bust_rpc<F, Fut>(&self, call: F) -> Result<u64, Error>
+    where
+        F: FnOnce(CacheMoneyClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<pb::BustResponse>, Status>>,
+    {
+        if !self.inner.options.enabled {
+            return Ok(0);
+        }
+        let deadline = self.inner.options.bust_deadline;
+        match tokio::time::timeout(deadline, call(self.inner.rpc.clone())).await {
+            Ok(Ok(reply)) => Ok(reply.into_inner().removed),
+            Ok(Err(status)) => Err(Error::Rpc(status)),
+            Err(_) => Err(Error::Timeout(deadline)),
+        }
+    }
+
+    /// Runs a lookup or store for `memoize`: skipped while the breaker is open, bounded by the
+    /// deadline, and counted. `None` means the cache could not help this time.
+    pub(crate) async fn cache_rpc<T, F, Fut>(&self, what: &'static str, call: F) -> Option<T>
+    where
+        F: FnOnce(CacheMoneyClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let counters = &self.inner.counters;
+        if !self.inner.breaker.allow() {
+            counters.skipped.fetch_add(1, Relaxed);
+            return None;
+        }
+        counters.rpc_attempts.fetch_add(1, Relaxed);
+        let deadline = self.inner.options.deadline;
+        let status = match tokio::time::timeout(deadline, call(self.inner.rpc.clone())).await {
+            Ok(Ok(reply)) => {
+                self.inner.breaker.success();
+                return Some(reply.into_inner());
+            }
+            Ok(Err(status)) => status,
+            Err(_) => {
+                Status::deadline_exceeded(format!("no answer within {} ms", deadline.as_millis()))
+            }
+        };
+        // A request the service refused as invalid says nothing about its health.
+        if !matches!(status.code(), Code::InvalidArgument | Code::OutOfRange) {
+            counters.rpc_failures.fetch_add(1, Relaxed);
+            self.inner.breaker.failure();
+        }
+        debug!(rpc = what, code = ?status.code(), cause = status.message(), "cache unavailable; computing instead");
+        None
+    }
+
+    pub(crate) fn count_hit(&self) {
+        self.inner.counters.hits.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn count_computed(&self) {
+        self.inner.counters.computed.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn count_undecodable(&self) {
+        self.inner.counters.undecodable.fetch_add(1, Relaxed);
+    }
+
+    /// Joins the flight for `key`, starting one if none is under way.
+    pub(crate) fn join_flight(&self, key: &EntryKey) -> Flight {
+        let mut flights = self
+            .inner
+            .flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        flights.entry(key.clone()).or_default().clone()
+    }
+
+    /// Leaves a flight. It is forgotten once it has a result, or when nobody else is in it
+    /// (every caller went away), so the table never keeps dead flights.
+    pub(crate) fn leave_flight(&self, key: &EntryKey, flight: &Flight) {
+        let mut flights = self
+            .inner
+            .flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(current) = flights.get(key) else {
+            return;
+        };
+        // The table and this caller hold two references; more means others still wait.
+        let alone = Arc::strong_count(flight) <= 2;
+        if Arc::ptr_eq(current, flight) && (flight.initialized() || alone) {
+            flights.remove(key);
+        }
+    }
+}

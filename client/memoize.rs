@@ -1,0 +1,323 @@
+//! [`Function`]: one function's cache entries, and `memoize`, the decorator's equivalent.
+
+use std::{
+    fmt,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+use tracing::warn;
+
+use crate::{
+    Client, Error,
+    canonical::{args_value, digest_of},
+    client::Flight,
+    key::EntryKey,
+    pb,
+};
+
+/// Turns the canonical arguments into the value that is keyed, like the seed's `key_fn`.
+pub type KeyFn = Arc<dyn Fn(Value) -> Value + Send + Sync>;
+
+/// One function's cache entries: memoize calls, bust one call or all of them. Cloning is
+/// shallow. Made by [`Client::function`].
+#[derive(Clone)]
+pub struct Function {
+    client: Client,
+    namespace: String,
+    name: String,
+    ttl: Duration,
+    key_fn: Option<KeyFn>,
+    cache_none: bool,
+    /// A value that does not decode is logged once per handle, not once per call.
+    warned_undecodable: Arc<AtomicBool>,
+}
+
+impl fmt::Debug for Function {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Function")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("ttl", &self.ttl)
+            .field("key_fn", &self.key_fn.is_some())
+            .field("cache_none", &self.cache_none)
+            .finish()
+    }
+}
+
+/// Leaves the flight when the caller is done with it, even if the caller was cancelled.
+struct FlightGuard<'a> {
+    client: &'a Client,
+    key: &'a EntryKey,
+    flight: Flight,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        self.client.leave_flight(self.key, &self.flight);
+    }
+}
+
+impl Function {
+    pub(crate) fn new(client: Client, namespace: String, name: String, ttl: Duration) -> Self {
+        Function {
+            client,
+            namespace,
+            name,
+            ttl,
+            key_fn: None,
+            cache_none: false,
+            warned_undecodable: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Keys calls by what `key_fn` makes of the canonical argument list (a JSON array)
+    /// instead of the whole list, e.g. `|args| args[0].clone()` to ignore all but the first.
+    pub fn with_key_fn(mut self, key_fn: impl Fn(Value) -> Value + Send + Sync + 'static) -> Self {
+        self.key_fn = Some(Arc::new(key_fn));
+        self
+    }
+
+    /// Whether a result that serializes to `null` (`None`, `()`) is cached. Off by default,
+    /// as in the seed.
+    pub fn cache_none(mut self, cache_none: bool) -> Self {
+        self.cache_none = cache_none;
+        self
+    }
+
+    /// The namespace entries are stored under.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The function name entries are stored under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The digest of one call's arguments, as the service sees it.
+    ///
+    /// # Errors
+    /// [`Error::Args`] when the arguments cannot be keyed (NaN, integers beyond ±(2^53 − 1),
+    /// non-string map keys).
+    pub fn digest<A: Serialize + ?Sized>(&self, args: &A) -> Result<String, Error> {
+        let args = args_value(args)?;
+        Ok(digest_of(&match &self.key_fn {
+            Some(key_fn) => key_fn(args),
+            None => args,
+        }))
+    }
+
+    fn entry_key<A: Serialize + ?Sized>(&self, args: &A) -> Result<EntryKey, Error> {
+        Ok(EntryKey::new(
+            self.namespace.clone(),
+            self.name.clone(),
+            self.digest(args)?,
+        )?)
+    }
+
+    fn pb_key(key: &EntryKey) -> pb::Key {
+        pb::Key {
+            namespace: key.namespace().to_owned(),
+            function: key.function().to_owned(),
+            digest: key.digest().to_owned(),
+        }
+    }
+
+    /// Returns the cached result for `args`, or runs `compute`, caches its result for the
+    /// handle's TTL and returns it.
+    ///
+    /// Concurrent calls with the same arguments in this process run `compute` once and all
+    /// get its result. When the service is down, slow or erroring, the result is computed and
+    /// returned all the same (fail-open); a stored value that no longer decodes into `T` is
+    /// treated as a miss and overwritten.
+    ///
+    /// ```no_run
+    /// # async fn example(cm: cache_money::Client) -> Result<(), cache_money::Error> {
+    /// use cache_money::Ttl;
+    /// let add = cm.function("__main__", "addition", Ttl::HOUR);
+    /// let sum: i64 = add.memoize(&(3, 4), || async { 3 + 4 }).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// Only [`Error::Args`]: arguments that cannot make a key (NaN, integers beyond
+    /// ±(2^53 − 1), non-string map keys).
+    pub async fn memoize<A, T, F, Fut>(&self, args: &A, compute: F) -> Result<T, Error>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let computed = self
+            .try_memoize(args, || async { Ok::<T, Error>(compute().await) })
+            .await?;
+        Ok(computed)
+    }
+
+    /// As [`Function::memoize`] for a function that can fail: `Ok` results are cached, `Err`
+    /// never (each waiting caller then runs the function itself).
+    ///
+    /// # Errors
+    /// `compute`'s error, or [`Error::Args`] converted into `E`.
+    pub async fn try_memoize<A, T, E, F, Fut>(&self, args: &A, compute: F) -> Result<T, E>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        if !self.client.options().enabled {
+            return compute().await;
+        }
+        let key = self.entry_key(args)?;
+        let flight = self.client.join_flight(&key);
+        let guard = FlightGuard {
+            client: &self.client,
+            key: &key,
+            flight: flight.clone(),
+        };
+        let mut compute = Some(compute);
+        // The first caller (the leader) looks up and computes; the others wait for it here.
+        let mut led: Option<Result<T, E>> = None;
+        let shared = flight
+            .get_or_init(|| async {
+                let compute = compute.take().expect("the leader runs init once");
+                let (result, encoded) = self.lookup_or_compute(&key, compute).await;
+                led = Some(result);
+                encoded
+            })
+            .await
+            .clone();
+        drop(guard);
+        if let Some(result) = led {
+            return result;
+        }
+        if let Some(value) = shared.as_deref().and_then(|bytes| self.decode::<T>(bytes)) {
+            return Ok(value);
+        }
+        // The leader's result could not be shared (an error, or it did not encode): compute
+        // our own. `compute` is still ours, since only the leader took it.
+        match compute.take() {
+            Some(compute) => {
+                self.client.count_computed();
+                compute().await
+            }
+            None => unreachable!("a follower keeps its compute function"),
+        }
+    }
+
+    /// The leader's work: a cache lookup, else the computation and a store. Returns the
+    /// result and its encoding for the followers.
+    async fn lookup_or_compute<T, E, F, Fut>(
+        &self,
+        key: &EntryKey,
+        compute: F,
+    ) -> (Result<T, E>, Option<Bytes>)
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let request = pb::GetRequest {
+            key: Some(Self::pb_key(key)),
+        };
+        let found = self
+            .client
+            .cache_rpc("Get", |mut rpc| async move { rpc.get(request).await })
+            .await;
+        if let Some(pb::GetResponse { hit: true, value }) = found
+            && let Some(decoded) = self.decode::<T>(&value)
+        {
+            self.client.count_hit();
+            return (Ok(decoded), Some(value));
+        }
+        self.client.count_computed();
+        let result = compute().await;
+        let encoded = match &result {
+            Ok(value) => self.store(key, value).await,
+            Err(_) => None,
+        };
+        (result, encoded)
+    }
+
+    /// Encodes and stores a fresh result; returns its encoding when it can be shared.
+    async fn store<T: Serialize>(&self, key: &EntryKey, value: &T) -> Option<Bytes> {
+        let encoded = match serde_json::to_vec(value) {
+            Ok(encoded) => Bytes::from(encoded),
+            Err(err) => {
+                warn!(namespace = %self.namespace, function = %self.name, cause = %err, "result does not encode as JSON; not cached");
+                return None;
+            }
+        };
+        if !self.cache_none && encoded.as_ref() == b"null" {
+            return Some(encoded);
+        }
+        let request = pb::PutRequest {
+            key: Some(Self::pb_key(key)),
+            value: encoded.clone(),
+            ttl_seconds: u32::try_from(self.ttl.as_secs()).unwrap_or(u32::MAX),
+        };
+        self.client
+            .cache_rpc("Put", |mut rpc| async move { rpc.put(request).await })
+            .await;
+        Some(encoded)
+    }
+
+    fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Option<T> {
+        match serde_json::from_slice(bytes) {
+            Ok(value) => Some(value),
+            Err(err) => {
+                self.client.count_undecodable();
+                if !self.warned_undecodable.swap(true, Relaxed) {
+                    warn!(
+                        namespace = %self.namespace,
+                        function = %self.name,
+                        cause = %err,
+                        "cached value does not decode into the expected type; recomputing and overwriting (logged once per handle)"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// Removes the cached result of one call (the seed's `fn.bust(*args)`); returns whether
+    /// there was one.
+    ///
+    /// # Errors
+    /// [`Error::Args`], or the service's failure: a bust that did not happen is reported.
+    pub async fn bust<A: Serialize + ?Sized>(&self, args: &A) -> Result<bool, Error> {
+        let key = Some(Self::pb_key(&self.entry_key(args)?));
+        let removed = self
+            .client
+            .bust_rpc(|mut rpc| async move { rpc.bust(pb::BustRequest { key }).await })
+            .await?;
+        Ok(removed > 0)
+    }
+
+    /// Removes every cached call of this function (the seed's `fn.bust_all()`); returns how
+    /// many there were.
+    ///
+    /// # Errors
+    /// The service's failure: a bust that did not happen is reported.
+    pub async fn bust_all(&self) -> Result<u64, Error> {
+        let request = pb::BustFunctionRequest {
+            namespace: self.namespace.clone(),
+            function: self.name.clone(),
+        };
+        self.client
+            .bust_rpc(|mut rpc| async move { rpc.bust_function(request).await })
+            .await
+    }
+}
