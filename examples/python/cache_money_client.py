@@ -1,0 +1,60 @@
+"""A `@cached` decorator over the generated cache-money stubs: the seed's API, served by the
+shared cache-money service, so Python and Rust functions can share entries.
+
+Generate the stubs first (scripts/test does it into a temporary folder):
+    python -m grpc_tools.protoc -I proto --python_out=OUT --grpc_python_out=OUT \
+        proto/cache_money/v1/cache_money.proto
+and put OUT on sys.path.
+"""
+
+import json
+import logging
+
+import grpc
+
+from cache_money.v1 import cache_money_pb2 as pb
+from cache_money.v1 import cache_money_pb2_grpc as rpc
+from cache_money_key import digest
+
+CACHE_HOUR = 3600
+DEADLINE_SECONDS = 0.1  # fail-open: a slow or down cache costs at most this per call
+
+
+def connect(address: str) -> rpc.CacheMoneyStub:
+    """A stub for the service at host:port."""
+    return rpc.CacheMoneyStub(grpc.insecure_channel(address))
+
+
+def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR):
+    """Memoizes a function in cache-money under (its module, its name, its arguments)."""
+
+    def decorate(fn):
+        def key(*args):
+            return pb.Key(namespace=fn.__module__, function=fn.__name__, digest=digest(*args))
+
+        def wrapper(*args):
+            entry = key(*args)
+            try:
+                reply = stub.Get(pb.GetRequest(key=entry), timeout=DEADLINE_SECONDS)
+                if reply.hit:
+                    return json.loads(reply.value)
+            except grpc.RpcError as err:
+                logging.debug("cache-money unavailable, computing: %s", err)
+            except ValueError:
+                logging.warning("cached value of %s does not decode; recomputing", fn.__name__)
+            result = fn(*args)
+            if result is not None:  # as in the seed, None is not cached
+                value = json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode()
+                try:
+                    stub.Put(pb.PutRequest(key=entry, value=value, ttl_seconds=timeout), timeout=DEADLINE_SECONDS)
+                except grpc.RpcError as err:
+                    logging.debug("cache-money unavailable, not stored: %s", err)
+            return result
+
+        wrapper.bust = lambda *args: stub.Bust(pb.BustRequest(key=key(*args))).removed
+        wrapper.bust_all = lambda: stub.BustFunction(
+            pb.BustFunctionRequest(namespace=fn.__module__, function=fn.__name__)
+        ).removed
+        return wrapper
+
+    return decorate

@@ -1,0 +1,52 @@
+"""Python and Rust sharing one cache: run by tests/python_interop.rs after the Rust client
+stored addition(3, 4); this stores multiplication(6, 7) for the Rust side to read.
+
+    python interop.py VECTORS_JSON SERVER_ADDRESS
+"""
+
+import json
+import math
+import sys
+
+from cache_money_client import cached, connect
+from cache_money_key import canonical, digest
+
+vectors_path, address = sys.argv[1], sys.argv[2]
+
+# 1. The key spec passes every shared vector, and refuses what must be refused.
+vectors = json.load(open(vectors_path, encoding="utf-8"))
+for vector in vectors["vectors"]:
+    args = json.loads(vector["args"])
+    assert canonical(args) == vector["canonical"], (vector["name"], canonical(args), vector["canonical"])
+    assert digest(*args) == vector["digest"], vector["name"]
+for invalid in vectors["invalid"]:
+    try:
+        canonical(json.loads(invalid["args"]))
+    except ValueError:
+        continue
+    raise AssertionError(f"{invalid['name']} was keyed")
+for unkeyable in (math.nan, math.inf, {1: "int key"}):
+    try:
+        canonical([unkeyable])
+    except ValueError:
+        continue
+    raise AssertionError(f"{unkeyable!r} was keyed")
+
+stub = connect(address)
+
+
+@cached(stub)
+def addition(a, b):
+    raise AssertionError("addition(3, 4) should come from the entry the Rust client stored")
+
+
+@cached(stub)
+def multiplication(a, b):
+    return a * b
+
+
+# 2. A value the Rust client stored, read by Python (addition's body never runs).
+assert addition(3, 4) == 7
+# 3. A value Python stores, for the Rust client to read.
+assert multiplication(6, 7) == 42
+print(json.dumps({"vectors": len(vectors["vectors"]), "read_from_rust": 7, "stored_for_rust": 42}))
