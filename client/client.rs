@@ -30,6 +30,8 @@ pub const DEFAULT_BUST_DEADLINE: Duration = Duration::from_secs(60);
 pub const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
 /// How long an open breaker skips the cache before probing it again.
 pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
+/// The TTL of handles made without one, as the seed's decorator defaults to an hour.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60 * 60);
 /// How long to wait for a TCP connection to the service.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -46,6 +48,8 @@ pub struct ClientOptions {
     pub breaker_cooldown: Duration,
     /// Bound on opening a connection to the service.
     pub connect_timeout: Duration,
+    /// TTL of handles made by [`Client::function_with_default_ttl`].
+    pub default_ttl: Duration,
     /// `false` turns caching off: `memoize` calls the function every time and busts do
     /// nothing, as the seed allows for local development.
     pub enabled: bool,
@@ -59,6 +63,7 @@ impl Default for ClientOptions {
             breaker_threshold: DEFAULT_BREAKER_THRESHOLD,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            default_ttl: DEFAULT_TTL,
             enabled: true,
         }
     }
@@ -187,6 +192,15 @@ impl Client {
     pub fn function(&self, namespace: &str, name: &str, ttl: Duration) -> Function {
         self.try_function(namespace, name, ttl)
             .unwrap_or_else(|err| panic!("cache-money function handle: {err}"))
+    }
+
+    /// As [`Client::function`], with the client's default TTL ([`ClientOptions::default_ttl`],
+    /// one hour unless set).
+    ///
+    /// # Panics
+    /// As [`Client::function`].
+    pub fn function_with_default_ttl(&self, namespace: &str, name: &str) -> Function {
+        self.function(namespace, name, self.inner.options.default_ttl)
     }
 
     /// As [`Client::function`], returning an error instead of panicking.

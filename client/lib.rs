@@ -42,7 +42,7 @@ mod ttl;
 
 pub use client::{
     Client, ClientMetrics, ClientOptions, DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD,
-    DEFAULT_BUST_DEADLINE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE,
+    DEFAULT_BUST_DEADLINE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE, DEFAULT_TTL,
 };
 pub use error::Error;
 pub use memoize::{Function, KeyFn};
@@ -50,11 +50,15 @@ pub use ttl::Ttl;
 
 /// A [`Function`] handle named after the calling module: `function!(client, "addition",
 /// Ttl::HOUR)` is `client.function(module_path!(), "addition", Ttl::HOUR)`, with the
-/// module path's `::` written as `.` (`my_app::billing` becomes `my_app.billing`).
+/// module path's `::` written as `.` (`my_app::billing` becomes `my_app.billing`). Without a
+/// TTL the client's default TTL applies.
 #[macro_export]
 macro_rules! function {
     ($client:expr, $name:expr, $ttl:expr) => {
         $client.function(::std::module_path!(), $name, $ttl)
+    };
+    ($client:expr, $name:expr) => {
+        $client.function_with_default_ttl(::std::module_path!(), $name)
     };
 }
 

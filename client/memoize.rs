@@ -102,6 +102,11 @@ impl Function {
         &self.name
     }
 
+    /// How long results are kept.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// The digest of one call's arguments, as the service sees it.
     ///
     /// # Errors

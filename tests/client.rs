@@ -415,6 +415,11 @@ async fn handles_validate_names_and_take_module_paths() {
     let cm = Client::connect("http://127.0.0.1:1").await.unwrap();
     let here = cache_money::function!(cm, "f", Ttl::HOUR);
     assert_eq!(here.namespace(), module_path!().replace("::", "."));
+    let defaulted = cache_money::function!(cm, "g");
+    assert_eq!(
+        (defaulted.name(), defaulted.ttl()),
+        ("g", cache_money::DEFAULT_TTL)
+    );
     assert_eq!(
         cm.function("my_app::billing", "f", Ttl::HOUR).namespace(),
         "my_app.billing"
