@@ -32,6 +32,20 @@ async fn health_becomes(server: &CacheServer, status: ServingStatus, within: Dur
     eventually(within, || async { health(server).await == status as i32 }).await
 }
 
+/// A Get fails with UNAVAILABLE, and sooner than `within`.
+async fn get_is_unavailable_within(
+    cm: &mut pb::cache_money_client::CacheMoneyClient<tonic::transport::Channel>,
+    within: Duration,
+) {
+    let started = Instant::now();
+    let request = pb::GetRequest {
+        key: Some(key("ns", "f", 1)),
+    };
+    let err = cm.get(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(started.elapsed() < within, "took {:?}", started.elapsed());
+}
+
 /// Writes `count` entries of one function straight into Redis, as the server would.
 async fn fill(redis: &RedisServer, prefix: &str, function: &str, count: u64) {
     let mut conn = redis.connect().await;
@@ -208,19 +222,7 @@ async fn redis_outage_is_reported_and_survived() {
     redis.kill();
     assert!(health_becomes(&server, ServingStatus::NotServing, Duration::from_secs(5)).await);
     for _ in 0..3 {
-        let started = Instant::now();
-        let err = cm
-            .get(pb::GetRequest {
-                key: Some(key("ns", "f", 1)),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "took {:?}",
-            started.elapsed()
-        );
+        get_is_unavailable_within(&mut cm, Duration::from_secs(1)).await;
         let err = cm.put(put(key("ns", "f", 2), b"v", 60)).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     }
@@ -275,19 +277,7 @@ async fn frozen_redis_times_out_instead_of_hanging() {
 
     redis.pause();
     for _ in 0..3 {
-        let started = Instant::now();
-        let err = cm
-            .get(pb::GetRequest {
-                key: Some(key("ns", "f", 1)),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "took {:?}",
-            started.elapsed()
-        );
+        get_is_unavailable_within(&mut cm, Duration::from_secs(2)).await;
     }
     redis.resume();
     let recovered = eventually(Duration::from_secs(5), || {
@@ -330,28 +320,35 @@ async fn out_of_memory_is_resource_exhausted() {
     );
 }
 
+type BustCall = tokio::task::JoinHandle<Result<tonic::Response<pb::BustResponse>, tonic::Status>>;
+
+/// Fills one function with `count` entries and starts busting it; returns once Redis shows
+/// the bust under way (entries disappearing), so the RPC is really in flight.
+async fn bust_in_flight(redis: &RedisServer, server: &CacheServer, count: u64) -> BustCall {
+    fill(redis, "cm:", "f", count).await;
+    let mut cm = server.client().await;
+    let bust = tokio::spawn(async move {
+        let request = pb::BustFunctionRequest {
+            namespace: "ns".into(),
+            function: "f".into(),
+        };
+        cm.bust_function(request).await
+    });
+    let started = eventually(Duration::from_secs(10), || async {
+        redis.dbsize().await < count
+    })
+    .await;
+    assert!(started, "the bust never started");
+    bust
+}
+
 /// SIGTERM while a bust is in flight: new connections are refused, the bust finishes, and the
 /// process exits 0.
 #[tokio::test]
 async fn sigterm_lets_in_flight_rpcs_finish() {
     let redis = RedisServer::start();
     let mut server = CacheServer::redis(&redis, &["--bust-batch", "20"]);
-    fill(&redis, "cm:", "f", 50_000).await;
-    let mut cm = server.client().await;
-    let bust = tokio::spawn(async move {
-        cm.bust_function(pb::BustFunctionRequest {
-            namespace: "ns".into(),
-            function: "f".into(),
-        })
-        .await
-    });
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            redis.dbsize().await < 50_000
-        })
-        .await,
-        "the bust never started"
-    );
+    let bust = bust_in_flight(&redis, &server, 50_000).await;
     server.terminate();
     let left_at_signal = redis.dbsize().await;
     assert!(
@@ -386,21 +383,7 @@ async fn drain_timeout_bounds_shutdown() {
     let redis = RedisServer::start();
     let mut server =
         CacheServer::redis(&redis, &["--bust-batch", "1", "--drain-timeout-ms", "200"]);
-    fill(&redis, "cm:", "f", 20_000).await;
-    let mut cm = server.client().await;
-    let bust = tokio::spawn(async move {
-        cm.bust_function(pb::BustFunctionRequest {
-            namespace: "ns".into(),
-            function: "f".into(),
-        })
-        .await
-    });
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            redis.dbsize().await < 20_000
-        })
-        .await
-    );
+    let bust = bust_in_flight(&redis, &server, 20_000).await;
     let signalled = Instant::now();
     server.terminate();
     let status = server
