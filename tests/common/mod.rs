@@ -298,6 +298,11 @@ impl CacheServer {
         self.logs.lines.lock().unwrap().join("\n")
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The address the server listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr

@@ -1,0 +1,655 @@
+//! The cache-money benchmark: each scenario measured beside a reference in the same run, in
+//! interleaved repetitions, reporting medians and the ratio to the reference.
+//!
+//!     cargo bench --bench cm_bench                 # the full run (a few minutes)
+//!     cargo bench --bench cm_bench -- --quick      # seconds; CI runs it so the harness keeps working
+//!
+//! Options: --reps N (3), --seconds S per measurement (3), --bust-entries N (1000000),
+//! --footprint-seconds S (60). It starts its own redis-server and cache-money-server on
+//! loopback and stops them; every loop is bounded by time and count.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{
+    fmt::Write as _,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use cache_money::{Client, Ttl, pb, pb::cache_money_client::CacheMoneyClient};
+use common::{CacheServer, RedisServer, digest, key};
+use redis::aio::MultiplexedConnection;
+use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
+
+/// HTTP/2 connections the load generator spreads its callers over, like a fleet of clients.
+const CONNECTIONS: usize = 4;
+/// Callers in the concurrent scenarios (redis-benchmark's -c).
+const CONCURRENCY: usize = 50;
+/// Keys per GetMany.
+const BATCH: usize = 100;
+/// Callers in the batch scenario, on both sides.
+const BATCH_CALLERS: usize = 8;
+
+struct Settings {
+    reps: usize,
+    seconds: f64,
+    bust_entries: u64,
+    footprint_seconds: u64,
+    quick: bool,
+}
+
+impl Settings {
+    fn from_args() -> Self {
+        let mut settings = Settings {
+            reps: 3,
+            seconds: 3.0,
+            bust_entries: 1_000_000,
+            footprint_seconds: 60,
+            quick: false,
+        };
+        let mut args = std::env::args().skip(1);
+        let number = |args: &mut dyn Iterator<Item = String>, flag: &str| -> f64 {
+            args.next()
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_else(|| panic!("{flag} takes a number"))
+        };
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--quick" => {
+                    settings = Settings {
+                        reps: 3,
+                        seconds: 0.3,
+                        bust_entries: 20_000,
+                        footprint_seconds: 2,
+                        quick: true,
+                    };
+                }
+                "--reps" => settings.reps = number(&mut args, &arg) as usize,
+                "--seconds" => settings.seconds = number(&mut args, &arg),
+                "--bust-entries" => settings.bust_entries = number(&mut args, &arg) as u64,
+                "--footprint-seconds" => {
+                    settings.footprint_seconds = number(&mut args, &arg) as u64
+                }
+                // cargo bench passes --bench.
+                "--bench" => {}
+                other => panic!("unknown option {other}; see the header of benches/cm_bench.rs"),
+            }
+        }
+        settings
+    }
+
+    fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.seconds)
+    }
+}
+
+/// One measurement: operations (or keys) per second and latency percentiles.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[index])
+}
+
+fn sample(mut latencies_us: Vec<u32>, units: u64, elapsed: Duration) -> Sample {
+    latencies_us.sort_unstable();
+    Sample {
+        per_second: units as f64 / elapsed.as_secs_f64(),
+        p50_us: percentile(&latencies_us, 0.50),
+        p99_us: percentile(&latencies_us, 0.99),
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Runs `callers` concurrent loops of `op` for `duration`; each op counts `units`.
+async fn load<F, Fut>(callers: usize, duration: Duration, units: u64, op: F) -> Sample
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for caller in 0..callers {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(4096);
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                op(caller, n).await;
+                latencies.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                n += 1;
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("load task"));
+    }
+    let elapsed = started.elapsed();
+    let count = all.len() as u64;
+    sample(all, count * units, elapsed)
+}
+
+/// redis-benchmark's CSV line: rps, p50 and p99 (ms → µs).
+fn redis_benchmark(port: u16, args: &[&str]) -> Sample {
+    let output = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--csv"])
+        .args(args)
+        .output()
+        .expect("redis-benchmark is installed (redis-tools)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .last()
+        .expect("redis-benchmark printed a result");
+    let fields: Vec<f64> = line
+        .split(',')
+        .skip(1)
+        .map(|field| field.trim_matches('"').parse().unwrap_or(f64::NAN))
+        .collect();
+    Sample {
+        per_second: fields[0],
+        p50_us: fields[3] * 1000.0,
+        p99_us: fields[5] * 1000.0,
+    }
+}
+
+/// How many requests redis-benchmark needs to run for about `duration` at `rps`.
+fn requests_for(rps: f64, duration: Duration) -> String {
+    ((rps * duration.as_secs_f64()) as u64)
+        .max(1000)
+        .to_string()
+}
+
+async fn channels(server: &CacheServer) -> Vec<CacheMoneyClient<Channel>> {
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        clients.push(CacheMoneyClient::new(server.channel().await));
+    }
+    clients
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Profile {
+    id: u64,
+    name: String,
+    plan: String,
+    credits: i64,
+}
+
+fn profile() -> Profile {
+    Profile {
+        id: 918_273,
+        name: "Ada Lovelace".into(),
+        plan: "enterprise".into(),
+        credits: 1200,
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A scenario's medians on both sides.
+struct Row {
+    name: &'static str,
+    reference: &'static str,
+    cm: Vec<Sample>,
+    reference_samples: Vec<Sample>,
+}
+
+impl Row {
+    fn new(name: &'static str, reference: &'static str) -> Self {
+        Row {
+            name,
+            reference,
+            cm: Vec::new(),
+            reference_samples: Vec::new(),
+        }
+    }
+
+    fn medians(samples: &[Sample]) -> Sample {
+        Sample {
+            per_second: median(samples.iter().map(|s| s.per_second).collect()),
+            p50_us: median(samples.iter().map(|s| s.p50_us).collect()),
+            p99_us: median(samples.iter().map(|s| s.p99_us).collect()),
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let cm = Self::medians(&self.cm);
+        let reference = Self::medians(&self.reference_samples);
+        let _ = writeln!(
+            out,
+            "| {} | {:.0}/s | {:.0} µs | {:.0} µs | {} | {:.0}/s | {:.0} µs | {:.0} µs | {:.2}× | {:.2}× | {:.2}× |",
+            self.name,
+            cm.per_second,
+            cm.p50_us,
+            cm.p99_us,
+            self.reference,
+            reference.per_second,
+            reference.p50_us,
+            reference.p99_us,
+            cm.per_second / reference.per_second,
+            cm.p50_us / reference.p50_us,
+            cm.p99_us / reference.p99_us,
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let settings = Settings::from_args();
+    let redis = RedisServer::start();
+    let server = CacheServer::redis(&redis, &["--max-batch", "1000"]);
+    let server_pid = server.pid();
+    let clients = channels(&server).await;
+    let mut raw = clients[0].clone();
+    let mut conn: MultiplexedConnection = redis.connect().await;
+    let duration = settings.duration();
+
+    // Fixtures: one 64-byte entry on each side, the memoize value, the batch keys.
+    let value64 = vec![b'x'; 64];
+    raw.put(common::put(key("bench", "get", 0), &value64, 3600))
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("key:__rand_int__")
+        .arg(&value64)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let cm = Client::connect(server.url()).await.unwrap();
+    let memo = cm.function("bench", "profile", Ttl::HOUR);
+    let stored: Profile = memo
+        .memoize(&(1u64,), || async { profile() })
+        .await
+        .unwrap();
+    let encoded = serde_json::to_vec(&stored).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("ref:profile")
+        .arg(&encoded)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let entries = (0..BATCH as u64)
+        .map(|n| common::put(key("bench", "batch", n), &value64, 3600))
+        .collect();
+    raw.put_many(pb::PutManyRequest { entries }).await.unwrap();
+
+    let mut rows = vec![
+        Row::new(
+            "Get hit, 64 B, 50 callers",
+            "redis-benchmark GET -c 50 -P 1",
+        ),
+        Row::new("Get hit, 64 B, 1 caller", "redis-benchmark GET -c 1"),
+        Row::new("memoize hit, 1 caller", "redis-rs GET + JSON decode"),
+        Row::new("memoize miss, 1 caller", "redis-rs GET + SET EX"),
+        Row::new(
+            "GetMany(100), 8 callers (keys/s)",
+            "100 × Get, 8 callers (keys/s)",
+        ),
+    ];
+    // Calibrate redis-benchmark's request counts to the measurement time.
+    let rps50 = redis_benchmark(
+        redis.port(),
+        &[
+            "-t", "get", "-d", "64", "-c", "50", "-P", "1", "-n", "20000",
+        ],
+    )
+    .per_second;
+    let rps1 = redis_benchmark(
+        redis.port(),
+        &["-t", "get", "-d", "64", "-c", "1", "-n", "5000"],
+    )
+    .per_second;
+
+    for rep in 0..settings.reps {
+        eprintln!("repetition {}/{}", rep + 1, settings.reps);
+        // Interleaved: reference, then cache-money, for every scenario in each repetition.
+        rows[0].reference_samples.push(redis_benchmark(
+            redis.port(),
+            &[
+                "-t",
+                "get",
+                "-d",
+                "64",
+                "-c",
+                "50",
+                "-P",
+                "1",
+                "-n",
+                &requests_for(rps50, duration),
+            ],
+        ));
+        let pool = clients.clone();
+        rows[0].cm.push(
+            load(CONCURRENCY, duration, 1, move |caller, _| {
+                let mut client = pool[caller % CONNECTIONS].clone();
+                async move {
+                    let reply = client
+                        .get(pb::GetRequest {
+                            key: Some(key("bench", "get", 0)),
+                        })
+                        .await
+                        .unwrap();
+                    assert!(reply.into_inner().hit);
+                }
+            })
+            .await,
+        );
+
+        rows[1].reference_samples.push(redis_benchmark(
+            redis.port(),
+            &[
+                "-t",
+                "get",
+                "-d",
+                "64",
+                "-c",
+                "1",
+                "-n",
+                &requests_for(rps1, duration),
+            ],
+        ));
+        let single = clients[0].clone();
+        rows[1].cm.push(
+            load(1, duration, 1, move |_, _| {
+                let mut client = single.clone();
+                async move {
+                    let reply = client
+                        .get(pb::GetRequest {
+                            key: Some(key("bench", "get", 0)),
+                        })
+                        .await
+                        .unwrap();
+                    assert!(reply.into_inner().hit);
+                }
+            })
+            .await,
+        );
+
+        let reference_conn = conn.clone();
+        rows[2].reference_samples.push(
+            load(1, duration, 1, move |_, _| {
+                let mut conn = reference_conn.clone();
+                async move {
+                    let bytes: Vec<u8> = redis::cmd("GET")
+                        .arg("ref:profile")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    let decoded: Profile = serde_json::from_slice(&bytes).unwrap();
+                    assert_eq!(decoded.id, 918_273);
+                }
+            })
+            .await,
+        );
+        let hit = memo.clone();
+        rows[2].cm.push(
+            load(1, duration, 1, move |_, _| {
+                let hit = hit.clone();
+                async move {
+                    let got: Profile = hit
+                        .memoize(&(1u64,), || async { unreachable!("cached") })
+                        .await
+                        .unwrap();
+                    assert_eq!(got.id, 918_273);
+                }
+            })
+            .await,
+        );
+
+        let reference_conn = conn.clone();
+        rows[3].reference_samples.push(
+            load(1, duration, 1, move |_, n| {
+                let mut conn = reference_conn.clone();
+                async move {
+                    let key = format!("ref:miss:{rep}:{n}");
+                    let found: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg(&key)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    assert!(found.is_none());
+                    let encoded = serde_json::to_vec(&profile()).unwrap();
+                    let _: () = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(encoded)
+                        .arg("EX")
+                        .arg(3600)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                }
+            })
+            .await,
+        );
+        let miss = cm.function("bench", &format!("miss{rep}"), Ttl::HOUR);
+        rows[3].cm.push(
+            load(1, duration, 1, move |_, n| {
+                let miss = miss.clone();
+                async move {
+                    let got: Profile = miss.memoize(&(n,), || async { profile() }).await.unwrap();
+                    assert_eq!(got.id, 918_273);
+                }
+            })
+            .await,
+        );
+
+        let pool = clients.clone();
+        rows[4].reference_samples.push(
+            load(BATCH_CALLERS, duration, 1, move |caller, n| {
+                let mut client = pool[caller % CONNECTIONS].clone();
+                async move {
+                    let request = pb::GetRequest {
+                        key: Some(key("bench", "batch", n % BATCH as u64)),
+                    };
+                    assert!(client.get(request).await.unwrap().into_inner().hit);
+                }
+            })
+            .await,
+        );
+        let pool = clients.clone();
+        rows[4].cm.push(
+            load(BATCH_CALLERS, duration, BATCH as u64, move |caller, _| {
+                let mut client = pool[caller % CONNECTIONS].clone();
+                async move {
+                    let keys = (0..BATCH as u64)
+                        .map(|n| key("bench", "batch", n))
+                        .collect();
+                    let reply = client
+                        .get_many(pb::GetManyRequest { keys })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert!(reply.results.iter().all(|result| result.hit));
+                }
+            })
+            .await,
+        );
+    }
+
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "\n| scenario | cache-money | p50 | p99 | reference | reference | p50 | p99 | throughput ratio | p50 ratio | p99 ratio |"
+    );
+    let _ = writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in &rows {
+        row.render(&mut report);
+    }
+
+    // Bust: one function of N entries removed while other callers keep reading.
+    eprintln!("bust: filling {} entries", settings.bust_entries);
+    fill(&mut conn, "bench", "big", settings.bust_entries).await;
+    fill(&mut conn, "bench", "big_sibling", 1000).await;
+    let reading = Arc::new(AtomicBool::new(true));
+    let pool = clients.clone();
+    let mut readers = Vec::new();
+    for caller in 0..8 {
+        let (mut client, reading) = (pool[caller % CONNECTIONS].clone(), reading.clone());
+        readers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            // Bounded: stops when the bust ends, or after 10 minutes at the very most.
+            let give_up = Instant::now() + Duration::from_secs(600);
+            while reading.load(Relaxed) && Instant::now() < give_up {
+                let t = Instant::now();
+                let _ = client
+                    .get(pb::GetRequest {
+                        key: Some(key("bench", "get", 0)),
+                    })
+                    .await;
+                latencies.push(t.elapsed().as_micros() as u32);
+            }
+            latencies
+        }));
+    }
+    let started = Instant::now();
+    let removed = raw
+        .bust_function(pb::BustFunctionRequest {
+            namespace: "bench".into(),
+            function: "big".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    let bust_seconds = started.elapsed().as_secs_f64();
+    reading.store(false, Relaxed);
+    let mut during = Vec::new();
+    for reader in readers {
+        during.extend(reader.await.unwrap());
+    }
+    let during = sample(during, 0, Duration::from_secs(1));
+    let sibling = raw
+        .keys(pb::KeysRequest {
+            namespace: "bench".into(),
+            function: "big_sibling".into(),
+            cursor: String::new(),
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let siblings_left = count_siblings(&mut raw, sibling).await;
+    let _ = writeln!(
+        report,
+        "\nBustFunction of {} entries: removed {removed} in {bust_seconds:.2} s; concurrent Get p50 {:.0} µs, p99 {:.0} µs; other function's entries left: {siblings_left} of 1000",
+        settings.bust_entries, during.p50_us, during.p99_us
+    );
+
+    // Footprint: server RSS under the 50-caller load, at the start and after a while.
+    let pool = clients.clone();
+    let footprint = Duration::from_secs(settings.footprint_seconds);
+    let early = Arc::new(std::sync::Mutex::new(0u64));
+    let early_probe = early.clone();
+    let probe = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1).min(footprint / 2)).await;
+        *early_probe.lock().unwrap() = rss_kib(server_pid);
+    });
+    load(CONCURRENCY, footprint, 1, move |caller, _| {
+        let mut client = pool[caller % CONNECTIONS].clone();
+        async move {
+            let _ = client
+                .get(pb::GetRequest {
+                    key: Some(key("bench", "get", 0)),
+                })
+                .await;
+        }
+    })
+    .await;
+    probe.await.unwrap();
+    let (early, late) = (*early.lock().unwrap(), rss_kib(server_pid));
+    let _ = writeln!(
+        report,
+        "Server RSS under 50 callers: {:.1} MiB after 1 s, {:.1} MiB after {} s ({:+.1}%)",
+        early as f64 / 1024.0,
+        late as f64 / 1024.0,
+        settings.footprint_seconds,
+        (late as f64 / early.max(1) as f64 - 1.0) * 100.0
+    );
+    let _ = writeln!(
+        report,
+        "\n{} repetitions of {:.1} s each, interleaved, medians{}.",
+        settings.reps,
+        settings.seconds,
+        if settings.quick {
+            " (--quick: too short to quote)"
+        } else {
+            ""
+        }
+    );
+    println!("{report}");
+    assert_eq!(
+        removed, settings.bust_entries,
+        "the bust removed the wrong number of entries"
+    );
+    assert_eq!(
+        siblings_left, 1000,
+        "the bust touched another function's entries"
+    );
+}
+
+async fn fill(conn: &mut MultiplexedConnection, namespace: &str, function: &str, count: u64) {
+    let mut n = 0;
+    while n < count {
+        let mut pipe = redis::pipe();
+        for i in n..(n + 10_000).min(count) {
+            pipe.cmd("SET")
+                .arg(format!("cm:{namespace}:{function}:{}", digest(i)))
+                .arg("v")
+                .arg("EX")
+                .arg(3600)
+                .ignore();
+        }
+        pipe.query_async::<()>(conn).await.expect("fill");
+        n += 10_000;
+    }
+}
+
+async fn count_siblings(raw: &mut CacheMoneyClient<Channel>, first: pb::KeysResponse) -> usize {
+    let mut count = first.entries.len();
+    let mut cursor = first.next_cursor;
+    while !cursor.is_empty() {
+        let page = raw
+            .keys(pb::KeysRequest {
+                namespace: "bench".into(),
+                function: "big_sibling".into(),
+                cursor,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        count += page.entries.len();
+        cursor = page.next_cursor;
+    }
+    count
+}
