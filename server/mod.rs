@@ -106,6 +106,7 @@ pub async fn run(
                 url: url.clone(),
                 key_prefix: config.key_prefix.clone(),
                 pool_size: config.pool_size,
+                max_in_flight: config.max_in_flight,
                 timeout: config.store_timeout(),
                 connect_timeout: config.connect_timeout(),
                 bust_batch: config.bust_batch,
@@ -169,6 +170,7 @@ async fn serve<S: Store>(
         key_prefix = %config.key_prefix,
         store_up = store_up.load(Relaxed),
         pool_size = config.pool_size,
+        max_in_flight = config.max_in_flight,
         store_timeout_ms = config.store_timeout_ms,
         connect_timeout_ms = config.connect_timeout_ms,
         max_ttl_seconds = config.max_ttl_seconds,
@@ -177,6 +179,7 @@ async fn serve<S: Store>(
         max_message_bytes = config.max_message_bytes,
         memory_max_bytes = config.memory_max_bytes,
         drain_timeout_ms = config.drain_timeout_ms,
+        worker_threads = config.worker_threads,
         "cache-money serving"
     );
 

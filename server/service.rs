@@ -59,7 +59,7 @@ impl From<StoreError> for Status {
         let message = err.to_string();
         match err {
             StoreError::Timeout { .. } | StoreError::Unavailable(_) => Status::unavailable(message),
-            StoreError::PoolExhausted { .. } | StoreError::OutOfMemory(_) => {
+            StoreError::Overloaded { .. } | StoreError::OutOfMemory(_) => {
                 Status::resource_exhausted(message)
             }
             StoreError::InvalidCursor(_) => Status::invalid_argument(message),

@@ -68,10 +68,10 @@ pub enum StoreError {
     },
     /// The store could not be reached, or dropped the connection.
     Unavailable(String),
-    /// Every pooled connection is busy and none came free in time.
-    PoolExhausted {
-        /// The pool's size.
-        size: u32,
+    /// The most store operations allowed in flight are all busy, and none finished in time.
+    Overloaded {
+        /// The limit (`--max-in-flight`).
+        limit: usize,
         /// How long the caller waited.
         waited: Duration,
     },
@@ -94,9 +94,9 @@ impl fmt::Display for StoreError {
                 )
             }
             StoreError::Unavailable(cause) => write!(f, "store unreachable: {cause}"),
-            StoreError::PoolExhausted { size, waited } => write!(
+            StoreError::Overloaded { limit, waited } => write!(
                 f,
-                "all {size} store connections stayed busy for {} ms; retry later or raise --pool-size",
+                "all {limit} store operations allowed in flight (--max-in-flight) stayed busy for {} ms; retry later",
                 waited.as_millis()
             ),
             StoreError::OutOfMemory(cause) => write!(f, "store out of memory: {cause}"),

@@ -1,14 +1,24 @@
 //! The Redis store: a bb8 pool of multiplexed redis-rs connections, every operation bounded by
 //! the store timeout, busting by SCAN + UNLINK.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
-use bb8::{ManageConnection, Pool, PooledConnection, RunError};
+use bb8::{ManageConnection, Pool, RunError};
 use bytes::Bytes;
 use redis::{
     AsyncConnectionConfig, Client, RedisError, RedisResult, Value, aio::MultiplexedConnection,
 };
-use tokio::time::{Instant, timeout_at};
+use tokio::{
+    sync::Semaphore,
+    time::{Instant, timeout_at},
+};
 use tracing::warn;
 
 use super::{KeyInfo, KeysPage, NewEntry, Scope, Store, StoreError};
@@ -22,8 +32,10 @@ pub struct RedisSettings {
     pub url: String,
     /// Prefix of every key written.
     pub key_prefix: String,
-    /// Connections in the pool.
+    /// Connections in the pool (each multiplexed and shared).
     pub pool_size: u32,
+    /// Commands in flight at once.
+    pub max_in_flight: usize,
     /// Bound on one operation, checkout included.
     pub timeout: Duration,
     /// Bound on opening one connection.
@@ -44,11 +56,13 @@ struct Manager {
     config: AsyncConnectionConfig,
 }
 
-/// A pooled connection and whether a command on it has failed in a way that leaves it unusable.
+/// A pooled connection and whether a command on it has failed in a way that leaves it
+/// unusable. The flag is shared with the handles cloned from it, since commands run on clones
+/// after the pooled connection went back to the pool.
 #[derive(Debug)]
 struct Connection {
     redis: MultiplexedConnection,
-    broken: bool,
+    broken: Arc<AtomicBool>,
 }
 
 impl ManageConnection for Manager {
@@ -62,7 +76,7 @@ impl ManageConnection for Manager {
             .await?;
         Ok(Connection {
             redis,
-            broken: false,
+            broken: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -72,7 +86,7 @@ impl ManageConnection for Manager {
     }
 
     fn has_broken(&self, connection: &mut Connection) -> bool {
-        connection.broken
+        connection.broken.load(Relaxed)
     }
 }
 
@@ -80,9 +94,12 @@ impl ManageConnection for Manager {
 #[derive(Debug, Clone)]
 pub struct RedisStore {
     pool: Pool<Manager>,
+    /// Bounds the commands in flight: past it, callers wait (up to the timeout), then are told
+    /// the store is overloaded instead of queueing without bound.
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
     layout: KeyLayout,
     timeout: Duration,
-    pool_size: u32,
     bust_batch: usize,
 }
 
@@ -130,64 +147,72 @@ impl RedisStore {
             .build_unchecked(Manager { client, config });
         Ok(RedisStore {
             pool,
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            max_in_flight: settings.max_in_flight,
             layout: KeyLayout::new(&settings.key_prefix),
             timeout: settings.timeout,
-            pool_size: settings.pool_size,
             bust_batch: settings.bust_batch,
         })
     }
 
-    /// Checks out a connection by `deadline`.
-    async fn checkout(
+    /// A connection handle by `deadline`. The pooled connection goes straight back to the
+    /// pool: callers share multiplexed connections, so redis-rs writes the commands queued on
+    /// one in a single syscall and Redis answers them together. Holding a connection per
+    /// command would cost a write and a read per command (measured in BENCHMARKS.md).
+    async fn connection(
         &self,
         op: &'static str,
         deadline: Instant,
-    ) -> Result<PooledConnection<'_, Manager>, StoreError> {
-        let started = Instant::now();
-        match timeout_at(deadline, self.pool.get()).await {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(RunError::User(err))) => Err(classify(err)),
-            Ok(Err(RunError::TimedOut)) | Err(_) => {
-                let state = self.pool.state();
-                if state.connections == self.pool_size && state.idle_connections == 0 {
-                    Err(StoreError::PoolExhausted {
-                        size: self.pool_size,
-                        waited: started.elapsed(),
-                    })
-                } else {
-                    Err(StoreError::Timeout {
+    ) -> Result<(MultiplexedConnection, Arc<AtomicBool>), StoreError> {
+        loop {
+            let pooled = match timeout_at(deadline, self.pool.get()).await {
+                Ok(Ok(pooled)) => pooled,
+                Ok(Err(RunError::User(err))) => return Err(classify(err)),
+                Ok(Err(RunError::TimedOut)) | Err(_) => {
+                    return Err(StoreError::Timeout {
                         op,
                         after: self.timeout,
-                    })
+                    });
                 }
+            };
+            // A connection that broke since it was last returned is dropped on return (bb8
+            // asks has_broken); take another.
+            if !pooled.broken.load(Relaxed) {
+                return Ok((pooled.redis.clone(), pooled.broken.clone()));
             }
         }
     }
 
-    /// Runs one command (or pipeline) within the store timeout, checkout included, and retires
-    /// the connection when the failure means it can no longer be trusted.
+    /// Runs one command (or pipeline) within the store timeout, waiting and checkout
+    /// included, and retires the connection when the failure means it can no longer be
+    /// trusted.
     async fn run<T, F, Fut>(&self, op: &'static str, command: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let deadline = Instant::now() + self.timeout;
-        let mut pooled = self.checkout(op, deadline).await?;
-        // Cloning a multiplexed connection shares its socket; the pooled one stays checked out
-        // until the reply, so the pool size still bounds commands in flight.
-        match timeout_at(deadline, command(pooled.redis.clone())).await {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let Ok(Ok(_permit)) = timeout_at(deadline, self.in_flight.acquire()).await else {
+            return Err(StoreError::Overloaded {
+                limit: self.max_in_flight,
+                waited: started.elapsed(),
+            });
+        };
+        let (redis, broken) = self.connection(op, deadline).await?;
+        match timeout_at(deadline, command(redis)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
                 if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error()
                 {
-                    pooled.broken = true;
+                    broken.store(true, Relaxed);
                 }
                 Err(classify(err))
             }
             Err(_) => {
-                // A reply may still arrive on this connection for a command we gave up on;
-                // replacing it keeps the next caller from waiting behind it.
-                pooled.broken = true;
+                // A reply may still arrive for a command we gave up on; a fresh connection
+                // keeps later callers from waiting behind a stalled one.
+                broken.store(true, Relaxed);
                 Err(StoreError::Timeout {
                     op,
                     after: self.timeout,
