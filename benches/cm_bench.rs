@@ -175,6 +175,63 @@ fn redis_benchmark(port: u16, args: &[&str]) -> Sample {
     }
 }
 
+/// The same Get from h2load (nghttp2-client), a C HTTP/2 load generator far lighter than a
+/// tonic client, over the same 50 streams (4 connections × 13 — about 50): shows how much of
+/// the gap is the Rust load generator competing for the 2 cores. `None` when h2load is not
+/// installed. h2load reports no percentiles, only throughput.
+fn h2load_get(addr: std::net::SocketAddr, duration: Duration) -> Option<Sample> {
+    use prost::Message;
+    let request = pb::GetRequest {
+        key: Some(key("bench", "get", 0)),
+    }
+    .encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    body.extend_from_slice(&request);
+    let path = std::env::temp_dir().join(format!("cm-bench-get-{}.bin", std::process::id()));
+    std::fs::write(&path, body).ok()?;
+    let output = Command::new("h2load")
+        .args([
+            "-c",
+            "4",
+            "-m",
+            "13",
+            "-D",
+            &format!("{}", duration.as_secs().max(1)),
+        ])
+        .args([
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-d",
+        ])
+        .arg(&path)
+        .arg(format!("http://{addr}/cache_money.v1.CacheMoney/Get"))
+        .output()
+        .ok()?;
+    let _ = std::fs::remove_file(&path);
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "finished in 3.00s, 74000.00 req/s, 7.2MB/s"
+    let rps = text
+        .lines()
+        .find(|line| line.starts_with("finished in"))?
+        .split(", ")
+        .nth(1)?
+        .trim_end_matches(" req/s")
+        .parse()
+        .ok()?;
+    assert!(
+        text.contains(" 0 failed, 0 errored"),
+        "h2load saw failures:\n{text}"
+    );
+    Some(Sample {
+        per_second: rps,
+        p50_us: f64::NAN,
+        p99_us: f64::NAN,
+    })
+}
+
 /// How many requests redis-benchmark needs to run for about `duration` at `rps`.
 fn requests_for(rps: f64, duration: Duration) -> String {
     ((rps * duration.as_secs_f64()) as u64)
@@ -245,20 +302,34 @@ impl Row {
     fn render(&self, out: &mut String) {
         let cm = Self::medians(&self.cm);
         let reference = Self::medians(&self.reference_samples);
+        let shown = |value: f64, unit: &str| {
+            if value.is_nan() {
+                "–".to_owned()
+            } else {
+                format!("{value:.0}{unit}")
+            }
+        };
+        let ratio = |value: f64| {
+            if value.is_nan() {
+                "–".to_owned()
+            } else {
+                format!("{value:.2}×")
+            }
+        };
         let _ = writeln!(
             out,
-            "| {} | {:.0}/s | {:.0} µs | {:.0} µs | {} | {:.0}/s | {:.0} µs | {:.0} µs | {:.2}× | {:.2}× | {:.2}× |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             self.name,
-            cm.per_second,
-            cm.p50_us,
-            cm.p99_us,
+            shown(cm.per_second, "/s"),
+            shown(cm.p50_us, " µs"),
+            shown(cm.p99_us, " µs"),
             self.reference,
-            reference.per_second,
-            reference.p50_us,
-            reference.p99_us,
-            cm.per_second / reference.per_second,
-            cm.p50_us / reference.p50_us,
-            cm.p99_us / reference.p99_us,
+            shown(reference.per_second, "/s"),
+            shown(reference.p50_us, " µs"),
+            shown(reference.p99_us, " µs"),
+            ratio(cm.per_second / reference.per_second),
+            ratio(cm.p50_us / reference.p50_us),
+            ratio(cm.p99_us / reference.p99_us),
         );
     }
 }
@@ -303,7 +374,8 @@ async fn main() {
         .collect();
     raw.put_many(pb::PutManyRequest { entries }).await.unwrap();
 
-    let mut rows = vec![
+    let h2load = Command::new("h2load").arg("--version").output().is_ok();
+    let mut rows = [
         Row::new(
             "Get hit, 64 B, 50 callers",
             "redis-benchmark GET -c 50 -P 1",
@@ -314,6 +386,10 @@ async fn main() {
         Row::new(
             "GetMany(100), 8 callers (keys/s)",
             "100 × Get, 8 callers (keys/s)",
+        ),
+        Row::new(
+            "Get hit, 64 B, ~50 streams from h2load",
+            "redis-benchmark GET -c 50 -P 1",
         ),
     ];
     // Calibrate redis-benchmark's request counts to the measurement time.
@@ -364,6 +440,28 @@ async fn main() {
             })
             .await,
         );
+
+        if h2load {
+            let reference = redis_benchmark(
+                redis.port(),
+                &[
+                    "-t",
+                    "get",
+                    "-d",
+                    "64",
+                    "-c",
+                    "50",
+                    "-P",
+                    "1",
+                    "-n",
+                    &requests_for(rps50, duration),
+                ],
+            );
+            if let Some(sample) = h2load_get(server.addr(), duration) {
+                rows[5].reference_samples.push(reference);
+                rows[5].cm.push(sample);
+            }
+        }
 
         rows[1].reference_samples.push(redis_benchmark(
             redis.port(),
@@ -502,8 +600,14 @@ async fn main() {
         "\n| scenario | cache-money | p50 | p99 | reference | reference | p50 | p99 | throughput ratio | p50 ratio | p99 ratio |"
     );
     let _ = writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|");
-    for row in &rows {
+    for row in rows.iter().filter(|row| !row.cm.is_empty()) {
         row.render(&mut report);
+    }
+    if !h2load {
+        let _ = writeln!(
+            report,
+            "(h2load not installed: apt-get install nghttp2-client adds its cross-check row)"
+        );
     }
 
     // Bust: one function of N entries removed while other callers keep reading.
