@@ -334,7 +334,7 @@ impl Row {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let settings = Settings::from_args();
     let redis = RedisServer::start();
