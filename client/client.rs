@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    fmt,
     future::Future,
     sync::{
         Arc, Mutex,
@@ -12,7 +13,12 @@ use std::{
 };
 
 use bytes::Bytes;
-use tonic::{Code, Status, transport::Channel, transport::Endpoint};
+use tonic::{
+    Code, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
 use tracing::debug;
 
 use crate::{
@@ -36,7 +42,7 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(60 * 60);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How a [`Client`] behaves; [`Default`] gives the documented defaults.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientOptions {
     /// Bound on each cache lookup and store made by `memoize`.
     pub deadline: Duration,
@@ -53,7 +59,55 @@ pub struct ClientOptions {
     /// `false` turns caching off: `memoize` calls the function every time and busts do
     /// nothing, as the seed allows for local development.
     pub enabled: bool,
+    /// Bearer token sent with every call, for a server with authentication on.
+    pub token: Option<String>,
 }
+
+impl fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("deadline", &self.deadline)
+            .field("bust_deadline", &self.bust_deadline)
+            .field("breaker_threshold", &self.breaker_threshold)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("default_ttl", &self.default_ttl)
+            .field("enabled", &self.enabled)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call when a token is configured.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    header: Option<MetadataValue<Ascii>>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = if self.header.is_some() {
+            "Bearer <redacted>"
+        } else {
+            "none"
+        };
+        f.debug_tuple("Credentials").field(&shown).finish()
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(header) = &self.header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The generated stub as this client uses it: over its channel, with its credentials.
+pub type RawClient = CacheMoneyClient<InterceptedService<Channel, Credentials>>;
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -65,6 +119,7 @@ impl Default for ClientOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             default_ttl: DEFAULT_TTL,
             enabled: true,
+            token: None,
         }
     }
 }
@@ -104,7 +159,7 @@ pub(crate) type Flight = Arc<tokio::sync::OnceCell<Option<Bytes>>>;
 
 #[derive(Debug)]
 struct Inner {
-    rpc: CacheMoneyClient<Channel>,
+    rpc: RawClient,
     options: ClientOptions,
     breaker: Breaker,
     counters: Counters,
@@ -148,7 +203,8 @@ impl Client {
     /// As [`Client::connect`], with options.
     ///
     /// # Errors
-    /// [`Error::InvalidUrl`] when the URL cannot be parsed.
+    /// [`Error::InvalidUrl`] when the URL cannot be parsed, [`Error::InvalidToken`] when the
+    /// token cannot travel in metadata.
     pub async fn connect_with(
         url: impl Into<String>,
         options: ClientOptions,
@@ -158,19 +214,34 @@ impl Client {
             .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true);
-        Ok(Self::from_channel_with(endpoint.connect_lazy(), options))
+        Self::from_channel_with(endpoint.connect_lazy(), options)
     }
 
-    /// A client over a channel you configured yourself (TLS, load balancing, interceptors).
+    /// A client over a channel you configured yourself (TLS, load balancing), with default
+    /// options.
     pub fn from_channel(channel: Channel) -> Self {
-        Self::from_channel_with(channel, ClientOptions::default())
+        Self::build(channel, ClientOptions::default(), Credentials::default())
     }
 
     /// As [`Client::from_channel`], with options.
-    pub fn from_channel_with(channel: Channel, options: ClientOptions) -> Self {
+    ///
+    /// # Errors
+    /// [`Error::InvalidToken`] when the token cannot travel in metadata.
+    pub fn from_channel_with(channel: Channel, options: ClientOptions) -> Result<Self, Error> {
+        let header = match &options.token {
+            None => None,
+            Some(token) => Some(
+                MetadataValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| Error::InvalidToken)?,
+            ),
+        };
+        Ok(Self::build(channel, options, Credentials { header }))
+    }
+
+    fn build(channel: Channel, options: ClientOptions, credentials: Credentials) -> Self {
         Client {
             inner: Arc::new(Inner {
-                rpc: CacheMoneyClient::new(channel),
+                rpc: CacheMoneyClient::with_interceptor(channel, credentials),
                 breaker: Breaker::new(options.breaker_threshold, options.breaker_cooldown),
                 options,
                 counters: Counters::default(),
@@ -261,7 +332,7 @@ impl Client {
     }
 
     /// The raw generated stub, for RPCs the helpers do not cover.
-    pub fn raw(&self) -> CacheMoneyClient<Channel> {
+    pub fn raw(&self) -> RawClient {
         self.inner.rpc.clone()
     }
 
@@ -273,7 +344,7 @@ impl Client {
     /// their outcome matters.
     pub(crate) async fn bust_rpc<F, Fut>(&self, call: F) -> Result<u64, Error>
     where
-        F: FnOnce(CacheMoneyClient<Channel>) -> Fut,
+        F: FnOnce(RawClient) -> Fut,
         Fut: Future<Output = Result<tonic::Response<pb::BustResponse>, Status>>,
     {
         if !self.inner.options.enabled {
@@ -291,7 +362,7 @@ impl Client {
     /// deadline, and counted. `None` means the cache could not help this time.
     pub(crate) async fn cache_rpc<T, F, Fut>(&self, what: &'static str, call: F) -> Option<T>
     where
-        F: FnOnce(CacheMoneyClient<Channel>) -> Fut,
+        F: FnOnce(RawClient) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let counters = &self.inner.counters;

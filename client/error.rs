@@ -11,6 +11,8 @@ use crate::{canonical::ArgsError, key::KeyError};
 pub enum Error {
     /// The service URL cannot be used.
     InvalidUrl(String),
+    /// The token has characters that cannot travel in gRPC metadata.
+    InvalidToken,
     /// A namespace or function name breaks the naming rule.
     InvalidName(KeyError),
     /// A TTL outside what the service accepts.
@@ -27,6 +29,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::InvalidUrl(message) => write!(f, "cache-money url: {message}"),
+            Error::InvalidToken => write!(f, "token: must be printable ASCII without spaces"),
             Error::InvalidName(err) => write!(f, "{err}"),
             Error::InvalidTtl(message) => write!(f, "ttl: {message}"),
             Error::Args(err) => write!(f, "{err}"),
@@ -53,7 +56,10 @@ impl std::error::Error for Error {
             Error::InvalidName(err) => Some(err),
             Error::Args(err) => Some(err),
             Error::Rpc(status) => Some(status),
-            Error::InvalidUrl(_) | Error::InvalidTtl(_) | Error::Timeout(_) => None,
+            Error::InvalidUrl(_)
+            | Error::InvalidToken
+            | Error::InvalidTtl(_)
+            | Error::Timeout(_) => None,
         }
     }
 }

@@ -41,8 +41,9 @@ mod memoize;
 mod ttl;
 
 pub use client::{
-    Client, ClientMetrics, ClientOptions, DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD,
-    DEFAULT_BUST_DEADLINE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE, DEFAULT_TTL,
+    Client, ClientMetrics, ClientOptions, Credentials, DEFAULT_BREAKER_COOLDOWN,
+    DEFAULT_BREAKER_THRESHOLD, DEFAULT_BUST_DEADLINE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE,
+    DEFAULT_TTL, RawClient,
 };
 pub use error::Error;
 pub use memoize::{Function, KeyFn};

@@ -1,10 +1,12 @@
 //! Server configuration: every limit has a `DEFAULT_*` constant, a flag and an environment
 //! variable.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
+/// The environment variable that may hold the token grants as JSON, instead of a file.
+pub const AUTH_TOKENS_ENV: &str = "CACHE_MONEY_AUTH_TOKENS";
 /// Where the server listens unless told otherwise: loopback, so nothing is exposed by accident.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Prefix of every Redis key the server writes; `BustAll` removes only keys under it.
@@ -123,6 +125,15 @@ pub struct Config {
     #[arg(long, env = "CACHE_MONEY_WORKER_THREADS", default_value_t = DEFAULT_WORKER_THREADS)]
     pub worker_threads: usize,
 
+    /// JSON file of bearer tokens and what each may do (see SECURITY.md). Absent, and no
+    /// CACHE_MONEY_AUTH_TOKENS: no authentication, for local use.
+    #[arg(long, env = "CACHE_MONEY_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Serve gRPC reflection (v1 and v1alpha), so grpcurl needs no proto file.
+    #[arg(long, env = "CACHE_MONEY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reflection: bool,
+
     /// Log line format. Verbosity comes from RUST_LOG (default: info).
     #[arg(long, env = "CACHE_MONEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -185,6 +196,28 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The configured tokens: from `--auth-file`, or the JSON in the environment variable
+    /// `CACHE_MONEY_AUTH_TOKENS` (never a flag, whose value any local user can read with
+    /// `ps`); `None` when neither is set.
+    ///
+    /// # Errors
+    /// When both are set, the file cannot be read, or the grants are invalid.
+    pub fn load_auth(&self) -> Result<Option<crate::server::auth::Auth>, String> {
+        let from_env = std::env::var(AUTH_TOKENS_ENV).ok();
+        let text = match (&self.auth_file, from_env) {
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "--auth-file and {AUTH_TOKENS_ENV} are both set; use one"
+                ));
+            }
+            (Some(path), None) => std::fs::read_to_string(path)
+                .map_err(|err| format!("--auth-file: cannot read {}: {err}", path.display()))?,
+            (None, Some(text)) => text,
+            (None, None) => return Ok(None),
+        };
+        crate::server::auth::Auth::from_json(&text).map(Some)
     }
 
     /// Bound on one store operation.

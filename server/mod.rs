@@ -6,8 +6,10 @@
 //! - [`service`]: the gRPC service: validation, store calls, status mapping, stats.
 //! - [`store`]: the [`Store`](store::Store) trait and its Redis and in-memory implementations.
 //! - [`key`]: the Redis key layout and the exact SCAN patterns of each bust scope.
+//! - [`auth`]: bearer tokens and per-namespace grants.
 //! - [`shutdown`]: SIGTERM / Ctrl-C handling.
 
+pub mod auth;
 pub mod config;
 pub mod key;
 pub mod service;
@@ -24,10 +26,14 @@ use std::{
 };
 
 use tokio::{net::TcpListener, sync::oneshot};
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Server, server::TcpIncoming},
+};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
+use self::auth::Auth;
 use self::config::{Config, LogFormat, redacted_url};
 use self::service::{CacheService, Limits};
 use self::store::{MemoryStore, RedisStore, Store, StoreError, redis::RedisSettings};
@@ -100,6 +106,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
+    // Read before anything starts, so a bad token file stops start-up.
+    let auth = config.load_auth().map_err(ServeError::Config)?;
     match &config.redis_url {
         Some(url) => {
             let store = RedisStore::new(&RedisSettings {
@@ -112,16 +120,11 @@ pub async fn run(
                 bust_batch: config.bust_batch,
             })
             .map_err(ServeError::Store)?;
-            serve(store, config, listener, shutdown).await
+            serve(store, config, auth, listener, shutdown).await
         }
         None => {
-            serve(
-                MemoryStore::new(config.memory_max_bytes),
-                config,
-                listener,
-                shutdown,
-            )
-            .await
+            let store = MemoryStore::new(config.memory_max_bytes);
+            serve(store, config, auth, listener, shutdown).await
         }
     }
 }
@@ -129,6 +132,7 @@ pub async fn run(
 async fn serve<S: Store>(
     store: S,
     config: Config,
+    auth: Option<Auth>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
@@ -149,8 +153,18 @@ async fn serve<S: Store>(
         max_value_bytes: config.max_value_bytes,
         max_batch: config.max_batch,
     };
-    let cache = CacheMoneyServer::new(CacheService::new(store.clone(), limits, store_up.clone()))
-        .max_decoding_message_size(config.max_message_bytes);
+    let service = CacheService::new(store.clone(), limits, store_up.clone(), auth.is_some());
+    let tokens = auth.as_ref().map_or(0, Auth::len);
+    // Only the cache service is behind authentication: health and reflection stay open for
+    // probes and operators.
+    let mut authenticate = auth.map(Auth::interceptor);
+    let cache = InterceptedService::new(
+        CacheMoneyServer::new(service).max_decoding_message_size(config.max_message_bytes),
+        move |request| match authenticate.as_mut() {
+            Some(authenticate) => authenticate(request),
+            None => Ok(request),
+        },
+    );
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -180,6 +194,8 @@ async fn serve<S: Store>(
         memory_max_bytes = config.memory_max_bytes,
         drain_timeout_ms = config.drain_timeout_ms,
         worker_threads = config.worker_threads,
+        auth_tokens = tokens,
+        reflection = config.reflection,
         "cache-money serving"
     );
 
@@ -198,8 +214,8 @@ async fn serve<S: Store>(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(config.reflection.then_some(reflection_v1))
+        .add_optional_service(config.reflection.then_some(reflection_v1alpha))
         .add_service(cache)
         .serve_with_incoming_shutdown(incoming, signal);
     let drain_deadline = async {

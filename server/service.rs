@@ -15,6 +15,7 @@ use tracing::warn;
 
 use crate::key::{EntryKey, FunctionKey, KeyError, check_name};
 use crate::pb::{self, cache_money_server::CacheMoney};
+use crate::server::auth::{Access, authorize};
 use crate::server::store::{NewEntry, Scope, Store, StoreError};
 
 /// Default page size of `Keys`.
@@ -52,6 +53,8 @@ pub struct CacheService<S> {
     limits: Limits,
     counters: Arc<Counters>,
     store_up: Arc<AtomicBool>,
+    /// Whether requests carry a grant to check (the auth interceptor runs in front).
+    auth_enabled: bool,
 }
 
 impl From<StoreError> for Status {
@@ -79,8 +82,9 @@ fn entry_key(key: Option<pb::Key>) -> Result<EntryKey, KeyError> {
 
 impl<S: Store> CacheService<S> {
     /// A service over `store`. `store_up` is the health monitor's latest verdict, reported by
-    /// `Stats`.
-    pub fn new(store: S, limits: Limits, store_up: Arc<AtomicBool>) -> Self {
+    /// `Stats`. With `auth_enabled`, every request must carry the grant the auth interceptor
+    /// attaches, and each RPC checks it against the namespaces it touches.
+    pub fn new(store: S, limits: Limits, store_up: Arc<AtomicBool>, auth_enabled: bool) -> Self {
         CacheService {
             store,
             limits,
@@ -94,7 +98,12 @@ impl<S: Store> CacheService<S> {
                 started: Instant::now(),
             }),
             store_up,
+            auth_enabled,
         }
+    }
+
+    fn allow(&self, grant: &tonic::Extensions, access: Access<'_>) -> Result<(), Status> {
+        authorize(grant, self.auth_enabled, access)
     }
 
     /// Counts and logs a store failure, then turns it into a status.
@@ -177,7 +186,9 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let key = entry_key(request.into_inner().key).map_err(|err| invalid(err.nested("key")))?;
+        let (_, grant, request) = request.into_parts();
+        let key = entry_key(request.key).map_err(|err| invalid(err.nested("key")))?;
+        self.allow(&grant, Access::Read(key.namespace()))?;
         let value = self
             .store
             .get(&key)
@@ -191,7 +202,9 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let entry = self.new_entry(request.into_inner(), "")?;
+        let (_, grant, request) = request.into_parts();
+        let entry = self.new_entry(request, "")?;
+        self.allow(&grant, Access::Write(entry.key.namespace()))?;
         self.store
             .put(entry)
             .await
@@ -204,7 +217,9 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::BustRequest>,
     ) -> Result<Response<pb::BustResponse>, Status> {
-        let key = entry_key(request.into_inner().key).map_err(|err| invalid(err.nested("key")))?;
+        let (_, grant, request) = request.into_parts();
+        let key = entry_key(request.key).map_err(|err| invalid(err.nested("key")))?;
+        self.allow(&grant, Access::Write(key.namespace()))?;
         self.bust_scope("Bust", Scope::Entry(&key)).await
     }
 
@@ -212,8 +227,9 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::BustFunctionRequest>,
     ) -> Result<Response<pb::BustResponse>, Status> {
-        let request = request.into_inner();
+        let (_, grant, request) = request.into_parts();
         let function = FunctionKey::new(request.namespace, request.function).map_err(invalid)?;
+        self.allow(&grant, Access::Write(function.namespace()))?;
         self.bust_scope("BustFunction", Scope::Function(&function))
             .await
     }
@@ -222,16 +238,19 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::BustNamespaceRequest>,
     ) -> Result<Response<pb::BustResponse>, Status> {
-        let namespace = request.into_inner().namespace;
+        let (_, grant, request) = request.into_parts();
+        let namespace = request.namespace;
         check_name("namespace", &namespace).map_err(invalid)?;
+        self.allow(&grant, Access::Admin)?;
         self.bust_scope("BustNamespace", Scope::Namespace(&namespace))
             .await
     }
 
     async fn bust_all(
         &self,
-        _: Request<pb::BustAllRequest>,
+        request: Request<pb::BustAllRequest>,
     ) -> Result<Response<pb::BustResponse>, Status> {
+        self.allow(request.extensions(), Access::Admin)?;
         self.bust_scope("BustAll", Scope::All).await
     }
 
@@ -239,7 +258,8 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::GetManyRequest>,
     ) -> Result<Response<pb::GetManyResponse>, Status> {
-        let keys = request.into_inner().keys;
+        let (_, grant, request) = request.into_parts();
+        let keys = request.keys;
         self.check_batch("keys", keys.len())?;
         let keys = keys
             .into_iter()
@@ -249,6 +269,9 @@ impl<S: Store> CacheMoney for CacheService<S> {
                     .map_err(|err| invalid(err.within("keys", i)))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        for key in &keys {
+            self.allow(&grant, Access::Read(key.namespace()))?;
+        }
         let values = self
             .store
             .get_many(&keys)
@@ -268,13 +291,17 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::PutManyRequest>,
     ) -> Result<Response<pb::PutManyResponse>, Status> {
-        let entries = request.into_inner().entries;
+        let (_, grant, request) = request.into_parts();
+        let entries = request.entries;
         self.check_batch("entries", entries.len())?;
         let entries = entries
             .into_iter()
             .enumerate()
             .map(|(i, entry)| self.new_entry(entry, &format!("entries[{i}].")))
             .collect::<Result<Vec<_>, _>>()?;
+        for entry in &entries {
+            self.allow(&grant, Access::Write(entry.key.namespace()))?;
+        }
         let stored = entries.len() as u64;
         self.store
             .put_many(entries)
@@ -288,8 +315,9 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::KeysRequest>,
     ) -> Result<Response<pb::KeysResponse>, Status> {
-        let request = request.into_inner();
+        let (_, grant, request) = request.into_parts();
         let function = FunctionKey::new(request.namespace, request.function).map_err(invalid)?;
+        self.allow(&grant, Access::Admin)?;
         let limit = match request.limit as usize {
             0 => DEFAULT_KEYS_LIMIT,
             limit if limit <= MAX_KEYS_LIMIT => limit,
@@ -323,8 +351,9 @@ impl<S: Store> CacheMoney for CacheService<S> {
 
     async fn stats(
         &self,
-        _: Request<pb::StatsRequest>,
+        request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
+        self.allow(request.extensions(), Access::Any)?;
         let counters = &self.counters;
         Ok(Response::new(pb::StatsResponse {
             hits: counters.hits.load(Relaxed),

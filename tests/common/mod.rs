@@ -200,6 +200,7 @@ pub struct CacheServer {
     addr: SocketAddr,
     logs: Arc<LogBook>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl CacheServer {
@@ -218,16 +219,25 @@ impl CacheServer {
 
     /// Starts the binary with `args`, on port 0, and waits for its start-up line.
     pub fn start(args: &[&str]) -> Self {
-        Self::start_on(
-            "127.0.0.1:0",
-            args.iter().map(|arg| arg.to_string()).collect(),
-        )
+        Self::start_with_env(args, &[])
+    }
+
+    /// As [`CacheServer::start`], with extra environment variables (they override
+    /// `RUST_LOG=info`).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let args = args.iter().map(|arg| arg.to_string()).collect();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_on("127.0.0.1:0", args, env)
     }
 
     /// Kills the server and starts it again with the same arguments on the same address.
     pub fn restart(&mut self) {
         self.kill();
-        let replacement = Self::start_on(&self.addr.to_string(), self.args.clone());
+        let replacement =
+            Self::start_on(&self.addr.to_string(), self.args.clone(), self.env.clone());
         *self = replacement;
     }
 
@@ -237,12 +247,14 @@ impl CacheServer {
         let _ = self.child.wait();
     }
 
-    fn start_on(listen: &str, args: Vec<String>) -> Self {
+    fn start_on(listen: &str, args: Vec<String>, env: Vec<(String, String)>) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cache-money-server"))
             .args(["--listen", listen])
             .args(&args)
             .env("RUST_LOG", "info")
             .env_remove("CACHE_MONEY_REDIS_URL")
+            .env_remove("CACHE_MONEY_AUTH_TOKENS")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -263,6 +275,7 @@ impl CacheServer {
             addr: "127.0.0.1:0".parse().unwrap(),
             logs,
             args,
+            env,
         };
         let started = server
             .wait_for_log("cache-money serving", READY_TIMEOUT)
