@@ -14,8 +14,8 @@ pub const DEFAULT_KEY_PREFIX: &str = "cm:";
 /// Redis connections in the pool. Each is multiplexed and shared by concurrent commands, so
 /// one is usually enough (Redis runs commands one at a time); more only spread the I/O.
 pub const DEFAULT_POOL_SIZE: u32 = 4;
-/// Store operations in flight at once; past it, callers wait up to the store timeout and then
-/// get RESOURCE_EXHAUSTED instead of queueing without bound.
+/// Store operations in flight at once; past it, requests are refused at once with
+/// RESOURCE_EXHAUSTED instead of queueing behind a slow store.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// Bound on one store operation, from pool checkout to reply: past it the RPC is UNAVAILABLE.
 pub const DEFAULT_STORE_TIMEOUT_MS: u64 = 250;
@@ -75,8 +75,8 @@ pub struct Config {
     #[arg(long, env = "CACHE_MONEY_POOL_SIZE", default_value_t = DEFAULT_POOL_SIZE)]
     pub pool_size: u32,
 
-    /// Store operations in flight at once; past it, callers wait up to the store timeout,
-    /// then get RESOURCE_EXHAUSTED.
+    /// Store operations in flight at once; past it, requests are refused at once with
+    /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "CACHE_MONEY_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
 

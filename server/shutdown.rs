@@ -1,6 +1,7 @@
 //! Shutdown signals: the first SIGTERM or Ctrl-C starts a graceful drain; a second one ends the
 //! process at once, for an operator who will not wait.
 
+use tokio::signal::unix::{Signal, SignalKind, signal as listen};
 use tracing::{error, info};
 
 /// Completes on the first SIGTERM or SIGINT (Ctrl-C). From then on, another of either exits
@@ -10,20 +11,26 @@ use tracing::{error, info};
 /// When the signal handlers cannot be installed, which only happens outside a Tokio runtime
 /// with signal support.
 pub async fn signal() {
-    first_of_sigterm_or_ctrl_c().await;
-    tokio::spawn(async {
-        first_of_sigterm_or_ctrl_c().await;
-        error!("second shutdown signal: exiting without waiting for in-flight RPCs");
+    // Installing fails only without a runtime's signal driver, which main always provides.
+    let mut terminate = listen(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut interrupt = listen(SignalKind::interrupt()).expect("SIGINT handler installs");
+    let first = next(&mut terminate, &mut interrupt).await;
+    info!(signal = first, "shutdown requested");
+    // The same streams keep listening, so a second signal sent right after the first is not
+    // lost between two handlers.
+    tokio::spawn(async move {
+        let second = next(&mut terminate, &mut interrupt).await;
+        error!(
+            signal = second,
+            "second shutdown signal: exiting without waiting for in-flight RPCs"
+        );
         std::process::exit(1);
     });
 }
 
-async fn first_of_sigterm_or_ctrl_c() {
-    use tokio::signal::unix::{SignalKind, signal};
-    // Installing a handler fails only without a runtime's signal driver, which main provides.
-    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+async fn next(terminate: &mut Signal, interrupt: &mut Signal) -> &'static str {
     tokio::select! {
-        _ = terminate.recv() => info!(signal = "SIGTERM", "shutdown requested"),
-        _ = tokio::signal::ctrl_c() => info!(signal = "SIGINT", "shutdown requested"),
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
     }
 }

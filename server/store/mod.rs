@@ -68,12 +68,11 @@ pub enum StoreError {
     },
     /// The store could not be reached, or dropped the connection.
     Unavailable(String),
-    /// The most store operations allowed in flight are all busy, and none finished in time.
+    /// As many store operations as allowed are already in flight (Redis is slow); the request
+    /// was refused at once rather than queued.
     Overloaded {
         /// The limit (`--max-in-flight`).
         limit: usize,
-        /// How long the caller waited.
-        waited: Duration,
     },
     /// The store is out of memory and refuses writes.
     OutOfMemory(String),
@@ -94,10 +93,9 @@ impl fmt::Display for StoreError {
                 )
             }
             StoreError::Unavailable(cause) => write!(f, "store unreachable: {cause}"),
-            StoreError::Overloaded { limit, waited } => write!(
+            StoreError::Overloaded { limit } => write!(
                 f,
-                "all {limit} store operations allowed in flight (--max-in-flight) stayed busy for {} ms; retry later",
-                waited.as_millis()
+                "{limit} store operations already in flight (--max-in-flight); the store is slow, retry later"
             ),
             StoreError::OutOfMemory(cause) => write!(f, "store out of memory: {cause}"),
             StoreError::InvalidCursor(cursor) => {

@@ -10,10 +10,11 @@ use std::{
     time::Duration,
 };
 
-use bb8::{ManageConnection, Pool, RunError};
+use bb8::{ErrorSink, ManageConnection, Pool, RunError};
 use bytes::Bytes;
 use redis::{
-    AsyncConnectionConfig, Client, RedisError, RedisResult, Value, aio::MultiplexedConnection,
+    AsyncConnectionConfig, Client, ErrorKind, RedisError, RedisResult, Value,
+    aio::MultiplexedConnection,
 };
 use tokio::{
     sync::Semaphore,
@@ -90,14 +91,61 @@ impl ManageConnection for Manager {
     }
 }
 
+/// The latest failure to open a connection. bb8 hands connection errors to its error sink and
+/// lets the waiting caller time out; keeping the error lets that caller be told why.
+#[derive(Debug, Clone, Default)]
+struct ConnectErrors {
+    latest: Arc<std::sync::Mutex<Option<(Instant, String)>>>,
+}
+
+impl ConnectErrors {
+    /// The latest connection error, if it happened within `window`.
+    fn recent(&self, window: Duration) -> Option<String> {
+        let latest = self
+            .latest
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        latest
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() <= window)
+            .map(|(_, cause)| cause.clone())
+    }
+}
+
+impl ErrorSink<RedisError> for ConnectErrors {
+    fn sink(&self, err: RedisError) {
+        let cause = describe(&err);
+        *self
+            .latest
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((Instant::now(), cause));
+    }
+
+    fn boxed_clone(&self) -> Box<dyn ErrorSink<RedisError>> {
+        Box::new(self.clone())
+    }
+}
+
+/// A Redis error in words an operator can act on.
+fn describe(err: &RedisError) -> String {
+    let refused = err.kind() == ErrorKind::AuthenticationFailed
+        || matches!(err.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
+    if refused {
+        format!("redis refused our credentials or permissions ({err}); check --redis-url")
+    } else {
+        err.to_string()
+    }
+}
+
 /// Entries in Redis under `{prefix}{namespace}:{function}:{digest}`. Cloning is shallow.
 #[derive(Debug, Clone)]
 pub struct RedisStore {
     pool: Pool<Manager>,
-    /// Bounds the commands in flight: past it, callers wait (up to the timeout), then are told
-    /// the store is overloaded instead of queueing without bound.
+    /// Bounds the commands in flight: past it, callers are refused at once (load shedding)
+    /// rather than queueing behind a slow Redis.
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    connect_errors: ConnectErrors,
     layout: KeyLayout,
     timeout: Duration,
     bust_batch: usize,
@@ -113,10 +161,11 @@ fn classify(err: RedisError) -> StoreError {
     if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error() {
         return StoreError::Unavailable(err.to_string());
     }
+    if err.kind() == ErrorKind::AuthenticationFailed {
+        return StoreError::Unavailable(describe(&err));
+    }
     match err.code() {
-        Some("NOAUTH" | "WRONGPASS" | "NOPERM") => StoreError::Unavailable(format!(
-            "redis refused our credentials or permissions ({err}); check --redis-url"
-        )),
+        Some("NOAUTH" | "WRONGPASS" | "NOPERM") => StoreError::Unavailable(describe(&err)),
         Some("LOADING" | "MASTERDOWN" | "READONLY" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN") => {
             StoreError::Unavailable(err.to_string())
         }
@@ -136,6 +185,7 @@ impl RedisStore {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(Some(settings.timeout));
+        let connect_errors = ConnectErrors::default();
         let pool = Pool::builder()
             .max_size(settings.pool_size)
             .min_idle(None)
@@ -144,10 +194,12 @@ impl RedisStore {
             // timeout: during an outage callers learn in microseconds, not 250 ms.
             .retry_connection(false)
             .connection_timeout(settings.timeout)
+            .error_sink(Box::new(connect_errors.clone()))
             .build_unchecked(Manager { client, config });
         Ok(RedisStore {
             pool,
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            connect_errors,
             max_in_flight: settings.max_in_flight,
             layout: KeyLayout::new(&settings.key_prefix),
             timeout: settings.timeout,
@@ -169,9 +221,15 @@ impl RedisStore {
                 Ok(Ok(pooled)) => pooled,
                 Ok(Err(RunError::User(err))) => return Err(classify(err)),
                 Ok(Err(RunError::TimedOut)) | Err(_) => {
-                    return Err(StoreError::Timeout {
-                        op,
-                        after: self.timeout,
+                    // Waiting out the timeout right after connecting failed: say why.
+                    return Err(match self.connect_errors.recent(self.timeout * 2) {
+                        Some(cause) => {
+                            StoreError::Unavailable(format!("cannot connect to redis: {cause}"))
+                        }
+                        None => StoreError::Timeout {
+                            op,
+                            after: self.timeout,
+                        },
                     });
                 }
             };
@@ -191,12 +249,10 @@ impl RedisStore {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let started = Instant::now();
-        let deadline = started + self.timeout;
-        let Ok(Ok(_permit)) = timeout_at(deadline, self.in_flight.acquire()).await else {
+        let deadline = Instant::now() + self.timeout;
+        let Ok(_permit) = self.in_flight.try_acquire() else {
             return Err(StoreError::Overloaded {
                 limit: self.max_in_flight,
-                waited: started.elapsed(),
             });
         };
         let (redis, broken) = self.connection(op, deadline).await?;

@@ -106,7 +106,8 @@ impl RedisServer {
         None
     }
 
-    /// True when something on the port speaks Redis.
+    /// True when something on the port speaks Redis: PONG, or NOAUTH from one that wants a
+    /// password.
     fn answers_ping(port: u16) -> bool {
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
             return false;
@@ -115,7 +116,7 @@ impl RedisServer {
         let mut reply = [0u8; 7];
         stream.write_all(b"PING\r\n").is_ok()
             && stream.read_exact(&mut reply).is_ok()
-            && &reply == b"+PONG\r\n"
+            && (&reply == b"+PONG\r\n" || reply.starts_with(b"-NOAUTH"))
     }
 
     /// The port Redis listens on.
