@@ -60,6 +60,10 @@ async fn overload_is_refused_quickly() {
     );
 }
 
+/// When a request finished, what it returned (a hit's value, or the status code), and which
+/// key it was for.
+type Outcome = (Instant, Result<Option<Vec<u8>>, Code>, u64);
+
 /// Redis killed under ~200 requests/s for about 5 s, then restarted: no caller ever gets a
 /// wrong value, the only errors are UNAVAILABLE, and service resumes within 1 s of Redis
 /// being back, with no server restart.
@@ -71,7 +75,7 @@ async fn redis_killed_under_load_then_restarted() {
     fn value_of(n: u64) -> Vec<u8> {
         format!("value-{n}").into_bytes()
     }
-    let log: Arc<Mutex<Vec<(Instant, Result<Option<Vec<u8>>, Code>, u64)>>> = Arc::default();
+    let log: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Open loop: a request every 5 ms whatever earlier ones are doing, as a fleet sends them.
     let load = {
@@ -87,7 +91,7 @@ async fn redis_killed_under_load_then_restarted() {
                 let (mut cm, log) = (cm.clone(), log.clone());
                 requests.push(tokio::spawn(async move {
                     let id = n % 50;
-                    let outcome = if n % 2 == 0 {
+                    let outcome = if n.is_multiple_of(2) {
                         cm.put(put(key("load", "f", id), &value_of(id), 60))
                             .await
                             .map(|_| None)
