@@ -130,6 +130,18 @@ pub struct Config {
     #[arg(long, env = "CACHE_MONEY_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
 
+    /// PEM certificate (chain) for TLS on the gRPC listener; with --tls-key. Absent: plaintext.
+    #[arg(long, env = "CACHE_MONEY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "CACHE_MONEY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s): when set, clients must present a certificate signed by one.
+    #[arg(long, env = "CACHE_MONEY_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Serve gRPC reflection (v1 and v1alpha), so grpcurl needs no proto file.
     #[arg(long, env = "CACHE_MONEY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
@@ -218,6 +230,27 @@ impl Config {
             (None, None) => return Ok(None),
         };
         crate::server::auth::Auth::from_json(&text).map(Some)
+    }
+
+    /// The TLS settings of the listener, read from the PEM files; `None` for plaintext.
+    ///
+    /// # Errors
+    /// When a file cannot be read.
+    pub fn load_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|err| format!("{flag}: cannot read {}: {err}", path.display()))
+        };
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let identity = Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?);
+        let mut tls = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.tls_client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
+        }
+        Ok(Some(tls))
     }
 
     /// Bound on one store operation.

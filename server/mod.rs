@@ -108,6 +108,7 @@ pub async fn run(
     config.validate().map_err(ServeError::Config)?;
     // Read before anything starts, so a bad token file stops start-up.
     let auth = config.load_auth().map_err(ServeError::Config)?;
+    let tls = config.load_tls().map_err(ServeError::Config)?;
     match &config.redis_url {
         Some(url) => {
             let store = RedisStore::new(&RedisSettings {
@@ -120,19 +121,25 @@ pub async fn run(
                 bust_batch: config.bust_batch,
             })
             .map_err(ServeError::Store)?;
-            serve(store, config, auth, listener, shutdown).await
+            serve(store, config, Security { auth, tls }, listener, shutdown).await
         }
         None => {
             let store = MemoryStore::new(config.memory_max_bytes);
-            serve(store, config, auth, listener, shutdown).await
+            serve(store, config, Security { auth, tls }, listener, shutdown).await
         }
     }
+}
+
+/// Who may call, and over what: the token grants and the listener's TLS, both optional.
+struct Security {
+    auth: Option<Auth>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 async fn serve<S: Store>(
     store: S,
     config: Config,
-    auth: Option<Auth>,
+    Security { auth, tls }: Security,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
@@ -195,6 +202,8 @@ async fn serve<S: Store>(
         drain_timeout_ms = config.drain_timeout_ms,
         worker_threads = config.worker_threads,
         auth_tokens = tokens,
+        tls = tls.is_some(),
+        tls_client_certificates = config.tls_client_ca.is_some(),
         reflection = config.reflection,
         "cache-money serving"
     );
@@ -212,7 +221,11 @@ async fn serve<S: Store>(
         let _ = signalled_tx.send(());
     };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(ServeError::Transport)?;
+    }
+    let server = builder
         .add_service(health_service)
         .add_optional_service(config.reflection.then_some(reflection_v1))
         .add_optional_service(config.reflection.then_some(reflection_v1alpha))

@@ -1,0 +1,239 @@
+//! TLS on the gRPC listener, with certificates generated here: a CA, a server certificate for
+//! 127.0.0.1 and localhost, and a client certificate for mutual TLS.
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use cache_money::{Client, ClientOptions, Ttl, pb, pb::cache_money_client::CacheMoneyClient};
+use common::{CacheServer, key, put};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// PEM files in a temporary folder, removed on drop.
+struct Pki {
+    dir: PathBuf,
+    ca: String,
+    client_cert: String,
+    client_key: String,
+}
+
+impl Pki {
+    fn generate() -> Self {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let leaf = |names: &[&str]| {
+            let key = KeyPair::generate().unwrap();
+            let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(&["localhost", "127.0.0.1"]);
+        let (client_cert, client_key) = leaf(&["billing-service"]);
+
+        let dir = std::env::temp_dir().join(format!(
+            "cache-money-pki-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, pem) in [
+            ("ca.pem", ca_cert.pem()),
+            ("server.pem", server_cert),
+            ("server.key", server_key),
+        ] {
+            std::fs::write(dir.join(name), pem).unwrap();
+        }
+        Pki {
+            dir,
+            ca: ca_cert.pem(),
+            client_cert,
+            client_key,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_str().unwrap().to_owned()
+    }
+
+    fn server_args(&self, mutual: bool) -> Vec<String> {
+        let mut args = vec![
+            "--tls-cert".into(),
+            self.path("server.pem"),
+            "--tls-key".into(),
+            self.path("server.key"),
+        ];
+        if mutual {
+            args.extend(["--tls-client-ca".into(), self.path("ca.pem")]);
+        }
+        args
+    }
+
+    fn client_tls(&self, with_certificate: bool) -> ClientTlsConfig {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .domain_name("localhost");
+        if with_certificate {
+            tls.identity(Identity::from_pem(&self.client_cert, &self.client_key))
+        } else {
+            tls
+        }
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn start(pki: &Pki, mutual: bool) -> CacheServer {
+    let args = pki.server_args(mutual);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    CacheServer::memory(&args)
+}
+
+async fn tls_channel(
+    server: &CacheServer,
+    tls: ClientTlsConfig,
+) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("https://{}", server.addr()))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+/// Over TLS, the raw stubs and the client library both work.
+#[tokio::test]
+async fn tls_clients_are_served() {
+    let pki = Pki::generate();
+    let server = start(&pki, false);
+    let channel = tls_channel(&server, pki.client_tls(false))
+        .await
+        .expect("TLS handshake");
+    let mut raw = CacheMoneyClient::new(channel.clone());
+    raw.put(put(key("ns", "f", 1), b"over tls", 60))
+        .await
+        .unwrap();
+    let reply = raw
+        .get(pb::GetRequest {
+            key: Some(key("ns", "f", 1)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.value.as_ref(), b"over tls");
+
+    let cm = Client::from_channel_with(channel, ClientOptions::default()).unwrap();
+    let f = cm.function("ns", "g", Ttl::MINUTE);
+    let first: u32 = f.memoize(&(1,), || async { 5 }).await.unwrap();
+    let second: u32 = f
+        .memoize(&(1,), || async { unreachable!("cached") })
+        .await
+        .unwrap();
+    assert_eq!((first, second), (5, 5));
+}
+
+/// A plaintext client against the TLS port fails promptly with an error, not a hang.
+#[tokio::test]
+async fn plaintext_client_fails_cleanly() {
+    let pki = Pki::generate();
+    let server = start(&pki, false);
+    let started = Instant::now();
+    let attempt = async {
+        let channel = Endpoint::from_shared(server.url())?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        CacheMoneyClient::new(channel)
+            .get(pb::GetRequest {
+                key: Some(key("ns", "f", 1)),
+            })
+            .await
+            .map(drop)
+            .map_err(|status| status.into())
+    };
+    let outcome: Result<(), Box<dyn std::error::Error>> =
+        tokio::time::timeout(Duration::from_secs(10), attempt)
+            .await
+            .expect("the plaintext attempt hung");
+    assert!(
+        outcome.is_err(),
+        "a plaintext request was served on the TLS port"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The server is unharmed.
+    let channel = tls_channel(&server, pki.client_tls(false)).await.unwrap();
+    CacheMoneyClient::new(channel)
+        .put(put(key("ns", "f", 1), b"v", 60))
+        .await
+        .unwrap();
+}
+
+/// With --tls-client-ca, only clients with a certificate from that CA are served.
+#[tokio::test]
+async fn client_certificates_are_required_when_configured() {
+    let pki = Pki::generate();
+    let server = start(&pki, true);
+    let with_cert = tls_channel(&server, pki.client_tls(true))
+        .await
+        .expect("mutual TLS handshake");
+    CacheMoneyClient::new(with_cert)
+        .put(put(key("ns", "f", 1), b"v", 60))
+        .await
+        .unwrap();
+
+    let refused = match tls_channel(&server, pki.client_tls(false)).await {
+        Err(_) => true,
+        Ok(channel) => CacheMoneyClient::new(channel)
+            .get(pb::GetRequest {
+                key: Some(key("ns", "f", 1)),
+            })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+}
+
+/// A missing certificate file stops start-up with a message naming the flag.
+#[test]
+fn unreadable_certificate_is_reported() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cache-money-server"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--tls-cert: cannot read"), "{stderr}");
+}
