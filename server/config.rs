@@ -63,7 +63,7 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Redis to store entries in, e.g. redis://127.0.0.1:6379/0, redis://:password@host,
-    /// rediss://host or unix:///run/redis.sock. Absent: an in-memory store.
+    /// redis://user:password@host/0 or unix:///run/redis.sock. Absent: an in-memory store.
     #[arg(long, env = "CACHE_MONEY_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -199,10 +199,16 @@ impl Config {
         }
         if let Some(url) = &self.redis_url {
             let scheme = url.split("://").next().unwrap_or_default();
-            if !url.contains("://") || !matches!(scheme, "redis" | "rediss" | "unix" | "redis+unix")
-            {
+            if scheme == "rediss" {
+                return Err(
+                    "--redis-url: rediss:// (TLS to Redis) is not supported by this build; \
+                     reach Redis over a trusted network or a TLS sidecar (see SECURITY.md)"
+                        .to_owned(),
+                );
+            }
+            if !url.contains("://") || !matches!(scheme, "redis" | "unix" | "redis+unix") {
                 return Err(format!(
-                    "--redis-url: must start with redis://, rediss:// or unix://, got {:?}",
+                    "--redis-url: must start with redis:// or unix://, got {:?}",
                     redacted_url(url)
                 ));
             }
@@ -322,6 +328,10 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.starts_with("--redis-url"), "{err}");
+        let err = config(&["--redis-url", "rediss://h:6380"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("not supported by this build"), "{err}");
     }
 
     /// Passwords never reach the logs.
