@@ -119,6 +119,15 @@ pub async fn run(
                 timeout: config.store_timeout(),
                 connect_timeout: config.connect_timeout(),
                 bust_batch: config.bust_batch,
+                tls_ca: match &config.redis_tls_ca {
+                    None => None,
+                    Some(path) => Some(std::fs::read(path).map_err(|err| {
+                        ServeError::Config(format!(
+                            "--redis-tls-ca: cannot read {}: {err}",
+                            path.display()
+                        ))
+                    })?),
+                },
             })
             .map_err(ServeError::Store)?;
             serve(store, config, Security { auth, tls }, listener, shutdown).await

@@ -237,3 +237,48 @@ fn unreadable_certificate_is_reported() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--tls-cert: cannot read"), "{stderr}");
 }
+
+/// rediss://: the server talks TLS to a Redis whose certificate it verifies against
+/// --redis-tls-ca; without that CA the certificate is refused and nothing is stored.
+#[tokio::test]
+async fn redis_over_tls() {
+    let pki = Pki::generate();
+    let tls_port = common::free_port().to_string();
+    let redis = common::RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &pki.path("server.pem"),
+        "--tls-key-file",
+        &pki.path("server.key"),
+        "--tls-ca-cert-file",
+        &pki.path("ca.pem"),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let server = CacheServer::start(&["--redis-url", &url, "--redis-tls-ca", &pki.path("ca.pem")]);
+    let mut cm = server.client().await;
+    cm.put(put(key("ns", "f", 1), b"through tls", 60))
+        .await
+        .expect("Put over rediss://");
+    let reply = cm
+        .get(pb::GetRequest {
+            key: Some(key("ns", "f", 1)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.value.as_ref(), b"through tls");
+    assert_eq!(redis.dbsize().await, 1, "the entry is in this Redis");
+
+    let unverified = CacheServer::start(&["--redis-url", &url]);
+    let mut cm = unverified.client().await;
+    let err = cm.put(put(key("ns", "f", 2), b"v", 60)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{}", err.message());
+    assert_eq!(
+        redis.dbsize().await,
+        1,
+        "nothing was stored without a verified certificate"
+    );
+}

@@ -13,7 +13,7 @@ use std::{
 use bb8::{ErrorSink, ManageConnection, Pool, RunError};
 use bytes::Bytes;
 use redis::{
-    AsyncConnectionConfig, Client, ErrorKind, RedisError, RedisResult, Value,
+    AsyncConnectionConfig, Client, ErrorKind, RedisError, RedisResult, TlsCertificates, Value,
     aio::MultiplexedConnection,
 };
 use tokio::{
@@ -43,6 +43,8 @@ pub struct RedisSettings {
     pub connect_timeout: Duration,
     /// Keys per SCAN step while busting.
     pub bust_batch: usize,
+    /// PEM CA to verify a `rediss://` Redis with, instead of the system's trust store.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 /// Opens multiplexed connections and notices when one has died.
@@ -180,8 +182,17 @@ impl RedisStore {
     /// # Errors
     /// When the URL cannot be parsed.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let client = Client::open(settings.url.as_str())
-            .map_err(|err| StoreError::Internal(format!("--redis-url: {err}")))?;
+        let client = match &settings.tls_ca {
+            None => Client::open(settings.url.as_str()),
+            Some(ca) => {
+                let certificates = TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                };
+                Client::build_with_tls(settings.url.as_str(), certificates)
+            }
+        }
+        .map_err(|err| StoreError::Internal(format!("--redis-url: {err}")))?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(Some(settings.timeout));
