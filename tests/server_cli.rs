@@ -23,6 +23,7 @@ fn help_documents_every_setting() {
     let settings = [
         "listen",
         "redis-url",
+        "redis-tls-ca",
         "key-prefix",
         "pool-size",
         "store-timeout-ms",
