@@ -442,3 +442,33 @@ async fn handles_validate_names_and_take_module_paths() {
         .await;
     assert!(matches!(nan, Err(Error::Args(_))));
 }
+
+/// Redis down from the moment the server starts: memoize still returns correct values, and
+/// once Redis appears caching starts, with the same client.
+#[tokio::test]
+async fn memoize_works_when_redis_is_down_at_start() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let server = CacheServer::redis(&redis, &[]);
+    let options = ClientOptions {
+        breaker_cooldown: Duration::from_millis(200),
+        ..ClientOptions::default()
+    };
+    let cm = Client::connect_with(server.url(), options).await.unwrap();
+    let cube = cm.function("down_at_start", "cube", Ttl::MINUTE);
+    for n in 0..200u64 {
+        let got: u64 = cube
+            .memoize(&(n,), || async move { n * n * n })
+            .await
+            .unwrap();
+        assert_eq!(got, n * n * n);
+    }
+    assert!(cm.metrics().rpc_attempts < 50, "{:?}", cm.metrics());
+    redis.restart();
+    let cached = eventually(Duration::from_secs(10), || async {
+        let _: u64 = cube.memoize(&(7u64,), || async { 343 }).await.unwrap();
+        cm.metrics().hits > 0
+    })
+    .await;
+    assert!(cached, "caching never started: {:?}", cm.metrics());
+}

@@ -275,6 +275,12 @@ async fn frozen_redis_times_out_instead_of_hanging() {
     let mut cm = server.client().await;
     cm.put(put(key("ns", "f", 1), b"v", 60)).await.unwrap();
 
+    let open_files = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+            .unwrap()
+            .count()
+    };
+    let baseline = open_files();
     redis.pause();
     for _ in 0..3 {
         get_is_unavailable_within(&mut cm, Duration::from_secs(2)).await;
@@ -292,6 +298,16 @@ async fn frozen_redis_times_out_instead_of_hanging() {
     })
     .await;
     assert!(recovered, "no service after SIGCONT");
+    // Connections abandoned while Redis was frozen are closed, not leaked.
+    let settled = eventually(Duration::from_secs(5), || async {
+        open_files() <= baseline + 1
+    })
+    .await;
+    assert!(
+        settled,
+        "open files grew from {baseline} to {} across the freeze",
+        open_files()
+    );
 }
 
 /// Redis at its memory limit with `noeviction`: Put is RESOURCE_EXHAUSTED with a message
