@@ -232,6 +232,33 @@ fn h2load_get(addr: std::net::SocketAddr, duration: Duration) -> Option<Sample> 
     })
 }
 
+/// redis-benchmark GET of the 64-byte value over `connections` connections, unpipelined.
+fn redis_get(port: u16, connections: &str, requests: &str) -> Sample {
+    redis_benchmark(
+        port,
+        &[
+            "-t",
+            "get",
+            "-d",
+            "64",
+            "-c",
+            connections,
+            "-P",
+            "1",
+            "-n",
+            requests,
+        ],
+    )
+}
+
+/// One gRPC Get of the 64-byte fixture; it must hit.
+async fn get_fixture(client: &mut CacheMoneyClient<Channel>) {
+    let request = pb::GetRequest {
+        key: Some(key("bench", "get", 0)),
+    };
+    assert!(client.get(request).await.unwrap().into_inner().hit);
+}
+
 /// How many requests redis-benchmark needs to run for about `duration` at `rps`.
 fn requests_for(rps: f64, duration: Duration) -> String {
     ((rps * duration.as_secs_f64()) as u64)
@@ -393,101 +420,45 @@ async fn main() {
         ),
     ];
     // Calibrate redis-benchmark's request counts to the measurement time.
-    let rps50 = redis_benchmark(
-        redis.port(),
-        &[
-            "-t", "get", "-d", "64", "-c", "50", "-P", "1", "-n", "20000",
-        ],
-    )
-    .per_second;
-    let rps1 = redis_benchmark(
-        redis.port(),
-        &["-t", "get", "-d", "64", "-c", "1", "-n", "5000"],
-    )
-    .per_second;
+    let rps50 = redis_get(redis.port(), "50", "20000").per_second;
+    let rps1 = redis_get(redis.port(), "1", "5000").per_second;
 
     for rep in 0..settings.reps {
         eprintln!("repetition {}/{}", rep + 1, settings.reps);
         // Interleaved: reference, then cache-money, for every scenario in each repetition.
-        rows[0].reference_samples.push(redis_benchmark(
+        rows[0].reference_samples.push(redis_get(
             redis.port(),
-            &[
-                "-t",
-                "get",
-                "-d",
-                "64",
-                "-c",
-                "50",
-                "-P",
-                "1",
-                "-n",
-                &requests_for(rps50, duration),
-            ],
+            "50",
+            &requests_for(rps50, duration),
         ));
         let pool = clients.clone();
         rows[0].cm.push(
             load(CONCURRENCY, duration, 1, move |caller, _| {
                 let mut client = pool[caller % CONNECTIONS].clone();
                 async move {
-                    let reply = client
-                        .get(pb::GetRequest {
-                            key: Some(key("bench", "get", 0)),
-                        })
-                        .await
-                        .unwrap();
-                    assert!(reply.into_inner().hit);
+                    get_fixture(&mut client).await;
                 }
             })
             .await,
         );
 
         if h2load {
-            let reference = redis_benchmark(
-                redis.port(),
-                &[
-                    "-t",
-                    "get",
-                    "-d",
-                    "64",
-                    "-c",
-                    "50",
-                    "-P",
-                    "1",
-                    "-n",
-                    &requests_for(rps50, duration),
-                ],
-            );
+            let reference = redis_get(redis.port(), "50", &requests_for(rps50, duration));
             if let Some(sample) = h2load_get(server.addr(), duration) {
                 rows[5].reference_samples.push(reference);
                 rows[5].cm.push(sample);
             }
         }
 
-        rows[1].reference_samples.push(redis_benchmark(
-            redis.port(),
-            &[
-                "-t",
-                "get",
-                "-d",
-                "64",
-                "-c",
-                "1",
-                "-n",
-                &requests_for(rps1, duration),
-            ],
-        ));
+        rows[1]
+            .reference_samples
+            .push(redis_get(redis.port(), "1", &requests_for(rps1, duration)));
         let single = clients[0].clone();
         rows[1].cm.push(
             load(1, duration, 1, move |_, _| {
                 let mut client = single.clone();
                 async move {
-                    let reply = client
-                        .get(pb::GetRequest {
-                            key: Some(key("bench", "get", 0)),
-                        })
-                        .await
-                        .unwrap();
-                    assert!(reply.into_inner().hit);
+                    get_fixture(&mut client).await;
                 }
             })
             .await,
