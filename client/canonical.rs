@@ -461,38 +461,27 @@ impl ser::SerializeSeq for SeqBuilder {
     }
 }
 
-impl ser::SerializeTuple for SeqBuilder {
-    type Ok = Value;
-    type Error = ArgsError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ArgsError> {
-        ser::SerializeSeq::serialize_element(self, value)
-    }
-    fn end(self) -> Result<Value, ArgsError> {
-        self.finish()
-    }
+/// Tuples, tuple structs and tuple variants collect their elements as a sequence does.
+macro_rules! elements_as_seq {
+    ($($serialize:ident :: $method:ident),* $(,)?) => {$(
+        impl ser::$serialize for SeqBuilder {
+            type Ok = Value;
+            type Error = ArgsError;
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ArgsError> {
+                ser::SerializeSeq::serialize_element(self, value)
+            }
+            fn end(self) -> Result<Value, ArgsError> {
+                self.finish()
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTupleStruct for SeqBuilder {
-    type Ok = Value;
-    type Error = ArgsError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ArgsError> {
-        ser::SerializeSeq::serialize_element(self, value)
-    }
-    fn end(self) -> Result<Value, ArgsError> {
-        self.finish()
-    }
-}
-
-impl ser::SerializeTupleVariant for SeqBuilder {
-    type Ok = Value;
-    type Error = ArgsError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ArgsError> {
-        ser::SerializeSeq::serialize_element(self, value)
-    }
-    fn end(self) -> Result<Value, ArgsError> {
-        self.finish()
-    }
-}
+elements_as_seq!(
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field,
+);
 
 impl ser::SerializeMap for MapBuilder {
     type Ok = Value;
