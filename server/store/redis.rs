@@ -201,8 +201,9 @@ impl RedisStore {
             .max_size(settings.pool_size)
             .min_idle(None)
             .test_on_check_out(false)
-            // A refused connection fails the request at once rather than retrying until the
-            // timeout: during an outage callers learn in microseconds, not 250 ms.
+            // No connect retry loop inside bb8: each checkout makes at most one attempt. bb8
+            // reports the failure to the error sink, not to the waiting caller, who waits out
+            // the timeout and is then told the cause (see `connection`).
             .retry_connection(false)
             .connection_timeout(settings.timeout)
             .error_sink(Box::new(connect_errors.clone()))
