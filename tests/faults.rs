@@ -298,3 +298,44 @@ async fn redis_password_is_used_and_kept_secret() {
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert!(err.message().contains("--redis-url"), "{}", err.message());
 }
+
+/// An ACL user in the URL (`redis://user:password@host`) authenticates as that user.
+#[tokio::test]
+async fn redis_acl_user_is_used() {
+    let redis = RedisServer::start_with(&[
+        "--user",
+        "cache-money",
+        "on",
+        ">acl-s3cret",
+        "~cm:*",
+        "&*",
+        "+@all",
+    ]);
+    let url = format!("redis://cache-money:acl-s3cret@127.0.0.1:{}", redis.port());
+    let server = CacheServer::start(&["--redis-url", &url]);
+    let mut cm = server.client().await;
+    cm.put(put(key("ns", "f", 1), b"v", 60))
+        .await
+        .expect("authenticated as the ACL user");
+    let mut admin = redis.connect().await;
+    let whoami: Vec<String> = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async::<String>(&mut admin)
+        .await
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            line.split(' ')
+                .find_map(|field| field.strip_prefix("user="))
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(
+        whoami.iter().any(|user| user == "cache-money"),
+        "connected users: {whoami:?}"
+    );
+    assert!(
+        !server.log_text().contains("acl-s3cret"),
+        "the ACL password was logged"
+    );
+}
