@@ -242,17 +242,22 @@ struct SeqBuilder {
     variant: Option<&'static str>,
 }
 
+/// Puts a finished compound value inside its enum variant (`{"Variant": …}`), if any, and
+/// then inside the argument list when it stands alone at the top.
+fn enclose(mut value: Value, variant: Option<&'static str>, wrap: bool) -> Value {
+    if let Some(variant) = variant {
+        value = Value::Object(Map::from_iter([(variant.to_owned(), value)]));
+    }
+    if wrap {
+        Value::Array(vec![value])
+    } else {
+        value
+    }
+}
+
 impl SeqBuilder {
     fn finish(self) -> Result<Value, ArgsError> {
-        let mut value = Value::Array(self.items);
-        if let Some(variant) = self.variant {
-            value = Value::Object(Map::from_iter([(variant.to_owned(), value)]));
-        }
-        Ok(if self.wrap {
-            Value::Array(vec![value])
-        } else {
-            value
-        })
+        Ok(enclose(Value::Array(self.items), self.variant, self.wrap))
     }
 }
 
@@ -267,15 +272,11 @@ struct MapBuilder {
 
 impl MapBuilder {
     fn finish(self) -> Result<Value, ArgsError> {
-        let mut value = Value::Object(self.members);
-        if let Some(variant) = self.variant {
-            value = Value::Object(Map::from_iter([(variant.to_owned(), value)]));
-        }
-        Ok(if self.wrap {
-            Value::Array(vec![value])
-        } else {
-            value
-        })
+        Ok(enclose(
+            Value::Object(self.members),
+            self.variant,
+            self.wrap,
+        ))
     }
 }
 
