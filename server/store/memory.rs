@@ -155,12 +155,16 @@ impl MemoryStore {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves the maps consistent (every mutation is
-        // completed before anything that can panic), so a poisoned lock is still usable.
-        self.shared
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.shared)
     }
+}
+
+fn lock(shared: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic while holding the lock leaves the maps consistent (every mutation is completed
+    // before anything that can panic), so a poisoned lock is still usable.
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn purge_expired(shared: Weak<Mutex<State>>) {
@@ -170,10 +174,7 @@ async fn purge_expired(shared: Weak<Mutex<State>>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let mut state = shared
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        state.purge_expired(Instant::now());
+        lock(&shared).purge_expired(Instant::now());
     }
 }
 

@@ -128,11 +128,21 @@ impl ErrorSink<RedisError> for ConnectErrors {
     }
 }
 
+/// Whether Redis refused our credentials or permissions (redis-rs 1.x reports a failed AUTH
+/// as a kind, not a `WRONGPASS` code).
+fn refused_credentials(err: &RedisError) -> bool {
+    err.kind() == ErrorKind::AuthenticationFailed
+        || matches!(err.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+}
+
+/// Whether the connection the error came on can no longer be used.
+fn connection_lost(err: &RedisError) -> bool {
+    err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error()
+}
+
 /// A Redis error in words an operator can act on.
 fn describe(err: &RedisError) -> String {
-    let refused = err.kind() == ErrorKind::AuthenticationFailed
-        || matches!(err.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
-    if refused {
+    if refused_credentials(err) {
         format!("redis refused our credentials or permissions ({err}); check --redis-url")
     } else {
         err.to_string()
@@ -160,14 +170,13 @@ fn classify(err: RedisError) -> StoreError {
             err.detail().unwrap_or("OOM")
         ));
     }
-    if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error() {
+    if connection_lost(&err) {
         return StoreError::Unavailable(err.to_string());
     }
-    if err.kind() == ErrorKind::AuthenticationFailed {
+    if refused_credentials(&err) {
         return StoreError::Unavailable(describe(&err));
     }
     match err.code() {
-        Some("NOAUTH" | "WRONGPASS" | "NOPERM") => StoreError::Unavailable(describe(&err)),
         Some("LOADING" | "MASTERDOWN" | "READONLY" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN") => {
             StoreError::Unavailable(err.to_string())
         }
@@ -271,8 +280,7 @@ impl RedisStore {
         match timeout_at(deadline, command(redis)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
-                if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error()
-                {
+                if connection_lost(&err) {
                     broken.store(true, Relaxed);
                 }
                 Err(classify(err))
