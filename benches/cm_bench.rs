@@ -607,15 +607,7 @@ async fn main() {
         }));
     }
     let started = Instant::now();
-    let removed = raw
-        .bust_function(pb::BustFunctionRequest {
-            namespace: "bench".into(),
-            function: "big".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .removed;
+    let removed = common::bust_function(&mut raw, "bench", "big").await;
     let bust_seconds = started.elapsed().as_secs_f64();
     reading.store(false, Relaxed);
     let mut during = Vec::new();

@@ -179,15 +179,7 @@ async fn bust_function_is_exact(backend: Backend) {
                 .unwrap();
         }
     }
-    let removed = cm
-        .bust_function(pb::BustFunctionRequest {
-            namespace: "ns".into(),
-            function: "fetch".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .removed;
+    let removed = common::bust_function(&mut cm, "ns", "fetch").await;
     assert_eq!(removed, 3);
     for n in 0..3 {
         assert_eq!(get(&mut cm, key("ns", "fetch", n)).await, None);

@@ -152,15 +152,7 @@ async fn bust_function_spans_many_scan_batches() {
     fill(&redis, "cm:", "big", 5_000).await;
     fill(&redis, "cm:", "big_sibling", 300).await;
     let mut cm = server.client().await;
-    let removed = cm
-        .bust_function(pb::BustFunctionRequest {
-            namespace: "ns".into(),
-            function: "big".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .removed;
+    let removed = common::bust_function(&mut cm, "ns", "big").await;
     assert_eq!(removed, 5_000);
     assert_eq!(
         redis.dbsize().await,

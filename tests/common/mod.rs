@@ -402,3 +402,21 @@ pub async fn get(client: &mut CacheMoneyClient<Channel>, key: pb::Key) -> Option
         .into_inner();
     reply.hit.then(|| reply.value.to_vec())
 }
+
+/// Busts every entry of one function; returns how many were removed.
+pub async fn bust_function(
+    client: &mut CacheMoneyClient<Channel>,
+    namespace: &str,
+    function: &str,
+) -> u64 {
+    let request = pb::BustFunctionRequest {
+        namespace: namespace.into(),
+        function: function.into(),
+    };
+    client
+        .bust_function(request)
+        .await
+        .expect("BustFunction succeeds")
+        .into_inner()
+        .removed
+}
