@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Values travel as `bytes::Bytes`: a hit is handed from the store to the wire uncopied.
         .bytes(".")
+        // Buffers sized for cache traffic rather than tonic's 8 KiB per message (client/codec.rs).
+        .codec_path("crate::codec::Codec")
         .compile_fds(descriptors)?;
     Ok(())
 }

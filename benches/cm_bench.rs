@@ -5,7 +5,8 @@
 //!     cargo bench --bench cm_bench -- --quick      # seconds; CI runs it so the harness keeps working
 //!
 //! Options: --reps N (3), --seconds S per measurement (3), --bust-entries N (1000000),
-//! --footprint-seconds S (60). It starts its own redis-server and cache-money-server on
+//! --footprint-seconds S (60), --only get50,get1,memo-hit,memo-miss,batch,h2load,bust,footprint
+//! (a comma-separated subset of the scenarios, for working on one). It starts its own redis-server and cache-money-server on
 //! loopback and stops them; every loop is bounded by time and count.
 
 #[path = "../tests/common/mod.rs"]
@@ -27,6 +28,10 @@ use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
+/// The load generator allocates with mimalloc, like the server (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// HTTP/2 connections the load generator spreads its callers over, like a fleet of clients.
 const CONNECTIONS: usize = 4;
 /// Callers in the concurrent scenarios (redis-benchmark's -c).
@@ -42,6 +47,8 @@ struct Settings {
     bust_entries: u64,
     footprint_seconds: u64,
     quick: bool,
+    /// Scenario ids to run; empty runs them all.
+    only: Vec<String>,
 }
 
 impl Settings {
@@ -52,6 +59,7 @@ impl Settings {
             bust_entries: 1_000_000,
             footprint_seconds: 60,
             quick: false,
+            only: Vec::new(),
         };
         let mut args = std::env::args().skip(1);
         let number = |args: &mut dyn Iterator<Item = String>, flag: &str| -> f64 {
@@ -68,10 +76,15 @@ impl Settings {
                         bust_entries: 20_000,
                         footprint_seconds: 2,
                         quick: true,
+                        only: settings.only,
                     };
                 }
                 "--reps" => settings.reps = number(&mut args, &arg) as usize,
                 "--seconds" => settings.seconds = number(&mut args, &arg),
+                "--only" => {
+                    let ids = args.next().expect("--only takes scenario ids");
+                    settings.only = ids.split(',').map(str::to_owned).collect();
+                }
                 "--bust-entries" => settings.bust_entries = number(&mut args, &arg) as u64,
                 "--footprint-seconds" => {
                     settings.footprint_seconds = number(&mut args, &arg) as u64
@@ -82,6 +95,11 @@ impl Settings {
             }
         }
         settings
+    }
+
+    /// Whether the scenario `id` is to run.
+    fn wants(&self, id: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|wanted| wanted == id)
     }
 
     fn duration(&self) -> Duration {
@@ -111,6 +129,58 @@ fn sample(mut latencies_us: Vec<u32>, units: u64, elapsed: Duration) -> Sample {
         per_second: units as f64 / elapsed.as_secs_f64(),
         p50_us: percentile(&latencies_us, 0.50),
         p99_us: percentile(&latencies_us, 0.99),
+    }
+}
+
+/// CPU time used so far, in clock ticks, by the processes a scenario involves: read from
+/// `/proc/<pid>/stat` (utime + stime), and for this process also its finished children
+/// (cutime + cstime), which is where redis-benchmark's time shows once it has exited.
+#[derive(Debug, Clone, Copy)]
+struct CpuTicks {
+    server: u64,
+    redis: u64,
+    generator: u64,
+    children: u64,
+}
+
+/// (own, finished children's) CPU ticks of a process.
+fn proc_ticks(pid: &str) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default();
+    // utime, stime, cutime, cstime are fields 14–17 of stat(5), 11–14 after the name.
+    let field = |n: usize| fields.get(n).copied().unwrap_or(0);
+    (field(11) + field(12), field(13) + field(14))
+}
+
+impl CpuTicks {
+    fn now(server_pid: u32, redis_pid: u32) -> Self {
+        let (generator, children) = proc_ticks("self");
+        CpuTicks {
+            server: proc_ticks(&server_pid.to_string()).0,
+            redis: proc_ticks(&redis_pid.to_string()).0,
+            generator,
+            children,
+        }
+    }
+
+    /// Microseconds of CPU per request for each process since `earlier`.
+    fn per_request_us(&self, earlier: &CpuTicks, requests: f64) -> [f64; 4] {
+        // Linux reports /proc times in USER_HZ, 100 per second on every mainstream platform.
+        let us = |now: u64, then: u64| (now - then) as f64 * 10_000.0 / requests.max(1.0);
+        [
+            us(self.server, earlier.server),
+            us(self.redis, earlier.redis),
+            us(self.generator, earlier.generator),
+            us(self.children, earlier.children),
+        ]
     }
 }
 
@@ -423,26 +493,39 @@ async fn main() {
     let rps50 = redis_get(redis.port(), "50", "20000").per_second;
     let rps1 = redis_get(redis.port(), "1", "5000").per_second;
 
+    // CPU µs per request in the 50-caller scenario, per repetition:
+    // [redis-server, redis-benchmark] and [cache-money-server, redis-server, load generator].
+    let (mut reference_cpu, mut cm_cpu) = (Vec::new(), Vec::new());
     for rep in 0..settings.reps {
         eprintln!("repetition {}/{}", rep + 1, settings.reps);
         // Interleaved: reference, then cache-money, for every scenario in each repetition.
-        rows[0].reference_samples.push(redis_get(
-            redis.port(),
-            "50",
-            &requests_for(rps50, duration),
-        ));
-        let pool = clients.clone();
-        rows[0].cm.push(
-            load(CONCURRENCY, duration, 1, move |caller, _| {
+        if settings.wants("get50") {
+            let requests = requests_for(rps50, duration);
+            let before = CpuTicks::now(server_pid, redis.pid());
+            let reference = redis_get(redis.port(), "50", &requests);
+            let after = CpuTicks::now(server_pid, redis.pid());
+            let [_, redis_us, _, benchmark_us] =
+                after.per_request_us(&before, requests.parse().unwrap_or(1.0));
+            reference_cpu.push([redis_us, benchmark_us]);
+            rows[0].reference_samples.push(reference);
+            let pool = clients.clone();
+            let started = Instant::now();
+            let before = CpuTicks::now(server_pid, redis.pid());
+            let measured = load(CONCURRENCY, duration, 1, move |caller, _| {
                 let mut client = pool[caller % CONNECTIONS].clone();
                 async move {
                     get_fixture(&mut client).await;
                 }
             })
-            .await,
-        );
+            .await;
+            let after = CpuTicks::now(server_pid, redis.pid());
+            let requests = measured.per_second * started.elapsed().as_secs_f64();
+            let [server_us, redis_us, generator_us, _] = after.per_request_us(&before, requests);
+            cm_cpu.push([server_us, redis_us, generator_us]);
+            rows[0].cm.push(measured);
+        }
 
-        if h2load {
+        if h2load && settings.wants("h2load") {
             let reference = redis_get(redis.port(), "50", &requests_for(rps50, duration));
             if let Some(sample) = h2load_get(server.addr(), duration) {
                 rows[5].reference_samples.push(reference);
@@ -450,119 +533,130 @@ async fn main() {
             }
         }
 
-        rows[1]
-            .reference_samples
-            .push(redis_get(redis.port(), "1", &requests_for(rps1, duration)));
-        let single = clients[0].clone();
-        rows[1].cm.push(
-            load(1, duration, 1, move |_, _| {
-                let mut client = single.clone();
-                async move {
-                    get_fixture(&mut client).await;
-                }
-            })
-            .await,
-        );
+        if settings.wants("get1") {
+            rows[1].reference_samples.push(redis_get(
+                redis.port(),
+                "1",
+                &requests_for(rps1, duration),
+            ));
+            let single = clients[0].clone();
+            rows[1].cm.push(
+                load(1, duration, 1, move |_, _| {
+                    let mut client = single.clone();
+                    async move {
+                        get_fixture(&mut client).await;
+                    }
+                })
+                .await,
+            );
+        }
 
-        let reference_conn = conn.clone();
-        rows[2].reference_samples.push(
-            load(1, duration, 1, move |_, _| {
-                let mut conn = reference_conn.clone();
-                async move {
-                    let bytes: Vec<u8> = redis::cmd("GET")
-                        .arg("ref:profile")
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
-                    let decoded: Profile = serde_json::from_slice(&bytes).unwrap();
-                    assert_eq!(decoded.id, 918_273);
-                }
-            })
-            .await,
-        );
-        let hit = memo.clone();
-        rows[2].cm.push(
-            load(1, duration, 1, move |_, _| {
-                let hit = hit.clone();
-                async move {
-                    let got: Profile = hit
-                        .memoize(&(1u64,), || async { unreachable!("cached") })
-                        .await
-                        .unwrap();
-                    assert_eq!(got.id, 918_273);
-                }
-            })
-            .await,
-        );
+        if settings.wants("memo-hit") {
+            let reference_conn = conn.clone();
+            rows[2].reference_samples.push(
+                load(1, duration, 1, move |_, _| {
+                    let mut conn = reference_conn.clone();
+                    async move {
+                        let bytes: Vec<u8> = redis::cmd("GET")
+                            .arg("ref:profile")
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                        let decoded: Profile = serde_json::from_slice(&bytes).unwrap();
+                        assert_eq!(decoded.id, 918_273);
+                    }
+                })
+                .await,
+            );
+            let hit = memo.clone();
+            rows[2].cm.push(
+                load(1, duration, 1, move |_, _| {
+                    let hit = hit.clone();
+                    async move {
+                        let got: Profile = hit
+                            .memoize(&(1u64,), || async { unreachable!("cached") })
+                            .await
+                            .unwrap();
+                        assert_eq!(got.id, 918_273);
+                    }
+                })
+                .await,
+            );
+        }
 
-        let reference_conn = conn.clone();
-        rows[3].reference_samples.push(
-            load(1, duration, 1, move |_, n| {
-                let mut conn = reference_conn.clone();
-                async move {
-                    let key = format!("ref:miss:{rep}:{n}");
-                    let found: Option<Vec<u8>> = redis::cmd("GET")
-                        .arg(&key)
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
-                    assert!(found.is_none());
-                    let encoded = serde_json::to_vec(&profile()).unwrap();
-                    let _: () = redis::cmd("SET")
-                        .arg(&key)
-                        .arg(encoded)
-                        .arg("EX")
-                        .arg(3600)
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
-                }
-            })
-            .await,
-        );
-        let miss = cm.function("bench", &format!("miss{rep}"), Ttl::HOUR);
-        rows[3].cm.push(
-            load(1, duration, 1, move |_, n| {
-                let miss = miss.clone();
-                async move {
-                    let got: Profile = miss.memoize(&(n,), || async { profile() }).await.unwrap();
-                    assert_eq!(got.id, 918_273);
-                }
-            })
-            .await,
-        );
+        if settings.wants("memo-miss") {
+            let reference_conn = conn.clone();
+            rows[3].reference_samples.push(
+                load(1, duration, 1, move |_, n| {
+                    let mut conn = reference_conn.clone();
+                    async move {
+                        let key = format!("ref:miss:{rep}:{n}");
+                        let found: Option<Vec<u8>> = redis::cmd("GET")
+                            .arg(&key)
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                        assert!(found.is_none());
+                        let encoded = serde_json::to_vec(&profile()).unwrap();
+                        let _: () = redis::cmd("SET")
+                            .arg(&key)
+                            .arg(encoded)
+                            .arg("EX")
+                            .arg(3600)
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                    }
+                })
+                .await,
+            );
+            let miss = cm.function("bench", &format!("miss{rep}"), Ttl::HOUR);
+            rows[3].cm.push(
+                load(1, duration, 1, move |_, n| {
+                    let miss = miss.clone();
+                    async move {
+                        let got: Profile =
+                            miss.memoize(&(n,), || async { profile() }).await.unwrap();
+                        assert_eq!(got.id, 918_273);
+                    }
+                })
+                .await,
+            );
+        }
 
-        let pool = clients.clone();
-        rows[4].reference_samples.push(
-            load(BATCH_CALLERS, duration, 1, move |caller, n| {
-                let mut client = pool[caller % CONNECTIONS].clone();
-                async move {
-                    let request = pb::GetRequest {
-                        key: Some(key("bench", "batch", n % BATCH as u64)),
-                    };
-                    assert!(client.get(request).await.unwrap().into_inner().hit);
-                }
-            })
-            .await,
-        );
-        let pool = clients.clone();
-        rows[4].cm.push(
-            load(BATCH_CALLERS, duration, BATCH as u64, move |caller, _| {
-                let mut client = pool[caller % CONNECTIONS].clone();
-                async move {
-                    let keys = (0..BATCH as u64)
-                        .map(|n| key("bench", "batch", n))
-                        .collect();
-                    let reply = client
-                        .get_many(pb::GetManyRequest { keys })
-                        .await
-                        .unwrap()
-                        .into_inner();
-                    assert!(reply.results.iter().all(|result| result.hit));
-                }
-            })
-            .await,
-        );
+        if settings.wants("batch") {
+            let pool = clients.clone();
+            rows[4].reference_samples.push(
+                load(BATCH_CALLERS, duration, 1, move |caller, n| {
+                    let mut client = pool[caller % CONNECTIONS].clone();
+                    async move {
+                        let request = pb::GetRequest {
+                            key: Some(key("bench", "batch", n % BATCH as u64)),
+                        };
+                        assert!(client.get(request).await.unwrap().into_inner().hit);
+                    }
+                })
+                .await,
+            );
+            let pool = clients.clone();
+            rows[4].cm.push(
+                load(BATCH_CALLERS, duration, BATCH as u64, move |caller, _| {
+                    let mut client = pool[caller % CONNECTIONS].clone();
+                    async move {
+                        let keys = (0..BATCH as u64)
+                            .map(|n| key("bench", "batch", n))
+                            .collect();
+                        let reply = client
+                            .get_many(pb::GetManyRequest { keys })
+                            .await
+                            .unwrap()
+                            .into_inner();
+                        assert!(reply.results.iter().all(|result| result.hit));
+                    }
+                })
+                .await,
+            );
+        }
     }
 
     let mut report = String::new();
@@ -574,6 +668,20 @@ async fn main() {
     for row in rows.iter().filter(|row| !row.cm.is_empty()) {
         row.render(&mut report);
     }
+    if !cm_cpu.is_empty() {
+        let column = |rows: &[[f64; 3]], n: usize| median(rows.iter().map(|row| row[n]).collect());
+        let reference =
+            |n: usize| median(reference_cpu.iter().map(|row: &[f64; 2]| row[n]).collect());
+        let _ = writeln!(
+            report,
+            "\nCPU per Get at 50 callers (medians): cache-money-server {:.1} µs + redis-server {:.1} µs + load generator {:.1} µs; reference: redis-server {:.1} µs + redis-benchmark {:.1} µs",
+            column(&cm_cpu, 0),
+            column(&cm_cpu, 1),
+            column(&cm_cpu, 2),
+            reference(0),
+            reference(1),
+        );
+    }
     if !h2load {
         let _ = writeln!(
             report,
@@ -581,15 +689,41 @@ async fn main() {
         );
     }
 
-    // Bust: one function of N entries removed while other callers keep reading.
+    if settings.wants("bust") {
+        bust(&settings, &mut conn, &clients, &mut raw, &mut report).await;
+    }
+    if settings.wants("footprint") {
+        footprint(&settings, &clients, server_pid, &mut report).await;
+    }
+    let _ = writeln!(
+        report,
+        "\n{} repetitions of {:.1} s each, interleaved, medians{}.",
+        settings.reps,
+        settings.seconds,
+        if settings.quick {
+            " (--quick: too short to quote)"
+        } else {
+            ""
+        }
+    );
+    println!("{report}");
+}
+
+/// Bust: one function of N entries removed while other callers keep reading.
+async fn bust(
+    settings: &Settings,
+    conn: &mut MultiplexedConnection,
+    clients: &[CacheMoneyClient<Channel>],
+    raw: &mut CacheMoneyClient<Channel>,
+    report: &mut String,
+) {
     eprintln!("bust: filling {} entries", settings.bust_entries);
-    fill(&mut conn, "bench", "big", settings.bust_entries).await;
-    fill(&mut conn, "bench", "big_sibling", 1000).await;
+    fill(conn, "bench", "big", settings.bust_entries).await;
+    fill(conn, "bench", "big_sibling", 1000).await;
     let reading = Arc::new(AtomicBool::new(true));
-    let pool = clients.clone();
     let mut readers = Vec::new();
     for caller in 0..8 {
-        let (mut client, reading) = (pool[caller % CONNECTIONS].clone(), reading.clone());
+        let (mut client, reading) = (clients[caller % CONNECTIONS].clone(), reading.clone());
         readers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             // Bounded: stops when the bust ends, or after 10 minutes at the very most.
@@ -607,7 +741,7 @@ async fn main() {
         }));
     }
     let started = Instant::now();
-    let removed = common::bust_function(&mut raw, "bench", "big").await;
+    let removed = common::bust_function(raw, "bench", "big").await;
     let bust_seconds = started.elapsed().as_secs_f64();
     reading.store(false, Relaxed);
     let mut during = Vec::new();
@@ -625,15 +759,30 @@ async fn main() {
         .await
         .unwrap()
         .into_inner();
-    let siblings_left = count_siblings(&mut raw, sibling).await;
+    let siblings_left = count_siblings(raw, sibling).await;
     let _ = writeln!(
         report,
         "\nBustFunction of {} entries: removed {removed} in {bust_seconds:.2} s; concurrent Get p50 {:.0} µs, p99 {:.0} µs; other function's entries left: {siblings_left} of 1000",
         settings.bust_entries, during.p50_us, during.p99_us
     );
+    assert_eq!(
+        removed, settings.bust_entries,
+        "the bust removed the wrong number of entries\n{report}"
+    );
+    assert_eq!(
+        siblings_left, 1000,
+        "the bust touched another function's entries\n{report}"
+    );
+}
 
-    // Footprint: server RSS under the 50-caller load, at the start and after a while.
-    let pool = clients.clone();
+/// Footprint: server RSS under the 50-caller load, at the start and after a while.
+async fn footprint(
+    settings: &Settings,
+    clients: &[CacheMoneyClient<Channel>],
+    server_pid: u32,
+    report: &mut String,
+) {
+    let pool = clients.to_vec();
     let footprint = Duration::from_secs(settings.footprint_seconds);
     let early = Arc::new(std::sync::Mutex::new(0u64));
     let early_probe = early.clone();
@@ -661,26 +810,6 @@ async fn main() {
         late as f64 / 1024.0,
         settings.footprint_seconds,
         (late as f64 / early.max(1) as f64 - 1.0) * 100.0
-    );
-    let _ = writeln!(
-        report,
-        "\n{} repetitions of {:.1} s each, interleaved, medians{}.",
-        settings.reps,
-        settings.seconds,
-        if settings.quick {
-            " (--quick: too short to quote)"
-        } else {
-            ""
-        }
-    );
-    println!("{report}");
-    assert_eq!(
-        removed, settings.bust_entries,
-        "the bust removed the wrong number of entries"
-    );
-    assert_eq!(
-        siblings_left, 1000,
-        "the bust touched another function's entries"
     );
 }
 

@@ -24,6 +24,7 @@
 //! - [`Function`] (`memoize`): one function's entries: `memoize`, `try_memoize`, busts.
 //! - [`Ttl`] (`ttl`): the seed's TTL constants.
 //! - `breaker`: the circuit breaker that keeps a down service from costing every call.
+//! - `codec`: the protobuf codec of both stubs, with buffers sized for cache traffic.
 //! - [`Error`] (`error`): the client's error type.
 //! - [`pb`]: the generated protobuf types and gRPC stubs, for raw RPCs.
 //! - [`canonical`]: the canonical key of a call's arguments (RFC 8785 JSON, md5).
@@ -35,6 +36,7 @@
 mod breaker;
 pub mod canonical;
 mod client;
+mod codec;
 mod error;
 pub mod key;
 mod memoize;

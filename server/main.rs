@@ -6,6 +6,10 @@ use cache_money::server::{self, config::Config};
 use clap::Parser;
 use tokio::net::TcpListener;
 
+/// mimalloc rather than glibc's malloc: see BENCHMARKS.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     server::init_logging(config.log_format);

@@ -147,7 +147,8 @@ impl RedisServer {
             .expect("DBSIZE")
     }
 
-    fn pid(&self) -> u32 {
+    /// The redis-server process id.
+    pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("redis is running").id()
     }
 
