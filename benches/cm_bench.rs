@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cache_money::{Client, Ttl, pb, pb::cache_money_client::CacheMoneyClient};
+use cache_money::{Client, RawClient, Ttl, pb, pb::cache_money_client::CacheMoneyClient};
 use common::{CacheServer, RedisServer, digest, key};
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
@@ -321,11 +321,15 @@ fn redis_get(port: u16, connections: &str, requests: &str) -> Sample {
     )
 }
 
-/// One gRPC Get of the 64-byte fixture; it must hit.
-async fn get_fixture(client: &mut CacheMoneyClient<Channel>) {
-    let request = pb::GetRequest {
+/// The Get of the 64-byte fixture, built once as a caller would.
+fn fixture_request() -> pb::GetRequest {
+    pb::GetRequest {
         key: Some(key("bench", "get", 0)),
-    };
+    }
+}
+
+/// One gRPC Get of the 64-byte fixture; it must hit.
+async fn get_fixture(client: &mut RawClient, request: pb::GetRequest) {
     assert!(client.get(request).await.unwrap().into_inner().hit);
 }
 
@@ -336,10 +340,12 @@ fn requests_for(rps: f64, duration: Duration) -> String {
         .to_string()
 }
 
-async fn channels(server: &CacheServer) -> Vec<CacheMoneyClient<Channel>> {
+/// The load generator's stubs: the client library's, each over its own HTTP/2 connection.
+async fn channels(server: &CacheServer) -> Vec<RawClient> {
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {
-        clients.push(CacheMoneyClient::new(server.channel().await));
+        let client = Client::connect(server.url()).await.expect("client");
+        clients.push(client.raw());
     }
     clients
 }
@@ -438,7 +444,8 @@ async fn main() {
     let server = CacheServer::redis(&redis, &["--max-batch", "1000"]);
     let server_pid = server.pid();
     let clients = channels(&server).await;
-    let mut raw = clients[0].clone();
+    // Fixtures and administration go over a plain tonic channel.
+    let mut raw = CacheMoneyClient::new(server.channel().await);
     let mut conn: MultiplexedConnection = redis.connect().await;
     let duration = settings.duration();
 
@@ -511,10 +518,11 @@ async fn main() {
             let pool = clients.clone();
             let started = Instant::now();
             let before = CpuTicks::now(server_pid, redis.pid());
+            let request = fixture_request();
             let measured = load(CONCURRENCY, duration, 1, move |caller, _| {
-                let mut client = pool[caller % CONNECTIONS].clone();
+                let (mut client, request) = (pool[caller % CONNECTIONS].clone(), request.clone());
                 async move {
-                    get_fixture(&mut client).await;
+                    get_fixture(&mut client, request).await;
                 }
             })
             .await;
@@ -539,12 +547,12 @@ async fn main() {
                 "1",
                 &requests_for(rps1, duration),
             ));
-            let single = clients[0].clone();
+            let (single, request) = (clients[0].clone(), fixture_request());
             rows[1].cm.push(
                 load(1, duration, 1, move |_, _| {
-                    let mut client = single.clone();
+                    let (mut client, request) = (single.clone(), request.clone());
                     async move {
-                        get_fixture(&mut client).await;
+                        get_fixture(&mut client, request).await;
                     }
                 })
                 .await,
@@ -713,7 +721,7 @@ async fn main() {
 async fn bust(
     settings: &Settings,
     conn: &mut MultiplexedConnection,
-    clients: &[CacheMoneyClient<Channel>],
+    clients: &[RawClient],
     raw: &mut CacheMoneyClient<Channel>,
     report: &mut String,
 ) {
@@ -778,7 +786,7 @@ async fn bust(
 /// Footprint: server RSS under the 50-caller load, at the start and after a while.
 async fn footprint(
     settings: &Settings,
-    clients: &[CacheMoneyClient<Channel>],
+    clients: &[RawClient],
     server_pid: u32,
     report: &mut String,
 ) {

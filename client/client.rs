@@ -26,6 +26,7 @@ use crate::{
     breaker::Breaker,
     key::{EntryKey, check_name},
     pb::{self, cache_money_client::CacheMoneyClient},
+    transport::{Connection, Transport},
 };
 
 /// How long a cache lookup or store may take before `memoize` gives up on the cache.
@@ -106,8 +107,8 @@ impl Interceptor for Credentials {
     }
 }
 
-/// The generated stub as this client uses it: over its channel, with its credentials.
-pub type RawClient = CacheMoneyClient<InterceptedService<Channel, Credentials>>;
+/// The generated stub as this client uses it: over its transport, with its credentials.
+pub type RawClient = CacheMoneyClient<InterceptedService<Transport, Credentials>>;
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -210,17 +211,38 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Self, Error> {
         let url = url.into();
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?
-            .connect_timeout(options.connect_timeout)
-            .tcp_nodelay(true);
-        Self::from_channel_with(endpoint.connect_lazy(), options)
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(Error::InvalidUrl(format!(
+                "{url:?}: give the service's address as http://host:port (or https://)"
+            )));
+        }
+        let transport = if uri.scheme_str() == Some("http") {
+            // The client's own HTTP/2 connection: the fast path (transport.rs).
+            Transport::Connection(
+                Connection::lazy(&uri, options.connect_timeout)
+                    .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?,
+            )
+        } else {
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?
+                .connect_timeout(options.connect_timeout)
+                .tcp_nodelay(true);
+            Transport::Channel(endpoint.connect_lazy())
+        };
+        Self::with_transport(transport, options)
     }
 
     /// A client over a channel you configured yourself (TLS, load balancing), with default
     /// options.
     pub fn from_channel(channel: Channel) -> Self {
-        Self::build(channel, ClientOptions::default(), Credentials::default())
+        Self::build(
+            Transport::Channel(channel),
+            ClientOptions::default(),
+            Credentials::default(),
+        )
     }
 
     /// As [`Client::from_channel`], with options.
@@ -228,6 +250,10 @@ impl Client {
     /// # Errors
     /// [`Error::InvalidToken`] when the token cannot travel in metadata.
     pub fn from_channel_with(channel: Channel, options: ClientOptions) -> Result<Self, Error> {
+        Self::with_transport(Transport::Channel(channel), options)
+    }
+
+    fn with_transport(transport: Transport, options: ClientOptions) -> Result<Self, Error> {
         let header = match &options.token {
             None => None,
             Some(token) => Some(
@@ -235,13 +261,13 @@ impl Client {
                     .map_err(|_| Error::InvalidToken)?,
             ),
         };
-        Ok(Self::build(channel, options, Credentials { header }))
+        Ok(Self::build(transport, options, Credentials { header }))
     }
 
-    fn build(channel: Channel, options: ClientOptions, credentials: Credentials) -> Self {
+    fn build(transport: Transport, options: ClientOptions, credentials: Credentials) -> Self {
         Client {
             inner: Arc::new(Inner {
-                rpc: CacheMoneyClient::with_interceptor(channel, credentials),
+                rpc: CacheMoneyClient::with_interceptor(transport, credentials),
                 breaker: Breaker::new(options.breaker_threshold, options.breaker_cooldown),
                 options,
                 counters: Counters::default(),

@@ -24,6 +24,8 @@
 //! - [`Function`] (`memoize`): one function's entries: `memoize`, `try_memoize`, busts.
 //! - [`Ttl`] (`ttl`): the seed's TTL constants.
 //! - `breaker`: the circuit breaker that keeps a down service from costing every call.
+//! - [`transport`]: how calls reach the service: the client's own HTTP/2 connection, or a
+//!   tonic `Channel` you configured.
 //! - `codec`: the protobuf codec of both stubs, with buffers sized for cache traffic.
 //! - [`Error`] (`error`): the client's error type.
 //! - [`pb`]: the generated protobuf types and gRPC stubs, for raw RPCs.
@@ -40,6 +42,7 @@ mod codec;
 mod error;
 pub mod key;
 mod memoize;
+pub mod transport;
 mod ttl;
 
 pub use client::{

@@ -202,9 +202,11 @@ impl RedisStore {
             }
         }
         .map_err(|err| StoreError::Internal(format!("--redis-url: {err}")))?;
+        // No response timeout inside redis-rs: `run` bounds every command by the store
+        // timeout already, and a second timer per command cost a syscall (BENCHMARKS.md).
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
-            .set_response_timeout(Some(settings.timeout));
+            .set_response_timeout(None);
         let connect_errors = ConnectErrors::default();
         let pool = Pool::builder()
             .max_size(settings.pool_size)
