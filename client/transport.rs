@@ -219,15 +219,28 @@ impl Connection {
     /// first call after a server restart would fail only because it was first to notice.
     async fn call(self, request: Request<Body>) -> Result<Response<Body>, Status> {
         let (parts, mut body) = request.into_parts();
-        // A unary request's body is one encoded message, ready at once.
-        let mut message = BytesMut::new();
+        // A unary request's body is one encoded message, ready at once: sent as it is, or
+        // joined when the encoder produced several frames.
+        let mut message = Bytes::new();
+        let mut joined: Option<BytesMut> = None;
         while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
         {
-            if let Ok(data) = frame?.into_data() {
-                message.extend_from_slice(&data);
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            match joined.as_mut() {
+                None if message.is_empty() => message = data,
+                None => {
+                    let mut buffer = BytesMut::from(&message[..]);
+                    buffer.extend_from_slice(&data);
+                    joined = Some(buffer);
+                }
+                Some(buffer) => buffer.extend_from_slice(&data),
             }
         }
-        let message = message.freeze();
+        if let Some(buffer) = joined {
+            message = buffer.freeze();
+        }
         let mut uri = Uri::builder()
             .scheme(self.shared.scheme.clone())
             .authority(self.shared.authority.clone());
