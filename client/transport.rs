@@ -59,10 +59,24 @@ struct Shared {
     connect_timeout: Duration,
     /// The open connection's request handle and its generation, `None` before the first call
     /// and after the connection ends.
-    current: Mutex<Option<(u64, SendRequest<Bytes>)>>,
-    /// Held while connecting, so callers that find no connection open one, not one each.
-    connecting: tokio::sync::Mutex<u64>,
+    current: Mutex<Option<Opened>>,
+    /// Held while waiting for a connection, so callers that find none open one, not one
+    /// each.
+    connecting: tokio::sync::Mutex<Connecting>,
 }
+
+/// The connection attempt under way, if any, and the generation of the latest attempt.
+#[derive(Default)]
+struct Connecting {
+    generation: u64,
+    /// A spawned attempt: it finishes, and stores its connection, even when every caller
+    /// that waited for it gave up first (a 100 ms `memoize` deadline on a link whose
+    /// handshake takes longer must not cancel connecting forever).
+    attempt: Option<tokio::task::JoinHandle<Result<Opened, Status>>>,
+}
+
+/// A connection's generation and its request handle.
+type Opened = (u64, SendRequest<Bytes>);
 
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -92,12 +106,12 @@ impl Connection {
                 authority,
                 connect_timeout,
                 current: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(0),
+                connecting: tokio::sync::Mutex::new(Connecting::default()),
             }),
         })
     }
 
-    fn current(&self) -> Option<(u64, SendRequest<Bytes>)> {
+    fn current(&self) -> Option<Opened> {
         self.shared
             .current
             .lock()
@@ -122,7 +136,7 @@ impl Connection {
 
     /// A request handle ready for a new stream, with its connection's generation: the open
     /// connection's, or a new connection's when there is none or it has ended.
-    async fn ready(&self) -> Result<(u64, SendRequest<Bytes>), Status> {
+    async fn ready(&self) -> Result<Opened, Status> {
         if let Some((generation, sender)) = self.current() {
             match sender.ready().await {
                 Ok(sender) => return Ok((generation, sender)),
@@ -133,29 +147,47 @@ impl Connection {
                 }
             }
         }
-        let mut generation = self.shared.connecting.lock().await;
+        let mut connecting = self.shared.connecting.lock().await;
         // Someone else may have connected while this caller waited.
         if let Some((generation, sender)) = self.current() {
             let sender = sender.ready().await.map_err(|err| self.status(err))?;
             return Ok((generation, sender));
         }
-        *generation += 1;
-        let sender = tokio::time::timeout(self.shared.connect_timeout, self.open(*generation))
-            .await
-            .map_err(|_| {
-                Status::unavailable(format!(
-                    "cannot connect to {}: no HTTP/2 answer within {} ms",
-                    self.shared.authority,
-                    self.shared.connect_timeout.as_millis()
-                ))
-            })??;
-        *self
-            .shared
-            .current
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((*generation, sender.clone()));
+        if connecting.attempt.is_none() {
+            connecting.generation += 1;
+            let (this, generation) = (self.clone(), connecting.generation);
+            connecting.attempt = Some(tokio::spawn(async move {
+                let timeout = this.shared.connect_timeout;
+                let sender = tokio::time::timeout(timeout, this.open(generation))
+                    .await
+                    .map_err(|_| {
+                        Status::unavailable(format!(
+                            "cannot connect to {}: no HTTP/2 answer within {} ms",
+                            this.shared.authority,
+                            timeout.as_millis()
+                        ))
+                    })??;
+                *this
+                    .shared
+                    .current
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                    Some((generation, sender.clone()));
+                Ok((generation, sender))
+            }));
+        }
+        // Awaited in place: if this caller gives up, the next one waits for the same attempt.
+        let attempt = connecting
+            .attempt
+            .as_mut()
+            .expect("an attempt was just ensured");
+        let outcome = attempt.await;
+        connecting.attempt = None;
+        let (generation, sender) = outcome.map_err(|err| {
+            Status::internal(format!("connecting to the service failed: {err}"))
+        })??;
         let sender = sender.ready().await.map_err(|err| self.status(err))?;
-        Ok((*generation, sender))
+        Ok((generation, sender))
     }
 
     /// Opens connection `generation`: TCP, the HTTP/2 handshake, and a PING answered, so a

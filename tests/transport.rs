@@ -1,13 +1,17 @@
 //! The client's own HTTP/2 connection (`client/transport.rs`) against the real server binary:
 //! large messages both ways, many calls at once, errors as gRPC statuses, cancelled calls,
-//! reconnecting after the server restarts, and bounded connects.
+//! reconnecting after the server restarts, bounded connects, and connects slower than a
+//! caller's deadline.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
-use cache_money::{Client, ClientOptions, RawClient, pb};
-use common::{CacheServer, key, put};
+use cache_money::{Client, ClientOptions, RawClient, Ttl, pb};
+use common::{CacheServer, eventually, key, put};
 use tonic::Code;
 
 async fn raw(server: &CacheServer) -> RawClient {
@@ -177,4 +181,47 @@ async fn unusable_urls_are_refused_up_front() {
             "{url}: {err:?}"
         );
     }
+}
+
+/// A TCP forwarder to `target` that holds back everything the server says on each new
+/// connection for `delay`: a link whose HTTP/2 handshake takes that long.
+async fn slow_link(target: SocketAddr, delay: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = inbound.into_split();
+                let (mut server_read, mut server_write) = outbound.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                tokio::time::sleep(delay).await;
+                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Each `memoize` lookup gives up after 100 ms, but the handshake takes 400 ms: the attempt
+/// must carry on without the caller that started it, or caching would never begin.
+#[tokio::test]
+async fn a_connect_slower_than_the_deadline_still_completes() {
+    let server = CacheServer::memory(&[]);
+    let link = slow_link(server.addr(), Duration::from_millis(400)).await;
+    let cm = Client::connect(format!("http://{link}")).await.unwrap();
+    let one = cm.function("transport", "slow_link", Ttl::MINUTE);
+    let started = Instant::now();
+    let cached = eventually(Duration::from_secs(10), || async {
+        let value: u32 = one.memoize(&(1,), || async { 1 }).await.unwrap();
+        assert_eq!(value, 1);
+        cm.metrics().hits > 0
+    })
+    .await;
+    assert!(cached, "never served from the cache: {:?}", cm.metrics());
+    assert!(started.elapsed() >= Duration::from_millis(400));
 }
