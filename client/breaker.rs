@@ -37,9 +37,7 @@ impl Breaker {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // Every update is a single assignment, so a poisoned lock still holds a valid state.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock(&self.state)
     }
 
     /// Whether a call may go to the service now.

@@ -25,6 +25,7 @@ use crate::{
     Error, Function,
     breaker::Breaker,
     key::{EntryKey, check_name},
+    lock,
     pb::{self, cache_money_client::CacheMoneyClient},
     transport::{Connection, Transport},
 };
@@ -431,22 +432,14 @@ impl Client {
 
     /// Joins the flight for `key`, starting one if none is under way.
     pub(crate) fn join_flight(&self, key: &EntryKey) -> Flight {
-        let mut flights = self
-            .inner
-            .flights
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut flights = lock(&self.inner.flights);
         flights.entry(key.clone()).or_default().clone()
     }
 
     /// Leaves a flight. It is forgotten once it has a result, or when nobody else is in it
     /// (every caller went away), so the table never keeps dead flights.
     pub(crate) fn leave_flight(&self, key: &EntryKey, flight: &Flight) {
-        let mut flights = self
-            .inner
-            .flights
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut flights = lock(&self.inner.flights);
         let Some(current) = flights.get(key) else {
             return;
         };

@@ -78,6 +78,16 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/cache_money_descriptor.bin"));
 }
 
+/// Locks `mutex`, taking the guard even when a thread panicked while holding it. Every mutex
+/// in this crate guards state that stays valid across a panic (each update is a single
+/// assignment, or completes before anything that can panic), and a cache must not stop
+/// working because one caller panicked.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[cfg(feature = "server")]
 #[path = "../server/mod.rs"]
 pub mod server;

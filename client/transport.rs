@@ -30,6 +30,8 @@ use http_body::{Body as _, Frame};
 use tonic::{Status, body::Body, transport::Channel};
 use tracing::debug;
 
+use crate::lock;
+
 /// The service behind [`RawClient`](crate::RawClient): calls go over the client's own
 /// HTTP/2 [`Connection`], or over a tonic [`Channel`] given to
 /// [`Client::from_channel`](crate::Client::from_channel).
@@ -112,20 +114,12 @@ impl Connection {
     }
 
     fn current(&self) -> Option<Opened> {
-        self.shared
-            .current
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        lock(&self.shared.current).clone()
     }
 
     /// Forgets connection `generation` once it has failed, unless a newer one replaced it.
     fn forget(&self, generation: u64) {
-        let mut current = self
-            .shared
-            .current
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = lock(&self.shared.current);
         if current
             .as_ref()
             .is_some_and(|(open, _)| *open == generation)
@@ -167,12 +161,7 @@ impl Connection {
                             timeout.as_millis()
                         ))
                     })??;
-                *this
-                    .shared
-                    .current
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) =
-                    Some((generation, sender.clone()));
+                *lock(&this.shared.current) = Some((generation, sender.clone()));
                 Ok((generation, sender))
             }));
         }

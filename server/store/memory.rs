@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::{KeyInfo, KeysPage, NewEntry, Scope, Store, StoreError};
 use crate::key::{EntryKey, FunctionKey, check_digest};
+use crate::lock;
 
 /// How often expired entries are swept out. Reads never see them either way; this only bounds
 /// how long their memory stays counted.
@@ -155,16 +156,10 @@ impl MemoryStore {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the maps consistent (every mutation is
+        // completed before anything that can panic), so a poisoned lock is still usable.
         lock(&self.shared)
     }
-}
-
-fn lock(shared: &Mutex<State>) -> MutexGuard<'_, State> {
-    // A panic while holding the lock leaves the maps consistent (every mutation is completed
-    // before anything that can panic), so a poisoned lock is still usable.
-    shared
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn purge_expired(shared: Weak<Mutex<State>>) {

@@ -24,6 +24,7 @@ use tracing::warn;
 
 use super::{KeyInfo, KeysPage, NewEntry, Scope, Store, StoreError};
 use crate::key::{EntryKey, FunctionKey};
+use crate::lock;
 use crate::server::key::KeyLayout;
 
 /// What the Redis store needs to know.
@@ -103,10 +104,7 @@ struct ConnectErrors {
 impl ConnectErrors {
     /// The latest connection error, if it happened within `window`.
     fn recent(&self, window: Duration) -> Option<String> {
-        let latest = self
-            .latest
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let latest = lock(&self.latest);
         latest
             .as_ref()
             .filter(|(at, _)| at.elapsed() <= window)
@@ -117,10 +115,7 @@ impl ConnectErrors {
 impl ErrorSink<RedisError> for ConnectErrors {
     fn sink(&self, err: RedisError) {
         let cause = describe(&err);
-        *self
-            .latest
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((Instant::now(), cause));
+        *lock(&self.latest) = Some((Instant::now(), cause));
     }
 
     fn boxed_clone(&self) -> Box<dyn ErrorSink<RedisError>> {
