@@ -215,23 +215,24 @@ impl Client {
         let uri: http::Uri = url
             .parse()
             .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) {
-            return Err(Error::InvalidUrl(format!(
-                "{url:?}: give the service's address as http://host:port (or https://)"
-            )));
-        }
-        let transport = if uri.scheme_str() == Some("http") {
+        let transport = match uri.scheme_str() {
             // The client's own HTTP/2 connection: the fast path (transport.rs).
-            Transport::Connection(
+            Some("http") => Transport::Connection(
                 Connection::lazy(&uri, options.connect_timeout)
                     .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?,
-            )
-        } else {
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?
-                .connect_timeout(options.connect_timeout)
-                .tcp_nodelay(true);
-            Transport::Channel(endpoint.connect_lazy())
+            ),
+            Some("https") => {
+                let endpoint = Endpoint::from_shared(url.clone())
+                    .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?
+                    .connect_timeout(options.connect_timeout)
+                    .tcp_nodelay(true);
+                Transport::Channel(endpoint.connect_lazy())
+            }
+            _ => {
+                return Err(Error::InvalidUrl(format!(
+                    "{url:?}: give the service's address as http://host:port (or https://)"
+                )));
+            }
         };
         Self::with_transport(transport, options)
     }

@@ -55,8 +55,7 @@ pub struct Connection {
 }
 
 struct Shared {
-    /// `http` and the `host[:port]` every request carries as `:scheme` and `:authority`.
-    scheme: Scheme,
+    /// The `host[:port]` every request carries as `:authority` (its `:scheme` is `http`).
     authority: Authority,
     connect_timeout: Duration,
     /// The open connection's request handle and its generation, `None` before the first call
@@ -104,7 +103,6 @@ impl Connection {
             .clone();
         Ok(Connection {
             shared: Arc::new(Shared {
-                scheme: Scheme::HTTP,
                 authority,
                 connect_timeout,
                 current: Mutex::new(None),
@@ -263,7 +261,7 @@ impl Connection {
             message = buffer.freeze();
         }
         let mut uri = Uri::builder()
-            .scheme(self.shared.scheme.clone())
+            .scheme(Scheme::HTTP)
             .authority(self.shared.authority.clone());
         if let Some(path) = parts.uri.path_and_query() {
             uri = uri.path_and_query(path.clone());
