@@ -1,11 +1,11 @@
 //! The protobuf codec both stubs use: tonic-prost's, with buffers sized for cache traffic.
 //!
-//! tonic allocates an 8 KiB buffer for every message it encodes or decodes. glibc serves
-//! requests of 1 KiB and more from its large bins, and each such request first consolidates
-//! the fast bins: under load that was ~8 % of the server's CPU for Gets of a few hundred bytes.
-//! Starting at 512 bytes keeps a typical Get, Put or reply in the small bins; bigger messages
-//! still work, because the encoder reserves a message's exact length before writing it and the
-//! decoder reserves the length announced in the frame header.
+//! tonic allocates an 8 KiB buffer for every message it encodes or decodes; cache messages are
+//! mostly a few hundred bytes. Starting at 512 bytes is 16 KiB less per RPC in flight and keeps
+//! glibc (which clients may use) out of its large-bin path; bigger messages still work, because
+//! the encoder reserves a message's exact length before writing it and the decoder reserves the
+//! length announced in the frame header. On its own this did not move the server's CPU per Get
+//! beyond noise (BENCHMARKS.md); mimalloc in the server did.
 
 use std::marker::PhantomData;
 
