@@ -340,7 +340,7 @@ fn requests_for(rps: f64, duration: Duration) -> String {
         .to_string()
 }
 
-/// The load generator's stubs: the client library's, each over its own HTTP/2 connection.
+/// The load generator's stubs: the client library's, each over its own channel (connection).
 async fn channels(server: &CacheServer) -> Vec<RawClient> {
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {

@@ -17,6 +17,18 @@ enum State {
     Probing { since: Instant },
 }
 
+/// What a report did to the breaker, so the caller can log the moments that matter once
+/// rather than on every call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transition {
+    /// The breaker was closed (or open) and stays so.
+    None,
+    /// A failure opened a closed breaker: the service just became unreachable.
+    Opened,
+    /// A success closed an open breaker: the service is back.
+    Closed,
+}
+
 /// Shared by every clone of a client.
 #[derive(Debug)]
 pub(crate) struct Breaker {
@@ -59,16 +71,23 @@ impl Breaker {
     }
 
     /// The service answered.
-    pub(crate) fn success(&self) {
-        *self.state() = State::Closed { failures: 0 };
+    pub(crate) fn success(&self) -> Transition {
+        let mut state = self.state();
+        let was_open = !matches!(*state, State::Closed { .. });
+        *state = State::Closed { failures: 0 };
+        if was_open {
+            Transition::Closed
+        } else {
+            Transition::None
+        }
     }
 
     /// The service failed or did not answer in time.
-    pub(crate) fn failure(&self) {
+    pub(crate) fn failure(&self) -> Transition {
         let mut state = self.state();
-        let failures = match *state {
-            State::Closed { failures } => failures + 1,
-            State::Open { .. } | State::Probing { .. } => self.threshold,
+        let (failures, was_closed) = match *state {
+            State::Closed { failures } => (failures + 1, true),
+            State::Open { .. } | State::Probing { .. } => (self.threshold, false),
         };
         *state = if failures >= self.threshold {
             State::Open {
@@ -77,6 +96,11 @@ impl Breaker {
         } else {
             State::Closed { failures }
         };
+        if was_closed && failures >= self.threshold {
+            Transition::Opened
+        } else {
+            Transition::None
+        }
     }
 
     /// Whether calls are currently being skipped.

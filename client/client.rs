@@ -17,17 +17,17 @@ use tonic::{
     Code, Status,
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Endpoint},
+    transport::Channel,
 };
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use crate::{
     Error, Function,
-    breaker::Breaker,
+    breaker::{Breaker, Transition},
+    connect::{self, describe},
     key::{EntryKey, check_name},
     lock,
     pb::{self, cache_money_client::CacheMoneyClient},
-    transport::{Connection, Transport},
 };
 
 /// How long a cache lookup or store may take before `memoize` gives up on the cache.
@@ -42,6 +42,17 @@ pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60 * 60);
 /// How long to wait for a TCP connection to the service.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a connection may be silent before the client PINGs the server. With
+/// [`DEFAULT_KEEPALIVE_TIMEOUT`] it bounds how long a dead or unreachable server goes
+/// unnoticed: 7 s. cache-money's server answers PINGs at any rate; a gRPC proxy in between
+/// may not (grpc-core servers send GOAWAY to clients that PING more often than every five
+/// minutes unless configured otherwise): raise it there.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a PING may go unanswered before the connection is closed and replaced.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest response the client decodes: the server's default `--max-response-bytes`
+/// (8 MiB of values) plus room for the framing of a full `GetMany`.
+pub const DEFAULT_MAX_RECEIVE_BYTES: usize = 8 * 1024 * 1024 + 64 * 1024;
 
 /// How a [`Client`] behaves; [`Default`] gives the documented defaults.
 #[derive(Clone)]
@@ -56,6 +67,16 @@ pub struct ClientOptions {
     pub breaker_cooldown: Duration,
     /// Bound on opening a connection to the service.
     pub connect_timeout: Duration,
+    /// Silence after which the client PINGs the server to check the connection is alive.
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is replaced.
+    pub keepalive_timeout: Duration,
+    /// PEM CA certificate(s) to verify an `https://` service with, instead of the system's
+    /// trust store.
+    pub tls_ca: Option<Vec<u8>>,
+    /// The largest response the client accepts; keep it at least the server's
+    /// `--max-response-bytes`.
+    pub max_receive_bytes: usize,
     /// TTL of handles made by [`Client::function_with_default_ttl`].
     pub default_ttl: Duration,
     /// `false` turns caching off: `memoize` calls the function every time and busts do
@@ -73,6 +94,10 @@ impl fmt::Debug for ClientOptions {
             .field("breaker_threshold", &self.breaker_threshold)
             .field("breaker_cooldown", &self.breaker_cooldown)
             .field("connect_timeout", &self.connect_timeout)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("tls_ca", &self.tls_ca.as_ref().map(|pem| pem.len()))
+            .field("max_receive_bytes", &self.max_receive_bytes)
             .field("default_ttl", &self.default_ttl)
             .field("enabled", &self.enabled)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
@@ -108,8 +133,8 @@ impl Interceptor for Credentials {
     }
 }
 
-/// The generated stub as this client uses it: over its transport, with its credentials.
-pub type RawClient = CacheMoneyClient<InterceptedService<Transport, Credentials>>;
+/// The generated stub as this client uses it: over its channel, with its credentials.
+pub type RawClient = CacheMoneyClient<InterceptedService<Channel, Credentials>>;
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -119,6 +144,10 @@ impl Default for ClientOptions {
             breaker_threshold: DEFAULT_BREAKER_THRESHOLD,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            tls_ca: None,
+            max_receive_bytes: DEFAULT_MAX_RECEIVE_BYTES,
             default_ttl: DEFAULT_TTL,
             enabled: true,
             token: None,
@@ -202,60 +231,36 @@ impl Client {
         Self::connect_with(url, ClientOptions::default()).await
     }
 
-    /// As [`Client::connect`], with options.
+    /// As [`Client::connect`], with options: deadlines, keepalive, TLS, a token.
+    ///
+    /// `https://` URLs use TLS (feature `tls`, on by default), verified against the system's
+    /// trust store or [`ClientOptions::tls_ca`]. A certificate that does not verify fails each
+    /// call with the reason; `memoize` then computes, and logs at warn once that caching is
+    /// off and why.
     ///
     /// # Errors
-    /// [`Error::InvalidUrl`] when the URL cannot be parsed, [`Error::InvalidToken`] when the
-    /// token cannot travel in metadata.
+    /// [`Error::InvalidUrl`] when the URL is not `http://host:port` or `https://host:port`,
+    /// [`Error::InvalidToken`] when the token cannot travel in metadata.
     pub async fn connect_with(
         url: impl Into<String>,
         options: ClientOptions,
     ) -> Result<Self, Error> {
-        let url = url.into();
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?;
-        let transport = match uri.scheme_str() {
-            // The client's own HTTP/2 connection: the fast path (transport.rs).
-            Some("http") => Transport::Connection(
-                Connection::lazy(&uri, options.connect_timeout)
-                    .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?,
-            ),
-            Some("https") => {
-                let endpoint = Endpoint::from_shared(url.clone())
-                    .map_err(|err| Error::InvalidUrl(format!("{url:?}: {err}")))?
-                    .connect_timeout(options.connect_timeout)
-                    .tcp_nodelay(true);
-                Transport::Channel(endpoint.connect_lazy())
-            }
-            _ => {
-                return Err(Error::InvalidUrl(format!(
-                    "{url:?}: give the service's address as http://host:port (or https://)"
-                )));
-            }
-        };
-        Self::with_transport(transport, options)
+        let channel = connect::channel(&url.into(), &options)?;
+        Self::from_channel_with(channel, options)
     }
 
-    /// A client over a channel you configured yourself (TLS, load balancing), with default
-    /// options.
+    /// A client over a channel you configured yourself (a proxy, a custom resolver or load
+    /// balancing), with default options.
     pub fn from_channel(channel: Channel) -> Self {
-        Self::build(
-            Transport::Channel(channel),
-            ClientOptions::default(),
-            Credentials::default(),
-        )
+        Self::build(channel, ClientOptions::default(), Credentials::default())
     }
 
-    /// As [`Client::from_channel`], with options.
+    /// As [`Client::from_channel`], with options. The connection settings among them
+    /// (timeouts, keepalive, TLS) are the channel's own and are not applied here.
     ///
     /// # Errors
     /// [`Error::InvalidToken`] when the token cannot travel in metadata.
     pub fn from_channel_with(channel: Channel, options: ClientOptions) -> Result<Self, Error> {
-        Self::with_transport(Transport::Channel(channel), options)
-    }
-
-    fn with_transport(transport: Transport, options: ClientOptions) -> Result<Self, Error> {
         let header = match &options.token {
             None => None,
             Some(token) => Some(
@@ -263,13 +268,14 @@ impl Client {
                     .map_err(|_| Error::InvalidToken)?,
             ),
         };
-        Ok(Self::build(transport, options, Credentials { header }))
+        Ok(Self::build(channel, options, Credentials { header }))
     }
 
-    fn build(transport: Transport, options: ClientOptions, credentials: Credentials) -> Self {
+    fn build(channel: Channel, options: ClientOptions, credentials: Credentials) -> Self {
         Client {
             inner: Arc::new(Inner {
-                rpc: CacheMoneyClient::with_interceptor(transport, credentials),
+                rpc: CacheMoneyClient::with_interceptor(channel, credentials)
+                    .max_decoding_message_size(options.max_receive_bytes),
                 breaker: Breaker::new(options.breaker_threshold, options.breaker_cooldown),
                 options,
                 counters: Counters::default(),
@@ -402,7 +408,9 @@ impl Client {
         let deadline = self.inner.options.deadline;
         let status = match tokio::time::timeout(deadline, call(self.inner.rpc.clone())).await {
             Ok(Ok(reply)) => {
-                self.inner.breaker.success();
+                if self.inner.breaker.success() == Transition::Closed {
+                    info!(rpc = what, "cache-money answers again: caching is back on");
+                }
                 return Some(reply.into_inner());
             }
             Ok(Err(status)) => status,
@@ -413,9 +421,13 @@ impl Client {
         // A request the service refused as invalid says nothing about its health.
         if !matches!(status.code(), Code::InvalidArgument | Code::OutOfRange) {
             counters.rpc_failures.fetch_add(1, Relaxed);
-            self.inner.breaker.failure();
+            if self.inner.breaker.failure() == Transition::Opened {
+                // Once per outage, not per call: the breaker opens once until it closes.
+                warn!(rpc = what, cause = %describe(&status), "cache-money unreachable: caching is off, memoize computes every call until it answers again");
+                return None;
+            }
         }
-        debug!(rpc = what, code = ?status.code(), cause = status.message(), "cache unavailable; computing instead");
+        debug!(rpc = what, cause = %describe(&status), "cache unavailable; computing instead");
         None
     }
 

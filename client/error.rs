@@ -2,7 +2,7 @@
 
 use std::{fmt, time::Duration};
 
-use crate::{canonical::ArgsError, key::KeyError};
+use crate::{canonical::ArgsError, connect::describe, key::KeyError};
 
 /// What can go wrong in the client. `memoize` fails only on [`Error::Args`] (a call that
 /// cannot be keyed); a cache that is down or slow is never an error there (fail-open). Busts
@@ -33,12 +33,7 @@ impl fmt::Display for Error {
             Error::InvalidName(err) => write!(f, "{err}"),
             Error::InvalidTtl(message) => write!(f, "ttl: {message}"),
             Error::Args(err) => write!(f, "{err}"),
-            Error::Rpc(status) => write!(
-                f,
-                "cache-money answered {:?}: {}",
-                status.code(),
-                status.message()
-            ),
+            Error::Rpc(status) => write!(f, "cache-money answered {}", describe(status)),
             Error::Timeout(after) => {
                 write!(
                     f,

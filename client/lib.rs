@@ -24,8 +24,8 @@
 //! - [`Function`] (`memoize`): one function's entries: `memoize`, `try_memoize`, busts.
 //! - [`Ttl`] (`ttl`): the seed's TTL constants.
 //! - `breaker`: the circuit breaker that keeps a down service from costing every call.
-//! - [`transport`]: how calls reach the service: the client's own HTTP/2 connection, or a
-//!   tonic `Channel` you configured.
+//! - `connect`: how a URL and [`ClientOptions`] become a tonic `Channel` (keepalive, TLS,
+//!   timeouts).
 //! - `codec`: the protobuf codec of both stubs, with buffers sized for cache traffic.
 //! - [`Error`] (`error`): the client's error type.
 //! - [`pb`]: the generated protobuf types and gRPC stubs, for raw RPCs.
@@ -39,16 +39,17 @@ mod breaker;
 pub mod canonical;
 mod client;
 mod codec;
+mod connect;
 mod error;
 pub mod key;
 mod memoize;
-pub mod transport;
 mod ttl;
 
 pub use client::{
     Client, ClientMetrics, ClientOptions, Credentials, DEFAULT_BREAKER_COOLDOWN,
     DEFAULT_BREAKER_THRESHOLD, DEFAULT_BUST_DEADLINE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE,
-    DEFAULT_TTL, RawClient,
+    DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_RECEIVE_BYTES, DEFAULT_TTL,
+    RawClient,
 };
 pub use error::Error;
 pub use memoize::{Function, KeyFn};

@@ -10,7 +10,7 @@ use std::{
 };
 
 use cache_money::pb;
-use common::{CacheServer, RedisServer, digest, eventually, get, key, put};
+use common::{CacheServer, RedisServer, digest, eventually, fill, get, key, put};
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -44,23 +44,6 @@ async fn get_is_unavailable_within(
     let err = cm.get(request).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert!(started.elapsed() < within, "took {:?}", started.elapsed());
-}
-
-/// Writes `count` entries of one function straight into Redis, as the server would.
-async fn fill(redis: &RedisServer, prefix: &str, function: &str, count: u64) {
-    let mut conn = redis.connect().await;
-    for chunk in (0..count).collect::<Vec<_>>().chunks(10_000) {
-        let mut pipe = redis::pipe();
-        for n in chunk {
-            pipe.cmd("SET")
-                .arg(format!("{prefix}ns:{function}:{}", digest(*n)))
-                .arg("v")
-                .arg("EX")
-                .arg(600)
-                .ignore();
-        }
-        pipe.query_async::<()>(&mut conn).await.expect("fill redis");
-    }
 }
 
 /// A Put lands under `{prefix}{namespace}:{function}:{digest}` with the asked TTL.

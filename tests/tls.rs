@@ -282,3 +282,103 @@ async fn redis_over_tls() {
         "nothing was stored without a verified certificate"
     );
 }
+
+/// Log lines written while a test runs, for checking what a user would read.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Captures this thread's `tracing` output at `warn` and above until the guard drops.
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let logs = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || logs.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// `Client::connect("https://…")` speaks TLS, verified against the configured CA: memoize
+/// caches and busts succeed.
+#[tokio::test]
+async fn https_urls_connect_with_a_configured_ca() {
+    let pki = Pki::generate();
+    let server = start(&pki, false);
+    let options = ClientOptions {
+        tls_ca: Some(pki.ca.clone().into_bytes()),
+        ..ClientOptions::default()
+    };
+    let url = format!("https://{}", server.addr());
+    let cm = Client::connect_with(url, options).await.unwrap();
+    let f = cm.function("ns", "https", Ttl::MINUTE);
+    let first: u32 = f.memoize(&(1,), || async { 9 }).await.unwrap();
+    let second: u32 = f
+        .memoize(&(1,), || async { unreachable!("cached") })
+        .await
+        .unwrap();
+    assert_eq!((first, second), (9, 9));
+    assert_eq!(cm.metrics().hits, 1, "{:?}", cm.metrics());
+    assert_eq!(f.bust_all().await.unwrap(), 1);
+}
+
+/// Against a server whose certificate another CA signed, a bust fails with an error that
+/// names the certificate problem, and memoize computes and says once, at warn, that caching
+/// is off and why.
+#[tokio::test]
+async fn a_wrong_ca_is_reported_and_memoize_warns_once() {
+    let pki = Pki::generate();
+    let stranger = Pki::generate();
+    let server = start(&pki, false);
+    let options = ClientOptions {
+        tls_ca: Some(stranger.ca.clone().into_bytes()),
+        ..ClientOptions::default()
+    };
+    let cm = Client::connect_with(format!("https://{}", server.addr()), options)
+        .await
+        .unwrap();
+    let err = cm.bust_all().await.unwrap_err();
+    assert!(
+        err.to_string().contains("certificate"),
+        "the error should name the certificate problem: {err}"
+    );
+
+    let logs = Logs::default();
+    let _guard = logs.capture();
+    let f = cm.function("ns", "wrong_ca", Ttl::MINUTE);
+    for n in 0..20u32 {
+        let value: u32 = f.memoize(&(n,), || async move { n * 2 }).await.unwrap();
+        assert_eq!(value, n * 2);
+    }
+    let warnings: Vec<String> = logs
+        .lines()
+        .into_iter()
+        .filter(|line| line.contains("WARN"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "expected one warning: {warnings:#?}");
+    assert!(
+        warnings[0].contains("caching is off") && warnings[0].contains("certificate"),
+        "{}",
+        warnings[0]
+    );
+    assert_eq!(cm.metrics().hits, 0);
+}

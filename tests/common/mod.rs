@@ -344,6 +344,16 @@ impl CacheServer {
         CacheMoneyClient::new(self.channel().await)
     }
 
+    /// Freezes the server (SIGSTOP): its connections stay open, nothing answers.
+    pub fn freeze(&self) {
+        send_signal(self.child.id(), "STOP");
+    }
+
+    /// Thaws a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        send_signal(self.child.id(), "CONT");
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         send_signal(self.child.id(), "TERM");
@@ -420,4 +430,110 @@ pub async fn bust_function(
         .expect("BustFunction succeeds")
         .into_inner()
         .removed
+}
+
+/// Writes `count` entries of function `ns.{function}` straight into Redis under `prefix`, as
+/// the server would.
+pub async fn fill(redis: &RedisServer, prefix: &str, function: &str, count: u64) {
+    let mut conn = redis.connect().await;
+    for chunk in (0..count).collect::<Vec<_>>().chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for n in chunk {
+            pipe.cmd("SET")
+                .arg(format!("{prefix}ns:{function}:{}", digest(*n)))
+                .arg("v")
+                .arg("EX")
+                .arg(600)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.expect("fill redis");
+    }
+}
+
+/// A TCP forwarder on a free loopback port, standing in for a load balancer or a DNS name in
+/// front of the server: it can be pointed at another server (new connections go there, open
+/// ones stay where they are), it counts the connections it accepted, and it can hold back the
+/// server's bytes on each new connection for a while (a slow link).
+#[derive(Debug)]
+pub struct Forwarder {
+    addr: SocketAddr,
+    state: Arc<Mutex<ForwardTo>>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct ForwardTo {
+    target: SocketAddr,
+    delay: Duration,
+}
+
+impl Forwarder {
+    /// Forwards to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        Self::start_with_delay(target, Duration::ZERO).await
+    }
+
+    /// Forwards to `target`, holding back what the server says on each new connection for
+    /// `delay`.
+    pub async fn start_with_delay(target: SocketAddr, delay: Duration) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the forwarder");
+        let addr = listener.local_addr().expect("forwarder address");
+        let state = Arc::new(Mutex::new(ForwardTo { target, delay }));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (shared, count) = (state.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                count.fetch_add(1, Relaxed);
+                let (target, delay) = {
+                    let to = shared.lock().unwrap();
+                    (to.target, to.delay)
+                };
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = inbound.into_split();
+                    let (mut server_read, mut server_write) = outbound.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut server_write).await;
+                    });
+                    tokio::time::sleep(delay).await;
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut client_write).await;
+                });
+            }
+        });
+        Forwarder {
+            addr,
+            state,
+            accepted,
+            task,
+        }
+    }
+
+    /// Sends new connections to `target` from now on.
+    pub fn point_at(&self, target: SocketAddr) {
+        self.state.lock().unwrap().target = target;
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The URL clients use to reach the server through the forwarder.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -1,0 +1,106 @@
+//! How [`Client::connect`](crate::Client::connect) turns a URL and [`ClientOptions`] into a
+//! tonic [`Channel`], and how a transport failure is put into words.
+//!
+//! The channel is tonic's, configured for a cache that must notice a dead peer quickly:
+//! - HTTP/2 keepalive PINGs, also while idle, so a half-open connection (server host gone,
+//!   flow dropped by a firewall, process frozen) is closed after at most
+//!   [`ClientOptions::keepalive_interval`] + [`ClientOptions::keepalive_timeout`], and the
+//!   next call opens a new one;
+//! - a bound on opening a connection ([`ClientOptions::connect_timeout`]);
+//! - `TCP_NODELAY`, since every call is a small request waiting for a small answer;
+//! - TLS for `https://` (feature `tls`): the system's trust store, or
+//!   [`ClientOptions::tls_ca`].
+//!
+//! No call is ever sent twice. A call that may have reached the server (a bust that ran, a
+//! put that landed before a later bust) is reported as failed, never replayed.
+
+use std::{error::Error as _, fmt::Write as _};
+
+use tonic::{
+    Status,
+    transport::{Channel, Endpoint},
+};
+
+use crate::{ClientOptions, Error};
+
+/// A lazily connecting channel to `url` (`http://host:port` or `https://host:port`).
+///
+/// # Errors
+/// [`Error::InvalidUrl`] when the URL is not an `http://` or `https://` address with a host,
+/// or asks for TLS in a build without the `tls` feature.
+pub(crate) fn channel(url: &str, options: &ClientOptions) -> Result<Channel, Error> {
+    let invalid = |why: &str| Error::InvalidUrl(format!("{url:?}: {why}"));
+    let uri: http::Uri = url.parse().map_err(|err| invalid(&format!("{err}")))?;
+    let secure = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
+            return Err(invalid(
+                "give the service's address as http://host:port (or https://host:port)",
+            ));
+        }
+    };
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid(
+            "the URL needs a host, as in http://127.0.0.1:50051",
+        ));
+    }
+    let endpoint = Endpoint::from(uri)
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(options.keepalive_interval)
+        .keep_alive_timeout(options.keepalive_timeout)
+        .keep_alive_while_idle(true);
+    let endpoint = if secure {
+        with_tls(endpoint, options).map_err(|why| invalid(&why))?
+    } else {
+        endpoint
+    };
+    Ok(endpoint.connect_lazy())
+}
+
+#[cfg(feature = "tls")]
+fn with_tls(endpoint: Endpoint, options: &ClientOptions) -> Result<Endpoint, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig};
+    let tls = match &options.tls_ca {
+        Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+        None => ClientTlsConfig::new().with_native_roots(),
+    };
+    endpoint
+        .tls_config(tls)
+        .map_err(|err| format!("TLS settings: {}", chain(&err)))
+}
+
+#[cfg(not(feature = "tls"))]
+fn with_tls(_: Endpoint, _: &ClientOptions) -> Result<Endpoint, String> {
+    Err("https:// needs cache-money's `tls` feature, which this build leaves out".into())
+}
+
+/// An error and every cause under it, `outer: inner: innermost`, skipping a cause that only
+/// repeats the text before it (tonic and hyper often wrap an error in one that says the same).
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(err) = cause {
+        let text = err.to_string();
+        if !out.ends_with(&text) {
+            let _ = write!(out, ": {text}");
+        }
+        cause = err.source();
+    }
+    out
+}
+
+/// A status in words a person can act on: its code, its message and, for a transport
+/// failure, the causes underneath (`tcp connect error: Connection refused`, `invalid peer
+/// certificate: UnknownIssuer`), which tonic keeps out of the message.
+pub(crate) fn describe(status: &Status) -> String {
+    let code = status.code();
+    let message = status.message();
+    match status.source().map(chain) {
+        // tonic copies the innermost cause into the message; the chain says it in context.
+        Some(causes) if causes.contains(message) => format!("{code:?}: {causes}"),
+        Some(causes) => format!("{code:?}: {message}: {causes}"),
+        None => format!("{code:?}: {message}"),
+    }
+}
