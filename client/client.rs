@@ -2,11 +2,10 @@
 //! [`Function`] made from it.
 
 use std::{
-    collections::HashMap,
     fmt,
     future::Future,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
@@ -25,8 +24,8 @@ use crate::{
     Error, Function,
     breaker::Breaker,
     key::{EntryKey, check_name},
-    lock,
     pb::{self, cache_money_client::CacheMoneyClient},
+    single_flight::SingleFlight,
     transport::{Connection, Transport},
 };
 
@@ -155,9 +154,10 @@ struct Counters {
     undecodable: AtomicU64,
 }
 
-/// A result some callers are waiting for: the encoded value, or `None` when it could not be
-/// shared (an error, or a value that does not encode), so each waiter computes its own.
-pub(crate) type Flight = Arc<tokio::sync::OnceCell<Option<Bytes>>>;
+/// The `memoize` calls under way, by key. A flight's result is the encoded value, or `None`
+/// when it could not be shared (an error, or a value that does not encode), so each waiter
+/// computes its own.
+pub(crate) type Flights = SingleFlight<EntryKey, Option<Bytes>>;
 
 #[derive(Debug)]
 struct Inner {
@@ -165,7 +165,7 @@ struct Inner {
     options: ClientOptions,
     breaker: Breaker,
     counters: Counters,
-    flights: Mutex<HashMap<EntryKey, Flight>>,
+    flights: Flights,
 }
 
 /// A handle to a cache-money service. Cloning is shallow: clones share the connection, the
@@ -273,7 +273,7 @@ impl Client {
                 breaker: Breaker::new(options.breaker_threshold, options.breaker_cooldown),
                 options,
                 counters: Counters::default(),
-                flights: Mutex::new(HashMap::new()),
+                flights: Flights::default(),
             }),
         }
     }
@@ -431,23 +431,8 @@ impl Client {
         self.inner.counters.undecodable.fetch_add(1, Relaxed);
     }
 
-    /// Joins the flight for `key`, starting one if none is under way.
-    pub(crate) fn join_flight(&self, key: &EntryKey) -> Flight {
-        let mut flights = lock(&self.inner.flights);
-        flights.entry(key.clone()).or_default().clone()
-    }
-
-    /// Leaves a flight. It is forgotten once it has a result, or when nobody else is in it
-    /// (every caller went away), so the table never keeps dead flights.
-    pub(crate) fn leave_flight(&self, key: &EntryKey, flight: &Flight) {
-        let mut flights = lock(&self.inner.flights);
-        let Some(current) = flights.get(key) else {
-            return;
-        };
-        // The table and this caller hold two references; more means others still wait.
-        let alone = Arc::strong_count(flight) <= 2;
-        if Arc::ptr_eq(current, flight) && (flight.initialized() || alone) {
-            flights.remove(key);
-        }
+    /// The in-process single-flight table shared by every clone.
+    pub(crate) fn flights(&self) -> &Flights {
+        &self.inner.flights
     }
 }

@@ -24,6 +24,7 @@
 //! - [`Function`] (`memoize`): one function's entries: `memoize`, `try_memoize`, busts.
 //! - [`Ttl`] (`ttl`): the seed's TTL constants.
 //! - `breaker`: the circuit breaker that keeps a down service from costing every call.
+//! - `single_flight`: concurrent `memoize` calls of one key in a process share one computation.
 //! - [`transport`]: how calls reach the service: the client's own HTTP/2 connection, or a
 //!   tonic `Channel` you configured.
 //! - `codec`: the protobuf codec of both stubs, with buffers sized for cache traffic.
@@ -42,6 +43,7 @@ mod codec;
 mod error;
 pub mod key;
 mod memoize;
+mod single_flight;
 pub mod transport;
 mod ttl;
 

@@ -18,7 +18,6 @@ use tracing::warn;
 use crate::{
     Client, Error,
     canonical::{args_value, digest_of},
-    client::Flight,
     key::EntryKey,
     pb,
 };
@@ -49,19 +48,6 @@ impl fmt::Debug for Function {
             .field("key_fn", &self.key_fn.is_some())
             .field("cache_none", &self.cache_none)
             .finish()
-    }
-}
-
-/// Leaves the flight when the caller is done with it, even if the caller was cancelled.
-struct FlightGuard<'a> {
-    client: &'a Client,
-    key: &'a EntryKey,
-    flight: Flight,
-}
-
-impl Drop for FlightGuard<'_> {
-    fn drop(&mut self) {
-        self.client.leave_flight(self.key, &self.flight);
     }
 }
 
@@ -186,17 +172,13 @@ impl Function {
             return compute().await;
         }
         let key = self.entry_key(args)?;
-        let flight = self.client.join_flight(&key);
-        let guard = FlightGuard {
-            client: &self.client,
-            key: &key,
-            flight: flight.clone(),
-        };
+        // Leaves the flight when dropped, even if this caller is cancelled or panics.
+        let flight = self.client.flights().join(&key);
         let mut compute = Some(compute);
         // The first caller (the leader) looks up and computes; the others wait for it here.
         let mut led: Option<Result<T, E>> = None;
         let shared = flight
-            .get_or_init(|| async {
+            .get_or_lead(|| async {
                 let compute = compute.take().expect("the leader runs init once");
                 let (result, encoded) = self.lookup_or_compute(&key, compute).await;
                 led = Some(result);
@@ -204,7 +186,7 @@ impl Function {
             })
             .await
             .clone();
-        drop(guard);
+        drop(flight);
         if let Some(result) = led {
             return result;
         }
@@ -324,5 +306,30 @@ impl Function {
         self.client
             .bust_rpc(|mut rpc| async move { rpc.bust_function(request).await })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use crate::{Client, Ttl};
+
+    /// A `memoize` call cancelled while it computes leaves nothing in the single-flight table.
+    #[tokio::test]
+    async fn cancelled_memoize_leaves_no_flight() {
+        // Nothing listens on port 1: the lookup fails at once and the call computes.
+        let cm = Client::connect("http://127.0.0.1:1").await.unwrap();
+        let slow = cm.function("ns", "slow", Ttl::MINUTE);
+        let (started, computing) = oneshot::channel();
+        let call = slow.memoize(&(1,), || async {
+            started.send(()).unwrap();
+            std::future::pending::<u32>().await
+        });
+        tokio::select! {
+            _ = call => unreachable!("the computation never ends"),
+            _ = computing => {}
+        }
+        assert_eq!(cm.flights().len(), 0, "the cancelled call's flight stayed");
     }
 }
