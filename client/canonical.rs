@@ -90,6 +90,19 @@ pub fn digest<A: Serialize + ?Sized>(args: &A) -> Result<String, ArgsError> {
     Ok(digest_of(&args_value(args)?))
 }
 
+/// Checks what a key function made of the arguments against the rules the arguments obey, so
+/// a key function cannot key what arguments could not (a value built as `Value` can hold
+/// integers beyond ±(2^53 − 1)).
+///
+/// # Errors
+/// As [`args_value`], with a message that names the key function.
+pub fn check_key_fn_output(value: &Value) -> Result<(), ArgsError> {
+    match value.serialize(Strict::NESTED) {
+        Ok(_) => Ok(()),
+        Err(ArgsError(why)) => Err(ArgsError(format!("key_fn's result: {why}"))),
+    }
+}
+
 /// The digest of an already-built JSON value (e.g. one a key function returned).
 pub fn digest_of(value: &Value) -> String {
     format!("{:x}", md5::compute(canonical_text(value)))
@@ -656,6 +669,25 @@ mod tests {
         let keys: BTreeMap<i32, i32> = [(1, 2)].into_iter().collect();
         let err = canonical_json(&(keys,)).unwrap_err();
         assert!(err.to_string().contains("not a string"), "{err}");
+    }
+
+    /// A key function's result obeys the arguments' rules, and its error names the key
+    /// function.
+    #[test]
+    fn key_fn_output_is_checked() {
+        let fine = serde_json::json!([9_007_199_254_740_991u64, {"a": [1.5, null]}]);
+        assert_eq!(check_key_fn_output(&fine), Ok(()));
+        for beyond in [
+            serde_json::json!(9_007_199_254_740_992u64),
+            serde_json::json!({"id": [u64::MAX]}),
+            serde_json::json!(i64::MIN),
+        ] {
+            let err = check_key_fn_output(&beyond).unwrap_err();
+            assert!(
+                err.to_string().contains("key_fn's result: integer"),
+                "{err}"
+            );
+        }
     }
 
     /// f32 keys by its shortest decimal, as a JavaScript caller would write the same number.

@@ -21,7 +21,7 @@ use tonic::{
 use tracing::debug;
 
 use crate::{
-    Error, Function,
+    DEFAULT_MAX_TTL_SECONDS, Error, Function,
     breaker::Breaker,
     key::{EntryKey, check_name},
     pb::{self, cache_money_client::CacheMoneyClient},
@@ -57,6 +57,10 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// TTL of handles made by [`Client::function_with_default_ttl`].
     pub default_ttl: Duration,
+    /// The longest TTL the service accepts: set it to the server's `--max-ttl-seconds`. A
+    /// handle with a longer TTL is refused when it is made, since the service would refuse
+    /// every store and `memoize` would never cache.
+    pub max_ttl: Duration,
     /// `false` turns caching off: `memoize` calls the function every time and busts do
     /// nothing, as the seed allows for local development.
     pub enabled: bool,
@@ -73,6 +77,7 @@ impl fmt::Debug for ClientOptions {
             .field("breaker_cooldown", &self.breaker_cooldown)
             .field("connect_timeout", &self.connect_timeout)
             .field("default_ttl", &self.default_ttl)
+            .field("max_ttl", &self.max_ttl)
             .field("enabled", &self.enabled)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
@@ -119,6 +124,7 @@ impl Default for ClientOptions {
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             default_ttl: DEFAULT_TTL,
+            max_ttl: Duration::from_secs(DEFAULT_MAX_TTL_SECONDS.into()),
             enabled: true,
             token: None,
         }
@@ -286,8 +292,9 @@ impl Client {
     ///
     /// # Panics
     /// When a name breaks the naming rule (1–128 characters of `[A-Za-z0-9_.-]`) or `ttl` is
-    /// under one second: names are almost always literals, so this is a programming error,
-    /// like an invalid regex literal. Use [`Client::try_function`] for names made at run time.
+    /// under one second or over [`ClientOptions::max_ttl`] (30 days unless set): names and
+    /// TTLs are almost always literals, so this is a programming error, like an invalid regex
+    /// literal. Use [`Client::try_function`] for names made at run time.
     pub fn function(&self, namespace: &str, name: &str, ttl: Duration) -> Function {
         self.try_function(namespace, name, ttl)
             .unwrap_or_else(|err| panic!("cache-money function handle: {err}"))
@@ -305,7 +312,8 @@ impl Client {
     /// As [`Client::function`], returning an error instead of panicking.
     ///
     /// # Errors
-    /// [`Error::InvalidName`] or [`Error::InvalidTtl`].
+    /// [`Error::InvalidName`], or [`Error::InvalidTtl`] when `ttl` is under one second or
+    /// over [`ClientOptions::max_ttl`].
     pub fn try_function(
         &self,
         namespace: &str,
@@ -315,9 +323,13 @@ impl Client {
         let namespace = namespace.replace("::", ".");
         check_name("namespace", &namespace)?;
         check_name("function", name)?;
-        if ttl < Duration::from_secs(1) {
+        let max_ttl = self.inner.options.max_ttl;
+        // Stores send whole seconds, so that is what the service's maximum is checked against.
+        if ttl < Duration::from_secs(1) || ttl.as_secs() > max_ttl.as_secs() {
             return Err(Error::InvalidTtl(format!(
-                "must be at least 1 second, got {ttl:?}"
+                "must be between 1 second and {} seconds (ClientOptions::max_ttl, the \
+                 service's --max-ttl-seconds), got {ttl:?}",
+                max_ttl.as_secs()
             )));
         }
         Ok(Function::new(self.clone(), namespace, name.to_owned(), ttl))

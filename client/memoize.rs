@@ -17,7 +17,7 @@ use tracing::warn;
 
 use crate::{
     Client, Error,
-    canonical::{args_value, digest_of},
+    canonical::{args_value, check_key_fn_output, digest_of},
     key::EntryKey,
     pb,
 };
@@ -66,6 +66,8 @@ impl Function {
 
     /// Keys calls by what `key_fn` makes of the canonical argument list (a JSON array)
     /// instead of the whole list, e.g. `|args| args[0].clone()` to ignore all but the first.
+    /// What it returns obeys the arguments' rules: a result that cannot be keyed (an integer
+    /// beyond ±(2^53 − 1)) makes the call fail with [`Error::Args`], as such an argument does.
     pub fn with_key_fn(mut self, key_fn: impl Fn(Value) -> Value + Send + Sync + 'static) -> Self {
         self.key_fn = Some(Arc::new(key_fn));
         self
@@ -96,14 +98,19 @@ impl Function {
     /// The digest of one call's arguments, as the service sees it.
     ///
     /// # Errors
-    /// [`Error::Args`] when the arguments cannot be keyed (NaN, integers beyond ±(2^53 − 1),
-    /// non-string map keys).
+    /// [`Error::Args`] when the arguments, or what the key function made of them, cannot be
+    /// keyed (NaN, integers beyond ±(2^53 − 1), non-string map keys).
     pub fn digest<A: Serialize + ?Sized>(&self, args: &A) -> Result<String, Error> {
         let args = args_value(args)?;
-        Ok(digest_of(&match &self.key_fn {
-            Some(key_fn) => key_fn(args),
+        let keyed = match &self.key_fn {
+            Some(key_fn) => {
+                let keyed = key_fn(args);
+                check_key_fn_output(&keyed)?;
+                keyed
+            }
             None => args,
-        }))
+        };
+        Ok(digest_of(&keyed))
     }
 
     fn entry_key<A: Serialize + ?Sized>(&self, args: &A) -> Result<EntryKey, Error> {
@@ -140,8 +147,8 @@ impl Function {
     /// ```
     ///
     /// # Errors
-    /// Only [`Error::Args`]: arguments that cannot make a key (NaN, integers beyond
-    /// ±(2^53 − 1), non-string map keys).
+    /// Only [`Error::Args`]: arguments, or a key function's result, that cannot make a key
+    /// (NaN, integers beyond ±(2^53 − 1), non-string map keys).
     pub async fn memoize<A, T, F, Fut>(&self, args: &A, compute: F) -> Result<T, Error>
     where
         A: Serialize + ?Sized,
