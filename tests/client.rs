@@ -47,8 +47,9 @@ async fn stats(server: &CacheServer) -> pb::StatsResponse {
         .into_inner()
 }
 
-/// The seed README, step by step: computed, cached, busted by call, by function, and all,
-/// with the entries and TTLs checked in Redis and a key outside the prefix surviving.
+/// The seed README, step by step as the quickstart prints it: computed, cached, busted by
+/// call and then computed again, busted by function and all, with the entries and TTLs
+/// checked in Redis and a key outside the prefix surviving.
 #[tokio::test]
 async fn seed_readme_replays_exactly() {
     let redis = RedisServer::start();
@@ -91,13 +92,27 @@ async fn seed_readme_replays_exactly() {
 
     assert!(addition.bust(&(3, 4)).await.unwrap());
     assert_eq!(redis_entries(&redis).await.len(), 1);
+    assert_eq!(add(3, 4).await, 7);
+    assert_eq!(
+        calls.load(SeqCst),
+        3,
+        "addition(3, 4) computed again after its bust"
+    );
 
     let product: i64 = multiplication
-        .memoize(&(2, 4), || async { 8 })
+        .memoize(&(2, 4), || async {
+            calls.fetch_add(1, SeqCst);
+            8
+        })
         .await
         .unwrap();
     assert_eq!(product, 8);
-    assert_eq!(addition.bust_all().await.unwrap(), 1);
+    assert_eq!(calls.load(SeqCst), 4, "multiplication(2, 4) computed");
+    assert_eq!(
+        addition.bust_all().await.unwrap(),
+        2,
+        "bust_all removes both addition entries"
+    );
     let keys: Vec<String> = redis_entries(&redis)
         .await
         .into_iter()
