@@ -1,10 +1,13 @@
 //! A circuit breaker: after repeated failures the client stops paying the deadline on every
 //! call, and lets one probe through now and then to find out when the service is back.
+//!
+//! Time is tokio's clock: the breaker is only consulted from `memoize`'s RPCs, which run in a
+//! tokio runtime, and tests pause and advance that clock instead of sleeping against the
+//! cool-down.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{sync::Mutex, time::Duration};
+
+use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy)]
 enum State {
@@ -111,12 +114,19 @@ impl Breaker {
 
 #[cfg(test)]
 mod tests {
+    use tokio::time::advance;
+
     use super::*;
 
-    /// Closed → open after the threshold → one probe after the cool-down → closed on success.
-    #[test]
-    fn opens_probes_and_closes() {
-        let breaker = Breaker::new(3, Duration::from_millis(30));
+    /// Long enough that a test passing by real time would be noticed; the clock is paused.
+    const COOLDOWN: Duration = Duration::from_secs(30);
+    const TICK: Duration = Duration::from_millis(1);
+
+    /// Closed → open after the threshold → one probe exactly when the cool-down ends → closed
+    /// on success.
+    #[tokio::test(start_paused = true)]
+    async fn opens_probes_and_closes() {
+        let breaker = Breaker::new(3, COOLDOWN);
         for _ in 0..2 {
             assert!(breaker.allow());
             breaker.failure();
@@ -125,7 +135,9 @@ mod tests {
         breaker.failure();
         assert!(breaker.is_open());
         assert!(!breaker.allow(), "open: calls are skipped");
-        std::thread::sleep(Duration::from_millis(40));
+        advance(COOLDOWN - TICK).await;
+        assert!(!breaker.allow(), "still cooling down");
+        advance(TICK).await;
         assert!(
             breaker.allow(),
             "after the cool-down one probe goes through"
@@ -136,15 +148,34 @@ mod tests {
         assert!(breaker.allow());
     }
 
-    /// A failed probe reopens the breaker for another cool-down.
-    #[test]
-    fn failed_probe_reopens() {
-        let breaker = Breaker::new(1, Duration::from_millis(30));
+    /// A failed probe reopens the breaker for a whole new cool-down.
+    #[tokio::test(start_paused = true)]
+    async fn failed_probe_reopens() {
+        let breaker = Breaker::new(1, COOLDOWN);
         breaker.failure();
-        std::thread::sleep(Duration::from_millis(40));
+        advance(COOLDOWN).await;
         assert!(breaker.allow());
         breaker.failure();
         assert!(!breaker.allow());
+        advance(COOLDOWN - TICK).await;
+        assert!(!breaker.allow(), "the new cool-down has not ended");
+        advance(TICK).await;
+        assert!(breaker.allow(), "the next probe after the new cool-down");
+    }
+
+    /// A probe that never reports (its caller went away) is replaced after a cool-down, not
+    /// before.
+    #[tokio::test(start_paused = true)]
+    async fn silent_probe_is_replaced_after_a_cooldown() {
+        let breaker = Breaker::new(1, COOLDOWN);
+        breaker.failure();
+        advance(COOLDOWN).await;
+        assert!(breaker.allow(), "the first probe");
+        advance(COOLDOWN - TICK).await;
+        assert!(!breaker.allow(), "the probe may still answer");
+        advance(TICK).await;
+        assert!(breaker.allow(), "a replacement probe");
+        assert!(breaker.is_open(), "still open until a probe succeeds");
     }
 
     /// A success resets the count of failures in a row.
@@ -155,5 +186,24 @@ mod tests {
         breaker.success();
         breaker.failure();
         assert!(!breaker.is_open());
+    }
+
+    /// Opening and closing are each reported once, so the client logs an outage once.
+    #[tokio::test(start_paused = true)]
+    async fn transitions_are_reported_once() {
+        let breaker = Breaker::new(2, COOLDOWN);
+        assert_eq!(breaker.failure(), Transition::None);
+        assert_eq!(breaker.failure(), Transition::Opened);
+        advance(COOLDOWN).await;
+        assert!(breaker.allow());
+        assert_eq!(
+            breaker.failure(),
+            Transition::None,
+            "a failed probe is no news"
+        );
+        advance(COOLDOWN).await;
+        assert!(breaker.allow());
+        assert_eq!(breaker.success(), Transition::Closed);
+        assert_eq!(breaker.success(), Transition::None);
     }
 }

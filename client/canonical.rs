@@ -4,7 +4,12 @@
 //!
 //! # The arguments as JSON
 //! - A tuple is the argument list: `&(3, 4)` is `[3,4]`, `&(x,)` is `[x]`, `&()` is `[]`.
-//!   Any other value is a single argument: `&5` is `[5]`, `&vec![1, 2]` is `[[1,2]]`.
+//!   Any other value is a single argument: `&5` is `[5]`, and a list is one list argument
+//!   whatever its Rust type: `&[1, 2]`, `&[1, 2][..]` and `&vec![1, 2]` are all `[[1,2]]`, as
+//!   Python's `f([1, 2])` is. So is a newtype struct around a tuple or an array.
+//!   Arrays are told from tuples by their type (serde writes both alike), which works through
+//!   references; behind another wrapper (`Box<[T; N]>`) an array reads as a tuple, so write
+//!   such an argument as a one-element tuple, `&(x,)`, which is always one argument.
 //! - serde's data model maps as serde_json does: `None` and unit structs are `null`, structs
 //!   and maps are objects, unit enum variants are `"Variant"`, other variants
 //!   `{"Variant": …}`, bytes are arrays of numbers.
@@ -49,7 +54,24 @@ impl ser::Error for ArgsError {
 /// On NaN or infinite floats, integers beyond ±(2^53 − 1), non-string map keys, or a
 /// `Serialize` implementation that fails.
 pub fn args_value<A: Serialize + ?Sized>(args: &A) -> Result<Value, ArgsError> {
+    if is_array::<A>() {
+        return Ok(Value::Array(vec![args.serialize(Strict::NESTED)?]));
+    }
     args.serialize(Strict { top: true })
+}
+
+/// Whether `A` is a fixed-size array or a slice, possibly behind references. serde writes
+/// `[T; N]` exactly as it writes an N-tuple, so the serializer cannot tell `&[3, 4]` (one
+/// argument) from `&(3, 4)` (two); the type can.
+fn is_array<A: ?Sized>() -> bool {
+    let mut name = std::any::type_name::<A>();
+    while let Some(referent) = name
+        .strip_prefix("&mut ")
+        .or_else(|| name.strip_prefix('&'))
+    {
+        name = referent;
+    }
+    name.starts_with('[')
 }
 
 /// The canonical JSON text of the arguments (RFC 8785).
@@ -66,6 +88,19 @@ pub fn canonical_json<A: Serialize + ?Sized>(args: &A) -> Result<String, ArgsErr
 /// As [`args_value`].
 pub fn digest<A: Serialize + ?Sized>(args: &A) -> Result<String, ArgsError> {
     Ok(digest_of(&args_value(args)?))
+}
+
+/// Checks what a key function made of the arguments against the rules the arguments obey, so
+/// a key function cannot key what arguments could not (a value built as `Value` can hold
+/// integers beyond ±(2^53 − 1)).
+///
+/// # Errors
+/// As [`args_value`], with a message that names the key function.
+pub fn check_key_fn_output(value: &Value) -> Result<(), ArgsError> {
+    match value.serialize(Strict::NESTED) {
+        Ok(_) => Ok(()),
+        Err(ArgsError(why)) => Err(ArgsError(format!("key_fn's result: {why}"))),
+    }
 }
 
 /// The digest of an already-built JSON value (e.g. one a key function returned).
@@ -376,7 +411,8 @@ impl ser::Serializer for Strict {
         _: &'static str,
         value: &T,
     ) -> Result<Value, ArgsError> {
-        value.serialize(self)
+        // One argument even when it wraps a tuple: only a tuple itself is an argument list.
+        self.done(value.serialize(Strict::NESTED)?)
     }
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
         self,
@@ -580,9 +616,32 @@ mod tests {
         assert_eq!(canonical_json(&(5,)).unwrap(), "[5]");
         assert_eq!(canonical_json(&5).unwrap(), "[5]");
         assert_eq!(canonical_json(&vec![1, 2]).unwrap(), "[[1,2]]");
+        assert_eq!(canonical_json(&[1, 2]).unwrap(), "[[1,2]]");
         assert_eq!(canonical_json(&None::<i32>).unwrap(), "[null]");
         assert_eq!(canonical_json(&((), 1)).unwrap(), "[null,1]");
         assert_eq!(canonical_json("s").unwrap(), "[\"s\"]");
+    }
+
+    /// A list is one argument whatever its Rust type: array (also behind references or
+    /// inside a newtype), slice or `Vec`; only a tuple is the argument list.
+    #[test]
+    fn lists_are_one_argument() {
+        #[derive(Serialize)]
+        struct Pair([i32; 2]);
+        #[derive(Serialize)]
+        struct Wrapped((i32, i32));
+        let one_list = "[[3,4]]";
+        assert_eq!(canonical_json(&[3, 4]).unwrap(), one_list);
+        assert_eq!(canonical_json(&&[3, 4]).unwrap(), one_list);
+        assert_eq!(canonical_json(&&mut [3, 4]).unwrap(), one_list);
+        assert_eq!(canonical_json(&[3, 4][..]).unwrap(), one_list);
+        assert_eq!(canonical_json(&vec![3, 4]).unwrap(), one_list);
+        assert_eq!(canonical_json(&Pair([3, 4])).unwrap(), one_list);
+        assert_eq!(canonical_json(&Wrapped((3, 4))).unwrap(), one_list);
+        assert_eq!(canonical_json(&[[1], [2]]).unwrap(), "[[[1],[2]]]");
+        assert_eq!(canonical_json(&[0u8; 0]).unwrap(), "[[]]");
+        assert_eq!(canonical_json(&([3, 4], 5)).unwrap(), "[[3,4],5]");
+        assert_eq!(canonical_json(&(3, 4)).unwrap(), "[3,4]");
     }
 
     /// Maps are objects with sorted keys whatever their source order.
@@ -610,6 +669,25 @@ mod tests {
         let keys: BTreeMap<i32, i32> = [(1, 2)].into_iter().collect();
         let err = canonical_json(&(keys,)).unwrap_err();
         assert!(err.to_string().contains("not a string"), "{err}");
+    }
+
+    /// A key function's result obeys the arguments' rules, and its error names the key
+    /// function.
+    #[test]
+    fn key_fn_output_is_checked() {
+        let fine = serde_json::json!([9_007_199_254_740_991u64, {"a": [1.5, null]}]);
+        assert_eq!(check_key_fn_output(&fine), Ok(()));
+        for beyond in [
+            serde_json::json!(9_007_199_254_740_992u64),
+            serde_json::json!({"id": [u64::MAX]}),
+            serde_json::json!(i64::MIN),
+        ] {
+            let err = check_key_fn_output(&beyond).unwrap_err();
+            assert!(
+                err.to_string().contains("key_fn's result: integer"),
+                "{err}"
+            );
+        }
     }
 
     /// f32 keys by its shortest decimal, as a JavaScript caller would write the same number.

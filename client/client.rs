@@ -2,11 +2,10 @@
 //! [`Function`] made from it.
 
 use std::{
-    collections::HashMap,
     fmt,
     future::Future,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
@@ -22,12 +21,12 @@ use tonic::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    Error, Function,
+    DEFAULT_MAX_TTL_SECONDS, Error, Function,
     breaker::{Breaker, Transition},
     connect::{self, describe},
     key::{EntryKey, check_name},
-    lock,
     pb::{self, cache_money_client::CacheMoneyClient},
+    single_flight::SingleFlight,
 };
 
 /// How long a cache lookup or store may take before `memoize` gives up on the cache.
@@ -79,6 +78,10 @@ pub struct ClientOptions {
     pub max_receive_bytes: usize,
     /// TTL of handles made by [`Client::function_with_default_ttl`].
     pub default_ttl: Duration,
+    /// The longest TTL the service accepts: set it to the server's `--max-ttl-seconds`. A
+    /// handle with a longer TTL is refused when it is made, since the service would refuse
+    /// every store and `memoize` would never cache.
+    pub max_ttl: Duration,
     /// `false` turns caching off: `memoize` calls the function every time and busts do
     /// nothing, as the seed allows for local development.
     pub enabled: bool,
@@ -99,6 +102,7 @@ impl fmt::Debug for ClientOptions {
             .field("tls_ca", &self.tls_ca.as_ref().map(|pem| pem.len()))
             .field("max_receive_bytes", &self.max_receive_bytes)
             .field("default_ttl", &self.default_ttl)
+            .field("max_ttl", &self.max_ttl)
             .field("enabled", &self.enabled)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
@@ -149,6 +153,7 @@ impl Default for ClientOptions {
             tls_ca: None,
             max_receive_bytes: DEFAULT_MAX_RECEIVE_BYTES,
             default_ttl: DEFAULT_TTL,
+            max_ttl: Duration::from_secs(DEFAULT_MAX_TTL_SECONDS.into()),
             enabled: true,
             token: None,
         }
@@ -184,9 +189,10 @@ struct Counters {
     undecodable: AtomicU64,
 }
 
-/// A result some callers are waiting for: the encoded value, or `None` when it could not be
-/// shared (an error, or a value that does not encode), so each waiter computes its own.
-pub(crate) type Flight = Arc<tokio::sync::OnceCell<Option<Bytes>>>;
+/// The `memoize` calls under way, by key. A flight's result is the encoded value, or `None`
+/// when it could not be shared (an error, or a value that does not encode), so each waiter
+/// computes its own.
+pub(crate) type Flights = SingleFlight<EntryKey, Option<Bytes>>;
 
 #[derive(Debug)]
 struct Inner {
@@ -194,7 +200,7 @@ struct Inner {
     options: ClientOptions,
     breaker: Breaker,
     counters: Counters,
-    flights: Mutex<HashMap<EntryKey, Flight>>,
+    flights: Flights,
 }
 
 /// A handle to a cache-money service. Cloning is shallow: clones share the connection, the
@@ -279,7 +285,7 @@ impl Client {
                 breaker: Breaker::new(options.breaker_threshold, options.breaker_cooldown),
                 options,
                 counters: Counters::default(),
-                flights: Mutex::new(HashMap::new()),
+                flights: Flights::default(),
             }),
         }
     }
@@ -292,8 +298,9 @@ impl Client {
     ///
     /// # Panics
     /// When a name breaks the naming rule (1–128 characters of `[A-Za-z0-9_.-]`) or `ttl` is
-    /// under one second: names are almost always literals, so this is a programming error,
-    /// like an invalid regex literal. Use [`Client::try_function`] for names made at run time.
+    /// under one second or over [`ClientOptions::max_ttl`] (30 days unless set): names and
+    /// TTLs are almost always literals, so this is a programming error, like an invalid regex
+    /// literal. Use [`Client::try_function`] for names made at run time.
     pub fn function(&self, namespace: &str, name: &str, ttl: Duration) -> Function {
         self.try_function(namespace, name, ttl)
             .unwrap_or_else(|err| panic!("cache-money function handle: {err}"))
@@ -311,7 +318,8 @@ impl Client {
     /// As [`Client::function`], returning an error instead of panicking.
     ///
     /// # Errors
-    /// [`Error::InvalidName`] or [`Error::InvalidTtl`].
+    /// [`Error::InvalidName`], or [`Error::InvalidTtl`] when `ttl` is under one second or
+    /// over [`ClientOptions::max_ttl`].
     pub fn try_function(
         &self,
         namespace: &str,
@@ -321,9 +329,13 @@ impl Client {
         let namespace = namespace.replace("::", ".");
         check_name("namespace", &namespace)?;
         check_name("function", name)?;
-        if ttl < Duration::from_secs(1) {
+        let max_ttl = self.inner.options.max_ttl;
+        // Stores send whole seconds, so that is what the service's maximum is checked against.
+        if ttl < Duration::from_secs(1) || ttl.as_secs() > max_ttl.as_secs() {
             return Err(Error::InvalidTtl(format!(
-                "must be at least 1 second, got {ttl:?}"
+                "must be between 1 second and {} seconds (ClientOptions::max_ttl, the \
+                 service's --max-ttl-seconds), got {ttl:?}",
+                max_ttl.as_secs()
             )));
         }
         Ok(Function::new(self.clone(), namespace, name.to_owned(), ttl))
@@ -443,23 +455,8 @@ impl Client {
         self.inner.counters.undecodable.fetch_add(1, Relaxed);
     }
 
-    /// Joins the flight for `key`, starting one if none is under way.
-    pub(crate) fn join_flight(&self, key: &EntryKey) -> Flight {
-        let mut flights = lock(&self.inner.flights);
-        flights.entry(key.clone()).or_default().clone()
-    }
-
-    /// Leaves a flight. It is forgotten once it has a result, or when nobody else is in it
-    /// (every caller went away), so the table never keeps dead flights.
-    pub(crate) fn leave_flight(&self, key: &EntryKey, flight: &Flight) {
-        let mut flights = lock(&self.inner.flights);
-        let Some(current) = flights.get(key) else {
-            return;
-        };
-        // The table and this caller hold two references; more means others still wait.
-        let alone = Arc::strong_count(flight) <= 2;
-        if Arc::ptr_eq(current, flight) && (flight.initialized() || alone) {
-            flights.remove(key);
-        }
+    /// The in-process single-flight table shared by every clone.
+    pub(crate) fn flights(&self) -> &Flights {
+        &self.inner.flights
     }
 }

@@ -22,8 +22,9 @@
 //! # Layout
 //! - [`Client`] (`client`): the connection, options, circuit breaker and metrics.
 //! - [`Function`] (`memoize`): one function's entries: `memoize`, `try_memoize`, busts.
-//! - [`Ttl`] (`ttl`): the seed's TTL constants.
+//! - [`Ttl`] (`ttl`): the seed's TTL constants, and the default maximum TTL both sides use.
 //! - `breaker`: the circuit breaker that keeps a down service from costing every call.
+//! - `single_flight`: concurrent `memoize` calls of one key in a process share one computation.
 //! - `connect`: how a URL and [`ClientOptions`] become a tonic `Channel` (keepalive, TLS,
 //!   timeouts).
 //! - `codec`: the protobuf codec of both stubs, with buffers sized for cache traffic.
@@ -43,6 +44,7 @@ mod connect;
 mod error;
 pub mod key;
 mod memoize;
+mod single_flight;
 mod ttl;
 
 pub use client::{
@@ -53,7 +55,7 @@ pub use client::{
 };
 pub use error::Error;
 pub use memoize::{Function, KeyFn};
-pub use ttl::Ttl;
+pub use ttl::{DEFAULT_MAX_TTL_SECONDS, Ttl};
 
 /// A [`Function`] handle named after the calling module: `function!(client, "addition",
 /// Ttl::HOUR)` is `client.function(module_path!(), "addition", Ttl::HOUR)`, with the

@@ -17,8 +17,7 @@ use tracing::warn;
 
 use crate::{
     Client, Error,
-    canonical::{args_value, digest_of},
-    client::Flight,
+    canonical::{args_value, check_key_fn_output, digest_of},
     key::EntryKey,
     pb,
 };
@@ -52,19 +51,6 @@ impl fmt::Debug for Function {
     }
 }
 
-/// Leaves the flight when the caller is done with it, even if the caller was cancelled.
-struct FlightGuard<'a> {
-    client: &'a Client,
-    key: &'a EntryKey,
-    flight: Flight,
-}
-
-impl Drop for FlightGuard<'_> {
-    fn drop(&mut self) {
-        self.client.leave_flight(self.key, &self.flight);
-    }
-}
-
 impl Function {
     pub(crate) fn new(client: Client, namespace: String, name: String, ttl: Duration) -> Self {
         Function {
@@ -80,6 +66,8 @@ impl Function {
 
     /// Keys calls by what `key_fn` makes of the canonical argument list (a JSON array)
     /// instead of the whole list, e.g. `|args| args[0].clone()` to ignore all but the first.
+    /// What it returns obeys the arguments' rules: a result that cannot be keyed (an integer
+    /// beyond ±(2^53 − 1)) makes the call fail with [`Error::Args`], as such an argument does.
     pub fn with_key_fn(mut self, key_fn: impl Fn(Value) -> Value + Send + Sync + 'static) -> Self {
         self.key_fn = Some(Arc::new(key_fn));
         self
@@ -110,14 +98,19 @@ impl Function {
     /// The digest of one call's arguments, as the service sees it.
     ///
     /// # Errors
-    /// [`Error::Args`] when the arguments cannot be keyed (NaN, integers beyond ±(2^53 − 1),
-    /// non-string map keys).
+    /// [`Error::Args`] when the arguments, or what the key function made of them, cannot be
+    /// keyed (NaN, integers beyond ±(2^53 − 1), non-string map keys).
     pub fn digest<A: Serialize + ?Sized>(&self, args: &A) -> Result<String, Error> {
         let args = args_value(args)?;
-        Ok(digest_of(&match &self.key_fn {
-            Some(key_fn) => key_fn(args),
+        let keyed = match &self.key_fn {
+            Some(key_fn) => {
+                let keyed = key_fn(args);
+                check_key_fn_output(&keyed)?;
+                keyed
+            }
             None => args,
-        }))
+        };
+        Ok(digest_of(&keyed))
     }
 
     fn entry_key<A: Serialize + ?Sized>(&self, args: &A) -> Result<EntryKey, Error> {
@@ -154,8 +147,8 @@ impl Function {
     /// ```
     ///
     /// # Errors
-    /// Only [`Error::Args`]: arguments that cannot make a key (NaN, integers beyond
-    /// ±(2^53 − 1), non-string map keys).
+    /// Only [`Error::Args`]: arguments, or a key function's result, that cannot make a key
+    /// (NaN, integers beyond ±(2^53 − 1), non-string map keys).
     pub async fn memoize<A, T, F, Fut>(&self, args: &A, compute: F) -> Result<T, Error>
     where
         A: Serialize + ?Sized,
@@ -186,17 +179,13 @@ impl Function {
             return compute().await;
         }
         let key = self.entry_key(args)?;
-        let flight = self.client.join_flight(&key);
-        let guard = FlightGuard {
-            client: &self.client,
-            key: &key,
-            flight: flight.clone(),
-        };
+        // Leaves the flight when dropped, even if this caller is cancelled or panics.
+        let flight = self.client.flights().join(&key);
         let mut compute = Some(compute);
         // The first caller (the leader) looks up and computes; the others wait for it here.
         let mut led: Option<Result<T, E>> = None;
         let shared = flight
-            .get_or_init(|| async {
+            .get_or_lead(|| async {
                 let compute = compute.take().expect("the leader runs init once");
                 let (result, encoded) = self.lookup_or_compute(&key, compute).await;
                 led = Some(result);
@@ -204,7 +193,7 @@ impl Function {
             })
             .await
             .clone();
-        drop(guard);
+        drop(flight);
         if let Some(result) = led {
             return result;
         }
@@ -324,5 +313,30 @@ impl Function {
         self.client
             .bust_rpc(|mut rpc| async move { rpc.bust_function(request).await })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use crate::{Client, Ttl};
+
+    /// A `memoize` call cancelled while it computes leaves nothing in the single-flight table.
+    #[tokio::test]
+    async fn cancelled_memoize_leaves_no_flight() {
+        // Nothing listens on port 1: the lookup fails at once and the call computes.
+        let cm = Client::connect("http://127.0.0.1:1").await.unwrap();
+        let slow = cm.function("ns", "slow", Ttl::MINUTE);
+        let (started, computing) = oneshot::channel();
+        let call = slow.memoize(&(1,), || async {
+            started.send(()).unwrap();
+            std::future::pending::<u32>().await
+        });
+        tokio::select! {
+            _ = call => unreachable!("the computation never ends"),
+            _ = computing => {}
+        }
+        assert_eq!(cm.flights().len(), 0, "the cancelled call's flight stayed");
     }
 }

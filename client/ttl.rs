@@ -36,11 +36,17 @@ impl Ttl {
     pub const MONTH: Duration = Duration::from_secs(30 * DAY);
 }
 
+/// The longest TTL the server accepts unless started with another `--max-ttl-seconds`: 30
+/// days, [`Ttl::MONTH`]. The server's default maximum and the client's default
+/// [`ClientOptions::max_ttl`](crate::ClientOptions::max_ttl), so both sides agree by
+/// construction.
+pub const DEFAULT_MAX_TTL_SECONDS: u32 = 30 * DAY as u32;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The values are the seed's, in seconds.
+    /// The values are the seed's, in seconds; the default maximum is a month.
     #[test]
     fn seed_values() {
         let seconds = [
@@ -59,5 +65,6 @@ mod tests {
         for (ttl, expected) in seconds {
             assert_eq!(ttl.as_secs(), expected);
         }
+        assert_eq!(u64::from(DEFAULT_MAX_TTL_SECONDS), Ttl::MONTH.as_secs());
     }
 }

@@ -22,7 +22,7 @@ pub const DEFAULT_STORE_TIMEOUT_MS: u64 = 250;
 /// Bound on opening one Redis connection.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 200;
 /// The longest time to live a `Put` may ask for: 30 days.
-pub const DEFAULT_MAX_TTL_SECONDS: u32 = 30 * 24 * 60 * 60;
+pub use crate::DEFAULT_MAX_TTL_SECONDS;
 /// The largest value a `Put` may store: 1 MiB.
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// The most keys or entries in one `GetMany` or `PutMany`.

@@ -36,8 +36,20 @@ async fn redis_entries(redis: &RedisServer) -> Vec<(String, i64)> {
     entries
 }
 
-/// The seed README, step by step: computed, cached, busted by call, by function, and all,
-/// with the entries and TTLs checked in Redis and a key outside the prefix surviving.
+/// The stats of a server, as its own client reports them.
+async fn stats(server: &CacheServer) -> pb::StatsResponse {
+    server
+        .client()
+        .await
+        .stats(pb::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The seed README, step by step as the quickstart prints it: computed, cached, busted by
+/// call and then computed again, busted by function and all, with the entries and TTLs
+/// checked in Redis and a key outside the prefix surviving.
 #[tokio::test]
 async fn seed_readme_replays_exactly() {
     let redis = RedisServer::start();
@@ -80,13 +92,27 @@ async fn seed_readme_replays_exactly() {
 
     assert!(addition.bust(&(3, 4)).await.unwrap());
     assert_eq!(redis_entries(&redis).await.len(), 1);
+    assert_eq!(add(3, 4).await, 7);
+    assert_eq!(
+        calls.load(SeqCst),
+        3,
+        "addition(3, 4) computed again after its bust"
+    );
 
     let product: i64 = multiplication
-        .memoize(&(2, 4), || async { 8 })
+        .memoize(&(2, 4), || async {
+            calls.fetch_add(1, SeqCst);
+            8
+        })
         .await
         .unwrap();
     assert_eq!(product, 8);
-    assert_eq!(addition.bust_all().await.unwrap(), 1);
+    assert_eq!(calls.load(SeqCst), 4, "multiplication(2, 4) computed");
+    assert_eq!(
+        addition.bust_all().await.unwrap(),
+        2,
+        "bust_all removes both addition entries"
+    );
     let keys: Vec<String> = redis_entries(&redis)
         .await
         .into_iter()
@@ -364,13 +390,7 @@ async fn disabled_client_always_computes() {
     }
     assert_eq!(runs.load(SeqCst), 3);
     assert_eq!(cm.metrics().rpc_attempts, 0);
-    let stats = server
-        .client()
-        .await
-        .stats(pb::StatsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = stats(&server).await;
     assert_eq!((stats.hits, stats.misses, stats.puts), (0, 0, 0));
 }
 
@@ -394,6 +414,85 @@ async fn key_function_chooses_what_is_keyed() {
     // What the key function returns is hashed as it is.
     let expected = cache_money::canonical::digest_of(&serde_json::json!(7));
     assert_eq!(user.digest(&(7, "x")).unwrap(), expected);
+}
+
+/// A key function whose result cannot be keyed fails the call with `Error::Args`, as such an
+/// argument does: nothing is computed and nothing reaches the service.
+#[tokio::test]
+async fn key_function_results_obey_the_argument_rules() {
+    let server = CacheServer::memory(&[]);
+    let cm = Client::connect(server.url()).await.unwrap();
+    let user = cm
+        .function("ns", "user", Ttl::MINUTE)
+        .with_key_fn(|args| serde_json::json!({ "id": args[0], "shard": u64::MAX }));
+    let runs = AtomicUsize::new(0);
+    let result = user
+        .memoize(&(7,), || async { runs.fetch_add(1, SeqCst) })
+        .await;
+    let Err(Error::Args(err)) = result else {
+        panic!("an unkeyable key function result was keyed: {result:?}")
+    };
+    assert!(err.to_string().contains("key_fn"), "{err}");
+    assert_eq!(runs.load(SeqCst), 0, "the function ran");
+    assert!(matches!(user.digest(&(7,)), Err(Error::Args(_))));
+    assert!(matches!(user.bust(&(7,)).await, Err(Error::Args(_))));
+    let stats = stats(&server).await;
+    assert_eq!(
+        (stats.hits, stats.misses, stats.puts, stats.busts),
+        (0, 0, 0, 0)
+    );
+}
+
+/// A TTL over the service's maximum is refused when the handle is made, naming the rule and
+/// `ClientOptions::max_ttl`; the default maximum is the server's own, so a month caches, and
+/// a client told a lower server maximum enforces that one.
+#[tokio::test]
+async fn ttls_over_the_service_maximum_are_refused_at_the_handle() {
+    let server = CacheServer::memory(&[]);
+    let cm = Client::connect(server.url()).await.unwrap();
+    let too_long = Ttl::MONTH + Duration::from_secs(1);
+    let refused = cm.try_function("ns", "f", too_long);
+    let Err(Error::InvalidTtl(message)) = &refused else {
+        panic!("a TTL over 30 days made a handle: {refused:?}")
+    };
+    assert!(
+        message.contains("ClientOptions::max_ttl") && message.contains("2592000 seconds"),
+        "{message}"
+    );
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cm.function("ns", "f", too_long)
+    }))
+    .expect_err("Client::function accepted a TTL over the maximum");
+    let panic_message = panicked
+        .downcast_ref::<String>()
+        .expect("a formatted panic");
+    assert!(panic_message.contains("max_ttl"), "{panic_message}");
+
+    let monthly = cm.function("ns", "monthly", Ttl::MONTH);
+    monthly.memoize(&(1,), || async { 1 }).await.unwrap();
+    assert_eq!(
+        stats(&server).await.puts,
+        1,
+        "a month is within the server's maximum"
+    );
+
+    let strict = CacheServer::memory(&["--max-ttl-seconds", "3600"]);
+    let options = ClientOptions {
+        max_ttl: Ttl::HOUR,
+        ..ClientOptions::default()
+    };
+    let cm = Client::connect_with(strict.url(), options).await.unwrap();
+    assert!(matches!(
+        cm.try_function("ns", "f", Ttl::HOURS_8),
+        Err(Error::InvalidTtl(_))
+    ));
+    let hourly = cm.function("ns", "hourly", Ttl::HOUR);
+    hourly.memoize(&(1,), || async { 1 }).await.unwrap();
+    assert_eq!(
+        stats(&strict).await.puts,
+        1,
+        "an hour is within the maximum"
+    );
 }
 
 /// Busts report failure when the service is unreachable, rather than pretending.

@@ -83,7 +83,12 @@ struct Item {
     tags: Vec<&'static str>,
 }
 
-/// Typed Rust arguments key exactly as the vector that describes them.
+/// A newtype around an array: one argument, as the array alone is.
+#[derive(Serialize)]
+struct Pair([i32; 2]);
+
+/// Typed Rust arguments key exactly as the vector that describes them; a list (array, slice,
+/// `Vec`) alone is one argument, as in Python.
 #[test]
 fn typed_arguments_match_their_vectors() {
     let by_name: BTreeMap<String, String> = vectors()
@@ -123,6 +128,22 @@ fn typed_arguments_match_their_vectors() {
         .unwrap(),
     );
     check("one list argument", digest(&(vec![1, 2, 3],)).unwrap());
+    check("one list argument", digest(&vec![1, 2, 3]).unwrap());
+    check("one fixed-size array argument", digest(&[3, 4]).unwrap());
+    check(
+        "one fixed-size array argument",
+        digest(&[3, 4][..]).unwrap(),
+    );
+    check(
+        "one fixed-size array argument",
+        digest(&Pair([3, 4])).unwrap(),
+    );
+    check("empty list argument", digest(&[0i32; 0]).unwrap());
+    check("empty list argument", digest(&Vec::<i32>::new()).unwrap());
+    check(
+        "list beside another argument",
+        digest(&([3, 4], 5)).unwrap(),
+    );
     check("negative zero is zero", digest(&(-0.0f64,)).unwrap());
     check(
         "integral float is an integer",

@@ -49,6 +49,10 @@ const cases = [
   ["struct", '[{"name": "x", "id": 42, "tags": ["a", "b"]}]'],
   ["nested empties", "[[[]], [{}], {}]"],
   ["one list argument", "[[1, 2, 3]]"],
+  // A list is one argument in every language: Python's f([3, 4]), Rust's &[3, 4] and &vec![3, 4].
+  ["one fixed-size array argument", "[[3, 4]]"],
+  ["empty list argument", "[[]]"],
+  ["list beside another argument", "[[3, 4], 5]"],
   ["small integers", "[-1, 0, 1]"],
 ];
 
