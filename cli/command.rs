@@ -143,39 +143,24 @@ impl Service {
         let mut rpc = self.client.raw();
         match command {
             ServiceCommand::Get(entry) => {
-                let key = entry_key(
-                    &entry.function,
-                    entry.args.as_deref(),
-                    entry.digest.as_deref(),
-                )?;
-                let reply = self
-                    .call(
-                        DEFAULT_TIMEOUT,
-                        rpc.get(GetRequest {
-                            key: Some(wire(&key)),
-                        }),
-                    )
-                    .await?;
+                let key = entry.key()?;
+                let request = GetRequest {
+                    key: Some(wire(&key)),
+                };
+                let reply = self.call(DEFAULT_TIMEOUT, rpc.get(request)).await?;
                 let value = reply.hit.then_some(reply.value);
                 Ok(Report::Entry { key, value })
             }
             ServiceCommand::Put(put) => self.put(&mut rpc, put).await,
             ServiceCommand::Bust(entry) => {
-                let key = entry_key(
-                    &entry.function,
-                    entry.args.as_deref(),
-                    entry.digest.as_deref(),
-                )?;
+                let key = entry.key()?;
                 let request = BustRequest {
                     key: Some(wire(&key)),
                 };
-                let removed = self
-                    .call(DEFAULT_BUST_TIMEOUT, rpc.bust(request))
-                    .await?
-                    .removed;
+                let reply = self.call(DEFAULT_BUST_TIMEOUT, rpc.bust(request));
                 Ok(Report::Removed {
+                    removed: reply.await?.removed,
                     scope: Scope::Entry(key),
-                    removed,
                 })
             }
             ServiceCommand::BustFunction(function) => {

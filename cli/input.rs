@@ -14,7 +14,10 @@ use cache_money::{
 };
 use serde_json::{Value, value::RawValue};
 
-use crate::{args::FunctionArgs, error::CliError};
+use crate::{
+    args::{EntryArgs, FunctionArgs},
+    error::CliError,
+};
 
 /// A call's key as the spec computes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +96,16 @@ pub fn entry_key(
         digest,
     )
     .map_err(|err| CliError::Usage(err.to_string()))
+}
+
+impl EntryArgs {
+    /// The entry these arguments name.
+    ///
+    /// # Errors
+    /// As [`entry_key`].
+    pub fn key(&self) -> Result<EntryKey, CliError> {
+        entry_key(&self.function, self.args.as_deref(), self.digest.as_deref())
+    }
 }
 
 /// The bytes `put` stores: the JSON text as given, or the bytes base64 stands for.

@@ -39,12 +39,41 @@ impl Run {
         self
     }
 
+    /// Asserts stdout has `text`.
+    fn prints(&self, text: &str) -> &Self {
+        assert_has("stdout", &self.stdout, text);
+        self
+    }
+
+    /// Asserts stderr has `text`.
+    fn complains(&self, text: &str) -> &Self {
+        assert_has("stderr", &self.stderr, text);
+        self
+    }
+
+    /// Asserts stderr starts with `text`: the first thing the operator reads.
+    fn complains_first(&self, text: &str) -> &Self {
+        assert!(
+            self.stderr.starts_with(text),
+            "stderr does not start with {text:?}:\n{}",
+            self.stderr
+        );
+        self
+    }
+
     /// stdout as the one JSON document `--output json` promises.
     fn json(&self) -> Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|err| {
             panic!("stdout is not one JSON document ({err}):\n{}", self.stdout)
         })
     }
+}
+
+fn assert_has(stream: &str, printed: &str, text: &str) {
+    assert!(
+        printed.contains(text),
+        "{stream} lacks {text:?}:\n{printed}"
+    );
 }
 
 /// The CLI, aimed at a server through `CACHE_MONEY_SERVER`, with none of the operator's own
@@ -127,191 +156,104 @@ impl Drop for Scratch {
     }
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct Vectors {
-    vectors: Vec<Vector>,
-    invalid: Vec<Invalid>,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct Vector {
-    name: String,
-    args: String,
-    canonical: String,
-    digest: String,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct Invalid {
-    name: String,
-    args: String,
-}
-
 /// `digest` gives every key vector's canonical text and digest from its JSON arguments (both
 /// output formats), and refuses every invalid vector with a usage error.
 #[test]
 fn digest_matches_every_key_vector() {
-    let vectors: Vectors =
+    let file: Value =
         serde_json::from_str(include_str!("vectors/keys.json")).expect("keys.json parses");
-    assert!(vectors.vectors.len() >= 30);
+    let field = |case: &Value, name: &str| case[name].as_str().expect(name).to_owned();
+    let vectors = file["vectors"].as_array().expect("a list of vectors");
+    assert!(vectors.len() >= 30, "only {} vectors", vectors.len());
     // No server is needed: this one is never started.
     let cli = Cli::new(&format!("http://127.0.0.1:{}", free_port()));
-    for vector in &vectors.vectors {
+    for vector in vectors {
+        let (name, args, digest) = (
+            field(vector, "name"),
+            field(vector, "args"),
+            field(vector, "digest"),
+        );
         let json = cli
-            .run(&["digest", "--output", "json", &vector.args])
+            .run(&["digest", "--output", "json", &args])
             .exits(0)
             .json();
-        assert_eq!(json["digest"], vector.digest.as_str(), "{}", vector.name);
-        assert_eq!(
-            json["canonical"],
-            vector.canonical.as_str(),
-            "{}",
-            vector.name
-        );
-        let table = cli.run(&["digest", &vector.args]).exits(0);
+        assert_eq!(json["digest"], digest, "{name}");
+        assert_eq!(json["canonical"], vector["canonical"], "{name}");
+        let table = cli.run(&["digest", &args]).exits(0);
         assert!(
-            table
-                .stdout
-                .starts_with(&format!("digest     {}\n", vector.digest)),
-            "{}: {}",
-            vector.name,
+            table.stdout.starts_with(&format!("digest     {digest}\n")),
+            "{name}: {}",
             table.stdout
         );
     }
-    for invalid in &vectors.invalid {
-        let refused = cli.run(&["digest", &invalid.args]).exits(2);
+    for invalid in file["invalid"].as_array().expect("a list of invalid cases") {
+        let refused = cli.run(&["digest", &field(invalid, "args")]).exits(2);
+        refused.complains("cannot make a cache key");
         assert!(
-            refused.stderr.contains("cannot make a cache key") && refused.stdout.is_empty(),
+            refused.stdout.is_empty(),
             "{}: {}",
-            invalid.name,
-            refused.stderr
+            field(invalid, "name"),
+            refused.stdout
         );
     }
-    let not_a_list = cli.run(&["digest", "{\"a\": 1}"]).exits(2);
-    assert!(
-        not_a_list.stderr.contains("ARGS: must be a JSON array"),
-        "{}",
-        not_a_list.stderr
-    );
-    let not_json = cli.run(&["digest", "[3, 4"]).exits(2);
-    assert!(
-        not_json.stderr.contains("ARGS: not JSON"),
-        "{}",
-        not_json.stderr
-    );
+    cli.run(&["digest", "{\"a\": 1}"])
+        .exits(2)
+        .complains("ARGS: must be a JSON array");
+    cli.run(&["digest", "[3, 4"])
+        .exits(2)
+        .complains("ARGS: not JSON");
 }
 
 /// put, get, keys and bust of one entry, in both formats: the value comes back as JSON, the
 /// TTL reads as time left, a bust removes it and a miss exits 3.
 fn round_trip(cli: &Cli) {
-    let stored = cli
-        .run(&[
-            "put",
-            "billing.invoices",
-            "total",
-            "[3, {\"b\": 1, \"a\": 2}]",
-            "{\"sum\": 7}",
-            "--ttl",
-            "1h",
-            "-o",
-            "json",
-        ])
-        .exits(0)
-        .json();
+    // Every call is about one function: `COMMAND billing.invoices total REST...`.
+    let call = |command: &str, rest: &[&str]| {
+        let mut args = vec![command, "billing.invoices", "total"];
+        args.extend_from_slice(rest);
+        cli.run(&args)
+    };
+    let args = r#"[3, {"b": 1, "a": 2}]"#;
+    let stored = call("put", &[args, r#"{"sum": 7}"#, "--ttl", "1h", "-o", "json"]);
+    let stored = stored.exits(0).json();
     let digest = stored["key"]["digest"]
         .as_str()
-        .expect("put names the digest")
-        .to_owned();
+        .expect("put names the digest");
     assert_eq!(stored["ttl_seconds"], 3600);
     // The same arguments written another way are the same entry.
-    let hit = cli
-        .run(&[
-            "get",
-            "billing.invoices",
-            "total",
-            "[3,{\"a\":2,\"b\":1}]",
-            "-o",
-            "json",
-        ])
+    let hit = call("get", &[r#"[3,{"a":2,"b":1}]"#, "-o", "json"])
         .exits(0)
         .json();
     assert_eq!(hit["hit"], true);
     assert_eq!(hit["encoding"], "json");
     assert_eq!(hit["value"], serde_json::json!({"sum": 7}));
-    let table = cli
-        .run(&["get", "billing.invoices", "total", "--digest", &digest])
-        .exits(0);
-    assert!(
-        table.stdout.contains("value  {\"sum\": 7}"),
-        "{}",
-        table.stdout
-    );
-
-    let keys = cli
-        .run(&["keys", "billing.invoices", "total", "-o", "json"])
+    call("get", &["--digest", digest])
         .exits(0)
-        .json();
+        .prints(r#"value  {"sum": 7}"#);
+
+    let keys = call("keys", &["-o", "json"]).exits(0).json();
     let entries = keys["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 1);
-    assert_eq!(entries[0]["digest"], digest.as_str());
+    assert_eq!(entries[0]["digest"], digest);
     let ttl_ms = entries[0]["ttl_ms"].as_u64().unwrap();
     assert!((3_500_000..=3_600_000).contains(&ttl_ms), "{ttl_ms}");
     assert!(keys["next_cursor"].is_null());
-    let table = cli.run(&["keys", "billing.invoices", "total"]).exits(0);
+    let table = call("keys", &[]).exits(0);
     assert!(table.stdout.starts_with("DIGEST"), "{}", table.stdout);
+    let time_left = |prefix: &str| table.stdout.contains(&format!("{digest}  {prefix}"));
     assert!(
-        table.stdout.contains(&format!("{digest}  59m "))
-            || table.stdout.contains(&format!("{digest}  1h")),
-        "the TTL reads as time left: {}",
+        time_left("59m ") || time_left("1h"),
+        "time left: {}",
         table.stdout
     );
 
-    let bust = cli
-        .run(&[
-            "bust",
-            "billing.invoices",
-            "total",
-            "[3, {\"a\": 2, \"b\": 1}]",
-        ])
-        .exits(0);
-    assert!(
-        bust.stdout.starts_with("removed 1 entry"),
-        "{}",
-        bust.stdout
-    );
-    let again = cli
-        .run(&[
-            "bust",
-            "billing.invoices",
-            "total",
-            "--digest",
-            &digest,
-            "-o",
-            "json",
-        ])
-        .exits(0);
+    call("bust", &[args]).exits(0).prints("removed 1 entry");
+    let again = call("bust", &["--digest", digest, "-o", "json"]).exits(0);
     assert_eq!(again.json()["removed"], 0);
-    let miss = cli
-        .run(&[
-            "get",
-            "billing.invoices",
-            "total",
-            "--digest",
-            &digest,
-            "-o",
-            "json",
-        ])
-        .exits(3);
+    let miss = call("get", &["--digest", digest, "-o", "json"]).exits(3);
     assert_eq!(miss.json()["hit"], false);
-    let miss = cli
-        .run(&["get", "billing.invoices", "total", "--digest", &digest])
-        .exits(3);
-    assert!(
-        miss.stdout
-            .starts_with("miss: no entry billing.invoices:total:"),
-        "{}",
-        miss.stdout
-    );
+    let miss = call("get", &["--digest", digest]).exits(3);
+    miss.prints(&format!("miss: no entry billing.invoices:total:{digest}"));
 }
 
 /// An entry makes the round trip through the in-memory store.
@@ -344,18 +286,10 @@ fn binary_values_print_as_base64() {
     assert_eq!(json["encoding"], "base64");
     assert_eq!(json["value"], "AAH/");
     let table = cli.run(&["get", "ns", "blob", "--digest", digest]).exits(0);
-    assert!(
-        table.stdout.contains("value (base64)  AAH/"),
-        "{}",
-        table.stdout
-    );
+    table.prints("value (base64)  AAH/");
     // Text that is not JSON is refused rather than stored as something else.
     let refused = cli.run(&["put", "ns", "blob", "[1]", "hello"]).exits(2);
-    assert!(
-        refused.stderr.contains("VALUE: not JSON"),
-        "{}",
-        refused.stderr
-    );
+    refused.complains("VALUE: not JSON");
 }
 
 /// What the library's memoize stored, the CLI finds with the same JSON arguments, and what
@@ -445,11 +379,7 @@ fn keys_pages_in_memory() {
     assert_eq!(all.len(), 7);
     assert_eq!(all.into_iter().collect::<BTreeSet<_>>(), stored);
     let first_page = cli.run(&["keys", "ns", "paged", "--limit", "3"]).exits(0);
-    assert!(
-        first_page.stdout.contains("\nmore: --cursor "),
-        "{}",
-        first_page.stdout
-    );
+    first_page.prints("\nmore: --cursor ");
 }
 
 /// `keys` pages through Redis, where pages come from SCAN: 1000 entries at 100 a page are
@@ -523,11 +453,7 @@ fn bust_all_without_yes_or_terminal_is_refused() {
     let started = Instant::now();
     let refused = cli.run(&["bust-all"]).exits(2);
     assert!(started.elapsed() < PROMPT, "bust-all waited for input");
-    assert!(
-        refused.stderr.contains("not a terminal") && refused.stderr.contains("--yes"),
-        "{}",
-        refused.stderr
-    );
+    refused.complains("not a terminal").complains("--yes");
     cli.run(&["get", "ns", "kept", "[1]"]).exits(0);
 }
 
@@ -562,16 +488,8 @@ fn stats_count_what_happened() {
     assert_eq!(stats["store"], "memory");
     assert_eq!(stats["store_up"], true);
     let table = cli.run(&["stats"]).exits(0);
-    assert!(
-        table.stdout.contains("store           memory (up)"),
-        "{}",
-        table.stdout
-    );
-    assert!(
-        table.stdout.contains("hit ratio       50.0%"),
-        "{}",
-        table.stdout
-    );
+    table.prints("store           memory (up)");
+    table.prints("hit ratio       50.0%");
 }
 
 /// health exits 0 with SERVING while Redis answers, and non-zero with NOT_SERVING once it is
@@ -615,12 +533,7 @@ fn tokens_are_sent_and_refusals_explained() {
     let server = CacheServer::start_with_env(&[], &[("CACHE_MONEY_AUTH_TOKENS", &grants)]);
     let anonymous = Cli::for_server(&server);
     let none = anonymous.run(&["get", "billing", "f", "[1]"]).exits(1);
-    assert!(
-        none.stderr
-            .starts_with("error: cache-money answered Unauthenticated: missing credentials"),
-        "{}",
-        none.stderr
-    );
+    none.complains_first("error: cache-money answered Unauthenticated: missing credentials");
 
     let wrong = anonymous
         .clone()
@@ -637,13 +550,8 @@ fn tokens_are_sent_and_refusals_explained() {
     billing.run(&["put", "billing", "f", "[1]", "1"]).exits(0);
     billing.run(&["get", "billing", "f", "[1]"]).exits(0);
     let denied = billing.run(&["bust-all", "--yes"]).exits(1);
-    assert!(
-        denied
-            .stderr
-            .starts_with("error: cache-money answered PermissionDenied: token \"billing\" may not"),
-        "{}",
-        denied.stderr
-    );
+    denied
+        .complains_first("error: cache-money answered PermissionDenied: token \"billing\" may not");
     let denied = billing
         .run(&["get", "shipping", "f", "[1]", "-o", "json"])
         .exits(1)
@@ -665,14 +573,15 @@ fn tokens_are_sent_and_refusals_explained() {
     // Health needs no token.
     anonymous.run(&["health"]).exits(0);
     // The help says where the token goes, and there is no flag to put it in `ps`.
-    let help = anonymous.run(&["--help"]).exits(0);
-    assert!(help.stdout.contains("CACHE_MONEY_TOKEN") && help.stdout.contains("no --token flag"));
-    let no_flag = anonymous.run(&["stats", "--token", OPS]).exits(2);
-    assert!(
-        no_flag.stderr.contains("unexpected argument '--token'"),
-        "{}",
-        no_flag.stderr
-    );
+    anonymous
+        .run(&["--help"])
+        .exits(0)
+        .prints("CACHE_MONEY_TOKEN")
+        .prints("no --token flag");
+    anonymous
+        .run(&["stats", "--token", OPS])
+        .exits(2)
+        .complains("unexpected argument '--token'");
 }
 
 /// With nothing listening, every subcommand that calls the server fails at once with a
@@ -704,11 +613,7 @@ fn a_down_server_fails_fast_and_clearly() {
         let expected = format!(
             "error: cannot reach cache-money at {url} (--server, CACHE_MONEY_SERVER): Unavailable:"
         );
-        assert!(
-            failed.stderr.starts_with(&expected),
-            "{call:?}: {}",
-            failed.stderr
-        );
+        failed.complains_first(&expected);
         assert!(
             failed.stderr.contains("Connection refused"),
             "{call:?}: {}",
@@ -788,21 +693,11 @@ fn tls_ca_verifies_https_servers() {
         .exits(0);
 
     let untrusted = cli.run(&["stats"]).exits(1);
-    assert!(
-        untrusted.stderr.contains("invalid peer certificate"),
-        "{}",
-        untrusted.stderr
-    );
+    untrusted.complains("invalid peer certificate");
     let unreadable = cli
         .run(&["stats", "--tls-ca", "/nonexistent/ca.pem"])
         .exits(2);
-    assert!(
-        unreadable
-            .stderr
-            .starts_with("error: --tls-ca: cannot read"),
-        "{}",
-        unreadable.stderr
-    );
+    unreadable.complains_first("error: --tls-ca: cannot read");
 }
 
 /// Bad names, digests, TTLs and argument counts are usage errors (exit 2) naming what is
@@ -850,12 +745,7 @@ fn usage_errors_name_the_argument() {
         ),
     ];
     for (args, expected) in cases {
-        let refused = cli.run(args).exits(2);
-        assert!(
-            refused.stderr.contains(expected),
-            "{args:?}: {}",
-            refused.stderr
-        );
+        cli.run(args).exits(2).complains(expected);
     }
     let json = cli
         .run(&["get", "a:b", "f", "[1]", "-o", "json"])
