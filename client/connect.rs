@@ -23,12 +23,16 @@ use tonic::{
 
 use crate::{ClientOptions, Error};
 
-/// A lazily connecting channel to `url` (`http://host:port` or `https://host:port`).
+/// A lazily connecting channel to `url` (`http://host:port` or `https://host:port`), set up
+/// as [`Client::connect_with`](crate::Client::connect_with) sets up its own. Made separately,
+/// one connection can carry the cache service (through
+/// [`Client::from_channel_with`](crate::Client::from_channel_with)) and the server's other
+/// services, such as gRPC health.
 ///
 /// # Errors
 /// [`Error::InvalidUrl`] when the URL is not an `http://` or `https://` address with a host,
 /// or asks for TLS in a build without the `tls` feature.
-pub(crate) fn channel(url: &str, options: &ClientOptions) -> Result<Channel, Error> {
+pub fn channel(url: &str, options: &ClientOptions) -> Result<Channel, Error> {
     let invalid = |why: &str| Error::InvalidUrl(format!("{url:?}: {why}"));
     let uri: http::Uri = url.parse().map_err(|err| invalid(&format!("{err}")))?;
     let secure = match uri.scheme_str() {
@@ -94,7 +98,7 @@ fn chain(err: &dyn std::error::Error) -> String {
 /// A status in words a person can act on: its code, its message and, for a transport
 /// failure, the causes underneath (`tcp connect error: Connection refused`, `invalid peer
 /// certificate: UnknownIssuer`), which tonic keeps out of the message.
-pub(crate) fn describe(status: &Status) -> String {
+pub fn describe(status: &Status) -> String {
     let code = status.code();
     let message = status.message();
     match status.source().map(chain) {

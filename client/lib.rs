@@ -25,8 +25,8 @@
 //! - [`Ttl`] (`ttl`): the seed's TTL constants, and the default maximum TTL both sides use.
 //! - `breaker`: the circuit breaker that keeps a down service from costing every call.
 //! - `single_flight`: concurrent `memoize` calls of one key in a process share one computation.
-//! - `connect`: how a URL and [`ClientOptions`] become a tonic `Channel` (keepalive, TLS,
-//!   timeouts).
+//! - [`channel`] (`connect`): how a URL and [`ClientOptions`] become a tonic `Channel`
+//!   (keepalive, TLS, timeouts), and [`describe_status`], a failed call in words.
 //! - `codec`: the protobuf codec of both stubs, with buffers sized for cache traffic.
 //! - [`Error`] (`error`): the client's error type.
 //! - [`pb`]: the generated protobuf types and gRPC stubs, for raw RPCs.
@@ -35,6 +35,8 @@
 //!   shared by client and server so both enforce the same rules.
 //! - `server` (feature `server`): configuration, the gRPC service, the Redis and in-memory
 //!   stores, health and graceful shutdown.
+//! - The `cache-money` binary (feature `cli`, in `cli/`): the operators' command line, a
+//!   client of the service built on this library.
 
 mod breaker;
 pub mod canonical;
@@ -53,6 +55,7 @@ pub use client::{
     DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_RECEIVE_BYTES, DEFAULT_TTL,
     RawClient,
 };
+pub use connect::{channel, describe as describe_status};
 pub use error::Error;
 pub use memoize::{Function, KeyFn};
 pub use ttl::{DEFAULT_MAX_TTL_SECONDS, Ttl};
