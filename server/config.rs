@@ -5,6 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
+use crate::key::NAME_CHARSET;
+
 /// The environment variable that may hold the token grants as JSON, instead of a file.
 pub const AUTH_TOKENS_ENV: &str = "CACHE_MONEY_AUTH_TOKENS";
 /// Where the server listens unless told otherwise: loopback, so nothing is exposed by accident.
@@ -193,6 +195,20 @@ impl Config {
                 self.max_value_bytes, self.memory_max_bytes
             ));
         }
+        // The prefix is what tells entries from other keys in a shared Redis: after a prefix
+        // like `cache`, the key `cache_users:profile:<md5>` could be an entry of namespace
+        // `_users` or a foreign key.
+        let ends_in_charset = self
+            .key_prefix
+            .bytes()
+            .last()
+            .is_none_or(crate::key::is_name_byte);
+        if ends_in_charset {
+            return Err(format!(
+                "--key-prefix: must end with a character outside {NAME_CHARSET} such as ':', so entries cannot be confused with other keys; got {:?}",
+                self.key_prefix
+            ));
+        }
         if self
             .key_prefix
             .chars()
@@ -328,6 +344,28 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.starts_with("--redis-url"), "{err}");
+    }
+
+    /// A prefix that is empty or ends inside the name charset is refused, saying why; one
+    /// ending in any other character is accepted.
+    #[test]
+    fn key_prefix_must_end_outside_the_name_charset() {
+        for prefix in ["", "cache", "cm:x", "a_", "v1.", "x-", "9"] {
+            let err = config(&["--key-prefix", prefix]).validate().unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "--key-prefix: must end with a character outside [A-Za-z0-9_.-] such as ':', so entries cannot be confused with other keys; got {prefix:?}"
+                )
+            );
+        }
+        for prefix in [":", "cm:", "cm:tenant:", "app/", "c*[m]?:", "cache|"] {
+            assert_eq!(
+                config(&["--key-prefix", prefix]).validate(),
+                Ok(()),
+                "{prefix}"
+            );
+        }
     }
 
     /// Passwords never reach the logs.

@@ -1,15 +1,20 @@
-//! What only Redis can show: the exact key layout and TTL as Redis holds them, keys outside
-//! the prefix left alone, outages survived, out-of-memory reported, and shutdown draining
-//! RPCs that are really in flight.
+//! What only Redis can show: the exact key layout and TTL as Redis holds them, the SCAN
+//! patterns as Redis matches them, keys outside the prefix left alone, outages survived,
+//! out-of-memory reported, and shutdown draining RPCs that are really in flight.
 
 mod common;
 
 use std::{
+    collections::BTreeSet,
     net::TcpStream,
     time::{Duration, Instant},
 };
 
-use cache_money::pb;
+use cache_money::{
+    key::{EntryKey, FunctionKey},
+    pb,
+    server::key::KeyLayout,
+};
 use common::{CacheServer, RedisServer, digest, eventually, get, key, put};
 use tonic::Code;
 use tonic_health::pb::{
@@ -95,7 +100,8 @@ async fn entries_have_the_documented_key_and_ttl_in_redis() {
 }
 
 /// A custom prefix is honoured, and BustAll removes only entries under it: other prefixes,
-/// unprefixed keys and keys of another shape inside the prefix survive.
+/// unprefixed keys and keys of another shape inside the prefix (extra `:` segments, glob
+/// characters, uppercase or 33 hex digits, empty names) survive.
 #[tokio::test]
 async fn bust_all_leaves_keys_outside_the_prefix() {
     let redis = RedisServer::start();
@@ -105,13 +111,23 @@ async fn bust_all_leaves_keys_outside_the_prefix() {
         cm.put(put(key("ns", "f", n), b"v", 60)).await.unwrap();
     }
     let mut conn = redis.connect().await;
+    let d = digest(1);
     let foreign = [
-        "session:42",
-        "cm:ns:f:0123",
-        "app1:config",
-        "app10:ns:f:00000000000000000000000000000001",
+        "session:42".to_owned(),
+        "cm:ns:f:0123".to_owned(),
+        "app1:config".to_owned(),
+        format!("app10:ns:f:{d}"),
+        // Inside the prefix and the `app1:*:*:<hex>` pattern, but not entries: SCAN's `*`
+        // matches `:` too, so only the exact grammar tells these apart.
+        format!("app1:a:b:c:{d}"),
+        format!("app1:tenant:ns:f:{d}"),
+        format!("app1:ns:f:{d}:{d}"),
+        format!("app1:x*:y:{d}"),
+        format!("app1:ns:f:{}", d.to_uppercase().replace('0', "A")),
+        format!("app1:ns:f:{d}0"),
+        format!("app1:ns::{d}"),
     ];
-    for foreign_key in foreign {
+    for foreign_key in &foreign {
         redis::cmd("SET")
             .arg(foreign_key)
             .arg("keep")
@@ -133,7 +149,7 @@ async fn bust_all_leaves_keys_outside_the_prefix() {
         .into_inner()
         .removed;
     assert_eq!(removed, 20);
-    for foreign_key in foreign {
+    for foreign_key in &foreign {
         let exists: i64 = redis::cmd("EXISTS")
             .arg(foreign_key)
             .query_async(&mut conn)
@@ -415,5 +431,97 @@ async fn drain_timeout_bounds_shutdown() {
         server.log_text().contains("drain timeout passed"),
         "{}",
         server.log_text()
+    );
+}
+
+/// The keys `SCAN MATCH pattern` finds in `redis`, as Redis itself matches them.
+async fn scan_match(redis: &RedisServer, pattern: &str) -> BTreeSet<String> {
+    let mut conn = redis.connect().await;
+    let (mut cursor, mut found) = (0u64, BTreeSet::new());
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        found.extend(keys);
+        cursor = next;
+        if cursor == 0 {
+            return found;
+        }
+    }
+}
+
+/// The SCAN patterns of each bust scope, matched by Redis: each finds every entry of its
+/// scope and none of look-alike names, other prefixes or a prefix's escaped glob characters;
+/// and `*` does cross `:`, which is why busts check every key against the grammar too.
+#[tokio::test]
+async fn scan_patterns_select_their_scope_in_redis() {
+    let redis = RedisServer::start();
+    let d = digest(1);
+    let cm = KeyLayout::new("cm:");
+    let globby = KeyLayout::new("c*[m]?:");
+    let entry = |layout: &KeyLayout, ns: &str, function: &str| {
+        layout.entry(&EntryKey::new(ns.into(), function.into(), d.clone()).unwrap())
+    };
+    let functions = [
+        ("ns", "fetch"),
+        ("ns", "fetch_user"),
+        ("ns", "fetch.v2"),
+        ("ns", "fetc"),
+        ("ns", "xfetch"),
+        ("ns1", "fetch"),
+        ("ns1", "g"),
+        ("ns10", "fetch"),
+    ];
+    let entries: BTreeSet<String> = functions
+        .iter()
+        .map(|(ns, function)| entry(&cm, ns, function))
+        .collect();
+    let globby_entry = entry(&globby, "a", "b");
+    let others = [
+        "cm:config".to_owned(),
+        format!("other:ns:fetch:{d}"),
+        format!("cXXm?:a:b:{d}"),
+        format!("cm:ns:fetch:{}", &d[1..]),
+    ];
+    let extra_segments = format!("cm:ns:a:b:{d}");
+    let mut conn = redis.connect().await;
+    let mut pipe = redis::pipe();
+    for key in entries
+        .iter()
+        .chain(&others)
+        .chain([&globby_entry, &extra_segments])
+    {
+        pipe.cmd("SET").arg(key).arg("v").ignore();
+    }
+    pipe.query_async::<()>(&mut conn).await.unwrap();
+
+    let fetch = FunctionKey::new("ns".into(), "fetch".into()).unwrap();
+    assert_eq!(
+        scan_match(&redis, &cm.function_pattern(&fetch)).await,
+        BTreeSet::from([entry(&cm, "ns", "fetch")])
+    );
+    assert_eq!(
+        scan_match(&redis, &cm.namespace_pattern("ns1")).await,
+        BTreeSet::from([entry(&cm, "ns1", "fetch"), entry(&cm, "ns1", "g")])
+    );
+    let mut all = entries.clone();
+    all.insert(extra_segments.clone());
+    assert_eq!(scan_match(&redis, &cm.all_pattern()).await, all);
+    assert_eq!(
+        scan_match(&redis, &globby.all_pattern()).await,
+        BTreeSet::from([globby_entry])
+    );
+    // What the pattern lets through, the grammar refuses.
+    assert_eq!(cm.parse(extra_segments.as_bytes()), None);
+    assert!(
+        entries
+            .iter()
+            .all(|entry| cm.parse(entry.as_bytes()).is_some())
     );
 }

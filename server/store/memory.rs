@@ -26,7 +26,9 @@ const ENTRY_OVERHEAD: usize = 96;
 ///
 /// Keys are `namespace:function:digest`. Names cannot contain `:`, so one function's entries
 /// are exactly the range starting at `namespace:function:`, and a namespace's the range
-/// starting at `namespace:`. When the byte budget is reached, the entries closest to expiry
+/// starting at `namespace:`. Unlike Redis, the map holds nothing but keys built from
+/// validated [`EntryKey`]s, so a bust needs no grammar check: every key in a range is an
+/// entry of that scope. When the byte budget is reached, the entries closest to expiry
 /// make room (Redis's `volatile-ttl`), since a cache that refuses writes helps nobody.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {

@@ -294,10 +294,20 @@ impl RedisStore {
         }
     }
 
-    /// SCANs `pattern` and UNLINKs what it finds, batch by batch; each step is bounded by the
-    /// store timeout, the whole bust by nothing but the work (a million keys take seconds).
-    /// Each round trip unlinks one batch and asks for the next, halving the round trips.
-    async fn bust_matching(&self, pattern: String) -> Result<u64, StoreError> {
+    /// Whether a key SCAN found is an entry in `scope`: the pattern is only a coarse filter
+    /// (its `*` matches `:` too), so nothing is removed or listed unless it has the exact
+    /// shape of an entry and belongs to the scope.
+    fn in_scope(&self, scope: Scope<'_>, key: &[u8]) -> bool {
+        self.layout
+            .parse(key)
+            .is_some_and(|entry| scope.contains(&entry))
+    }
+
+    /// SCANs `scope`'s pattern and UNLINKs the entries of `scope` it finds, batch by batch;
+    /// each step is bounded by the store timeout, the whole bust by nothing but the work (a
+    /// million keys take seconds). Each round trip unlinks one batch and asks for the next,
+    /// halving the round trips.
+    async fn bust_matching(&self, scope: Scope<'_>, pattern: String) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
         let mut batch: Vec<Vec<u8>> = Vec::new();
         let mut removed = 0;
@@ -324,6 +334,7 @@ impl RedisStore {
             };
             removed += unlinked;
             (cursor, batch) = scanned;
+            batch.retain(|key| self.in_scope(scope, key));
             if cursor == 0 {
                 break;
             }
@@ -425,7 +436,7 @@ impl Store for RedisStore {
             Scope::Namespace(namespace) => self.layout.namespace_pattern(namespace),
             Scope::All => self.layout.all_pattern(),
         };
-        self.bust_matching(pattern).await
+        self.bust_matching(scope, pattern).await
     }
 
     async fn keys(
@@ -441,7 +452,7 @@ impl Store for RedisStore {
                 .map_err(|_| StoreError::InvalidCursor(text.to_owned()))?,
         };
         let pattern = self.layout.function_pattern(function);
-        let mut found: Vec<String> = Vec::new();
+        let mut found: Vec<Vec<u8>> = Vec::new();
         // SCAN may return nothing for many steps when the keyspace is large and the function
         // small; keep stepping until the page has entries or the scan is done.
         loop {
@@ -454,12 +465,15 @@ impl Store for RedisStore {
                         .arg(pattern)
                         .arg("COUNT")
                         .arg(limit.max(100))
-                        .query_async::<(u64, Vec<String>)>(&mut conn)
+                        .query_async::<(u64, Vec<Vec<u8>>)>(&mut conn)
                         .await
                 }
             };
             let (next, keys) = self.run("SCAN", step).await?;
-            found.extend(keys);
+            found.extend(
+                keys.into_iter()
+                    .filter(|key| self.in_scope(Scope::Function(function), key)),
+            );
             cursor = next;
             if cursor == 0 || found.len() >= limit {
                 break;
@@ -477,15 +491,16 @@ impl Store for RedisStore {
             })
             .await?
         };
-        let prefix_len = self.layout.function_prefix(function).len();
         let entries = found
-            .into_iter()
+            .iter()
             .zip(ttls)
             // -2: expired or busted since the SCAN; -1 cannot happen for keys we wrote.
             .filter(|(_, ttl)| *ttl >= 0)
-            .map(|(key, ttl)| KeyInfo {
-                digest: key[prefix_len..].to_owned(),
-                ttl: Duration::from_millis(ttl as u64),
+            .filter_map(|(key, ttl)| {
+                Some(KeyInfo {
+                    digest: self.layout.parse(key)?.digest.to_owned(),
+                    ttl: Duration::from_millis(ttl as u64),
+                })
             })
             .collect();
         Ok(KeysPage {
