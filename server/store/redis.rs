@@ -17,7 +17,7 @@ use redis::{
     aio::MultiplexedConnection,
 };
 use tokio::{
-    sync::Semaphore,
+    sync::{Mutex, Semaphore},
     time::{Instant, timeout_at},
 };
 use tracing::warn;
@@ -144,10 +144,22 @@ fn describe(err: &RedisError) -> String {
     }
 }
 
+/// The health probe's own connection, apart from the pool (see [`RedisStore::ping`]).
+#[derive(Debug, Default)]
+struct Probe {
+    connection: Option<MultiplexedConnection>,
+    /// Whether the latest PING on `connection` timed out.
+    timed_out: bool,
+}
+
 /// Entries in Redis under `{prefix}{namespace}:{function}:{digest}`. Cloning is shallow.
 #[derive(Debug, Clone)]
 pub struct RedisStore {
     pool: Pool<Manager>,
+    /// Opens the probe's connection, as the pool's manager opens its own.
+    client: Client,
+    config: AsyncConnectionConfig,
+    probe: Arc<Mutex<Probe>>,
     /// Bounds the commands in flight: past it, callers are refused at once (load shedding)
     /// rather than queueing behind a slow Redis.
     in_flight: Arc<Semaphore>,
@@ -213,9 +225,15 @@ impl RedisStore {
             .retry_connection(false)
             .connection_timeout(settings.timeout)
             .error_sink(Box::new(connect_errors.clone()))
-            .build_unchecked(Manager { client, config });
+            .build_unchecked(Manager {
+                client: client.clone(),
+                config: config.clone(),
+            });
         Ok(RedisStore {
             pool,
+            client,
+            config,
+            probe: Arc::default(),
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             connect_errors,
             max_in_flight: settings.max_in_flight,
@@ -513,15 +531,69 @@ impl Store for RedisStore {
         })
     }
 
+    /// PINGs Redis on the probe's own connection, within the store timeout.
+    ///
+    /// Not through the pool or the in-flight limit: a burst of requests must not make the
+    /// probe fail (every replica would report NOT_SERVING at once and readiness would drain
+    /// the fleet), and a PING must not queue behind the requests on a shared connection,
+    /// such as writes held by `CLIENT PAUSE WRITE` during a failover. One slow reply (Redis
+    /// busy with a long command) keeps the connection; a second in a row replaces it, since
+    /// only a new connection can tell a silently dead one (a half-open TCP flow) from a slow
+    /// Redis.
     async fn ping(&self) -> Result<(), StoreError> {
-        let pong: String = self
-            .run("PING", |mut conn| async move {
-                redis::cmd("PING").query_async(&mut conn).await
-            })
-            .await?;
-        if pong != "PONG" {
-            warn!(reply = %pong, "redis answered PING oddly");
+        let deadline = Instant::now() + self.timeout;
+        let timeout = || StoreError::Timeout {
+            op: "PING",
+            after: self.timeout,
+        };
+        // Only the health monitor probes, one probe at a time; the lock is never contended.
+        let mut probe = self.probe.lock().await;
+        let mut connection = match &probe.connection {
+            Some(connection) => connection.clone(),
+            None => {
+                let connect = self
+                    .client
+                    .get_multiplexed_async_connection_with_config(&self.config);
+                let connection = timeout_at(deadline, connect)
+                    .await
+                    .map_err(|_| timeout())?
+                    .map_err(|err| {
+                        StoreError::Unavailable(format!(
+                            "cannot connect to redis: {}",
+                            describe(&err)
+                        ))
+                    })?;
+                probe.connection = Some(connection.clone());
+                connection
+            }
+        };
+        let ping = async {
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+        };
+        match timeout_at(deadline, ping).await {
+            Ok(Ok(pong)) => {
+                probe.timed_out = false;
+                if pong != "PONG" {
+                    warn!(reply = %pong, "redis answered PING oddly");
+                }
+                Ok(())
+            }
+            Ok(Err(err)) => {
+                if connection_lost(&err) {
+                    *probe = Probe::default();
+                }
+                Err(classify(err))
+            }
+            Err(_) => {
+                if probe.timed_out {
+                    *probe = Probe::default();
+                } else {
+                    probe.timed_out = true;
+                }
+                Err(timeout())
+            }
         }
-        Ok(())
     }
 }
