@@ -71,7 +71,11 @@ impl State {
         self.entries.get(key).filter(|entry| entry.expires_at > now)
     }
 
-    fn insert(&mut self, key: String, value: Bytes, ttl: Duration, now: Instant) {
+    /// Stores a copy of `value`: a value decoded from a request is a slice of the whole
+    /// request's buffer, so keeping the slice would keep (say) an 8 MiB `PutMany` alive for
+    /// one surviving 1-byte entry, while the budget counted only the byte.
+    fn insert(&mut self, key: String, value: &[u8], ttl: Duration, now: Instant) {
+        let value = Bytes::copy_from_slice(value);
         self.remove(&key);
         let cost = charge(&key, &value);
         while self.bytes + cost > self.max_bytes {
@@ -204,7 +208,7 @@ impl Store for MemoryStore {
     async fn put(&self, entry: NewEntry) -> Result<(), StoreError> {
         let key = map_key(&entry.key);
         self.state()
-            .insert(key, entry.value, entry.ttl, Instant::now());
+            .insert(key, &entry.value, entry.ttl, Instant::now());
         Ok(())
     }
 
@@ -212,7 +216,7 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut state = self.state();
         for entry in entries {
-            state.insert(map_key(&entry.key), entry.value, entry.ttl, now);
+            state.insert(map_key(&entry.key), &entry.value, entry.ttl, now);
         }
         Ok(())
     }
