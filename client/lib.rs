@@ -32,6 +32,7 @@
 //! - [`canonical`]: the canonical key of a call's arguments (RFC 8785 JSON, md5).
 //! - [`key`]: the address of a cache entry (namespace, function, digest) and its validation,
 //!   shared by client and server so both enforce the same rules.
+//! - [`limits`]: the message size limits client and server share.
 //! - `server` (feature `server`): configuration, the gRPC service, the Redis and in-memory
 //!   stores, health and graceful shutdown.
 
@@ -41,6 +42,7 @@ mod client;
 mod codec;
 mod error;
 pub mod key;
+pub mod limits;
 mod memoize;
 pub mod transport;
 mod ttl;

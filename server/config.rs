@@ -30,7 +30,12 @@ pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// The most keys or entries in one `GetMany` or `PutMany`.
 pub const DEFAULT_MAX_BATCH: usize = 1000;
 /// The largest gRPC message the server decodes; it bounds a whole `PutMany`.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = crate::limits::DEFAULT_MAX_MESSAGE_BYTES;
+/// The largest `GetMany` response the server sends: the client's default receive limit, so
+/// a response the server sends is one the client reads.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = crate::limits::DEFAULT_MAX_MESSAGE_BYTES;
+/// Room for keys and protobuf framing around the largest value, in a request or a response.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 4096;
 /// Keys asked of each Redis `SCAN` step (and removed per `UNLINK`) while busting.
 pub const DEFAULT_BUST_BATCH: usize = 1000;
 /// Bytes the in-memory store may hold before it evicts the entries closest to expiry.
@@ -112,6 +117,11 @@ pub struct Config {
     #[arg(long, env = "CACHE_MONEY_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
 
+    /// Largest GetMany response the server sends, in bytes; a batch whose values exceed it is
+    /// refused with OUT_OF_RANGE. Keep it at most the clients' receive limit.
+    #[arg(long, env = "CACHE_MONEY_MAX_RESPONSE_BYTES", default_value_t = DEFAULT_MAX_RESPONSE_BYTES)]
+    pub max_response_bytes: usize,
+
     /// Keys per SCAN step and UNLINK while busting.
     #[arg(long, env = "CACHE_MONEY_BUST_BATCH", default_value_t = DEFAULT_BUST_BATCH)]
     pub bust_batch: usize,
@@ -181,13 +191,18 @@ impl Config {
         if let Some((flag, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(format!("{flag}: must be at least 1"));
         }
-        // Room for the key and framing of a Put carrying the largest value.
-        let needed = self.max_value_bytes.saturating_add(4096);
-        if self.max_message_bytes < needed {
-            return Err(format!(
-                "--max-message-bytes: must be at least --max-value-bytes + 4096 ({needed}), got {}",
-                self.max_message_bytes
-            ));
+        // Room for the key and framing of a Put, or a GetMany answer, carrying the largest
+        // value.
+        let needed = self.max_value_bytes.saturating_add(MESSAGE_OVERHEAD_BYTES);
+        for (flag, value) in [
+            ("--max-message-bytes", self.max_message_bytes),
+            ("--max-response-bytes", self.max_response_bytes),
+        ] {
+            if value < needed {
+                return Err(format!(
+                    "{flag}: must be at least --max-value-bytes + {MESSAGE_OVERHEAD_BYTES} ({needed}), got {value}"
+                ));
+            }
         }
         if self.redis_url.is_none() && self.memory_max_bytes < self.max_value_bytes {
             return Err(format!(
@@ -344,6 +359,10 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.starts_with("--redis-url"), "{err}");
+        let err = config(&["--max-response-bytes", "5000"])
+            .validate()
+            .unwrap_err();
+        assert!(err.starts_with("--max-response-bytes"), "{err}");
     }
 
     /// A prefix that is empty or ends inside the name charset is refused, saying why; one
