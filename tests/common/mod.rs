@@ -250,9 +250,13 @@ impl CacheServer {
         let _ = self.child.wait();
     }
 
+    /// Starts the binary on `listen`, unless `args` or `env` choose the address themselves.
     fn start_on(listen: &str, args: Vec<String>, env: Vec<(String, String)>) -> Self {
+        let chosen = args.iter().any(|arg| arg == "--listen")
+            || env.iter().any(|(name, _)| name == "CACHE_MONEY_LISTEN");
+        let listen: &[&str] = if chosen { &[] } else { &["--listen", listen] };
         let mut child = Command::new(env!("CARGO_BIN_EXE_cache-money-server"))
-            .args(["--listen", listen])
+            .args(listen)
             .args(&args)
             .env("RUST_LOG", "info")
             .env_remove("CACHE_MONEY_REDIS_URL")
