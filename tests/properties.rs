@@ -169,24 +169,7 @@ fn generated_requests_are_stored_or_refused_by_the_rules() {
         )
         .unwrap();
 
-    let keys: BTreeSet<String> = runtime.block_on(async {
-        let mut conn = redis.connect().await;
-        let (mut cursor, mut keys) = (0u64, BTreeSet::new());
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            keys.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                break keys;
-            }
-        }
-    });
+    let keys: BTreeSet<String> = runtime.block_on(redis.scan_match("*"));
     for key in &keys {
         assert!(
             valid_redis_key(key),

@@ -435,28 +435,6 @@ async fn drain_timeout_bounds_shutdown() {
     );
 }
 
-/// The keys `SCAN MATCH pattern` finds in `redis`, as Redis itself matches them.
-async fn scan_match(redis: &RedisServer, pattern: &str) -> BTreeSet<String> {
-    let mut conn = redis.connect().await;
-    let (mut cursor, mut found) = (0u64, BTreeSet::new());
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        found.extend(keys);
-        cursor = next;
-        if cursor == 0 {
-            return found;
-        }
-    }
-}
-
 /// The SCAN patterns of each bust scope, matched by Redis: each finds every entry of its
 /// scope and none of look-alike names, other prefixes or a prefix's escaped glob characters;
 /// and `*` does cross `:`, which is why busts check every key against the grammar too.
@@ -504,18 +482,18 @@ async fn scan_patterns_select_their_scope_in_redis() {
 
     let fetch = FunctionKey::new("ns".into(), "fetch".into()).unwrap();
     assert_eq!(
-        scan_match(&redis, &cm.function_pattern(&fetch)).await,
+        redis.scan_match(&cm.function_pattern(&fetch)).await,
         BTreeSet::from([entry(&cm, "ns", "fetch")])
     );
     assert_eq!(
-        scan_match(&redis, &cm.namespace_pattern("ns1")).await,
+        redis.scan_match(&cm.namespace_pattern("ns1")).await,
         BTreeSet::from([entry(&cm, "ns1", "fetch"), entry(&cm, "ns1", "g")])
     );
     let mut all = entries.clone();
     all.insert(extra_segments.clone());
-    assert_eq!(scan_match(&redis, &cm.all_pattern()).await, all);
+    assert_eq!(redis.scan_match(&cm.all_pattern()).await, all);
     assert_eq!(
-        scan_match(&redis, &globby.all_pattern()).await,
+        redis.scan_match(&globby.all_pattern()).await,
         BTreeSet::from([globby_entry])
     );
     // What the pattern lets through, the grammar refuses.

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test binary uses its own part of the harness.
 
 use std::{
+    collections::BTreeSet,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
@@ -145,6 +146,28 @@ impl RedisServer {
             .query_async(&mut self.connect().await)
             .await
             .expect("DBSIZE")
+    }
+
+    /// The keys Redis's own `SCAN MATCH pattern` finds, walking the whole keyspace.
+    pub async fn scan_match(&self, pattern: &str) -> BTreeSet<String> {
+        let mut conn = self.connect().await;
+        let (mut cursor, mut found) = (0u64, BTreeSet::new());
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .expect("SCAN");
+            found.extend(keys);
+            cursor = next;
+            if cursor == 0 {
+                return found;
+            }
+        }
     }
 
     /// The redis-server process id.
