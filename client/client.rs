@@ -49,9 +49,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a PING may go unanswered before the connection is closed and replaced.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
-/// The largest response the client decodes: the server's default `--max-response-bytes`
-/// (8 MiB of values) plus room for the framing of a full `GetMany`.
-pub const DEFAULT_MAX_RECEIVE_BYTES: usize = 8 * 1024 * 1024 + 64 * 1024;
+/// The largest response the client decodes: what the server sends at most by default
+/// (`--max-response-bytes`, which bounds the whole encoded `GetMany` answer).
+pub const DEFAULT_MAX_RECEIVE_BYTES: usize = crate::limits::DEFAULT_MAX_MESSAGE_BYTES;
 
 /// How a [`Client`] behaves; [`Default`] gives the documented defaults.
 #[derive(Clone)]
@@ -297,7 +297,7 @@ impl Client {
     /// shorthand.
     ///
     /// # Panics
-    /// When a name breaks the naming rule (1–128 characters of `[A-Za-z0-9_.-]`) or `ttl` is
+    /// When a name breaks the naming rule (1–128 bytes of `[A-Za-z0-9_.-]`) or `ttl` is
     /// under one second or over [`ClientOptions::max_ttl`] (30 days unless set): names and
     /// TTLs are almost always literals, so this is a programming error, like an invalid regex
     /// literal. Use [`Client::try_function`] for names made at run time.

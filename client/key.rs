@@ -1,13 +1,17 @@
 //! The address of a cache entry: `{namespace, function, digest}`, and the rules each part obeys.
 //!
-//! Names are 1 to [`MAX_NAME_LEN`] characters of `[A-Za-z0-9_.-]`. That charset has no `:`
+//! Names are 1 to [`MAX_NAME_LEN`] bytes of `[A-Za-z0-9_.-]` (ASCII, so bytes and characters
+//! count alike). That charset has no `:`
 //! (the separator in the Redis key) and no glob character, which is what makes busting one
 //! function or namespace exact: the pattern for `fetch` can never match `fetch_user`.
 
 use std::fmt;
 
-/// The longest namespace or function name accepted.
+/// The longest namespace or function name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
+
+/// The bytes a namespace or function name may hold, as a regex class.
+pub const NAME_CHARSET: &str = "[A-Za-z0-9_.-]";
 
 /// The length of a digest: an md5 in lowercase hex.
 pub const DIGEST_LEN: usize = 32;
@@ -64,18 +68,37 @@ fn shown(value: &str) -> String {
     format!("{out:?}")
 }
 
+/// Whether `byte` may appear in a name: one of [`NAME_CHARSET`].
+pub(crate) fn is_name_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-')
+}
+
+/// Whether `name` is a namespace or function name: 1 to [`MAX_NAME_LEN`] bytes of
+/// `[A-Za-z0-9_.-]`. The one statement of the rule, for [`check_name`] and for the server
+/// reading keys back from Redis.
+pub(crate) fn is_name(name: &[u8]) -> bool {
+    (1..=MAX_NAME_LEN).contains(&name.len()) && name.iter().all(|&b| is_name_byte(b))
+}
+
+/// Whether `digest` is [`DIGEST_LEN`] lowercase hex digits.
+pub(crate) fn is_digest(digest: &[u8]) -> bool {
+    digest.len() == DIGEST_LEN
+        && digest
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Checks a namespace or function name; `field` names it in the error.
 ///
 /// # Errors
-/// When the name is empty, longer than [`MAX_NAME_LEN`] or has a character outside
+/// When the name is empty, longer than [`MAX_NAME_LEN`] bytes or has a byte outside
 /// `[A-Za-z0-9_.-]`.
 pub fn check_name(field: &str, name: &str) -> Result<(), KeyError> {
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-');
-    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.bytes().all(allowed) {
+    if !is_name(name.as_bytes()) {
         return Err(KeyError::new(
             field,
             format!(
-                "must be 1-{MAX_NAME_LEN} characters of [A-Za-z0-9_.-], got {} ({} bytes)",
+                "must be 1-{MAX_NAME_LEN} bytes of {NAME_CHARSET}, got {} ({} bytes)",
                 shown(name),
                 name.len()
             ),
@@ -84,17 +107,16 @@ pub fn check_name(field: &str, name: &str) -> Result<(), KeyError> {
     Ok(())
 }
 
-/// Checks a digest: exactly [`DIGEST_LEN`] lowercase hex characters.
+/// Checks a digest: exactly [`DIGEST_LEN`] lowercase hex digits.
 ///
 /// # Errors
 /// When the digest has another length or a character outside `[0-9a-f]`.
 pub fn check_digest(field: &str, digest: &str) -> Result<(), KeyError> {
-    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
-    if digest.len() != DIGEST_LEN || !digest.bytes().all(hex) {
+    if !is_digest(digest.as_bytes()) {
         return Err(KeyError::new(
             field,
             format!(
-                "must be {DIGEST_LEN} lowercase hex characters (an md5), got {}",
+                "must be {DIGEST_LEN} lowercase hex digits (an md5), got {}",
                 shown(digest)
             ),
         ));
@@ -225,7 +247,7 @@ mod tests {
         }
     }
 
-    /// Only 32 lowercase hex characters make a digest.
+    /// Only 32 lowercase hex digits make a digest.
     #[test]
     fn digests_are_32_lowercase_hex() {
         assert!(check_digest("digest", DIGEST).is_ok());

@@ -33,6 +33,7 @@
 //! - [`canonical`]: the canonical key of a call's arguments (RFC 8785 JSON, md5).
 //! - [`key`]: the address of a cache entry (namespace, function, digest) and its validation,
 //!   shared by client and server so both enforce the same rules.
+//! - [`limits`]: the message size limits client and server share.
 //! - `server` (feature `server`): configuration, the gRPC service, the Redis and in-memory
 //!   stores, health and graceful shutdown.
 //! - The `cache-money` binary (feature `cli`, in `cli/`): the operators' command line, a
@@ -45,6 +46,7 @@ mod codec;
 mod connect;
 mod error;
 pub mod key;
+pub mod limits;
 mod memoize;
 mod single_flight;
 mod ttl;

@@ -5,6 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
+use crate::key::NAME_CHARSET;
+
 /// The environment variable that may hold the token grants as JSON, instead of a file.
 pub const AUTH_TOKENS_ENV: &str = "CACHE_MONEY_AUTH_TOKENS";
 /// Where the server listens unless told otherwise: loopback, so nothing is exposed by accident.
@@ -28,7 +30,12 @@ pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// The most keys or entries in one `GetMany` or `PutMany`.
 pub const DEFAULT_MAX_BATCH: usize = 1000;
 /// The largest gRPC message the server decodes; it bounds a whole `PutMany`.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = crate::limits::DEFAULT_MAX_MESSAGE_BYTES;
+/// The largest `GetMany` response the server sends: the client's default receive limit, so
+/// a response the server sends is one the client reads.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = crate::limits::DEFAULT_MAX_MESSAGE_BYTES;
+/// Room for keys and protobuf framing around the largest value, in a request or a response.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 4096;
 /// Keys asked of each Redis `SCAN` step (and removed per `UNLINK`) while busting.
 pub const DEFAULT_BUST_BATCH: usize = 1000;
 /// Bytes the in-memory store may hold before it evicts the entries closest to expiry.
@@ -110,6 +117,11 @@ pub struct Config {
     #[arg(long, env = "CACHE_MONEY_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
 
+    /// Largest GetMany response the server sends, in bytes; a batch whose values exceed it is
+    /// refused with OUT_OF_RANGE. Keep it at most the clients' receive limit.
+    #[arg(long, env = "CACHE_MONEY_MAX_RESPONSE_BYTES", default_value_t = DEFAULT_MAX_RESPONSE_BYTES)]
+    pub max_response_bytes: usize,
+
     /// Keys per SCAN step and UNLINK while busting.
     #[arg(long, env = "CACHE_MONEY_BUST_BATCH", default_value_t = DEFAULT_BUST_BATCH)]
     pub bust_batch: usize,
@@ -179,18 +191,37 @@ impl Config {
         if let Some((flag, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(format!("{flag}: must be at least 1"));
         }
-        // Room for the key and framing of a Put carrying the largest value.
-        let needed = self.max_value_bytes.saturating_add(4096);
-        if self.max_message_bytes < needed {
-            return Err(format!(
-                "--max-message-bytes: must be at least --max-value-bytes + 4096 ({needed}), got {}",
-                self.max_message_bytes
-            ));
+        // Room for the key and framing of a Put, or a GetMany answer, carrying the largest
+        // value.
+        let needed = self.max_value_bytes.saturating_add(MESSAGE_OVERHEAD_BYTES);
+        for (flag, value) in [
+            ("--max-message-bytes", self.max_message_bytes),
+            ("--max-response-bytes", self.max_response_bytes),
+        ] {
+            if value < needed {
+                return Err(format!(
+                    "{flag}: must be at least --max-value-bytes + {MESSAGE_OVERHEAD_BYTES} ({needed}), got {value}"
+                ));
+            }
         }
         if self.redis_url.is_none() && self.memory_max_bytes < self.max_value_bytes {
             return Err(format!(
                 "--memory-max-bytes: must be at least --max-value-bytes ({}), got {}",
                 self.max_value_bytes, self.memory_max_bytes
+            ));
+        }
+        // The prefix is what tells entries from other keys in a shared Redis: after a prefix
+        // like `cache`, the key `cache_users:profile:<md5>` could be an entry of namespace
+        // `_users` or a foreign key.
+        let ends_in_charset = self
+            .key_prefix
+            .bytes()
+            .last()
+            .is_none_or(crate::key::is_name_byte);
+        if ends_in_charset {
+            return Err(format!(
+                "--key-prefix: must end with a character outside {NAME_CHARSET} such as ':', so entries cannot be confused with other keys; got {:?}",
+                self.key_prefix
             ));
         }
         if self
@@ -328,6 +359,32 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.starts_with("--redis-url"), "{err}");
+        let err = config(&["--max-response-bytes", "5000"])
+            .validate()
+            .unwrap_err();
+        assert!(err.starts_with("--max-response-bytes"), "{err}");
+    }
+
+    /// A prefix that is empty or ends inside the name charset is refused, saying why; one
+    /// ending in any other character is accepted.
+    #[test]
+    fn key_prefix_must_end_outside_the_name_charset() {
+        for prefix in ["", "cache", "cm:x", "a_", "v1.", "x-", "9"] {
+            let err = config(&["--key-prefix", prefix]).validate().unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "--key-prefix: must end with a character outside [A-Za-z0-9_.-] such as ':', so entries cannot be confused with other keys; got {prefix:?}"
+                )
+            );
+        }
+        for prefix in [":", "cm:", "cm:tenant:", "app/", "c*[m]?:", "cache|"] {
+            assert_eq!(
+                config(&["--key-prefix", prefix]).validate(),
+                Ok(()),
+                "{prefix}"
+            );
+        }
     }
 
     /// Passwords never reach the logs.

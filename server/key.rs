@@ -1,7 +1,13 @@
-//! How entries are laid out in Redis: `{prefix}{namespace}:{function}:{digest}`, and the SCAN
-//! patterns that select exactly one entry, function, namespace or everything under the prefix.
+//! How entries are laid out in Redis: `{prefix}{namespace}:{function}:{digest}`; the SCAN
+//! patterns that find the entries of one function, one namespace or everything under the
+//! prefix; and [`KeyLayout::parse`], the exact grammar every key a pattern finds is checked
+//! against before a bust removes it.
+//!
+//! A pattern alone cannot be exact: in `SCAN MATCH`, `*` matches `:` too, so the namespace
+//! pattern `cm:tenant:*:<hex>` also finds `cm:tenant:a:b:<hex>`, a key of a deployment whose
+//! prefix is `cm:tenant:`. Names cannot contain `:`, so the grammar can tell them apart.
 
-use crate::key::{DIGEST_LEN, EntryKey, FunctionKey};
+use crate::key::{DIGEST_LEN, EntryKey, FunctionKey, is_digest, is_name};
 
 /// One lowercase hex character, as a glob class.
 const HEX_CLASS: &str = "[0-9a-f]";
@@ -12,9 +18,20 @@ pub struct KeyLayout {
     prefix: String,
     /// The prefix with glob characters escaped, for `SCAN MATCH`.
     prefix_glob: String,
-    /// `HEX_CLASS` thirty-two times: the digest part of every pattern, so a bust never
-    /// matches a key of another shape that happens to share the prefix.
+    /// `HEX_CLASS` thirty-two times: the digest part of every pattern, so SCAN hands back
+    /// few keys of other shapes.
     digest_glob: String,
+}
+
+/// The parts of a Redis key that has the exact shape of an entry, borrowed from the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryParts<'k> {
+    /// The namespace: 1-128 bytes of `[A-Za-z0-9_.-]`.
+    pub namespace: &'k str,
+    /// The function's name, by the same rule.
+    pub function: &'k str,
+    /// 32 lowercase hex digits.
+    pub digest: &'k str,
 }
 
 /// Escapes the characters Redis glob patterns give meaning to.
@@ -30,7 +47,9 @@ pub fn glob_escape(text: &str) -> String {
 }
 
 impl KeyLayout {
-    /// A layout under `prefix` (any text; glob characters in it are escaped in patterns).
+    /// A layout under `prefix` (glob characters in it are escaped in patterns). The prefix
+    /// should end with a character outside the name charset, as `Config::validate` demands,
+    /// or an entry could not be told apart from a key of another prefix.
     pub fn new(prefix: &str) -> Self {
         KeyLayout {
             prefix: prefix.to_owned(),
@@ -51,18 +70,26 @@ impl KeyLayout {
         out
     }
 
-    /// The start of every Redis key of one function; the digest follows it.
-    pub fn function_prefix(&self, function: &FunctionKey) -> String {
-        format!(
-            "{}{}:{}:",
-            self.prefix,
-            function.namespace(),
-            function.function()
-        )
+    /// The parts of `key` when it is `{prefix}{name}:{name}:{digest}` exactly, names and
+    /// digest by the rules of [`crate::key`]; `None` for any other key.
+    pub fn parse<'k>(&self, key: &'k [u8]) -> Option<EntryParts<'k>> {
+        let rest = key.strip_prefix(self.prefix.as_bytes())?;
+        // A third `:` stays in the digest part, which then fails the digest rule.
+        let mut parts = rest.splitn(3, |&byte| byte == b':');
+        let (namespace, function, digest) = (parts.next()?, parts.next()?, parts.next()?);
+        if !(is_name(namespace) && is_name(function) && is_digest(digest)) {
+            return None;
+        }
+        // All three are ASCII by now.
+        Some(EntryParts {
+            namespace: std::str::from_utf8(namespace).ok()?,
+            function: std::str::from_utf8(function).ok()?,
+            digest: std::str::from_utf8(digest).ok()?,
+        })
     }
 
-    /// Matches exactly the entries of one function. Names hold no glob character and no `:`,
-    /// so `fetch` cannot match `fetch_user` or `fetch.v2`.
+    /// Finds the entries of one function. Names hold no glob character and no `:`, so
+    /// `fetch` cannot match `fetch_user` or `fetch.v2`.
     pub fn function_pattern(&self, function: &FunctionKey) -> String {
         format!(
             "{}{}:{}:{}",
@@ -73,12 +100,14 @@ impl KeyLayout {
         )
     }
 
-    /// Matches exactly the entries of one (validated) namespace: `ns1` cannot match `ns10`.
+    /// Finds the entries of one (validated) namespace (`ns1` cannot match `ns10`), and keys
+    /// with more `:` segments after it, which [`KeyLayout::parse`] refuses.
     pub fn namespace_pattern(&self, namespace: &str) -> String {
         format!("{}{namespace}:*:{}", self.prefix_glob, self.digest_glob)
     }
 
-    /// Matches every entry under the prefix, and no key of another shape.
+    /// Finds every entry under the prefix, and keys with more `:` segments, which
+    /// [`KeyLayout::parse`] refuses.
     pub fn all_pattern(&self) -> String {
         format!("{}*:*:{}", self.prefix_glob, self.digest_glob)
     }
@@ -87,32 +116,6 @@ impl KeyLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A tiny glob matcher with Redis's rules for `*`, `[...]` and `\`, enough to check that
-    /// the patterns select what they claim.
-    fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-        match pattern.split_first() {
-            None => text.is_empty(),
-            Some((b'*', rest)) => (0..=text.len()).any(|skip| glob_match(rest, &text[skip..])),
-            Some((b'\\', rest)) => match (rest.split_first(), text.split_first()) {
-                (Some((p, prest)), Some((t, trest))) => p == t && glob_match(prest, trest),
-                _ => false,
-            },
-            Some((b'[', rest)) => {
-                let close = rest.iter().position(|&b| b == b']').expect("closed class");
-                let class = &rest[..close];
-                let Some((&t, trest)) = text.split_first() else {
-                    return false;
-                };
-                // Classes here are lists of ranges, like `0-9a-f`.
-                let hit = class
-                    .chunks(3)
-                    .any(|range| (range[0]..=range[2]).contains(&t));
-                hit && glob_match(&rest[close + 1..], trest)
-            }
-            Some((p, rest)) => text.first() == Some(p) && glob_match(rest, &text[1..]),
-        }
-    }
 
     const D: &str = "0123456789abcdef0123456789abcdef";
 
@@ -129,65 +132,63 @@ mod tests {
         );
     }
 
-    /// Busting one function matches its entries and not those of similarly named functions.
+    /// Every entry key parses back into the parts it was built from, under any prefix.
     #[test]
-    fn function_pattern_is_exact() {
-        let layout = KeyLayout::new("cm:");
-        let fetch = FunctionKey::new("ns".into(), "fetch".into()).unwrap();
-        let pattern = layout.function_pattern(&fetch);
-        assert!(glob_match(
-            pattern.as_bytes(),
-            entry(&layout, "ns", "fetch").as_bytes()
-        ));
-        for other in ["fetch_user", "fetch.v2", "fetc", "xfetch"] {
-            assert!(
-                !glob_match(pattern.as_bytes(), entry(&layout, "ns", other).as_bytes()),
-                "{other}"
-            );
+    fn entries_parse_back() {
+        for prefix in ["cm:", "cm:tenant:", "c*[m]?:", "app/"] {
+            let layout = KeyLayout::new(prefix);
+            for (namespace, function) in [("billing.invoices", "fetch_v2"), ("a", "B-1")] {
+                let key = entry(&layout, namespace, function);
+                let expected = EntryParts {
+                    namespace,
+                    function,
+                    digest: D,
+                };
+                assert_eq!(layout.parse(key.as_bytes()), Some(expected), "{key}");
+            }
         }
-        assert!(!glob_match(
-            pattern.as_bytes(),
-            entry(&layout, "ns1", "fetch").as_bytes()
-        ));
+        let longest = "n".repeat(crate::key::MAX_NAME_LEN);
+        let key = entry(&KeyLayout::new("cm:"), &longest, "f");
+        assert!(KeyLayout::new("cm:").parse(key.as_bytes()).is_some());
     }
 
-    /// Busting `ns1` leaves `ns10`; busting everything leaves keys of other shapes.
+    /// Keys of any other shape under the prefix do not parse: extra or empty segments, glob
+    /// characters, uppercase hex, 31 or 33 digits, long names, other prefixes, other bytes.
     #[test]
-    fn namespace_and_all_patterns_are_exact() {
+    fn other_shapes_do_not_parse() {
         let layout = KeyLayout::new("cm:");
-        let ns1 = layout.namespace_pattern("ns1");
-        assert!(glob_match(
-            ns1.as_bytes(),
-            entry(&layout, "ns1", "f").as_bytes()
-        ));
-        assert!(!glob_match(
-            ns1.as_bytes(),
-            entry(&layout, "ns10", "f").as_bytes()
-        ));
-        let all = layout.all_pattern();
-        assert!(glob_match(
-            all.as_bytes(),
-            entry(&layout, "a", "b").as_bytes()
-        ));
-        assert!(!glob_match(all.as_bytes(), b"cm:config"));
-        assert!(!glob_match(
-            all.as_bytes(),
-            format!("other:a:b:{D}").as_bytes()
-        ));
-    }
-
-    /// A prefix with glob characters matches only itself.
-    #[test]
-    fn prefix_globs_are_escaped() {
-        let layout = KeyLayout::new("c*[m]?:");
-        let all = layout.all_pattern();
-        assert!(glob_match(
-            all.as_bytes(),
-            entry(&layout, "a", "b").as_bytes()
-        ));
-        assert!(!glob_match(
-            all.as_bytes(),
-            format!("cXXm?:a:b:{D}").as_bytes()
-        ));
+        let long = "n".repeat(crate::key::MAX_NAME_LEN + 1);
+        let upper = D.to_uppercase();
+        let others = [
+            format!("cm:a:b:c:{D}"),
+            format!("cm:tenant:a:b:{D}"),
+            format!("cm:a:b:{D}:{D}"),
+            format!("cm:a:b:{D}:"),
+            format!("cm:x*:y:{D}"),
+            format!("cm:x?:y:{D}"),
+            format!("cm:[x]:y:{D}"),
+            format!("cm:a:b:{upper}"),
+            format!("cm:a:b:{}", &D[1..]),
+            format!("cm:a:b:{D}0"),
+            format!("cm:{long}:b:{D}"),
+            format!("cm:a:{long}:{D}"),
+            format!("cm::b:{D}"),
+            format!("cm:a::{D}"),
+            format!("cm:::{D}"),
+            format!("cm:a b:c:{D}"),
+            format!("cm:\u{e9}:c:{D}"),
+            format!("cmx:a:b:{D}"),
+            format!("CM:a:b:{D}"),
+            format!("a:b:{D}"),
+            "cm:config".to_owned(),
+            String::new(),
+        ];
+        for key in &others {
+            assert_eq!(layout.parse(key.as_bytes()), None, "{key:?}");
+        }
+        let mut binary = b"cm:a".to_vec();
+        binary.push(0xff);
+        binary.extend_from_slice(format!(":b:{D}").as_bytes());
+        assert_eq!(layout.parse(&binary), None);
     }
 }

@@ -168,6 +168,7 @@ async fn serve<S: Store>(
         max_ttl_seconds: config.max_ttl_seconds,
         max_value_bytes: config.max_value_bytes,
         max_batch: config.max_batch,
+        max_response_bytes: config.max_response_bytes,
     };
     let service = CacheService::new(store.clone(), limits, store_up.clone(), auth.is_some());
     let tokens = auth.as_ref().map_or(0, Auth::len);
@@ -175,7 +176,11 @@ async fn serve<S: Store>(
     // probes and operators.
     let mut authenticate = auth.map(Auth::interceptor);
     let cache = InterceptedService::new(
-        CacheMoneyServer::new(service).max_decoding_message_size(config.max_message_bytes),
+        NameTheMessageLimit {
+            inner: CacheMoneyServer::new(service)
+                .max_decoding_message_size(config.max_message_bytes),
+            max_message_bytes: config.max_message_bytes,
+        },
         move |request| match authenticate.as_mut() {
             Some(authenticate) => authenticate(request),
             None => Ok(request),
@@ -197,6 +202,7 @@ async fn serve<S: Store>(
         listen = %local_addr,
         store = store.kind(),
         redis_url = config.redis_url.as_deref().map(redacted_url).unwrap_or_default(),
+        redis_tls_ca = config.redis_tls_ca.as_deref().map(|path| path.display().to_string()).unwrap_or_default(),
         key_prefix = %config.key_prefix,
         store_up = store_up.load(Relaxed),
         pool_size = config.pool_size,
@@ -207,7 +213,10 @@ async fn serve<S: Store>(
         max_value_bytes = config.max_value_bytes,
         max_batch = config.max_batch,
         max_message_bytes = config.max_message_bytes,
+        max_response_bytes = config.max_response_bytes,
+        bust_batch = config.bust_batch,
         memory_max_bytes = config.memory_max_bytes,
+        health_interval_ms = config.health_interval_ms,
         drain_timeout_ms = config.drain_timeout_ms,
         worker_threads = config.worker_threads,
         auth_tokens = tokens,
@@ -257,6 +266,68 @@ async fn serve<S: Store>(
     monitor.abort();
     info!("cache-money stopped");
     result
+}
+
+/// The cache service, with tonic's answer to a request over `--max-message-bytes` (an
+/// OUT_OF_RANGE that names no flag) replaced by one that names the flag and the way out.
+#[derive(Debug, Clone)]
+struct NameTheMessageLimit<S> {
+    inner: S,
+    max_message_bytes: usize,
+}
+
+/// How tonic's message for a request over the decoding limit starts (tonic 0.14,
+/// `codec/decode.rs`); `tests/faults.rs` notices if a tonic upgrade changes it.
+const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
+
+impl<S> NameTheMessageLimit<S> {
+    fn rename<B: Default>(
+        max_message_bytes: usize,
+        response: http::Response<B>,
+    ) -> http::Response<B> {
+        // A trailers-only response: the status is in the headers, before any body.
+        let Some(status) = tonic::Status::from_header_map(response.headers()) else {
+            return response;
+        };
+        if status.code() != tonic::Code::OutOfRange
+            || !status.message().starts_with(TONIC_TOO_LARGE)
+        {
+            return response;
+        }
+        tonic::Status::out_of_range(format!(
+            "request: larger than --max-message-bytes ({max_message_bytes} bytes); send smaller batches ({})",
+            status.message()
+        ))
+        .into_http()
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for NameTheMessageLimit<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, Request, B> tonic::codegen::Service<Request> for NameTheMessageLimit<S>
+where
+    S: tonic::codegen::Service<Request, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    B: Default,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let response = self.inner.call(request);
+        let limit = self.max_message_bytes;
+        Box::pin(async move { Ok(Self::rename(limit, response.await?)) })
+    }
 }
 
 async fn set_status(reporter: &HealthReporter, status: ServingStatus) {

@@ -32,6 +32,8 @@ pub struct Limits {
     pub max_value_bytes: usize,
     /// Most keys or entries in one batch.
     pub max_batch: usize,
+    /// Largest encoded `GetMany` response.
+    pub max_response_bytes: usize,
 }
 
 /// Counters behind the `Stats` RPC.
@@ -277,14 +279,24 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .get_many(&keys)
             .await
             .map_err(|err| self.failed("GetMany", err))?;
-        let results = values
-            .into_iter()
-            .map(|value| {
-                self.record_lookup(value.is_some());
-                lookup(value)
-            })
-            .collect();
-        Ok(Response::new(pb::GetManyResponse { results }))
+        let response = pb::GetManyResponse {
+            results: values.into_iter().map(lookup).collect(),
+        };
+        let size = prost::Message::encoded_len(&response);
+        if size > self.limits.max_response_bytes {
+            // OUT_OF_RANGE, not RESOURCE_EXHAUSTED: the batch itself is too big, as a request
+            // over --max-message-bytes is (which tonic answers OUT_OF_RANGE). Retrying it
+            // cannot help, and it says nothing about the server's health, so clients must not
+            // back off or count it against the service, as RESOURCE_EXHAUSTED would have them.
+            return Err(Status::out_of_range(format!(
+                "keys: the values found come to {size} bytes, over --max-response-bytes ({}); ask for them in smaller batches",
+                self.limits.max_response_bytes
+            )));
+        }
+        for result in &response.results {
+            self.record_lookup(result.hit);
+        }
+        Ok(Response::new(response))
     }
 
     async fn put_many(

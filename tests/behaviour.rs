@@ -77,6 +77,7 @@ suite!(
     keys_pages_through_one_function,
     invalid_requests_are_refused_and_write_nothing,
     oversized_batches_are_refused,
+    oversized_responses_are_refused,
     stats_count_what_happened,
     health_serves_and_reflection_lists_services,
 );
@@ -531,6 +532,45 @@ async fn oversized_batches_are_refused(backend: Backend) {
             .into_inner()
             .removed,
         0
+    );
+}
+
+/// A GetMany whose values would exceed --max-response-bytes is refused with OUT_OF_RANGE
+/// naming the flag; a smaller batch of the same entries is answered.
+async fn oversized_responses_are_refused(backend: Backend) {
+    let env = backend.start(&[
+        "--max-value-bytes",
+        "1000",
+        "--max-message-bytes",
+        "20000",
+        "--max-response-bytes",
+        "10000",
+    ]);
+    let mut cm = env.server.client().await;
+    let entries = (0..20)
+        .map(|n| put(key("ns", "f", n), &[7; 900], 60))
+        .collect();
+    cm.put_many(pb::PutManyRequest { entries }).await.unwrap();
+    let keys = (0..20).map(|n| key("ns", "f", n)).collect();
+    let err = cm.get_many(pb::GetManyRequest { keys }).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(
+        err.message().contains("--max-response-bytes (10000)")
+            && err.message().contains("smaller batches"),
+        "{}",
+        err.message()
+    );
+    let keys = (0..5).map(|n| key("ns", "f", n)).collect();
+    let results = cm
+        .get_many(pb::GetManyRequest { keys })
+        .await
+        .expect("a batch under the bound is answered")
+        .into_inner()
+        .results;
+    assert!(
+        results
+            .iter()
+            .all(|result| result.hit && result.value.len() == 900)
     );
 }
 

@@ -1,6 +1,8 @@
 //! Hostile input, generated: 10,000 Puts with names, digests, TTLs and values drawn from
 //! unicode, glob characters, `:`, empty and 10 KB strings and control characters, through the
-//! real server into a real Redis; and 500 pairs of look-alike names busted against each other.
+//! real server into a real Redis; 500 pairs of look-alike names busted against each other; and
+//! 600 foreign keys shaped to fool the bust patterns, written straight into Redis beside real
+//! entries, surviving every bust scope.
 //! Every outcome is judged by predicates written here, independent of the server's own code.
 
 mod common;
@@ -18,7 +20,7 @@ use tonic::Code;
 const MAX_VALUE: usize = 1000;
 const MAX_TTL: u32 = 3600;
 
-/// The naming rule, restated: 1-128 characters of [A-Za-z0-9_.-].
+/// The naming rule, restated: 1-128 bytes of [A-Za-z0-9_.-].
 fn valid_name(name: &str) -> bool {
     (1..=128).contains(&name.len())
         && name
@@ -40,6 +42,11 @@ fn valid_redis_key(key: &str) -> bool {
     };
     let parts: Vec<&str> = rest.split(':').collect();
     parts.len() == 3 && valid_name(parts[0]) && valid_name(parts[1]) && valid_digest(parts[2])
+}
+
+/// `valid_redis_key` for a key read back as bytes (Redis keys need not be UTF-8).
+fn valid_redis_key_bytes(key: &[u8]) -> bool {
+    std::str::from_utf8(key).is_ok_and(valid_redis_key)
 }
 
 fn name() -> impl Strategy<Value = String> {
@@ -162,24 +169,7 @@ fn generated_requests_are_stored_or_refused_by_the_rules() {
         )
         .unwrap();
 
-    let keys: BTreeSet<String> = runtime.block_on(async {
-        let mut conn = redis.connect().await;
-        let (mut cursor, mut keys) = (0u64, BTreeSet::new());
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            keys.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                break keys;
-            }
-        }
-    });
+    let keys: BTreeSet<String> = runtime.block_on(redis.scan_match("*"));
     for key in &keys {
         assert!(
             valid_redis_key(key),
@@ -321,5 +311,187 @@ fn busting_never_touches_a_look_alike() {
         rounds.get() >= 500,
         "only {} pairs were tried",
         rounds.get()
+    );
+}
+
+/// The names the foreign keys below are built from, and the scopes the test busts: a foreign
+/// key only tests a bust if it falls inside that bust's SCAN pattern.
+const BUSTED_NAMES: [&str; 4] = ["tenant", "a", "x", "ns"];
+
+fn busted_name() -> impl Strategy<Value = String> {
+    proptest::sample::select(&BUSTED_NAMES[..]).prop_map(String::from)
+}
+
+/// A key under `cm:` that is not an entry, shaped to fall inside the SCAN patterns of the
+/// busts (`cm:*:*:` followed by 32 hex digits, `cm:a:*:…`): extra `:` segments, another
+/// deployment's prefix that starts with ours (`cm:tenant:`), glob characters in names,
+/// uppercase hex, 31 or 33 hex digits, names over 128 bytes, empty segments, other bytes.
+fn foreign_key() -> impl Strategy<Value = Vec<u8>> {
+    let n = busted_name;
+    let d = || "[0-9a-f]{32}";
+    prop_oneof![
+        (n(), n(), n(), d()).prop_map(|(a, b, c, d)| format!("cm:{a}:{b}:{c}:{d}").into_bytes()),
+        (n(), n(), d()).prop_map(|(a, b, d)| format!("cm:tenant:{a}:{b}:{d}").into_bytes()),
+        (n(), n(), d(), d()).prop_map(|(a, b, d, e)| format!("cm:{a}:{b}:{d}:{e}").into_bytes()),
+        (n(), n(), n(), n(), d())
+            .prop_map(|(a, b, c, e, d)| format!("cm:{a}:{b}:{c}:{e}:{d}").into_bytes()),
+        (n(), r"[*?\[\]\\^]{1,3}", n(), d())
+            .prop_map(|(a, glob, b, d)| format!("cm:{a}{glob}:{b}:{d}").into_bytes()),
+        (n(), r"[*?\[\]\\^]{1,3}", d())
+            .prop_map(|(a, glob, d)| format!("cm:{a}:{glob}:{d}").into_bytes()),
+        (n(), n(), "[0-9a-f]{31}[A-F]")
+            .prop_map(|(a, b, d)| format!("cm:{a}:{b}:{d}").into_bytes()),
+        (n(), n(), "[0-9A-F]{32}").prop_map(|(a, b, d)| format!("cm:{a}:{b}:{d}").into_bytes()),
+        (n(), n(), prop_oneof!["[0-9a-f]{31}", "[0-9a-f]{33}"])
+            .prop_map(|(a, b, d)| format!("cm:{a}:{b}:{d}").into_bytes()),
+        (n(), "[a-z]{129,140}", d())
+            .prop_map(|(a, long, d)| format!("cm:{a}:{long}:{d}").into_bytes()),
+        ("[a-z]{129,140}", n(), d())
+            .prop_map(|(long, b, d)| format!("cm:{long}:{b}:{d}").into_bytes()),
+        (n(), d()).prop_map(|(b, d)| format!("cm::{b}:{d}").into_bytes()),
+        (n(), d()).prop_map(|(a, d)| format!("cm:{a}::{d}").into_bytes()),
+        d().prop_map(|d| format!("cm:::{d}").into_bytes()),
+        (n(), n(), d()).prop_map(|(a, b, d)| format!("cm:{a}:{b}:{d}:").into_bytes()),
+        (n(), n(), d()).prop_map(|(a, b, d)| format!("cm:{a}:{b}:{d}0").into_bytes()),
+        (n(), "[ é\u{0}\n]{1,3}", n(), d())
+            .prop_map(|(a, odd, b, d)| format!("cm:{a}{odd}:{b}:{d}").into_bytes()),
+        (n(), n(), d()).prop_map(|(a, b, d)| {
+            let mut key = format!("cm:{a}").into_bytes();
+            key.push(0xff);
+            key.extend(format!(":{b}:{d}").into_bytes());
+            key
+        }),
+    ]
+    .prop_filter("a foreign key, not an entry", |key| {
+        !valid_redis_key_bytes(key)
+    })
+}
+
+/// Every (namespace, function) pair of `BUSTED_NAMES`.
+fn busted_functions() -> Vec<(&'static str, &'static str)> {
+    BUSTED_NAMES
+        .iter()
+        .flat_map(|ns| BUSTED_NAMES.iter().map(move |function| (*ns, *function)))
+        .collect()
+}
+
+/// Runs every bust scope through the server over entries it wrote itself: one entry, one
+/// function, each namespace, then everything. Returns how many entries the busts reported.
+async fn bust_every_scope(
+    cm: &mut pb::cache_money_client::CacheMoneyClient<tonic::transport::Channel>,
+) -> u64 {
+    let mut removed = 0;
+    removed += cm
+        .bust(pb::BustRequest {
+            key: Some(common::key("a", "x", 0)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    removed += common::bust_function(cm, "tenant", "a").await;
+    for namespace in BUSTED_NAMES {
+        let request = pb::BustNamespaceRequest {
+            namespace: namespace.into(),
+        };
+        removed += cm
+            .bust_namespace(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .removed;
+    }
+    removed += cm
+        .bust_all(pb::BustAllRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    removed
+}
+
+/// 600 foreign keys shaped to fool the SCAN patterns, written straight into Redis beside
+/// entries the server wrote: every bust scope removes exactly the server's entries, `Keys`
+/// lists only them, and every foreign key is still in Redis afterwards.
+#[test]
+fn busts_never_touch_foreign_keys_inside_their_patterns() {
+    const CASES: u32 = 4;
+    const KEYS_PER_CASE: usize = 150;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let redis = RedisServer::start();
+    let server = CacheServer::redis(&redis, &["--bust-batch", "50"]);
+    let cm = runtime.block_on(server.client());
+    let conn = runtime.block_on(redis.connect());
+    let checked = std::cell::Cell::new(0usize);
+    let mut runner = TestRunner::new(Config {
+        cases: CASES,
+        max_shrink_iters: 64,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let strategy = proptest::collection::btree_set(foreign_key(), KEYS_PER_CASE);
+    runner
+        .run(&strategy, |foreign| {
+            let (mut cm, mut conn) = (cm.clone(), conn.clone());
+            let (removed, listed, survivors) = runtime.block_on(async {
+                redis::cmd("FLUSHALL")
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .unwrap();
+                let mut pipe = redis::pipe();
+                for key in &foreign {
+                    pipe.cmd("SET").arg(key).arg("keep").ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await.unwrap();
+                let entries = busted_functions()
+                    .into_iter()
+                    .flat_map(|(ns, function)| {
+                        (0..2).map(move |n| common::put(common::key(ns, function, n), b"v", 600))
+                    })
+                    .collect();
+                cm.put_many(pb::PutManyRequest { entries }).await.unwrap();
+                let mut listed = Vec::new();
+                for (ns, function) in busted_functions() {
+                    let request = pb::KeysRequest {
+                        namespace: ns.into(),
+                        function: function.into(),
+                        ..Default::default()
+                    };
+                    let page = cm.keys(request).await.unwrap().into_inner();
+                    listed.push(page.entries.len());
+                }
+                let removed = bust_every_scope(&mut cm).await;
+                let mut pipe = redis::pipe();
+                for key in &foreign {
+                    pipe.cmd("EXISTS").arg(key);
+                }
+                let exists: Vec<bool> = pipe.query_async(&mut conn).await.unwrap();
+                let dbsize: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+                let gone: Vec<String> = foreign
+                    .iter()
+                    .zip(exists)
+                    .filter(|(_, exists)| !exists)
+                    .map(|(key, _)| String::from_utf8_lossy(key).into_owned())
+                    .collect();
+                (removed, listed, (gone, dbsize))
+            });
+            let (gone, dbsize) = survivors;
+            prop_assert!(gone.is_empty(), "busts removed foreign keys: {:?}", gone);
+            let entries = busted_functions().len() as u64 * 2;
+            prop_assert_eq!(removed, entries, "busts reported a wrong count");
+            prop_assert_eq!(dbsize, foreign.len() as u64, "entries left behind");
+            prop_assert!(
+                listed.iter().all(|&n| n == 2),
+                "Keys listed more or less than a function's 2 entries: {:?}",
+                listed
+            );
+            checked.set(checked.get() + foreign.len());
+            Ok(())
+        })
+        .unwrap();
+    assert!(
+        checked.get() >= CASES as usize * KEYS_PER_CASE,
+        "only {} foreign keys were checked",
+        checked.get()
     );
 }

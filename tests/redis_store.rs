@@ -1,15 +1,21 @@
-//! What only Redis can show: the exact key layout and TTL as Redis holds them, keys outside
-//! the prefix left alone, outages survived, out-of-memory reported, and shutdown draining
-//! RPCs that are really in flight.
+//! What only Redis can show: the exact key layout and TTL as Redis holds them, the SCAN
+//! patterns as Redis matches them, keys outside the prefix left alone, health probes that
+//! neither queue behind load nor retire connections, outages survived, out-of-memory reported,
+//! and shutdown draining RPCs that are really in flight.
 
 mod common;
 
 use std::{
+    collections::BTreeSet,
     net::TcpStream,
     time::{Duration, Instant},
 };
 
-use cache_money::pb;
+use cache_money::{
+    key::{EntryKey, FunctionKey},
+    pb,
+    server::key::KeyLayout,
+};
 use common::{CacheServer, RedisServer, digest, eventually, fill, get, key, put};
 use tonic::Code;
 use tonic_health::pb::{
@@ -78,7 +84,8 @@ async fn entries_have_the_documented_key_and_ttl_in_redis() {
 }
 
 /// A custom prefix is honoured, and BustAll removes only entries under it: other prefixes,
-/// unprefixed keys and keys of another shape inside the prefix survive.
+/// unprefixed keys and keys of another shape inside the prefix (extra `:` segments, glob
+/// characters, uppercase or 33 hex digits, empty names) survive.
 #[tokio::test]
 async fn bust_all_leaves_keys_outside_the_prefix() {
     let redis = RedisServer::start();
@@ -88,13 +95,23 @@ async fn bust_all_leaves_keys_outside_the_prefix() {
         cm.put(put(key("ns", "f", n), b"v", 60)).await.unwrap();
     }
     let mut conn = redis.connect().await;
+    let d = digest(1);
     let foreign = [
-        "session:42",
-        "cm:ns:f:0123",
-        "app1:config",
-        "app10:ns:f:00000000000000000000000000000001",
+        "session:42".to_owned(),
+        "cm:ns:f:0123".to_owned(),
+        "app1:config".to_owned(),
+        format!("app10:ns:f:{d}"),
+        // Inside the prefix and the `app1:*:*:<hex>` pattern, but not entries: SCAN's `*`
+        // matches `:` too, so only the exact grammar tells these apart.
+        format!("app1:a:b:c:{d}"),
+        format!("app1:tenant:ns:f:{d}"),
+        format!("app1:ns:f:{d}:{d}"),
+        format!("app1:x*:y:{d}"),
+        format!("app1:ns:f:{}", d.to_uppercase().replace('0', "A")),
+        format!("app1:ns:f:{d}0"),
+        format!("app1:ns::{d}"),
     ];
-    for foreign_key in foreign {
+    for foreign_key in &foreign {
         redis::cmd("SET")
             .arg(foreign_key)
             .arg("keep")
@@ -116,7 +133,7 @@ async fn bust_all_leaves_keys_outside_the_prefix() {
         .into_inner()
         .removed;
     assert_eq!(removed, 20);
-    for foreign_key in foreign {
+    for foreign_key in &foreign {
         let exists: i64 = redis::cmd("EXISTS")
             .arg(foreign_key)
             .query_async(&mut conn)
@@ -398,5 +415,233 @@ async fn drain_timeout_bounds_shutdown() {
         server.log_text().contains("drain timeout passed"),
         "{}",
         server.log_text()
+    );
+}
+
+/// The SCAN patterns of each bust scope, matched by Redis: each finds every entry of its
+/// scope and none of look-alike names, other prefixes or a prefix's escaped glob characters;
+/// and `*` does cross `:`, which is why busts check every key against the grammar too.
+#[tokio::test]
+async fn scan_patterns_select_their_scope_in_redis() {
+    let redis = RedisServer::start();
+    let d = digest(1);
+    let cm = KeyLayout::new("cm:");
+    let globby = KeyLayout::new("c*[m]?:");
+    let entry = |layout: &KeyLayout, ns: &str, function: &str| {
+        layout.entry(&EntryKey::new(ns.into(), function.into(), d.clone()).unwrap())
+    };
+    let functions = [
+        ("ns", "fetch"),
+        ("ns", "fetch_user"),
+        ("ns", "fetch.v2"),
+        ("ns", "fetc"),
+        ("ns", "xfetch"),
+        ("ns1", "fetch"),
+        ("ns1", "g"),
+        ("ns10", "fetch"),
+    ];
+    let entries: BTreeSet<String> = functions
+        .iter()
+        .map(|(ns, function)| entry(&cm, ns, function))
+        .collect();
+    let globby_entry = entry(&globby, "a", "b");
+    let others = [
+        "cm:config".to_owned(),
+        format!("other:ns:fetch:{d}"),
+        format!("cXXm?:a:b:{d}"),
+        format!("cm:ns:fetch:{}", &d[1..]),
+    ];
+    let extra_segments = format!("cm:ns:a:b:{d}");
+    let mut conn = redis.connect().await;
+    let mut pipe = redis::pipe();
+    for key in entries
+        .iter()
+        .chain(&others)
+        .chain([&globby_entry, &extra_segments])
+    {
+        pipe.cmd("SET").arg(key).arg("v").ignore();
+    }
+    pipe.query_async::<()>(&mut conn).await.unwrap();
+
+    let fetch = FunctionKey::new("ns".into(), "fetch".into()).unwrap();
+    assert_eq!(
+        redis.scan_match(&cm.function_pattern(&fetch)).await,
+        BTreeSet::from([entry(&cm, "ns", "fetch")])
+    );
+    assert_eq!(
+        redis.scan_match(&cm.namespace_pattern("ns1")).await,
+        BTreeSet::from([entry(&cm, "ns1", "fetch"), entry(&cm, "ns1", "g")])
+    );
+    let mut all = entries.clone();
+    all.insert(extra_segments.clone());
+    assert_eq!(redis.scan_match(&cm.all_pattern()).await, all);
+    assert_eq!(
+        redis.scan_match(&globby.all_pattern()).await,
+        BTreeSet::from([globby_entry])
+    );
+    // What the pattern lets through, the grammar refuses.
+    assert_eq!(cm.parse(extra_segments.as_bytes()), None);
+    assert!(
+        entries
+            .iter()
+            .all(|entry| cm.parse(entry.as_bytes()).is_some())
+    );
+}
+
+/// A connection for the test's own commands, with no response timeout: `DEBUG SLEEP` and a
+/// paused Redis must not fail it.
+async fn admin_connection(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap()
+}
+
+/// The number after `field` in Redis's `INFO section`, e.g. `blocked_clients:` in `clients`
+/// or `cmdstat_ping:calls=` in `commandstats`; 0 when the line is absent.
+async fn info_number(
+    conn: &mut redis::aio::MultiplexedConnection,
+    section: &str,
+    field: &str,
+) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(field)?;
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            rest[..digits].parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// With every `--max-in-flight` permit held by a write that Redis keeps waiting (`CLIENT
+/// PAUSE WRITE`), health probes still reach Redis and report SERVING.
+#[tokio::test]
+async fn health_probes_need_no_in_flight_permit() {
+    let redis = RedisServer::start();
+    let server = CacheServer::redis(
+        &redis,
+        &[
+            "--max-in-flight",
+            "1",
+            "--store-timeout-ms",
+            "10000",
+            "--health-interval-ms",
+            "20",
+        ],
+    );
+    let mut cm = server.client().await;
+    assert_eq!(health(&server).await, ServingStatus::Serving as i32);
+    let mut admin = admin_connection(&redis).await;
+    redis::cmd("CLIENT")
+        .arg(&["PAUSE", "10000", "WRITE"][..])
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    // A write blocked in Redis holds the only permit. (Before probes ran outside the limit, a
+    // probe could hold it at that instant and the write was refused; then try again.)
+    let mut held = None;
+    for _ in 0..10 {
+        let mut writer = cm.clone();
+        let write = tokio::spawn(async move { writer.put(put(key("ns", "f", 1), b"v", 60)).await });
+        eventually(Duration::from_secs(5), || {
+            let mut admin = admin.clone();
+            let finished = write.is_finished();
+            async move { finished || info_number(&mut admin, "clients", "blocked_clients:").await == 1 }
+        })
+        .await;
+        if !write.is_finished() {
+            held = Some(write);
+            break;
+        }
+    }
+    let held = held.expect("no write got blocked in Redis");
+    let refused = cm
+        .get(pb::GetRequest {
+            key: Some(key("ns", "f", 2)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let pings = info_number(&mut admin, "commandstats", "cmdstat_ping:calls=").await;
+    let probed =
+        eventually(Duration::from_secs(5), || {
+            let mut admin = admin.clone();
+            async move {
+                info_number(&mut admin, "commandstats", "cmdstat_ping:calls=").await >= pings + 3
+            }
+        })
+        .await;
+    assert!(
+        probed,
+        "no health probe reached Redis while the permit was held"
+    );
+    assert_eq!(health(&server).await, ServingStatus::Serving as i32);
+    assert!(!held.is_finished(), "the write stopped holding the permit");
+    redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    held.await.unwrap().expect("the paused write completes");
+    assert!(get(&mut cm, key("ns", "f", 1)).await.is_some());
+}
+
+/// A PING slower than the store timeout (Redis busy in `DEBUG SLEEP`) fails one probe but
+/// retires no connection: Redis accepts no new connection from the server afterwards. A
+/// stall through two probes in a row does replace the probe's connection.
+#[tokio::test]
+async fn one_slow_health_probe_keeps_the_connection_two_replace_it() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "local"]);
+    let server = CacheServer::redis(
+        &redis,
+        &["--store-timeout-ms", "400", "--health-interval-ms", "20"],
+    );
+    let mut cm = server.client().await;
+    cm.put(put(key("ns", "f", 1), b"v", 60)).await.unwrap();
+    assert_eq!(health(&server).await, ServingStatus::Serving as i32);
+    let mut admin = admin_connection(&redis).await;
+    let connections = "total_connections_received:";
+    let before = info_number(&mut admin, "stats", connections).await;
+    // Longer than one probe's timeout, shorter than two probes back to back (2 x 400 + 20 ms).
+    redis::cmd("DEBUG")
+        .arg(&["SLEEP", "0.55"][..])
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    assert!(
+        server
+            .wait_for_log("store unreachable", Duration::from_secs(5))
+            .is_some(),
+        "no probe outlasted the store timeout; the test proved nothing:\n{}",
+        server.log_text()
+    );
+    assert!(health_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await);
+    assert!(get(&mut cm, key("ns", "f", 1)).await.is_some());
+    cm.put(put(key("ns", "f", 2), b"v", 60)).await.unwrap();
+    assert_eq!(
+        info_number(&mut admin, "stats", connections).await,
+        before,
+        "the server opened a new connection after one slow PING"
+    );
+
+    // Longer than two probes back to back, with room to spare.
+    redis::cmd("DEBUG")
+        .arg(&["SLEEP", "1.2"][..])
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    assert!(health_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await);
+    assert!(
+        info_number(&mut admin, "stats", connections).await > before,
+        "two timed-out PINGs in a row left the probe on its old connection"
     );
 }

@@ -26,7 +26,9 @@ const ENTRY_OVERHEAD: usize = 96;
 ///
 /// Keys are `namespace:function:digest`. Names cannot contain `:`, so one function's entries
 /// are exactly the range starting at `namespace:function:`, and a namespace's the range
-/// starting at `namespace:`. When the byte budget is reached, the entries closest to expiry
+/// starting at `namespace:`. Unlike Redis, the map holds nothing but keys built from
+/// validated [`EntryKey`]s, so a bust needs no grammar check: every key in a range is an
+/// entry of that scope. When the byte budget is reached, the entries closest to expiry
 /// make room (Redis's `volatile-ttl`), since a cache that refuses writes helps nobody.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
@@ -69,7 +71,11 @@ impl State {
         self.entries.get(key).filter(|entry| entry.expires_at > now)
     }
 
-    fn insert(&mut self, key: String, value: Bytes, ttl: Duration, now: Instant) {
+    /// Stores a copy of `value`: a value decoded from a request is a slice of the whole
+    /// request's buffer, so keeping the slice would keep (say) an 8 MiB `PutMany` alive for
+    /// one surviving 1-byte entry, while the budget counted only the byte.
+    fn insert(&mut self, key: String, value: &[u8], ttl: Duration, now: Instant) {
+        let value = Bytes::copy_from_slice(value);
         self.remove(&key);
         let cost = charge(&key, &value);
         while self.bytes + cost > self.max_bytes {
@@ -202,7 +208,7 @@ impl Store for MemoryStore {
     async fn put(&self, entry: NewEntry) -> Result<(), StoreError> {
         let key = map_key(&entry.key);
         self.state()
-            .insert(key, entry.value, entry.ttl, Instant::now());
+            .insert(key, &entry.value, entry.ttl, Instant::now());
         Ok(())
     }
 
@@ -210,7 +216,7 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut state = self.state();
         for entry in entries {
-            state.insert(map_key(&entry.key), entry.value, entry.ttl, now);
+            state.insert(map_key(&entry.key), &entry.value, entry.ttl, now);
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use std::{fmt, future::Future, time::Duration};
 use bytes::Bytes;
 
 use crate::key::{EntryKey, FunctionKey};
+use crate::server::key::EntryParts;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
@@ -25,6 +26,23 @@ pub enum Scope<'a> {
     Namespace(&'a str),
     /// Everything the server stored.
     All,
+}
+
+impl Scope<'_> {
+    /// Whether the entry with these parts is in this scope.
+    pub fn contains(&self, entry: &EntryParts<'_>) -> bool {
+        match *self {
+            Scope::Entry(key) => {
+                (key.namespace(), key.function(), key.digest())
+                    == (entry.namespace, entry.function, entry.digest)
+            }
+            Scope::Function(function) => {
+                (function.namespace(), function.function()) == (entry.namespace, entry.function)
+            }
+            Scope::Namespace(namespace) => namespace == entry.namespace,
+            Scope::All => true,
+        }
+    }
 }
 
 /// One entry as `Keys` lists it.

@@ -17,7 +17,7 @@ use redis::{
     aio::MultiplexedConnection,
 };
 use tokio::{
-    sync::Semaphore,
+    sync::{Mutex, Semaphore},
     time::{Instant, timeout_at},
 };
 use tracing::warn;
@@ -144,10 +144,22 @@ fn describe(err: &RedisError) -> String {
     }
 }
 
+/// The health probe's own connection, apart from the pool (see [`RedisStore::ping`]).
+#[derive(Debug, Default)]
+struct Probe {
+    connection: Option<MultiplexedConnection>,
+    /// Whether the latest PING on `connection` timed out.
+    timed_out: bool,
+}
+
 /// Entries in Redis under `{prefix}{namespace}:{function}:{digest}`. Cloning is shallow.
 #[derive(Debug, Clone)]
 pub struct RedisStore {
     pool: Pool<Manager>,
+    /// Opens the probe's connection, as the pool's manager opens its own.
+    client: Client,
+    config: AsyncConnectionConfig,
+    probe: Arc<Mutex<Probe>>,
     /// Bounds the commands in flight: past it, callers are refused at once (load shedding)
     /// rather than queueing behind a slow Redis.
     in_flight: Arc<Semaphore>,
@@ -213,9 +225,15 @@ impl RedisStore {
             .retry_connection(false)
             .connection_timeout(settings.timeout)
             .error_sink(Box::new(connect_errors.clone()))
-            .build_unchecked(Manager { client, config });
+            .build_unchecked(Manager {
+                client: client.clone(),
+                config: config.clone(),
+            });
         Ok(RedisStore {
             pool,
+            client,
+            config,
+            probe: Arc::default(),
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             connect_errors,
             max_in_flight: settings.max_in_flight,
@@ -294,10 +312,20 @@ impl RedisStore {
         }
     }
 
-    /// SCANs `pattern` and UNLINKs what it finds, batch by batch; each step is bounded by the
-    /// store timeout, the whole bust by nothing but the work (a million keys take seconds).
-    /// Each round trip unlinks one batch and asks for the next, halving the round trips.
-    async fn bust_matching(&self, pattern: String) -> Result<u64, StoreError> {
+    /// Whether a key SCAN found is an entry in `scope`: the pattern is only a coarse filter
+    /// (its `*` matches `:` too), so nothing is removed or listed unless it has the exact
+    /// shape of an entry and belongs to the scope.
+    fn in_scope(&self, scope: Scope<'_>, key: &[u8]) -> bool {
+        self.layout
+            .parse(key)
+            .is_some_and(|entry| scope.contains(&entry))
+    }
+
+    /// SCANs `scope`'s pattern and UNLINKs the entries of `scope` it finds, batch by batch;
+    /// each step is bounded by the store timeout, the whole bust by nothing but the work (a
+    /// million keys take seconds). Each round trip unlinks one batch and asks for the next,
+    /// halving the round trips.
+    async fn bust_matching(&self, scope: Scope<'_>, pattern: String) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
         let mut batch: Vec<Vec<u8>> = Vec::new();
         let mut removed = 0;
@@ -324,6 +352,7 @@ impl RedisStore {
             };
             removed += unlinked;
             (cursor, batch) = scanned;
+            batch.retain(|key| self.in_scope(scope, key));
             if cursor == 0 {
                 break;
             }
@@ -425,7 +454,7 @@ impl Store for RedisStore {
             Scope::Namespace(namespace) => self.layout.namespace_pattern(namespace),
             Scope::All => self.layout.all_pattern(),
         };
-        self.bust_matching(pattern).await
+        self.bust_matching(scope, pattern).await
     }
 
     async fn keys(
@@ -441,7 +470,7 @@ impl Store for RedisStore {
                 .map_err(|_| StoreError::InvalidCursor(text.to_owned()))?,
         };
         let pattern = self.layout.function_pattern(function);
-        let mut found: Vec<String> = Vec::new();
+        let mut found: Vec<Vec<u8>> = Vec::new();
         // SCAN may return nothing for many steps when the keyspace is large and the function
         // small; keep stepping until the page has entries or the scan is done.
         loop {
@@ -454,12 +483,15 @@ impl Store for RedisStore {
                         .arg(pattern)
                         .arg("COUNT")
                         .arg(limit.max(100))
-                        .query_async::<(u64, Vec<String>)>(&mut conn)
+                        .query_async::<(u64, Vec<Vec<u8>>)>(&mut conn)
                         .await
                 }
             };
             let (next, keys) = self.run("SCAN", step).await?;
-            found.extend(keys);
+            found.extend(
+                keys.into_iter()
+                    .filter(|key| self.in_scope(Scope::Function(function), key)),
+            );
             cursor = next;
             if cursor == 0 || found.len() >= limit {
                 break;
@@ -477,15 +509,16 @@ impl Store for RedisStore {
             })
             .await?
         };
-        let prefix_len = self.layout.function_prefix(function).len();
         let entries = found
-            .into_iter()
+            .iter()
             .zip(ttls)
             // -2: expired or busted since the SCAN; -1 cannot happen for keys we wrote.
             .filter(|(_, ttl)| *ttl >= 0)
-            .map(|(key, ttl)| KeyInfo {
-                digest: key[prefix_len..].to_owned(),
-                ttl: Duration::from_millis(ttl as u64),
+            .filter_map(|(key, ttl)| {
+                Some(KeyInfo {
+                    digest: self.layout.parse(key)?.digest.to_owned(),
+                    ttl: Duration::from_millis(ttl as u64),
+                })
             })
             .collect();
         Ok(KeysPage {
@@ -498,15 +531,69 @@ impl Store for RedisStore {
         })
     }
 
+    /// PINGs Redis on the probe's own connection, within the store timeout.
+    ///
+    /// Not through the pool or the in-flight limit: a burst of requests must not make the
+    /// probe fail (every replica would report NOT_SERVING at once and readiness would drain
+    /// the fleet), and a PING must not queue behind the requests on a shared connection,
+    /// such as writes held by `CLIENT PAUSE WRITE` during a failover. One slow reply (Redis
+    /// busy with a long command) keeps the connection; a second in a row replaces it, since
+    /// only a new connection can tell a silently dead one (a half-open TCP flow) from a slow
+    /// Redis.
     async fn ping(&self) -> Result<(), StoreError> {
-        let pong: String = self
-            .run("PING", |mut conn| async move {
-                redis::cmd("PING").query_async(&mut conn).await
-            })
-            .await?;
-        if pong != "PONG" {
-            warn!(reply = %pong, "redis answered PING oddly");
+        let deadline = Instant::now() + self.timeout;
+        let timeout = || StoreError::Timeout {
+            op: "PING",
+            after: self.timeout,
+        };
+        // Only the health monitor probes, one probe at a time; the lock is never contended.
+        let mut probe = self.probe.lock().await;
+        let mut connection = match &probe.connection {
+            Some(connection) => connection.clone(),
+            None => {
+                let connect = self
+                    .client
+                    .get_multiplexed_async_connection_with_config(&self.config);
+                let connection = timeout_at(deadline, connect)
+                    .await
+                    .map_err(|_| timeout())?
+                    .map_err(|err| {
+                        StoreError::Unavailable(format!(
+                            "cannot connect to redis: {}",
+                            describe(&err)
+                        ))
+                    })?;
+                probe.connection = Some(connection.clone());
+                connection
+            }
+        };
+        let ping = async {
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+        };
+        match timeout_at(deadline, ping).await {
+            Ok(Ok(pong)) => {
+                probe.timed_out = false;
+                if pong != "PONG" {
+                    warn!(reply = %pong, "redis answered PING oddly");
+                }
+                Ok(())
+            }
+            Ok(Err(err)) => {
+                if connection_lost(&err) {
+                    *probe = Probe::default();
+                }
+                Err(classify(err))
+            }
+            Err(_) => {
+                if probe.timed_out {
+                    *probe = Probe::default();
+                } else {
+                    probe.timed_out = true;
+                }
+                Err(timeout())
+            }
         }
-        Ok(())
     }
 }

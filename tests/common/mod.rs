@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test binary uses its own part of the harness.
 
 use std::{
+    collections::BTreeSet,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
@@ -147,6 +148,28 @@ impl RedisServer {
             .expect("DBSIZE")
     }
 
+    /// The keys Redis's own `SCAN MATCH pattern` finds, walking the whole keyspace.
+    pub async fn scan_match(&self, pattern: &str) -> BTreeSet<String> {
+        let mut conn = self.connect().await;
+        let (mut cursor, mut found) = (0u64, BTreeSet::new());
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .expect("SCAN");
+            found.extend(keys);
+            cursor = next;
+            if cursor == 0 {
+                return found;
+            }
+        }
+    }
+
     /// The redis-server process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("redis is running").id()
@@ -250,9 +273,13 @@ impl CacheServer {
         let _ = self.child.wait();
     }
 
+    /// Starts the binary on `listen`, unless `args` or `env` choose the address themselves.
     fn start_on(listen: &str, args: Vec<String>, env: Vec<(String, String)>) -> Self {
+        let chosen = args.iter().any(|arg| arg == "--listen")
+            || env.iter().any(|(name, _)| name == "CACHE_MONEY_LISTEN");
+        let listen: &[&str] = if chosen { &[] } else { &["--listen", listen] };
         let mut child = Command::new(env!("CARGO_BIN_EXE_cache-money-server"))
-            .args(["--listen", listen])
+            .args(listen)
             .args(&args)
             .env("RUST_LOG", "info")
             .env_remove("CACHE_MONEY_REDIS_URL")
