@@ -709,15 +709,15 @@ fn usage_errors_name_the_argument() {
     let cases: [(&[&str], &str); 7] = [
         (
             &["get", "a:b", "f", "[1]"],
-            "error: namespace: must be 1-128 characters",
+            "error: namespace: must be 1-128 bytes",
         ),
         (
             &["bust-function", "ns", "f*"],
-            "error: function: must be 1-128 characters",
+            "error: function: must be 1-128 bytes",
         ),
         (
             &["bust-namespace", "a b"],
-            "error: namespace: must be 1-128 characters",
+            "error: namespace: must be 1-128 bytes",
         ),
         (
             &["get", "ns", "f", "--digest", "ABC"],
