@@ -77,3 +77,88 @@ async fn python_and_rust_share_entries() {
         .unwrap();
     assert_eq!(product, 42);
 }
+
+/// The fenced blocks tagged `lang` (`""` for untagged ones) in the README section whose
+/// heading starts with `heading`.
+fn readme_blocks(heading: &str, lang: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .expect("read README.md");
+    let mut lines = readme
+        .lines()
+        .skip_while(|line| !line.starts_with(heading))
+        .skip(1)
+        .take_while(|line| !line.starts_with("## "));
+    let mut blocks = Vec::new();
+    while let Some(line) = lines.next() {
+        let Some(tag) = line.strip_prefix("```") else {
+            continue;
+        };
+        let block: Vec<&str> = lines.by_ref().take_while(|line| *line != "```").collect();
+        if tag.trim() == lang {
+            blocks.push(block.join("\n") + "\n");
+        }
+    }
+    blocks
+}
+
+/// The README's Python shell commands, run as written in a copy of the files they use,
+/// generate the stubs and run the walkthrough against a real server, printing what the README
+/// says they print.
+#[test]
+fn readme_python_commands_work_as_written() {
+    let commands = readme_blocks("## Python", "sh");
+    assert!(
+        !commands.is_empty(),
+        "the README's Python section has no sh block"
+    );
+    // A fresh clone's files, and the virtualenv scripts/test made (its packages already in).
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let clone = std::env::temp_dir().join(format!("cache-money-readme-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&clone);
+    std::fs::create_dir_all(clone.join("examples")).unwrap();
+    let python = python();
+    let venv = python
+        .parent()
+        .and_then(|bin| bin.parent())
+        .filter(|venv| venv.join("pyvenv.cfg").exists())
+        .unwrap_or_else(|| panic!("{} is not a virtualenv's python", python.display()));
+    for (from, to) in [
+        (root.join("proto"), clone.join("proto")),
+        (root.join("examples/python"), clone.join("examples/python")),
+        (venv.to_owned(), clone.join(".venv")),
+    ] {
+        let copied = Command::new("cp").arg("-a").arg(&from).arg(&to).status();
+        assert!(
+            copied.is_ok_and(|status| status.success()),
+            "cp -a {}",
+            from.display()
+        );
+    }
+
+    let server = CacheServer::memory(&[]);
+    let output = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &commands.concat()])
+        .current_dir(&clone)
+        .env("CACHE_MONEY_ADDRESS", server.addr().to_string())
+        // The requirements are installed already: pip must find them without an index.
+        .env("PIP_NO_INDEX", "1")
+        .env_remove("PYTHONPATH")
+        .output()
+        .expect("run bash");
+    let _ = std::fs::remove_dir_all(&clone);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the README's Python commands failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let expected = readme_blocks("## Python", "");
+    let expected = expected
+        .first()
+        .expect("the README's Python section shows the output in an untagged block");
+    assert!(
+        stdout.ends_with(expected.as_str()),
+        "printed:\n{stdout}\nthe README shows:\n{expected}"
+    );
+}

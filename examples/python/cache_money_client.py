@@ -1,10 +1,12 @@
 """A `@cached` decorator over the generated cache-money stubs: the seed's API, served by the
 shared cache-money service, so Python and Rust functions can share entries.
 
-Generate the stubs first (scripts/test does it into a temporary folder):
-    python -m grpc_tools.protoc -I proto --python_out=OUT --grpc_python_out=OUT \
+Generate the stubs first, as the README's Python section does (into gen/; the tests use a
+temporary folder):
+    mkdir -p gen
+    python -m grpc_tools.protoc -I proto --python_out=gen --grpc_python_out=gen \
         proto/cache_money/v1/cache_money.proto
-and put OUT on sys.path.
+and put gen/ and this folder on sys.path (PYTHONPATH=gen:examples/python).
 """
 
 import json

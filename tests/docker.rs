@@ -1,0 +1,508 @@
+//! The Docker files, checked without a Docker engine: `docker-compose.yml` wires Redis and the
+//! server the way the README says, its health check runs a command the image really has (run
+//! here against the real binary), and the Dockerfile builds from a context `.dockerignore`
+//! keeps small, with dependencies cached in their own layer and CA certificates at run time.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use common::CacheServer;
+use globset::{GlobBuilder, GlobMatcher};
+use yaml_rust2::{Yaml, YamlLoader};
+
+/// The compose service that runs cache-money-server.
+const SERVER_SERVICE: &str = "cache-money";
+/// The compose service that runs Redis.
+const REDIS_SERVICE: &str = "redis";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(name: &str) -> String {
+    std::fs::read_to_string(root().join(name)).unwrap_or_else(|err| panic!("read {name}: {err}"))
+}
+
+fn compose() -> Yaml {
+    let mut documents = YamlLoader::load_from_str(&read("docker-compose.yml"))
+        .expect("docker-compose.yml is valid YAML");
+    assert_eq!(documents.len(), 1, "docker-compose.yml has one document");
+    documents.remove(0)
+}
+
+fn service<'a>(compose: &'a Yaml, name: &str) -> &'a Yaml {
+    let service = &compose["services"][name];
+    assert!(
+        !service.is_badvalue(),
+        "docker-compose.yml has no service {name:?}"
+    );
+    service
+}
+
+/// A service's `environment`, in either of compose's forms (a map, or `KEY=VALUE` lines).
+fn environment(service: &Yaml) -> Vec<(String, String)> {
+    match &service["environment"] {
+        Yaml::Hash(map) => map
+            .iter()
+            .map(|(key, value)| {
+                let value = match value {
+                    Yaml::String(text) | Yaml::Real(text) => text.clone(),
+                    Yaml::Integer(n) => n.to_string(),
+                    Yaml::Boolean(b) => b.to_string(),
+                    other => panic!("environment value {other:?} is not a scalar"),
+                };
+                (key.as_str().expect("string key").to_owned(), value)
+            })
+            .collect(),
+        Yaml::Array(lines) => lines
+            .iter()
+            .map(|line| {
+                let line = line.as_str().expect("environment lines are strings");
+                let (key, value) = line.split_once('=').expect("KEY=VALUE");
+                (key.to_owned(), value.to_owned())
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn strings(list: &Yaml) -> Vec<String> {
+    list.as_vec()
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| item.as_str().expect("a string").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One Dockerfile instruction: the keyword (upper case) and the rest of its line(s).
+#[derive(Debug)]
+struct Instruction {
+    keyword: String,
+    args: String,
+}
+
+/// The Dockerfile's stages, each the instructions from one `FROM` to the next.
+fn stages() -> Vec<Vec<Instruction>> {
+    let mut stages: Vec<Vec<Instruction>> = Vec::new();
+    let mut logical = String::new();
+    for line in read("Dockerfile").lines() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(continued) => {
+                logical.push_str(continued);
+                logical.push(' ');
+                continue;
+            }
+            None => logical.push_str(trimmed),
+        }
+        let (keyword, args) = logical.split_once(' ').unwrap_or((&logical, ""));
+        let instruction = Instruction {
+            keyword: keyword.to_uppercase(),
+            args: args.trim().to_owned(),
+        };
+        if instruction.keyword == "FROM" {
+            stages.push(Vec::new());
+        }
+        stages
+            .last_mut()
+            .expect("the Dockerfile starts with FROM")
+            .push(instruction);
+        logical.clear();
+    }
+    stages
+}
+
+/// A `COPY`'s `--from` stage (if any), its sources and its destination.
+fn copy_parts(args: &str) -> (Option<String>, Vec<String>, String) {
+    assert!(!args.contains('['), "COPY {args}: use the plain form here");
+    let mut from = None;
+    let mut words: Vec<String> = Vec::new();
+    for word in args.split_whitespace() {
+        match word.strip_prefix("--") {
+            Some(flag) => {
+                if let Some(stage) = flag.strip_prefix("from=") {
+                    from = Some(stage.to_owned());
+                }
+            }
+            None => words.push(word.to_owned()),
+        }
+    }
+    let destination = words.pop().expect("COPY has a destination");
+    (from, words, destination)
+}
+
+/// `.dockerignore` as Docker reads it: patterns in order, the last one matching a path (or
+/// one of its parent folders) decides, `!` re-includes.
+struct DockerIgnore {
+    patterns: Vec<(bool, GlobMatcher)>,
+}
+
+impl DockerIgnore {
+    fn load() -> Self {
+        let patterns = read(".dockerignore")
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .map(|line| {
+                let (include, pattern) = match line.strip_prefix('!') {
+                    Some(pattern) => (true, pattern),
+                    None => (false, line),
+                };
+                let pattern = pattern.trim_start_matches('/').trim_end_matches('/');
+                // Docker's `*` and `?` stop at `/`; only `**` crosses folders.
+                let glob = GlobBuilder::new(pattern)
+                    .literal_separator(true)
+                    .build()
+                    .unwrap_or_else(|err| panic!(".dockerignore {line:?}: {err}"));
+                (!include, glob.compile_matcher())
+            })
+            .collect();
+        DockerIgnore { patterns }
+    }
+
+    /// Whether `path` (relative to the context, `/`-separated) is left out of the context.
+    fn excludes(&self, path: &str) -> bool {
+        let path = path.trim_start_matches("./").trim_end_matches('/');
+        // A pattern matching a parent folder covers everything inside it.
+        let mut candidates: Vec<&str> = path.match_indices('/').map(|(i, _)| &path[..i]).collect();
+        candidates.push(path);
+        self.patterns
+            .iter()
+            .rev()
+            .find(|(_, matcher)| candidates.iter().any(|path| matcher.is_match(path)))
+            .is_some_and(|(excludes, _)| *excludes)
+    }
+}
+
+/// The server and Redis run as two services, the server pointed at the Redis service.
+#[test]
+fn compose_points_the_server_at_the_redis_service() {
+    let compose = compose();
+    service(&compose, REDIS_SERVICE);
+    let server = service(&compose, SERVER_SERVICE);
+    let env = environment(server);
+    let url = env
+        .iter()
+        .find(|(key, _)| key == "CACHE_MONEY_REDIS_URL")
+        .map(|(_, url)| url.as_str())
+        .expect("the server is given CACHE_MONEY_REDIS_URL");
+    let authority = url
+        .split_once("://")
+        .map(|(_, rest)| rest.split('/').next().unwrap_or_default())
+        .expect("CACHE_MONEY_REDIS_URL is a URL");
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    let host = host.split(':').next().unwrap_or_default();
+    assert_eq!(host, REDIS_SERVICE, "CACHE_MONEY_REDIS_URL {url}");
+    let depends_on = &server["depends_on"];
+    assert!(
+        !depends_on[REDIS_SERVICE].is_badvalue() || strings(depends_on).contains(&"redis".into()),
+        "the server does not depend on {REDIS_SERVICE}"
+    );
+}
+
+/// Only the server's gRPC port is published, on the host's loopback, at the port the image
+/// listens on; Redis is not published at all.
+#[test]
+fn compose_publishes_only_the_server_on_loopback() {
+    let compose = compose();
+    let redis = service(&compose, REDIS_SERVICE);
+    assert!(
+        redis["ports"].is_badvalue(),
+        "Redis must not be published: {:?}",
+        redis["ports"]
+    );
+    let ports = strings(&service(&compose, SERVER_SERVICE)["ports"]);
+    assert!(!ports.is_empty(), "the server publishes its gRPC port");
+    let listen = image_listen();
+    for port in ports {
+        let Some(mapping) = port.strip_prefix("127.0.0.1:") else {
+            panic!("port {port:?} is published beyond the host's loopback (127.0.0.1:…)");
+        };
+        let container_port = mapping.rsplit(':').next().unwrap_or_default();
+        assert_eq!(
+            container_port,
+            listen.port().to_string(),
+            "port {port:?} does not reach the image's CACHE_MONEY_LISTEN {listen}"
+        );
+    }
+}
+
+/// The runtime stage's `ENV` lines.
+fn image_env() -> Vec<(String, String)> {
+    let stages = stages();
+    let runtime = stages.last().expect("a stage");
+    runtime
+        .iter()
+        .filter(|instruction| instruction.keyword == "ENV")
+        .map(|instruction| {
+            let (key, value) = instruction.args.split_once('=').expect("ENV KEY=VALUE");
+            (key.to_owned(), value.to_owned())
+        })
+        .collect()
+}
+
+fn image_listen() -> SocketAddr {
+    image_env()
+        .iter()
+        .find(|(key, _)| key == "CACHE_MONEY_LISTEN")
+        .map(|(_, listen)| listen.parse().expect("CACHE_MONEY_LISTEN is an address"))
+        .expect("the image sets CACHE_MONEY_LISTEN (the server's default is loopback only)")
+}
+
+/// Runs the compose health check as the container would: the image's environment and the
+/// service's, on the real binary, with the image's listen port moved to `port`.
+fn run_compose_health_check(port: u16) -> Output {
+    let compose = compose();
+    let server = service(&compose, SERVER_SERVICE);
+    let test = strings(&server["healthcheck"]["test"]);
+    let [form, binary, args @ ..] = test.as_slice() else {
+        panic!("the server's healthcheck.test is [\"CMD\", binary, args…], got {test:?}");
+    };
+    assert_eq!(
+        form, "CMD",
+        "exec form: the runtime image needs no shell for it"
+    );
+
+    // The binary must be one the runtime stage installs on the PATH.
+    let stages = stages();
+    let installed: Vec<String> = stages
+        .last()
+        .expect("a stage")
+        .iter()
+        .filter(|instruction| instruction.keyword == "COPY")
+        .map(|instruction| copy_parts(&instruction.args).2)
+        .collect();
+    let on_path = format!("/usr/local/bin/{binary}");
+    assert!(
+        installed.contains(&on_path) || installed.contains(binary),
+        "the runtime stage installs {installed:?}, not the healthcheck's {binary:?}"
+    );
+    assert_eq!(
+        binary, "cache-money-server",
+        "only the server binary is built"
+    );
+
+    let mut listen = image_listen();
+    listen.set_port(port);
+    Command::new(env!("CARGO_BIN_EXE_cache-money-server"))
+        .args(args)
+        .env_clear()
+        .envs(image_env())
+        .envs(environment(server))
+        .env("CACHE_MONEY_LISTEN", listen.to_string())
+        .output()
+        .expect("run the healthcheck command")
+}
+
+/// The server's compose health check is a command the image has, and it passes against a
+/// serving server and fails once the server is gone.
+#[test]
+fn compose_health_check_probes_the_server() {
+    let mut server = CacheServer::memory(&[]);
+    let port = server.addr().port();
+    let output = run_compose_health_check(port);
+    assert!(
+        output.status.success(),
+        "healthcheck failed against a serving server: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    server.kill();
+    let output = run_compose_health_check(port);
+    assert!(
+        !output.status.success(),
+        "healthcheck passed with no server"
+    );
+}
+
+/// Every `COPY` source of the build exists and is in the context `.dockerignore` leaves, and
+/// what they copy is a package cargo can load.
+#[test]
+fn dockerfile_copies_only_what_the_context_has() {
+    let ignore = DockerIgnore::load();
+    let context = std::env::temp_dir().join(format!("cache-money-context-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&context);
+    std::fs::create_dir_all(&context).unwrap();
+    for stage in stages() {
+        let mut workdir = PathBuf::from("/");
+        for instruction in stage {
+            match instruction.keyword.as_str() {
+                "WORKDIR" => workdir = workdir.join(&instruction.args),
+                "COPY" => {
+                    let (from, sources, destination) = copy_parts(&instruction.args);
+                    if from.is_some() {
+                        continue;
+                    }
+                    for source in sources {
+                        assert!(
+                            root().join(&source).exists(),
+                            "COPY {source}: not in the repository"
+                        );
+                        assert!(
+                            !ignore.excludes(&source),
+                            "COPY {source}: excluded by .dockerignore"
+                        );
+                        let target = workdir.join(&destination);
+                        let target = context.join(target.strip_prefix("/").unwrap());
+                        let into_folder = destination.ends_with('/');
+                        copy_into(&ignore, Path::new(&source), &target, into_folder);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    // Cargo refuses a manifest whose declared targets (the binary, benches) have no file;
+    // `cargo metadata` instead leaves them out, so compare with the repository's.
+    let needed = targets(&root().join("Cargo.toml"));
+    let copied = targets(&context.join("src/Cargo.toml"));
+    let _ = std::fs::remove_dir_all(&context);
+    let missing: Vec<_> = needed.difference(&copied).collect();
+    assert!(
+        missing.is_empty(),
+        "targets missing from the build context: {missing:?}"
+    );
+}
+
+/// The library, binary, build script and bench targets of the package at `manifest`, as
+/// `(kind, name)`: the targets cargo needs the files of to load the manifest.
+fn targets(manifest: &Path) -> BTreeSet<(String, String)> {
+    let output = Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--no-deps",
+            "--offline",
+            "--format-version",
+            "1",
+        ])
+        .arg("--manifest-path")
+        .arg(manifest)
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        output.status.success(),
+        "cargo metadata {}: {}",
+        manifest.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("cargo metadata prints JSON");
+    let targets = metadata["packages"][0]["targets"]
+        .as_array()
+        .expect("the package has targets");
+    targets
+        .iter()
+        .flat_map(|target| {
+            let name = target["name"].as_str().expect("a target name").to_owned();
+            let kinds = target["kind"].as_array().expect("target kinds").clone();
+            kinds
+                .into_iter()
+                .map(move |kind| (kind.as_str().expect("a kind").to_owned(), name.clone()))
+        })
+        .filter(|(kind, _)| matches!(kind.as_str(), "lib" | "bin" | "bench" | "custom-build"))
+        .collect()
+}
+
+/// Copies the context path `source` to `target` (into it, when `into_folder`) as `COPY` does:
+/// a folder's contents, less what `.dockerignore` leaves out of the context.
+fn copy_into(ignore: &DockerIgnore, source: &Path, target: &Path, into_folder: bool) {
+    let from = root().join(source);
+    let target = if into_folder && from.is_file() {
+        target.join(from.file_name().expect("a file name"))
+    } else {
+        target.to_owned()
+    };
+    if from.is_file() {
+        std::fs::create_dir_all(target.parent().expect("a parent")).unwrap();
+        std::fs::copy(&from, &target).unwrap();
+        return;
+    }
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let name = entry.unwrap().file_name();
+        let path = source.join(&name);
+        if !ignore.excludes(path.to_str().expect("UTF-8 paths")) {
+            copy_into(ignore, &path, &target.join(&name), false);
+        }
+    }
+}
+
+/// Local state (build output, git, the Python virtualenv, generated stubs, Redis dumps,
+/// secrets beside the checkout) is never sent to the Docker engine.
+#[test]
+fn dockerignore_keeps_local_state_out_of_the_context() {
+    let ignore = DockerIgnore::load();
+    for path in [
+        "target",
+        ".git",
+        ".venv",
+        "gen",
+        "examples/python/__pycache__",
+        "dump.rdb",
+        "tokens.json",
+        "server.key",
+    ] {
+        assert!(ignore.excludes(path), "{path} is sent as build context");
+    }
+}
+
+/// Dependencies are built in a layer of their own, before the crate's sources are copied, so
+/// a source edit does not rebuild them.
+#[test]
+fn dockerfile_builds_dependencies_before_copying_sources() {
+    let stages = stages();
+    let build = &stages[0];
+    let copies = |path: &str| {
+        build.iter().position(|instruction| {
+            instruction.keyword == "COPY"
+                && copy_parts(&instruction.args)
+                    .1
+                    .iter()
+                    .any(|source| source == path)
+        })
+    };
+    let first_build = build
+        .iter()
+        .position(|instruction| {
+            instruction.keyword == "RUN" && instruction.args.contains("cargo build")
+        })
+        .expect("the build stage runs cargo build");
+    let lock = copies("Cargo.lock").expect("Cargo.lock is copied");
+    assert!(
+        lock < first_build,
+        "Cargo.lock is copied after the first build"
+    );
+    for sources in ["client", "server"] {
+        let copied = copies(sources).unwrap_or_else(|| panic!("{sources}/ is copied"));
+        assert!(
+            first_build < copied,
+            "{sources}/ is copied before the dependencies are built"
+        );
+    }
+}
+
+/// The runtime image has CA certificates, so `rediss://` verifies against the system trust
+/// store in a container as it does on a host.
+#[test]
+fn runtime_image_has_ca_certificates() {
+    let stages = stages();
+    let runtime = stages.last().expect("a stage");
+    assert!(
+        runtime
+            .iter()
+            .any(|instruction| instruction.keyword == "RUN"
+                && instruction.args.contains("apt-get install")
+                && instruction.args.contains("ca-certificates")),
+        "the runtime stage does not install ca-certificates"
+    );
+}
