@@ -3,9 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
-
-use crate::server::healthcheck::HealthCheckArgs;
+use clap::{Parser, ValueEnum};
 
 use crate::key::NAME_CHARSET;
 
@@ -169,18 +167,6 @@ pub struct Config {
     /// Log line format. Verbosity comes from RUST_LOG (default: info).
     #[arg(long, env = "CACHE_MONEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-
-    /// What to do instead of serving; absent, the server serves.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
-
-/// What the binary does instead of serving, when told.
-#[derive(Debug, Clone, Subcommand)]
-pub enum Command {
-    /// Exit 0 if the server this configuration describes (--listen; 0.0.0.0 is reached over
-    /// loopback) reports SERVING, 1 if not: a container health check.
-    HealthCheck(HealthCheckArgs),
 }
 
 impl Config {

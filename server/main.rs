@@ -2,11 +2,7 @@
 //! over to [`cache_money::server::run`] until SIGTERM or Ctrl-C.
 
 use anyhow::Context;
-use cache_money::server::{
-    self,
-    config::{Command, Config},
-    healthcheck,
-};
+use cache_money::server::{self, config::Config};
 use clap::Parser;
 use tokio::net::TcpListener;
 
@@ -16,10 +12,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    if let Some(Command::HealthCheck(check)) = &config.command {
-        // A probe of another process, not a server: no logging; the exit status is the answer.
-        return Ok(healthcheck::run(&config, check)?);
-    }
     server::init_logging(config.log_format);
     config.validate().map_err(anyhow::Error::msg)?;
     // One thread by default: at a few microseconds of work per request, letting responses

@@ -8,11 +8,9 @@
 //! - [`key`]: the Redis key layout and the exact SCAN patterns of each bust scope.
 //! - [`auth`]: bearer tokens and per-namespace grants.
 //! - [`shutdown`]: SIGTERM / Ctrl-C handling.
-//! - [`healthcheck`]: the `health-check` command, a probe of a running server.
 
 pub mod auth;
 pub mod config;
-pub mod healthcheck;
 pub mod key;
 pub mod service;
 pub mod shutdown;

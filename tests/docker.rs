@@ -290,18 +290,27 @@ fn run_compose_health_check(port: u16) -> Output {
         "the runtime stage installs {installed:?}, not the healthcheck's {binary:?}"
     );
     assert_eq!(
-        binary, "cache-money-server",
-        "only the server binary is built"
+        binary, "cache-money",
+        "the healthcheck runs the image's CLI"
     );
 
-    let mut listen = image_listen();
-    listen.set_port(port);
-    Command::new(env!("CARGO_BIN_EXE_cache-money-server"))
-        .args(args)
+    // The probe's address is the container's loopback at the port the image listens on;
+    // here the port is the test server's.
+    let image_port = image_listen().port();
+    let args: Vec<String> = args
+        .iter()
+        .map(|arg| arg.replace(&format!(":{image_port}"), &format!(":{port}")))
+        .collect();
+    assert!(
+        args.iter()
+            .any(|arg| arg.ends_with(&format!("127.0.0.1:{port}"))),
+        "the healthcheck probes the image's port {image_port} on loopback: {args:?}"
+    );
+    Command::new(env!("CARGO_BIN_EXE_cache-money"))
+        .args(&args)
         .env_clear()
         .envs(image_env())
         .envs(environment(server))
-        .env("CACHE_MONEY_LISTEN", listen.to_string())
         .output()
         .expect("run the healthcheck command")
 }
