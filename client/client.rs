@@ -435,7 +435,7 @@ impl Client {
             counters.rpc_failures.fetch_add(1, Relaxed);
             if self.inner.breaker.failure() == Transition::Opened {
                 // Once per outage, not per call: the breaker opens once until it closes.
-                warn!(rpc = what, cause = %describe(&status), "cache-money unreachable: caching is off, memoize computes every call until it answers again");
+                warn!(rpc = what, cause = %describe(&status), "cache-money calls are failing: caching is off, memoize computes every call until a call succeeds again");
                 return None;
             }
         }

@@ -101,10 +101,17 @@ fn chain(err: &dyn std::error::Error) -> String {
 pub fn describe(status: &Status) -> String {
     let code = status.code();
     let message = status.message();
-    match status.source().map(chain) {
+    let mut out = match status.source().map(chain) {
         // tonic copies the innermost cause into the message; the chain says it in context.
         Some(causes) if causes.contains(message) => format!("{code:?}: {causes}"),
         Some(causes) => format!("{code:?}: {message}: {causes}"),
         None => format!("{code:?}: {message}"),
+    };
+    // rustls's words for a peer that answered the TLS handshake in plaintext.
+    if out.contains("InvalidContentType") {
+        out.push_str(
+            " (the server does not speak TLS: use http:// for it, or start it with --tls-cert)",
+        );
     }
+    out
 }

@@ -77,7 +77,9 @@ impl Namespaces {
 #[derive(Clone)]
 pub struct Grant {
     name: String,
-    token: Vec<u8>,
+    /// SHA-256 of the token: every comparison is of 32 bytes, so its time does not depend
+    /// on the length of the token presented or of the one configured.
+    token: TokenDigest,
     read: Namespaces,
     write: Namespaces,
     admin: bool,
@@ -120,8 +122,19 @@ pub struct Auth {
     grants: Arc<Vec<Grant>>,
 }
 
-/// Compares two byte strings in time that depends only on their lengths (`subtle`).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// A token as the server keeps it: its SHA-256.
+type TokenDigest = [u8; 32];
+
+fn token_digest(token: &str) -> TokenDigest {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// Compares two token digests in constant time (`subtle`): fixed-length inputs, so neither
+/// the position of the first difference nor a length tells anything.
+fn constant_time_eq(a: &TokenDigest, b: &TokenDigest) -> bool {
     a.ct_eq(b).into()
 }
 
@@ -152,9 +165,10 @@ impl Auth {
             if grants.iter().any(|grant| grant.name == spec.name) {
                 return Err(format!("token {:?}: the name is used twice", spec.name));
             }
+            let token = token_digest(&spec.token);
             if grants
                 .iter()
-                .any(|grant| constant_time_eq(&grant.token, spec.token.as_bytes()))
+                .any(|grant| constant_time_eq(&grant.token, &token))
             {
                 return Err(format!(
                     "token {:?}: the same token is configured twice",
@@ -165,7 +179,7 @@ impl Auth {
                 read: Namespaces::parse(&spec.name, "read", spec.read)?,
                 write: Namespaces::parse(&spec.name, "write", spec.write)?,
                 admin: spec.admin,
-                token: spec.token.into_bytes(),
+                token,
                 name: spec.name,
             });
         }
@@ -203,9 +217,10 @@ impl Auth {
             })
             .ok_or_else(|| Status::unauthenticated("authorization: expected 'Bearer <token>'"))?;
         // Every grant is compared, so the time taken does not tell which one nearly matched.
+        let presented = token_digest(presented);
         let mut found = None;
         for grant in self.grants.iter() {
-            if constant_time_eq(&grant.token, presented.as_bytes()) {
+            if constant_time_eq(&grant.token, &presented) {
                 found = Some(grant);
             }
         }
@@ -275,6 +290,25 @@ mod tests {
         let mut map = MetadataMap::new();
         map.insert("authorization", value.parse().unwrap());
         map
+    }
+
+    /// Tokens are compared by their digests: equal only for the same token, whatever the
+    /// lengths, and a prefix or an extension of a token is not the token.
+    #[test]
+    fn token_comparison_is_exact_on_fixed_length_digests() {
+        let token = token_digest("billing-token-0123456789");
+        assert!(constant_time_eq(
+            &token,
+            &token_digest("billing-token-0123456789")
+        ));
+        for other in [
+            "billing-token-012345678",
+            "billing-token-01234567890",
+            "",
+            "Billing-token-0123456789",
+        ] {
+            assert!(!constant_time_eq(&token, &token_digest(other)), "{other:?}");
+        }
     }
 
     /// The right token finds its grant; others are refused as UNAUTHENTICATED.

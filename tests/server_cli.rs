@@ -164,9 +164,10 @@ fn every_setting(files: &SettingFiles) -> Vec<(&'static str, String, String)> {
 }
 
 /// Every flag of `Config`, given once as flags and once only as `CACHE_MONEY_*` environment
-/// variables, takes effect: the start-up line shows each value.
+/// variables, is read: the start-up line reports each value as the server's configuration.
+/// (What each setting does is proven by the behaviour, fault and security suites.)
 #[test]
-fn every_setting_works_as_flag_and_as_environment_variable() {
+fn every_setting_is_read_from_flag_and_from_environment_variable() {
     let files = SettingFiles::write();
     let settings = every_setting(&files);
     let covered: Vec<&str> = settings.iter().map(|(flag, _, _)| *flag).collect();

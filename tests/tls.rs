@@ -382,3 +382,17 @@ async fn a_wrong_ca_is_reported_and_memoize_warns_once() {
     );
     assert_eq!(cm.metrics().hits, 0);
 }
+
+/// `https://` to a server without TLS fails with an error that says so and what to do.
+#[tokio::test]
+async fn https_to_a_plaintext_server_says_it_does_not_speak_tls() {
+    let server = CacheServer::memory(&[]);
+    let cm = Client::connect(format!("https://{}", server.addr()))
+        .await
+        .unwrap();
+    let err = cm.bust_all().await.unwrap_err();
+    assert!(
+        err.to_string().contains("does not speak TLS: use http://"),
+        "{err}"
+    );
+}

@@ -23,10 +23,11 @@ async fn get(client: &mut RawClient, key: pb::Key) -> Result<pb::GetResponse, to
         .map(tonic::Response::into_inner)
 }
 
-/// Options with short keepalive settings, so a dead peer is noticed within a test's patience.
+/// Options with short keepalive settings, so a dead peer is noticed within a test's patience:
+/// within interval + timeout = 400 ms.
 fn quick_keepalive() -> ClientOptions {
     ClientOptions {
-        keepalive_interval: Duration::from_millis(300),
+        keepalive_interval: Duration::from_millis(100),
         keepalive_timeout: Duration::from_millis(300),
         ..ClientOptions::default()
     }
@@ -249,8 +250,7 @@ async fn a_connect_slower_than_the_deadline_still_completes() {
 
 /// A server frozen mid-connection (SIGSTOP: the socket stays open, nothing answers) costs
 /// each `memoize` its deadline, not a hang; keepalive notices the dead connection and the
-/// client moves to a replacement behind the same address within twice the keepalive timeout
-/// (interval + timeout, with the interval equal to the timeout here).
+/// client reaches a replacement behind the same address within twice the keepalive timeout.
 #[tokio::test]
 async fn a_frozen_server_is_left_for_a_replacement() {
     let frozen = CacheServer::memory(&[]);
@@ -262,7 +262,7 @@ async fn a_frozen_server_is_left_for_a_replacement() {
         breaker_cooldown: Duration::from_millis(20),
         ..quick_keepalive()
     };
-    let bound = options.keepalive_interval + options.keepalive_timeout;
+    let target = options.keepalive_timeout * 2;
     let deadline = options.deadline;
     let cm = Client::connect_with(forwarder.url(), options)
         .await
@@ -291,11 +291,54 @@ async fn a_frozen_server_is_left_for_a_replacement() {
     let took = frozen_at.elapsed();
     frozen.thaw();
     assert!(moved, "the client never left the frozen server");
-    println!("frozen server left after {took:?} (keepalive interval + timeout = {bound:?})");
+    println!("frozen server left after {took:?} (target: 2 × keepalive timeout = {target:?})");
+    assert!(
+        took <= target,
+        "took {took:?} to leave a frozen server, over twice the keepalive timeout ({target:?})"
+    );
+}
+
+/// An idle connection is checked too: with no call in flight, keepalive PINGs find a frozen
+/// server and close the connection, so the next call goes straight to a replacement instead
+/// of paying its deadline on a dead connection first.
+#[tokio::test]
+async fn idle_connections_to_a_frozen_server_are_closed() {
+    let frozen = CacheServer::memory(&[]);
+    let replacement = CacheServer::memory(&[]);
+    let forwarder = Forwarder::start(frozen.addr()).await;
+    let options = quick_keepalive();
+    let bound = options.keepalive_interval + options.keepalive_timeout;
+    let mut client = Client::connect_with(forwarder.url(), options)
+        .await
+        .unwrap()
+        .raw();
+    get(&mut client, key("transport", "idle", 1)).await.unwrap();
+
+    frozen.freeze();
+    forwarder.point_at(replacement.addr());
+    let frozen_at = Instant::now();
+    let closed = eventually(Duration::from_secs(5), || async {
+        forwarder.closed_by_client() >= 1
+    })
+    .await;
+    let took = frozen_at.elapsed();
+    frozen.thaw();
+    assert!(
+        closed,
+        "the idle connection to the frozen server was never closed"
+    );
     assert!(
         took <= bound * 2,
-        "took {took:?} to leave a frozen server, over twice the keepalive bound {bound:?}"
+        "closed after {took:?}, keepalive bound {bound:?}"
     );
+    let reply = tokio::time::timeout(
+        Duration::from_millis(500),
+        get(&mut client, key("transport", "idle", 1)),
+    )
+    .await
+    .expect("the first call after the close went to a dead connection");
+    assert!(reply.is_ok(), "{reply:?}");
+    assert_eq!(forwarder.accepted(), 2);
 }
 
 async fn replacement_has(server: &CacheServer, f: &cache_money::Function) -> bool {

@@ -486,6 +486,7 @@ pub struct Forwarder {
     addr: SocketAddr,
     state: Arc<Mutex<ForwardTo>>,
     accepted: Arc<std::sync::atomic::AtomicUsize>,
+    closed_by_client: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -511,7 +512,8 @@ impl Forwarder {
         let addr = listener.local_addr().expect("forwarder address");
         let state = Arc::new(Mutex::new(ForwardTo { target, delay }));
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (shared, count) = (state.clone(), accepted.clone());
+        let closed_by_client = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (shared, count, closed) = (state.clone(), accepted.clone(), closed_by_client.clone());
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 count.fetch_add(1, Relaxed);
@@ -519,6 +521,7 @@ impl Forwarder {
                     let to = shared.lock().unwrap();
                     (to.target, to.delay)
                 };
+                let closed = closed.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
@@ -527,6 +530,7 @@ impl Forwarder {
                     let (mut server_read, mut server_write) = outbound.into_split();
                     tokio::spawn(async move {
                         let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                        closed.fetch_add(1, Relaxed);
                         let _ = tokio::io::AsyncWriteExt::shutdown(&mut server_write).await;
                     });
                     tokio::time::sleep(delay).await;
@@ -539,6 +543,7 @@ impl Forwarder {
             addr,
             state,
             accepted,
+            closed_by_client,
             task,
         }
     }
@@ -551,6 +556,12 @@ impl Forwarder {
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Connections the client side has closed so far.
+    pub fn closed_by_client(&self) -> usize {
+        self.closed_by_client
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The URL clients use to reach the server through the forwarder.
