@@ -6,7 +6,7 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -167,6 +167,9 @@ pub struct ClientMetrics {
     pub rpc_attempts: u64,
     /// Of those, the ones that failed or timed out.
     pub rpc_failures: u64,
+    /// Of those, the ones the service refused as invalid (e.g. a value over its size limit):
+    /// not failures of the service, but results that were not cached.
+    pub refused: u64,
     /// Lookups and stores skipped because the breaker was open.
     pub skipped: u64,
     /// `memoize` calls answered from the cache.
@@ -183,6 +186,7 @@ pub struct ClientMetrics {
 struct Counters {
     rpc_attempts: AtomicU64,
     rpc_failures: AtomicU64,
+    refused: AtomicU64,
     skipped: AtomicU64,
     hits: AtomicU64,
     computed: AtomicU64,
@@ -369,6 +373,7 @@ impl Client {
         ClientMetrics {
             rpc_attempts: counters.rpc_attempts.load(Relaxed),
             rpc_failures: counters.rpc_failures.load(Relaxed),
+            refused: counters.refused.load(Relaxed),
             skipped: counters.skipped.load(Relaxed),
             hits: counters.hits.load(Relaxed),
             computed: counters.computed.load(Relaxed),
@@ -406,7 +411,17 @@ impl Client {
 
     /// Runs a lookup or store for `memoize`: skipped while the breaker is open, bounded by the
     /// deadline, and counted. `None` means the cache could not help this time.
-    pub(crate) async fn cache_rpc<T, F, Fut>(&self, what: &'static str, call: F) -> Option<T>
+    ///
+    /// A request the service refuses as invalid (a value over its `--max-value-bytes`, a TTL
+    /// over its `--max-ttl-seconds`) says nothing about its health, so it does not count
+    /// towards the breaker; it is logged at warn once per `warned` flag (one per handle), since
+    /// it means that function's results are computed but never cached.
+    pub(crate) async fn cache_rpc<T, F, Fut>(
+        &self,
+        what: &'static str,
+        warned: &AtomicBool,
+        call: F,
+    ) -> Option<T>
     where
         F: FnOnce(RawClient) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -430,8 +445,13 @@ impl Client {
                 Status::deadline_exceeded(format!("no answer within {} ms", deadline.as_millis()))
             }
         };
-        // A request the service refused as invalid says nothing about its health.
-        if !matches!(status.code(), Code::InvalidArgument | Code::OutOfRange) {
+        if matches!(status.code(), Code::InvalidArgument | Code::OutOfRange) {
+            counters.refused.fetch_add(1, Relaxed);
+            if !warned.swap(true, Relaxed) {
+                warn!(rpc = what, cause = %describe(&status), "cache-money refused this function's request: its results are computed but not cached (logged once per handle)");
+            }
+            return None;
+        } else {
             counters.rpc_failures.fetch_add(1, Relaxed);
             if self.inner.breaker.failure() == Transition::Opened {
                 // Once per outage, not per call: the breaker opens once until it closes.

@@ -37,6 +37,8 @@ pub struct Function {
     cache_none: bool,
     /// A value that does not decode is logged once per handle, not once per call.
     warned_undecodable: Arc<AtomicBool>,
+    /// Likewise a request the service refuses (a value over its size limit).
+    warned_refused: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for Function {
@@ -61,6 +63,7 @@ impl Function {
             key_fn: None,
             cache_none: false,
             warned_undecodable: Arc::new(AtomicBool::new(false)),
+            warned_refused: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -228,7 +231,9 @@ impl Function {
         };
         let found = self
             .client
-            .cache_rpc("Get", |mut rpc| async move { rpc.get(request).await })
+            .cache_rpc("Get", &self.warned_refused, |mut rpc| async move {
+                rpc.get(request).await
+            })
             .await;
         if let Some(pb::GetResponse { hit: true, value }) = found
             && let Some(decoded) = self.decode::<T>(&value)
@@ -263,7 +268,9 @@ impl Function {
             ttl_seconds: u32::try_from(self.ttl.as_secs()).unwrap_or(u32::MAX),
         };
         self.client
-            .cache_rpc("Put", |mut rpc| async move { rpc.put(request).await })
+            .cache_rpc("Put", &self.warned_refused, |mut rpc| async move {
+                rpc.put(request).await
+            })
             .await;
         Some(encoded)
     }

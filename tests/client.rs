@@ -571,3 +571,38 @@ async fn memoize_works_when_redis_is_down_at_start() {
     .await;
     assert!(cached, "caching never started: {:?}", cm.metrics());
 }
+
+/// A result the service refuses to store (over its `--max-value-bytes`) is computed and
+/// returned every time, counted as refused rather than as an outage (the breaker stays
+/// closed), and logged at warn once per handle with the server's reason.
+#[tokio::test]
+async fn refused_writes_are_warned_once_and_do_not_open_the_breaker() {
+    let server = CacheServer::memory(&["--max-value-bytes", "100"]);
+    let cm = Client::connect(server.url()).await.unwrap();
+    let logs = common::Logs::default();
+    let _guard = logs.capture();
+    let big = cm.function("client", "big_result", Ttl::MINUTE);
+    for _ in 0..10 {
+        let value: String = big
+            .memoize(&(1,), || async { "x".repeat(1000) })
+            .await
+            .unwrap();
+        assert_eq!(value.len(), 1000);
+    }
+    let metrics = cm.metrics();
+    assert_eq!(metrics.computed, 10, "{metrics:?}");
+    assert_eq!(metrics.refused, 10, "{metrics:?}");
+    assert_eq!(metrics.rpc_failures, 0, "{metrics:?}");
+    assert!(!metrics.breaker_open, "{metrics:?}");
+    let warnings: Vec<String> = logs
+        .lines()
+        .into_iter()
+        .filter(|line| line.contains("WARN"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("not cached") && warnings[0].contains("--max-value-bytes"),
+        "{}",
+        warnings[0]
+    );
+}

@@ -9,7 +9,7 @@ use std::{
 };
 
 use cache_money::{Client, ClientOptions, Ttl, pb, pb::cache_money_client::CacheMoneyClient};
-use common::{CacheServer, key, put};
+use common::{CacheServer, Logs, key, put};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -281,41 +281,6 @@ async fn redis_over_tls() {
         1,
         "nothing was stored without a verified certificate"
     );
-}
-
-/// Log lines written while a test runs, for checking what a user would read.
-#[derive(Clone, Default)]
-struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    /// Captures this thread's `tracing` output at `warn` and above until the guard drops.
-    fn capture(&self) -> tracing::subscriber::DefaultGuard {
-        let logs = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || logs.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
 }
 
 /// `Client::connect("https://…")` speaks TLS, verified against the configured CA: memoize
