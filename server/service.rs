@@ -20,6 +20,9 @@ use crate::server::store::{NewEntry, Scope, Store, StoreError};
 
 /// Default page size of `Keys`.
 pub const DEFAULT_KEYS_LIMIT: usize = 100;
+/// Bytes a `GetMany` result adds to its value in the encoded answer (field tags, lengths,
+/// the hit flag), with room to spare.
+const RESULT_OVERHEAD: usize = 16;
 /// Largest page size of `Keys`.
 pub const MAX_KEYS_LIMIT: usize = 1000;
 
@@ -150,6 +153,19 @@ impl<S: Store> CacheService<S> {
         })
     }
 
+    /// A `GetMany` whose answer would pass `--max-response-bytes`.
+    ///
+    /// OUT_OF_RANGE, not RESOURCE_EXHAUSTED: the batch itself is too big, as a request over
+    /// --max-message-bytes is (which tonic answers OUT_OF_RANGE). Retrying it cannot help, and
+    /// it says nothing about the server's health, so clients must not back off or count it
+    /// against the service, as RESOURCE_EXHAUSTED would have them.
+    fn response_too_large(&self, size: u64) -> Status {
+        Status::out_of_range(format!(
+            "keys: the values found come to {size} bytes, over --max-response-bytes ({}); ask for them in smaller batches",
+            self.limits.max_response_bytes
+        ))
+    }
+
     fn record_lookup(&self, hit: bool) {
         let counter = if hit {
             &self.counters.hits
@@ -274,6 +290,21 @@ impl<S: Store> CacheMoney for CacheService<S> {
         for key in &keys {
             self.allow(&grant, Access::Read(key.namespace()))?;
         }
+        // A batch whose values could exceed the response bound is measured first (one round
+        // trip of lengths), so it is refused before its values are loaded into memory.
+        let worst = keys
+            .len()
+            .saturating_mul(self.limits.max_value_bytes.saturating_add(RESULT_OVERHEAD));
+        if worst > self.limits.max_response_bytes {
+            let present = self
+                .store
+                .value_bytes(&keys)
+                .await
+                .map_err(|err| self.failed("GetMany", err))?;
+            if present > self.limits.max_response_bytes as u64 {
+                return Err(self.response_too_large(present));
+            }
+        }
         let values = self
             .store
             .get_many(&keys)
@@ -282,16 +313,10 @@ impl<S: Store> CacheMoney for CacheService<S> {
         let response = pb::GetManyResponse {
             results: values.into_iter().map(lookup).collect(),
         };
+        // Values may have grown since they were measured; the bound holds all the same.
         let size = prost::Message::encoded_len(&response);
         if size > self.limits.max_response_bytes {
-            // OUT_OF_RANGE, not RESOURCE_EXHAUSTED: the batch itself is too big, as a request
-            // over --max-message-bytes is (which tonic answers OUT_OF_RANGE). Retrying it
-            // cannot help, and it says nothing about the server's health, so clients must not
-            // back off or count it against the service, as RESOURCE_EXHAUSTED would have them.
-            return Err(Status::out_of_range(format!(
-                "keys: the values found come to {size} bytes, over --max-response-bytes ({}); ask for them in smaller batches",
-                self.limits.max_response_bytes
-            )));
+            return Err(self.response_too_large(size as u64));
         }
         for result in &response.results {
             self.record_lookup(result.hit);

@@ -645,3 +645,69 @@ async fn one_slow_health_probe_keeps_the_connection_two_replace_it() {
         "two timed-out PINGs in a row left the probe on its old connection"
     );
 }
+
+/// A `GetMany` whose values would pass `--max-response-bytes` is refused OUT_OF_RANGE before
+/// any value is read: Redis is asked only for lengths (no MGET), so a huge batch never lands
+/// in the server's memory. A batch that fits is read as usual.
+#[tokio::test]
+async fn oversized_get_many_is_refused_before_reading_values() {
+    let redis = RedisServer::start();
+    let server = CacheServer::redis(&redis, &[]);
+    let mut conn = redis.connect().await;
+    let value = vec![b'v'; 1024 * 1024];
+    for n in 0..20 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("cm:ns:big:{}", digest(n)))
+            .arg(&value)
+            .arg("EX")
+            .arg(600)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let mgets = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let stats: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            stats
+                .lines()
+                .find_map(|line| line.strip_prefix("cmdstat_mget:calls="))
+                .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        }
+    };
+    let mut client = server.client().await;
+    let keys = (0..20).map(|n| key("ns", "big", n)).collect();
+    let status = client
+        .get_many(pb::GetManyRequest { keys })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("--max-response-bytes"),
+        "{status:?}"
+    );
+    assert_eq!(
+        mgets(&mut conn).await,
+        0,
+        "the values were read before refusing"
+    );
+
+    let keys = (0..3).map(|n| key("ns", "big", n)).collect();
+    let reply = client
+        .get_many(pb::GetManyRequest { keys })
+        .await
+        .expect("3 MiB fit the bound")
+        .into_inner();
+    assert!(
+        reply
+            .results
+            .iter()
+            .all(|result| result.hit && result.value.len() == value.len())
+    );
+    assert_eq!(mgets(&mut conn).await, 1);
+}

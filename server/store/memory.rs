@@ -205,6 +205,16 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn value_bytes(&self, keys: &[EntryKey]) -> Result<u64, StoreError> {
+        let now = Instant::now();
+        let state = self.state();
+        Ok(keys
+            .iter()
+            .filter_map(|key| state.live(&map_key(key), now))
+            .map(|entry| entry.value.len() as u64)
+            .sum())
+    }
+
     async fn put(&self, entry: NewEntry) -> Result<(), StoreError> {
         let key = map_key(&entry.key);
         self.state()

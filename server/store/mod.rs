@@ -144,6 +144,14 @@ pub trait Store: Clone + Send + Sync + 'static {
         keys: &[EntryKey],
     ) -> impl Future<Output = Result<Vec<Option<Bytes>>, StoreError>> + Send;
 
+    /// The total size in bytes of the values present under `keys` (absent ones count 0),
+    /// found without reading the values, so a batch too large to answer is refused before it
+    /// is loaded into memory.
+    fn value_bytes(
+        &self,
+        keys: &[EntryKey],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Writes one entry, replacing any earlier value and TTL.
     fn put(&self, entry: NewEntry) -> impl Future<Output = Result<(), StoreError>> + Send;
 

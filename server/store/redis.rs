@@ -407,6 +407,22 @@ impl Store for RedisStore {
             .collect())
     }
 
+    async fn value_bytes(&self, keys: &[EntryKey]) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("STRLEN").arg(self.layout.entry(key));
+        }
+        let lengths: Vec<u64> = self
+            .run("STRLEN", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        Ok(lengths.iter().sum())
+    }
+
     async fn put(&self, entry: NewEntry) -> Result<(), StoreError> {
         let key = self.layout.entry(&entry.key);
         self.run("SET", |mut conn| async move {
