@@ -10,12 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::key::{EntryKey, FunctionKey, KeyError, check_name};
 use crate::pb::{self, cache_money_server::CacheMoney};
 use crate::server::auth::{Access, authorize};
+use crate::server::metrics::{Lookup, Metrics};
+use crate::server::observe::{Outcome, record_namespace, record_namespaces};
 use crate::server::store::{NewEntry, Scope, Store, StoreError};
 
 /// Default page size of `Keys`.
@@ -57,6 +60,7 @@ pub struct CacheService<S> {
     store_up: Arc<AtomicBool>,
     /// Whether requests carry a grant to check (the auth interceptor runs in front).
     auth_enabled: bool,
+    metrics: Metrics,
 }
 
 impl From<StoreError> for Status {
@@ -85,8 +89,15 @@ fn entry_key(key: Option<pb::Key>) -> Result<EntryKey, KeyError> {
 impl<S: Store> CacheService<S> {
     /// A service over `store`. `store_up` is the health monitor's latest verdict, reported by
     /// `Stats`. With `auth_enabled`, every request must carry the grant the auth interceptor
-    /// attaches, and each RPC checks it against the namespaces it touches.
-    pub fn new(store: S, limits: Limits, store_up: Arc<AtomicBool>, auth_enabled: bool) -> Self {
+    /// attaches, and each RPC checks it against the namespaces it touches. Lookups, writes,
+    /// busts and store failures are recorded into `metrics` as well as counted for `Stats`.
+    pub fn new(
+        store: S,
+        limits: Limits,
+        store_up: Arc<AtomicBool>,
+        auth_enabled: bool,
+        metrics: Metrics,
+    ) -> Self {
         CacheService {
             store,
             limits,
@@ -101,6 +112,7 @@ impl<S: Store> CacheService<S> {
             }),
             store_up,
             auth_enabled,
+            metrics,
         }
     }
 
@@ -111,6 +123,7 @@ impl<S: Store> CacheService<S> {
     /// Counts and logs a store failure, then turns it into a status.
     fn failed(&self, rpc: &'static str, err: StoreError) -> Status {
         self.counters.errors.fetch_add(1, Relaxed);
+        self.metrics.store_failed(&err);
         warn!(rpc, cause = %err, "store operation failed");
         err.into()
     }
@@ -150,13 +163,24 @@ impl<S: Store> CacheService<S> {
         })
     }
 
-    fn record_lookup(&self, hit: bool) {
-        let counter = if hit {
-            &self.counters.hits
-        } else {
-            &self.counters.misses
-        };
-        counter.fetch_add(1, Relaxed);
+    /// Counts the lookups of `keys`, for `Stats` and the metrics, given the values found.
+    fn record_lookups(&self, keys: &[EntryKey], values: &[Option<Bytes>]) {
+        let hits = values.iter().filter(|value| value.is_some()).count() as u64;
+        self.counters.hits.fetch_add(hits, Relaxed);
+        self.counters
+            .misses
+            .fetch_add(values.len() as u64 - hits, Relaxed);
+        self.metrics
+            .lookups(keys.iter().zip(values).map(|(key, value)| match value {
+                Some(value) => (key.namespace(), Lookup::Hit, value.len()),
+                None => (key.namespace(), Lookup::Miss, 0),
+            }));
+    }
+
+    /// Counts the lookups of `keys` that failed with the store.
+    fn lookups_failed(&self, keys: &[EntryKey]) {
+        self.metrics
+            .lookups(keys.iter().map(|key| (key.namespace(), Lookup::Error, 0)));
     }
 
     async fn bust_scope(
@@ -171,6 +195,7 @@ impl<S: Store> CacheService<S> {
             .map_err(|err| self.failed(rpc, err))?;
         self.counters.busts.fetch_add(1, Relaxed);
         self.counters.busted_entries.fetch_add(removed, Relaxed);
+        self.metrics.bust(scope.name(), removed);
         Ok(Response::new(pb::BustResponse { removed }))
     }
 }
@@ -190,14 +215,17 @@ impl<S: Store> CacheMoney for CacheService<S> {
     ) -> Result<Response<pb::GetResponse>, Status> {
         let (_, grant, request) = request.into_parts();
         let key = entry_key(request.key).map_err(|err| invalid(err.nested("key")))?;
+        record_namespace(key.namespace());
         self.allow(&grant, Access::Read(key.namespace()))?;
-        let value = self
-            .store
-            .get(&key)
-            .await
-            .map_err(|err| self.failed("Get", err))?;
-        self.record_lookup(value.is_some());
-        Ok(Response::new(lookup(value)))
+        let value = self.store.get(&key).await.map_err(|err| {
+            self.lookups_failed(std::slice::from_ref(&key));
+            self.failed("Get", err)
+        })?;
+        self.record_lookups(std::slice::from_ref(&key), std::slice::from_ref(&value));
+        let outcome = Outcome(if value.is_some() { "hit" } else { "miss" });
+        let mut response = Response::new(lookup(value));
+        response.extensions_mut().insert(outcome);
+        Ok(response)
     }
 
     async fn put(
@@ -206,12 +234,15 @@ impl<S: Store> CacheMoney for CacheService<S> {
     ) -> Result<Response<pb::PutResponse>, Status> {
         let (_, grant, request) = request.into_parts();
         let entry = self.new_entry(request, "")?;
+        record_namespace(entry.key.namespace());
         self.allow(&grant, Access::Write(entry.key.namespace()))?;
         self.store
-            .put(entry)
+            .put(&entry)
             .await
             .map_err(|err| self.failed("Put", err))?;
         self.counters.puts.fetch_add(1, Relaxed);
+        self.metrics
+            .written([(entry.key.namespace(), entry.value.len())]);
         Ok(Response::new(pb::PutResponse {}))
     }
 
@@ -221,6 +252,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
     ) -> Result<Response<pb::BustResponse>, Status> {
         let (_, grant, request) = request.into_parts();
         let key = entry_key(request.key).map_err(|err| invalid(err.nested("key")))?;
+        record_namespace(key.namespace());
         self.allow(&grant, Access::Write(key.namespace()))?;
         self.bust_scope("Bust", Scope::Entry(&key)).await
     }
@@ -231,6 +263,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
     ) -> Result<Response<pb::BustResponse>, Status> {
         let (_, grant, request) = request.into_parts();
         let function = FunctionKey::new(request.namespace, request.function).map_err(invalid)?;
+        record_namespace(function.namespace());
         self.allow(&grant, Access::Write(function.namespace()))?;
         self.bust_scope("BustFunction", Scope::Function(&function))
             .await
@@ -243,6 +276,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
         let (_, grant, request) = request.into_parts();
         let namespace = request.namespace;
         check_name("namespace", &namespace).map_err(invalid)?;
+        record_namespace(&namespace);
         self.allow(&grant, Access::Admin)?;
         self.bust_scope("BustNamespace", Scope::Namespace(&namespace))
             .await
@@ -271,16 +305,16 @@ impl<S: Store> CacheMoney for CacheService<S> {
                     .map_err(|err| invalid(err.within("keys", i)))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        record_namespaces(keys.iter().map(EntryKey::namespace));
         for key in &keys {
             self.allow(&grant, Access::Read(key.namespace()))?;
         }
-        let values = self
-            .store
-            .get_many(&keys)
-            .await
-            .map_err(|err| self.failed("GetMany", err))?;
+        let values = self.store.get_many(&keys).await.map_err(|err| {
+            self.lookups_failed(&keys);
+            self.failed("GetMany", err)
+        })?;
         let response = pb::GetManyResponse {
-            results: values.into_iter().map(lookup).collect(),
+            results: values.iter().cloned().map(lookup).collect(),
         };
         let size = prost::Message::encoded_len(&response);
         if size > self.limits.max_response_bytes {
@@ -293,9 +327,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
                 self.limits.max_response_bytes
             )));
         }
-        for result in &response.results {
-            self.record_lookup(result.hit);
-        }
+        self.record_lookups(&keys, &values);
         Ok(Response::new(response))
     }
 
@@ -311,15 +343,21 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .enumerate()
             .map(|(i, entry)| self.new_entry(entry, &format!("entries[{i}].")))
             .collect::<Result<Vec<_>, _>>()?;
+        record_namespaces(entries.iter().map(|entry| entry.key.namespace()));
         for entry in &entries {
             self.allow(&grant, Access::Write(entry.key.namespace()))?;
         }
         let stored = entries.len() as u64;
         self.store
-            .put_many(entries)
+            .put_many(&entries)
             .await
             .map_err(|err| self.failed("PutMany", err))?;
         self.counters.puts.fetch_add(stored, Relaxed);
+        self.metrics.written(
+            entries
+                .iter()
+                .map(|entry| (entry.key.namespace(), entry.value.len())),
+        );
         Ok(Response::new(pb::PutManyResponse { stored }))
     }
 
@@ -329,6 +367,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
     ) -> Result<Response<pb::KeysResponse>, Status> {
         let (_, grant, request) = request.into_parts();
         let function = FunctionKey::new(request.namespace, request.function).map_err(invalid)?;
+        record_namespace(function.namespace());
         self.allow(&grant, Access::Admin)?;
         let limit = match request.limit as usize {
             0 => DEFAULT_KEYS_LIMIT,

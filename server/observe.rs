@@ -1,0 +1,305 @@
+//! Every RPC of the cache service, observed from outside the service: a `tracing` span with
+//! the method, a request id and (once the service has validated it) the namespace; the RPC
+//! metrics (count by method and status code, latency, in flight); the request id echoed in
+//! the response's `x-request-id`. It wraps the authentication interceptor, so refused and
+//! shed requests are counted like any other, and their logs carry the request id too.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Frame, SizeHint};
+use tonic::{Code, Status, body::Body, server::NamedService};
+use tracing::{Instrument, Span, debug, field, info_span};
+
+use crate::server::SERVICE_NAME;
+use crate::server::metrics::{Metrics, code_name};
+
+/// The metadata key of the request id, in requests and responses.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The longest request id taken from a caller; a longer one, or one with characters outside
+/// `[A-Za-z0-9._:/+=-]`, is replaced by a generated id (it is written into every log line of
+/// the request).
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The RPCs of `cache_money.v1.CacheMoney`: the `method` label and span field. Any other path
+/// is `unknown`, so a caller cannot add label values.
+pub const METHODS: [&str; 10] = [
+    "Get",
+    "Put",
+    "Bust",
+    "BustFunction",
+    "BustNamespace",
+    "BustAll",
+    "GetMany",
+    "PutMany",
+    "Keys",
+    "Stats",
+];
+
+/// What a lookup RPC found (`hit` or `miss`), put in the response's extensions by the service
+/// for the RPC's closing log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome(pub &'static str);
+
+/// Records the namespace an RPC touches on its span, so every later log line of the request
+/// names it.
+pub fn record_namespace(namespace: &str) {
+    Span::current().record("namespace", namespace);
+}
+
+/// Records on the span the namespace a batch's items share, or `(several)`.
+pub fn record_namespaces<'a>(mut namespaces: impl Iterator<Item = &'a str>) {
+    let Some(first) = namespaces.next() else {
+        return;
+    };
+    if namespaces.all(|namespace| namespace == first) {
+        record_namespace(first);
+    } else {
+        record_namespace("(several)");
+    }
+}
+
+/// The RPC name of a request path, `unknown` for a path outside [`METHODS`].
+fn method_of(path: &str) -> &'static str {
+    path.strip_prefix('/')
+        .and_then(|path| path.strip_prefix(SERVICE_NAME))
+        .and_then(|path| path.strip_prefix('/'))
+        .and_then(|name| METHODS.iter().find(|method| **method == name))
+        .copied()
+        .unwrap_or("unknown")
+}
+
+fn acceptable_request_id(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&id.len())
+        && id
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"._:/+=-".contains(&b))
+}
+
+/// The caller's request id when it sent an acceptable one, else a new random 128-bit id in
+/// hex. Only unique, not secret: a fast non-cryptographic generator does.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(REQUEST_ID_HEADER) {
+        Some(id) if acceptable_request_id(id.as_bytes()) => id.clone(),
+        _ => HeaderValue::try_from(format!("{:032x}", fastrand::u128(..)))
+            .expect("hex digits are a valid header value"),
+    }
+}
+
+/// The cache service (`S`, with its interceptor) under observation. Cloning is shallow.
+#[derive(Debug, Clone)]
+pub struct Observed<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S> Observed<S> {
+    /// Observes `inner`, recording into `metrics`.
+    pub fn new(inner: S, metrics: Metrics) -> Self {
+        Observed { inner, metrics }
+    }
+}
+
+impl<S: NamedService> NamedService for Observed<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, R> tonic::codegen::Service<http::Request<B>> for Observed<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: http_body::Body<Data = Bytes, Error = Status> + Unpin + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = method_of(request.uri().path());
+        let request_id = request_id(request.headers());
+        let span = info_span!(
+            "rpc",
+            method,
+            request_id = request_id.to_str().unwrap_or_default(),
+            namespace = field::Empty,
+        );
+        self.metrics.rpc_started();
+        let finish = Finish {
+            metrics: self.metrics.clone(),
+            method,
+            started: Instant::now(),
+            span: span.clone(),
+            done: false,
+        };
+        // The interceptor runs inside `call`: its work belongs to the span too.
+        let response = span.in_scope(|| self.inner.call(request));
+        Box::pin(
+            async move {
+                let mut response = response.await?;
+                response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+                let outcome = response.extensions().get::<Outcome>().copied();
+                // A refusal or failure is trailers-only: the status is in the headers.
+                if let Some(status) = response.headers().get("grpc-status") {
+                    finish.done(Code::from_bytes(status.as_bytes()), outcome);
+                    return Ok(response.map(Body::new));
+                }
+                if http_body::Body::is_end_stream(response.body()) {
+                    // No status in the headers and no body to carry one: a broken response.
+                    finish.done(Code::Unknown, outcome);
+                    return Ok(response.map(Body::new));
+                }
+                Ok(response.map(|body| {
+                    Body::new(ObservedBody {
+                        inner: body,
+                        finish: Some(finish),
+                        outcome,
+                    })
+                }))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Records an RPC's end once: its status when known, CANCELLED when it is dropped first (the
+/// caller went away).
+struct Finish {
+    metrics: Metrics,
+    method: &'static str,
+    started: Instant,
+    span: Span,
+    done: bool,
+}
+
+impl Finish {
+    fn done(mut self, code: Code, outcome: Option<Outcome>) {
+        self.record(code, outcome);
+    }
+
+    fn record(&mut self, code: Code, outcome: Option<Outcome>) {
+        self.done = true;
+        let elapsed = self.started.elapsed();
+        self.metrics.rpc_finished(self.method, code, elapsed);
+        debug!(
+            parent: &self.span,
+            code = code_name(code),
+            result = outcome.map(|Outcome(result)| result),
+            duration_us = elapsed.as_micros() as u64,
+            "rpc finished"
+        );
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(Code::Cancelled, None);
+        }
+    }
+}
+
+/// A response body that finishes the RPC when its trailers (the status) go out.
+struct ObservedBody<R> {
+    inner: R,
+    finish: Option<Finish>,
+    outcome: Option<Outcome>,
+}
+
+impl<R: http_body::Body<Data = Bytes, Error = Status> + Unpin> http_body::Body for ObservedBody<R> {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let code = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
+                trailers
+                    .get("grpc-status")
+                    .map_or(Code::Unknown, |status| Code::from_bytes(status.as_bytes()))
+            }),
+            Poll::Ready(Some(Err(status))) => Some(status.code()),
+            // A gRPC body that ends without trailers broke the protocol.
+            Poll::Ready(None) => Some(Code::Unknown),
+            Poll::Pending => None,
+        };
+        if let Some(code) = code
+            && let Some(finish) = this.finish.take()
+        {
+            finish.done(code, this.outcome);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The method list is exactly the RPCs the contract declares.
+    #[test]
+    fn methods_are_the_contracts_rpcs() {
+        let proto = include_str!("../proto/cache_money/v1/cache_money.proto");
+        let mut declared: Vec<&str> = proto
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("rpc "))
+            .map(|rest| rest.split(['(', ' ']).next().unwrap_or_default())
+            .collect();
+        let mut methods = METHODS.to_vec();
+        declared.sort_unstable();
+        methods.sort_unstable();
+        assert_eq!(declared, methods);
+    }
+
+    /// Paths of the cache service map to their RPC; any other path is `unknown`.
+    #[test]
+    fn paths_map_to_bounded_methods() {
+        assert_eq!(method_of("/cache_money.v1.CacheMoney/Get"), "Get");
+        assert_eq!(method_of("/cache_money.v1.CacheMoney/BustAll"), "BustAll");
+        assert_eq!(method_of("/cache_money.v1.CacheMoney/Nope"), "unknown");
+        assert_eq!(method_of("/other.Service/Get"), "unknown");
+        assert_eq!(method_of("Get"), "unknown");
+    }
+
+    /// A caller's id is kept when it is short and plain; otherwise a 32-hex id replaces it.
+    #[test]
+    fn request_ids_are_kept_or_generated() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            REQUEST_ID_HEADER,
+            HeaderValue::from_static("req-42_a.b:c/d+e="),
+        );
+        assert_eq!(request_id(&headers), "req-42_a.b:c/d+e=");
+        let long = "x".repeat(MAX_REQUEST_ID_LEN + 1);
+        for bad in ["", "with space", "quote\"", long.as_str()] {
+            headers.insert(REQUEST_ID_HEADER, HeaderValue::from_str(bad).unwrap());
+            let id = request_id(&headers);
+            assert_eq!(id.len(), 32, "{bad:?}");
+            assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit), "{bad:?}");
+        }
+        let (a, b) = (request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
+        assert_ne!(a, b);
+    }
+}
