@@ -18,7 +18,7 @@ use crate::key::{EntryKey, FunctionKey, KeyError, check_name};
 use crate::pb::{self, cache_money_server::CacheMoney};
 use crate::server::auth::{Access, authorize};
 use crate::server::metrics::{Lookup, Metrics};
-use crate::server::observe::{Outcome, record_namespace, record_namespaces};
+use crate::server::observe::{Outcome, record_namespace, record_namespaces, request_id};
 use crate::server::store::{NewEntry, Scope, Store, StoreError};
 
 /// Default page size of `Keys`.
@@ -116,15 +116,17 @@ impl<S: Store> CacheService<S> {
         }
     }
 
-    fn allow(&self, grant: &tonic::Extensions, access: Access<'_>) -> Result<(), Status> {
-        authorize(grant, self.auth_enabled, access)
+    /// Checks the grant in a request's `context` (its extensions) against `access`.
+    fn allow(&self, context: &tonic::Extensions, access: Access<'_>) -> Result<(), Status> {
+        authorize(context, self.auth_enabled, access)
     }
 
-    /// Counts and logs a store failure, then turns it into a status.
-    fn failed(&self, rpc: &'static str, err: StoreError) -> Status {
+    /// Counts and logs a store failure, naming the request id from the request's `context`,
+    /// then turns it into a status.
+    fn failed(&self, rpc: &'static str, context: &tonic::Extensions, err: StoreError) -> Status {
         self.counters.errors.fetch_add(1, Relaxed);
         self.metrics.store_failed(&err);
-        warn!(rpc, cause = %err, "store operation failed");
+        warn!(rpc, request_id = request_id(context), cause = %err, "store operation failed");
         err.into()
     }
 
@@ -186,13 +188,14 @@ impl<S: Store> CacheService<S> {
     async fn bust_scope(
         &self,
         rpc: &'static str,
+        context: &tonic::Extensions,
         scope: Scope<'_>,
     ) -> Result<Response<pb::BustResponse>, Status> {
         let removed = self
             .store
             .bust(scope)
             .await
-            .map_err(|err| self.failed(rpc, err))?;
+            .map_err(|err| self.failed(rpc, context, err))?;
         self.counters.busts.fetch_add(1, Relaxed);
         self.counters.busted_entries.fetch_add(removed, Relaxed);
         self.metrics.bust(scope.name(), removed);
@@ -213,13 +216,13 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let key = entry_key(request.key).map_err(|err| invalid(err.nested("key")))?;
         record_namespace(key.namespace());
-        self.allow(&grant, Access::Read(key.namespace()))?;
+        self.allow(&context, Access::Read(key.namespace()))?;
         let value = self.store.get(&key).await.map_err(|err| {
             self.lookups_failed(std::slice::from_ref(&key));
-            self.failed("Get", err)
+            self.failed("Get", &context, err)
         })?;
         self.record_lookups(std::slice::from_ref(&key), std::slice::from_ref(&value));
         let outcome = Outcome(if value.is_some() { "hit" } else { "miss" });
@@ -232,14 +235,14 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let entry = self.new_entry(request, "")?;
         record_namespace(entry.key.namespace());
-        self.allow(&grant, Access::Write(entry.key.namespace()))?;
+        self.allow(&context, Access::Write(entry.key.namespace()))?;
         self.store
             .put(&entry)
             .await
-            .map_err(|err| self.failed("Put", err))?;
+            .map_err(|err| self.failed("Put", &context, err))?;
         self.counters.puts.fetch_add(1, Relaxed);
         self.metrics
             .written([(entry.key.namespace(), entry.value.len())]);
@@ -250,22 +253,22 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::BustRequest>,
     ) -> Result<Response<pb::BustResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let key = entry_key(request.key).map_err(|err| invalid(err.nested("key")))?;
         record_namespace(key.namespace());
-        self.allow(&grant, Access::Write(key.namespace()))?;
-        self.bust_scope("Bust", Scope::Entry(&key)).await
+        self.allow(&context, Access::Write(key.namespace()))?;
+        self.bust_scope("Bust", &context, Scope::Entry(&key)).await
     }
 
     async fn bust_function(
         &self,
         request: Request<pb::BustFunctionRequest>,
     ) -> Result<Response<pb::BustResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let function = FunctionKey::new(request.namespace, request.function).map_err(invalid)?;
         record_namespace(function.namespace());
-        self.allow(&grant, Access::Write(function.namespace()))?;
-        self.bust_scope("BustFunction", Scope::Function(&function))
+        self.allow(&context, Access::Write(function.namespace()))?;
+        self.bust_scope("BustFunction", &context, Scope::Function(&function))
             .await
     }
 
@@ -273,12 +276,12 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::BustNamespaceRequest>,
     ) -> Result<Response<pb::BustResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let namespace = request.namespace;
         check_name("namespace", &namespace).map_err(invalid)?;
         record_namespace(&namespace);
-        self.allow(&grant, Access::Admin)?;
-        self.bust_scope("BustNamespace", Scope::Namespace(&namespace))
+        self.allow(&context, Access::Admin)?;
+        self.bust_scope("BustNamespace", &context, Scope::Namespace(&namespace))
             .await
     }
 
@@ -287,14 +290,15 @@ impl<S: Store> CacheMoney for CacheService<S> {
         request: Request<pb::BustAllRequest>,
     ) -> Result<Response<pb::BustResponse>, Status> {
         self.allow(request.extensions(), Access::Admin)?;
-        self.bust_scope("BustAll", Scope::All).await
+        self.bust_scope("BustAll", request.extensions(), Scope::All)
+            .await
     }
 
     async fn get_many(
         &self,
         request: Request<pb::GetManyRequest>,
     ) -> Result<Response<pb::GetManyResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let keys = request.keys;
         self.check_batch("keys", keys.len())?;
         let keys = keys
@@ -307,11 +311,11 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .collect::<Result<Vec<_>, _>>()?;
         record_namespaces(keys.iter().map(EntryKey::namespace));
         for key in &keys {
-            self.allow(&grant, Access::Read(key.namespace()))?;
+            self.allow(&context, Access::Read(key.namespace()))?;
         }
         let values = self.store.get_many(&keys).await.map_err(|err| {
             self.lookups_failed(&keys);
-            self.failed("GetMany", err)
+            self.failed("GetMany", &context, err)
         })?;
         let response = pb::GetManyResponse {
             results: values.iter().cloned().map(lookup).collect(),
@@ -335,7 +339,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::PutManyRequest>,
     ) -> Result<Response<pb::PutManyResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let entries = request.entries;
         self.check_batch("entries", entries.len())?;
         let entries = entries
@@ -345,13 +349,13 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .collect::<Result<Vec<_>, _>>()?;
         record_namespaces(entries.iter().map(|entry| entry.key.namespace()));
         for entry in &entries {
-            self.allow(&grant, Access::Write(entry.key.namespace()))?;
+            self.allow(&context, Access::Write(entry.key.namespace()))?;
         }
         let stored = entries.len() as u64;
         self.store
             .put_many(&entries)
             .await
-            .map_err(|err| self.failed("PutMany", err))?;
+            .map_err(|err| self.failed("PutMany", &context, err))?;
         self.counters.puts.fetch_add(stored, Relaxed);
         self.metrics.written(
             entries
@@ -365,10 +369,10 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::KeysRequest>,
     ) -> Result<Response<pb::KeysResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let function = FunctionKey::new(request.namespace, request.function).map_err(invalid)?;
         record_namespace(function.namespace());
-        self.allow(&grant, Access::Admin)?;
+        self.allow(&context, Access::Admin)?;
         let limit = match request.limit as usize {
             0 => DEFAULT_KEYS_LIMIT,
             limit if limit <= MAX_KEYS_LIMIT => limit,
@@ -384,7 +388,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .await
             .map_err(|err| match err {
                 StoreError::InvalidCursor(_) => Status::from(err),
-                err => self.failed("Keys", err),
+                err => self.failed("Keys", &context, err),
             })?;
         let entries = page
             .entries
