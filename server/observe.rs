@@ -11,6 +11,7 @@
 //! as a field instead; `RUST_LOG=info,cache_money::server::observe=debug` turns the spans on.
 
 use std::{
+    fmt::Write as _,
     future::Future,
     pin::Pin,
     task::{Context, Poll},
@@ -86,14 +87,33 @@ pub fn record_namespaces<'a>(mut namespaces: impl Iterator<Item = &'a str>) {
     }
 }
 
-/// The RPC name of a request path, `unknown` for a path outside [`METHODS`].
-fn method_of(path: &str) -> &'static str {
-    path.strip_prefix('/')
-        .and_then(|path| path.strip_prefix(SERVICE_NAME))
-        .and_then(|path| path.strip_prefix('/'))
-        .and_then(|name| METHODS.iter().find(|method| **method == name))
-        .copied()
-        .unwrap_or("unknown")
+/// An RPC of the cache service, by its place in [`METHODS`]; `unknown` past its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Method(usize);
+
+impl Method {
+    /// How many methods there are, `unknown` included.
+    pub const COUNT: usize = METHODS.len() + 1;
+
+    /// The method a request path calls; `unknown` for a path outside [`METHODS`].
+    pub fn of_path(path: &str) -> Method {
+        let index = path
+            .strip_prefix('/')
+            .and_then(|path| path.strip_prefix(SERVICE_NAME))
+            .and_then(|path| path.strip_prefix('/'))
+            .and_then(|name| METHODS.iter().position(|method| *method == name));
+        Method(index.unwrap_or(METHODS.len()))
+    }
+
+    /// Its name: the `method` label and span field.
+    pub fn name(self) -> &'static str {
+        METHODS.get(self.0).copied().unwrap_or("unknown")
+    }
+
+    /// Its place, below [`Method::COUNT`].
+    pub fn index(self) -> usize {
+        self.0
+    }
 }
 
 fn acceptable_request_id(id: &[u8]) -> bool {
@@ -108,8 +128,12 @@ fn acceptable_request_id(id: &[u8]) -> bool {
 fn new_request_id(headers: &HeaderMap) -> HeaderValue {
     match headers.get(REQUEST_ID_HEADER) {
         Some(id) if acceptable_request_id(id.as_bytes()) => id.clone(),
-        _ => HeaderValue::try_from(format!("{:032x}", fastrand::u128(..)))
-            .expect("hex digits are a valid header value"),
+        _ => {
+            // Sized up front: one allocation, which the header value then takes over.
+            let mut id = String::with_capacity(32);
+            write!(id, "{:032x}", fastrand::u128(..)).expect("writing to a String cannot fail");
+            HeaderValue::try_from(id).expect("hex digits are a valid header value")
+        }
     }
 }
 
@@ -150,10 +174,10 @@ where
         request
             .extensions_mut()
             .insert(RequestId(request_id.clone()));
-        let method = method_of(request.uri().path());
+        let method = Method::of_path(request.uri().path());
         let span = debug_span!(
             "rpc",
-            method,
+            method = method.name(),
             request_id = request_id.to_str().unwrap_or_default(),
             namespace = field::Empty,
         );
@@ -208,7 +232,7 @@ where
 /// caller went away).
 struct Finish {
     metrics: Metrics,
-    method: &'static str,
+    method: Method,
     started: Instant,
     span: Span,
     done: bool,
@@ -308,11 +332,13 @@ mod tests {
     /// Paths of the cache service map to their RPC; any other path is `unknown`.
     #[test]
     fn paths_map_to_bounded_methods() {
-        assert_eq!(method_of("/cache_money.v1.CacheMoney/Get"), "Get");
-        assert_eq!(method_of("/cache_money.v1.CacheMoney/BustAll"), "BustAll");
-        assert_eq!(method_of("/cache_money.v1.CacheMoney/Nope"), "unknown");
-        assert_eq!(method_of("/other.Service/Get"), "unknown");
-        assert_eq!(method_of("Get"), "unknown");
+        let name = |path| Method::of_path(path).name();
+        assert_eq!(name("/cache_money.v1.CacheMoney/Get"), "Get");
+        assert_eq!(name("/cache_money.v1.CacheMoney/BustAll"), "BustAll");
+        assert_eq!(name("/cache_money.v1.CacheMoney/Nope"), "unknown");
+        assert_eq!(name("/other.Service/Get"), "unknown");
+        assert_eq!(name("Get"), "unknown");
+        assert!(Method::of_path("/x").index() < Method::COUNT);
     }
 
     /// A caller's id is kept when it is short and plain; otherwise a 32-hex id replaces it.

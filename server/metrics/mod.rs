@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     fmt,
     sync::{
-        Arc, Mutex, PoisonError, RwLock,
+        Arc, Mutex, OnceLock, PoisonError, RwLock,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
     time::{Duration, Instant},
@@ -35,6 +35,7 @@ use prometheus_client::{
 use tonic::Code;
 
 use crate::lock;
+use crate::server::observe::Method;
 use crate::server::store::{Store, StoreError};
 
 /// Every metric's name starts with this (and `_`).
@@ -258,6 +259,17 @@ impl Namespaces {
     }
 }
 
+/// The gRPC status codes, 0 to 16.
+const CODES: usize = 17;
+
+/// One method's RPC series, each resolved in its family on first use, so an RPC records
+/// without a label lookup.
+#[derive(Debug)]
+struct MethodSeries {
+    duration: OnceLock<Histogram>,
+    codes: [OnceLock<Counter>; CODES],
+}
+
 /// Everything an enabled handle records into.
 #[derive(Debug)]
 struct Recorder {
@@ -265,6 +277,8 @@ struct Recorder {
     registry: Mutex<Registry>,
     rpcs: Family<RpcLabels, Counter>,
     rpc_duration: Histograms<MethodLabels>,
+    /// By [`Method::index`].
+    methods: Vec<MethodSeries>,
     rpcs_in_flight: Gauge,
     store_duration: Histograms<CommandLabels>,
     store_errors: Family<KindLabels, Counter>,
@@ -294,6 +308,12 @@ impl Metrics {
             registry: Mutex::new(Registry::with_prefix(PREFIX)),
             rpcs: Family::default(),
             rpc_duration: Family::new_with_constructor(latency_histogram),
+            methods: (0..Method::COUNT)
+                .map(|_| MethodSeries {
+                    duration: OnceLock::new(),
+                    codes: std::array::from_fn(|_| OnceLock::new()),
+                })
+                .collect(),
             rpcs_in_flight: Gauge::default(),
             store_duration: Family::new_with_constructor(latency_histogram),
             store_errors: Family::default(),
@@ -404,21 +424,28 @@ impl Metrics {
     }
 
     /// An RPC received earlier was answered with `code` after `elapsed`.
-    pub fn rpc_finished(&self, method: &'static str, code: Code, elapsed: Duration) {
+    pub fn rpc_finished(&self, method: Method, code: Code, elapsed: Duration) {
         let Some(recorder) = &self.recorder else {
             return;
         };
         recorder.rpcs_in_flight.dec();
-        recorder
-            .rpcs
-            .get_or_create(&RpcLabels {
-                method,
-                code: code_name(code),
+        let series = &recorder.methods[method.index()];
+        let name = method.name();
+        series.codes[code as usize]
+            .get_or_init(|| {
+                recorder.rpcs.get_or_create_owned(&RpcLabels {
+                    method: name,
+                    code: code_name(code),
+                })
             })
             .inc();
-        recorder
-            .rpc_duration
-            .get_or_create(&MethodLabels { method })
+        series
+            .duration
+            .get_or_init(|| {
+                recorder
+                    .rpc_duration
+                    .get_or_create_owned(&MethodLabels { method: name })
+            })
             .observe(elapsed.as_secs_f64());
     }
 
@@ -495,7 +522,8 @@ impl Metrics {
             .inc();
     }
 
-    /// Records the time a store `command` took since `started` (from [`Metrics::start`]).
+    /// Records the time a store `command` took since `started` ([`Metrics::start`], or a clock
+    /// reading the caller took anyway).
     pub fn store_command(&self, command: &'static str, started: Option<Instant>) {
         if let (Some(recorder), Some(started)) = (&self.recorder, started) {
             recorder
