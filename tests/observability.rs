@@ -493,11 +493,7 @@ async fn refused_and_shed_requests_are_counted() {
 
     // A write Redis holds back (CLIENT PAUSE WRITE) keeps the only permit.
     let mut admin = redis.connect().await;
-    redis::cmd("CLIENT")
-        .arg(&["PAUSE", "10000", "WRITE"][..])
-        .query_async::<()>(&mut admin)
-        .await
-        .unwrap();
+    RedisServer::pause_writes(&mut admin, 10_000).await;
     let mut writer = cm.clone();
     let write = tagged(put(key("billing", "f", 2), b"v", 60), Some(TOKEN), None);
     let held = tokio::spawn(async move { writer.put(write).await });
@@ -552,11 +548,7 @@ async fn refused_and_shed_requests_are_counted() {
         None
     );
 
-    redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async::<()>(&mut admin)
-        .await
-        .unwrap();
+    RedisServer::unpause(&mut admin).await;
     held.await.unwrap().expect("the held write completes");
     let scrape = Scrape::of(&server, Format::OpenMetrics);
     assert_eq!(

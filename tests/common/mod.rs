@@ -251,6 +251,27 @@ impl RedisServer {
         }
     }
 
+    /// Holds back every write for up to `ms` milliseconds (`CLIENT PAUSE ms WRITE`), sent on
+    /// `admin` (reads, PING included, still pass).
+    pub async fn pause_writes(admin: &mut redis::aio::MultiplexedConnection, ms: u64) {
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(ms)
+            .arg("WRITE")
+            .query_async::<()>(admin)
+            .await
+            .expect("CLIENT PAUSE");
+    }
+
+    /// Lets writes through again (`CLIENT UNPAUSE`), sent on `admin`.
+    pub async fn unpause(admin: &mut redis::aio::MultiplexedConnection) {
+        redis::cmd("CLIENT")
+            .arg("UNPAUSE")
+            .query_async::<()>(admin)
+            .await
+            .expect("CLIENT UNPAUSE");
+    }
+
     /// The redis-server process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("redis is running").id()
