@@ -325,6 +325,7 @@ impl Metrics {
         {
             let mut registry = lock(&recorder.registry);
             let r = &mut *registry;
+            // Help texts without a final period: prometheus-client adds one.
             r.register(
                 "build",
                 "The server's version; always 1",
