@@ -5,8 +5,10 @@
 //!     cargo bench --bench cm_bench -- --quick      # seconds; CI runs it so the harness keeps working
 //!
 //! Options: --reps N (3), --seconds S per measurement (3), --bust-entries N (1000000),
-//! --footprint-seconds S (60), --only get50,get1,memo-hit,memo-miss,batch,h2load,bust,footprint
-//! (a comma-separated subset of the scenarios, for working on one). It starts its own redis-server and cache-money-server on
+//! --footprint-seconds S (60), --only get50,get1,memo-hit,memo-miss,batch,h2load,get50-metrics,
+//! bust,footprint (a comma-separated subset of the scenarios, for working on one).
+//! `get50-metrics` runs a second server with `--metrics-listen` beside the first and measures
+//! the 50-caller Get on each, interleaved: the cost of metrics. It starts its own redis-server and cache-money-server on
 //! loopback and stops them; every loop is bounded by time and count.
 
 #[path = "../tests/common/mod.rs"]
@@ -340,6 +342,37 @@ fn requests_for(rps: f64, duration: Duration) -> String {
         .to_string()
 }
 
+/// The 50-caller Get of the fixture through `clients`, and the CPU per request of the server
+/// (`server_pid`), Redis and the load generator meanwhile.
+async fn get50(
+    clients: &[RawClient],
+    duration: Duration,
+    server_pid: u32,
+    redis_pid: u32,
+) -> (Sample, [f64; 3]) {
+    let pool = clients.to_vec();
+    let started = Instant::now();
+    let before = CpuTicks::now(server_pid, redis_pid);
+    let request = fixture_request();
+    let measured = load(CONCURRENCY, duration, 1, move |caller, _| {
+        let (mut client, request) = (pool[caller % CONNECTIONS].clone(), request.clone());
+        async move {
+            get_fixture(&mut client, request).await;
+        }
+    })
+    .await;
+    let after = CpuTicks::now(server_pid, redis_pid);
+    let requests = measured.per_second * started.elapsed().as_secs_f64();
+    let [server_us, redis_us, generator_us, _] = after.per_request_us(&before, requests);
+    (measured, [server_us, redis_us, generator_us])
+}
+
+/// The number a metrics page gives the sample that starts `prefix` (name and labels).
+fn scraped(page: &str, prefix: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|line| line.strip_prefix(prefix)?.trim().parse().ok())
+}
+
 /// The load generator's stubs: the client library's, each over its own channel (connection).
 async fn channels(server: &CacheServer) -> Vec<RawClient> {
     let mut clients = Vec::new();
@@ -495,7 +528,24 @@ async fn main() {
             "Get hit, 64 B, ~50 streams from h2load",
             "redis-benchmark GET -c 50 -P 1",
         ),
+        Row::new(
+            "Get hit, 64 B, 50 callers, metrics on",
+            "the same, metrics off",
+        ),
     ];
+    // A second server in front of the same Redis, with metrics on, for get50-metrics.
+    let metered = if settings.wants("get50-metrics") {
+        let server = CacheServer::redis(
+            &redis,
+            &["--max-batch", "1000", "--metrics-listen", "127.0.0.1:0"],
+        );
+        let clients = channels(&server).await;
+        Some((server, clients))
+    } else {
+        None
+    };
+    // CPU µs per Get of the server, metrics [off, on], per repetition.
+    let mut metrics_cpu = Vec::new();
     // Calibrate redis-benchmark's request counts to the measurement time.
     let rps50 = redis_get(redis.port(), "50", "20000").per_second;
     let rps1 = redis_get(redis.port(), "1", "5000").per_second;
@@ -515,22 +565,25 @@ async fn main() {
                 after.per_request_us(&before, requests.parse().unwrap_or(1.0));
             reference_cpu.push([redis_us, benchmark_us]);
             rows[0].reference_samples.push(reference);
-            let pool = clients.clone();
-            let started = Instant::now();
-            let before = CpuTicks::now(server_pid, redis.pid());
-            let request = fixture_request();
-            let measured = load(CONCURRENCY, duration, 1, move |caller, _| {
-                let (mut client, request) = (pool[caller % CONNECTIONS].clone(), request.clone());
-                async move {
-                    get_fixture(&mut client, request).await;
-                }
-            })
-            .await;
-            let after = CpuTicks::now(server_pid, redis.pid());
-            let requests = measured.per_second * started.elapsed().as_secs_f64();
-            let [server_us, redis_us, generator_us, _] = after.per_request_us(&before, requests);
-            cm_cpu.push([server_us, redis_us, generator_us]);
+            let (measured, cpu) = get50(&clients, duration, server_pid, redis.pid()).await;
+            cm_cpu.push(cpu);
             rows[0].cm.push(measured);
+        }
+
+        if let Some((metered, metered_clients)) = &metered {
+            // Alternating which goes first, so drift on the shared machine favours neither.
+            let off = || get50(&clients, duration, server_pid, redis.pid());
+            let on = || get50(metered_clients, duration, metered.pid(), redis.pid());
+            let ((off, [off_us, ..]), (on, [on_us, ..])) = if rep % 2 == 0 {
+                let off = off().await;
+                (off, on().await)
+            } else {
+                let on = on().await;
+                (off().await, on)
+            };
+            rows[6].reference_samples.push(off);
+            rows[6].cm.push(on);
+            metrics_cpu.push([off_us, on_us]);
         }
 
         if h2load && settings.wants("h2load") {
@@ -688,6 +741,18 @@ async fn main() {
             column(&cm_cpu, 2),
             reference(0),
             reference(1),
+        );
+    }
+    if let Some((metered, _)) = &metered {
+        let page = common::http_get(metered.metrics_addr(), "/metrics", &[]).body;
+        let counted = scraped(&page, "cache_money_rpcs_total{method=\"Get\",code=\"OK\"} ")
+            .expect("the metered server counted its Gets");
+        let off = median(metrics_cpu.iter().map(|cpu| cpu[0]).collect());
+        let on = median(metrics_cpu.iter().map(|cpu| cpu[1]).collect());
+        let _ = writeln!(
+            report,
+            "\nCPU per Get at 50 callers, metrics off / on (medians): cache-money-server {off:.1} µs / {on:.1} µs ({:+.1} %); the metered server counted {counted} Gets",
+            (on / off - 1.0) * 100.0
         );
     }
     if !h2load {

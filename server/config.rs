@@ -47,6 +47,13 @@ pub const DEFAULT_WORKER_THREADS: usize = 1;
 pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 500;
 /// How long in-flight RPCs may run after a shutdown signal before the server exits anyway.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// Namespaces that get metric series of their own; lookups in any later one are counted under
+/// `other`, so a caller inventing namespaces cannot grow the metrics without bound.
+pub const DEFAULT_METRICS_MAX_NAMESPACES: usize = 100;
+/// How long one connection to the metrics listener may stay open, slow client or not: twice
+/// a scrape's usual budget (Prometheus's default `scrape_timeout` is 10 s, a scrape takes
+/// milliseconds).
+pub const DEFAULT_METRICS_TIMEOUT_MS: u64 = 20_000;
 
 /// How log lines are written to standard error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -164,6 +171,21 @@ pub struct Config {
     #[arg(long, env = "CACHE_MONEY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
 
+    /// Address to serve Prometheus metrics on (GET /metrics), e.g. 127.0.0.1:9464. Absent: no
+    /// metrics. It asks for no token: listen only where your scrapers, not your callers, reach
+    /// (SECURITY.md). Port 0 picks a free port (logged at start-up).
+    #[arg(long, env = "CACHE_MONEY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Namespaces that get metric series of their own; lookups in later ones are counted
+    /// under namespace "other".
+    #[arg(long, env = "CACHE_MONEY_METRICS_MAX_NAMESPACES", default_value_t = DEFAULT_METRICS_MAX_NAMESPACES)]
+    pub metrics_max_namespaces: usize,
+
+    /// Milliseconds one connection to the metrics listener may stay open.
+    #[arg(long, env = "CACHE_MONEY_METRICS_TIMEOUT_MS", default_value_t = DEFAULT_METRICS_TIMEOUT_MS)]
+    pub metrics_timeout_ms: u64,
+
     /// Log line format. Verbosity comes from RUST_LOG (default: info).
     #[arg(long, env = "CACHE_MONEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -187,6 +209,7 @@ impl Config {
             ("--bust-batch", self.bust_batch as u64),
             ("--health-interval-ms", self.health_interval_ms),
             ("--worker-threads", self.worker_threads as u64),
+            ("--metrics-timeout-ms", self.metrics_timeout_ms),
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(format!("{flag}: must be at least 1"));
@@ -308,6 +331,11 @@ impl Config {
     /// Time in-flight RPCs get after a shutdown signal.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    /// Time one metrics connection may stay open.
+    pub fn metrics_timeout(&self) -> Duration {
+        Duration::from_millis(self.metrics_timeout_ms)
     }
 }
 

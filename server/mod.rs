@@ -7,11 +7,16 @@
 //! - [`store`]: the [`Store`] trait and its Redis and in-memory implementations.
 //! - [`key`]: the Redis key layout and the exact SCAN patterns of each bust scope.
 //! - [`auth`]: bearer tokens and per-namespace grants.
+//! - [`observe`]: each RPC's span, request id and RPC metrics, around the cache service.
+//! - [`metrics`]: the Prometheus registry, the handle everything records through, and the
+//!   `/metrics` listener.
 //! - [`shutdown`]: SIGTERM / Ctrl-C handling.
 
 pub mod auth;
 pub mod config;
 pub mod key;
+pub mod metrics;
+pub mod observe;
 pub mod service;
 pub mod shutdown;
 pub mod store;
@@ -19,6 +24,7 @@ pub mod store;
 use std::{
     fmt,
     future::{Future, pending},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering::Relaxed},
@@ -35,6 +41,8 @@ use tracing::{info, warn};
 
 use self::auth::Auth;
 use self::config::{Config, LogFormat, redacted_url};
+use self::metrics::Metrics;
+use self::observe::Observed;
 use self::service::{CacheService, Limits};
 use self::store::{MemoryStore, RedisStore, Store, StoreError, redis::RedisSettings};
 use crate::pb::{self, cache_money_server::CacheMoneyServer};
@@ -51,6 +59,8 @@ pub enum ServeError {
     Store(StoreError),
     /// The listener failed.
     Io(std::io::Error),
+    /// The metrics listener could not bind its address.
+    MetricsListen(SocketAddr, std::io::Error),
     /// Reflection could not load the descriptors (a build problem).
     Reflection(String),
     /// The gRPC transport failed.
@@ -63,6 +73,9 @@ impl fmt::Display for ServeError {
             ServeError::Config(message) => write!(f, "configuration: {message}"),
             ServeError::Store(err) => write!(f, "store: {err}"),
             ServeError::Io(err) => write!(f, "listener: {err}"),
+            ServeError::MetricsListen(addr, err) => {
+                write!(f, "cannot listen on {addr} (--metrics-listen): {err}")
+            }
             ServeError::Reflection(message) => write!(f, "reflection: {message}"),
             ServeError::Transport(err) => write!(f, "transport: {err}"),
         }
@@ -73,7 +86,7 @@ impl std::error::Error for ServeError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ServeError::Store(err) => Some(err),
-            ServeError::Io(err) => Some(err),
+            ServeError::Io(err) | ServeError::MetricsListen(_, err) => Some(err),
             ServeError::Transport(err) => Some(err),
             ServeError::Config(_) | ServeError::Reflection(_) => None,
         }
@@ -109,6 +122,9 @@ pub async fn run(
     // Read before anything starts, so a bad token file stops start-up.
     let auth = config.load_auth().map_err(ServeError::Config)?;
     let tls = config.load_tls().map_err(ServeError::Config)?;
+    let telemetry = Telemetry::bind(&config).await?;
+    let metrics = telemetry.metrics.clone();
+    let security = Security { auth, tls };
     match &config.redis_url {
         Some(url) => {
             let store = RedisStore::new(&RedisSettings {
@@ -129,12 +145,13 @@ pub async fn run(
                     })?),
                 },
             })
-            .map_err(ServeError::Store)?;
-            serve(store, config, Security { auth, tls }, listener, shutdown).await
+            .map_err(ServeError::Store)?
+            .with_metrics(metrics);
+            serve(store, config, security, telemetry, listener, shutdown).await
         }
         None => {
-            let store = MemoryStore::new(config.memory_max_bytes);
-            serve(store, config, Security { auth, tls }, listener, shutdown).await
+            let store = MemoryStore::new(config.memory_max_bytes).with_metrics(metrics);
+            serve(store, config, security, telemetry, listener, shutdown).await
         }
     }
 }
@@ -145,14 +162,47 @@ struct Security {
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
+/// The metrics and their listener: both off without `--metrics-listen`.
+struct Telemetry {
+    metrics: Metrics,
+    listener: Option<TcpListener>,
+}
+
+impl Telemetry {
+    /// Binds `--metrics-listen` when set, so a taken port stops start-up.
+    async fn bind(config: &Config) -> Result<Self, ServeError> {
+        let Some(addr) = config.metrics_listen else {
+            return Ok(Telemetry {
+                metrics: Metrics::disabled(),
+                listener: None,
+            });
+        };
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|err| ServeError::MetricsListen(addr, err))?;
+        Ok(Telemetry {
+            metrics: Metrics::new(config.metrics_max_namespaces),
+            listener: Some(listener),
+        })
+    }
+}
+
 async fn serve<S: Store>(
     store: S,
     config: Config,
     Security { auth, tls }: Security,
+    Telemetry {
+        metrics,
+        listener: metrics_listener,
+    }: Telemetry,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let local_addr = listener.local_addr().map_err(ServeError::Io)?;
+    let metrics_addr = match &metrics_listener {
+        Some(listener) => Some(listener.local_addr().map_err(ServeError::Io)?),
+        None => None,
+    };
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let store_up = Arc::new(AtomicBool::new(false));
     // The first probe runs before serving, so health is right from the first request.
@@ -170,21 +220,31 @@ async fn serve<S: Store>(
         max_batch: config.max_batch,
         max_response_bytes: config.max_response_bytes,
     };
-    let service = CacheService::new(store.clone(), limits, store_up.clone(), auth.is_some());
+    metrics.watch_store(store.clone(), store_up.clone());
+    let service = CacheService::new(
+        store.clone(),
+        limits,
+        store_up.clone(),
+        auth.is_some(),
+        metrics.clone(),
+    );
     let tokens = auth.as_ref().map_or(0, Auth::len);
     // Only the cache service is behind authentication: health and reflection stay open for
     // probes and operators.
     let mut authenticate = auth.map(Auth::interceptor);
-    let cache = InterceptedService::new(
-        NameTheMessageLimit {
-            inner: CacheMoneyServer::new(service)
-                .max_decoding_message_size(config.max_message_bytes),
-            max_message_bytes: config.max_message_bytes,
-        },
-        move |request| match authenticate.as_mut() {
-            Some(authenticate) => authenticate(request),
-            None => Ok(request),
-        },
+    let cache = Observed::new(
+        InterceptedService::new(
+            NameTheMessageLimit {
+                inner: CacheMoneyServer::new(service)
+                    .max_decoding_message_size(config.max_message_bytes),
+                max_message_bytes: config.max_message_bytes,
+            },
+            move |request| match authenticate.as_mut() {
+                Some(authenticate) => authenticate(request),
+                None => Ok(request),
+            },
+        ),
+        metrics.clone(),
     );
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -223,8 +283,18 @@ async fn serve<S: Store>(
         tls = tls.is_some(),
         tls_client_certificates = config.tls_client_ca.is_some(),
         reflection = config.reflection,
+        metrics_listen = metrics_addr.map(|addr| addr.to_string()).unwrap_or_default(),
+        metrics_max_namespaces = config.metrics_max_namespaces,
+        metrics_timeout_ms = config.metrics_timeout_ms,
         "cache-money serving"
     );
+    let metrics_server = metrics_listener.map(|listener| {
+        tokio::spawn(metrics::http::serve(
+            listener,
+            metrics,
+            config.metrics_timeout(),
+        ))
+    });
 
     let (signalled_tx, signalled_rx) = oneshot::channel();
     let stop_reporter = reporter.clone();
@@ -264,6 +334,9 @@ async fn serve<S: Store>(
         }
     };
     monitor.abort();
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     info!("cache-money stopped");
     result
 }

@@ -10,12 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::key::{EntryKey, FunctionKey, KeyError, check_name};
 use crate::pb::{self, cache_money_server::CacheMoney};
 use crate::server::auth::{Access, authorize};
+use crate::server::metrics::{Lookup, Metrics};
+use crate::server::observe::{Outcome, record_namespace, record_namespaces, request_id};
 use crate::server::store::{NewEntry, Scope, Store, StoreError};
 
 /// Default page size of `Keys`.
@@ -60,6 +63,7 @@ pub struct CacheService<S> {
     store_up: Arc<AtomicBool>,
     /// Whether requests carry a grant to check (the auth interceptor runs in front).
     auth_enabled: bool,
+    metrics: Metrics,
 }
 
 impl From<StoreError> for Status {
@@ -88,8 +92,15 @@ fn entry_key(key: Option<pb::Key>) -> Result<EntryKey, KeyError> {
 impl<S: Store> CacheService<S> {
     /// A service over `store`. `store_up` is the health monitor's latest verdict, reported by
     /// `Stats`. With `auth_enabled`, every request must carry the grant the auth interceptor
-    /// attaches, and each RPC checks it against the namespaces it touches.
-    pub fn new(store: S, limits: Limits, store_up: Arc<AtomicBool>, auth_enabled: bool) -> Self {
+    /// attaches, and each RPC checks it against the namespaces it touches. Lookups, writes,
+    /// busts and store failures are recorded into `metrics` as well as counted for `Stats`.
+    pub fn new(
+        store: S,
+        limits: Limits,
+        store_up: Arc<AtomicBool>,
+        auth_enabled: bool,
+        metrics: Metrics,
+    ) -> Self {
         CacheService {
             store,
             limits,
@@ -104,17 +115,21 @@ impl<S: Store> CacheService<S> {
             }),
             store_up,
             auth_enabled,
+            metrics,
         }
     }
 
-    fn allow(&self, grant: &tonic::Extensions, access: Access<'_>) -> Result<(), Status> {
-        authorize(grant, self.auth_enabled, access)
+    /// Checks the grant in a request's `context` (its extensions) against `access`.
+    fn allow(&self, context: &tonic::Extensions, access: Access<'_>) -> Result<(), Status> {
+        authorize(context, self.auth_enabled, access)
     }
 
-    /// Counts and logs a store failure, then turns it into a status.
-    fn failed(&self, rpc: &'static str, err: StoreError) -> Status {
+    /// Counts and logs a store failure, naming the request id from the request's `context`,
+    /// then turns it into a status.
+    fn failed(&self, rpc: &'static str, context: &tonic::Extensions, err: StoreError) -> Status {
         self.counters.errors.fetch_add(1, Relaxed);
-        warn!(rpc, cause = %err, "store operation failed");
+        self.metrics.store_failed(&err);
+        warn!(rpc, request_id = request_id(context), cause = %err, "store operation failed");
         err.into()
     }
 
@@ -166,27 +181,40 @@ impl<S: Store> CacheService<S> {
         ))
     }
 
-    fn record_lookup(&self, hit: bool) {
-        let counter = if hit {
-            &self.counters.hits
-        } else {
-            &self.counters.misses
-        };
-        counter.fetch_add(1, Relaxed);
+    /// Counts the lookups of `keys`, for `Stats` and the metrics, given the values found.
+    fn record_lookups(&self, keys: &[EntryKey], values: &[Option<Bytes>]) {
+        let hits = values.iter().filter(|value| value.is_some()).count() as u64;
+        self.counters.hits.fetch_add(hits, Relaxed);
+        self.counters
+            .misses
+            .fetch_add(values.len() as u64 - hits, Relaxed);
+        self.metrics
+            .lookups(keys.iter().zip(values).map(|(key, value)| match value {
+                Some(value) => (key.namespace(), Lookup::Hit, value.len()),
+                None => (key.namespace(), Lookup::Miss, 0),
+            }));
+    }
+
+    /// Counts the lookups of `keys` that failed with the store.
+    fn lookups_failed(&self, keys: &[EntryKey]) {
+        self.metrics
+            .lookups(keys.iter().map(|key| (key.namespace(), Lookup::Error, 0)));
     }
 
     async fn bust_scope(
         &self,
         rpc: &'static str,
+        context: &tonic::Extensions,
         scope: Scope<'_>,
     ) -> Result<Response<pb::BustResponse>, Status> {
         let removed = self
             .store
             .bust(scope)
             .await
-            .map_err(|err| self.failed(rpc, err))?;
+            .map_err(|err| self.failed(rpc, context, err))?;
         self.counters.busts.fetch_add(1, Relaxed);
         self.counters.busted_entries.fetch_add(removed, Relaxed);
+        self.metrics.bust(scope.name(), removed);
         Ok(Response::new(pb::BustResponse { removed }))
     }
 }
@@ -204,30 +232,36 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let key = entry_key(request.key).map_err(|err| invalid(err.nested("key")))?;
-        self.allow(&grant, Access::Read(key.namespace()))?;
-        let value = self
-            .store
-            .get(&key)
-            .await
-            .map_err(|err| self.failed("Get", err))?;
-        self.record_lookup(value.is_some());
-        Ok(Response::new(lookup(value)))
+        record_namespace(key.namespace());
+        self.allow(&context, Access::Read(key.namespace()))?;
+        let value = self.store.get(&key).await.map_err(|err| {
+            self.lookups_failed(std::slice::from_ref(&key));
+            self.failed("Get", &context, err)
+        })?;
+        self.record_lookups(std::slice::from_ref(&key), std::slice::from_ref(&value));
+        let outcome = Outcome(if value.is_some() { "hit" } else { "miss" });
+        let mut response = Response::new(lookup(value));
+        response.extensions_mut().insert(outcome);
+        Ok(response)
     }
 
     async fn put(
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let entry = self.new_entry(request, "")?;
-        self.allow(&grant, Access::Write(entry.key.namespace()))?;
+        record_namespace(entry.key.namespace());
+        self.allow(&context, Access::Write(entry.key.namespace()))?;
         self.store
-            .put(entry)
+            .put(&entry)
             .await
-            .map_err(|err| self.failed("Put", err))?;
+            .map_err(|err| self.failed("Put", &context, err))?;
         self.counters.puts.fetch_add(1, Relaxed);
+        self.metrics
+            .written([(entry.key.namespace(), entry.value.len())]);
         Ok(Response::new(pb::PutResponse {}))
     }
 
@@ -235,20 +269,22 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::BustRequest>,
     ) -> Result<Response<pb::BustResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let key = entry_key(request.key).map_err(|err| invalid(err.nested("key")))?;
-        self.allow(&grant, Access::Write(key.namespace()))?;
-        self.bust_scope("Bust", Scope::Entry(&key)).await
+        record_namespace(key.namespace());
+        self.allow(&context, Access::Write(key.namespace()))?;
+        self.bust_scope("Bust", &context, Scope::Entry(&key)).await
     }
 
     async fn bust_function(
         &self,
         request: Request<pb::BustFunctionRequest>,
     ) -> Result<Response<pb::BustResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let function = FunctionKey::new(request.namespace, request.function).map_err(invalid)?;
-        self.allow(&grant, Access::Write(function.namespace()))?;
-        self.bust_scope("BustFunction", Scope::Function(&function))
+        record_namespace(function.namespace());
+        self.allow(&context, Access::Write(function.namespace()))?;
+        self.bust_scope("BustFunction", &context, Scope::Function(&function))
             .await
     }
 
@@ -256,11 +292,12 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::BustNamespaceRequest>,
     ) -> Result<Response<pb::BustResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let namespace = request.namespace;
         check_name("namespace", &namespace).map_err(invalid)?;
-        self.allow(&grant, Access::Admin)?;
-        self.bust_scope("BustNamespace", Scope::Namespace(&namespace))
+        record_namespace(&namespace);
+        self.allow(&context, Access::Admin)?;
+        self.bust_scope("BustNamespace", &context, Scope::Namespace(&namespace))
             .await
     }
 
@@ -269,14 +306,15 @@ impl<S: Store> CacheMoney for CacheService<S> {
         request: Request<pb::BustAllRequest>,
     ) -> Result<Response<pb::BustResponse>, Status> {
         self.allow(request.extensions(), Access::Admin)?;
-        self.bust_scope("BustAll", Scope::All).await
+        self.bust_scope("BustAll", request.extensions(), Scope::All)
+            .await
     }
 
     async fn get_many(
         &self,
         request: Request<pb::GetManyRequest>,
     ) -> Result<Response<pb::GetManyResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let keys = request.keys;
         self.check_batch("keys", keys.len())?;
         let keys = keys
@@ -287,8 +325,9 @@ impl<S: Store> CacheMoney for CacheService<S> {
                     .map_err(|err| invalid(err.within("keys", i)))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        record_namespaces(keys.iter().map(EntryKey::namespace));
         for key in &keys {
-            self.allow(&grant, Access::Read(key.namespace()))?;
+            self.allow(&context, Access::Read(key.namespace()))?;
         }
         // A batch whose values could exceed the response bound is measured first (one round
         // trip of lengths), so it is refused before its values are loaded into memory.
@@ -296,31 +335,27 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .len()
             .saturating_mul(self.limits.max_value_bytes.saturating_add(RESULT_OVERHEAD));
         if worst > self.limits.max_response_bytes {
-            let present = self
-                .store
-                .value_bytes(&keys)
-                .await
-                .map_err(|err| self.failed("GetMany", err))?;
+            let present = self.store.value_bytes(&keys).await.map_err(|err| {
+                self.lookups_failed(&keys);
+                self.failed("GetMany", &context, err)
+            })?;
             if present > self.limits.max_response_bytes as u64 {
                 return Err(self.response_too_large(present));
             }
         }
-        let values = self
-            .store
-            .get_many(&keys)
-            .await
-            .map_err(|err| self.failed("GetMany", err))?;
+        let values = self.store.get_many(&keys).await.map_err(|err| {
+            self.lookups_failed(&keys);
+            self.failed("GetMany", &context, err)
+        })?;
         let response = pb::GetManyResponse {
-            results: values.into_iter().map(lookup).collect(),
+            results: values.iter().cloned().map(lookup).collect(),
         };
         // Values may have grown since they were measured; the bound holds all the same.
         let size = prost::Message::encoded_len(&response);
         if size > self.limits.max_response_bytes {
             return Err(self.response_too_large(size as u64));
         }
-        for result in &response.results {
-            self.record_lookup(result.hit);
-        }
+        self.record_lookups(&keys, &values);
         Ok(Response::new(response))
     }
 
@@ -328,7 +363,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::PutManyRequest>,
     ) -> Result<Response<pb::PutManyResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let entries = request.entries;
         self.check_batch("entries", entries.len())?;
         let entries = entries
@@ -336,15 +371,21 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .enumerate()
             .map(|(i, entry)| self.new_entry(entry, &format!("entries[{i}].")))
             .collect::<Result<Vec<_>, _>>()?;
+        record_namespaces(entries.iter().map(|entry| entry.key.namespace()));
         for entry in &entries {
-            self.allow(&grant, Access::Write(entry.key.namespace()))?;
+            self.allow(&context, Access::Write(entry.key.namespace()))?;
         }
         let stored = entries.len() as u64;
         self.store
-            .put_many(entries)
+            .put_many(&entries)
             .await
-            .map_err(|err| self.failed("PutMany", err))?;
+            .map_err(|err| self.failed("PutMany", &context, err))?;
         self.counters.puts.fetch_add(stored, Relaxed);
+        self.metrics.written(
+            entries
+                .iter()
+                .map(|entry| (entry.key.namespace(), entry.value.len())),
+        );
         Ok(Response::new(pb::PutManyResponse { stored }))
     }
 
@@ -352,9 +393,10 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::KeysRequest>,
     ) -> Result<Response<pb::KeysResponse>, Status> {
-        let (_, grant, request) = request.into_parts();
+        let (_, context, request) = request.into_parts();
         let function = FunctionKey::new(request.namespace, request.function).map_err(invalid)?;
-        self.allow(&grant, Access::Admin)?;
+        record_namespace(function.namespace());
+        self.allow(&context, Access::Admin)?;
         let limit = match request.limit as usize {
             0 => DEFAULT_KEYS_LIMIT,
             limit if limit <= MAX_KEYS_LIMIT => limit,
@@ -370,7 +412,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .await
             .map_err(|err| match err {
                 StoreError::InvalidCursor(_) => Status::from(err),
-                err => self.failed("Keys", err),
+                err => self.failed("Keys", &context, err),
             })?;
         let entries = page
             .entries

@@ -9,23 +9,11 @@ use std::{path::PathBuf, process::Command};
 use cache_money::{Client, Ttl};
 use common::CacheServer;
 
-fn python() -> PathBuf {
-    let python = std::env::var_os("CACHE_MONEY_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
-    assert!(
-        python.exists(),
-        "no Python with grpcio at {}: run scripts/test, which creates .venv",
-        python.display()
-    );
-    python
-}
-
 /// The Python example reads a Rust-stored entry and stores one Rust reads, with the same keys.
 #[tokio::test]
 async fn python_and_rust_share_entries() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let python = python();
+    let python = common::venv_python();
     let stubs = std::env::temp_dir().join(format!("cache-money-py-{}", std::process::id()));
     std::fs::create_dir_all(&stubs).unwrap();
     let generated = Command::new(&python)
@@ -117,7 +105,7 @@ fn readme_python_commands_work_as_written() {
     let clone = std::env::temp_dir().join(format!("cache-money-readme-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&clone);
     std::fs::create_dir_all(clone.join("examples")).unwrap();
-    let python = python();
+    let python = common::venv_python();
     let venv = python
         .parent()
         .and_then(|bin| bin.parent())

@@ -541,11 +541,7 @@ async fn health_probes_need_no_in_flight_permit() {
     let mut cm = server.client().await;
     assert_eq!(health(&server).await, ServingStatus::Serving as i32);
     let mut admin = admin_connection(&redis).await;
-    redis::cmd("CLIENT")
-        .arg(&["PAUSE", "10000", "WRITE"][..])
-        .query_async::<()>(&mut admin)
-        .await
-        .unwrap();
+    RedisServer::pause_writes(&mut admin, 10_000).await;
     // A write blocked in Redis holds the only permit. (Before probes ran outside the limit, a
     // probe could hold it at that instant and the write was refused; then try again.)
     let mut held = None;
@@ -586,11 +582,7 @@ async fn health_probes_need_no_in_flight_permit() {
     );
     assert_eq!(health(&server).await, ServingStatus::Serving as i32);
     assert!(!held.is_finished(), "the write stopped holding the permit");
-    redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async::<()>(&mut admin)
-        .await
-        .unwrap();
+    RedisServer::unpause(&mut admin).await;
     held.await.unwrap().expect("the paused write completes");
     assert!(get(&mut cm, key("ns", "f", 1)).await.is_some());
 }

@@ -100,6 +100,7 @@ impl Drop for SettingFiles {
 fn every_setting(files: &SettingFiles) -> Vec<(&'static str, String, String)> {
     let port = common::free_port();
     let redis_port = common::free_port();
+    let metrics_port = common::free_port();
     let cert = files.path("cert.pem");
     let number = |flag: &'static str, value: u64| {
         let field = flag.replace('-', "_");
@@ -154,6 +155,13 @@ fn every_setting(files: &SettingFiles) -> Vec<(&'static str, String, String)> {
             "\"tls_client_certificates\":true".into(),
         ),
         ("reflection", "false".into(), "\"reflection\":false".into()),
+        (
+            "metrics-listen",
+            format!("127.0.0.1:{metrics_port}"),
+            format!("\"metrics_listen\":\"127.0.0.1:{metrics_port}\""),
+        ),
+        number("metrics-max-namespaces", 7),
+        number("metrics-timeout-ms", 20_001),
         // A JSON start-up line is the proof.
         (
             "log-format",
@@ -215,7 +223,7 @@ fn every_setting_is_read_from_flag_and_from_environment_variable() {
 /// Settings that cannot work stop start-up with a message naming the flag.
 #[test]
 fn bad_configuration_is_refused_clearly() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--key-prefix", "cache"],
             "--key-prefix: must end with a character outside [A-Za-z0-9_.-] such as ':', so entries cannot be confused with other keys; got \"cache\"",
@@ -229,6 +237,10 @@ fn bad_configuration_is_refused_clearly() {
             "--max-response-bytes: must be at least --max-value-bytes + 4096",
         ),
         (&["--pool-size", "0"], "--pool-size: must be at least 1"),
+        (
+            &["--metrics-timeout-ms", "0"],
+            "--metrics-timeout-ms: must be at least 1",
+        ),
         (
             &["--max-value-bytes", "9000000"],
             "--max-message-bytes: must be at least",
@@ -250,19 +262,26 @@ fn bad_configuration_is_refused_clearly() {
     }
 }
 
-/// A port already in use is reported as such, with the flag to change.
+/// A port already in use, for gRPC or for metrics, is reported as such, with the flag to
+/// change.
 #[test]
 fn taken_port_is_reported() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let output = server()
-        .args(["--listen", &addr])
-        .output()
-        .expect("run server");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains(&format!("cannot listen on {addr} (--listen)")),
-        "{stderr}"
-    );
+    let (busy, free) = (addr.as_str(), "127.0.0.1:0");
+    for (flag, args) in [
+        ("--listen", ["--listen", busy, "--metrics-listen", free]),
+        (
+            "--metrics-listen",
+            ["--listen", free, "--metrics-listen", busy],
+        ),
+    ] {
+        let output = server().args(args).output().expect("run server");
+        assert!(!output.status.success(), "{flag}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("cannot listen on {addr} ({flag})")),
+            "{flag}: {stderr}"
+        );
+    }
 }

@@ -11,9 +11,10 @@ use std::{
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{KeyInfo, KeysPage, NewEntry, Scope, Store, StoreError};
+use super::{KeyInfo, KeysPage, MemoryState, NewEntry, Scope, Store, StoreError, StoreState};
 use crate::key::{EntryKey, FunctionKey, check_digest};
 use crate::lock;
+use crate::server::metrics::Metrics;
 
 /// How often expired entries are swept out. Reads never see them either way; this only bounds
 /// how long their memory stays counted.
@@ -33,6 +34,7 @@ const ENTRY_OVERHEAD: usize = 96;
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     shared: Arc<Mutex<State>>,
+    metrics: Metrics,
 }
 
 #[derive(Debug)]
@@ -158,13 +160,29 @@ impl MemoryStore {
             max_bytes,
         }));
         tokio::spawn(purge_expired(Arc::downgrade(&shared)));
-        MemoryStore { shared }
+        MemoryStore {
+            shared,
+            metrics: Metrics::disabled(),
+        }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    /// The same store, timing its commands into `metrics`.
+    pub fn with_metrics(self, metrics: Metrics) -> Self {
+        MemoryStore { metrics, ..self }
+    }
+
+    fn locked(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves the maps consistent (every mutation is
         // completed before anything that can panic), so a poisoned lock is still usable.
         lock(&self.shared)
+    }
+
+    /// Runs `work` on the entries at one instant, timed as `command`.
+    fn timed<T>(&self, command: &'static str, work: impl FnOnce(&mut State, Instant) -> T) -> T {
+        let started = self.metrics.start();
+        let result = work(&mut self.locked(), Instant::now());
+        self.metrics.store_command(command, started);
+        result
     }
 }
 
@@ -185,56 +203,53 @@ impl Store for MemoryStore {
     }
 
     async fn get(&self, key: &EntryKey) -> Result<Option<Bytes>, StoreError> {
-        let now = Instant::now();
-        Ok(self
-            .state()
-            .live(&map_key(key), now)
-            .map(|entry| entry.value.clone()))
+        Ok(self.timed("get", |state, now| {
+            state
+                .live(&map_key(key), now)
+                .map(|entry| entry.value.clone())
+        }))
     }
 
     async fn get_many(&self, keys: &[EntryKey]) -> Result<Vec<Option<Bytes>>, StoreError> {
-        let now = Instant::now();
-        let state = self.state();
-        Ok(keys
-            .iter()
-            .map(|key| {
-                state
-                    .live(&map_key(key), now)
-                    .map(|entry| entry.value.clone())
-            })
-            .collect())
+        Ok(self.timed("get_many", |state, now| {
+            keys.iter()
+                .map(|key| {
+                    state
+                        .live(&map_key(key), now)
+                        .map(|entry| entry.value.clone())
+                })
+                .collect()
+        }))
     }
 
     async fn value_bytes(&self, keys: &[EntryKey]) -> Result<u64, StoreError> {
-        let now = Instant::now();
-        let state = self.state();
-        Ok(keys
-            .iter()
-            .filter_map(|key| state.live(&map_key(key), now))
-            .map(|entry| entry.value.len() as u64)
-            .sum())
+        Ok(self.timed("value_bytes", |state, now| {
+            keys.iter()
+                .filter_map(|key| state.live(&map_key(key), now))
+                .map(|entry| entry.value.len() as u64)
+                .sum()
+        }))
     }
 
-    async fn put(&self, entry: NewEntry) -> Result<(), StoreError> {
+    async fn put(&self, entry: &NewEntry) -> Result<(), StoreError> {
         let key = map_key(&entry.key);
-        self.state()
-            .insert(key, &entry.value, entry.ttl, Instant::now());
+        self.timed("put", |state, now| {
+            state.insert(key, &entry.value, entry.ttl, now)
+        });
         Ok(())
     }
 
-    async fn put_many(&self, entries: Vec<NewEntry>) -> Result<(), StoreError> {
-        let now = Instant::now();
-        let mut state = self.state();
-        for entry in entries {
-            state.insert(map_key(&entry.key), &entry.value, entry.ttl, now);
-        }
+    async fn put_many(&self, entries: &[NewEntry]) -> Result<(), StoreError> {
+        self.timed("put_many", |state, now| {
+            for entry in entries {
+                state.insert(map_key(&entry.key), &entry.value, entry.ttl, now);
+            }
+        });
         Ok(())
     }
 
     async fn bust(&self, scope: Scope<'_>) -> Result<u64, StoreError> {
-        let now = Instant::now();
-        let mut state = self.state();
-        Ok(match scope {
+        Ok(self.timed("bust", |state, now| match scope {
             Scope::Entry(key) => {
                 let key = map_key(key);
                 let live = state.live(&key, now).is_some();
@@ -244,7 +259,7 @@ impl Store for MemoryStore {
             Scope::Function(function) => state.remove_prefixed(&function_prefix(function), now),
             Scope::Namespace(namespace) => state.remove_prefixed(&format!("{namespace}:"), now),
             Scope::All => state.remove_prefixed("", now),
-        })
+        }))
     }
 
     async fn keys(
@@ -264,30 +279,42 @@ impl Store for MemoryStore {
         } else {
             Bound::Excluded(start.as_str())
         };
-        let now = Instant::now();
-        let state = self.state();
-        let mut live = state
-            .entries
-            .range::<str, _>((lower, Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(&prefix))
-            .filter(|(_, entry)| entry.expires_at > now)
-            .map(|(key, entry)| KeyInfo {
-                digest: key[prefix.len()..].to_owned(),
-                ttl: entry.expires_at - now,
-            });
-        let entries: Vec<KeyInfo> = live.by_ref().take(limit).collect();
-        let next_cursor = match (live.next(), entries.last()) {
-            (Some(_), Some(last)) => last.digest.clone(),
-            _ => String::new(),
-        };
-        Ok(KeysPage {
-            entries,
-            next_cursor,
+        self.timed("keys", |state, now| {
+            let mut live = state
+                .entries
+                .range::<str, _>((lower, Bound::Unbounded))
+                .take_while(|(key, _)| key.starts_with(&prefix))
+                .filter(|(_, entry)| entry.expires_at > now)
+                .map(|(key, entry)| KeyInfo {
+                    digest: key[prefix.len()..].to_owned(),
+                    ttl: entry.expires_at - now,
+                });
+            let entries: Vec<KeyInfo> = live.by_ref().take(limit).collect();
+            let next_cursor = match (live.next(), entries.last()) {
+                (Some(_), Some(last)) => last.digest.clone(),
+                _ => String::new(),
+            };
+            Ok(KeysPage {
+                entries,
+                next_cursor,
+            })
         })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn state(&self) -> StoreState {
+        let state = self.locked();
+        StoreState {
+            in_flight: 0,
+            pool: None,
+            memory: Some(MemoryState {
+                entries: state.entries.len() as u64,
+                bytes: state.bytes as u64,
+            }),
+        }
     }
 }
 
@@ -313,15 +340,15 @@ mod tests {
         let one = charge(&key("f", 0).to_string(), &Bytes::from_static(b"v"));
         let store = MemoryStore::new(one * 2);
         store
-            .put(entry("f", 0, b"v", Duration::from_secs(10)))
+            .put(&entry("f", 0, b"v", Duration::from_secs(10)))
             .await
             .unwrap();
         store
-            .put(entry("f", 1, b"v", Duration::from_secs(5)))
+            .put(&entry("f", 1, b"v", Duration::from_secs(5)))
             .await
             .unwrap();
         store
-            .put(entry("f", 2, b"v", Duration::from_secs(20)))
+            .put(&entry("f", 2, b"v", Duration::from_secs(20)))
             .await
             .unwrap();
         assert!(
@@ -330,7 +357,7 @@ mod tests {
         );
         assert!(store.get(&key("f", 0)).await.unwrap().is_some());
         assert!(store.get(&key("f", 2)).await.unwrap().is_some());
-        assert_eq!(store.state().bytes, one * 2);
+        assert_eq!(store.locked().bytes, one * 2);
     }
 
     /// Overwriting an entry replaces its charge and expiry instead of adding to them.
@@ -338,14 +365,14 @@ mod tests {
     async fn overwrite_keeps_accounting_exact() {
         let store = MemoryStore::new(1 << 20);
         store
-            .put(entry("f", 0, b"first", Duration::from_secs(1)))
+            .put(&entry("f", 0, b"first", Duration::from_secs(1)))
             .await
             .unwrap();
         store
-            .put(entry("f", 0, b"second", Duration::from_secs(60)))
+            .put(&entry("f", 0, b"second", Duration::from_secs(60)))
             .await
             .unwrap();
-        let state = store.state();
+        let state = store.locked();
         assert_eq!(state.entries.len(), 1);
         assert_eq!(state.expirations.len(), 1);
         assert_eq!(
@@ -359,14 +386,14 @@ mod tests {
     async fn expired_entries_are_swept() {
         let store = MemoryStore::new(1 << 20);
         store
-            .put(entry("f", 0, b"v", Duration::from_secs(1)))
+            .put(&entry("f", 0, b"v", Duration::from_secs(1)))
             .await
             .unwrap();
         tokio::time::advance(Duration::from_millis(1001)).await;
         assert!(store.get(&key("f", 0)).await.unwrap().is_none());
         tokio::time::sleep(PURGE_INTERVAL * 2).await;
-        assert_eq!(store.state().entries.len(), 0);
-        assert_eq!(store.state().bytes, 0);
+        assert_eq!(store.locked().entries.len(), 0);
+        assert_eq!(store.locked().bytes, 0);
     }
 
     /// Paging with a cursor visits every entry of a function once, and no other function's.
@@ -375,11 +402,11 @@ mod tests {
         let store = MemoryStore::new(1 << 20);
         for n in 0..25 {
             store
-                .put(entry("f", n, b"v", Duration::from_secs(60)))
+                .put(&entry("f", n, b"v", Duration::from_secs(60)))
                 .await
                 .unwrap();
             store
-                .put(entry("f_user", n, b"v", Duration::from_secs(60)))
+                .put(&entry("f_user", n, b"v", Duration::from_secs(60)))
                 .await
                 .unwrap();
         }

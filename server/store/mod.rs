@@ -29,6 +29,16 @@ pub enum Scope<'a> {
 }
 
 impl Scope<'_> {
+    /// The scope's name, for metrics: `entry`, `function`, `namespace` or `all`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scope::Entry(_) => "entry",
+            Scope::Function(_) => "function",
+            Scope::Namespace(_) => "namespace",
+            Scope::All => "all",
+        }
+    }
+
     /// Whether the entry with these parts is in this scope.
     pub fn contains(&self, entry: &EntryParts<'_>) -> bool {
         match *self {
@@ -61,6 +71,39 @@ pub struct KeysPage {
     pub entries: Vec<KeyInfo>,
     /// Where the next page starts; empty when the listing is complete.
     pub next_cursor: String,
+}
+
+/// What a store reports about itself when metrics are scraped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreState {
+    /// Store operations holding one of the `--max-in-flight` permits right now.
+    pub in_flight: u64,
+    /// The Redis connection pool; `None` for a store without one.
+    pub pool: Option<PoolState>,
+    /// The in-memory store's contents; `None` for Redis, whose own metrics tell.
+    pub memory: Option<MemoryState>,
+}
+
+/// The Redis connection pool, from bb8's own accounting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolState {
+    /// Connections open (idle or lent out).
+    pub connections: u32,
+    /// Connections open and idle.
+    pub idle: u32,
+    /// Connections opened since start.
+    pub created: u64,
+    /// Connections retired since start because a command on them failed or timed out.
+    pub broken: u64,
+}
+
+/// How full the in-memory store is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryState {
+    /// Entries held, expired ones not yet swept included.
+    pub entries: u64,
+    /// Bytes charged against `--memory-max-bytes`.
+    pub bytes: u64,
 }
 
 /// One entry to write.
@@ -130,7 +173,7 @@ impl std::error::Error for StoreError {}
 ///
 /// Every write carries a TTL; every operation is bounded in time and fails with a
 /// [`StoreError`] rather than hanging.
-pub trait Store: Clone + Send + Sync + 'static {
+pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
     /// `"redis"` or `"memory"`, for stats and logs.
     fn kind(&self) -> &'static str;
 
@@ -153,13 +196,11 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Writes one entry, replacing any earlier value and TTL.
-    fn put(&self, entry: NewEntry) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn put(&self, entry: &NewEntry) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Writes many entries in one round trip.
-    fn put_many(
-        &self,
-        entries: Vec<NewEntry>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn put_many(&self, entries: &[NewEntry])
+    -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Removes the entries in `scope`, returning how many there were.
     fn bust(&self, scope: Scope<'_>) -> impl Future<Output = Result<u64, StoreError>> + Send;
@@ -174,4 +215,7 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Checks that the store answers.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Its connections and load right now, for `/metrics`; never waits on the store.
+    fn state(&self) -> StoreState;
 }

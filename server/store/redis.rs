@@ -22,10 +22,11 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::{KeyInfo, KeysPage, NewEntry, Scope, Store, StoreError};
+use super::{KeyInfo, KeysPage, NewEntry, PoolState, Scope, Store, StoreError, StoreState};
 use crate::key::{EntryKey, FunctionKey};
 use crate::lock;
 use crate::server::key::KeyLayout;
+use crate::server::metrics::Metrics;
 
 /// What the Redis store needs to know.
 #[derive(Debug, Clone)]
@@ -168,6 +169,7 @@ pub struct RedisStore {
     layout: KeyLayout,
     timeout: Duration,
     bust_batch: usize,
+    metrics: Metrics,
 }
 
 fn classify(err: RedisError) -> StoreError {
@@ -240,7 +242,13 @@ impl RedisStore {
             layout: KeyLayout::new(&settings.key_prefix),
             timeout: settings.timeout,
             bust_batch: settings.bust_batch,
+            metrics: Metrics::disabled(),
         })
+    }
+
+    /// The same store, timing its commands into `metrics`.
+    pub fn with_metrics(self, metrics: Metrics) -> Self {
+        RedisStore { metrics, ..self }
     }
 
     /// A connection handle by `deadline`. The pooled connection goes straight back to the
@@ -279,18 +287,36 @@ impl RedisStore {
 
     /// Runs one command (or pipeline) within the store timeout, waiting and checkout
     /// included, and retires the connection when the failure means it can no longer be
-    /// trusted.
+    /// trusted. Its time, from the permit on, is the command's latency in the metrics.
     async fn run<T, F, Fut>(&self, op: &'static str, command: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
         let Ok(_permit) = self.in_flight.try_acquire() else {
             return Err(StoreError::Overloaded {
                 limit: self.max_in_flight,
             });
         };
+        let result = self.run_by(deadline, op, command).await;
+        // The clock reading the deadline came from: one fewer per command.
+        self.metrics.store_command(op, Some(started.into_std()));
+        result
+    }
+
+    /// [`RedisStore::run`] once it holds a permit.
+    async fn run_by<T, F, Fut>(
+        &self,
+        deadline: Instant,
+        op: &'static str,
+        command: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         let (redis, broken) = self.connection(op, deadline).await?;
         match timeout_at(deadline, command(redis)).await {
             Ok(Ok(value)) => Ok(value),
@@ -423,7 +449,7 @@ impl Store for RedisStore {
         Ok(lengths.iter().sum())
     }
 
-    async fn put(&self, entry: NewEntry) -> Result<(), StoreError> {
+    async fn put(&self, entry: &NewEntry) -> Result<(), StoreError> {
         let key = self.layout.entry(&entry.key);
         self.run("SET", |mut conn| async move {
             redis::cmd("SET")
@@ -437,12 +463,12 @@ impl Store for RedisStore {
         .await
     }
 
-    async fn put_many(&self, entries: Vec<NewEntry>) -> Result<(), StoreError> {
+    async fn put_many(&self, entries: &[NewEntry]) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for entry in &entries {
+        for entry in entries {
             pipe.cmd("SET")
                 .arg(self.layout.entry(&entry.key))
                 .arg(entry.value.as_ref())
@@ -610,6 +636,20 @@ impl Store for RedisStore {
                 }
                 Err(timeout())
             }
+        }
+    }
+
+    fn state(&self) -> StoreState {
+        let pool = self.pool.state();
+        StoreState {
+            in_flight: (self.max_in_flight - self.in_flight.available_permits()) as u64,
+            pool: Some(PoolState {
+                connections: pool.connections,
+                idle: pool.idle_connections,
+                created: pool.statistics.connections_created,
+                broken: pool.statistics.connections_closed_broken,
+            }),
+            memory: None,
         }
     }
 }

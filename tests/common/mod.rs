@@ -6,6 +6,7 @@ use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Condvar, Mutex},
     time::{Duration, Instant},
@@ -34,6 +35,86 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The Python of the test virtualenv (`.venv`, which `scripts/test` creates with
+/// `examples/python/requirements.txt`), or `CACHE_MONEY_PYTHON`; fails clearly when missing.
+pub fn venv_python() -> PathBuf {
+    let python = std::env::var_os("CACHE_MONEY_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    assert!(
+        python.exists(),
+        "no Python with grpcio and prometheus_client at {}: run scripts/test, which creates .venv",
+        python.display()
+    );
+    python
+}
+
+/// One HTTP/1.1 answer, as [`http_get`] read it.
+#[derive(Debug)]
+pub struct HttpReply {
+    /// The status code.
+    pub status: u16,
+    /// Header lines, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// The body, as text.
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Sends `METHOD path` with `headers` over a new connection to `addr` and reads the answer
+/// until the server closes the connection.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> HttpReply {
+    let mut stream = TcpStream::connect(addr).expect("connect to the HTTP listener");
+    stream
+        .set_read_timeout(Some(READY_TIMEOUT))
+        .expect("set a read timeout");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .expect("read the answer to the end");
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of headers in {answer:?}"));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_lowercase(), value.trim().to_owned()))
+        .collect();
+    HttpReply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// `GET path` from `addr`.
+pub fn http_get(addr: SocketAddr, path: &str, headers: &[&str]) -> HttpReply {
+    http_request(addr, "GET", path, headers)
 }
 
 /// A port nobody listens on right now.
@@ -170,6 +251,27 @@ impl RedisServer {
         }
     }
 
+    /// Holds back every write for up to `ms` milliseconds (`CLIENT PAUSE ms WRITE`), sent on
+    /// `admin` (reads, PING included, still pass).
+    pub async fn pause_writes(admin: &mut redis::aio::MultiplexedConnection, ms: u64) {
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(ms)
+            .arg("WRITE")
+            .query_async::<()>(admin)
+            .await
+            .expect("CLIENT PAUSE");
+    }
+
+    /// Lets writes through again (`CLIENT UNPAUSE`), sent on `admin`.
+    pub async fn unpause(admin: &mut redis::aio::MultiplexedConnection) {
+        redis::cmd("CLIENT")
+            .arg("UNPAUSE")
+            .query_async::<()>(admin)
+            .await
+            .expect("CLIENT UNPAUSE");
+    }
+
     /// The redis-server process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("redis is running").id()
@@ -224,6 +326,7 @@ struct LogBook {
 pub struct CacheServer {
     child: Child,
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     logs: Arc<LogBook>,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -303,6 +406,7 @@ impl CacheServer {
         let mut server = CacheServer {
             child,
             addr: "127.0.0.1:0".parse().unwrap(),
+            metrics_addr: None,
             logs,
             args,
             env,
@@ -310,17 +414,25 @@ impl CacheServer {
         let started = server
             .wait_for_log("cache-money serving", READY_TIMEOUT)
             .unwrap_or_else(|| panic!("server did not start; its log:\n{}", server.log_text()));
-        // `listen=ADDR` in text logs, `"listen":"ADDR"` in JSON ones.
-        let listen = started
-            .split([' ', ','])
-            .find_map(|field| {
-                field
-                    .strip_prefix("listen=")
-                    .or_else(|| field.strip_prefix("\"listen\":\"")?.strip_suffix('"'))
+        // `listen=ADDR` in text logs, `"listen":"ADDR"` in JSON ones; strings are quoted.
+        let field = |name: &str| {
+            started.split([' ', ',']).find_map(|field| {
+                let value = field
+                    .strip_prefix(&format!("{name}="))
+                    .or_else(|| field.strip_prefix(&format!("\"{name}\":")))?;
+                Some(value.trim_matches('"').to_owned())
             })
-            .expect("start-up line names the address");
+        };
+        let listen = field("listen").expect("start-up line names the address");
         server.addr = listen.parse().expect("listen address parses");
+        server.metrics_addr = field("metrics_listen").and_then(|addr| addr.parse().ok());
         server
+    }
+
+    /// Where the server serves `/metrics` (it was started with `--metrics-listen`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+            .expect("the server was started with --metrics-listen")
     }
 
     /// Waits until a log line contains `needle`; returns it.

@@ -1,0 +1,366 @@
+//! Every RPC of the cache service, observed from outside the service: a request id (the
+//! caller's `x-request-id`, or a generated one) echoed in the response and named by the
+//! request's log lines; a `tracing` span with the method, request id and (once the service
+//! has validated it) the namespace, closed by a line with the result, status and duration;
+//! the RPC metrics (count by method and status code, latency, in flight). It wraps the
+//! authentication interceptor, so refused and shed requests are counted like any other.
+//!
+//! The span and its closing line are at DEBUG level (as tower-http's `TraceLayer` does): a span
+//! costs the log formatter a few percent of a Get's CPU, too much to pay on every request when
+//! nothing is written. At the default `info` level a request's warnings carry its request id
+//! as a field instead; `RUST_LOG=info,cache_money::server::observe=debug` turns the spans on.
+
+use std::{
+    fmt::Write as _,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Frame, SizeHint};
+use tonic::{Code, Extensions, Status, body::Body, server::NamedService};
+use tracing::{Instrument, Level, Span, debug, debug_span, field};
+
+use crate::server::SERVICE_NAME;
+use crate::server::metrics::{Metrics, code_name};
+
+/// The metadata key of the request id, in requests and responses.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The longest request id taken from a caller; a longer one, or one with characters outside
+/// `[A-Za-z0-9._:/+=-]`, is replaced by a generated id (it is written into every log line of
+/// the request).
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The RPCs of `cache_money.v1.CacheMoney`: the `method` label and span field. Any other path
+/// is `unknown`, so a caller cannot add label values.
+pub const METHODS: [&str; 10] = [
+    "Get",
+    "Put",
+    "Bust",
+    "BustFunction",
+    "BustNamespace",
+    "BustAll",
+    "GetMany",
+    "PutMany",
+    "Keys",
+    "Stats",
+];
+
+/// What a lookup RPC found (`hit` or `miss`), put in the response's extensions by the service
+/// for the RPC's closing log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome(pub &'static str);
+
+/// A request's id, in its extensions for the service's log lines.
+#[derive(Debug, Clone)]
+pub struct RequestId(HeaderValue);
+
+/// The request id in a request's extensions; empty when it did not pass the layer.
+pub fn request_id(extensions: &Extensions) -> &str {
+    extensions
+        .get::<RequestId>()
+        .and_then(|RequestId(id)| id.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// Records the namespace an RPC touches on its span, when spans are on, so every later log
+/// line of the request names it.
+pub fn record_namespace(namespace: &str) {
+    if tracing::enabled!(Level::DEBUG) {
+        Span::current().record("namespace", namespace);
+    }
+}
+
+/// Records on the span the namespace a batch's items share, or `(several)`.
+pub fn record_namespaces<'a>(mut namespaces: impl Iterator<Item = &'a str>) {
+    let Some(first) = namespaces.next() else {
+        return;
+    };
+    if namespaces.all(|namespace| namespace == first) {
+        record_namespace(first);
+    } else {
+        record_namespace("(several)");
+    }
+}
+
+/// An RPC of the cache service, by its place in [`METHODS`]; `unknown` past its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Method(usize);
+
+impl Method {
+    /// How many methods there are, `unknown` included.
+    pub const COUNT: usize = METHODS.len() + 1;
+
+    /// The method a request path calls; `unknown` for a path outside [`METHODS`].
+    pub fn of_path(path: &str) -> Method {
+        let index = path
+            .strip_prefix('/')
+            .and_then(|path| path.strip_prefix(SERVICE_NAME))
+            .and_then(|path| path.strip_prefix('/'))
+            .and_then(|name| METHODS.iter().position(|method| *method == name));
+        Method(index.unwrap_or(METHODS.len()))
+    }
+
+    /// Its name: the `method` label and span field.
+    pub fn name(self) -> &'static str {
+        METHODS.get(self.0).copied().unwrap_or("unknown")
+    }
+
+    /// Its place, below [`Method::COUNT`].
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+fn acceptable_request_id(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&id.len())
+        && id
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"._:/+=-".contains(&b))
+}
+
+/// The caller's request id when it sent an acceptable one, else a new random 128-bit id in
+/// hex. Only unique, not secret: a fast non-cryptographic generator does.
+fn new_request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(REQUEST_ID_HEADER) {
+        Some(id) if acceptable_request_id(id.as_bytes()) => id.clone(),
+        _ => {
+            // Sized up front: one allocation, which the header value then takes over.
+            let mut id = String::with_capacity(32);
+            write!(id, "{:032x}", fastrand::u128(..)).expect("writing to a String cannot fail");
+            HeaderValue::try_from(id).expect("hex digits are a valid header value")
+        }
+    }
+}
+
+/// The cache service (`S`, with its interceptor) under observation. Cloning is shallow.
+#[derive(Debug, Clone)]
+pub struct Observed<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S> Observed<S> {
+    /// Observes `inner`, recording into `metrics`.
+    pub fn new(inner: S, metrics: Metrics) -> Self {
+        Observed { inner, metrics }
+    }
+}
+
+impl<S: NamedService> NamedService for Observed<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, R> tonic::codegen::Service<http::Request<B>> for Observed<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: http_body::Body<Data = Bytes, Error = Status> + Unpin + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let request_id = new_request_id(request.headers());
+        request
+            .extensions_mut()
+            .insert(RequestId(request_id.clone()));
+        let method = Method::of_path(request.uri().path());
+        let span = debug_span!(
+            "rpc",
+            method = method.name(),
+            request_id = request_id.to_str().unwrap_or_default(),
+            namespace = field::Empty,
+        );
+        if span.is_disabled() && !self.metrics.is_enabled() {
+            // Nothing to record: echo the id, and that is all.
+            let response = self.inner.call(request);
+            return Box::pin(async move {
+                let mut response = response.await?;
+                response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+                Ok(response.map(Body::new))
+            });
+        }
+        self.metrics.rpc_started();
+        let finish = Finish {
+            metrics: self.metrics.clone(),
+            method,
+            started: Instant::now(),
+            span: span.clone(),
+            done: false,
+        };
+        // The interceptor runs inside `call`: its work belongs to the span too.
+        let response = span.in_scope(|| self.inner.call(request));
+        Box::pin(
+            async move {
+                let mut response = response.await?;
+                response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+                let outcome = response.extensions().get::<Outcome>().copied();
+                // A refusal or failure is trailers-only: the status is in the headers.
+                if let Some(status) = response.headers().get("grpc-status") {
+                    finish.done(Code::from_bytes(status.as_bytes()), outcome);
+                    return Ok(response.map(Body::new));
+                }
+                if http_body::Body::is_end_stream(response.body()) {
+                    // No status in the headers and no body to carry one: a broken response.
+                    finish.done(Code::Unknown, outcome);
+                    return Ok(response.map(Body::new));
+                }
+                Ok(response.map(|body| {
+                    Body::new(ObservedBody {
+                        inner: body,
+                        finish: Some(finish),
+                        outcome,
+                    })
+                }))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Records an RPC's end once: its status when known, CANCELLED when it is dropped first (the
+/// caller went away).
+struct Finish {
+    metrics: Metrics,
+    method: Method,
+    started: Instant,
+    span: Span,
+    done: bool,
+}
+
+impl Finish {
+    fn done(mut self, code: Code, outcome: Option<Outcome>) {
+        self.record(code, outcome);
+    }
+
+    fn record(&mut self, code: Code, outcome: Option<Outcome>) {
+        self.done = true;
+        let elapsed = self.started.elapsed();
+        self.metrics.rpc_finished(self.method, code, elapsed);
+        debug!(
+            parent: &self.span,
+            code = code_name(code),
+            result = outcome.map(|Outcome(result)| result),
+            duration_us = elapsed.as_micros() as u64,
+            "rpc finished"
+        );
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(Code::Cancelled, None);
+        }
+    }
+}
+
+/// A response body that finishes the RPC when its trailers (the status) go out.
+struct ObservedBody<R> {
+    inner: R,
+    finish: Option<Finish>,
+    outcome: Option<Outcome>,
+}
+
+impl<R: http_body::Body<Data = Bytes, Error = Status> + Unpin> http_body::Body for ObservedBody<R> {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let code = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
+                trailers
+                    .get("grpc-status")
+                    .map_or(Code::Unknown, |status| Code::from_bytes(status.as_bytes()))
+            }),
+            Poll::Ready(Some(Err(status))) => Some(status.code()),
+            // A gRPC body that ends without trailers broke the protocol.
+            Poll::Ready(None) => Some(Code::Unknown),
+            Poll::Pending => None,
+        };
+        if let Some(code) = code
+            && let Some(finish) = this.finish.take()
+        {
+            finish.done(code, this.outcome);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The method list is exactly the RPCs the contract declares.
+    #[test]
+    fn methods_are_the_contracts_rpcs() {
+        let proto = include_str!("../proto/cache_money/v1/cache_money.proto");
+        let mut declared: Vec<&str> = proto
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("rpc "))
+            .map(|rest| rest.split(['(', ' ']).next().unwrap_or_default())
+            .collect();
+        let mut methods = METHODS.to_vec();
+        declared.sort_unstable();
+        methods.sort_unstable();
+        assert_eq!(declared, methods);
+    }
+
+    /// Paths of the cache service map to their RPC; any other path is `unknown`.
+    #[test]
+    fn paths_map_to_bounded_methods() {
+        let name = |path| Method::of_path(path).name();
+        assert_eq!(name("/cache_money.v1.CacheMoney/Get"), "Get");
+        assert_eq!(name("/cache_money.v1.CacheMoney/BustAll"), "BustAll");
+        assert_eq!(name("/cache_money.v1.CacheMoney/Nope"), "unknown");
+        assert_eq!(name("/other.Service/Get"), "unknown");
+        assert_eq!(name("Get"), "unknown");
+        assert!(Method::of_path("/x").index() < Method::COUNT);
+    }
+
+    /// A caller's id is kept when it is short and plain; otherwise a 32-hex id replaces it.
+    #[test]
+    fn request_ids_are_kept_or_generated() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            REQUEST_ID_HEADER,
+            HeaderValue::from_static("req-42_a.b:c/d+e="),
+        );
+        assert_eq!(new_request_id(&headers), "req-42_a.b:c/d+e=");
+        let long = "x".repeat(MAX_REQUEST_ID_LEN + 1);
+        for bad in ["", "with space", "quote\"", long.as_str()] {
+            headers.insert(REQUEST_ID_HEADER, HeaderValue::from_str(bad).unwrap());
+            let id = new_request_id(&headers);
+            assert_eq!(id.len(), 32, "{bad:?}");
+            assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit), "{bad:?}");
+        }
+        let (a, b) = (
+            new_request_id(&HeaderMap::new()),
+            new_request_id(&HeaderMap::new()),
+        );
+        assert_ne!(a, b);
+    }
+}
