@@ -45,6 +45,11 @@ pub const DEFAULT_MEMORY_MAX_BYTES: usize = 256 * 1024 * 1024;
 pub const DEFAULT_WORKER_THREADS: usize = 1;
 /// How often the store is probed for the health service.
 pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 500;
+/// How long a client connection may be silent before the server PINGs it (HTTP/2) and the
+/// kernel starts probing it (TCP keepalive): a client whose host vanished is let go.
+pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 30_000;
+/// How long the server waits for a PING's answer before closing the connection.
+pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 10_000;
 /// How long in-flight RPCs may run after a shutdown signal before the server exits anyway.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// Namespaces that get metric series of their own; lookups in any later one are counted under
@@ -186,6 +191,15 @@ pub struct Config {
     #[arg(long, env = "CACHE_MONEY_METRICS_TIMEOUT_MS", default_value_t = DEFAULT_METRICS_TIMEOUT_MS)]
     pub metrics_timeout_ms: u64,
 
+    /// Milliseconds a client connection may be silent before the server PINGs it; a client
+    /// that does not answer within --keepalive-timeout-ms is disconnected.
+    #[arg(long, env = "CACHE_MONEY_KEEPALIVE_INTERVAL_MS", default_value_t = DEFAULT_KEEPALIVE_INTERVAL_MS)]
+    pub keepalive_interval_ms: u64,
+
+    /// Milliseconds the server waits for a PING's answer before closing the connection.
+    #[arg(long, env = "CACHE_MONEY_KEEPALIVE_TIMEOUT_MS", default_value_t = DEFAULT_KEEPALIVE_TIMEOUT_MS)]
+    pub keepalive_timeout_ms: u64,
+
     /// Log line format. Verbosity comes from RUST_LOG (default: info).
     #[arg(long, env = "CACHE_MONEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -210,6 +224,8 @@ impl Config {
             ("--health-interval-ms", self.health_interval_ms),
             ("--worker-threads", self.worker_threads as u64),
             ("--metrics-timeout-ms", self.metrics_timeout_ms),
+            ("--keepalive-interval-ms", self.keepalive_interval_ms),
+            ("--keepalive-timeout-ms", self.keepalive_timeout_ms),
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(format!("{flag}: must be at least 1"));
@@ -336,6 +352,16 @@ impl Config {
     /// Time one metrics connection may stay open.
     pub fn metrics_timeout(&self) -> Duration {
         Duration::from_millis(self.metrics_timeout_ms)
+    }
+
+    /// Silence on a client connection before the server PINGs it.
+    pub fn keepalive_interval(&self) -> Duration {
+        Duration::from_millis(self.keepalive_interval_ms)
+    }
+
+    /// How long a PING may go unanswered before the connection is closed.
+    pub fn keepalive_timeout(&self) -> Duration {
+        Duration::from_millis(self.keepalive_timeout_ms)
     }
 }
 

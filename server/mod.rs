@@ -286,6 +286,8 @@ async fn serve<S: Store>(
         metrics_listen = metrics_addr.map(|addr| addr.to_string()).unwrap_or_default(),
         metrics_max_namespaces = config.metrics_max_namespaces,
         metrics_timeout_ms = config.metrics_timeout_ms,
+        keepalive_interval_ms = config.keepalive_interval_ms,
+        keepalive_timeout_ms = config.keepalive_timeout_ms,
         "cache-money serving"
     );
     let metrics_server = metrics_listener.map(|listener| {
@@ -308,8 +310,14 @@ async fn serve<S: Store>(
         set_status(&stop_reporter, ServingStatus::NotServing).await;
         let _ = signalled_tx.send(());
     };
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = Server::builder();
+    // Keepalive both ways: a client whose host vanished (or whose flow a firewall dropped)
+    // would otherwise hold its connection, and any stream on it, open forever.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(config.keepalive_interval()));
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive_interval()))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout()));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(ServeError::Transport)?;
     }

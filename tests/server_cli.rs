@@ -162,6 +162,8 @@ fn every_setting(files: &SettingFiles) -> Vec<(&'static str, String, String)> {
         ),
         number("metrics-max-namespaces", 7),
         number("metrics-timeout-ms", 20_001),
+        number("keepalive-interval-ms", 30_001),
+        number("keepalive-timeout-ms", 10_001),
         // A JSON start-up line is the proof.
         (
             "log-format",

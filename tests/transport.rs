@@ -393,3 +393,32 @@ async fn a_bust_cut_off_by_shutdown_is_never_replayed() {
         Err(err) => println!("cut-off bust reported {err} with {left} entries left"),
     }
 }
+
+/// The server lets go of a client that vanished: when a client's flow goes silent (a dropped
+/// flow, a host gone), the server's keepalive PING goes unanswered and the server closes the
+/// connection within its keepalive interval + timeout, instead of holding it forever.
+#[tokio::test]
+async fn the_server_closes_connections_of_vanished_clients() {
+    let server = CacheServer::memory(&[
+        "--keepalive-interval-ms",
+        "200",
+        "--keepalive-timeout-ms",
+        "200",
+    ]);
+    let forwarder = Forwarder::start(server.addr()).await;
+    let mut client = raw(forwarder.url()).await;
+    get(&mut client, key("transport", "vanish", 1))
+        .await
+        .unwrap();
+    forwarder.blackhole();
+    let vanished_at = Instant::now();
+    // Well before the client's own keepalive (7 s) would close it from its side.
+    let closed = eventually(Duration::from_secs(3), || async {
+        forwarder.closed_by_server() >= 1
+    })
+    .await;
+    assert!(closed, "the server kept the vanished client's connection");
+    // The client's own keepalive (5 s + 2 s) cannot have closed it this early.
+    let took = vanished_at.elapsed();
+    assert!(took < Duration::from_millis(1500), "closed after {took:?}");
+}

@@ -599,7 +599,28 @@ pub struct Forwarder {
     state: Arc<Mutex<ForwardTo>>,
     accepted: Arc<std::sync::atomic::AtomicUsize>,
     closed_by_client: Arc<std::sync::atomic::AtomicUsize>,
+    closed_by_server: Arc<std::sync::atomic::AtomicUsize>,
+    /// While set, bytes are read and dropped both ways: a flow a firewall dropped.
+    blackhole: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Copies `from` to `to` until `from` ends, dropping the bytes while `blackhole` is set.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    blackhole: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0; 64 * 1024];
+    while let Ok(read @ 1..) = from.read(&mut buffer).await {
+        if !blackhole.load(std::sync::atomic::Ordering::Relaxed)
+            && to.write_all(&buffer[..read]).await.is_err()
+        {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 #[derive(Debug)]
@@ -625,7 +646,10 @@ impl Forwarder {
         let state = Arc::new(Mutex::new(ForwardTo { target, delay }));
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let closed_by_client = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let closed_by_server = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (shared, count, closed) = (state.clone(), accepted.clone(), closed_by_client.clone());
+        let (server_closed, holes) = (closed_by_server.clone(), blackhole.clone());
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 count.fetch_add(1, Relaxed);
@@ -633,21 +657,21 @@ impl Forwarder {
                     let to = shared.lock().unwrap();
                     (to.target, to.delay)
                 };
-                let closed = closed.clone();
+                let (closed, server_closed) = (closed.clone(), server_closed.clone());
+                let (up, down) = (holes.clone(), holes.clone());
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
-                    let (mut client_read, mut client_write) = inbound.into_split();
-                    let (mut server_read, mut server_write) = outbound.into_split();
+                    let (client_read, client_write) = inbound.into_split();
+                    let (server_read, server_write) = outbound.into_split();
                     tokio::spawn(async move {
-                        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                        pump(client_read, server_write, up).await;
                         closed.fetch_add(1, Relaxed);
-                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut server_write).await;
                     });
                     tokio::time::sleep(delay).await;
-                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut client_write).await;
+                    pump(server_read, client_write, down).await;
+                    server_closed.fetch_add(1, Relaxed);
                 });
             }
         });
@@ -656,6 +680,8 @@ impl Forwarder {
             state,
             accepted,
             closed_by_client,
+            closed_by_server,
+            blackhole,
             task,
         }
     }
@@ -668,6 +694,19 @@ impl Forwarder {
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Drops every byte both ways from now on, keeping the connections open: what a client
+    /// or server sees when a firewall silently drops the flow.
+    pub fn blackhole(&self) {
+        self.blackhole
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Connections the server side has closed so far.
+    pub fn closed_by_server(&self) -> usize {
+        self.closed_by_server
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Connections the client side has closed so far.
