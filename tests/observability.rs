@@ -428,12 +428,17 @@ async fn metrics_count_a_known_sequence_exactly() {
         assert!(scrape.expect("cache_money_store_pool_connections_created_total", &[]) >= 1.0);
         scrape.check_histogram(
             "cache_money_rpc_duration_seconds",
-            &[("method", "Get")],
-            6.0,
+            &[("method", "Get"), ("outcome", "ok")],
+            5.0,
         );
         scrape.check_histogram(
             "cache_money_rpc_duration_seconds",
-            &[("method", "Put")],
+            &[("method", "Get"), ("outcome", "error")],
+            1.0,
+        );
+        scrape.check_histogram(
+            "cache_money_rpc_duration_seconds",
+            &[("method", "Put"), ("outcome", "ok")],
             2.0,
         );
         for (command, count) in [
@@ -457,7 +462,8 @@ async fn metrics_count_a_known_sequence_exactly() {
 
 /// Requests refused by authentication or authorization and requests shed at
 /// `--max-in-flight` are counted by method and status code (the shed lookup as an error of its
-/// namespace), while the in-flight gauges show the request holding the only permit.
+/// namespace) and timed under `outcome="error"`, while the in-flight gauges show the request
+/// holding the only permit.
 #[tokio::test]
 async fn refused_and_shed_requests_are_counted() {
     const TOKEN: &str = "billing-token-0123456789";
@@ -544,6 +550,20 @@ async fn refused_and_shed_requests_are_counted() {
         scrape.value(
             "cache_money_lookups_total",
             &[("namespace", "shipping"), ("result", "miss")]
+        ),
+        None
+    );
+    // Refusals are timed apart from answered RPCs, so they cannot pull the latency of
+    // answered Gets down.
+    scrape.check_histogram(
+        "cache_money_rpc_duration_seconds",
+        &[("method", "Get"), ("outcome", "error")],
+        3.0,
+    );
+    assert_eq!(
+        scrape.value(
+            "cache_money_rpc_duration_seconds_count",
+            &[("method", "Get"), ("outcome", "ok")]
         ),
         None
     );
