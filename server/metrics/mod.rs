@@ -42,11 +42,13 @@ use crate::server::store::{Store, StoreError};
 pub const PREFIX: &str = "cache_money";
 
 /// Upper bounds of the latency histograms' buckets, in seconds: from 50 µs (a hit over
-/// loopback) to 2.5 s (ten default store timeouts). Explicit and the same on every replica,
-/// so a fleet's histograms add up, which summaries cannot.
-pub const LATENCY_BUCKETS: [f64; 15] = [
+/// loopback) to 60 s. Past 2.5 s (ten default store timeouts) the buckets are for busts,
+/// whose SCAN/UNLINK over a large keyspace takes seconds to minutes and would otherwise all
+/// land in `+Inf`. Explicit and the same on every replica, so a fleet's histograms add up,
+/// which summaries cannot.
+pub const LATENCY_BUCKETS: [f64; 19] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 /// The namespace label of lookups in namespaces past `--metrics-max-namespaces`. A namespace
