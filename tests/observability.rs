@@ -16,6 +16,7 @@ use std::{
 };
 
 use cache_money::pb::{self, cache_money_client::CacheMoneyClient};
+use cache_money::server::metrics::LATENCY_BUCKETS;
 use common::{
     CacheServer, READY_TIMEOUT, RedisServer, eventually, get, http_get, http_request, key, put,
     venv_python,
@@ -151,8 +152,9 @@ impl Scrape {
             .unwrap_or_else(|| panic!("no {name}{labels:?} in\n{}", self.text))
     }
 
-    /// Checks the histogram `name` with `labels`: explicit ordered buckets, cumulative counts,
-    /// `+Inf` equal to `_count`, and that count; a positive `_sum`.
+    /// Checks the histogram `name` with `labels`: exactly the buckets of [`LATENCY_BUCKETS`]
+    /// and `+Inf`, cumulative counts, `+Inf` equal to `_count`, and that count; a positive
+    /// `_sum`.
     fn check_histogram(&self, name: &str, labels: &[(&str, &str)], count: f64) {
         let mut buckets: Vec<(f64, f64)> = self
             .samples
@@ -174,7 +176,13 @@ impl Scrape {
             })
             .collect();
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        assert!(buckets.len() >= 10, "{name}{labels:?}: {buckets:?}");
+        let bounds: Vec<f64> = buckets.iter().map(|bucket| bucket.0).collect();
+        let expected: Vec<f64> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .collect();
+        assert_eq!(bounds, expected, "{name}{labels:?}: bucket bounds");
         assert!(
             buckets.windows(2).all(|pair| pair[0].1 <= pair[1].1),
             "{name}{labels:?}: not cumulative: {buckets:?}"
@@ -187,6 +195,28 @@ impl Scrape {
         );
         assert_eq!(self.expect(&format!("{name}_count"), labels), count);
         assert!(self.expect(&format!("{name}_sum"), labels) > 0.0);
+    }
+
+    /// The count of the histogram `name`'s bucket with upper bound `le` (seconds), among the
+    /// samples with `labels`.
+    fn bucket(&self, name: &str, labels: &[(&str, &str)], le: f64) -> f64 {
+        self.samples
+            .iter()
+            .filter(|sample| sample.name == format!("{name}_bucket"))
+            .filter(|sample| {
+                labels.iter().all(|(label, value)| {
+                    sample.labels.get(*label).map(String::as_str) == Some(value)
+                })
+            })
+            .find(|sample| {
+                sample
+                    .labels
+                    .get("le")
+                    .and_then(|le| le.parse::<f64>().ok())
+                    == Some(le)
+            })
+            .map(|sample| sample.value)
+            .unwrap_or_else(|| panic!("no {name}_bucket{labels:?} le={le} in\n{}", self.text))
     }
 
     /// The sample names PromQL may use: `_total` of counters, `_bucket`/`_sum`/`_count` of
@@ -430,6 +460,17 @@ async fn metrics_count_a_known_sequence_exactly() {
             "cache_money_rpc_duration_seconds",
             &[("method", "Get"), ("outcome", "ok")],
             5.0,
+        );
+        // Seconds, not milliseconds: a Get over loopback takes well under 0.1 s, so all five
+        // are in the bucket of 0.1 s (in milliseconds they would be counted past it).
+        assert_eq!(
+            scrape.bucket(
+                "cache_money_rpc_duration_seconds",
+                &[("method", "Get"), ("outcome", "ok")],
+                0.1
+            ),
+            5.0,
+            "{format:?}: loopback Gets slower than 0.1 s"
         );
         scrape.check_histogram(
             "cache_money_rpc_duration_seconds",
