@@ -502,8 +502,8 @@ async fn metrics_count_a_known_sequence_exactly() {
 }
 
 /// Requests refused by authentication or authorization and requests shed at
-/// `--max-in-flight` are counted by method and status code (the shed lookup as an error of its
-/// namespace) and timed under `outcome="error"`, while the in-flight gauges show the request
+/// `--max-in-flight` are counted by method and status code (the shed lookup as `shed` in its
+/// namespace, not as a store error) and timed under `outcome="error"`, while the in-flight gauges show the request
 /// holding the only permit.
 #[tokio::test]
 async fn refused_and_shed_requests_are_counted() {
@@ -579,8 +579,13 @@ async fn refused_and_shed_requests_are_counted() {
         ("cache_money_requests_shed_total", &[][..], 1.0),
         (
             "cache_money_lookups_total",
-            &[("namespace", "billing"), ("result", "error")][..],
+            &[("namespace", "billing"), ("result", "shed")][..],
             1.0,
+        ),
+        (
+            "cache_money_lookups_total",
+            &[("namespace", "billing"), ("result", "error")][..],
+            0.0,
         ),
         ("cache_money_rpcs_in_flight", &[][..], 1.0),
         ("cache_money_store_operations_in_flight", &[][..], 1.0),

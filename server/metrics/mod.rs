@@ -64,6 +64,9 @@ pub enum Lookup {
     Miss,
     /// The store failed, so nobody knows.
     Error,
+    /// Refused at once because `--max-in-flight` store operations were running; the store was
+    /// not asked, so this is load, not a store failure.
+    Shed,
 }
 
 /// The text formats `/metrics` speaks.
@@ -173,6 +176,7 @@ struct NamespaceCounters {
     hits: Counter,
     misses: Counter,
     errors: Counter,
+    shed: Counter,
     read_bytes: Counter,
     written_bytes: Counter,
 }
@@ -201,6 +205,7 @@ impl NamespaceFamilies {
             hits: lookup("hit"),
             misses: lookup("miss"),
             errors: lookup("error"),
+            shed: lookup("shed"),
             read_bytes: self.read_bytes.get_or_create_owned(&labels),
             written_bytes: self.written_bytes.get_or_create_owned(&labels),
         }
@@ -389,7 +394,7 @@ impl Metrics {
             );
             r.register(
                 "lookups",
-                "Keys looked up by Get and GetMany, by namespace and result (hit, miss, error)",
+                "Keys looked up by Get and GetMany, by namespace and result (hit, miss, error, shed)",
                 recorder.namespaces.families.lookups.clone(),
             );
             r.register_with_unit(
@@ -481,6 +486,9 @@ impl Metrics {
                 }
                 Lookup::Error => {
                     counters.errors.inc();
+                }
+                Lookup::Shed => {
+                    counters.shed.inc();
                 }
             },
         );
