@@ -8,7 +8,7 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    io::{Read, Write},
+    io::{ErrorKind, Read, Write},
     net::TcpStream,
     path::PathBuf,
     process::{Command, Stdio},
@@ -702,7 +702,65 @@ fn metrics_listener_is_small_and_bounded() {
     );
 }
 
-/// The names PromQL `expr` mentions that start with `cache_money_`.
+/// Whether `GET /metrics` over a new connection to `addr` is answered 200; false when the
+/// listener closes the connection without an answer.
+fn scrape_answered(addr: std::net::SocketAddr) -> bool {
+    let mut stream = TcpStream::connect(addr).expect("connect to the metrics listener");
+    stream.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    // A write to a connection the listener already closed may fail; that is "no answer".
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer.starts_with(b"HTTP/1.1 200")
+}
+
+/// With `--metrics-max-connections` silent connections open, every further connection is
+/// closed at once (long before `--metrics-timeout-ms`), a scrape included; once the silent
+/// ones go away, scrapes are answered again.
+#[tokio::test]
+async fn metrics_connections_past_the_cap_are_closed_at_once() {
+    let server = CacheServer::memory(&[
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--metrics-timeout-ms",
+        "60000",
+        "--metrics-max-connections",
+        "2",
+    ]);
+    let addr = server.metrics_addr();
+    // Accepted in order, so these two take both places.
+    let holders: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let started = Instant::now();
+    for extra in 0..3 {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+        let mut buffer = [0u8; 64];
+        let read = stream.read(&mut buffer);
+        assert!(
+            matches!(&read, Ok(0))
+                || read
+                    .as_ref()
+                    .is_err_and(|err| err.kind() == ErrorKind::ConnectionReset),
+            "connection {extra} past the cap was not closed: {read:?}"
+        );
+    }
+    assert!(!scrape_answered(addr), "a scrape past the cap was served");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+    drop(holders);
+    let served = eventually(READY_TIMEOUT, || async move { scrape_answered(addr) }).await;
+    assert!(
+        served,
+        "scrapes are not served once the silent connections closed"
+    );
+}
+
 fn metric_names(expr: &str) -> Vec<&str> {
     expr.match_indices("cache_money_")
         .map(|(start, _)| {
