@@ -624,7 +624,9 @@ impl<S: Store> Collector for StoreCollector<S> {
             )?;
             encode_one(
                 &mut encoder,
-                "store_pool_connections_created",
+                // Not `…_created`: OpenMetrics reserves that suffix for a counter's creation
+                // time.
+                "store_pool_connections_opened",
                 "Redis connections opened since start.",
                 &ConstCounter::new(pool.created),
             )?;
