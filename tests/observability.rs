@@ -770,6 +770,7 @@ async fn metrics_connections_past_the_cap_are_closed_at_once() {
     );
 }
 
+/// The names PromQL `expr` mentions that start with `cache_money_`.
 fn metric_names(expr: &str) -> Vec<&str> {
     expr.match_indices("cache_money_")
         .map(|(start, _)| {
@@ -782,9 +783,27 @@ fn metric_names(expr: &str) -> Vec<&str> {
         .collect()
 }
 
-/// The Grafana dashboard is well formed, its panels use the datasource Grafana is provisioned
-/// with, it covers hit ratio, RPC rate and latency, errors, busts, store latency and shed
-/// load, and every metric its queries name is one a real server exports (histograms through
+/// The selector written after each `cache_money_` metric `expr` names (`{…}` without the
+/// braces); `None` for a name with no selector.
+fn metric_selectors(expr: &str) -> Vec<(&str, Option<&str>)> {
+    metric_names(expr)
+        .into_iter()
+        .zip(expr.match_indices("cache_money_"))
+        .map(|(name, (start, _))| {
+            let selector = expr[start + name.len()..]
+                .strip_prefix('{')
+                .and_then(|rest| rest.split_once('}'))
+                .map(|(selector, _)| selector);
+            (name, selector)
+        })
+        .collect()
+}
+
+/// The Grafana dashboard is well formed and reusable: every panel and query uses the
+/// `${datasource}` template variable (whose default is the datasource Grafana is provisioned
+/// with) and filters every metric by the `$job` and `$instance` variables; it covers hit
+/// ratio, RPC rate and latency, errors, busts, store latency and shed load, and every metric
+/// its queries (variables' included) name is one a real server exports (histograms through
 /// `_bucket`, `_sum` and `_count` of an exported histogram).
 #[tokio::test]
 async fn dashboard_queries_name_only_exported_metrics() {
@@ -827,6 +846,40 @@ async fn dashboard_queries_name_only_exported_metrics() {
     assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
     let exported = Scrape::of(&server, Format::OpenMetrics).queryable_names();
 
+    const DATASOURCE: &str = "${datasource}";
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating variables");
+    let variable = |name: &str| {
+        variables
+            .iter()
+            .find(|variable| variable["name"] == name)
+            .unwrap_or_else(|| panic!("no ${name} variable"))
+    };
+    let datasource = variable("datasource");
+    assert_eq!(datasource["type"], "datasource");
+    assert_eq!(datasource["query"], "prometheus");
+    assert_eq!(
+        datasource["current"]["value"].as_str(),
+        Some(uid),
+        "the datasource variable's default is the provisioned datasource"
+    );
+    for name in ["job", "instance"] {
+        let filter = variable(name);
+        assert_eq!(filter["type"], "query", "${name}");
+        assert_eq!(filter["datasource"]["uid"], DATASOURCE, "${name}");
+        assert_eq!(filter["includeAll"], true, "${name}");
+        let query = filter["query"]["query"].as_str().expect("a variable query");
+        let names = metric_names(query);
+        assert!(!names.is_empty(), "${name}: {query}");
+        for metric in names {
+            assert!(
+                exported.contains(metric),
+                "${name}: {metric} is not exported"
+            );
+        }
+    }
+
     let mut ids = HashSet::new();
     let mut used = BTreeSet::new();
     for panel in panels {
@@ -851,7 +904,7 @@ async fn dashboard_queries_name_only_exported_metrics() {
         );
         assert_eq!(
             panel["datasource"]["uid"].as_str(),
-            Some(uid),
+            Some(DATASOURCE),
             "{title}: datasource"
         );
         let targets = panel["targets"].as_array().expect("targets");
@@ -864,10 +917,18 @@ async fn dashboard_queries_name_only_exported_metrics() {
             );
             assert_eq!(
                 target["datasource"]["uid"].as_str(),
-                Some(uid),
+                Some(DATASOURCE),
                 "{title}: target datasource"
             );
             let expr = target["expr"].as_str().expect("expr");
+            for (name, selector) in metric_selectors(expr) {
+                let selector = selector.unwrap_or_default();
+                assert!(
+                    selector.contains(r#"job=~"$job""#)
+                        && selector.contains(r#"instance=~"$instance""#),
+                    "{title}: {name} is not filtered by $job and $instance in {expr}"
+                );
+            }
             let names = metric_names(expr);
             assert!(
                 !names.is_empty(),
