@@ -1013,8 +1013,10 @@ async fn request_ids_reach_the_logs_and_the_caller() {
     assert!(line.contains("store operation failed"), "{line}");
 }
 
-/// At debug level each RPC ends with one line in its span: method, request id, namespace,
-/// result, status code and duration; refused requests too. Values and tokens never appear.
+/// With the filter the README documents (`RUST_LOG=info,cache_money::server::observe=debug`,
+/// not the whole crate at debug) each RPC ends with one line in its span: method, request id,
+/// namespace, result, status code and duration; refused requests too. Values and tokens never
+/// appear.
 #[tokio::test]
 async fn each_rpc_is_a_span_with_its_outcome() {
     const TOKEN: &str = "span-test-token-0123456789";
@@ -1026,7 +1028,7 @@ async fn each_rpc_is_a_span_with_its_outcome() {
         &[],
         &[
             ("CACHE_MONEY_AUTH_TOKENS", &grants),
-            ("RUST_LOG", "info,cache_money=debug"),
+            ("RUST_LOG", "info,cache_money::server::observe=debug"),
         ],
     );
     let mut cm = server.client().await;
