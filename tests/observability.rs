@@ -17,6 +17,7 @@ use std::{
 
 use cache_money::pb::{self, cache_money_client::CacheMoneyClient};
 use cache_money::server::metrics::LATENCY_BUCKETS;
+use cache_money::server::store::{MEMORY_COMMANDS, redis::REDIS_COMMANDS};
 use common::{
     CacheServer, READY_TIMEOUT, RedisServer, eventually, get, http_get, http_request, key, put,
     venv_python,
@@ -768,6 +769,35 @@ async fn metrics_connections_past_the_cap_are_closed_at_once() {
         served,
         "scrapes are not served once the silent connections closed"
     );
+}
+
+/// The README's table lists exactly the `command` label values each store records (Redis's
+/// `STRLEN` and memory's `value_bytes` included), in the stores' order.
+#[test]
+fn readme_lists_every_store_command_label() {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .expect("read README.md");
+    let row = readme
+        .lines()
+        .find(|line| line.starts_with("| `cache_money_store_command_duration_seconds`"))
+        .expect("the README has a row for the store command histogram");
+    // The label values: backticked items, each followed by `,`, ` (`, `;` or `)`.
+    let listed = |after: &str, until: &str| -> Vec<String> {
+        let start = row
+            .find(after)
+            .unwrap_or_else(|| panic!("no {after:?} in {row}"))
+            + after.len();
+        let part = &row[start..];
+        let part = &part[..part.find(until).unwrap_or(part.len())];
+        part.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(listed("Redis:", "; in memory:"), REDIS_COMMANDS, "{row}");
+    assert_eq!(listed("in memory:", "|"), MEMORY_COMMANDS, "{row}");
 }
 
 /// The names PromQL `expr` mentions that start with `cache_money_`.
