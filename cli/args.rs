@@ -22,8 +22,10 @@ const PUT_USAGE: &str = concat!(
 
 const EXIT_CODES: &str = "\
 Exit codes: 0 done; 1 the call failed (the gRPC status and the server's message are printed),
-the server could not be reached or did not answer within --timeout, or health is not SERVING;
-2 usage (a bad flag, argument, name, digest, TTL or value; bust-all unconfirmed without a
+the server could not be reached or did not answer within --timeout (a bust cut off by
+--timeout is cancelled part way: some entries may already be gone), health is not SERVING, or
+bust-all was not confirmed with \"yes\" on the terminal (nothing removed); 2 usage (a bad flag,
+argument, name, digest, TTL or value; bust-all without --yes when standard input is not a
 terminal); 3 get found no entry.
 
 Token: set CACHE_MONEY_TOKEN or pass --token-file. There is no --token flag on purpose: a
@@ -136,8 +138,9 @@ pub enum ServiceCommand {
     },
     /// Removes every entry cache-money stored (asks first, or needs --yes).
     ///
-    /// On a terminal it asks for confirmation; with standard input not a terminal it refuses
-    /// unless given --yes.
+    /// On a terminal it asks for confirmation, naming the server; any answer but "yes" exits 1
+    /// with nothing removed. With standard input not a terminal it refuses (exit 2) unless
+    /// given --yes.
     BustAll {
         /// Do not ask: remove everything.
         #[arg(long)]

@@ -31,51 +31,55 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on a bust unless `--timeout` says otherwise: a large bust walks the keyspace for
 /// seconds, as the client library allows for.
 pub const DEFAULT_BUST_TIMEOUT: Duration = DEFAULT_BUST_DEADLINE;
-/// What `bust-all` asks on a terminal.
-pub const BUST_ALL_PROMPT: &str = "Type \"yes\" to remove every entry cache-money stored: ";
+/// What `bust-all` asks on a terminal, naming the `server` it would empty, so an operator
+/// whose `CACHE_MONEY_SERVER` points at production sees it before typing "yes".
+pub fn bust_all_prompt(server: &str) -> String {
+    format!("Type \"yes\" to remove every entry cache-money at {server} stored: ")
+}
 
-/// Runs `command`. `confirm` is asked before `bust-all` without `--yes`.
+/// Runs `command`. `confirm` is asked before `bust-all` without `--yes`, with the server's
+/// URL.
 ///
 /// # Errors
 /// A usage error, or the call's failure.
 pub async fn run(
     connection: &Connection,
     command: Command,
-    confirm: impl FnOnce() -> Result<(), CliError>,
+    confirm: impl FnOnce(&str) -> Result<(), CliError>,
 ) -> Result<Report, CliError> {
     match command {
         // Needs no server: anyone can find an entry's digest.
         Command::Digest { args } => Ok(Report::Digest(digest_args(&args)?)),
         Command::Service(command) => {
             if let ServiceCommand::BustAll { yes: false } = command {
-                confirm()?;
+                confirm(&connection.server)?;
             }
             Service::connect(connection)?.run(command).await
         }
     }
 }
 
-/// Asks the operator to confirm `bust-all`: on a terminal, prints [`BUST_ALL_PROMPT`] to
-/// `prompt` and reads one line; anywhere else, refuses at once rather than wait for input
-/// nobody will type.
+/// Asks the operator to confirm `bust-all` of `server`: on a terminal, prints
+/// [`bust_all_prompt`] to `prompt` and reads one line; anywhere else, refuses at once rather
+/// than wait for input nobody will type.
 ///
 /// # Errors
 /// [`CliError::Usage`] when `input` is not a terminal, [`CliError::NotConfirmed`] when the
 /// answer is not `yes`.
 pub fn confirm_bust_all(
+    server: &str,
     is_terminal: bool,
     mut input: impl BufRead,
     mut prompt: impl Write,
 ) -> Result<(), CliError> {
     if !is_terminal {
-        return Err(CliError::Usage(
+        return Err(CliError::Usage(format!(
             "bust-all: standard input is not a terminal, so nobody can confirm; pass --yes to \
-             remove every entry cache-money stored"
-                .to_owned(),
-        ));
+             remove every entry cache-money at {server} stored"
+        )));
     }
     // A prompt that cannot be shown or an answer that cannot be read is not a "yes".
-    let _ = write!(prompt, "{BUST_ALL_PROMPT}");
+    let _ = write!(prompt, "{}", bust_all_prompt(server));
     let _ = prompt.flush();
     let mut answer = String::new();
     match input.read_line(&mut answer) {
@@ -119,6 +123,20 @@ impl Service {
         })
     }
 
+    /// Awaits one bust within `--timeout`, or [`DEFAULT_BUST_TIMEOUT`] without it. A bust
+    /// that runs out of time is cancelled, not undone: the error says entries may be gone.
+    async fn bust<T>(
+        &self,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<T, CliError> {
+        match self.call(DEFAULT_BUST_TIMEOUT, call).await {
+            Err(CliError::Timeout { after, server }) => {
+                Err(CliError::BustCancelled { after, server })
+            }
+            other => other,
+        }
+    }
+
     /// Awaits one call within `--timeout`, or `default` without it.
     async fn call<T>(
         &self,
@@ -157,7 +175,7 @@ impl Service {
                 let request = BustRequest {
                     key: Some(wire(&key)),
                 };
-                let reply = self.call(DEFAULT_BUST_TIMEOUT, rpc.bust(request));
+                let reply = self.bust(rpc.bust(request));
                 Ok(Report::Removed {
                     removed: reply.await?.removed,
                     scope: Scope::Entry(key),
@@ -169,7 +187,7 @@ impl Service {
                     namespace: function.namespace().to_owned(),
                     function: function.function().to_owned(),
                 };
-                let reply = self.call(DEFAULT_BUST_TIMEOUT, rpc.bust_function(request));
+                let reply = self.bust(rpc.bust_function(request));
                 Ok(Report::Removed {
                     removed: reply.await?.removed,
                     scope: Scope::Function(function),
@@ -182,7 +200,7 @@ impl Service {
                 let request = BustNamespaceRequest {
                     namespace: namespace.clone(),
                 };
-                let reply = self.call(DEFAULT_BUST_TIMEOUT, rpc.bust_namespace(request));
+                let reply = self.bust(rpc.bust_namespace(request));
                 Ok(Report::Removed {
                     removed: reply.await?.removed,
                     scope: Scope::Namespace(namespace),
@@ -206,7 +224,7 @@ impl Service {
                 Ok(Report::Health(status))
             }
             ServiceCommand::BustAll { .. } => {
-                let reply = self.call(DEFAULT_BUST_TIMEOUT, rpc.bust_all(BustAllRequest {}));
+                let reply = self.bust(rpc.bust_all(BustAllRequest {}));
                 Ok(Report::Removed {
                     removed: reply.await?.removed,
                     scope: Scope::All,
@@ -278,26 +296,32 @@ fn wire(key: &EntryKey) -> cache_money::pb::Key {
 mod tests {
     use super::*;
 
+    const SERVER: &str = "https://cache.prod.example:50051";
+
     /// Without a terminal bust-all is refused at once, never waiting on input.
     #[test]
     fn bust_all_needs_a_terminal_or_yes() {
         let mut prompt = Vec::new();
-        let err = confirm_bust_all(false, &b"yes\n"[..], &mut prompt).unwrap_err();
+        let err = confirm_bust_all(SERVER, false, &b"yes\n"[..], &mut prompt).unwrap_err();
         assert!(
-            matches!(&err, CliError::Usage(message) if message.contains("--yes")),
+            matches!(&err, CliError::Usage(message) if message.contains("--yes") && message.contains(SERVER)),
             "{err}"
         );
         assert!(prompt.is_empty(), "nothing is asked when nobody can answer");
     }
 
-    /// On a terminal only the answer "yes" goes ahead; the prompt says what is at stake.
+    /// On a terminal only the answer "yes" goes ahead; the prompt says what is at stake,
+    /// naming the server that would be emptied.
     #[test]
     fn bust_all_asks_on_a_terminal() {
         let mut prompt = Vec::new();
-        assert!(confirm_bust_all(true, &b"yes\n"[..], &mut prompt).is_ok());
-        assert_eq!(prompt, BUST_ALL_PROMPT.as_bytes());
+        assert!(confirm_bust_all(SERVER, true, &b"yes\n"[..], &mut prompt).is_ok());
+        assert_eq!(
+            String::from_utf8(prompt).unwrap(),
+            format!("Type \"yes\" to remove every entry cache-money at {SERVER} stored: ")
+        );
         for answer in ["no\n", "y\n", "", "YES please\n"] {
-            let refused = confirm_bust_all(true, answer.as_bytes(), Vec::new());
+            let refused = confirm_bust_all(SERVER, true, answer.as_bytes(), Vec::new());
             assert!(matches!(refused, Err(CliError::NotConfirmed)), "{answer:?}");
         }
     }

@@ -24,14 +24,23 @@ pub enum CliError {
         /// The URL the CLI called.
         server: String,
     },
+    /// A bust the service did not finish within the bound, so the CLI cancelled it; the
+    /// service may have removed some of its entries already.
+    BustCancelled {
+        /// The bound that passed.
+        after: Duration,
+        /// The URL the CLI called.
+        server: String,
+    },
     /// The operator did not confirm `bust-all`.
     NotConfirmed,
 }
 
 /// Exit code of a command that was done.
 pub const EXIT_OK: u8 = 0;
-/// Exit code of a failed call, an unreachable or silent server, or a health that is not
-/// SERVING.
+/// Exit code of a failed call, an unreachable or silent server, a bust cancelled at
+/// `--timeout`, a health that is not SERVING, or a `bust-all` the operator did not confirm on
+/// the terminal.
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code of a usage error, as clap uses for its own.
 pub const EXIT_USAGE: u8 = 2;
@@ -43,7 +52,10 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => EXIT_USAGE,
-            CliError::Rpc { .. } | CliError::Timeout { .. } | CliError::NotConfirmed => EXIT_FAILED,
+            CliError::Rpc { .. }
+            | CliError::Timeout { .. }
+            | CliError::BustCancelled { .. }
+            | CliError::NotConfirmed => EXIT_FAILED,
         }
     }
 
@@ -52,7 +64,9 @@ impl CliError {
         match self {
             CliError::Usage(_) => "Usage".to_owned(),
             CliError::Rpc { status, .. } => format!("{:?}", status.code()),
-            CliError::Timeout { .. } => format!("{:?}", Code::DeadlineExceeded),
+            CliError::Timeout { .. } | CliError::BustCancelled { .. } => {
+                format!("{:?}", Code::DeadlineExceeded)
+            }
             CliError::NotConfirmed => "NotConfirmed".to_owned(),
         }
     }
@@ -79,6 +93,14 @@ impl fmt::Display for CliError {
             CliError::Timeout { after, server } => write!(
                 f,
                 "cache-money at {server} did not answer within {} (--timeout)",
+                humantime::format_duration(*after)
+            ),
+            // The call was dropped, not undone: the service removes in batches, and the ones
+            // done before the cancel stay done.
+            CliError::BustCancelled { after, server } => write!(
+                f,
+                "bust cancelled after {} (--timeout) waiting for cache-money at {server}; some \
+                 entries may already have been removed",
                 humantime::format_duration(*after)
             ),
             CliError::NotConfirmed => write!(f, "bust-all: not confirmed; nothing was removed"),

@@ -33,9 +33,9 @@ fn main() -> ExitCode {
         output,
         command,
     } = Cli::parse();
-    let confirm = || {
+    let confirm = |server: &str| {
         let stdin = std::io::stdin();
-        command::confirm_bust_all(stdin.is_terminal(), stdin.lock(), std::io::stderr())
+        command::confirm_bust_all(server, stdin.is_terminal(), stdin.lock(), std::io::stderr())
     };
     let outcome = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -59,6 +59,11 @@ pub const DEFAULT_METRICS_MAX_NAMESPACES: usize = 100;
 /// a scrape's usual budget (Prometheus's default `scrape_timeout` is 10 s, a scrape takes
 /// milliseconds).
 pub const DEFAULT_METRICS_TIMEOUT_MS: u64 = 20_000;
+/// Connections the metrics listener serves at once; one more is closed as soon as it is
+/// accepted. A scrape is one short connection per scraper, so 16 leaves room for several
+/// Prometheus replicas and a curl, while a client opening silent connections holds at most
+/// 16 tasks and sockets, each for at most `--metrics-timeout-ms`.
+pub const DEFAULT_METRICS_MAX_CONNECTIONS: usize = 16;
 
 /// How log lines are written to standard error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -191,6 +196,11 @@ pub struct Config {
     #[arg(long, env = "CACHE_MONEY_METRICS_TIMEOUT_MS", default_value_t = DEFAULT_METRICS_TIMEOUT_MS)]
     pub metrics_timeout_ms: u64,
 
+    /// Connections the metrics listener serves at once; past it, a new connection is closed
+    /// as soon as it is accepted.
+    #[arg(long, env = "CACHE_MONEY_METRICS_MAX_CONNECTIONS", default_value_t = DEFAULT_METRICS_MAX_CONNECTIONS)]
+    pub metrics_max_connections: usize,
+
     /// Milliseconds a client connection may be silent before the server PINGs it; a client
     /// that does not answer within --keepalive-timeout-ms is disconnected.
     #[arg(long, env = "CACHE_MONEY_KEEPALIVE_INTERVAL_MS", default_value_t = DEFAULT_KEEPALIVE_INTERVAL_MS)]
@@ -224,6 +234,10 @@ impl Config {
             ("--health-interval-ms", self.health_interval_ms),
             ("--worker-threads", self.worker_threads as u64),
             ("--metrics-timeout-ms", self.metrics_timeout_ms),
+            (
+                "--metrics-max-connections",
+                self.metrics_max_connections as u64,
+            ),
             ("--keepalive-interval-ms", self.keepalive_interval_ms),
             ("--keepalive-timeout-ms", self.keepalive_timeout_ms),
         ];

@@ -286,6 +286,7 @@ async fn serve<S: Store>(
         metrics_listen = metrics_addr.map(|addr| addr.to_string()).unwrap_or_default(),
         metrics_max_namespaces = config.metrics_max_namespaces,
         metrics_timeout_ms = config.metrics_timeout_ms,
+        metrics_max_connections = config.metrics_max_connections,
         keepalive_interval_ms = config.keepalive_interval_ms,
         keepalive_timeout_ms = config.keepalive_timeout_ms,
         "cache-money serving"
@@ -295,6 +296,7 @@ async fn serve<S: Store>(
             listener,
             metrics,
             config.metrics_timeout(),
+            config.metrics_max_connections,
         ))
     });
 

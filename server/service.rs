@@ -195,10 +195,15 @@ impl<S: Store> CacheService<S> {
             }));
     }
 
-    /// Counts the lookups of `keys` that failed with the store.
-    fn lookups_failed(&self, keys: &[EntryKey]) {
+    /// Counts the lookups of `keys` that failed with the store's `err`: shed when it was
+    /// refused for `--max-in-flight` (the store was never asked), an error otherwise.
+    fn lookups_failed(&self, keys: &[EntryKey], err: &StoreError) {
+        let result = match err {
+            StoreError::Overloaded { .. } => Lookup::Shed,
+            _ => Lookup::Error,
+        };
         self.metrics
-            .lookups(keys.iter().map(|key| (key.namespace(), Lookup::Error, 0)));
+            .lookups(keys.iter().map(|key| (key.namespace(), result, 0)));
     }
 
     async fn bust_scope(
@@ -237,7 +242,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
         record_namespace(key.namespace());
         self.allow(&context, Access::Read(key.namespace()))?;
         let value = self.store.get(&key).await.map_err(|err| {
-            self.lookups_failed(std::slice::from_ref(&key));
+            self.lookups_failed(std::slice::from_ref(&key), &err);
             self.failed("Get", &context, err)
         })?;
         self.record_lookups(std::slice::from_ref(&key), std::slice::from_ref(&value));
@@ -336,7 +341,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .saturating_mul(self.limits.max_value_bytes.saturating_add(RESULT_OVERHEAD));
         if worst > self.limits.max_response_bytes {
             let present = self.store.value_bytes(&keys).await.map_err(|err| {
-                self.lookups_failed(&keys);
+                self.lookups_failed(&keys, &err);
                 self.failed("GetMany", &context, err)
             })?;
             if present > self.limits.max_response_bytes as u64 {
@@ -344,7 +349,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
             }
         }
         let values = self.store.get_many(&keys).await.map_err(|err| {
-            self.lookups_failed(&keys);
+            self.lookups_failed(&keys, &err);
             self.failed("GetMany", &context, err)
         })?;
         let response = pb::GetManyResponse {

@@ -453,7 +453,10 @@ fn bust_all_without_yes_or_terminal_is_refused() {
     let started = Instant::now();
     let refused = cli.run(&["bust-all"]).exits(2);
     assert!(started.elapsed() < PROMPT, "bust-all waited for input");
-    refused.complains("not a terminal").complains("--yes");
+    refused
+        .complains("not a terminal")
+        .complains("--yes")
+        .complains(&server.url());
     cli.run(&["get", "ns", "kept", "[1]"]).exits(0);
 }
 
@@ -651,6 +654,27 @@ fn a_frozen_server_is_bounded_by_the_timeout() {
         )
     );
     cli.run(&["stats"]).exits(0);
+}
+
+/// A bust the server does not finish within --timeout is reported as cancelled, warning that
+/// some entries may already be gone (not as a call that did nothing), exit 1.
+#[test]
+fn a_bust_cut_off_by_the_timeout_says_entries_may_be_gone() {
+    let server = CacheServer::memory(&[]);
+    let cli = Cli::for_server(&server);
+    server.freeze();
+    let timed_out = cli.run(&["bust-namespace", "ns", "--timeout", "500ms", "-o", "json"]);
+    server.thaw();
+    let json = timed_out.exits(1).json();
+    assert_eq!(json["error"]["code"], "DeadlineExceeded");
+    assert_eq!(
+        json["error"]["message"],
+        format!(
+            "bust cancelled after 500ms (--timeout) waiting for cache-money at {}; some entries \
+             may already have been removed",
+            server.url()
+        )
+    );
 }
 
 /// --tls-ca verifies an https:// server against the given CA; without it the certificate is

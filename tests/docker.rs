@@ -239,6 +239,56 @@ fn compose_publishes_only_the_server_on_loopback() {
     }
 }
 
+/// Grafana's admin password has no default: compose passes GRAFANA_ADMIN_PASSWORD through
+/// (empty when unset, never `admin`), and the service's entrypoint, run here with `sh` as the
+/// container would, refuses to start Grafana without one and goes on to `/run.sh` with one.
+#[test]
+fn compose_grafana_requires_an_admin_password() {
+    let compose = compose();
+    let grafana = service(&compose, "grafana");
+    let password = environment(grafana)
+        .into_iter()
+        .find(|(key, _)| key == "GF_SECURITY_ADMIN_PASSWORD")
+        .map(|(_, value)| value)
+        .expect("grafana sets GF_SECURITY_ADMIN_PASSWORD");
+    assert_eq!(
+        password, "${GRAFANA_ADMIN_PASSWORD:-}",
+        "no default password"
+    );
+    let entrypoint = strings(&grafana["entrypoint"]);
+    let [shell, flag, script] = entrypoint.as_slice() else {
+        panic!("grafana's entrypoint is not [shell, -c, script]: {entrypoint:?}");
+    };
+    assert_eq!((shell.as_str(), flag.as_str()), ("/bin/sh", "-c"));
+    // Compose turns `$$` into `$` before the container sees it.
+    let script = script.replace("$$", "$");
+    let run = |password: Option<&str>| {
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", &script])
+            .env_remove("GF_SECURITY_ADMIN_PASSWORD");
+        if let Some(password) = password {
+            command.env("GF_SECURITY_ADMIN_PASSWORD", password);
+        }
+        command.output().expect("run sh")
+    };
+    for missing in [None, Some("")] {
+        let refused = run(missing);
+        assert_eq!(refused.status.code(), Some(64), "{missing:?}: {refused:?}");
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("set GRAFANA_ADMIN_PASSWORD"),
+            "{refused:?}"
+        );
+    }
+    // With a password it execs Grafana's own entrypoint, which this machine does not have.
+    let started = run(Some("s3cret-for-test"));
+    assert_ne!(started.status.code(), Some(64), "{started:?}");
+    assert!(
+        String::from_utf8_lossy(&started.stderr).contains("/run.sh"),
+        "{started:?}"
+    );
+}
+
 /// The runtime stage's `ENV` lines.
 fn image_env() -> Vec<(String, String)> {
     let stages = stages();

@@ -8,7 +8,7 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    io::{Read, Write},
+    io::{ErrorKind, Read, Write},
     net::TcpStream,
     path::PathBuf,
     process::{Command, Stdio},
@@ -16,6 +16,8 @@ use std::{
 };
 
 use cache_money::pb::{self, cache_money_client::CacheMoneyClient};
+use cache_money::server::metrics::LATENCY_BUCKETS;
+use cache_money::server::store::{MEMORY_COMMANDS, redis::REDIS_COMMANDS};
 use common::{
     CacheServer, READY_TIMEOUT, RedisServer, eventually, get, http_get, http_request, key, put,
     venv_python,
@@ -151,8 +153,9 @@ impl Scrape {
             .unwrap_or_else(|| panic!("no {name}{labels:?} in\n{}", self.text))
     }
 
-    /// Checks the histogram `name` with `labels`: explicit ordered buckets, cumulative counts,
-    /// `+Inf` equal to `_count`, and that count; a positive `_sum`.
+    /// Checks the histogram `name` with `labels`: exactly the buckets of [`LATENCY_BUCKETS`]
+    /// and `+Inf`, cumulative counts, `+Inf` equal to `_count`, and that count; a positive
+    /// `_sum`.
     fn check_histogram(&self, name: &str, labels: &[(&str, &str)], count: f64) {
         let mut buckets: Vec<(f64, f64)> = self
             .samples
@@ -174,7 +177,13 @@ impl Scrape {
             })
             .collect();
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        assert!(buckets.len() >= 10, "{name}{labels:?}: {buckets:?}");
+        let bounds: Vec<f64> = buckets.iter().map(|bucket| bucket.0).collect();
+        let expected: Vec<f64> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .collect();
+        assert_eq!(bounds, expected, "{name}{labels:?}: bucket bounds");
         assert!(
             buckets.windows(2).all(|pair| pair[0].1 <= pair[1].1),
             "{name}{labels:?}: not cumulative: {buckets:?}"
@@ -187,6 +196,28 @@ impl Scrape {
         );
         assert_eq!(self.expect(&format!("{name}_count"), labels), count);
         assert!(self.expect(&format!("{name}_sum"), labels) > 0.0);
+    }
+
+    /// The count of the histogram `name`'s bucket with upper bound `le` (seconds), among the
+    /// samples with `labels`.
+    fn bucket(&self, name: &str, labels: &[(&str, &str)], le: f64) -> f64 {
+        self.samples
+            .iter()
+            .filter(|sample| sample.name == format!("{name}_bucket"))
+            .filter(|sample| {
+                labels.iter().all(|(label, value)| {
+                    sample.labels.get(*label).map(String::as_str) == Some(value)
+                })
+            })
+            .find(|sample| {
+                sample
+                    .labels
+                    .get("le")
+                    .and_then(|le| le.parse::<f64>().ok())
+                    == Some(le)
+            })
+            .map(|sample| sample.value)
+            .unwrap_or_else(|| panic!("no {name}_bucket{labels:?} le={le} in\n{}", self.text))
     }
 
     /// The sample names PromQL may use: `_total` of counters, `_bucket`/`_sum`/`_count` of
@@ -425,15 +456,40 @@ async fn metrics_count_a_known_sequence_exactly() {
             );
         }
         assert!(scrape.expect("cache_money_store_pool_connections", &[]) >= 1.0);
-        assert!(scrape.expect("cache_money_store_pool_connections_created_total", &[]) >= 1.0);
-        scrape.check_histogram(
-            "cache_money_rpc_duration_seconds",
-            &[("method", "Get")],
-            6.0,
+        assert!(scrape.expect("cache_money_store_pool_connections_opened_total", &[]) >= 1.0);
+        // OpenMetrics reserves `_created` for a counter's creation time.
+        assert!(
+            !scrape
+                .families
+                .iter()
+                .any(|(family, _)| family.ends_with("_created")),
+            "{format:?}: a family named …_created: {:?}",
+            scrape.families
         );
         scrape.check_histogram(
             "cache_money_rpc_duration_seconds",
-            &[("method", "Put")],
+            &[("method", "Get"), ("outcome", "ok")],
+            5.0,
+        );
+        // Seconds, not milliseconds: a Get over loopback takes well under 0.1 s, so all five
+        // are in the bucket of 0.1 s (in milliseconds they would be counted past it).
+        assert_eq!(
+            scrape.bucket(
+                "cache_money_rpc_duration_seconds",
+                &[("method", "Get"), ("outcome", "ok")],
+                0.1
+            ),
+            5.0,
+            "{format:?}: loopback Gets slower than 0.1 s"
+        );
+        scrape.check_histogram(
+            "cache_money_rpc_duration_seconds",
+            &[("method", "Get"), ("outcome", "error")],
+            1.0,
+        );
+        scrape.check_histogram(
+            "cache_money_rpc_duration_seconds",
+            &[("method", "Put"), ("outcome", "ok")],
             2.0,
         );
         for (command, count) in [
@@ -456,8 +512,9 @@ async fn metrics_count_a_known_sequence_exactly() {
 }
 
 /// Requests refused by authentication or authorization and requests shed at
-/// `--max-in-flight` are counted by method and status code (the shed lookup as an error of its
-/// namespace), while the in-flight gauges show the request holding the only permit.
+/// `--max-in-flight` are counted by method and status code (the shed lookup as `shed` in its
+/// namespace, not as a store error) and timed under `outcome="error"`, while the in-flight gauges show the request
+/// holding the only permit.
 #[tokio::test]
 async fn refused_and_shed_requests_are_counted() {
     const TOKEN: &str = "billing-token-0123456789";
@@ -532,8 +589,13 @@ async fn refused_and_shed_requests_are_counted() {
         ("cache_money_requests_shed_total", &[][..], 1.0),
         (
             "cache_money_lookups_total",
-            &[("namespace", "billing"), ("result", "error")][..],
+            &[("namespace", "billing"), ("result", "shed")][..],
             1.0,
+        ),
+        (
+            "cache_money_lookups_total",
+            &[("namespace", "billing"), ("result", "error")][..],
+            0.0,
         ),
         ("cache_money_rpcs_in_flight", &[][..], 1.0),
         ("cache_money_store_operations_in_flight", &[][..], 1.0),
@@ -544,6 +606,20 @@ async fn refused_and_shed_requests_are_counted() {
         scrape.value(
             "cache_money_lookups_total",
             &[("namespace", "shipping"), ("result", "miss")]
+        ),
+        None
+    );
+    // Refusals are timed apart from answered RPCs, so they cannot pull the latency of
+    // answered Gets down.
+    scrape.check_histogram(
+        "cache_money_rpc_duration_seconds",
+        &[("method", "Get"), ("outcome", "error")],
+        3.0,
+    );
+    assert_eq!(
+        scrape.value(
+            "cache_money_rpc_duration_seconds_count",
+            &[("method", "Get"), ("outcome", "ok")]
         ),
         None
     );
@@ -636,6 +712,94 @@ fn metrics_listener_is_small_and_bounded() {
     );
 }
 
+/// Whether `GET /metrics` over a new connection to `addr` is answered 200; false when the
+/// listener closes the connection without an answer.
+fn scrape_answered(addr: std::net::SocketAddr) -> bool {
+    let mut stream = TcpStream::connect(addr).expect("connect to the metrics listener");
+    stream.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    // A write to a connection the listener already closed may fail; that is "no answer".
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer.starts_with(b"HTTP/1.1 200")
+}
+
+/// With `--metrics-max-connections` silent connections open, every further connection is
+/// closed at once (long before `--metrics-timeout-ms`), a scrape included; once the silent
+/// ones go away, scrapes are answered again.
+#[tokio::test]
+async fn metrics_connections_past_the_cap_are_closed_at_once() {
+    let server = CacheServer::memory(&[
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--metrics-timeout-ms",
+        "60000",
+        "--metrics-max-connections",
+        "2",
+    ]);
+    let addr = server.metrics_addr();
+    // Accepted in order, so these two take both places.
+    let holders: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let started = Instant::now();
+    for extra in 0..3 {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+        let mut buffer = [0u8; 64];
+        let read = stream.read(&mut buffer);
+        assert!(
+            matches!(&read, Ok(0))
+                || read
+                    .as_ref()
+                    .is_err_and(|err| err.kind() == ErrorKind::ConnectionReset),
+            "connection {extra} past the cap was not closed: {read:?}"
+        );
+    }
+    assert!(!scrape_answered(addr), "a scrape past the cap was served");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+    drop(holders);
+    let served = eventually(READY_TIMEOUT, || async move { scrape_answered(addr) }).await;
+    assert!(
+        served,
+        "scrapes are not served once the silent connections closed"
+    );
+}
+
+/// The README's table lists exactly the `command` label values each store records (Redis's
+/// `STRLEN` and memory's `value_bytes` included), in the stores' order.
+#[test]
+fn readme_lists_every_store_command_label() {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .expect("read README.md");
+    let row = readme
+        .lines()
+        .find(|line| line.starts_with("| `cache_money_store_command_duration_seconds`"))
+        .expect("the README has a row for the store command histogram");
+    // The label values: backticked items, each followed by `,`, ` (`, `;` or `)`.
+    let listed = |after: &str, until: &str| -> Vec<String> {
+        let start = row
+            .find(after)
+            .unwrap_or_else(|| panic!("no {after:?} in {row}"))
+            + after.len();
+        let part = &row[start..];
+        let part = &part[..part.find(until).unwrap_or(part.len())];
+        part.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(listed("Redis:", "; in memory:"), REDIS_COMMANDS, "{row}");
+    assert_eq!(listed("in memory:", "|"), MEMORY_COMMANDS, "{row}");
+}
+
 /// The names PromQL `expr` mentions that start with `cache_money_`.
 fn metric_names(expr: &str) -> Vec<&str> {
     expr.match_indices("cache_money_")
@@ -649,9 +813,27 @@ fn metric_names(expr: &str) -> Vec<&str> {
         .collect()
 }
 
-/// The Grafana dashboard is well formed, its panels use the datasource Grafana is provisioned
-/// with, it covers hit ratio, RPC rate and latency, errors, busts, store latency and shed
-/// load, and every metric its queries name is one a real server exports (histograms through
+/// The selector written after each `cache_money_` metric `expr` names (`{…}` without the
+/// braces); `None` for a name with no selector.
+fn metric_selectors(expr: &str) -> Vec<(&str, Option<&str>)> {
+    metric_names(expr)
+        .into_iter()
+        .zip(expr.match_indices("cache_money_"))
+        .map(|(name, (start, _))| {
+            let selector = expr[start + name.len()..]
+                .strip_prefix('{')
+                .and_then(|rest| rest.split_once('}'))
+                .map(|(selector, _)| selector);
+            (name, selector)
+        })
+        .collect()
+}
+
+/// The Grafana dashboard is well formed and reusable: every panel and query uses the
+/// `${datasource}` template variable (whose default is the datasource Grafana is provisioned
+/// with) and filters every metric by the `$job` and `$instance` variables; it covers hit
+/// ratio, RPC rate and latency, errors, busts, store latency and shed load, and every metric
+/// its queries (variables' included) name is one a real server exports (histograms through
 /// `_bucket`, `_sum` and `_count` of an exported histogram).
 #[tokio::test]
 async fn dashboard_queries_name_only_exported_metrics() {
@@ -694,6 +876,40 @@ async fn dashboard_queries_name_only_exported_metrics() {
     assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
     let exported = Scrape::of(&server, Format::OpenMetrics).queryable_names();
 
+    const DATASOURCE: &str = "${datasource}";
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating variables");
+    let variable = |name: &str| {
+        variables
+            .iter()
+            .find(|variable| variable["name"] == name)
+            .unwrap_or_else(|| panic!("no ${name} variable"))
+    };
+    let datasource = variable("datasource");
+    assert_eq!(datasource["type"], "datasource");
+    assert_eq!(datasource["query"], "prometheus");
+    assert_eq!(
+        datasource["current"]["value"].as_str(),
+        Some(uid),
+        "the datasource variable's default is the provisioned datasource"
+    );
+    for name in ["job", "instance"] {
+        let filter = variable(name);
+        assert_eq!(filter["type"], "query", "${name}");
+        assert_eq!(filter["datasource"]["uid"], DATASOURCE, "${name}");
+        assert_eq!(filter["includeAll"], true, "${name}");
+        let query = filter["query"]["query"].as_str().expect("a variable query");
+        let names = metric_names(query);
+        assert!(!names.is_empty(), "${name}: {query}");
+        for metric in names {
+            assert!(
+                exported.contains(metric),
+                "${name}: {metric} is not exported"
+            );
+        }
+    }
+
     let mut ids = HashSet::new();
     let mut used = BTreeSet::new();
     for panel in panels {
@@ -718,7 +934,7 @@ async fn dashboard_queries_name_only_exported_metrics() {
         );
         assert_eq!(
             panel["datasource"]["uid"].as_str(),
-            Some(uid),
+            Some(DATASOURCE),
             "{title}: datasource"
         );
         let targets = panel["targets"].as_array().expect("targets");
@@ -731,10 +947,18 @@ async fn dashboard_queries_name_only_exported_metrics() {
             );
             assert_eq!(
                 target["datasource"]["uid"].as_str(),
-                Some(uid),
+                Some(DATASOURCE),
                 "{title}: target datasource"
             );
             let expr = target["expr"].as_str().expect("expr");
+            for (name, selector) in metric_selectors(expr) {
+                let selector = selector.unwrap_or_default();
+                assert!(
+                    selector.contains(r#"job=~"$job""#)
+                        && selector.contains(r#"instance=~"$instance""#),
+                    "{title}: {name} is not filtered by $job and $instance in {expr}"
+                );
+            }
             let names = metric_names(expr);
             assert!(
                 !names.is_empty(),
@@ -819,8 +1043,10 @@ async fn request_ids_reach_the_logs_and_the_caller() {
     assert!(line.contains("store operation failed"), "{line}");
 }
 
-/// At debug level each RPC ends with one line in its span: method, request id, namespace,
-/// result, status code and duration; refused requests too. Values and tokens never appear.
+/// With the filter the README documents (`RUST_LOG=info,cache_money::server::observe=debug`,
+/// not the whole crate at debug) each RPC ends with one line in its span: method, request id,
+/// namespace, result, status code and duration; refused requests too. Values and tokens never
+/// appear.
 #[tokio::test]
 async fn each_rpc_is_a_span_with_its_outcome() {
     const TOKEN: &str = "span-test-token-0123456789";
@@ -832,7 +1058,7 @@ async fn each_rpc_is_a_span_with_its_outcome() {
         &[],
         &[
             ("CACHE_MONEY_AUTH_TOKENS", &grants),
-            ("RUST_LOG", "info,cache_money=debug"),
+            ("RUST_LOG", "info,cache_money::server::observe=debug"),
         ],
     );
     let mut cm = server.client().await;

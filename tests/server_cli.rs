@@ -162,6 +162,7 @@ fn every_setting(files: &SettingFiles) -> Vec<(&'static str, String, String)> {
         ),
         number("metrics-max-namespaces", 7),
         number("metrics-timeout-ms", 20_001),
+        number("metrics-max-connections", 17),
         number("keepalive-interval-ms", 30_001),
         number("keepalive-timeout-ms", 10_001),
         // A JSON start-up line is the proof.
@@ -225,7 +226,7 @@ fn every_setting_is_read_from_flag_and_from_environment_variable() {
 /// Settings that cannot work stop start-up with a message naming the flag.
 #[test]
 fn bad_configuration_is_refused_clearly() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (
             &["--key-prefix", "cache"],
             "--key-prefix: must end with a character outside [A-Za-z0-9_.-] such as ':', so entries cannot be confused with other keys; got \"cache\"",
@@ -242,6 +243,10 @@ fn bad_configuration_is_refused_clearly() {
         (
             &["--metrics-timeout-ms", "0"],
             "--metrics-timeout-ms: must be at least 1",
+        ),
+        (
+            &["--metrics-max-connections", "0"],
+            "--metrics-max-connections: must be at least 1",
         ),
         (
             &["--max-value-bytes", "9000000"],

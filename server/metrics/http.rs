@@ -1,16 +1,17 @@
 //! The `/metrics` listener: hyper's HTTP/1 server (already in the build under tonic's), one
-//! request per connection, every connection cut off after `--metrics-timeout-ms`. `GET
+//! request per connection, every connection cut off after `--metrics-timeout-ms`, at most
+//! `--metrics-max-connections` served at once. `GET
 //! /metrics` answers the registry; anything else is 404. No token: it listens only where
 //! `--metrics-listen` says (SECURITY.md).
 
-use std::{convert::Infallible, time::Duration};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tracing::{debug, warn};
 
 use super::{Format, Metrics};
@@ -23,8 +24,16 @@ pub const PATH: &str = "/metrics";
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// Serves `metrics` on `listener` until the task is dropped, each connection for at most
-/// `timeout`.
-pub async fn serve(listener: TcpListener, metrics: Metrics, timeout: Duration) {
+/// `timeout` and at most `max_connections` at once. A connection past the cap is accepted and
+/// closed at once rather than left in the backlog, so its client learns immediately and the
+/// cap holds however many connections are opened.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Metrics,
+    timeout: Duration,
+    max_connections: usize,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -34,8 +43,15 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, timeout: Duration) {
                 continue;
             }
         };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            debug!(%peer, "metrics connection closed: --metrics-max-connections are open");
+            drop(stream);
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            // Held until the connection ends, however it ends.
+            let _permit = permit;
             let respond = service_fn(move |request| {
                 let response = respond(&metrics, &request);
                 async move { Ok::<_, Infallible>(response) }

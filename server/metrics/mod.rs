@@ -42,11 +42,13 @@ use crate::server::store::{Store, StoreError};
 pub const PREFIX: &str = "cache_money";
 
 /// Upper bounds of the latency histograms' buckets, in seconds: from 50 µs (a hit over
-/// loopback) to 2.5 s (ten default store timeouts). Explicit and the same on every replica,
-/// so a fleet's histograms add up, which summaries cannot.
-pub const LATENCY_BUCKETS: [f64; 15] = [
+/// loopback) to 60 s. Past 2.5 s (ten default store timeouts) the buckets are for busts,
+/// whose SCAN/UNLINK over a large keyspace takes seconds to minutes and would otherwise all
+/// land in `+Inf`. Explicit and the same on every replica, so a fleet's histograms add up,
+/// which summaries cannot.
+pub const LATENCY_BUCKETS: [f64; 19] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 /// The namespace label of lookups in namespaces past `--metrics-max-namespaces`. A namespace
@@ -62,6 +64,9 @@ pub enum Lookup {
     Miss,
     /// The store failed, so nobody knows.
     Error,
+    /// Refused at once because `--max-in-flight` store operations were running; the store was
+    /// not asked, so this is load, not a store failure.
+    Shed,
 }
 
 /// The text formats `/metrics` speaks.
@@ -114,8 +119,17 @@ struct RpcLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MethodLabels {
+struct DurationLabels {
     method: &'static str,
+    outcome: &'static str,
+}
+
+/// The `outcome` label of `cache_money_rpc_duration_seconds`: `ok` for an RPC answered `OK`,
+/// `error` for any other status. Refusals (shed, unauthenticated, invalid, store down) end in
+/// microseconds; kept apart, they cannot pull the latency of answered RPCs down during an
+/// incident.
+pub fn outcome_name(code: Code) -> &'static str {
+    if code == Code::Ok { "ok" } else { "error" }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -162,6 +176,7 @@ struct NamespaceCounters {
     hits: Counter,
     misses: Counter,
     errors: Counter,
+    shed: Counter,
     read_bytes: Counter,
     written_bytes: Counter,
 }
@@ -190,6 +205,7 @@ impl NamespaceFamilies {
             hits: lookup("hit"),
             misses: lookup("miss"),
             errors: lookup("error"),
+            shed: lookup("shed"),
             read_bytes: self.read_bytes.get_or_create_owned(&labels),
             written_bytes: self.written_bytes.get_or_create_owned(&labels),
         }
@@ -266,7 +282,8 @@ const CODES: usize = 17;
 /// without a label lookup.
 #[derive(Debug)]
 struct MethodSeries {
-    duration: OnceLock<Histogram>,
+    /// By outcome: `ok` first, then `error`.
+    duration: [OnceLock<Histogram>; 2],
     codes: [OnceLock<Counter>; CODES],
 }
 
@@ -276,7 +293,7 @@ struct Recorder {
     /// Behind a lock only so the store's collector can join after start; scrapes read it.
     registry: Mutex<Registry>,
     rpcs: Family<RpcLabels, Counter>,
-    rpc_duration: Histograms<MethodLabels>,
+    rpc_duration: Histograms<DurationLabels>,
     /// By [`Method::index`].
     methods: Vec<MethodSeries>,
     rpcs_in_flight: Gauge,
@@ -310,7 +327,7 @@ impl Metrics {
             rpc_duration: Family::new_with_constructor(latency_histogram),
             methods: (0..Method::COUNT)
                 .map(|_| MethodSeries {
-                    duration: OnceLock::new(),
+                    duration: [OnceLock::new(), OnceLock::new()],
                     codes: std::array::from_fn(|_| OnceLock::new()),
                 })
                 .collect(),
@@ -340,7 +357,7 @@ impl Metrics {
             );
             r.register_with_unit(
                 "rpc_duration",
-                "Time from receiving an RPC to sending its status, by method",
+                "Time from receiving an RPC to sending its status, by method and outcome (ok: status OK; error: any other status)",
                 Unit::Seconds,
                 recorder.rpc_duration.clone(),
             );
@@ -377,7 +394,7 @@ impl Metrics {
             );
             r.register(
                 "lookups",
-                "Keys looked up by Get and GetMany, by namespace and result (hit, miss, error)",
+                "Keys looked up by Get and GetMany, by namespace and result (hit, miss, error, shed)",
                 recorder.namespaces.families.lookups.clone(),
             );
             r.register_with_unit(
@@ -440,12 +457,13 @@ impl Metrics {
                 })
             })
             .inc();
-        series
-            .duration
+        let outcome = outcome_name(code);
+        series.duration[usize::from(code != Code::Ok)]
             .get_or_init(|| {
-                recorder
-                    .rpc_duration
-                    .get_or_create_owned(&MethodLabels { method: name })
+                recorder.rpc_duration.get_or_create_owned(&DurationLabels {
+                    method: name,
+                    outcome,
+                })
             })
             .observe(elapsed.as_secs_f64());
     }
@@ -468,6 +486,9 @@ impl Metrics {
                 }
                 Lookup::Error => {
                     counters.errors.inc();
+                }
+                Lookup::Shed => {
+                    counters.shed.inc();
                 }
             },
         );
@@ -603,7 +624,9 @@ impl<S: Store> Collector for StoreCollector<S> {
             )?;
             encode_one(
                 &mut encoder,
-                "store_pool_connections_created",
+                // Not `…_created`: OpenMetrics reserves that suffix for a counter's creation
+                // time.
+                "store_pool_connections_opened",
                 "Redis connections opened since start.",
                 &ConstCounter::new(pool.created),
             )?;

@@ -16,6 +16,18 @@ use crate::key::{EntryKey, FunctionKey, check_digest};
 use crate::lock;
 use crate::server::metrics::Metrics;
 
+/// The `command` label values of `cache_money_store_command_duration_seconds` for the
+/// in-memory store: one per operation, as the README lists them.
+pub const MEMORY_COMMANDS: [&str; 7] = [
+    "get",
+    "get_many",
+    "value_bytes",
+    "put",
+    "put_many",
+    "bust",
+    "keys",
+];
+
 /// How often expired entries are swept out. Reads never see them either way; this only bounds
 /// how long their memory stays counted.
 const PURGE_INTERVAL: Duration = Duration::from_millis(250);
@@ -177,8 +189,10 @@ impl MemoryStore {
         lock(&self.shared)
     }
 
-    /// Runs `work` on the entries at one instant, timed as `command`.
+    /// Runs `work` on the entries at one instant, timed as `command` (one of
+    /// [`MEMORY_COMMANDS`]).
     fn timed<T>(&self, command: &'static str, work: impl FnOnce(&mut State, Instant) -> T) -> T {
+        debug_assert!(MEMORY_COMMANDS.contains(&command), "{command}");
         let started = self.metrics.start();
         let result = work(&mut self.locked(), Instant::now());
         self.metrics.store_command(command, started);

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use crate::key::{EntryKey, FunctionKey};
 use crate::server::key::EntryParts;
 
-pub use self::memory::MemoryStore;
+pub use self::memory::{MEMORY_COMMANDS, MemoryStore};
 pub use self::redis::RedisStore;
 
 /// Which entries a bust removes.

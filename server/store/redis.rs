@@ -28,6 +28,21 @@ use crate::lock;
 use crate::server::key::KeyLayout;
 use crate::server::metrics::Metrics;
 
+/// The `command` label values of `cache_money_store_command_duration_seconds` for Redis: the
+/// command (or pipeline) each store operation sends, as the README lists them. `STRLEN` is
+/// GetMany's size check before it loads values; the health probe's `PING` is not timed.
+pub const REDIS_COMMANDS: [&str; 9] = [
+    "GET",
+    "MGET",
+    "STRLEN",
+    "SET",
+    "SET (batch)",
+    "UNLINK",
+    "SCAN/UNLINK",
+    "SCAN",
+    "PTTL",
+];
+
 /// What the Redis store needs to know.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -293,6 +308,7 @@ impl RedisStore {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
+        debug_assert!(REDIS_COMMANDS.contains(&op), "{op}");
         let started = Instant::now();
         let deadline = started + self.timeout;
         let Ok(_permit) = self.in_flight.try_acquire() else {
