@@ -594,11 +594,7 @@ async fn refused_writes_are_warned_once_and_do_not_open_the_breaker() {
     assert_eq!(metrics.refused, 10, "{metrics:?}");
     assert_eq!(metrics.rpc_failures, 0, "{metrics:?}");
     assert!(!metrics.breaker_open, "{metrics:?}");
-    let warnings: Vec<String> = logs
-        .lines()
-        .into_iter()
-        .filter(|line| line.contains("WARN"))
-        .collect();
+    let warnings = logs.warnings();
     assert_eq!(warnings.len(), 1, "{warnings:#?}");
     assert!(
         warnings[0].contains("not cached") && warnings[0].contains("--max-value-bytes"),

@@ -334,11 +334,7 @@ async fn a_wrong_ca_is_reported_and_memoize_warns_once() {
         let value: u32 = f.memoize(&(n,), || async move { n * 2 }).await.unwrap();
         assert_eq!(value, n * 2);
     }
-    let warnings: Vec<String> = logs
-        .lines()
-        .into_iter()
-        .filter(|line| line.contains("WARN"))
-        .collect();
+    let warnings = logs.warnings();
     assert_eq!(warnings.len(), 1, "expected one warning: {warnings:#?}");
     assert!(
         warnings[0].contains("caching is off") && warnings[0].contains("certificate"),

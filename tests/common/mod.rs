@@ -754,6 +754,14 @@ impl Logs {
         tracing::subscriber::set_default(subscriber)
     }
 
+    /// The `WARN` lines captured so far.
+    pub fn warnings(&self) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .filter(|line| line.contains("WARN"))
+            .collect()
+    }
+
     /// Every line captured so far.
     pub fn lines(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.0.lock().unwrap())
