@@ -703,3 +703,45 @@ async fn oversized_get_many_is_refused_before_reading_values() {
     );
     assert_eq!(mgets(&mut conn).await, 1);
 }
+
+/// After Redis restarts while no request comes, the health probe finds its connection lost
+/// and the pool's connections are retired with it: once the server reports SERVING again,
+/// the next requests succeed instead of each failing once on a dead pooled connection.
+#[tokio::test]
+async fn requests_after_an_idle_redis_restart_succeed() {
+    let mut redis = RedisServer::start();
+    let server = CacheServer::redis(&redis, &["--health-interval-ms", "50"]);
+    let mut client = server.client().await;
+    // A request opens a pooled connection, which the restart then kills.
+    get(&mut client, key("ns", "idle", 0)).await;
+    redis.restart();
+    let mut conn = redis.connect().await;
+    // The probe has noticed once it has reconnected: the new Redis sees its connection
+    // (ours is the other one) and health is SERVING.
+    let noticed = eventually(Duration::from_secs(10), || {
+        let mut conn = conn.clone();
+        let server = &server;
+        async move {
+            let clients: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            clients.lines().count() >= 2 && health(server).await == ServingStatus::Serving as i32
+        }
+    })
+    .await;
+    assert!(noticed, "the health probe never reconnected");
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+    for n in 0..4 {
+        let reply = client
+            .get(pb::GetRequest {
+                key: Some(key("ns", "idle", n)),
+            })
+            .await;
+        assert!(
+            reply.is_ok(),
+            "request {n} after the restart failed: {reply:?}"
+        );
+    }
+}

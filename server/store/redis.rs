@@ -5,7 +5,7 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -74,6 +74,10 @@ pub struct RedisSettings {
 struct Manager {
     client: Client,
     config: AsyncConnectionConfig,
+    /// Bumped when the health probe finds its connection lost (a Redis restart, a dropped
+    /// flow): pooled connections opened before then are retired at their next checkout
+    /// instead of failing the request that draws them.
+    generation: Arc<AtomicU64>,
 }
 
 /// A pooled connection and whether a command on it has failed in a way that leaves it
@@ -83,6 +87,16 @@ struct Manager {
 struct Connection {
     redis: MultiplexedConnection,
     broken: Arc<AtomicBool>,
+    /// The manager's generation when it was opened.
+    generation: u64,
+}
+
+impl Connection {
+    /// Whether it can no longer be trusted: a command on it failed, or the health probe lost
+    /// its own connection since this one was opened.
+    fn retired(&self, generation: &AtomicU64) -> bool {
+        self.broken.load(Relaxed) || self.generation < generation.load(Relaxed)
+    }
 }
 
 impl ManageConnection for Manager {
@@ -90,6 +104,7 @@ impl ManageConnection for Manager {
     type Error = RedisError;
 
     async fn connect(&self) -> Result<Connection, RedisError> {
+        let generation = self.generation.load(Relaxed);
         let redis = self
             .client
             .get_multiplexed_async_connection_with_config(&self.config)
@@ -97,6 +112,7 @@ impl ManageConnection for Manager {
         Ok(Connection {
             redis,
             broken: Arc::new(AtomicBool::new(false)),
+            generation,
         })
     }
 
@@ -106,7 +122,7 @@ impl ManageConnection for Manager {
     }
 
     fn has_broken(&self, connection: &mut Connection) -> bool {
-        connection.broken.load(Relaxed)
+        connection.retired(&self.generation)
     }
 }
 
@@ -176,6 +192,8 @@ pub struct RedisStore {
     client: Client,
     config: AsyncConnectionConfig,
     probe: Arc<Mutex<Probe>>,
+    /// The pool's generation (see [`Manager`]), bumped by the health probe.
+    generation: Arc<AtomicU64>,
     /// Bounds the commands in flight: past it, callers are refused at once (load shedding)
     /// rather than queueing behind a slow Redis.
     in_flight: Arc<Semaphore>,
@@ -232,6 +250,7 @@ impl RedisStore {
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(None);
         let connect_errors = ConnectErrors::default();
+        let generation = Arc::new(AtomicU64::new(0));
         let pool = Pool::builder()
             .max_size(settings.pool_size)
             .min_idle(None)
@@ -245,12 +264,14 @@ impl RedisStore {
             .build_unchecked(Manager {
                 client: client.clone(),
                 config: config.clone(),
+                generation: generation.clone(),
             });
         Ok(RedisStore {
             pool,
             client,
             config,
             probe: Arc::default(),
+            generation,
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             connect_errors,
             max_in_flight: settings.max_in_flight,
@@ -264,6 +285,15 @@ impl RedisStore {
     /// The same store, timing its commands into `metrics`.
     pub fn with_metrics(self, metrics: Metrics) -> Self {
         RedisStore { metrics, ..self }
+    }
+
+    /// Drops the probe's connection after it was lost, and retires the pooled connections
+    /// opened before: whatever took the probe's connection (a Redis restart, a dropped flow)
+    /// most likely took theirs, and they are replaced at checkout rather than failing the
+    /// next requests one by one.
+    fn retire_probe(&self, probe: &mut Probe) {
+        *probe = Probe::default();
+        self.generation.fetch_add(1, Relaxed);
     }
 
     /// A connection handle by `deadline`. The pooled connection goes straight back to the
@@ -294,7 +324,7 @@ impl RedisStore {
             };
             // A connection that broke since it was last returned is dropped on return (bb8
             // asks has_broken); take another.
-            if !pooled.broken.load(Relaxed) {
+            if !pooled.retired(&self.generation) {
                 return Ok((pooled.redis.clone(), pooled.broken.clone()));
             }
         }
@@ -640,13 +670,13 @@ impl Store for RedisStore {
             }
             Ok(Err(err)) => {
                 if connection_lost(&err) {
-                    *probe = Probe::default();
+                    self.retire_probe(&mut probe);
                 }
                 Err(classify(err))
             }
             Err(_) => {
                 if probe.timed_out {
-                    *probe = Probe::default();
+                    self.retire_probe(&mut probe);
                 } else {
                     probe.timed_out = true;
                 }
