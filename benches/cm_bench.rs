@@ -7,8 +7,9 @@
 //! Options: --reps N (3), --seconds S per measurement (3), --bust-entries N (1000000),
 //! --footprint-seconds S (60), --only get50,get1,memo-hit,memo-miss,batch,h2load,get50-metrics,
 //! bust,footprint (a comma-separated subset of the scenarios, for working on one).
-//! `get50-metrics` runs a second server with `--metrics-listen` beside the first and measures
-//! the 50-caller Get on each, interleaved: the cost of metrics. It starts its own redis-server and cache-money-server on
+//! `get50-metrics` runs a second server with `--metrics-listen` and a third just like the first
+//! beside it, and measures the 50-caller Get on each, interleaved: the cost of metrics, and a
+//! control whose distance from 1.0 is the noise floor of that comparison. It starts its own redis-server and cache-money-server on
 //! loopback and stops them; every loop is bounded by time and count.
 
 #[path = "../tests/common/mod.rs"]
@@ -532,6 +533,10 @@ async fn main() {
             "Get hit, 64 B, 50 callers, metrics on",
             "the same, metrics off",
         ),
+        Row::new(
+            "control: Get hit, 50 callers, a second server with metrics off",
+            "the same, the first server",
+        ),
     ];
     // A second server in front of the same Redis, with metrics on, for get50-metrics.
     let metered = if settings.wants("get50-metrics") {
@@ -540,7 +545,12 @@ async fn main() {
             &["--max-batch", "1000", "--metrics-listen", "127.0.0.1:0"],
         );
         let clients = channels(&server).await;
-        Some((server, clients))
+        // The control: a second server just like the first (metrics off), measured the same
+        // way. How far its ratio to the first strays from 1 is the noise floor of the
+        // metrics row: a difference smaller than that is not a measured cost.
+        let control = CacheServer::redis(&redis, &["--max-batch", "1000"]);
+        let control_clients = channels(&control).await;
+        Some((server, clients, control, control_clients))
     } else {
         None
     };
@@ -570,19 +580,31 @@ async fn main() {
             rows[0].cm.push(measured);
         }
 
-        if let Some((metered, metered_clients)) = &metered {
-            // Alternating which goes first, so drift on the shared machine favours neither.
-            let off = || get50(&clients, duration, server_pid, redis.pid());
-            let on = || get50(metered_clients, duration, metered.pid(), redis.pid());
-            let ((off, [off_us, ..]), (on, [on_us, ..])) = if rep % 2 == 0 {
-                let off = off().await;
-                (off, on().await)
-            } else {
-                let on = on().await;
-                (off().await, on)
+        if let Some((metered, metered_clients, control, control_clients)) = &metered {
+            // Rotating which goes first, so drift on the shared machine favours none.
+            let mut order = [0, 1, 2];
+            order.rotate_left(rep % 3);
+            let mut measured = [None, None, None];
+            for which in order {
+                let (clients, pid) = match which {
+                    0 => (&clients, server_pid),
+                    1 => (metered_clients, metered.pid()),
+                    _ => (control_clients, control.pid()),
+                };
+                measured[which] = Some(get50(clients, duration, pid, redis.pid()).await);
+            }
+            let [
+                Some((off, [off_us, ..])),
+                Some((on, [on_us, ..])),
+                Some((second, _)),
+            ] = measured
+            else {
+                unreachable!("each of the three servers was measured")
             };
             rows[6].reference_samples.push(off);
             rows[6].cm.push(on);
+            rows[7].reference_samples.push(off);
+            rows[7].cm.push(second);
             metrics_cpu.push([off_us, on_us]);
         }
 
@@ -743,7 +765,7 @@ async fn main() {
             reference(1),
         );
     }
-    if let Some((metered, _)) = &metered {
+    if let Some((metered, ..)) = &metered {
         let page = common::http_get(metered.metrics_addr(), "/metrics", &[]).body;
         let counted = scraped(&page, "cache_money_rpcs_total{method=\"Get\",code=\"OK\"} ")
             .expect("the metered server counted its Gets");

@@ -198,33 +198,41 @@ where
             span: span.clone(),
             done: false,
         };
-        // The interceptor runs inside `call`: its work belongs to the span too.
-        let response = span.in_scope(|| self.inner.call(request));
-        Box::pin(
-            async move {
-                let mut response = response.await?;
-                response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
-                let outcome = response.extensions().get::<Outcome>().copied();
-                // A refusal or failure is trailers-only: the status is in the headers.
-                if let Some(status) = response.headers().get("grpc-status") {
-                    finish.done(Code::from_bytes(status.as_bytes()), outcome);
-                    return Ok(response.map(Body::new));
-                }
-                if http_body::Body::is_end_stream(response.body()) {
-                    // No status in the headers and no body to carry one: a broken response.
-                    finish.done(Code::Unknown, outcome);
-                    return Ok(response.map(Body::new));
-                }
-                Ok(response.map(|body| {
-                    Body::new(ObservedBody {
-                        inner: body,
-                        finish: Some(finish),
-                        outcome,
-                    })
-                }))
+        // The interceptor runs inside `call`: its work belongs to the span too. Entering and
+        // instrumenting a disabled span still costs a poll wrapper per RPC, so only when on.
+        let spanned = !span.is_disabled();
+        let response = if spanned {
+            span.in_scope(|| self.inner.call(request))
+        } else {
+            self.inner.call(request)
+        };
+        let observed = async move {
+            let mut response = response.await?;
+            response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+            let outcome = response.extensions().get::<Outcome>().copied();
+            // A refusal or failure is trailers-only: the status is in the headers.
+            if let Some(status) = response.headers().get("grpc-status") {
+                finish.done(Code::from_bytes(status.as_bytes()), outcome);
+                return Ok(response.map(Body::new));
             }
-            .instrument(span),
-        )
+            if http_body::Body::is_end_stream(response.body()) {
+                // No status in the headers and no body to carry one: a broken response.
+                finish.done(Code::Unknown, outcome);
+                return Ok(response.map(Body::new));
+            }
+            Ok(response.map(|body| {
+                Body::new(ObservedBody {
+                    inner: body,
+                    finish: Some(finish),
+                    outcome,
+                })
+            }))
+        };
+        if spanned {
+            Box::pin(observed.instrument(span))
+        } else {
+            Box::pin(observed)
+        }
     }
 }
 

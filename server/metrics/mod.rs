@@ -163,6 +163,13 @@ struct BuildLabels {
     version: &'static str,
 }
 
+/// Slots for the store's commands' series: more than either store sends kinds of.
+const STORE_COMMAND_SLOTS: usize = 16;
+const _: () = assert!(
+    STORE_COMMAND_SLOTS >= crate::server::store::redis::REDIS_COMMANDS.len()
+        && STORE_COMMAND_SLOTS >= crate::server::store::MEMORY_COMMANDS.len()
+);
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -298,6 +305,9 @@ struct Recorder {
     methods: Vec<MethodSeries>,
     rpcs_in_flight: Gauge,
     store_duration: Histograms<CommandLabels>,
+    /// The store's commands' series, each resolved on first use (a store sends fewer kinds
+    /// of command than there are slots), so a command records without a label lookup.
+    store_commands: [OnceLock<(&'static str, Histogram)>; STORE_COMMAND_SLOTS],
     store_errors: Family<KindLabels, Counter>,
     shed: Counter,
     busts: Family<ScopeLabels, Counter>,
@@ -333,6 +343,7 @@ impl Metrics {
                 .collect(),
             rpcs_in_flight: Gauge::default(),
             store_duration: Family::new_with_constructor(latency_histogram),
+            store_commands: std::array::from_fn(|_| OnceLock::new()),
             store_errors: Family::default(),
             shed: Counter::default(),
             busts: Family::default(),
@@ -548,10 +559,23 @@ impl Metrics {
     /// reading the caller took anyway).
     pub fn store_command(&self, command: &'static str, started: Option<Instant>) {
         if let (Some(recorder), Some(started)) = (&self.recorder, started) {
+            let elapsed = started.elapsed().as_secs_f64();
+            for slot in &recorder.store_commands {
+                let (name, series) = slot.get_or_init(|| {
+                    let series = recorder
+                        .store_duration
+                        .get_or_create_owned(&CommandLabels { command });
+                    (command, series)
+                });
+                if *name == command {
+                    series.observe(elapsed);
+                    return;
+                }
+            }
             recorder
                 .store_duration
                 .get_or_create(&CommandLabels { command })
-                .observe(started.elapsed().as_secs_f64());
+                .observe(elapsed);
         }
     }
 
