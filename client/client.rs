@@ -77,14 +77,14 @@ pub struct ClientOptions {
     /// How long a PING may go unanswered before the connection is replaced.
     pub keepalive_timeout: Duration,
     /// How often each replica's health is checked, with several replicas
-    /// ([`Client::connect_many`]) or [`ClientOptions::resolve_interval`].
+    /// ([`Client::connect_many`]) or [`ClientOptions::resolve_interval`]; at least 10 ms.
     pub probe_interval: Duration,
     /// How long a replica's health check may take before calls go to the other replicas.
     pub probe_timeout: Duration,
     /// `Some(every)`: look the service's host name up when the client is made and again
     /// `every`, and balance over every address it resolves to (a headless Kubernetes service,
     /// a DNS round robin). `None` (the default): each URL is one replica, its name resolved
-    /// by each new connection.
+    /// by each new connection. At least 10 ms.
     pub resolve_interval: Option<Duration>,
     /// PEM CA certificate(s) to verify an `https://` service with, instead of the system's
     /// trust store.

@@ -44,6 +44,10 @@ use crate::{ClientOptions, Error, connect::Target, pb::cache_money_server::SERVI
 /// (`http://10.0.0.7:50051`), or its URL as given while it is dialled by name.
 type Key = String;
 
+/// The shortest interval between health checks or lookups: a zero interval would make the
+/// watcher spin (and tokio's timer refuses it).
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Room for the changes of a whole re-resolution in the balancer's queue; the watcher waits
 /// for room beyond it.
 const CHANGES_CAPACITY: usize = 256;
@@ -144,13 +148,14 @@ struct Watcher {
 
 impl Watcher {
     async fn run(mut self, changes: Sender<Change<Key, Endpoint>>) {
-        let mut probes = interval(self.options.probe_interval);
+        let mut probes = interval(self.options.probe_interval.max(MIN_INTERVAL));
         probes.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // Without resolution the timer never fires: a week stands in for "never".
         let every = self
             .options
             .resolve_interval
-            .unwrap_or(Duration::from_secs(7 * 24 * 3600));
+            .unwrap_or(Duration::from_secs(7 * 24 * 3600))
+            .max(MIN_INTERVAL);
         let mut lookups = interval(every);
         lookups.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // The first lookup was made when the channel was.
