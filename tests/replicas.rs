@@ -116,10 +116,19 @@ async fn calls_spread_across_replicas() {
     assert!(on_a >= 50 && on_b >= 50, "a: {on_a}, b: {on_b}");
 }
 
-/// A replica killed with SIGKILL: `memoize` keeps returning correct values, the client stops
-/// sending to it within the health checks' bound, and sends to it again once it is back.
-#[tokio::test]
-async fn a_killed_replica_is_left_and_rejoined() {
+/// What happens to a replica.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// SIGKILL, then a restart on the same address.
+    Killed,
+    /// SIGSTOP (its connections stay open, nothing answers), then SIGCONT.
+    Frozen,
+}
+
+/// Two replicas behind `connect_many`, replica b hit by `fault` while calls go on: `memoize`
+/// keeps returning correct values, b gets no call from the health checks' bound on, and gets
+/// calls again once it is back. Prints both times.
+async fn left_and_rejoined(fault: Fault) {
     let redis = RedisServer::start();
     let (a, mut b) = replicas(&redis);
     let options = no_breaker();
@@ -127,70 +136,61 @@ async fn a_killed_replica_is_left_and_rejoined() {
     let cm = Client::connect_many_with([a.url(), b.url()], options)
         .await
         .unwrap();
-    let f = cm.function("replicas", "killed", Ttl::MINUTE);
-    let mut n = 0;
-    until_it_takes_calls(&cm, &f, &mut n, (&b, 0), Instant::now()).await;
-
-    b.kill();
-    let killed = Instant::now();
-    let failures = cm.metrics().rpc_failures;
-    let left = until_calls_succeed(&cm, &f, &mut n, killed).await - killed;
-    eprintln!(
-        "killed replica: last call sent to it {left:?} after the kill ({} calls failed; \
-         bound: probe interval + timeout = {bound:?})",
-        cm.metrics().rpc_failures - failures
-    );
-    assert!(
-        left < bound * 3,
-        "the killed replica got calls for {left:?}"
-    );
-
-    b.restart();
-    let back = until_it_takes_calls(&cm, &f, &mut n, (&b, 0), Instant::now()).await;
-    eprintln!("restarted replica: first call {back:?} after it was back");
-    assert!(
-        back < bound * 3,
-        "the restarted replica got no call for {back:?}"
-    );
-}
-
-/// A replica frozen with SIGSTOP (its connections stay open, nothing answers) is left within
-/// the health checks' bound, well before keepalive (7 s) would close its connection, and is
-/// given calls again once thawed.
-#[tokio::test]
-async fn a_frozen_replica_is_left_and_rejoined() {
-    let redis = RedisServer::start();
-    let (a, b) = replicas(&redis);
-    let options = no_breaker();
-    let bound = options.probe_interval + options.probe_timeout;
-    let cm = Client::connect_many_with([a.url(), b.url()], options)
-        .await
-        .unwrap();
-    let f = cm.function("replicas", "frozen", Ttl::MINUTE);
+    let f = cm.function("replicas", "fault", Ttl::MINUTE);
     let mut n = 0;
     until_it_takes_calls(&cm, &f, &mut n, (&b, 0), Instant::now()).await;
     let before = lookups(&b).await;
 
-    b.freeze();
-    let frozen = Instant::now();
-    let left = until_calls_succeed(&cm, &f, &mut n, frozen).await - frozen;
-    eprintln!("frozen replica: last call sent to it {left:?} after SIGSTOP (bound {bound:?})");
+    match fault {
+        Fault::Killed => b.kill(),
+        Fault::Frozen => b.freeze(),
+    }
+    let struck = Instant::now();
+    let failures = cm.metrics().rpc_failures;
+    let left = until_calls_succeed(&cm, &f, &mut n, struck).await - struck;
+    let failed = cm.metrics().rpc_failures - failures;
+    eprintln!(
+        "{fault:?} replica: last call sent to it {left:?} after the fault ({failed} calls \
+         failed; bound: probe interval + timeout = {bound:?})"
+    );
     assert!(
         left < bound * 3,
-        "the frozen replica got calls for {left:?}"
+        "the {fault:?} replica got calls for {left:?}"
     );
 
-    b.thaw();
-    let thawed = Instant::now();
-    // Calls that timed out while it was frozen may still be answered, once: those count as
-    // lookups too, so wait for more than they could add up to.
-    let stalled = cm.metrics().rpc_failures;
-    let back = until_it_takes_calls(&cm, &f, &mut n, (&b, before + stalled), thawed).await;
-    eprintln!("thawed replica: calls again after {back:?} (bound {bound:?})");
+    let already = match fault {
+        // A new process: its counters start from zero.
+        Fault::Killed => {
+            b.restart();
+            0
+        }
+        // Calls that timed out while it was frozen are answered once it thaws, and count as
+        // lookups too: wait for more than they could add up to.
+        Fault::Frozen => {
+            b.thaw();
+            before + failed
+        }
+    };
+    let back = until_it_takes_calls(&cm, &f, &mut n, (&b, already), Instant::now()).await;
+    eprintln!("{fault:?} replica: calls again {back:?} after it was back");
     assert!(
         back < bound * 3,
-        "the thawed replica got no call for {back:?}"
+        "the {fault:?} replica got no call for {back:?}"
     );
+}
+
+/// A replica killed with SIGKILL is left within the health checks' bound while `memoize`
+/// keeps returning correct values, and is given calls again once restarted.
+#[tokio::test]
+async fn a_killed_replica_is_left_and_rejoined() {
+    left_and_rejoined(Fault::Killed).await;
+}
+
+/// A replica frozen with SIGSTOP is left within the health checks' bound, well before
+/// keepalive (7 s) would close its connection, and is given calls again once thawed.
+#[tokio::test]
+async fn a_frozen_replica_is_left_and_rejoined() {
+    left_and_rejoined(Fault::Frozen).await;
 }
 
 /// A put through replica a, a bust through replica b: a lookup through a misses, since both
