@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use cache_money::{Client, ClientOptions, Function, Ttl, pb};
-use common::{CacheServer, RedisServer, key, put};
+use common::{CacheServer, Forwarder, RedisServer, key, put};
 use tonic::transport::{Channel, Endpoint};
 
 /// Calls in a row that must all succeed before a replica counts as left: while a dead replica
@@ -191,6 +191,74 @@ async fn a_killed_replica_is_left_and_rejoined() {
 #[tokio::test]
 async fn a_frozen_replica_is_left_and_rejoined() {
     left_and_rejoined(Fault::Frozen).await;
+}
+
+/// A replica cut off from its store answers its health check `NOT_SERVING`: the client
+/// leaves it within the health checks' bound (plus the server's own store probe), though it
+/// still answers calls (with UNAVAILABLE).
+#[tokio::test]
+async fn a_replica_cut_off_from_its_store_is_left() {
+    let (redis, mut lost) = (RedisServer::start(), RedisServer::start());
+    let a = CacheServer::redis(&redis, &[]);
+    // Its own Redis, so that one can go while a's stays.
+    let b = CacheServer::redis(&lost, &["--health-interval-ms", "100"]);
+    let options = no_breaker();
+    let bound = options.probe_interval + options.probe_timeout;
+    let cm = Client::connect_many_with([a.url(), b.url()], options)
+        .await
+        .unwrap();
+    let f = cm.function("replicas", "cut_off", Ttl::MINUTE);
+    let mut n = 0;
+    until_it_takes_calls(&cm, &f, &mut n, (&b, 0), Instant::now()).await;
+
+    lost.kill();
+    let cut = Instant::now();
+    let left = until_calls_succeed(&cm, &f, &mut n, cut).await - cut;
+    eprintln!("replica without its store: last call sent to it {left:?} after (bound {bound:?})");
+    assert!(
+        left < bound * 3,
+        "the cut-off replica got calls for {left:?}"
+    );
+}
+
+/// Dropping every clone of the client closes every connection it opened, the health checks'
+/// included: nothing is left running behind it.
+#[tokio::test]
+async fn dropping_the_client_closes_its_connections() {
+    let (a, b) = (CacheServer::memory(&[]), CacheServer::memory(&[]));
+    let (to_a, to_b) = (
+        Forwarder::start(a.addr()).await,
+        Forwarder::start(b.addr()).await,
+    );
+    let cm = Client::connect_many([to_a.url(), to_b.url()])
+        .await
+        .unwrap();
+    let f = cm.function("replicas", "dropped", Ttl::MINUTE);
+    let mut n = 0;
+    // Calls and health checks on both: two connections through each forwarder.
+    let both = async {
+        while to_a.accepted() < 2 || to_b.accepted() < 2 {
+            n += 1;
+            call(&cm, &f, n).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), both)
+        .await
+        .expect("calls and health checks reach both replicas");
+    drop(f);
+    drop(cm);
+    let closed = common::eventually(Duration::from_secs(5), || async {
+        to_a.closed_by_client() == to_a.accepted() && to_b.closed_by_client() == to_b.accepted()
+    })
+    .await;
+    assert!(
+        closed,
+        "connections left open: a {}/{} closed, b {}/{}",
+        to_a.closed_by_client(),
+        to_a.accepted(),
+        to_b.closed_by_client(),
+        to_b.accepted()
+    );
 }
 
 /// A put through replica a, a bust through replica b: a lookup through a misses, since both
