@@ -375,6 +375,56 @@ mod tests {
         );
     }
 
+    /// What a name resolves to becomes the replicas: a new lookup adds the new addresses and
+    /// removes the gone ones, keeps what it knew of the others (a replica found unhealthy
+    /// stays out), and the balancer is told exactly those changes.
+    #[tokio::test]
+    async fn lookups_add_and_remove_replicas() {
+        let addr = |last: u8| SocketAddr::from(([10, 0, 0, last], 50051));
+        let mut watcher = Watcher {
+            targets: checked(urls(&["http://cache.example:50051"])).unwrap(),
+            options: ClientOptions::default(),
+            resolved: BTreeMap::from([(0, vec![addr(1), addr(2)])]),
+            replicas: BTreeMap::new(),
+            inserted: BTreeSet::new(),
+        };
+        let (changes, mut balancer) = tokio::sync::mpsc::channel(16);
+        let mut told = async |watcher: &mut Watcher| {
+            watcher.refresh_candidates().unwrap();
+            watcher.publish(&changes).await.unwrap();
+            let mut told = Vec::new();
+            while let Ok(change) = balancer.try_recv() {
+                told.push(match change {
+                    Change::Insert(key, _) => format!("+{key}"),
+                    Change::Remove(key) => format!("-{key}"),
+                });
+            }
+            told
+        };
+        assert_eq!(
+            told(&mut watcher).await,
+            ["+http://10.0.0.1:50051", "+http://10.0.0.2:50051"]
+        );
+        watcher
+            .replicas
+            .get_mut("http://10.0.0.1:50051")
+            .unwrap()
+            .healthy = false;
+        assert_eq!(told(&mut watcher).await, ["-http://10.0.0.1:50051"]);
+        watcher.resolved.insert(0, vec![addr(1), addr(3)]);
+        assert_eq!(
+            told(&mut watcher).await,
+            ["-http://10.0.0.2:50051", "+http://10.0.0.3:50051"]
+        );
+        assert!(!watcher.replicas["http://10.0.0.1:50051"].healthy);
+        // Unresolved, a target is dialled by its URL.
+        watcher.resolved.clear();
+        assert_eq!(
+            told(&mut watcher).await,
+            ["-http://10.0.0.3:50051", "+http://cache.example:50051"]
+        );
+    }
+
     /// The balancer gets the healthy replicas; when none is healthy it gets them all.
     #[test]
     fn the_balancer_gets_the_healthy_replicas_or_all() {
