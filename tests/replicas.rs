@@ -116,6 +116,19 @@ async fn calls_spread_across_replicas() {
     assert!(on_a >= 50 && on_b >= 50, "a: {on_a}, b: {on_b}");
 }
 
+/// A client of replicas `a` and `b` without a breaker, a function handle, and the health
+/// checks' bound (probe interval + timeout), returned once `b` has answered calls.
+async fn client_of(a: &CacheServer, b: &CacheServer, n: &mut u64) -> (Client, Function, Duration) {
+    let options = no_breaker();
+    let bound = options.probe_interval + options.probe_timeout;
+    let cm = Client::connect_many_with([a.url(), b.url()], options)
+        .await
+        .unwrap();
+    let f = cm.function("replicas", "fault", Ttl::MINUTE);
+    until_it_takes_calls(&cm, &f, n, (b, 0), Instant::now()).await;
+    (cm, f, bound)
+}
+
 /// What happens to a replica.
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -131,14 +144,8 @@ enum Fault {
 async fn left_and_rejoined(fault: Fault) {
     let redis = RedisServer::start();
     let (a, mut b) = replicas(&redis);
-    let options = no_breaker();
-    let bound = options.probe_interval + options.probe_timeout;
-    let cm = Client::connect_many_with([a.url(), b.url()], options)
-        .await
-        .unwrap();
-    let f = cm.function("replicas", "fault", Ttl::MINUTE);
     let mut n = 0;
-    until_it_takes_calls(&cm, &f, &mut n, (&b, 0), Instant::now()).await;
+    let (cm, f, bound) = client_of(&a, &b, &mut n).await;
     let before = lookups(&b).await;
 
     match fault {
@@ -202,14 +209,8 @@ async fn a_replica_cut_off_from_its_store_is_left() {
     let a = CacheServer::redis(&redis, &[]);
     // Its own Redis, so that one can go while a's stays.
     let b = CacheServer::redis(&lost, &["--health-interval-ms", "100"]);
-    let options = no_breaker();
-    let bound = options.probe_interval + options.probe_timeout;
-    let cm = Client::connect_many_with([a.url(), b.url()], options)
-        .await
-        .unwrap();
-    let f = cm.function("replicas", "cut_off", Ttl::MINUTE);
     let mut n = 0;
-    until_it_takes_calls(&cm, &f, &mut n, (&b, 0), Instant::now()).await;
+    let (cm, f, bound) = client_of(&a, &b, &mut n).await;
 
     lost.kill();
     let cut = Instant::now();
