@@ -49,6 +49,12 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a PING may go unanswered before the connection is closed and replaced.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a client of several replicas ([`Client::connect_many`]) asks each one's gRPC
+/// health service whether it serves. With [`DEFAULT_PROBE_TIMEOUT`] it bounds how long a
+/// dead, frozen or draining replica keeps being sent calls: 1.5 s.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a replica's health check may go unanswered before calls go to the others.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// The largest response the client decodes: what the server sends at most by default
 /// (`--max-response-bytes`, which bounds the whole encoded `GetMany` answer).
 pub const DEFAULT_MAX_RECEIVE_BYTES: usize = crate::limits::DEFAULT_MAX_MESSAGE_BYTES;
@@ -70,6 +76,16 @@ pub struct ClientOptions {
     pub keepalive_interval: Duration,
     /// How long a PING may go unanswered before the connection is replaced.
     pub keepalive_timeout: Duration,
+    /// How often each replica's health is checked, with several replicas
+    /// ([`Client::connect_many`]) or [`ClientOptions::resolve_interval`]; at least 10 ms.
+    pub probe_interval: Duration,
+    /// How long a replica's health check may take before calls go to the other replicas.
+    pub probe_timeout: Duration,
+    /// `Some(every)`: look the service's host name up when the client is made and again
+    /// `every`, and balance over every address it resolves to (a headless Kubernetes service,
+    /// a DNS round robin). `None` (the default): each URL is one replica, its name resolved
+    /// by each new connection. At least 10 ms.
+    pub resolve_interval: Option<Duration>,
     /// PEM CA certificate(s) to verify an `https://` service with, instead of the system's
     /// trust store.
     pub tls_ca: Option<Vec<u8>>,
@@ -99,6 +115,9 @@ impl fmt::Debug for ClientOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("probe_interval", &self.probe_interval)
+            .field("probe_timeout", &self.probe_timeout)
+            .field("resolve_interval", &self.resolve_interval)
             .field("tls_ca", &self.tls_ca.as_ref().map(|pem| pem.len()))
             .field("max_receive_bytes", &self.max_receive_bytes)
             .field("default_ttl", &self.default_ttl)
@@ -150,6 +169,9 @@ impl Default for ClientOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+            probe_timeout: DEFAULT_PROBE_TIMEOUT,
+            resolve_interval: None,
             tls_ca: None,
             max_receive_bytes: DEFAULT_MAX_RECEIVE_BYTES,
             default_ttl: DEFAULT_TTL,
@@ -248,6 +270,9 @@ impl Client {
     /// call with the reason; `memoize` then computes, and logs at warn once that caching is
     /// off and why.
     ///
+    /// With [`ClientOptions::resolve_interval`] set, the URL's host is looked up and every
+    /// address it resolves to is a replica, as with [`Client::connect_many_with`].
+    ///
     /// # Errors
     /// [`Error::InvalidUrl`] when the URL is not `http://host:port` or `https://host:port`,
     /// [`Error::InvalidToken`] when the token cannot travel in metadata.
@@ -255,7 +280,61 @@ impl Client {
         url: impl Into<String>,
         options: ClientOptions,
     ) -> Result<Self, Error> {
+        if options.resolve_interval.is_some() {
+            return Self::connect_many_with([url], options).await;
+        }
         let channel = connect::channel(&url.into(), &options)?;
+        Self::from_channel_with(channel, options)
+    }
+
+    /// A client of several replicas of the service, with default options: calls are spread
+    /// over them (tonic's balancer), and a replica that stops answering its health check
+    /// (dead, frozen, draining, or cut off from the store) is left within
+    /// [`ClientOptions::probe_interval`] + [`ClientOptions::probe_timeout`] (1.5 s) and
+    /// sent calls again once it answers. Replicas must share one store (Redis, not the
+    /// in-memory store) and accept the same token.
+    ///
+    /// Connects lazily, like [`Client::connect`]; each replica gets a connection for calls
+    /// and one for its health checks.
+    ///
+    /// ```no_run
+    /// use cache_money::{Client, Ttl};
+    ///
+    /// # async fn example() -> Result<(), cache_money::Error> {
+    /// let cm = Client::connect_many(["http://10.0.0.7:50051", "http://10.0.0.8:50051"]).await?;
+    /// let add = cm.function("__main__", "addition", Ttl::HOUR);
+    /// let sum: i64 = add.memoize(&(3, 4), || async { 3 + 4 }).await?; // any replica
+    /// add.bust(&(3, 4)).await?; // reaches the shared store whichever replica takes it
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] for an empty list, a URL [`Client::connect`] refuses, a URL
+    /// listed twice, or `http://` and `https://` mixed in one list.
+    pub async fn connect_many<I>(urls: I) -> Result<Self, Error>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        Self::connect_many_with(urls, ClientOptions::default()).await
+    }
+
+    /// As [`Client::connect_many`], with options: those of [`Client::connect_with`], the
+    /// health checks' [`ClientOptions::probe_interval`] and [`ClientOptions::probe_timeout`],
+    /// and [`ClientOptions::resolve_interval`] to balance over every address a name resolves
+    /// to, looked up again every interval.
+    ///
+    /// # Errors
+    /// As [`Client::connect_many`], and [`Error::InvalidToken`] when the token cannot travel
+    /// in metadata.
+    pub async fn connect_many_with<I>(urls: I, options: ClientOptions) -> Result<Self, Error>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        let urls = urls.into_iter().map(Into::into).collect();
+        let channel = crate::replicas::channel(urls, &options).await?;
         Self::from_channel_with(channel, options)
     }
 

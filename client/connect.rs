@@ -14,7 +14,7 @@
 //! No call is ever sent twice. A call that may have reached the server (a bust that ran, a
 //! put that landed before a later bust) is reported as failed, never replayed.
 
-use std::{error::Error as _, fmt::Write as _};
+use std::{error::Error as _, fmt::Write as _, net::SocketAddr};
 
 use tonic::{
     Status,
@@ -33,42 +33,135 @@ use crate::{ClientOptions, Error};
 /// [`Error::InvalidUrl`] when the URL is not an `http://` or `https://` address with a host,
 /// or asks for TLS in a build without the `tls` feature.
 pub fn channel(url: &str, options: &ClientOptions) -> Result<Channel, Error> {
-    let invalid = |why: &str| Error::InvalidUrl(format!("{url:?}: {why}"));
-    let uri: http::Uri = url.parse().map_err(|err| invalid(&format!("{err}")))?;
-    let secure = match uri.scheme_str() {
-        Some("http") => false,
-        Some("https") => true,
-        _ => {
+    Ok(Target::parse(url)?.endpoint(options)?.connect_lazy())
+}
+
+/// A service URL checked for use: `http://host:port` or `https://host:port`.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    url: String,
+    uri: http::Uri,
+    secure: bool,
+}
+
+impl Target {
+    /// Checks `url`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] when it is not an `http://` or `https://` address with a host.
+    pub(crate) fn parse(url: &str) -> Result<Self, Error> {
+        let invalid = |why: &str| Error::InvalidUrl(format!("{url:?}: {why}"));
+        let uri: http::Uri = url.parse().map_err(|err| invalid(&format!("{err}")))?;
+        let secure = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(invalid(
+                    "give the service's address as http://host:port (or https://host:port)",
+                ));
+            }
+        };
+        if uri.host().is_none_or(str::is_empty) {
             return Err(invalid(
-                "give the service's address as http://host:port (or https://host:port)",
+                "the URL needs a host, as in http://127.0.0.1:50051",
             ));
         }
-    };
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(invalid(
-            "the URL needs a host, as in http://127.0.0.1:50051",
-        ));
+        Ok(Target {
+            url: url.to_owned(),
+            uri,
+            secure,
+        })
     }
-    let endpoint = Endpoint::from(uri)
-        .connect_timeout(options.connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(options.keepalive_interval)
-        .keep_alive_timeout(options.keepalive_timeout)
-        .keep_alive_while_idle(true);
-    let endpoint = if secure {
-        with_tls(endpoint, options).map_err(|why| invalid(&why))?
-    } else {
-        endpoint
-    };
-    Ok(endpoint.connect_lazy())
+
+    /// The URL as given.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether the URL asks for TLS (`https://`).
+    pub(crate) fn is_secure(&self) -> bool {
+        self.secure
+    }
+
+    /// The host and port to look up, the port defaulting to the scheme's.
+    pub(crate) fn host_port(&self) -> (String, u16) {
+        let host = self.uri.host().unwrap_or_default();
+        // An IPv6 literal keeps its brackets in the URI; the resolver wants the address alone.
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = self
+            .uri
+            .port_u16()
+            .unwrap_or(if self.secure { 443 } else { 80 });
+        (host, port)
+    }
+
+    /// The service's endpoint, dialled by its URL (a name is resolved by each new connection).
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] when TLS is asked for and cannot be set up.
+    pub(crate) fn endpoint(&self, options: &ClientOptions) -> Result<Endpoint, Error> {
+        self.configure(Endpoint::from(self.uri.clone()), None, options)
+    }
+
+    /// The same service dialled at `addr`, one of the addresses its name resolves to: requests
+    /// still name the URL's host (`:authority`), and TLS verifies the certificate against it.
+    ///
+    /// # Errors
+    /// As [`Target::endpoint`].
+    pub(crate) fn endpoint_at(
+        &self,
+        addr: SocketAddr,
+        options: &ClientOptions,
+    ) -> Result<Endpoint, Error> {
+        let scheme = if self.secure { "https" } else { "http" };
+        let dialled: http::Uri = format!("{scheme}://{addr}")
+            .parse()
+            .map_err(|err| Error::InvalidUrl(format!("{:?} at {addr}: {err}", self.url)))?;
+        let endpoint = Endpoint::from(dialled).origin(self.uri.clone());
+        let host = self.host_port().0;
+        self.configure(endpoint, Some(&host), options)
+    }
+
+    /// Applies the connection settings every channel of the client shares: keepalive while
+    /// idle, the connect timeout, `TCP_NODELAY`, and TLS for `https://` (verified against
+    /// `tls_name` when given, else the URL's host).
+    fn configure(
+        &self,
+        endpoint: Endpoint,
+        tls_name: Option<&str>,
+        options: &ClientOptions,
+    ) -> Result<Endpoint, Error> {
+        let endpoint = endpoint
+            .connect_timeout(options.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(options.keepalive_interval)
+            .keep_alive_timeout(options.keepalive_timeout)
+            .keep_alive_while_idle(true);
+        if !self.secure {
+            return Ok(endpoint);
+        }
+        with_tls(endpoint, tls_name, options)
+            .map_err(|why| Error::InvalidUrl(format!("{:?}: {why}", self.url)))
+    }
 }
 
 #[cfg(feature = "tls")]
-fn with_tls(endpoint: Endpoint, options: &ClientOptions) -> Result<Endpoint, String> {
+fn with_tls(
+    endpoint: Endpoint,
+    tls_name: Option<&str>,
+    options: &ClientOptions,
+) -> Result<Endpoint, String> {
     use tonic::transport::{Certificate, ClientTlsConfig};
     let tls = match &options.tls_ca {
         Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
         None => ClientTlsConfig::new().with_native_roots(),
+    };
+    let tls = match tls_name {
+        Some(name) => tls.domain_name(name),
+        None => tls,
     };
     endpoint
         .tls_config(tls)
@@ -76,7 +169,7 @@ fn with_tls(endpoint: Endpoint, options: &ClientOptions) -> Result<Endpoint, Str
 }
 
 #[cfg(not(feature = "tls"))]
-fn with_tls(_: Endpoint, _: &ClientOptions) -> Result<Endpoint, String> {
+fn with_tls(_: Endpoint, _: Option<&str>, _: &ClientOptions) -> Result<Endpoint, String> {
     Err("https:// needs cache-money's `tls` feature, which this build leaves out".into())
 }
 

@@ -27,6 +27,8 @@
 //! - `single_flight`: concurrent `memoize` calls of one key in a process share one computation.
 //! - [`channel`] (`connect`): how a URL and [`ClientOptions`] become a tonic `Channel`
 //!   (keepalive, TLS, timeouts), and [`describe_status`], a failed call in words.
+//! - `replicas`: several server replicas behind one channel ([`Client::connect_many`]): tonic's
+//!   balancer, fed by health checks and DNS lookups so calls go only to replicas that answer.
 //! - `codec`: the protobuf codec of both stubs, with buffers sized for cache traffic.
 //! - [`Error`] (`error`): the client's error type.
 //! - [`pb`]: the generated protobuf types and gRPC stubs, for raw RPCs.
@@ -48,14 +50,15 @@ mod error;
 pub mod key;
 pub mod limits;
 mod memoize;
+mod replicas;
 mod single_flight;
 mod ttl;
 
 pub use client::{
     Client, ClientMetrics, ClientOptions, Credentials, DEFAULT_BREAKER_COOLDOWN,
     DEFAULT_BREAKER_THRESHOLD, DEFAULT_BUST_DEADLINE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE,
-    DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_RECEIVE_BYTES, DEFAULT_TTL,
-    RawClient,
+    DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_RECEIVE_BYTES,
+    DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_TTL, RawClient,
 };
 pub use connect::{channel, describe as describe_status};
 pub use error::Error;

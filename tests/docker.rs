@@ -565,3 +565,341 @@ fn runtime_image_has_ca_certificates() {
         "the runtime stage does not install ca-certificates"
     );
 }
+
+/// The compose profile of the Redis Cluster deployment.
+const CLUSTER_PROFILE: &str = "cluster";
+/// The cluster's nodes, as the init service and the servers name them.
+const CLUSTER_NODES: [&str; 6] = [
+    "redis-node-1",
+    "redis-node-2",
+    "redis-node-3",
+    "redis-node-4",
+    "redis-node-5",
+    "redis-node-6",
+];
+/// The one-shot service that forms the cluster.
+const CLUSTER_INIT: &str = "redis-cluster-init";
+/// The server replicas over the cluster.
+const CLUSTER_SERVERS: [&str; 2] = ["cache-money-1", "cache-money-2"];
+
+/// A service with its YAML merge keys (`<<: *anchor`) applied, as compose applies them: the
+/// anchored mapping's keys, overridden by the service's own.
+fn merged_service(compose: &Yaml, name: &str) -> Yaml {
+    let Yaml::Hash(own) = service(compose, name) else {
+        panic!("service {name:?} is not a mapping");
+    };
+    let merge_key = Yaml::String("<<".into());
+    let mut merged = match own.get(&merge_key) {
+        Some(Yaml::Hash(base)) => base.clone(),
+        Some(other) => panic!("service {name:?}: `<<` is not a mapping: {other:?}"),
+        None => yaml_rust2::yaml::Hash::new(),
+    };
+    for (key, value) in own {
+        if *key != merge_key {
+            merged.insert(key.clone(), value.clone());
+        }
+    }
+    Yaml::Hash(merged)
+}
+
+/// The names of the services in `profile`, or of those in no profile for `None`.
+fn services_in(compose: &Yaml, profile: Option<&str>) -> BTreeSet<String> {
+    let services = compose["services"]
+        .as_hash()
+        .expect("services is a mapping");
+    services
+        .keys()
+        .map(|name| name.as_str().expect("service names are strings").to_owned())
+        .filter(|name| {
+            let profiles = strings(&merged_service(compose, name)["profiles"]);
+            match profile {
+                None => profiles.is_empty(),
+                Some(profile) => profiles.iter().any(|p| p == profile),
+            }
+        })
+        .collect()
+}
+
+/// The value of `flag` in a command line given as a list.
+fn flag_value<'a>(command: &'a [String], flag: &str) -> Option<&'a str> {
+    let at = command.iter().position(|arg| arg == flag)?;
+    command.get(at + 1).map(String::as_str)
+}
+
+/// A plain `docker compose up` starts what it always did: Redis and the server, nothing of the
+/// cluster profile.
+#[test]
+fn compose_default_up_is_unchanged() {
+    let compose = compose();
+    let expected: BTreeSet<String> = [REDIS_SERVICE, SERVER_SERVICE].map(String::from).into();
+    assert_eq!(services_in(&compose, None), expected);
+}
+
+/// The cluster profile has six Redis nodes in cluster mode, each with a health check, its
+/// node file on a volume of its own, and no published port.
+#[test]
+fn compose_cluster_profile_has_six_cluster_nodes() {
+    let compose = compose();
+    let profile = services_in(&compose, Some(CLUSTER_PROFILE));
+    let mut volumes = BTreeSet::new();
+    for name in CLUSTER_NODES {
+        assert!(
+            profile.contains(name),
+            "{name} is not in the cluster profile"
+        );
+        let node = merged_service(&compose, name);
+        let command = strings(&node["command"]);
+        assert_eq!(command.first().map(String::as_str), Some("redis-server"));
+        assert_eq!(
+            flag_value(&command, "--cluster-enabled"),
+            Some("yes"),
+            "{name}"
+        );
+        let config = flag_value(&command, "--cluster-config-file").expect("a node file");
+        assert!(
+            config.starts_with("/data/"),
+            "{name}: node file {config} off the volume"
+        );
+        let mounts = strings(&node["volumes"]);
+        let [mount] = mounts.as_slice() else {
+            panic!("{name}: one volume for /data, got {mounts:?}");
+        };
+        let (volume, path) = mount.split_once(':').expect("volume:path");
+        assert_eq!(path, "/data", "{name}");
+        assert!(
+            volumes.insert(volume.to_owned()),
+            "{name} shares volume {volume}"
+        );
+        assert!(
+            !compose["volumes"][volume].is_badvalue(),
+            "{name}: volume {volume} is not declared"
+        );
+        assert_eq!(
+            strings(&node["healthcheck"]["test"]),
+            ["CMD", "redis-cli", "ping"],
+            "{name}"
+        );
+        assert!(node["ports"].is_badvalue(), "{name} is published");
+    }
+}
+
+/// The init service waits for every node to be healthy, runs once, and its script creates a
+/// cluster of the six nodes with one replica per primary.
+#[test]
+fn compose_cluster_init_joins_every_node() {
+    let compose = compose();
+    let init = merged_service(&compose, CLUSTER_INIT);
+    assert!(strings(&init["profiles"]).contains(&CLUSTER_PROFILE.to_owned()));
+    assert_eq!(init["restart"].as_str(), Some("no"), "a one-shot service");
+    for node in CLUSTER_NODES {
+        assert_eq!(
+            init["depends_on"][node]["condition"].as_str(),
+            Some("service_healthy"),
+            "the init service does not wait for {node}"
+        );
+    }
+    let script = init_script(&compose);
+    for needed in ["--cluster create", "--cluster-replicas 1", "--cluster-yes"] {
+        assert!(script.contains(needed), "the init script lacks {needed}");
+    }
+    for node in CLUSTER_NODES {
+        assert!(script.contains(node), "the init script leaves out {node}");
+    }
+}
+
+/// The init service's script, as its container runs it (compose turns `$$` into `$`).
+fn init_script(compose: &Yaml) -> String {
+    let init = merged_service(compose, CLUSTER_INIT);
+    let entrypoint = strings(&init["entrypoint"]);
+    let [shell, flag, script] = entrypoint.as_slice() else {
+        panic!("{CLUSTER_INIT}'s entrypoint is not [shell, -c, script]: {entrypoint:?}");
+    };
+    assert_eq!((shell.as_str(), flag.as_str()), ("/bin/sh", "-c"));
+    script.replace("$$", "$")
+}
+
+/// The two server replicas of the cluster profile point at every cluster node through
+/// `CACHE_MONEY_REDIS_CLUSTER`, start once the cluster is formed, have the default server's
+/// health check, and publish distinct loopback ports that do not clash with the default
+/// server's.
+#[test]
+fn compose_cluster_servers_point_at_every_node() {
+    let compose = compose();
+    let default_server = service(&compose, SERVER_SERVICE);
+    let mut published: BTreeSet<String> = strings(&default_server["ports"]).into_iter().collect();
+    let nodes: BTreeSet<String> = CLUSTER_NODES.iter().map(|node| node.to_string()).collect();
+    for name in CLUSTER_SERVERS {
+        let server = merged_service(&compose, name);
+        assert!(strings(&server["profiles"]).contains(&CLUSTER_PROFILE.to_owned()));
+        assert_eq!(
+            server["build"].as_str(),
+            Some("."),
+            "{name} runs this image"
+        );
+        let env = environment(&server);
+        assert!(
+            !env.iter().any(|(key, _)| key == "CACHE_MONEY_REDIS_URL"),
+            "{name} is given a single Redis as well"
+        );
+        let seeds = env
+            .iter()
+            .find(|(key, _)| key == "CACHE_MONEY_REDIS_CLUSTER")
+            .map(|(_, seeds)| seeds.clone())
+            .unwrap_or_else(|| panic!("{name} is not given CACHE_MONEY_REDIS_CLUSTER"));
+        let hosts: BTreeSet<String> = seeds
+            .split(',')
+            .map(|url| {
+                let rest = url.strip_prefix("redis://").expect("redis:// seeds");
+                let (host, port) = rest.split_once(':').expect("host:port");
+                assert_eq!(port, "6379", "{url}");
+                host.to_owned()
+            })
+            .collect();
+        assert_eq!(hosts, nodes, "{name}'s seeds");
+        assert_eq!(
+            server["depends_on"][CLUSTER_INIT]["condition"].as_str(),
+            Some("service_completed_successfully"),
+            "{name} may start before the cluster is formed"
+        );
+        assert_eq!(
+            server["healthcheck"], default_server["healthcheck"],
+            "{name}'s health check differs from the default server's (tested against the binary)"
+        );
+        let ports = strings(&server["ports"]);
+        assert!(!ports.is_empty(), "{name} publishes no port");
+        for port in ports {
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name}: {port} beyond loopback"
+            );
+            assert!(
+                port.ends_with(":50051"),
+                "{name}: {port} misses the image's port"
+            );
+            assert!(published.insert(port.clone()), "{name}: {port} is taken");
+        }
+    }
+}
+
+/// The init script, run with `sh` as its container runs it, against six real `redis-server`s
+/// in cluster mode (a stand-in `redis-cli` first on the `PATH` maps each node's compose name
+/// to its loopback port): it forms a cluster of three primaries with a replica each, whose
+/// state is `ok`, and a second run finds it formed and exits 0 without touching it.
+#[test]
+fn compose_cluster_init_script_forms_the_cluster() {
+    let scratch = std::env::temp_dir().join(format!(
+        "cache-money-cluster-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let nodes: Vec<common::RedisServer> = (1..=CLUSTER_NODES.len())
+        .map(|n| {
+            let config = scratch.join(format!("nodes-{n}.conf"));
+            common::RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                config.to_str().expect("a UTF-8 temporary folder"),
+                "--cluster-node-timeout",
+                "5000",
+            ])
+        })
+        .collect();
+    let real_cli = which("redis-cli");
+    let mut shim = String::from("#!/bin/sh\n# redis-node-N is 127.0.0.1 on node N's port here.\n");
+    shim.push_str("count=$#\nwhile [ \"$count\" -gt 0 ]; do\n  arg=$1; shift; count=$((count - 1))\n  case \"$arg\" in\n");
+    for (name, node) in CLUSTER_NODES.iter().zip(&nodes) {
+        shim.push_str(&format!(
+            "    {name}) set -- \"$@\" 127.0.0.1 -p {} ;;\n",
+            node.port()
+        ));
+    }
+    shim.push_str("    *) set -- \"$@\" \"$arg\" ;;\n  esac\ndone\n");
+    shim.push_str(&format!("exec {} \"$@\"\n", real_cli.display()));
+    let shim_path = scratch.join("redis-cli");
+    std::fs::write(&shim_path, shim).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&shim_path, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let path = format!(
+        "{}:{}",
+        scratch.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = init_script(&compose());
+    let run = || {
+        Command::new("sh")
+            .args(["-c", &script])
+            .env("PATH", &path)
+            .output()
+            .expect("run sh")
+    };
+    let cli = |node: &common::RedisServer, args: &[&str]| {
+        let output = Command::new(&real_cli)
+            .args(["-p", &node.port().to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+
+    let formed = run();
+    assert!(
+        formed.status.success(),
+        "the init script failed: {}\n{}",
+        String::from_utf8_lossy(&formed.stdout),
+        String::from_utf8_lossy(&formed.stderr)
+    );
+    // Roles reach every node by gossip: poll until node 1 sees them all, or give up.
+    let roles = |node: &common::RedisServer| {
+        let nodes = cli(node, &["cluster", "nodes"]);
+        let count = |role: &str| {
+            nodes
+                .lines()
+                .filter(|line| {
+                    line.split(' ')
+                        .nth(2)
+                        .is_some_and(|flags| flags.contains(role))
+                })
+                .count()
+        };
+        (count("master"), count("slave"), nodes)
+    };
+    let deadline = std::time::Instant::now() + common::READY_TIMEOUT;
+    loop {
+        let (primaries, replicas, table) = roles(&nodes[0]);
+        let ok = cli(&nodes[0], &["cluster", "info"]).contains("cluster_state:ok");
+        if ok && (primaries, replicas) == (3, 3) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cluster of 3 primaries and 3 replicas in state ok (ok: {ok}):\n{table}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let again = run();
+    assert!(again.status.success(), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("already formed"),
+        "{again:?}"
+    );
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// The full path of `program` on the `PATH`.
+fn which(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(program))
+                .find(|candidate| candidate.is_file())
+        })
+        .unwrap_or_else(|| panic!("{program} is not on the PATH (it comes with redis-server)"))
+}

@@ -357,3 +357,46 @@ async fn https_to_a_plaintext_server_says_it_does_not_speak_tls() {
         "{err}"
     );
 }
+
+/// Two `https://` replicas named `localhost`, resolved to their addresses: calls over TLS
+/// verify each replica's certificate against the name, and the health checks run over TLS
+/// too, since a killed replica is left: 40 calls in a row then succeed.
+#[tokio::test]
+async fn https_replicas_are_balanced_and_checked_over_tls() {
+    let pki = Pki::generate();
+    let (a, mut b) = (start(&pki, false), start(&pki, false));
+    let options = ClientOptions {
+        tls_ca: Some(pki.ca.clone().into_bytes()),
+        resolve_interval: Some(Duration::from_secs(60)),
+        breaker_threshold: u32::MAX,
+        ..ClientOptions::default()
+    };
+    let urls = [a.addr(), b.addr()].map(|addr| format!("https://localhost:{}", addr.port()));
+    let cm = Client::connect_many_with(urls, options).await.unwrap();
+    let f = cm.function("ns", "https_replicas", Ttl::MINUTE);
+    for n in 0..50u32 {
+        let value: u32 = f.memoize(&(n,), || async move { n }).await.unwrap();
+        assert_eq!(value, n);
+    }
+    assert_eq!(cm.metrics().rpc_failures, 0, "{:?}", cm.metrics());
+
+    b.kill();
+    let killed = Instant::now();
+    let (mut n, mut streak) = (50u32, 0);
+    while streak < 40 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "calls still fail 10 s after a replica was killed: {:?}",
+            cm.metrics()
+        );
+        let failures = cm.metrics().rpc_failures;
+        n += 1;
+        let value: u32 = f.memoize(&(n,), || async move { n }).await.unwrap();
+        assert_eq!(value, n);
+        streak = if cm.metrics().rpc_failures == failures {
+            streak + 1
+        } else {
+            0
+        };
+    }
+}
