@@ -9,7 +9,10 @@
 //! bust,footprint (a comma-separated subset of the scenarios, for working on one).
 //! `get50-metrics` runs a second server with `--metrics-listen` and a third just like the first
 //! beside it, and measures the 50-caller Get on each, interleaved: the cost of metrics, and a
-//! control whose distance from 1.0 is the noise floor of that comparison. It starts its own redis-server and cache-money-server on
+//! control whose distance from 1.0 is the noise floor of that comparison. `memo-hit` also
+//! times the original Python library's `@cached` hit on the same Redis (benches/python_hit.py,
+//! in a virtualenv with cache-money 1.3.0 made in target/bench-venv on first use, or
+//! `CACHE_MONEY_BENCH_PYTHON`). It starts its own redis-server and cache-money-server on
 //! loopback and stops them; every loop is bounded by time and count.
 
 #[path = "../tests/common/mod.rs"]
@@ -368,6 +371,79 @@ async fn get50(
     (measured, [server_us, redis_us, generator_us])
 }
 
+/// A Python with the original library (cache-money 1.3.0 from PyPI, and the redis-py it
+/// works with): `CACHE_MONEY_BENCH_PYTHON`, else a virtualenv in `target/bench-venv`, made on
+/// first use. `None` (the row is left out, and the report says why) when there is none and
+/// making one fails, or in `--quick` mode, which installs nothing.
+fn python_reference(quick: bool) -> Option<std::path::PathBuf> {
+    let works = |python: &std::path::Path| {
+        Command::new(python)
+            .args(["-c", "import cache_money"])
+            .output()
+            .is_ok_and(|output| output.status.success())
+    };
+    if let Some(python) = std::env::var_os("CACHE_MONEY_BENCH_PYTHON") {
+        let python = std::path::PathBuf::from(python);
+        return works(&python).then_some(python);
+    }
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-venv");
+    let python = venv.join("bin/python");
+    if works(&python) {
+        return Some(python);
+    }
+    if quick {
+        eprintln!("the Python reference is skipped in --quick mode (it installs a virtualenv)");
+        return None;
+    }
+    eprintln!("making {} with cache-money==1.3.0", venv.display());
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .is_ok_and(|status| status.success())
+        && Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            // 1.3.0 uses redis.asyncio's API as it was before redis-py 5.
+            .args(["cache-money==1.3.0", "redis<5"])
+            .status()
+            .is_ok_and(|status| status.success());
+    if made && works(&python) {
+        Some(python)
+    } else {
+        eprintln!("no Python with cache-money 1.3.0: its row is left out");
+        None
+    }
+}
+
+/// The original library's hit, one caller, `duration` long, against the Redis on `port`.
+fn python_hit(python: &std::path::Path, port: u16, duration: Duration) -> Sample {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/python_hit.py");
+    let output = Command::new(python)
+        .arg(script)
+        .arg(port.to_string())
+        .arg(duration.as_secs_f64().to_string())
+        .output()
+        .expect("run benches/python_hit.py");
+    assert!(
+        output.status.success(),
+        "benches/python_hit.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    #[derive(Deserialize)]
+    struct Measured {
+        per_second: f64,
+        p50_us: f64,
+        p99_us: f64,
+    }
+    let measured: Measured =
+        serde_json::from_slice(&output.stdout).expect("python_hit.py prints one JSON line");
+    Sample {
+        per_second: measured.per_second,
+        p50_us: measured.p50_us,
+        p99_us: measured.p99_us,
+    }
+}
+
 /// The number a metrics page gives the sample that starts `prefix` (name and labels).
 fn scraped(page: &str, prefix: &str) -> Option<f64> {
     page.lines()
@@ -537,7 +613,17 @@ async fn main() {
             "control: Get hit, 50 callers, a second server with metrics off",
             "the same, the first server",
         ),
+        Row::new(
+            "memoize hit, 1 caller",
+            "the original Python library's @cached hit (cache-money 1.3.0)",
+        ),
     ];
+    // The library cache-money replaces, timed by its own script (benches/python_hit.py).
+    let python = if settings.wants("memo-hit") {
+        python_reference(settings.quick)
+    } else {
+        None
+    };
     // A second server in front of the same Redis, with metrics on, for get50-metrics.
     let metered = if settings.wants("get50-metrics") {
         let server = CacheServer::redis(
@@ -652,19 +738,25 @@ async fn main() {
                 .await,
             );
             let hit = memo.clone();
-            rows[2].cm.push(
-                load(1, duration, 1, move |_, _| {
-                    let hit = hit.clone();
-                    async move {
-                        let got: Profile = hit
-                            .memoize(&(1u64,), || async { unreachable!("cached") })
-                            .await
-                            .unwrap();
-                        assert_eq!(got.id, 918_273);
-                    }
-                })
-                .await,
-            );
+            let measured = load(1, duration, 1, move |_, _| {
+                let hit = hit.clone();
+                async move {
+                    let got: Profile = hit
+                        .memoize(&(1u64,), || async { unreachable!("cached") })
+                        .await
+                        .unwrap();
+                    assert_eq!(got.id, 918_273);
+                }
+            })
+            .await;
+            rows[2].cm.push(measured);
+            // The same hits against the library they replace, measured right after them.
+            if let Some(python) = &python {
+                rows[8].cm.push(measured);
+                rows[8]
+                    .reference_samples
+                    .push(python_hit(python, redis.port(), duration));
+            }
         }
 
         if settings.wants("memo-miss") {
