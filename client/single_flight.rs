@@ -19,7 +19,15 @@
 //! and the others get the encoded bytes, and adds `pin-project` and `thiserror`. Counting the
 //! callers over tokio's `OnceCell` takes the few lines below.
 
-use std::{collections::HashMap, fmt, future::Future, hash::Hash, sync::Arc, sync::Mutex};
+use std::{
+    collections::HashMap,
+    fmt,
+    future::{Future, poll_fn},
+    hash::Hash,
+    pin::pin,
+    sync::{Arc, Mutex},
+    task::Poll,
+};
 
 use tokio::sync::OnceCell;
 
@@ -69,6 +77,42 @@ impl<K: Hash + Eq + Clone, V> SingleFlight<K, V> {
         }
     }
 
+    /// Runs `work` as the leader of a new flight of `key`: callers that join `key` while it
+    /// runs wait for its result, while a flight already under way goes on for its own callers
+    /// (a refresh must not hand out, or wait for, a result computed before it started).
+    ///
+    /// The new flight is claimed before it is published: `work` starts (its cell's permit
+    /// taken) before the table can hand the flight to anyone, so no joiner can lead it in
+    /// `work`'s place, even on another thread.
+    pub(crate) async fn lead<Fut: Future<Output = V>>(&self, key: &K, work: Fut) {
+        let result: Arc<OnceCell<V>> = Arc::default();
+        let mut init = pin!(result.get_or_init(|| work));
+        let finished = poll_fn(|cx| Poll::Ready(init.as_mut().poll(cx).is_ready())).await;
+        // Published even when `work` is already done, so the flight it replaces is no longer
+        // current; then dropped at once, which forgets the finished flight.
+        let _flight = self.publish(key, result.clone());
+        if !finished {
+            init.await;
+        }
+    }
+
+    /// Makes `result` the flight of `key` for callers who join from now on, with its leader
+    /// as its one caller.
+    fn publish<'a>(&'a self, key: &'a K, result: Arc<OnceCell<V>>) -> Flight<'a, K, V> {
+        lock(&self.table).insert(
+            key.clone(),
+            Entry {
+                result: result.clone(),
+                callers: 1,
+            },
+        );
+        Flight {
+            group: self,
+            key,
+            result,
+        }
+    }
+
     /// Takes one caller out of a flight. The flight is forgotten once it has a result (later
     /// callers start a new one, which finds the result in the cache) or when its last caller
     /// leaves.
@@ -111,6 +155,14 @@ impl<K: Hash + Eq + Clone, V> Flight<'_, K, V> {
         Fut: Future<Output = V>,
     {
         self.result.get_or_init(lead).await
+    }
+
+    /// Whether this is still the flight of its key that new callers join: false once a
+    /// [`SingleFlight::lead`] took the key over (or the flight was forgotten).
+    pub(crate) fn is_current(&self) -> bool {
+        lock(&self.group.table)
+            .get(self.key)
+            .is_some_and(|entry| Arc::ptr_eq(&entry.result, &self.result))
     }
 }
 
@@ -251,6 +303,46 @@ mod tests {
         }
         assert_eq!(runs.load(SeqCst), 1);
         drop(joined);
+        assert_eq!(flights.len(), 0);
+    }
+
+    /// A led flight takes the key over: callers joining while it runs wait for its result,
+    /// the flight it replaced is no longer current, and the table is empty afterwards.
+    #[tokio::test]
+    async fn lead_takes_the_key_over() {
+        let flights = Flights::default();
+        let older = flights.join(&KEY);
+        assert!(older.is_current());
+        let (release, released) = oneshot::channel::<()>();
+        let mut leading = Box::pin(flights.lead(&KEY, async {
+            released.await.unwrap();
+            9
+        }));
+        assert!(poll_once(leading.as_mut()).is_pending());
+        assert!(!older.is_current(), "the lead did not take the key over");
+
+        let joiner = flights.join(&KEY);
+        let mut joined = Box::pin(joiner.get_or_lead(|| async { 1 }));
+        assert!(
+            poll_once(joined.as_mut()).is_pending(),
+            "the joiner led instead of waiting for the refresh"
+        );
+        release.send(()).unwrap();
+        leading.await;
+        assert_eq!(*joined.await, 9, "the joiner got the led result");
+        drop((joiner, older));
+        assert_eq!(flights.len(), 0);
+    }
+
+    /// Work that finishes at its first poll still ends the current flight's claim on the key,
+    /// and leaves no entry.
+    #[tokio::test]
+    async fn lead_that_finishes_at_once_leaves_no_entry() {
+        let flights = Flights::default();
+        let older = flights.join(&KEY);
+        flights.lead(&KEY, async { 3 }).await;
+        assert!(!older.is_current());
+        drop(older);
         assert_eq!(flights.len(), 0);
     }
 
