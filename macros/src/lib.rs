@@ -54,13 +54,13 @@ fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
     for meta in metas {
         let Some(option) = meta.path().get_ident().map(Ident::to_string) else {
             return Err(Error::new(
-                meta.path().span(),
+                first_span(&meta.path()),
                 format!("#[memoize]: unknown option; the options are {OPTIONS}"),
             ));
         };
         if seen.contains(&option) {
             return Err(Error::new(
-                meta.path().span(),
+                first_span(&meta.path()),
                 format!("#[memoize]: `{option}` is given twice"),
             ));
         }
@@ -79,7 +79,7 @@ fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
             }
             ("skip", other) => {
                 return Err(Error::new(
-                    other.span(),
+                    first_span(&other),
                     "#[memoize]: write `skip(arg, …)` with the arguments to leave out of the key",
                 ));
             }
@@ -95,7 +95,7 @@ fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
                     "cache_none" => options.cache_none = Some(bool_literal(&value)?),
                     _ => {
                         return Err(Error::new(
-                            pair.path.span(),
+                            first_span(&pair.path),
                             format!(
                                 "#[memoize]: unknown option `{option}`; the options are {OPTIONS}"
                             ),
@@ -105,7 +105,7 @@ fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
             }
             (_, other) => {
                 return Err(Error::new(
-                    other.span(),
+                    first_span(&other),
                     format!("#[memoize]: write `{option} = …`; the options are {OPTIONS}"),
                 ));
             }
@@ -122,7 +122,7 @@ fn name_literal(option: &str, value: &Expr) -> syn::Result<LitStr> {
     }) = value
     else {
         return Err(Error::new(
-            value.span(),
+            first_span(&value),
             format!("#[memoize]: `{option}` takes a string literal"),
         ));
     };
@@ -156,7 +156,7 @@ fn version_literal(value: &Expr) -> syn::Result<u32> {
         return Ok(version);
     }
     Err(Error::new(
-        value.span(),
+        first_span(&value),
         "#[memoize]: `version` takes an integer literal from 1 (1 is the unversioned key space)",
     ))
 }
@@ -168,7 +168,7 @@ fn bool_literal(value: &Expr) -> syn::Result<bool> {
             ..
         }) => Ok(literal.value),
         _ => Err(Error::new(
-            value.span(),
+            first_span(&value),
             "#[memoize]: `cache_none` takes `true` or `false`",
         )),
     }
@@ -186,13 +186,24 @@ enum Receiver {
     Ref(TokenStream2),
 }
 
-/// Whether `tokens` hold `impl` anywhere: an `impl Trait` type, maybe nested (`Vec<impl T>`).
-fn mentions_impl(tokens: TokenStream2) -> bool {
-    tokens.into_iter().any(|token| match token {
-        TokenTree::Ident(ident) => ident == "impl",
-        TokenTree::Group(group) => mentions_impl(group.stream()),
-        _ => false,
+/// Where `tokens` hold `impl`, if anywhere: an `impl Trait` type, maybe nested
+/// (`Vec<impl T>`).
+fn find_impl(tokens: TokenStream2) -> Option<Span> {
+    tokens.into_iter().find_map(|token| match token {
+        TokenTree::Ident(ident) if ident == "impl" => Some(ident.span()),
+        TokenTree::Group(group) => find_impl(group.stream()),
+        _ => None,
     })
+}
+
+/// The span of the first token of `node`. Errors point there rather than at the whole node:
+/// a span over several tokens is only joined on nightly compilers, so error snapshots would
+/// differ between stable and nightly.
+fn first_span(node: &dyn ToTokens) -> Span {
+    node.to_token_stream()
+        .into_iter()
+        .next()
+        .map_or_else(Span::call_site, |token| token.span())
 }
 
 /// Whether a return type is a `Result` by name (`Result`, `io::Result`, `anyhow::Result`):
@@ -233,20 +244,20 @@ fn check_signature(function: &ItemFn) -> syn::Result<(Receiver, Vec<Arg>, Type)>
     }
     if let Some(abi) = &sig.abi {
         return Err(Error::new(
-            abi.span(),
+            first_span(&abi),
             "#[memoize] cannot memoize an `extern` function; memoize a Rust wrapper around it",
         ));
     }
     if let Some(variadic) = &sig.variadic {
         return Err(Error::new(
-            variadic.span(),
+            first_span(&variadic),
             "#[memoize] cannot memoize a variadic function",
         ));
     }
     for param in &sig.generics.params {
         if !matches!(param, GenericParam::Lifetime(_)) {
             return Err(Error::new(
-                param.span(),
+                first_span(&param),
                 "#[memoize] does not support generic parameters: every call must key and store \
                  one concrete type; write a non-generic function per type (each with its own \
                  `name = \"…\"`)",
@@ -261,7 +272,7 @@ fn check_signature(function: &ItemFn) -> syn::Result<(Receiver, Vec<Arg>, Type)>
             FnArg::Receiver(this) => {
                 if this.reference.is_none() || this.colon_token.is_some() {
                     return Err(Error::new(
-                        this.span(),
+                        first_span(&this),
                         "#[memoize] methods take `&self` or `&mut self` (left out of the key); \
                          for another receiver, memoize a function it calls",
                     ));
@@ -275,15 +286,15 @@ fn check_signature(function: &ItemFn) -> syn::Result<(Receiver, Vec<Arg>, Type)>
                     }
                     other => {
                         return Err(Error::new(
-                            other.span(),
+                            first_span(&other),
                             "#[memoize] needs a plain name for each argument (`name: Type`): \
                              the arguments are passed on by name; destructure inside the body",
                         ));
                     }
                 };
-                if mentions_impl(ty.to_token_stream()) {
+                if let Some(span) = find_impl(ty.to_token_stream()) {
                     return Err(Error::new(
-                        ty.span(),
+                        span,
                         "#[memoize] does not support `impl Trait` arguments: they are generic, \
                          and every call must key one concrete type; name the type",
                     ));
@@ -305,9 +316,9 @@ fn check_signature(function: &ItemFn) -> syn::Result<(Receiver, Vec<Arg>, Type)>
         }
         ReturnType::Type(_, ty) => (**ty).clone(),
     };
-    if mentions_impl(output.to_token_stream()) {
+    if let Some(span) = find_impl(output.to_token_stream()) {
         return Err(Error::new(
-            output.span(),
+            span,
             "#[memoize] does not support an `impl Trait` result: it is stored and read back, \
              so name its type",
         ));
@@ -367,7 +378,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     }
     if let (Some(key), false) = (&options.key, options.skip.is_empty()) {
         return Err(Error::new(
-            key.span(),
+            first_span(&key),
             "#[memoize]: `key` and `skip` do not go together: the key expression alone decides \
              what is keyed; leave out `skip`",
         ));
@@ -636,8 +647,8 @@ mod tests {
     /// `impl` is found wherever it is nested in a type.
     #[test]
     fn impl_trait_is_found_when_nested() {
-        assert!(mentions_impl(quote!(impl Display)));
-        assert!(mentions_impl(quote!(Vec<Box<impl Display>>)));
-        assert!(!mentions_impl(quote!(Vec<Implement>)));
+        assert!(find_impl(quote!(impl Display)).is_some());
+        assert!(find_impl(quote!(Vec<Box<impl Display>>)).is_some());
+        assert!(find_impl(quote!(Vec<Implement>)).is_none());
     }
 }
