@@ -76,7 +76,11 @@ async fn versioned_vectors_reproduce() {
     // Connecting is lazy and a digest needs no server: nothing listens on port 1.
     let cm = Client::connect("http://127.0.0.1:1").await.unwrap();
     let vectors = vectors().versioned;
-    assert!(vectors.len() >= 5, "only {} versioned vectors", vectors.len());
+    assert!(
+        vectors.len() >= 5,
+        "only {} versioned vectors",
+        vectors.len()
+    );
     for vector in &vectors {
         let args: Value = serde_json::from_str(&vector.args).expect(&vector.name);
         let text = canonical_text(&args);
@@ -99,7 +103,12 @@ async fn versioned_vectors_reproduce() {
         // A Vec of arguments is one list argument; a tuple is the list itself, so the
         // vector's arguments go through the key function's path, which hashes them as given.
         let handle = handle.with_key_fn(move |_| Value::Array(list.clone()));
-        assert_eq!(handle.digest(&()).unwrap(), vector.digest, "{}", vector.name);
+        assert_eq!(
+            handle.digest(&()).unwrap(),
+            vector.digest,
+            "{}",
+            vector.name
+        );
     }
     let addition_v2 = vectors
         .iter()
