@@ -26,6 +26,14 @@ use crate::{
 /// Turns the canonical arguments into the value that is keyed, like the seed's `key_fn`.
 pub type KeyFn = Arc<dyn Fn(Value) -> Value + Send + Sync>;
 
+/// What a call does with its entry: `memoize` reads it first, `refresh` recomputes and
+/// overwrites it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Memoize,
+    Refresh,
+}
+
 /// One function's cache entries: memoize calls, bust one call or all of them. Cloning is
 /// shallow. Made by [`Client::function`].
 #[derive(Clone)]
@@ -206,16 +214,33 @@ impl Function {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        self.try_run(Mode::Memoize, args, compute).await
+    }
+
+    /// `try_memoize` or `try_refresh` of `args`.
+    async fn try_run<A, T, E, F, Fut>(&self, mode: Mode, args: &A, compute: F) -> Result<T, E>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         if !self.client.options().enabled {
             return compute().await;
         }
         let key = self.entry_key(args)?;
-        self.memoize_key(&key, compute).await
+        self.run_key(mode, &key, compute).await
     }
 
-    /// As [`Function::try_memoize`] with the key already made (by `#[memoize]`, whose
+    /// `try_memoize` or `try_refresh` with the key already made (by `#[memoize]`, whose
     /// arguments are borrowed for the key and then moved into `compute`).
-    pub(crate) async fn memoize_key<T, E, F, Fut>(&self, key: &EntryKey, compute: F) -> Result<T, E>
+    pub(crate) async fn run_key<T, E, F, Fut>(
+        &self,
+        mode: Mode,
+        key: &EntryKey,
+        compute: F,
+    ) -> Result<T, E>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
@@ -224,6 +249,18 @@ impl Function {
         if !self.client.options().enabled {
             return compute().await;
         }
+        match mode {
+            Mode::Memoize => self.memoize_key(key, compute).await,
+            Mode::Refresh => self.refresh_key(key, compute).await,
+        }
+    }
+
+    async fn memoize_key<T, E, F, Fut>(&self, key: &EntryKey, compute: F) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         // Leaves the flight when dropped, even if this caller is cancelled or panics.
         let flight = self.client.flights().join(key);
         let mut compute = Some(compute);
@@ -385,23 +422,15 @@ impl Function {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        if !self.client.options().enabled {
-            return compute().await;
-        }
-        let key = self.entry_key(args)?;
-        self.refresh_key(&key, compute).await
+        self.try_run(Mode::Refresh, args, compute).await
     }
 
-    /// As [`Function::try_refresh`] with the key already made.
-    pub(crate) async fn refresh_key<T, E, F, Fut>(&self, key: &EntryKey, compute: F) -> Result<T, E>
+    async fn refresh_key<T, E, F, Fut>(&self, key: &EntryKey, compute: F) -> Result<T, E>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        if !self.client.options().enabled {
-            return compute().await;
-        }
         let mut led = None;
         self.client
             .flights()

@@ -8,6 +8,7 @@
 
 use std::{
     borrow::Cow,
+    convert::Infallible,
     future::Future,
     sync::{
         OnceLock,
@@ -19,7 +20,7 @@ use std::{
 use serde::{Serialize, de::DeserializeOwned};
 use tracing::warn;
 
-use crate::{Client, Error, Function, key::EntryKey};
+use crate::{Client, Error, Function, key::EntryKey, memoize::Mode};
 
 /// The client memoized functions use when they name none (`client = …`).
 static DEFAULT_CLIENT: OnceLock<Client> = OnceLock::new();
@@ -190,15 +191,17 @@ impl Prepared {
         F: FnOnce() -> Fut,
         Fut: Future<Output = T>,
     {
-        let Some((handle, key)) = &self.target else {
-            return compute().await;
-        };
-        let ok: Result<T, std::convert::Infallible> = handle
-            .memoize_key(key, || async { Ok(compute().await) })
-            .await;
-        match ok {
-            Ok(value) => value,
-        }
+        self.run(Mode::Memoize, compute).await
+    }
+
+    /// [`Function::refresh`] of the call.
+    pub async fn refresh<T, F, Fut>(self, compute: F) -> T
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.run(Mode::Refresh, compute).await
     }
 
     /// [`Function::try_memoize`] of the call: `Ok` is cached, `Err` never.
@@ -211,28 +214,7 @@ impl Prepared {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        match &self.target {
-            Some((handle, key)) => handle.memoize_key(key, compute).await,
-            None => compute().await,
-        }
-    }
-
-    /// [`Function::refresh`] of the call.
-    pub async fn refresh<T, F, Fut>(self, compute: F) -> T
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = T>,
-    {
-        let Some((handle, key)) = &self.target else {
-            return compute().await;
-        };
-        let ok: Result<T, std::convert::Infallible> = handle
-            .refresh_key(key, || async { Ok(compute().await) })
-            .await;
-        match ok {
-            Ok(value) => value,
-        }
+        self.try_run(Mode::Memoize, compute).await
     }
 
     /// [`Function::try_refresh`] of the call.
@@ -245,8 +227,30 @@ impl Prepared {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        self.try_run(Mode::Refresh, compute).await
+    }
+
+    async fn run<T, F, Fut>(self, mode: Mode, compute: F) -> T
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let result: Result<T, Infallible> =
+            self.try_run(mode, || async { Ok(compute().await) }).await;
+        match result {
+            Ok(value) => value,
+        }
+    }
+
+    async fn try_run<T, E, F, Fut>(self, mode: Mode, compute: F) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         match &self.target {
-            Some((handle, key)) => handle.refresh_key(key, compute).await,
+            Some((handle, key)) => handle.run_key(mode, key, compute).await,
             None => compute().await,
         }
     }
