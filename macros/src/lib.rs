@@ -505,12 +505,14 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
 
         #(#cfgs)*
         #(#lints)*
+        // Unused when the memoized function is: warned about once, there, not here too.
         #[doc(hidden)]
-        #[allow(clippy::too_many_arguments)]
+        #[allow(dead_code, clippy::too_many_arguments)]
         #compute_sig #compute_body
 
         #(#cfgs)*
         #[doc(hidden)]
+        #[allow(dead_code)]
         fn #site_fn() -> &'static #rt::Site {
             static SITE: #rt::Site =
                 #rt::Site::new(#namespace, #name, #ttl, #version, #cache_none);
