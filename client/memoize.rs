@@ -387,7 +387,8 @@ impl Function {
     /// runs wait for it and get its result (they neither read the old entry nor compute
     /// again). A `memoize` computation that was already running when the refresh started is
     /// not joined, since it may have started from older data: it finishes for its own callers,
-    /// and does not store its result over the refresh's. (Callers in other processes are not
+    /// and does not store its result over the refresh's; nor does an older refresh of the same
+    /// arguments that finishes after a newer one. (Callers in other processes are not
     /// coordinated: one that read the old entry before the refresh stored may still return it.)
     ///
     /// A result that is not cached (`None` or `()` without [`Function::cache_none`]) removes
@@ -432,16 +433,19 @@ impl Function {
         Fut: Future<Output = Result<T, E>>,
     {
         let mut led = None;
+        let led_by_refresh = &mut led;
         self.client
             .flights()
-            .lead(key, async {
+            .lead(key, |claim| async move {
                 self.client.count_computed();
                 let result = compute().await;
                 let encoded = match &result {
-                    Ok(value) => self.overwrite(key, value).await,
+                    // A refresh that started later stores its newer value instead.
+                    Ok(value) if claim.is_current() => self.overwrite(key, value).await,
+                    Ok(value) => Self::encode(value).ok(),
                     Err(_) => None,
                 };
-                led = Some(result);
+                *led_by_refresh = Some(result);
                 encoded
             })
             .await;

@@ -391,8 +391,8 @@ async fn gated(id: u32) -> u32 {
 
 /// While a refresh runs, `memoize` calls of the same arguments wait for it and get its value
 /// (no call computes, none reads the old entry); a `memoize` computation that was already
-/// running when the refresh started finishes for its caller but does not overwrite the
-/// refresh's entry.
+/// running when the refresh started, or an older refresh, finishes for its caller but does
+/// not overwrite the newer refresh's entry.
 #[tokio::test]
 async fn memoize_during_refresh_gets_the_refreshed_value() {
     let (_server, cm) = serve().await;
@@ -454,4 +454,27 @@ async fn memoize_during_refresh_gets_the_refreshed_value() {
         .await
         .unwrap();
     assert_eq!(stored, 2000, "the older computation overwrote the refresh");
+
+    // Of two refreshes at once, the later one's value stays, though the older finishes last.
+    let (open_first, shut) = oneshot::channel();
+    GATES.lock().unwrap().push((3, shut));
+    let first = tokio::spawn(gated::refresh(3));
+    while GATED_RUNS.load(SeqCst) < 5 {
+        tokio::task::yield_now().await;
+    }
+    let (open_second, shut) = oneshot::channel();
+    GATES.lock().unwrap().push((3, shut));
+    open_second.send(30).unwrap();
+    assert_eq!(gated::refresh(3).await, 30);
+    open_first.send(3).unwrap();
+    assert_eq!(
+        first.await.unwrap(),
+        3,
+        "the older refresh returns its own result"
+    );
+    let stored: u32 = handle
+        .memoize(&(3,), || async { unreachable!("an entry is stored") })
+        .await
+        .unwrap();
+    assert_eq!(stored, 30, "the older refresh overwrote the newer one");
 }
