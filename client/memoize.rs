@@ -504,6 +504,14 @@ mod tests {
 
     use crate::{Client, Ttl};
 
+    /// Version 0 is refused when the handle is made: versions count from 1.
+    #[tokio::test]
+    #[should_panic(expected = "must be 1 or more")]
+    async fn version_zero_is_refused() {
+        let cm = Client::connect("http://127.0.0.1:1").await.unwrap();
+        let _ = cm.function("ns", "f", Ttl::MINUTE).version(0);
+    }
+
     /// A `memoize` call cancelled while it computes leaves nothing in the single-flight table.
     #[tokio::test]
     async fn cancelled_memoize_leaves_no_flight() {

@@ -364,6 +364,44 @@ async fn refresh_overwrites_the_entry() {
     assert_eq!(STOCK_READS.load(SeqCst), 2);
 }
 
+static SHELF: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(Some(5));
+static SHELF_READS: AtomicUsize = AtomicUsize::new(0);
+
+#[memoize(client = test_client())]
+async fn shelf(id: u32) -> Option<u32> {
+    SHELF_READS.fetch_add(1, SeqCst);
+    SHELF.lock().unwrap().map(|stock| stock + id)
+}
+
+static LEDGER: std::sync::Mutex<Result<u32, &str>> = std::sync::Mutex::new(Ok(10));
+
+#[memoize(client = test_client())]
+async fn ledger(id: u32) -> Result<u32, &'static str> {
+    LEDGER.lock().unwrap().map(|balance| balance + id)
+}
+
+/// A refresh whose result is not cached (`None`) removes the old entry, so callers stop
+/// reading it; one that fails (`Err`) returns the error and leaves the entry.
+#[tokio::test]
+async fn refresh_to_none_removes_and_errors_keep_the_entry() {
+    let (_server, _cm) = serve().await;
+    assert_eq!(shelf(1).await, Some(6));
+    *SHELF.lock().unwrap() = None;
+    assert_eq!(shelf(1).await, Some(6), "served from the cache");
+    assert_eq!(shelf::refresh(1).await, None);
+    assert_eq!(shelf(1).await, None, "the old entry was still read");
+    assert_eq!(SHELF_READS.load(SeqCst), 3);
+
+    assert_eq!(ledger(1).await, Ok(11));
+    *LEDGER.lock().unwrap() = Err("ledger down");
+    assert_eq!(ledger::refresh(1).await, Err("ledger down"));
+    assert_eq!(
+        ledger(1).await,
+        Ok(11),
+        "the failed refresh removed the entry"
+    );
+}
+
 /// The gates a [`gated`] call waits on, by argument: the test opens each in turn.
 fn gate(
     gates: &std::sync::Mutex<Vec<(u32, oneshot::Receiver<u32>)>>,
