@@ -402,28 +402,39 @@ async fn refresh_to_none_removes_and_errors_keep_the_entry() {
     );
 }
 
-/// The gates a [`gated`] call waits on, by argument: the test opens each in turn.
-fn gate(
-    gates: &std::sync::Mutex<Vec<(u32, oneshot::Receiver<u32>)>>,
-    id: u32,
-) -> oneshot::Receiver<u32> {
-    let mut gates = gates.lock().unwrap();
-    let at = gates
-        .iter()
-        .position(|(gate, _)| *gate == id)
-        .expect("a gate for the call");
-    gates.remove(at).1
+type Gates = std::sync::Mutex<Vec<(u32, oneshot::Receiver<u32>)>>;
+
+/// The gates [`gated`] calls wait on, by argument, in the order the test added them.
+static GATES: Gates = std::sync::Mutex::new(Vec::new());
+static GATED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+/// Adds a gate for the next `gated(id)` computation; it returns what is sent through it.
+fn add_gate(id: u32) -> oneshot::Sender<u32> {
+    let (open, shut) = oneshot::channel();
+    GATES.lock().unwrap().push((id, shut));
+    open
 }
 
-static GATES: std::sync::Mutex<Vec<(u32, oneshot::Receiver<u32>)>> =
-    std::sync::Mutex::new(Vec::new());
-static GATED_RUNS: AtomicUsize = AtomicUsize::new(0);
+/// Lets other tasks run until `runs` `gated` computations have started (each takes its gate
+/// as it starts).
+async fn started(runs: usize) {
+    while GATED_RUNS.load(SeqCst) < runs {
+        tokio::task::yield_now().await;
+    }
+}
 
 /// Returns what the test sends through the next gate of `id`.
 #[memoize(client = test_client())]
 async fn gated(id: u32) -> u32 {
     GATED_RUNS.fetch_add(1, SeqCst);
-    let value = gate(&GATES, id);
+    let value = {
+        let mut gates = GATES.lock().unwrap();
+        let at = gates
+            .iter()
+            .position(|(gate, _)| *gate == id)
+            .expect("a gate for the call");
+        gates.remove(at).1
+    };
     value.await.expect("the test opens the gate")
 }
 
@@ -435,18 +446,14 @@ async fn gated(id: u32) -> u32 {
 async fn memoize_during_refresh_gets_the_refreshed_value() {
     let (_server, cm) = serve().await;
     let handle = cm.function("memoize_attribute", "gated", Ttl::HOUR);
-    let (open, shut) = oneshot::channel();
-    GATES.lock().unwrap().push((1, shut));
+    let open = add_gate(1);
     open.send(100).unwrap();
     assert_eq!(gated(1).await, 100, "the first value, cached");
 
     // A refresh computing, and callers arriving meanwhile.
-    let (open_refresh, shut) = oneshot::channel();
-    GATES.lock().unwrap().push((1, shut));
+    let open_refresh = add_gate(1);
     let refresh = tokio::spawn(gated::refresh(1));
-    while GATED_RUNS.load(SeqCst) < 2 {
-        tokio::task::yield_now().await;
-    }
+    started(2).await;
     let rpcs_before = cm.metrics().rpc_attempts;
     let callers: Vec<_> = (0..5).map(|_| tokio::spawn(gated(1))).collect();
     // The current-thread runtime polls each spawned caller before this task again; a
@@ -471,14 +478,10 @@ async fn memoize_during_refresh_gets_the_refreshed_value() {
     );
 
     // A memoize computation under way when a refresh starts and ends does not overwrite it.
-    let (open_old, shut) = oneshot::channel();
-    GATES.lock().unwrap().push((2, shut));
+    let open_old = add_gate(2);
     let old = tokio::spawn(gated(2));
-    while GATED_RUNS.load(SeqCst) < 3 {
-        tokio::task::yield_now().await;
-    }
-    let (open_new, shut) = oneshot::channel();
-    GATES.lock().unwrap().push((2, shut));
+    started(3).await;
+    let open_new = add_gate(2);
     open_new.send(2000).unwrap();
     assert_eq!(gated::refresh(2).await, 2000);
     open_old.send(1000).unwrap();
@@ -494,14 +497,10 @@ async fn memoize_during_refresh_gets_the_refreshed_value() {
     assert_eq!(stored, 2000, "the older computation overwrote the refresh");
 
     // Of two refreshes at once, the later one's value stays, though the older finishes last.
-    let (open_first, shut) = oneshot::channel();
-    GATES.lock().unwrap().push((3, shut));
+    let open_first = add_gate(3);
     let first = tokio::spawn(gated::refresh(3));
-    while GATED_RUNS.load(SeqCst) < 5 {
-        tokio::task::yield_now().await;
-    }
-    let (open_second, shut) = oneshot::channel();
-    GATES.lock().unwrap().push((3, shut));
+    started(5).await;
+    let open_second = add_gate(3);
     open_second.send(30).unwrap();
     assert_eq!(gated::refresh(3).await, 30);
     open_first.send(3).unwrap();
