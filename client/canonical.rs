@@ -108,6 +108,19 @@ pub fn digest_of(value: &Value) -> String {
     format!("{:x}", md5::compute(canonical_text(value)))
 }
 
+/// The digest of a keyed argument list in a function's key space `version`: for version 1
+/// (every function until its meaning changes) exactly [`digest_of`]; from version 2 on, md5 of
+/// `v{version}:` followed by the canonical text, e.g. `md5("v2:[3,4]")`. No JSON text starts
+/// with `v`, so a versioned digest input never equals an unversioned one, and the version
+/// stays out of the names: `BustFunction` removes the entries of every version.
+pub fn versioned_digest_of(value: &Value, version: u32) -> String {
+    if version <= 1 {
+        return digest_of(value);
+    }
+    let input = format!("v{version}:{}", canonical_text(value));
+    format!("{:x}", md5::compute(input))
+}
+
 /// Writes a JSON value per RFC 8785. Values built by [`args_value`] are always representable;
 /// a float that is not finite (only possible in a hand-built `Value`) is written as `null`, as
 /// ECMAScript's `JSON.stringify` does.
@@ -700,5 +713,17 @@ mod tests {
     #[test]
     fn digest_is_md5_hex() {
         assert_eq!(digest(&(3, 4)).unwrap(), "b814fa889082069ffb727ee1623c0944");
+    }
+
+    /// Version 1 is the unversioned digest; version 2 hashes `v2:` and the canonical text.
+    #[test]
+    fn versions_prefix_the_digest_input() {
+        let args = args_value(&(3, 4)).unwrap();
+        assert_eq!(versioned_digest_of(&args, 1), digest_of(&args));
+        assert_eq!(
+            versioned_digest_of(&args, 2),
+            format!("{:x}", md5::compute("v2:[3,4]"))
+        );
+        assert_ne!(versioned_digest_of(&args, 2), versioned_digest_of(&args, 3));
     }
 }

@@ -219,6 +219,8 @@ struct Counters {
 /// when it could not be shared (an error, or a value that does not encode), so each waiter
 /// computes its own.
 pub(crate) type Flights = SingleFlight<EntryKey, Option<Bytes>>;
+/// One caller's place in a [`Flights`] flight.
+pub(crate) type Flight<'a> = crate::single_flight::Flight<'a, EntryKey, Option<Bytes>>;
 
 #[derive(Debug)]
 struct Inner {
@@ -552,6 +554,11 @@ impl Client {
 
     pub(crate) fn count_undecodable(&self) {
         self.inner.counters.undecodable.fetch_add(1, Relaxed);
+    }
+
+    /// Whether `other` is this client or a clone of it (one connection, one breaker).
+    pub(crate) fn same(&self, other: &Client) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// The in-process single-flight table shared by every clone.

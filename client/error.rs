@@ -23,6 +23,10 @@ pub enum Error {
     Rpc(tonic::Status),
     /// The service did not answer a bust within the bust deadline.
     Timeout(Duration),
+    /// A `#[memoize]` function's bust without a client: none was [`install`](crate::install)ed.
+    NotInstalled,
+    /// [`install`](crate::install) was called a second time; the first client stays.
+    AlreadyInstalled,
 }
 
 impl fmt::Display for Error {
@@ -41,6 +45,15 @@ impl fmt::Display for Error {
                     after.as_millis()
                 )
             }
+            Error::NotInstalled => write!(
+                f,
+                "no cache-money client is installed: call cache_money::install(client) at \
+                 start-up, or name one with #[memoize(client = …)]"
+            ),
+            Error::AlreadyInstalled => write!(
+                f,
+                "a cache-money client is installed already: install it once, at start-up"
+            ),
         }
     }
 }
@@ -54,7 +67,9 @@ impl std::error::Error for Error {
             Error::InvalidUrl(_)
             | Error::InvalidToken
             | Error::InvalidTtl(_)
-            | Error::Timeout(_) => None,
+            | Error::Timeout(_)
+            | Error::NotInstalled
+            | Error::AlreadyInstalled => None,
         }
     }
 }

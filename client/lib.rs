@@ -21,7 +21,11 @@
 //!
 //! # Layout
 //! - [`Client`] (`client`): the connection, options, circuit breaker and metrics.
-//! - [`Function`] (`memoize`): one function's entries: `memoize`, `try_memoize`, busts.
+//! - [`Function`] (`memoize`): one function's entries: `memoize`, `try_memoize`, `refresh`,
+//!   busts, versions.
+//! - [`install`] (`memoized`): the default client of `#[memoize]` functions, and the runtime
+//!   the attribute expands to (hidden, `__private`).
+//! - [`memoize`](macro@memoize) (feature `macros`, the `macros/` crate): the attribute.
 //! - [`Ttl`] (`ttl`): the seed's TTL constants, and the default maximum TTL both sides use.
 //! - `breaker`: the circuit breaker that keeps a down service from costing every call.
 //! - `single_flight`: concurrent `memoize` calls of one key in a process share one computation.
@@ -50,6 +54,7 @@ mod error;
 pub mod key;
 pub mod limits;
 mod memoize;
+mod memoized;
 mod replicas;
 mod single_flight;
 mod ttl;
@@ -63,6 +68,7 @@ pub use client::{
 pub use connect::{channel, describe as describe_status};
 pub use error::Error;
 pub use memoize::{Function, KeyFn};
+pub use memoized::{install, installed};
 pub use ttl::{DEFAULT_MAX_TTL_SECONDS, Ttl};
 
 /// A [`Function`] handle named after the calling module: `function!(client, "addition",
@@ -78,6 +84,16 @@ macro_rules! function {
         $client.function_with_default_ttl(::std::module_path!(), $name)
     };
 }
+
+/// What `#[memoize]` expands to; not an API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::memoized::{Prepared, Site};
+}
+
+#[cfg(feature = "macros")]
+#[doc = include_str!("memoize_attribute.md")]
+pub use cache_money_macros::memoize;
 
 /// The generated protobuf messages and gRPC client and server stubs of `cache_money.v1`.
 pub mod pb {

@@ -17,13 +17,22 @@ use tracing::warn;
 
 use crate::{
     Client, Error,
-    canonical::{args_value, check_key_fn_output, digest_of},
+    canonical::{args_value, check_key_fn_output, versioned_digest_of},
+    client::Flight,
     key::EntryKey,
     pb,
 };
 
 /// Turns the canonical arguments into the value that is keyed, like the seed's `key_fn`.
 pub type KeyFn = Arc<dyn Fn(Value) -> Value + Send + Sync>;
+
+/// What a call does with its entry: `memoize` reads it first, `refresh` recomputes and
+/// overwrites it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Memoize,
+    Refresh,
+}
 
 /// One function's cache entries: memoize calls, bust one call or all of them. Cloning is
 /// shallow. Made by [`Client::function`].
@@ -35,6 +44,8 @@ pub struct Function {
     ttl: Duration,
     key_fn: Option<KeyFn>,
     cache_none: bool,
+    /// The key space of the function's results; 1 is the unversioned one.
+    version: u32,
     /// A value that does not decode is logged once per handle, not once per call.
     warned_undecodable: Arc<AtomicBool>,
     /// Likewise a request the service refuses (a value over its size limit).
@@ -49,6 +60,7 @@ impl fmt::Debug for Function {
             .field("ttl", &self.ttl)
             .field("key_fn", &self.key_fn.is_some())
             .field("cache_none", &self.cache_none)
+            .field("version", &self.version)
             .finish()
     }
 }
@@ -62,6 +74,7 @@ impl Function {
             ttl,
             key_fn: None,
             cache_none: false,
+            version: 1,
             warned_undecodable: Arc::new(AtomicBool::new(false)),
             warned_refused: Arc::new(AtomicBool::new(false)),
         }
@@ -80,6 +93,24 @@ impl Function {
     /// as in the seed.
     pub fn cache_none(mut self, cache_none: bool) -> Self {
         self.cache_none = cache_none;
+        self
+    }
+
+    /// Puts the function's results in key space `version`, so entries written when its result
+    /// type or meaning was different are never read: bump it when they change. Version 1 is
+    /// the default and keys exactly as an unversioned handle (and the Python seed) do; from 2
+    /// on the digest is `md5("v{version}:" + canonical arguments)` (README, the key spec).
+    /// [`Function::bust_all`] removes the entries of every version, since they share the
+    /// function's name.
+    ///
+    /// # Panics
+    /// When `version` is 0: versions count from 1, and this is almost always a literal.
+    pub fn version(mut self, version: u32) -> Self {
+        assert!(
+            version >= 1,
+            "cache-money function version: must be 1 or more (1 is the unversioned key space), got 0"
+        );
+        self.version = version;
         self
     }
 
@@ -113,10 +144,15 @@ impl Function {
             }
             None => args,
         };
-        Ok(digest_of(&keyed))
+        Ok(versioned_digest_of(&keyed, self.version))
     }
 
-    fn entry_key<A: Serialize + ?Sized>(&self, args: &A) -> Result<EntryKey, Error> {
+    /// The client this handle caches through.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(crate) fn entry_key<A: Serialize + ?Sized>(&self, args: &A) -> Result<EntryKey, Error> {
         Ok(EntryKey::new(
             self.namespace.clone(),
             self.name.clone(),
@@ -178,19 +214,62 @@ impl Function {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        self.try_run(Mode::Memoize, args, compute).await
+    }
+
+    /// `try_memoize` or `try_refresh` of `args`.
+    async fn try_run<A, T, E, F, Fut>(&self, mode: Mode, args: &A, compute: F) -> Result<T, E>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         if !self.client.options().enabled {
             return compute().await;
         }
         let key = self.entry_key(args)?;
+        self.run_key(mode, &key, compute).await
+    }
+
+    /// `try_memoize` or `try_refresh` with the key already made (by `#[memoize]`, whose
+    /// arguments are borrowed for the key and then moved into `compute`).
+    pub(crate) async fn run_key<T, E, F, Fut>(
+        &self,
+        mode: Mode,
+        key: &EntryKey,
+        compute: F,
+    ) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        if !self.client.options().enabled {
+            return compute().await;
+        }
+        match mode {
+            Mode::Memoize => self.memoize_key(key, compute).await,
+            Mode::Refresh => self.refresh_key(key, compute).await,
+        }
+    }
+
+    async fn memoize_key<T, E, F, Fut>(&self, key: &EntryKey, compute: F) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         // Leaves the flight when dropped, even if this caller is cancelled or panics.
-        let flight = self.client.flights().join(&key);
+        let flight = self.client.flights().join(key);
         let mut compute = Some(compute);
         // The first caller (the leader) looks up and computes; the others wait for it here.
         let mut led: Option<Result<T, E>> = None;
         let shared = flight
             .get_or_lead(|| async {
                 let compute = compute.take().expect("the leader runs init once");
-                let (result, encoded) = self.lookup_or_compute(&key, compute).await;
+                let (result, encoded) = self.lookup_or_compute(key, &flight, compute).await;
                 led = Some(result);
                 encoded
             })
@@ -215,10 +294,13 @@ impl Function {
     }
 
     /// The leader's work: a cache lookup, else the computation and a store. Returns the
-    /// result and its encoding for the followers.
+    /// result and its encoding for the followers. A result computed while a
+    /// [`Function::refresh`] of the key took over its flight is returned but not stored: the
+    /// refresh's newer value stays.
     async fn lookup_or_compute<T, E, F, Fut>(
         &self,
         key: &EntryKey,
+        flight: &Flight<'_>,
         compute: F,
     ) -> (Result<T, E>, Option<Bytes>)
     where
@@ -244,16 +326,21 @@ impl Function {
         self.client.count_computed();
         let result = compute().await;
         let encoded = match &result {
-            Ok(value) => self.store(key, value).await,
+            Ok(value) if flight.is_current() => self.store(key, value).await,
+            Ok(value) => Self::encode(value).ok(),
             Err(_) => None,
         };
         (result, encoded)
     }
 
+    fn encode<T: Serialize>(value: &T) -> Result<Bytes, serde_json::Error> {
+        serde_json::to_vec(value).map(Bytes::from)
+    }
+
     /// Encodes and stores a fresh result; returns its encoding when it can be shared.
     async fn store<T: Serialize>(&self, key: &EntryKey, value: &T) -> Option<Bytes> {
-        let encoded = match serde_json::to_vec(value) {
-            Ok(encoded) => Bytes::from(encoded),
+        let encoded = match Self::encode(value) {
+            Ok(encoded) => encoded,
             Err(err) => {
                 warn!(namespace = %self.namespace, function = %self.name, cause = %err, "result does not encode as JSON; not cached");
                 return None;
@@ -293,6 +380,94 @@ impl Function {
         }
     }
 
+    /// Runs `compute` now and overwrites the cached result for `args` with its result, which
+    /// it returns: for when the source changed and the next caller must not wait for the TTL.
+    ///
+    /// Within this process, `memoize` calls of the same arguments that start while the refresh
+    /// runs wait for it and get its result (they neither read the old entry nor compute
+    /// again). A `memoize` computation that was already running when the refresh started is
+    /// not joined, since it may have started from older data: it finishes for its own callers,
+    /// and does not store its result over the refresh's; nor does an older refresh of the same
+    /// arguments that finishes after a newer one. (Callers in other processes are not
+    /// coordinated: one that read the old entry before the refresh stored may still return it.)
+    ///
+    /// A result that is not cached (`None` or `()` without [`Function::cache_none`]) removes
+    /// the old entry instead. Like `memoize` it is fail-open: when the service is down the
+    /// result is returned all the same and the old entry may stay until its TTL; use
+    /// [`Function::bust`] for an invalidation that reports failure.
+    ///
+    /// # Errors
+    /// Only [`Error::Args`], as [`Function::memoize`].
+    pub async fn refresh<A, T, F, Fut>(&self, args: &A, compute: F) -> Result<T, Error>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.try_refresh(args, || async { Ok::<T, Error>(compute().await) })
+            .await
+    }
+
+    /// As [`Function::refresh`] for a function that can fail: an `Ok` result overwrites the
+    /// entry; an `Err` is returned and leaves the entry as it was (callers waiting on the
+    /// refresh then compute their own, as after a failed `memoize`).
+    ///
+    /// # Errors
+    /// `compute`'s error, or [`Error::Args`] converted into `E`.
+    pub async fn try_refresh<A, T, E, F, Fut>(&self, args: &A, compute: F) -> Result<T, E>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.try_run(Mode::Refresh, args, compute).await
+    }
+
+    async fn refresh_key<T, E, F, Fut>(&self, key: &EntryKey, compute: F) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut led = None;
+        let led_by_refresh = &mut led;
+        self.client
+            .flights()
+            .lead(key, |claim| async move {
+                self.client.count_computed();
+                let result = compute().await;
+                let encoded = match &result {
+                    // A refresh that started later stores its newer value instead.
+                    Ok(value) if claim.is_current() => self.overwrite(key, value).await,
+                    Ok(value) => Self::encode(value).ok(),
+                    Err(_) => None,
+                };
+                *led_by_refresh = Some(result);
+                encoded
+            })
+            .await;
+        led.expect("lead runs the refresh to completion before it returns")
+    }
+
+    /// Stores a refreshed result; one that is not cached (`null`) removes the old entry.
+    async fn overwrite<T: Serialize>(&self, key: &EntryKey, value: &T) -> Option<Bytes> {
+        let encoded = self.store(key, value).await?;
+        if !self.cache_none && encoded.as_ref() == b"null" {
+            let request = pb::BustRequest {
+                key: Some(Self::pb_key(key)),
+            };
+            self.client
+                .cache_rpc("Bust", &self.warned_refused, |mut rpc| async move {
+                    rpc.bust(request).await
+                })
+                .await;
+        }
+        Some(encoded)
+    }
+
     /// Removes the cached result of one call (the seed's `fn.bust(*args)`); returns whether
     /// there was one.
     ///
@@ -307,8 +482,8 @@ impl Function {
         Ok(removed > 0)
     }
 
-    /// Removes every cached call of this function (the seed's `fn.bust_all()`); returns how
-    /// many there were.
+    /// Removes every cached call of this function, of every [version](Function::version)
+    /// (the seed's `fn.bust_all()`); returns how many there were.
     ///
     /// # Errors
     /// The service's failure: a bust that did not happen is reported.
@@ -328,6 +503,14 @@ mod tests {
     use tokio::sync::oneshot;
 
     use crate::{Client, Ttl};
+
+    /// Version 0 is refused when the handle is made: versions count from 1.
+    #[tokio::test]
+    #[should_panic(expected = "must be 1 or more")]
+    async fn version_zero_is_refused() {
+        let cm = Client::connect("http://127.0.0.1:1").await.unwrap();
+        let _ = cm.function("ns", "f", Ttl::MINUTE).version(0);
+    }
 
     /// A `memoize` call cancelled while it computes leaves nothing in the single-flight table.
     #[tokio::test]

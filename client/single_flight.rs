@@ -19,7 +19,18 @@
 //! and the others get the encoded bytes, and adds `pin-project` and `thiserror`. Counting the
 //! callers over tokio's `OnceCell` takes the few lines below.
 
-use std::{collections::HashMap, fmt, future::Future, hash::Hash, sync::Arc, sync::Mutex};
+use std::{
+    collections::HashMap,
+    fmt,
+    future::{Future, poll_fn},
+    hash::Hash,
+    pin::pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::Poll,
+};
 
 use tokio::sync::OnceCell;
 
@@ -30,6 +41,23 @@ use crate::lock;
 struct Entry<V> {
     result: Arc<OnceCell<V>>,
     callers: usize,
+    claim: Claim,
+}
+
+/// A flight's claim on its key: lost when a newer flight ([`SingleFlight::lead`]) replaces
+/// it, so its leader knows a newer result is on its way and does not store its own over it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Claim(Arc<AtomicBool>);
+
+impl Claim {
+    /// Whether no newer flight of the key has started since this one.
+    pub(crate) fn is_current(&self) -> bool {
+        !self.0.load(Ordering::Acquire)
+    }
+
+    fn lose(&self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// The flights under way, by key. Shared by every clone of a client.
@@ -60,12 +88,65 @@ impl<K: Hash + Eq + Clone, V> SingleFlight<K, V> {
         let entry = table.entry(key.clone()).or_insert_with(|| Entry {
             result: Arc::default(),
             callers: 0,
+            claim: Claim::default(),
         });
         entry.callers += 1;
         Flight {
             group: self,
             key,
             result: entry.result.clone(),
+            claim: entry.claim.clone(),
+        }
+    }
+
+    /// Runs `work` as the leader of a new flight of `key`: callers that join `key` while it
+    /// runs wait for its result, while a flight already under way goes on for its own callers
+    /// (a refresh must not hand out, or wait for, a result computed before it started) and
+    /// loses its [`Claim`], as does an older `lead` of the key. `work` gets the new flight's
+    /// claim, to check before it stores.
+    ///
+    /// The new flight is claimed before it is published: `work` starts (its cell's permit
+    /// taken) before the table can hand the flight to anyone, so no joiner can lead it in
+    /// `work`'s place, even on another thread.
+    pub(crate) async fn lead<F, Fut>(&self, key: &K, work: F)
+    where
+        F: FnOnce(Claim) -> Fut,
+        Fut: Future<Output = V>,
+    {
+        let claim = Claim::default();
+        let result: Arc<OnceCell<V>> = Arc::default();
+        let for_work = claim.clone();
+        let mut init = pin!(result.get_or_init(|| work(for_work)));
+        let finished = poll_fn(|cx| Poll::Ready(init.as_mut().poll(cx).is_ready())).await;
+        // Published even when `work` is already done, so the flight it replaces loses its
+        // claim; then dropped at once, which forgets the finished flight.
+        let _flight = self.publish(key, result.clone(), claim);
+        if !finished {
+            init.await;
+        }
+    }
+
+    /// Makes `result` the flight of `key` for callers who join from now on, with its leader
+    /// as its one caller; the flight it replaces loses its claim.
+    fn publish<'a>(
+        &'a self,
+        key: &'a K,
+        result: Arc<OnceCell<V>>,
+        claim: Claim,
+    ) -> Flight<'a, K, V> {
+        let entry = Entry {
+            result: result.clone(),
+            callers: 1,
+            claim: claim.clone(),
+        };
+        if let Some(replaced) = lock(&self.table).insert(key.clone(), entry) {
+            replaced.claim.lose();
+        }
+        Flight {
+            group: self,
+            key,
+            result,
+            claim,
         }
     }
 
@@ -99,6 +180,7 @@ pub(crate) struct Flight<'a, K: Hash + Eq + Clone, V> {
     group: &'a SingleFlight<K, V>,
     key: &'a K,
     result: Arc<OnceCell<V>>,
+    claim: Claim,
 }
 
 impl<K: Hash + Eq + Clone, V> Flight<'_, K, V> {
@@ -111,6 +193,11 @@ impl<K: Hash + Eq + Clone, V> Flight<'_, K, V> {
         Fut: Future<Output = V>,
     {
         self.result.get_or_init(lead).await
+    }
+
+    /// Whether no [`SingleFlight::lead`] of the key has started since this flight did.
+    pub(crate) fn is_current(&self) -> bool {
+        self.claim.is_current()
     }
 }
 
@@ -251,6 +338,77 @@ mod tests {
         }
         assert_eq!(runs.load(SeqCst), 1);
         drop(joined);
+        assert_eq!(flights.len(), 0);
+    }
+
+    /// A led flight takes the key over: callers joining while it runs wait for its result,
+    /// the flight it replaced is no longer current, and the table is empty afterwards.
+    #[tokio::test]
+    async fn lead_takes_the_key_over() {
+        let flights = Flights::default();
+        let older = flights.join(&KEY);
+        assert!(older.is_current());
+        let (release, released) = oneshot::channel::<()>();
+        let mut leading = Box::pin(flights.lead(&KEY, |_| async {
+            released.await.unwrap();
+            9
+        }));
+        assert!(poll_once(leading.as_mut()).is_pending());
+        assert!(!older.is_current(), "the lead did not take the key over");
+
+        let joiner = flights.join(&KEY);
+        let mut joined = Box::pin(joiner.get_or_lead(|| async { 1 }));
+        assert!(
+            poll_once(joined.as_mut()).is_pending(),
+            "the joiner led instead of waiting for the refresh"
+        );
+        release.send(()).unwrap();
+        leading.await;
+        assert_eq!(*joined.await, 9, "the joiner got the led result");
+        drop((joiner, older));
+        assert_eq!(flights.len(), 0);
+    }
+
+    /// A second lead of a key takes the claim of the first, which is still running; the
+    /// second keeps its own.
+    #[tokio::test]
+    async fn a_newer_lead_takes_the_older_ones_claim() {
+        let flights = Flights::default();
+        let (release, released) = oneshot::channel::<()>();
+        let first_claim = std::sync::Mutex::new(None);
+        let mut first = Box::pin(flights.lead(&KEY, |claim| {
+            *lock(&first_claim) = Some(claim);
+            async {
+                released.await.unwrap();
+                1
+            }
+        }));
+        assert!(poll_once(first.as_mut()).is_pending());
+        let first_claim = lock(&first_claim).take().expect("the work got its claim");
+        assert!(first_claim.is_current());
+        let mut second_claim = None;
+        flights
+            .lead(&KEY, |claim| {
+                second_claim = Some(claim);
+                async { 2 }
+            })
+            .await;
+        assert!(!first_claim.is_current(), "the older lead kept its claim");
+        assert!(second_claim.expect("the work got its claim").is_current());
+        release.send(()).unwrap();
+        first.await;
+        assert_eq!(flights.len(), 0);
+    }
+
+    /// Work that finishes at its first poll still ends the current flight's claim on the key,
+    /// and leaves no entry.
+    #[tokio::test]
+    async fn lead_that_finishes_at_once_leaves_no_entry() {
+        let flights = Flights::default();
+        let older = flights.join(&KEY);
+        flights.lead(&KEY, |_| async { 3 }).await;
+        assert!(!older.is_current());
+        drop(older);
         assert_eq!(flights.len(), 0);
     }
 

@@ -4,14 +4,28 @@
 
 use std::collections::BTreeMap;
 
-use cache_money::canonical::{args_value, canonical_text, digest, digest_of};
+use cache_money::{
+    Client, Ttl,
+    canonical::{args_value, canonical_text, digest, digest_of, versioned_digest_of},
+};
 use serde::Serialize;
 use serde_json::Value;
 
 #[derive(Debug, serde::Deserialize)]
 struct Vectors {
     vectors: Vec<Vector>,
+    versioned: Vec<Versioned>,
     invalid: Vec<Invalid>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Versioned {
+    name: String,
+    args: String,
+    version: u32,
+    /// The text that is hashed: `v{version}:` and the canonical arguments (from version 2).
+    input: String,
+    digest: String,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -53,6 +67,62 @@ fn every_vector_reproduces() {
         assert_eq!(canonical_text(&list), vector.canonical, "{}", vector.name);
         assert_eq!(digest_of(&list), vector.digest, "{}", vector.name);
     }
+}
+
+/// Each versioned vector's digest input and digest, from the canonical functions and from a
+/// `Function` handle with `.version(n)`; version 1 is the unversioned digest.
+#[tokio::test]
+async fn versioned_vectors_reproduce() {
+    // Connecting is lazy and a digest needs no server: nothing listens on port 1.
+    let cm = Client::connect("http://127.0.0.1:1").await.unwrap();
+    let vectors = vectors().versioned;
+    assert!(
+        vectors.len() >= 5,
+        "only {} versioned vectors",
+        vectors.len()
+    );
+    for vector in &vectors {
+        let args: Value = serde_json::from_str(&vector.args).expect(&vector.name);
+        let text = canonical_text(&args);
+        let input = if vector.version <= 1 {
+            text
+        } else {
+            format!("v{}:{text}", vector.version)
+        };
+        assert_eq!(input, vector.input, "{}", vector.name);
+        assert_eq!(
+            versioned_digest_of(&args, vector.version),
+            vector.digest,
+            "{}",
+            vector.name
+        );
+        let Value::Array(list) = args else {
+            panic!("{}: args is an argument list", vector.name)
+        };
+        let handle = cm.function("ns", "f", Ttl::MINUTE).version(vector.version);
+        // A Vec of arguments is one list argument; a tuple is the list itself, so the
+        // vector's arguments go through the key function's path, which hashes them as given.
+        let handle = handle.with_key_fn(move |_| Value::Array(list.clone()));
+        assert_eq!(
+            handle.digest(&()).unwrap(),
+            vector.digest,
+            "{}",
+            vector.name
+        );
+    }
+    let addition_v2 = vectors
+        .iter()
+        .find(|vector| vector.name == "addition(3, 4) version 2")
+        .expect("the addition(3, 4) version 2 vector");
+    let unversioned = cm.function("ns", "f", Ttl::MINUTE);
+    assert_eq!(
+        unversioned.clone().version(2).digest(&(3, 4)).unwrap(),
+        addition_v2.digest
+    );
+    assert_eq!(
+        unversioned.clone().version(1).digest(&(3, 4)).unwrap(),
+        unversioned.digest(&(3, 4)).unwrap()
+    );
 }
 
 /// The invalid vectors are refused rather than keyed.

@@ -1,5 +1,6 @@
 //! Python and Rust share one cache: the Python example (stdlib key spec + generated stubs)
-//! passes every key vector, reads what the Rust client stored, and stores what Rust reads.
+//! passes every key vector (versioned ones too), reads what the Rust client stored, and
+//! stores what Rust reads, for an unversioned and a versioned function.
 //! Needs the virtualenv that `scripts/test` creates (`.venv`, or `CACHE_MONEY_PYTHON`).
 
 mod common;
@@ -9,7 +10,8 @@ use std::{path::PathBuf, process::Command};
 use cache_money::{Client, Ttl};
 use common::CacheServer;
 
-/// The Python example reads a Rust-stored entry and stores one Rust reads, with the same keys.
+/// The Python example reads a Rust-stored entry and stores one Rust reads, with the same keys,
+/// also for a function at version 2 (Python's `@cached(version=2)`, Rust's `.version(2)`).
 #[tokio::test]
 async fn python_and_rust_share_entries() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -31,6 +33,19 @@ async fn python_and_rust_share_entries() {
     let addition = cm.function("__main__", "addition", Ttl::HOUR);
     let sum: i64 = addition.memoize(&(3, 4), || async { 7 }).await.unwrap();
     assert_eq!(sum, 7);
+    let price = cm.function("__main__", "price", Ttl::HOUR).version(2);
+    let stored: String = price
+        .memoize(&("abc",), || async { "300 cents".to_owned() })
+        .await
+        .unwrap();
+    assert_eq!(stored, "300 cents");
+    // An unversioned entry of the same call, which neither side's version 2 may read.
+    let unversioned: String = cm
+        .function("__main__", "price", Ttl::HOUR)
+        .memoize(&("abcd",), || async { "stale: version 1".to_owned() })
+        .await
+        .unwrap();
+    assert_eq!(unversioned, "stale: version 1");
 
     let output = Command::new(&python)
         .arg(root.join("examples/python/interop.py"))
@@ -64,6 +79,17 @@ async fn python_and_rust_share_entries() {
         .await
         .unwrap();
     assert_eq!(product, 42);
+    assert!(
+        report.contains("\"versioned_read_from_rust\": \"300 cents\""),
+        "{report}"
+    );
+    let from_python: String = price
+        .memoize(&("abcd",), || async {
+            unreachable!("Python stored price('abcd') at version 2")
+        })
+        .await
+        .unwrap();
+    assert_eq!(from_python, "400 cents");
 }
 
 /// The fenced blocks tagged `lang` (`""` for untagged ones) in the README section whose

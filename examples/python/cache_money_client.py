@@ -27,12 +27,16 @@ def connect(address: str) -> rpc.CacheMoneyStub:
     return rpc.CacheMoneyStub(grpc.insecure_channel(address))
 
 
-def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR):
-    """Memoizes a function in cache-money under (its module, its name, its arguments)."""
+def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR, version: int = 1):
+    """Memoizes a function in cache-money under (its module, its name, its arguments).
+
+    Bump `version` when the function's result changes type or meaning: calls then never read
+    entries of another version (Rust's `#[memoize(version = 2)]` keys the same way), and
+    `bust_all` still removes every version's entries."""
 
     def decorate(fn):
         def key(*args):
-            return pb.Key(namespace=fn.__module__, function=fn.__name__, digest=digest(*args))
+            return pb.Key(namespace=fn.__module__, function=fn.__name__, digest=digest(*args, version=version))
 
         def wrapper(*args):
             entry = key(*args)

@@ -5,6 +5,7 @@ Canonicalization Scheme): no whitespace, object keys sorted by UTF-16 code units
 escaping only quote, backslash and control characters, numbers in ECMAScript's format.
 Values JSON cannot carry faithfully are refused rather than keyed: NaN and infinities,
 integers beyond +-(2**53 - 1) (pass them as strings), and non-string dict keys.
+A versioned function (version 2 and up) hashes "v{version}:" followed by that text.
 """
 
 import hashlib
@@ -65,6 +66,13 @@ def canonical(value) -> str:
     raise TypeError(f"{type(value).__name__} has no JSON form; convert it before keying")
 
 
-def digest(*args) -> str:
-    """The digest of a call with these positional arguments."""
-    return hashlib.md5(canonical(list(args)).encode("utf-8")).hexdigest()
+def digest(*args, version: int = 1) -> str:
+    """The digest of a call with these positional arguments, in the function's key space
+    `version`: from version 2 on, md5 of "v{version}:" and the canonical text; version 1 is
+    the unversioned digest (the seed's keys)."""
+    if version < 1:
+        raise ValueError(f"version must be 1 or more, got {version}")
+    text = canonical(list(args))
+    if version > 1:
+        text = f"v{version}:{text}"
+    return hashlib.md5(text.encode("utf-8")).hexdigest()

@@ -19,6 +19,9 @@ for vector in vectors["vectors"]:
     args = json.loads(vector["args"])
     assert canonical(args) == vector["canonical"], (vector["name"], canonical(args), vector["canonical"])
     assert digest(*args) == vector["digest"], vector["name"]
+for vector in vectors["versioned"]:
+    args = json.loads(vector["args"])
+    assert digest(*args, version=vector["version"]) == vector["digest"], vector["name"]
 for invalid in vectors["invalid"]:
     try:
         canonical(json.loads(invalid["args"]))
@@ -45,8 +48,28 @@ def multiplication(a, b):
     return a * b
 
 
+@cached(stub, version=2)
+def price(sku):
+    if sku == "abc":
+        raise AssertionError("price('abc') version 2 should come from the entry the Rust client stored")
+    return f"{len(sku) * 100} cents"
+
+
 # 2. A value the Rust client stored, read by Python (addition's body never runs).
 assert addition(3, 4) == 7
 # 3. A value Python stores, for the Rust client to read.
 assert multiplication(6, 7) == 42
-print(json.dumps({"vectors": len(vectors["vectors"]), "read_from_rust": 7, "stored_for_rust": 42}))
+# 4. The same both ways for a versioned function (version 2).
+assert price("abc") == "300 cents"
+assert price("abcd") == "400 cents"
+print(
+    json.dumps(
+        {
+            "vectors": len(vectors["vectors"]),
+            "versioned_vectors": len(vectors["versioned"]),
+            "read_from_rust": 7,
+            "stored_for_rust": 42,
+            "versioned_read_from_rust": "300 cents",
+        }
+    )
+)

@@ -56,6 +56,18 @@ const cases = [
   ["small integers", "[-1, 0, 1]"],
 ];
 
+// Versioned functions (`version = N`): the digest input is `v{N}:` and the canonical text from
+// version 2 on; version 1 is the unversioned digest itself.
+// [name, arguments as a JSON text, version]
+const versioned = [
+  ["addition(3, 4) version 1 is unversioned", "[3,4]", 1],
+  ["addition(3, 4) version 2", "[3,4]", 2],
+  ["addition(3, 4) version 3", "[3,4]", 3],
+  ["no arguments version 2", "[]", 2],
+  ["unicode and key order version 2", '["日本語", {"b": 1, "a": [1.5, null]}]', 2],
+  ["two-digit version", "[\"x\"]", 10],
+];
+
 // Arguments each implementation must refuse (its own reader keeps these exact).
 const invalid = [
   ["integer above 2^53 - 1", "[9007199254740992]"],
@@ -67,4 +79,16 @@ const vectors = cases.map(([name, json]) => {
   const text = canonical(JSON.parse(json));
   return { name, args: json, canonical: text, digest: crypto.createHash("md5").update(text, "utf8").digest("hex") };
 });
-process.stdout.write(JSON.stringify({ vectors, invalid: invalid.map(([name, args]) => ({ name, args })) }, null, 2) + "\n");
+const md5 = (text) => crypto.createHash("md5").update(text, "utf8").digest("hex");
+const versionedVectors = versioned.map(([name, json, version]) => {
+  const text = canonical(JSON.parse(json));
+  const input = version <= 1 ? text : `v${version}:${text}`;
+  return { name, args: json, version, input, digest: md5(input) };
+});
+process.stdout.write(
+  JSON.stringify(
+    { vectors, versioned: versionedVectors, invalid: invalid.map(([name, args]) => ({ name, args })) },
+    null,
+    2,
+  ) + "\n",
+);

@@ -1,0 +1,257 @@
+//! What `#[memoize]` runs: the process's default client ([`install`]), and the hidden runtime
+//! the attribute expands to (`__private`: one [`Site`] per memoized function).
+//!
+//! A memoized function without a client (none installed, or a handle that cannot be made)
+//! computes every call without caching and says so once at warn, as a call does while the
+//! service is down; its busts return the error, since a bust that did not happen must be
+//! reported.
+
+use std::{
+    borrow::Cow,
+    convert::Infallible,
+    future::Future,
+    sync::{
+        OnceLock,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use serde::{Serialize, de::DeserializeOwned};
+use tracing::warn;
+
+use crate::{Client, Error, Function, key::EntryKey, memoize::Mode};
+
+/// The client memoized functions use when they name none (`client = …`).
+static DEFAULT_CLIENT: OnceLock<Client> = OnceLock::new();
+/// Whether a call without a client has been warned about: once per process.
+static WARNED_NOT_INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// Makes `client` the process's default client, the one `#[memoize]` functions cache through
+/// unless they name another (`client = …`). Call it once at start-up, before the first
+/// memoized call; calls made before compute without caching (warned once), and their busts
+/// return [`Error::NotInstalled`].
+///
+/// # Errors
+/// [`Error::AlreadyInstalled`] when a client was installed before: the first one stays, since
+/// handles already made use it.
+pub fn install(client: Client) -> Result<(), Error> {
+    DEFAULT_CLIENT
+        .set(client)
+        .map_err(|_| Error::AlreadyInstalled)
+}
+
+/// The client [`install`]ed as the process's default, if any.
+pub fn installed() -> Option<&'static Client> {
+    DEFAULT_CLIENT.get()
+}
+
+/// One memoized function: its names and options as the attribute wrote them, and the
+/// [`Function`] handle made from them on first use. Lives in a `static`.
+#[derive(Debug)]
+pub struct Site {
+    namespace: &'static str,
+    name: &'static str,
+    /// The `ttl` option, evaluated when the handle is made; the client's default otherwise.
+    ttl: Option<fn() -> Duration>,
+    version: u32,
+    cache_none: bool,
+    /// The handle of the first client seen; another client gets a handle of its own per call.
+    handle: OnceLock<Function>,
+    /// Whether this function's own problem (a bad name or TTL, arguments that cannot be
+    /// keyed) has been warned about.
+    warned: AtomicBool,
+}
+
+impl Site {
+    /// A function memoized under `namespace` (a module path) and `name`.
+    pub const fn new(
+        namespace: &'static str,
+        name: &'static str,
+        ttl: Option<fn() -> Duration>,
+        version: u32,
+        cache_none: bool,
+    ) -> Self {
+        Site {
+            namespace,
+            name,
+            ttl,
+            version,
+            cache_none,
+            handle: OnceLock::new(),
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    fn make(&self, client: &Client) -> Result<Function, Error> {
+        let ttl = match self.ttl {
+            Some(ttl) => ttl(),
+            None => client.options().default_ttl,
+        };
+        Ok(client
+            .try_function(self.namespace, self.name, ttl)?
+            .version(self.version)
+            .cache_none(self.cache_none))
+    }
+
+    /// The handle for `client`, or for the installed default client when `None`.
+    ///
+    /// # Errors
+    /// [`Error::NotInstalled`] without a client; [`Error::InvalidName`] or
+    /// [`Error::InvalidTtl`] when the handle cannot be made.
+    pub fn function(&'static self, client: Option<Client>) -> Result<Function, Error> {
+        self.handle(client).map(Cow::into_owned)
+    }
+
+    fn handle(&'static self, client: Option<Client>) -> Result<Cow<'static, Function>, Error> {
+        let client = match client {
+            Some(client) => Cow::Owned(client),
+            None => Cow::Borrowed(installed().ok_or(Error::NotInstalled)?),
+        };
+        if let Some(handle) = self.handle.get() {
+            if handle.client().same(&client) {
+                return Ok(Cow::Borrowed(handle));
+            }
+            return Ok(Cow::Owned(self.make(&client)?));
+        }
+        let made = self.make(&client)?;
+        Ok(match self.handle.set(made) {
+            Ok(()) => Cow::Borrowed(self.handle.get().expect("set just now")),
+            // Another thread made the first handle meanwhile, maybe for another client.
+            Err(made) => Cow::Owned(made),
+        })
+    }
+
+    /// The handle and key of one call, ready to run: the arguments are only borrowed here,
+    /// so the call can then move them into the function. When either cannot be had, the call
+    /// will compute without caching (warned once).
+    pub fn prepare<A: Serialize + ?Sized>(
+        &'static self,
+        client: Option<Client>,
+        args: &A,
+    ) -> Prepared {
+        let target = self
+            .handle(client)
+            .and_then(|handle| Ok((handle.entry_key(args)?, handle)));
+        match target {
+            Ok((key, handle)) => Prepared {
+                target: Some((handle, key)),
+            },
+            Err(err) => {
+                self.warn_uncached(&err);
+                Prepared { target: None }
+            }
+        }
+    }
+
+    fn warn_uncached(&self, err: &Error) {
+        let (function, namespace) = (self.name, self.namespace);
+        if matches!(err, Error::NotInstalled) {
+            if !WARNED_NOT_INSTALLED.swap(true, Relaxed) {
+                warn!(%namespace, %function, "no cache-money client is installed (call cache_money::install(client) at start-up): memoized functions compute every call without caching (logged once)");
+            }
+        } else if !self.warned.swap(true, Relaxed) {
+            warn!(%namespace, %function, cause = %err, "this memoized function cannot be cached: it computes without caching (logged once per function)");
+        }
+    }
+
+    /// `bust` of the function's handle.
+    ///
+    /// # Errors
+    /// As [`Site::function`] and [`Function::bust`].
+    pub async fn bust<A: Serialize + ?Sized>(
+        &'static self,
+        client: Option<Client>,
+        args: &A,
+    ) -> Result<bool, Error> {
+        self.handle(client)?.bust(args).await
+    }
+
+    /// `bust_all` of the function's handle.
+    ///
+    /// # Errors
+    /// As [`Site::function`] and [`Function::bust_all`].
+    pub async fn bust_all(&'static self, client: Option<Client>) -> Result<u64, Error> {
+        self.handle(client)?.bust_all().await
+    }
+}
+
+/// One call of a memoized function, keyed: run it with `memoize`, `refresh` or their `try_`
+/// forms. Without a handle or key (see [`Site::prepare`]) each computes without caching.
+#[derive(Debug)]
+pub struct Prepared {
+    target: Option<(Cow<'static, Function>, EntryKey)>,
+}
+
+impl Prepared {
+    /// [`Function::memoize`] of the call.
+    pub async fn memoize<T, F, Fut>(self, compute: F) -> T
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.run(Mode::Memoize, compute).await
+    }
+
+    /// [`Function::refresh`] of the call.
+    pub async fn refresh<T, F, Fut>(self, compute: F) -> T
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.run(Mode::Refresh, compute).await
+    }
+
+    /// [`Function::try_memoize`] of the call: `Ok` is cached, `Err` never.
+    ///
+    /// # Errors
+    /// `compute`'s.
+    pub async fn try_memoize<T, E, F, Fut>(self, compute: F) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.try_run(Mode::Memoize, compute).await
+    }
+
+    /// [`Function::try_refresh`] of the call.
+    ///
+    /// # Errors
+    /// `compute`'s.
+    pub async fn try_refresh<T, E, F, Fut>(self, compute: F) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.try_run(Mode::Refresh, compute).await
+    }
+
+    async fn run<T, F, Fut>(self, mode: Mode, compute: F) -> T
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let result: Result<T, Infallible> =
+            self.try_run(mode, || async { Ok(compute().await) }).await;
+        match result {
+            Ok(value) => value,
+        }
+    }
+
+    async fn try_run<T, E, F, Fut>(self, mode: Mode, compute: F) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        match &self.target {
+            Some((handle, key)) => handle.run_key(mode, key, compute).await,
+            None => compute().await,
+        }
+    }
+}
