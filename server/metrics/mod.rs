@@ -536,6 +536,7 @@ impl Metrics {
             StoreError::Unavailable(_) => "unavailable",
             StoreError::OutOfMemory(_) => "out_of_memory",
             StoreError::InvalidCursor(_) => "invalid_cursor",
+            StoreError::StaleCursor(_) => "stale_cursor",
             StoreError::Internal(_) => "internal",
         };
         recorder
