@@ -1018,9 +1018,21 @@ impl RedisCluster {
 
     /// The port of the primary serving `key`.
     pub fn primary_of(&self, key: &[u8]) -> u16 {
+        Self::serving(&self.slot_ranges(), key)
+    }
+
+    /// The ports of the primaries serving `keys`.
+    pub fn primaries_of<K: AsRef<[u8]>>(&self, keys: &[K]) -> BTreeSet<u16> {
+        let ranges = self.slot_ranges();
+        keys.iter()
+            .map(|key| Self::serving(&ranges, key.as_ref()))
+            .collect()
+    }
+
+    fn serving(ranges: &[(u16, u16, u16)], key: &[u8]) -> u16 {
         let slot = key_slot(key);
-        self.slot_ranges()
-            .into_iter()
+        ranges
+            .iter()
             .find(|(start, end, _)| (*start..=*end).contains(&slot))
             .expect("every slot is served")
             .2
@@ -1041,13 +1053,10 @@ impl RedisCluster {
         let ranges = self.slot_ranges();
         let mut by_node: std::collections::BTreeMap<u16, Vec<&Vec<u8>>> = Default::default();
         for key in keys {
-            let slot = key_slot(key);
-            let port = ranges
-                .iter()
-                .find(|(start, end, _)| (*start..=*end).contains(&slot))
-                .expect("every slot is served")
-                .2;
-            by_node.entry(port).or_default().push(key);
+            by_node
+                .entry(Self::serving(&ranges, key))
+                .or_default()
+                .push(key);
         }
         for (port, keys) in by_node {
             let mut conn = self.node(port).await;

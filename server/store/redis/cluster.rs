@@ -2,13 +2,14 @@
 //! [`RedisStore`](super::RedisStore), over redis-rs's async cluster client, which routes each
 //! command to the primary of its key's slot and follows MOVED, ASK and topology changes.
 //!
-//! - **Batches** (`GetMany`, `PutMany`, the size check before a `GetMany`) are grouped by slot;
-//!   each slot's commands go to its primary as one pipeline, all slots at once, and the replies
-//!   are put back in request order. A node failing mid-batch fails the whole batch (UNAVAILABLE),
-//!   never a wrong or missing value for a key that was there.
+//! - **Batches** are grouped by slot: `GetMany` is one MGET that redis-rs splits by slot and
+//!   reassembles in key order; `PutMany` and the size check before a `GetMany` send each slot's
+//!   commands to its primary as one pipeline, all slots at once, replies put back in request
+//!   order. A node failing mid-batch fails the whole batch (UNAVAILABLE), never a wrong or
+//!   missing value for a key that was there.
 //! - **Busts** of a function, a namespace or everything walk every primary with its own SCAN
-//!   cursor, check every key against the exact grammar, and UNLINK one slot's keys at a time,
-//!   routed by slot. The primaries are asked for their own view (`CLUSTER NODES`, the `myself`
+//!   cursor, check every key against the exact grammar, and UNLINK one slot's keys per command
+//!   (never a multi-slot UNLINK), sent to the primary that was scanned. The primaries are asked for their own view (`CLUSTER NODES`, the `myself`
 //!   line: role, slots, no slot migrating, config epoch) before and after the walk; a node
 //!   failing mid-walk or any difference between the two views (a failover, a resharding) makes
 //!   the bust an UNAVAILABLE error saying the count may be partial, never a silent undercount.
@@ -449,17 +450,40 @@ impl ClusterStore {
             .await
     }
 
-    /// UNLINKs `keys`, one slot's keys at a time routed by slot; how many existed.
-    async fn unlink(&self, deadline: Instant, keys: &[Vec<u8>]) -> Result<u64, StoreError> {
+    /// UNLINKs `keys`, which a SCAN of `primary` found: one UNLINK per slot, all in one
+    /// pipeline to `primary`, which served those slots when it was scanned. A slot that has
+    /// moved since is redirected (MOVED) and the topology check after the walk fails the
+    /// bust as partial. Returns how many existed.
+    async fn unlink(
+        &self,
+        deadline: Instant,
+        primary: &Primary,
+        keys: &[Vec<u8>],
+    ) -> Result<u64, StoreError> {
         if keys.is_empty() {
             return Ok(0);
         }
+        let mut slots: HashMap<Slot, Vec<&[u8]>> = HashMap::new();
+        for key in keys {
+            slots.entry(Slot::for_key(key)).or_default().push(key);
+        }
+        let mut pipe = redis::pipe();
+        for keys in slots.values() {
+            pipe.cmd("UNLINK").arg(keys);
+        }
+        let mut connection = self.connection.clone();
+        let route = SingleNodeRoutingInfo::ByAddress {
+            host: primary.host.clone(),
+            port: primary.port,
+        };
         let replies = self
-            .per_slot("UNLINK", deadline, keys, |pipe, index| {
-                pipe.cmd("UNLINK").arg(&keys[index]);
-            })
+            .by(
+                "UNLINK",
+                deadline,
+                connection.route_pipeline(pipe, 0, slots.len(), route),
+            )
             .await?;
-        replies.iter().map(from_value::<u64>).sum()
+        first_error(replies)?.iter().map(from_value::<u64>).sum()
     }
 
     /// SCANs `primary` for `pattern` and UNLINKs the entries of `scope` it finds, each round
@@ -478,7 +502,7 @@ impl ClusterStore {
                 .gate
                 .run("SCAN/UNLINK", |deadline| async move {
                     tokio::try_join!(
-                        self.unlink(deadline, unlinking),
+                        self.unlink(deadline, primary, unlinking),
                         self.scan(deadline, primary, cursor, pattern, self.bust_batch)
                     )
                 })
@@ -496,7 +520,7 @@ impl ClusterStore {
         }
         let last = self
             .gate
-            .run("UNLINK", |deadline| self.unlink(deadline, &batch))
+            .run("UNLINK", |deadline| self.unlink(deadline, primary, &batch))
             .await;
         last.map(|unlinked| removed + unlinked)
             .map_err(|err| (removed, err))
@@ -582,19 +606,19 @@ impl Store for ClusterStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = keys.iter().map(|key| self.layout.entry(key)).collect();
-        let replies = self
-            .gate
-            .run("MGET", |deadline| {
-                self.per_slot("MGET", deadline, &keys, |pipe, index| {
-                    pipe.cmd("GET").arg(&keys[index]);
-                })
-            })
-            .await?;
-        replies
-            .iter()
-            .map(|reply| Ok(from_value::<Option<Vec<u8>>>(reply)?.map(Bytes::from)))
-            .collect()
+        // redis-rs splits a multi-key MGET by slot, sends each slot's part to its primary and
+        // puts the values back in key order; any part failing fails the whole.
+        let mut mget = redis::cmd("MGET");
+        mget.arg(
+            keys.iter()
+                .map(|key| self.layout.entry(key))
+                .collect::<Vec<_>>(),
+        );
+        let values: Vec<Option<Vec<u8>>> = self.one("MGET", mget).await?;
+        Ok(values
+            .into_iter()
+            .map(|value| value.map(Bytes::from))
+            .collect())
     }
 
     async fn value_bytes(&self, keys: &[EntryKey]) -> Result<u64, StoreError> {
