@@ -13,26 +13,12 @@ use std::{
 };
 
 use cache_money::pb::{self, cache_money_client::CacheMoneyClient};
-use common::{CacheServer, RedisCluster, digest, eventually, key, put};
+use common::{CacheServer, RedisCluster, digest, eventually, health_becomes, key, put};
 use tonic::{Code, transport::Channel};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// How soon a node declares a silent peer failed (`cluster-node-timeout`), in milliseconds.
 const NODE_TIMEOUT_MS: u64 = 1_000;
-
-async fn health(server: &CacheServer) -> i32 {
-    let mut health = HealthClient::new(server.channel().await);
-    health
-        .check(HealthCheckRequest {
-            service: "cache_money.v1.CacheMoney".into(),
-        })
-        .await
-        .expect("health answers while the cluster changes")
-        .into_inner()
-        .status
-}
 
 /// What the load saw.
 #[derive(Debug, Default)]
@@ -170,10 +156,8 @@ async fn primary_killed_under_load_fails_over_without_wrong_results() {
     let victim = cluster.primaries()[1];
     let killed_at = Instant::now();
     cluster.kill(victim);
-    let unhealthy = eventually(Duration::from_secs(10), || async {
-        health(&server).await == ServingStatus::NotServing as i32
-    })
-    .await;
+    let unhealthy =
+        health_becomes(&server, ServingStatus::NotServing, Duration::from_secs(10)).await;
     assert!(unhealthy, "health stayed SERVING with a primary dead");
 
     let cluster = Arc::new(cluster);
@@ -194,10 +178,7 @@ async fn primary_killed_under_load_fails_over_without_wrong_results() {
     .unwrap()
     .expect("no replica was promoted within 60 s");
 
-    let healthy = eventually(Duration::from_secs(20), || async {
-        health(&server).await == ServingStatus::Serving as i32
-    })
-    .await;
+    let healthy = health_becomes(&server, ServingStatus::Serving, Duration::from_secs(20)).await;
     assert!(
         healthy,
         "health did not come back to SERVING after the promotion"

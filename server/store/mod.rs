@@ -54,12 +54,34 @@ impl Scope<'_> {
         }
     }
 
+    /// Where a Redis store finds this scope's entries under `layout`: one entry's key, or the
+    /// SCAN pattern of a function, a namespace or everything.
+    pub fn redis_target(&self, layout: &KeyLayout) -> RedisTarget {
+        match *self {
+            Scope::Entry(key) => RedisTarget::Key(layout.entry(key)),
+            Scope::Function(function) => RedisTarget::Pattern(layout.function_pattern(function)),
+            Scope::Namespace(namespace) => {
+                RedisTarget::Pattern(layout.namespace_pattern(namespace))
+            }
+            Scope::All => RedisTarget::Pattern(layout.all_pattern()),
+        }
+    }
+
     /// Whether a key SCAN found is an entry in this scope: a SCAN pattern is only a coarse
     /// filter (its `*` matches `:` too), so nothing is removed or listed unless it has the
     /// exact shape of an entry under `layout` and belongs to the scope.
     pub fn holds(&self, layout: &KeyLayout, key: &[u8]) -> bool {
         layout.parse(key).is_some_and(|entry| self.contains(&entry))
     }
+}
+
+/// Where a bust finds its entries in Redis (see [`Scope::redis_target`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// The one key of one entry, removed by name.
+    Key(String),
+    /// A SCAN pattern, a coarse filter every key it finds is checked against.
+    Pattern(String),
 }
 
 /// One entry as `Keys` lists it.

@@ -25,7 +25,9 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::{KeyInfo, KeysPage, NewEntry, PoolState, Scope, Store, StoreError, StoreState};
+use super::{
+    KeyInfo, KeysPage, NewEntry, PoolState, RedisTarget, Scope, Store, StoreError, StoreState,
+};
 use crate::key::{EntryKey, FunctionKey};
 use crate::lock;
 use crate::server::key::KeyLayout;
@@ -224,11 +226,12 @@ struct Gate {
 }
 
 impl Gate {
-    fn new(max_in_flight: usize, timeout: Duration) -> Self {
+    /// The limit and timeout `settings` name; metrics off until a store's `with_metrics`.
+    fn new(settings: &RedisSettings) -> Self {
         Gate {
-            in_flight: Arc::new(Semaphore::new(max_in_flight)),
-            max_in_flight,
-            timeout,
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            max_in_flight: settings.max_in_flight,
+            timeout: settings.timeout,
             metrics: Metrics::disabled(),
         }
     }
@@ -330,7 +333,7 @@ impl RedisStore {
             config,
             probe: Arc::default(),
             generation,
-            gate: Gate::new(settings.max_in_flight, settings.timeout),
+            gate: Gate::new(settings),
             connect_errors,
             layout: KeyLayout::new(&settings.key_prefix),
             timeout: settings.timeout,
@@ -583,20 +586,15 @@ impl Store for RedisStore {
     }
 
     async fn bust(&self, scope: Scope<'_>) -> Result<u64, StoreError> {
-        let pattern = match scope {
-            Scope::Entry(key) => {
-                let key = self.layout.entry(key);
-                return self
-                    .run("UNLINK", |mut conn| async move {
-                        redis::cmd("UNLINK").arg(key).query_async(&mut conn).await
-                    })
-                    .await;
+        match scope.redis_target(&self.layout) {
+            RedisTarget::Key(key) => {
+                self.run("UNLINK", |mut conn| async move {
+                    redis::cmd("UNLINK").arg(key).query_async(&mut conn).await
+                })
+                .await
             }
-            Scope::Function(function) => self.layout.function_pattern(function),
-            Scope::Namespace(namespace) => self.layout.namespace_pattern(namespace),
-            Scope::All => self.layout.all_pattern(),
-        };
-        self.bust_matching(scope, pattern).await
+            RedisTarget::Pattern(pattern) => self.bust_matching(scope, pattern).await,
+        }
     }
 
     async fn keys(

@@ -231,24 +231,7 @@ impl RedisServer {
 
     /// The keys Redis's own `SCAN MATCH pattern` finds, walking the whole keyspace.
     pub async fn scan_match(&self, pattern: &str) -> BTreeSet<String> {
-        let mut conn = self.connect().await;
-        let (mut cursor, mut found) = (0u64, BTreeSet::new());
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .expect("SCAN");
-            found.extend(keys);
-            cursor = next;
-            if cursor == 0 {
-                return found;
-            }
-        }
+        scan_all(&mut self.connect().await, pattern).await
     }
 
     /// Holds back every write for up to `ms` milliseconds (`CLIENT PAUSE ms WRITE`), sent on
@@ -521,6 +504,53 @@ impl Drop for CacheServer {
     }
 }
 
+/// What `grpc.health.v1.Health/Check` says of the cache service, on a new connection.
+pub async fn health(server: &CacheServer) -> i32 {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut health = HealthClient::new(server.channel().await);
+    health
+        .check(HealthCheckRequest {
+            service: "cache_money.v1.CacheMoney".into(),
+        })
+        .await
+        .expect("health answers even when the store is down")
+        .into_inner()
+        .status
+}
+
+/// Whether health reports `status` within `within` (probed, not slept).
+pub async fn health_becomes(
+    server: &CacheServer,
+    status: tonic_health::pb::health_check_response::ServingStatus,
+    within: Duration,
+) -> bool {
+    eventually(within, || async { health(server).await == status as i32 }).await
+}
+
+/// Every key `SCAN MATCH pattern` finds on the Redis behind `conn`, cursor to cursor.
+async fn scan_all<K: redis::FromRedisValue + Ord>(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> BTreeSet<K> {
+    let (mut cursor, mut found) = (0u64, BTreeSet::new());
+    loop {
+        let (next, keys): (u64, Vec<K>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .expect("SCAN");
+        found.extend(keys);
+        cursor = next;
+        if cursor == 0 {
+            return found;
+        }
+    }
+}
+
 /// A digest made from a number, so tests can name many distinct entries.
 pub fn digest(n: u64) -> String {
     format!("{n:032x}")
@@ -570,6 +600,12 @@ pub async fn bust_function(
         .expect("BustFunction succeeds")
         .into_inner()
         .removed
+}
+
+/// Busts everything the server stored; returns how many entries were removed.
+pub async fn bust_all(client: &mut CacheMoneyClient<Channel>) -> u64 {
+    let reply = client.bust_all(pb::BustAllRequest {}).await;
+    reply.expect("BustAll succeeds").into_inner().removed
 }
 
 /// Writes `count` entries of function `ns.{function}` straight into Redis under `prefix`, as
@@ -1081,24 +1117,7 @@ impl RedisCluster {
     pub async fn scan_match(&self, pattern: &str) -> BTreeSet<Vec<u8>> {
         let mut found = BTreeSet::new();
         for port in self.primaries() {
-            let mut conn = self.node(port).await;
-            let mut cursor = 0u64;
-            loop {
-                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut conn)
-                    .await
-                    .expect("SCAN a primary");
-                found.extend(keys);
-                cursor = next;
-                if cursor == 0 {
-                    break;
-                }
-            }
+            found.extend(scan_all::<Vec<u8>>(&mut self.node(port).await, pattern).await);
         }
         found
     }

@@ -19,7 +19,7 @@
 //! - **Health** is SERVING while a primary reports `cluster_state:ok` and every slot's primary
 //!   answers PING.
 
-use std::{collections::HashMap, fmt, time::Duration};
+use std::{collections::HashMap, fmt};
 
 use bytes::Bytes;
 use futures_util::future::{join_all, try_join_all};
@@ -35,7 +35,7 @@ use super::{Gate, classify, from_value, key_infos};
 use crate::key::{EntryKey, FunctionKey};
 use crate::server::key::KeyLayout;
 use crate::server::metrics::Metrics;
-use crate::server::store::{KeysPage, NewEntry, Scope, Store, StoreError, StoreState};
+use crate::server::store::{KeysPage, NewEntry, RedisTarget, Scope, Store, StoreError, StoreState};
 
 /// Hash slots in a Redis Cluster.
 const SLOTS: u32 = 16_384;
@@ -57,7 +57,6 @@ pub struct ClusterStore {
     probe: ClusterConnection,
     gate: Gate,
     layout: KeyLayout,
-    timeout: Duration,
     bust_batch: usize,
 }
 
@@ -66,7 +65,6 @@ impl fmt::Debug for ClusterStore {
         f.debug_struct("ClusterStore")
             .field("gate", &self.gate)
             .field("layout", &self.layout)
-            .field("timeout", &self.timeout)
             .field("bust_batch", &self.bust_batch)
             .finish_non_exhaustive()
     }
@@ -275,10 +273,9 @@ impl ClusterStore {
         Ok(ClusterStore {
             connection: connect(),
             probe: connect(),
-            gate: Gate::new(settings.max_in_flight, settings.timeout),
-            layout: KeyLayout::new(&settings.key_prefix),
-            timeout: settings.timeout,
+            gate: Gate::new(settings),
             bust_batch: settings.bust_batch,
+            layout: KeyLayout::new(&settings.key_prefix),
         })
     }
 
@@ -291,7 +288,7 @@ impl ClusterStore {
     fn timed_out(&self, op: &'static str) -> StoreError {
         StoreError::Timeout {
             op,
-            after: self.timeout,
+            after: self.gate.timeout,
         }
     }
 
@@ -671,17 +668,14 @@ impl Store for ClusterStore {
     }
 
     async fn bust(&self, scope: Scope<'_>) -> Result<u64, StoreError> {
-        let pattern = match scope {
-            Scope::Entry(key) => {
+        match scope.redis_target(&self.layout) {
+            RedisTarget::Key(key) => {
                 let mut unlink = redis::cmd("UNLINK");
-                unlink.arg(self.layout.entry(key));
-                return self.one("UNLINK", unlink).await;
+                unlink.arg(key);
+                self.one("UNLINK", unlink).await
             }
-            Scope::Function(function) => self.layout.function_pattern(function),
-            Scope::Namespace(namespace) => self.layout.namespace_pattern(namespace),
-            Scope::All => self.layout.all_pattern(),
-        };
-        self.bust_matching(scope, pattern).await
+            RedisTarget::Pattern(pattern) => self.bust_matching(scope, pattern).await,
+        }
     }
 
     async fn keys(
@@ -745,7 +739,7 @@ impl Store for ClusterStore {
     /// own connections, within the store timeout: NOT_SERVING while any slot cannot be served,
     /// with the reason.
     async fn ping(&self) -> Result<(), StoreError> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + self.gate.timeout;
         let mut info = redis::cmd("CLUSTER");
         info.arg("INFO");
         let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
