@@ -598,7 +598,7 @@ impl<S: Store> Collector for StoreCollector<S> {
         let up = ConstGauge::new(i64::from(self.store_up.load(Relaxed)));
         let mut family = encoder.encode_descriptor(
             "store_up",
-            "Whether the store answered the latest health probe (1) or not (0), by store (redis, memory).",
+            "Whether the store answered the latest health probe (1) or not (0), by store (redis, redis-cluster, memory).",
             None,
             MetricType::Gauge,
         )?;
