@@ -256,7 +256,9 @@ async fn cluster_size(cluster: &RedisCluster) -> u64 {
 
 /// A slot set migrating while a bust walks the cluster makes the bust UNAVAILABLE saying its
 /// count may be partial; a bust while the slot is still migrating is refused before it removes
-/// anything; once the slot is stable again a bust finishes the job and counts the rest.
+/// anything; once the slot is stable again a bust finishes the job and counts the rest. A
+/// primary frozen while a bust walks makes it UNAVAILABLE and partial too, within the store
+/// timeout of each step, never a count that silently leaves that primary out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bust_racing_a_resharding_reports_a_partial_count() {
     const ENTRIES: u64 = 60_000;
@@ -357,4 +359,42 @@ async fn bust_racing_a_resharding_reports_a_partial_count() {
         .removed;
     assert_eq!(removed, before, "the second bust did not count the rest");
     assert_eq!(cluster_size(&cluster).await, 0);
+
+    cluster.set_keys(&keys, b"v").await;
+    let bust = tokio::spawn({
+        let mut cm = cm.clone();
+        async move { cm.bust_function(request()).await }
+    });
+    let under_way = eventually(Duration::from_secs(20), || async {
+        cluster_size(&cluster).await < ENTRIES
+    })
+    .await;
+    assert!(under_way, "the third bust never started removing");
+    // The last primary in slot order is walked last: frozen now, the bust meets it.
+    let frozen = *cluster
+        .primaries()
+        .iter()
+        .max_by_key(|port| {
+            let ranges = cluster.slot_ranges();
+            ranges
+                .iter()
+                .find(|range| range.2 == **port)
+                .map(|range| range.0)
+        })
+        .unwrap();
+    cluster.freeze(frozen);
+    let outcome = bust.await.unwrap();
+    cluster.thaw(frozen);
+    let err = outcome.expect_err("a bust with a frozen primary succeeded");
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("may be partial"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains(&frozen.to_string()),
+        "the message does not name the node: {}",
+        err.message()
+    );
 }

@@ -1122,6 +1122,22 @@ impl RedisCluster {
         found
     }
 
+    /// Freezes one node (SIGSTOP): its connections stay open, it answers nothing.
+    pub fn freeze(&self, port: u16) {
+        send_signal(self.pid(port), "STOP");
+    }
+
+    /// Thaws a frozen node (SIGCONT).
+    pub fn thaw(&self, port: u16) {
+        send_signal(self.pid(port), "CONT");
+    }
+
+    fn pid(&self, port: u16) -> u32 {
+        let node = self.nodes.iter().find(|node| node.port == port);
+        let child = node.and_then(|node| node.child.as_ref());
+        child.expect("a live node of this cluster").id()
+    }
+
     /// Kills one node (SIGKILL) by its PID and waits until it is gone.
     pub fn kill(&mut self, port: u16) {
         let node = self
@@ -1140,6 +1156,9 @@ impl Drop for RedisCluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
             if let Some(mut child) = node.child.take() {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &child.id().to_string()])
+                    .status();
                 let _ = child.kill();
                 let _ = child.wait();
             }

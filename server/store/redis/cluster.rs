@@ -410,7 +410,10 @@ impl ClusterStore {
                     nodes,
                     primary.route(),
                 )
-                .await?;
+                .await
+                .map_err(|err| {
+                    StoreError::Unavailable(format!("primary {}: {err}", primary.address()))
+                })?;
             SelfView::confirm(primary, &text).map_err(StoreError::Unavailable)
         });
         try_join_all(asks).await
