@@ -398,3 +398,60 @@ async fn bust_racing_a_resharding_reports_a_partial_count() {
         err.message()
     );
 }
+
+/// Every primary frozen (SIGSTOP): a Get, a GetMany and a bust each fail UNAVAILABLE within
+/// about the store timeout instead of hanging, health reports NOT_SERVING; thawed, the same
+/// server reports SERVING and answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_cluster_times_out_instead_of_hanging() {
+    let cluster = RedisCluster::start(5_000);
+    let server = CacheServer::cluster(&cluster, &["--health-interval-ms", "100"]);
+    let mut cm = server.client().await;
+    cm.put(put(key("ns", "f", 1), b"v", 600)).await.unwrap();
+    let primaries = cluster.primaries();
+    for port in &primaries {
+        cluster.freeze(*port);
+    }
+    let started = Instant::now();
+    let get = cm
+        .get(pb::GetRequest {
+            key: Some(key("ns", "f", 1)),
+        })
+        .await;
+    let keys = (0..20).map(|n| key("ns", "f", n)).collect();
+    let get_many = cm.get_many(pb::GetManyRequest { keys }).await;
+    let bust = cm
+        .bust_function(pb::BustFunctionRequest {
+            namespace: "ns".into(),
+            function: "f".into(),
+        })
+        .await;
+    let elapsed = started.elapsed();
+    let unhealthy =
+        health_becomes(&server, ServingStatus::NotServing, Duration::from_secs(5)).await;
+    for port in &primaries {
+        cluster.thaw(*port);
+    }
+    for (rpc, code) in [
+        ("Get", get.map(|_| ()).map_err(|status| status.code())),
+        (
+            "GetMany",
+            get_many.map(|_| ()).map_err(|status| status.code()),
+        ),
+        (
+            "BustFunction",
+            bust.map(|_| ()).map_err(|status| status.code()),
+        ),
+    ] {
+        assert_eq!(code, Err(Code::Unavailable), "{rpc}");
+    }
+    // Three calls, each bounded by the 250 ms store timeout (a bust by its first step).
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    assert!(unhealthy, "health stayed SERVING with every primary frozen");
+    assert!(
+        health_becomes(&server, ServingStatus::Serving, Duration::from_secs(20)).await,
+        "health did not come back after the thaw"
+    );
+    let value = common::get(&mut cm, key("ns", "f", 1)).await;
+    assert_eq!(value.as_deref(), Some(&b"v"[..]));
+}
