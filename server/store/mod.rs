@@ -1,6 +1,6 @@
 //! Where entries live: one [`Store`] trait, implemented by Redis (the product), a Redis
-//! Cluster (the scale-out engine) and an in-memory map (the embedded default). Both obey the same TTL, bust and limit rules, and the
-//! same behaviour suite in `tests/` runs against each.
+//! Cluster (the scale-out engine) and an in-memory map (the embedded default). All obey the
+//! same TTL, bust and limit rules, and the same behaviour suite in `tests/` runs against each.
 
 mod memory;
 pub mod redis;
