@@ -1,6 +1,7 @@
 //! The Redis store: a bb8 pool of multiplexed redis-rs connections, every operation bounded by
 //! the store timeout, busting by SCAN + UNLINK. [`cluster`] is the same store over a Redis
-//! Cluster; both pass every operation through one [`Gate`] and share the error mapping.
+//! Cluster; both pass every operation through one gate (in-flight limit, store timeout,
+//! timing) and share the error mapping.
 
 pub mod cluster;
 
