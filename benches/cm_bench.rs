@@ -6,7 +6,9 @@
 //!
 //! Options: --reps N (3), --seconds S per measurement (3), --bust-entries N (1000000),
 //! --footprint-seconds S (60), --only get50,get1,hops,memo-hit,memo-miss,batch,h2load,get50-metrics,
-//! bust,footprint (a comma-separated subset of the scenarios, for working on one).
+//! bust,footprint (a comma-separated subset of the scenarios, for working on one), --cluster
+//! (the bust again on a Redis Cluster of three primaries and three replicas started for it, the
+//! entries spread over the primaries: `--only bust --cluster` compares the two).
 //! `get50-metrics` runs a second server with `--metrics-listen` and a third just like the first
 //! beside it, and measures the 50-caller Get on each, interleaved: the cost of metrics, and a
 //! control whose distance from 1.0 is the noise floor of that comparison. `memo-hit` also
@@ -31,7 +33,7 @@ use std::{
 };
 
 use cache_money::{Client, RawClient, Ttl, pb, pb::cache_money_client::CacheMoneyClient};
-use common::{CacheServer, RedisServer, digest, key};
+use common::{CacheServer, RedisCluster, RedisServer, digest, key};
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
@@ -55,6 +57,8 @@ struct Settings {
     bust_entries: u64,
     footprint_seconds: u64,
     quick: bool,
+    /// Whether to run the bust on a Redis Cluster too.
+    cluster: bool,
     /// Scenario ids to run; empty runs them all.
     only: Vec<String>,
 }
@@ -67,6 +71,7 @@ impl Settings {
             bust_entries: 1_000_000,
             footprint_seconds: 60,
             quick: false,
+            cluster: false,
             only: Vec::new(),
         };
         let mut args = std::env::args().skip(1);
@@ -84,9 +89,11 @@ impl Settings {
                         bust_entries: 20_000,
                         footprint_seconds: 2,
                         quick: true,
+                        cluster: settings.cluster,
                         only: settings.only,
                     };
                 }
+                "--cluster" => settings.cluster = true,
                 "--reps" => settings.reps = number(&mut args, &arg) as usize,
                 "--seconds" => settings.seconds = number(&mut args, &arg),
                 "--only" => {
@@ -942,7 +949,13 @@ async fn main() {
     }
 
     if settings.wants("bust") {
-        bust(&settings, &mut conn, &clients, &mut raw, &mut report).await;
+        eprintln!("bust: filling {} entries", settings.bust_entries);
+        fill(&mut conn, "bench", "big", settings.bust_entries).await;
+        fill(&mut conn, "bench", "big_sibling", 1000).await;
+        bust("one Redis", &settings, &clients, &mut raw, &mut report).await;
+    }
+    if settings.cluster {
+        cluster_bust(&settings, &mut report).await;
     }
     if settings.wants("footprint") {
         footprint(&settings, &clients, server_pid, &mut report).await;
@@ -961,17 +974,36 @@ async fn main() {
     println!("{report}");
 }
 
-/// Bust: one function of N entries removed while other callers keep reading.
+/// The bust on a Redis Cluster: its own cluster and server, the entries written straight into
+/// the primaries their slots name.
+async fn cluster_bust(settings: &Settings, report: &mut String) {
+    let cluster = RedisCluster::start(5_000);
+    let server = CacheServer::cluster(&cluster, &["--max-batch", "1000"]);
+    let clients = channels(&server).await;
+    let mut raw = CacheMoneyClient::new(server.channel().await);
+    raw.put(common::put(key("bench", "get", 0), &[b'x'; 64], 3600))
+        .await
+        .unwrap();
+    eprintln!("bust (cluster): filling {} entries", settings.bust_entries);
+    for (function, count) in [("big", settings.bust_entries), ("big_sibling", 1000)] {
+        let keys: Vec<Vec<u8>> = (0..count)
+            .map(|n| format!("cm:bench:{function}:{}", digest(n)).into_bytes())
+            .collect();
+        cluster.set_keys(&keys, b"v").await;
+    }
+    let label = "Redis Cluster, 3 primaries";
+    bust(label, settings, &clients, &mut raw, report).await;
+}
+
+/// Bust: one function of N entries (already written) removed while other callers keep
+/// reading.
 async fn bust(
+    store: &str,
     settings: &Settings,
-    conn: &mut MultiplexedConnection,
     clients: &[RawClient],
     raw: &mut CacheMoneyClient<Channel>,
     report: &mut String,
 ) {
-    eprintln!("bust: filling {} entries", settings.bust_entries);
-    fill(conn, "bench", "big", settings.bust_entries).await;
-    fill(conn, "bench", "big_sibling", 1000).await;
     let reading = Arc::new(AtomicBool::new(true));
     let mut readers = Vec::new();
     for caller in 0..8 {
@@ -1014,7 +1046,7 @@ async fn bust(
     let siblings_left = count_siblings(raw, sibling).await;
     let _ = writeln!(
         report,
-        "\nBustFunction of {} entries: removed {removed} in {bust_seconds:.2} s; concurrent Get p50 {:.0} µs, p99 {:.0} µs; other function's entries left: {siblings_left} of 1000",
+        "\nBustFunction of {} entries ({store}): removed {removed} in {bust_seconds:.2} s; concurrent Get p50 {:.0} µs, p99 {:.0} µs; other function's entries left: {siblings_left} of 1000",
         settings.bust_entries, during.p50_us, during.p99_us
     );
     assert_eq!(

@@ -1,12 +1,13 @@
-//! The behaviour suite: every RPC's contract, run against the real server binary twice, once
-//! over a real `redis-server` and once with the in-memory store.
+//! The behaviour suite: every RPC's contract, run against the real server binary three times:
+//! over a real `redis-server`, over a real Redis Cluster (three primaries, three replicas,
+//! shared by the tests, each under its own key prefix) and with the in-memory store.
 
 mod common;
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use cache_money::pb;
-use common::{CacheServer, RedisServer, digest, eventually, get, key, put};
+use common::{CacheServer, RedisCluster, RedisServer, digest, eventually, get, key, put};
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -17,12 +18,14 @@ use tonic_health::pb::{
 enum Backend {
     Memory,
     Redis,
+    Cluster,
 }
 
 /// A running server, and the Redis behind it when there is one.
 struct Env {
     server: CacheServer,
     _redis: Option<RedisServer>,
+    _cluster: Option<Arc<RedisCluster>>,
 }
 
 impl Backend {
@@ -31,12 +34,25 @@ impl Backend {
             Backend::Memory => Env {
                 server: CacheServer::memory(extra),
                 _redis: None,
+                _cluster: None,
             },
             Backend::Redis => {
                 let redis = RedisServer::start();
                 Env {
                     server: CacheServer::redis(&redis, extra),
                     _redis: Some(redis),
+                    _cluster: None,
+                }
+            }
+            Backend::Cluster => {
+                let cluster = RedisCluster::shared();
+                let prefix = common::unique_prefix("behaviour");
+                let mut args = vec!["--key-prefix", prefix.as_str()];
+                args.extend_from_slice(extra);
+                Env {
+                    server: CacheServer::cluster(&cluster, &args),
+                    _redis: None,
+                    _cluster: Some(cluster),
                 }
             }
         }
@@ -59,6 +75,14 @@ macro_rules! suite {
                 #[tokio::test]
                 async fn $behaviour() {
                     super::$behaviour(super::Backend::Redis).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    super::$behaviour(super::Backend::Cluster).await
                 }
             )*
         }
@@ -592,6 +616,7 @@ async fn stats_count_what_happened(backend: Backend) {
     let expected_store = match backend {
         Backend::Memory => "memory",
         Backend::Redis => "redis",
+        Backend::Cluster => "redis-cluster",
     };
     assert_eq!(stats.store, expected_store);
     assert!(stats.store_up);
