@@ -248,6 +248,7 @@ impl Service {
             key: Some(wire(&key)),
             value: value_bytes(value, put.base64)?,
             ttl_seconds: put.ttl,
+            tags: Vec::new(),
         };
         self.call(DEFAULT_TIMEOUT, rpc.put(request)).await?;
         Ok(Report::Stored {

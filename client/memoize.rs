@@ -353,6 +353,7 @@ impl Function {
             key: Some(Self::pb_key(key)),
             value: encoded.clone(),
             ttl_seconds: u32::try_from(self.ttl.as_secs()).unwrap_or(u32::MAX),
+            tags: Vec::new(),
         };
         self.client
             .cache_rpc("Put", &self.warned_refused, |mut rpc| async move {

@@ -219,6 +219,8 @@ async fn serve<S: Store>(
         max_value_bytes: config.max_value_bytes,
         max_batch: config.max_batch,
         max_response_bytes: config.max_response_bytes,
+        max_tags: config.max_tags,
+        max_tag_bytes: config.max_tag_bytes,
     };
     metrics.watch_store(store.clone(), store_up.clone());
     let service = CacheService::new(
@@ -272,6 +274,8 @@ async fn serve<S: Store>(
         max_ttl_seconds = config.max_ttl_seconds,
         max_value_bytes = config.max_value_bytes,
         max_batch = config.max_batch,
+        max_tags = config.max_tags,
+        max_tag_bytes = config.max_tag_bytes,
         max_message_bytes = config.max_message_bytes,
         max_response_bytes = config.max_response_bytes,
         bust_batch = config.bust_batch,

@@ -121,6 +121,7 @@ fn generated_requests_are_stored_or_refused_by_the_rules() {
                     }),
                     value: vec![b'v'; len].into(),
                     ttl_seconds,
+                    tags: Vec::new(),
                 };
                 let outcome = runtime.block_on(cm.clone().put(request));
                 // The first broken rule, in the order the contract checks them.

@@ -1,5 +1,7 @@
 //! The Redis store: a bb8 pool of multiplexed redis-rs connections, every operation bounded by
-//! the store timeout, busting by SCAN + UNLINK.
+//! the store timeout, busting by SCAN + UNLINK, tag indexes by the commands of [`tags`].
+
+pub mod tags;
 
 use std::{
     future::Future,
@@ -25,20 +27,24 @@ use tracing::warn;
 use super::{KeyInfo, KeysPage, NewEntry, PoolState, Scope, Store, StoreError, StoreState};
 use crate::key::{EntryKey, FunctionKey};
 use crate::lock;
-use crate::server::key::KeyLayout;
+use crate::server::key::{KeyLayout, LayoutKey};
 use crate::server::metrics::Metrics;
 
 /// The `command` label values of `cache_money_store_command_duration_seconds` for Redis: the
 /// command (or pipeline) each store operation sends, as the README lists them. `STRLEN` is
 /// GetMany's size check before it loads values; the health probe's `PING` is not timed.
-pub const REDIS_COMMANDS: [&str; 9] = [
+/// `EVAL (tag index)` writes the tag indexes of a tagged Put or PutMany before its entries;
+/// `ZSCAN/UNLINK` is BustTag's walk through one index.
+pub const REDIS_COMMANDS: [&str; 11] = [
     "GET",
     "MGET",
     "STRLEN",
     "SET",
     "SET (batch)",
+    "EVAL (tag index)",
     "UNLINK",
     "SCAN/UNLINK",
+    "ZSCAN/UNLINK",
     "SCAN",
     "PTTL",
 ];
@@ -393,18 +399,40 @@ impl RedisStore {
             .is_some_and(|entry| scope.contains(&entry))
     }
 
-    /// SCANs `scope`'s pattern and UNLINKs the entries of `scope` it finds, batch by batch;
-    /// each step is bounded by the store timeout, the whole bust by nothing but the work (a
-    /// million keys take seconds). Each round trip unlinks one batch and asks for the next,
-    /// halving the round trips.
+    /// Writes the tag indexes of the tagged `entries`, before the entries themselves (see
+    /// [`tags`]); nothing when none is tagged.
+    async fn write_tag_indexes(&self, entries: &[NewEntry]) -> Result<(), StoreError> {
+        let commands = tags::index_commands(&self.layout, entries, tags::index_slack(self.timeout));
+        if commands.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (_, command) in commands {
+            pipe.add_command(command).ignore();
+        }
+        self.run("EVAL (tag index)", |mut conn| async move {
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
+    }
+
+    /// SCANs `scope`'s pattern and UNLINKs the entries of `scope` it finds, and the tag
+    /// indexes a namespace or all bust covers, batch by batch; each step is bounded by the
+    /// store timeout, the whole bust by nothing but the work (a million keys take seconds).
+    /// Each round trip unlinks one batch and asks for the next, halving the round trips.
+    /// Only entries count as removed.
     async fn bust_matching(&self, scope: Scope<'_>, pattern: String) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
         let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut indexes: Vec<Vec<u8>> = Vec::new();
         let mut removed = 0;
         loop {
             let mut pipe = redis::pipe();
             if !batch.is_empty() {
                 pipe.cmd("UNLINK").arg(&batch);
+            }
+            if !indexes.is_empty() {
+                pipe.cmd("UNLINK").arg(&indexes).ignore();
             }
             pipe.cmd("SCAN")
                 .arg(cursor)
@@ -423,8 +451,66 @@ impl RedisStore {
                 _ => return Err(StoreError::Internal("SCAN pipeline reply".into())),
             };
             removed += unlinked;
-            (cursor, batch) = scanned;
-            batch.retain(|key| self.in_scope(scope, key));
+            let found;
+            (cursor, found) = scanned;
+            (batch, indexes) = (Vec::new(), Vec::new());
+            for key in found {
+                match self.layout.classify(&key) {
+                    Some(LayoutKey::Entry(entry)) if scope.contains(&entry) => batch.push(key),
+                    Some(index @ LayoutKey::TagIndex(_)) if scope.removes(&index) => {
+                        indexes.push(key)
+                    }
+                    _ => {}
+                }
+            }
+            if cursor == 0 {
+                break;
+            }
+        }
+        if !(batch.is_empty() && indexes.is_empty()) {
+            let mut pipe = redis::pipe();
+            if !batch.is_empty() {
+                pipe.cmd("UNLINK").arg(&batch);
+            }
+            if !indexes.is_empty() {
+                pipe.cmd("UNLINK").arg(&indexes).ignore();
+            }
+            let unlinked: Vec<u64> = self
+                .run("UNLINK", |mut conn| async move {
+                    pipe.query_async(&mut conn).await
+                })
+                .await?;
+            removed += unlinked.iter().sum::<u64>();
+        }
+        Ok(removed)
+    }
+
+    /// ZSCANs the index of `tag` in `namespace` and UNLINKs the entries its members name,
+    /// batch by batch as [`RedisStore::bust_matching`] does (see [`tags`]).
+    async fn bust_tagged(&self, namespace: &str, tag: &str) -> Result<u64, StoreError> {
+        let index = self.layout.tag_index(namespace, tag);
+        let mut cursor: u64 = 0;
+        let mut batch: Vec<String> = Vec::new();
+        let mut removed = 0;
+        loop {
+            let mut pipe = redis::pipe();
+            if !batch.is_empty() {
+                pipe.cmd("UNLINK").arg(&batch);
+            }
+            pipe.add_command(tags::scan_command(&index, cursor, self.bust_batch));
+            let replies: Vec<Value> = self
+                .run("ZSCAN/UNLINK", |mut conn| async move {
+                    pipe.query_async(&mut conn).await
+                })
+                .await?;
+            let (unlinked, scanned): (u64, (u64, Vec<Vec<u8>>)) = match replies.as_slice() {
+                [unlinked, scanned] => (from_value(unlinked)?, from_value(scanned)?),
+                [scanned] => (0, from_value(scanned)?),
+                _ => return Err(StoreError::Internal("ZSCAN pipeline reply".into())),
+            };
+            removed += unlinked;
+            cursor = scanned.0;
+            batch = tags::member_entries(&self.layout, namespace, &scanned.1);
             if cursor == 0 {
                 break;
             }
@@ -496,6 +582,7 @@ impl Store for RedisStore {
     }
 
     async fn put(&self, entry: &NewEntry) -> Result<(), StoreError> {
+        self.write_tag_indexes(std::slice::from_ref(entry)).await?;
         let key = self.layout.entry(&entry.key);
         self.run("SET", |mut conn| async move {
             redis::cmd("SET")
@@ -513,6 +600,7 @@ impl Store for RedisStore {
         if entries.is_empty() {
             return Ok(());
         }
+        self.write_tag_indexes(entries).await?;
         let mut pipe = redis::pipe();
         for entry in entries {
             pipe.cmd("SET")
@@ -543,6 +631,10 @@ impl Store for RedisStore {
             Scope::All => self.layout.all_pattern(),
         };
         self.bust_matching(scope, pattern).await
+    }
+
+    async fn bust_tag(&self, namespace: &str, tag: &str) -> Result<u64, StoreError> {
+        self.bust_tagged(namespace, tag).await
     }
 
     async fn keys(

@@ -540,6 +540,7 @@ pub fn put(key: pb::Key, value: &[u8], ttl_seconds: u32) -> pb::PutRequest {
         key: Some(key),
         value: value.to_vec().into(),
         ttl_seconds,
+        tags: Vec::new(),
     }
 }
 
