@@ -214,11 +214,52 @@ impl Function {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.try_run(Mode::Memoize, args, compute).await
+        self.try_run(Mode::Memoize, args, &[], compute).await
     }
 
-    /// `try_memoize` or `try_refresh` of `args`.
-    async fn try_run<A, T, E, F, Fut>(&self, mode: Mode, args: &A, compute: F) -> Result<T, E>
+    /// The calls of this function made through the returned handle write their results with
+    /// `tags`, so [`Client::bust_tag`] of any of them (in this function's namespace) removes
+    /// the entry, whatever function wrote it. Tags usually name what the result was computed
+    /// from and depend on the arguments:
+    ///
+    /// ```no_run
+    /// # async fn example(cm: cache_money::Client) -> Result<(), cache_money::Error> {
+    /// use cache_money::Ttl;
+    /// let profile = cm.function("app", "profile", Ttl::HOUR);
+    /// let id = 7;
+    /// let name: String = profile
+    ///     .tagged([format!("user:{id}")])
+    ///     .memoize(&(id,), || async { "Ada".to_owned() })
+    ///     .await?;
+    /// cm.bust_tag("app", "user:7").await?; // and every other entry about user 7
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// A tag is 1-256 bytes of UTF-8 without control characters, at most 16 per call (the
+    /// service's defaults); a write the service refuses for its tags is not cached (warned
+    /// once per handle), and the result is returned all the same. Tags only travel with
+    /// writes: a hit returns the entry as it was written, and when concurrent calls of the
+    /// same arguments share one computation, the tags of the call that ran it are written.
+    pub fn tagged<I, S>(&self, tags: I) -> Tagged<'_>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Tagged {
+            function: self,
+            tags: tags.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// `try_memoize` or `try_refresh` of `args`, written with `tags`.
+    async fn try_run<A, T, E, F, Fut>(
+        &self,
+        mode: Mode,
+        args: &A,
+        tags: &[String],
+        compute: F,
+    ) -> Result<T, E>
     where
         A: Serialize + ?Sized,
         T: Serialize + DeserializeOwned,
@@ -230,7 +271,7 @@ impl Function {
             return compute().await;
         }
         let key = self.entry_key(args)?;
-        self.run_key(mode, &key, compute).await
+        self.run_key(mode, &key, tags, compute).await
     }
 
     /// `try_memoize` or `try_refresh` with the key already made (by `#[memoize]`, whose
@@ -239,6 +280,7 @@ impl Function {
         &self,
         mode: Mode,
         key: &EntryKey,
+        tags: &[String],
         compute: F,
     ) -> Result<T, E>
     where
@@ -250,12 +292,17 @@ impl Function {
             return compute().await;
         }
         match mode {
-            Mode::Memoize => self.memoize_key(key, compute).await,
-            Mode::Refresh => self.refresh_key(key, compute).await,
+            Mode::Memoize => self.memoize_key(key, tags, compute).await,
+            Mode::Refresh => self.refresh_key(key, tags, compute).await,
         }
     }
 
-    async fn memoize_key<T, E, F, Fut>(&self, key: &EntryKey, compute: F) -> Result<T, E>
+    async fn memoize_key<T, E, F, Fut>(
+        &self,
+        key: &EntryKey,
+        tags: &[String],
+        compute: F,
+    ) -> Result<T, E>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
@@ -269,7 +316,7 @@ impl Function {
         let shared = flight
             .get_or_lead(|| async {
                 let compute = compute.take().expect("the leader runs init once");
-                let (result, encoded) = self.lookup_or_compute(key, &flight, compute).await;
+                let (result, encoded) = self.lookup_or_compute(key, tags, &flight, compute).await;
                 led = Some(result);
                 encoded
             })
@@ -300,6 +347,7 @@ impl Function {
     async fn lookup_or_compute<T, E, F, Fut>(
         &self,
         key: &EntryKey,
+        tags: &[String],
         flight: &Flight<'_>,
         compute: F,
     ) -> (Result<T, E>, Option<Bytes>)
@@ -326,7 +374,7 @@ impl Function {
         self.client.count_computed();
         let result = compute().await;
         let encoded = match &result {
-            Ok(value) if flight.is_current() => self.store(key, value).await,
+            Ok(value) if flight.is_current() => self.store(key, tags, value).await,
             Ok(value) => Self::encode(value).ok(),
             Err(_) => None,
         };
@@ -338,7 +386,12 @@ impl Function {
     }
 
     /// Encodes and stores a fresh result; returns its encoding when it can be shared.
-    async fn store<T: Serialize>(&self, key: &EntryKey, value: &T) -> Option<Bytes> {
+    async fn store<T: Serialize>(
+        &self,
+        key: &EntryKey,
+        tags: &[String],
+        value: &T,
+    ) -> Option<Bytes> {
         let encoded = match Self::encode(value) {
             Ok(encoded) => encoded,
             Err(err) => {
@@ -353,7 +406,7 @@ impl Function {
             key: Some(Self::pb_key(key)),
             value: encoded.clone(),
             ttl_seconds: u32::try_from(self.ttl.as_secs()).unwrap_or(u32::MAX),
-            tags: Vec::new(),
+            tags: tags.to_vec(),
         };
         self.client
             .cache_rpc("Put", &self.warned_refused, |mut rpc| async move {
@@ -424,10 +477,15 @@ impl Function {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.try_run(Mode::Refresh, args, compute).await
+        self.try_run(Mode::Refresh, args, &[], compute).await
     }
 
-    async fn refresh_key<T, E, F, Fut>(&self, key: &EntryKey, compute: F) -> Result<T, E>
+    async fn refresh_key<T, E, F, Fut>(
+        &self,
+        key: &EntryKey,
+        tags: &[String],
+        compute: F,
+    ) -> Result<T, E>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
@@ -442,7 +500,7 @@ impl Function {
                 let result = compute().await;
                 let encoded = match &result {
                     // A refresh that started later stores its newer value instead.
-                    Ok(value) if claim.is_current() => self.overwrite(key, value).await,
+                    Ok(value) if claim.is_current() => self.overwrite(key, tags, value).await,
                     Ok(value) => Self::encode(value).ok(),
                     Err(_) => None,
                 };
@@ -454,8 +512,13 @@ impl Function {
     }
 
     /// Stores a refreshed result; one that is not cached (`null`) removes the old entry.
-    async fn overwrite<T: Serialize>(&self, key: &EntryKey, value: &T) -> Option<Bytes> {
-        let encoded = self.store(key, value).await?;
+    async fn overwrite<T: Serialize>(
+        &self,
+        key: &EntryKey,
+        tags: &[String],
+        value: &T,
+    ) -> Option<Bytes> {
+        let encoded = self.store(key, tags, value).await?;
         if !self.cache_none && encoded.as_ref() == b"null" {
             let request = pb::BustRequest {
                 key: Some(Self::pb_key(key)),
@@ -495,6 +558,85 @@ impl Function {
         };
         self.client
             .bust_rpc(|mut rpc| async move { rpc.bust_function(request).await })
+            .await
+    }
+}
+
+/// Calls of one [`Function`] whose results are written with tags. Made by
+/// [`Function::tagged`]; the methods are the function's own, writing with the tags.
+#[derive(Debug, Clone)]
+pub struct Tagged<'f> {
+    function: &'f Function,
+    tags: Vec<String>,
+}
+
+impl Tagged<'_> {
+    /// The tags the calls write with.
+    pub fn tags(&self) -> &[String] {
+        &self.tags
+    }
+
+    /// [`Function::memoize`], writing a computed result with the tags.
+    ///
+    /// # Errors
+    /// As [`Function::memoize`].
+    pub async fn memoize<A, T, F, Fut>(&self, args: &A, compute: F) -> Result<T, Error>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.try_memoize(args, || async { Ok::<T, Error>(compute().await) })
+            .await
+    }
+
+    /// [`Function::try_memoize`], writing an `Ok` result with the tags.
+    ///
+    /// # Errors
+    /// As [`Function::try_memoize`].
+    pub async fn try_memoize<A, T, E, F, Fut>(&self, args: &A, compute: F) -> Result<T, E>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.function
+            .try_run(Mode::Memoize, args, &self.tags, compute)
+            .await
+    }
+
+    /// [`Function::refresh`], writing the new result with the tags.
+    ///
+    /// # Errors
+    /// As [`Function::refresh`].
+    pub async fn refresh<A, T, F, Fut>(&self, args: &A, compute: F) -> Result<T, Error>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.try_refresh(args, || async { Ok::<T, Error>(compute().await) })
+            .await
+    }
+
+    /// [`Function::try_refresh`], writing an `Ok` result with the tags.
+    ///
+    /// # Errors
+    /// As [`Function::try_refresh`].
+    pub async fn try_refresh<A, T, E, F, Fut>(&self, args: &A, compute: F) -> Result<T, E>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.function
+            .try_run(Mode::Refresh, args, &self.tags, compute)
             .await
     }
 }
