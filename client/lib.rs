@@ -22,7 +22,7 @@
 //! # Layout
 //! - [`Client`] (`client`): the connection, options, circuit breaker and metrics.
 //! - [`Function`] (`memoize`): one function's entries: `memoize`, `try_memoize`, `refresh`,
-//!   busts, versions; [`Tagged`] calls that write with tags ([`Client::bust_tag`]).
+//!   busts, versions, tags ([`Client::bust_tag`]).
 //! - [`install`] (`memoized`): the default client of `#[memoize]` functions, and the runtime
 //!   the attribute expands to (hidden, `__private`).
 //! - [`memoize`](macro@memoize) (feature `macros`, the `macros/` crate): the attribute.
@@ -67,7 +67,7 @@ pub use client::{
 };
 pub use connect::{channel, describe as describe_status};
 pub use error::Error;
-pub use memoize::{Function, KeyFn, Tagged};
+pub use memoize::{Function, KeyFn};
 pub use memoized::{install, installed};
 pub use ttl::{DEFAULT_MAX_TTL_SECONDS, Ttl};
 

@@ -50,6 +50,8 @@ pub struct Function {
     warned_undecodable: Arc<AtomicBool>,
     /// Likewise a request the service refuses (a value over its size limit).
     warned_refused: Arc<AtomicBool>,
+    /// Written with every result ([`Function::tagged`]); shared by clones.
+    tags: Arc<[String]>,
 }
 
 impl fmt::Debug for Function {
@@ -61,6 +63,7 @@ impl fmt::Debug for Function {
             .field("key_fn", &self.key_fn.is_some())
             .field("cache_none", &self.cache_none)
             .field("version", &self.version)
+            .field("tags", &self.tags)
             .finish()
     }
 }
@@ -77,6 +80,7 @@ impl Function {
             version: 1,
             warned_undecodable: Arc::new(AtomicBool::new(false)),
             warned_refused: Arc::new(AtomicBool::new(false)),
+            tags: Arc::new([]),
         }
     }
 
@@ -214,11 +218,11 @@ impl Function {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.try_run(Mode::Memoize, args, &[], compute).await
+        self.try_run(Mode::Memoize, args, compute).await
     }
 
-    /// The calls of this function made through the returned handle write their results with
-    /// `tags`, so [`Client::bust_tag`] of any of them (in this function's namespace) removes
+    /// A handle whose calls (`memoize`, `refresh` and their `try_` forms) write their
+    /// results with `tags` instead of this handle's (none by default), so [`Client::bust_tag`] of any of them (in this function's namespace) removes
     /// the entry, whatever function wrote it. Tags usually name what the result was computed
     /// from and depend on the arguments:
     ///
@@ -241,25 +245,25 @@ impl Function {
     /// once per handle), and the result is returned all the same. Tags only travel with
     /// writes: a hit returns the entry as it was written, and when concurrent calls of the
     /// same arguments share one computation, the tags of the call that ran it are written.
-    pub fn tagged<I, S>(&self, tags: I) -> Tagged<'_>
+    /// The handle is a clone, as cheap as [`Function`]'s, sharing the function's entries.
+    pub fn tagged<I, S>(&self, tags: I) -> Function
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        Tagged {
-            function: self,
+        Function {
             tags: tags.into_iter().map(Into::into).collect(),
+            ..self.clone()
         }
     }
 
-    /// `try_memoize` or `try_refresh` of `args`, written with `tags`.
-    async fn try_run<A, T, E, F, Fut>(
-        &self,
-        mode: Mode,
-        args: &A,
-        tags: &[String],
-        compute: F,
-    ) -> Result<T, E>
+    /// The tags this handle writes with (see [`Function::tagged`]).
+    pub fn tags(&self) -> &[String] {
+        &self.tags
+    }
+
+    /// `try_memoize` or `try_refresh` of `args`.
+    async fn try_run<A, T, E, F, Fut>(&self, mode: Mode, args: &A, compute: F) -> Result<T, E>
     where
         A: Serialize + ?Sized,
         T: Serialize + DeserializeOwned,
@@ -271,7 +275,7 @@ impl Function {
             return compute().await;
         }
         let key = self.entry_key(args)?;
-        self.run_key(mode, &key, tags, compute).await
+        self.run_key(mode, &key, &self.tags, compute).await
     }
 
     /// `try_memoize` or `try_refresh` with the key already made (by `#[memoize]`, whose
@@ -477,7 +481,7 @@ impl Function {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.try_run(Mode::Refresh, args, &[], compute).await
+        self.try_run(Mode::Refresh, args, compute).await
     }
 
     async fn refresh_key<T, E, F, Fut>(
@@ -558,85 +562,6 @@ impl Function {
         };
         self.client
             .bust_rpc(|mut rpc| async move { rpc.bust_function(request).await })
-            .await
-    }
-}
-
-/// Calls of one [`Function`] whose results are written with tags. Made by
-/// [`Function::tagged`]; the methods are the function's own, writing with the tags.
-#[derive(Debug, Clone)]
-pub struct Tagged<'f> {
-    function: &'f Function,
-    tags: Vec<String>,
-}
-
-impl Tagged<'_> {
-    /// The tags the calls write with.
-    pub fn tags(&self) -> &[String] {
-        &self.tags
-    }
-
-    /// [`Function::memoize`], writing a computed result with the tags.
-    ///
-    /// # Errors
-    /// As [`Function::memoize`].
-    pub async fn memoize<A, T, F, Fut>(&self, args: &A, compute: F) -> Result<T, Error>
-    where
-        A: Serialize + ?Sized,
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = T>,
-    {
-        self.try_memoize(args, || async { Ok::<T, Error>(compute().await) })
-            .await
-    }
-
-    /// [`Function::try_memoize`], writing an `Ok` result with the tags.
-    ///
-    /// # Errors
-    /// As [`Function::try_memoize`].
-    pub async fn try_memoize<A, T, E, F, Fut>(&self, args: &A, compute: F) -> Result<T, E>
-    where
-        A: Serialize + ?Sized,
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        self.function
-            .try_run(Mode::Memoize, args, &self.tags, compute)
-            .await
-    }
-
-    /// [`Function::refresh`], writing the new result with the tags.
-    ///
-    /// # Errors
-    /// As [`Function::refresh`].
-    pub async fn refresh<A, T, F, Fut>(&self, args: &A, compute: F) -> Result<T, Error>
-    where
-        A: Serialize + ?Sized,
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = T>,
-    {
-        self.try_refresh(args, || async { Ok::<T, Error>(compute().await) })
-            .await
-    }
-
-    /// [`Function::try_refresh`], writing an `Ok` result with the tags.
-    ///
-    /// # Errors
-    /// As [`Function::try_refresh`].
-    pub async fn try_refresh<A, T, E, F, Fut>(&self, args: &A, compute: F) -> Result<T, E>
-    where
-        A: Serialize + ?Sized,
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        self.function
-            .try_run(Mode::Refresh, args, &self.tags, compute)
             .await
     }
 }

@@ -175,8 +175,13 @@ impl State {
             .take_while(|(key, _)| key.starts_with(prefix))
             .map(|(key, _)| key.clone())
             .collect();
+        self.remove_all(doomed, now)
+    }
+
+    /// Removes the entries under `keys`, returning how many were live.
+    fn remove_all(&mut self, keys: impl IntoIterator<Item = String>, now: Instant) -> u64 {
         let mut live = 0;
-        for key in doomed {
+        for key in keys {
             if self.live(&key, now).is_some() {
                 live += 1;
             }
@@ -312,17 +317,10 @@ impl Store for MemoryStore {
 
     async fn bust_tag(&self, namespace: &str, tag: &str) -> Result<u64, StoreError> {
         Ok(self.timed("bust_tag", |state, now| {
-            let Some(members) = state.tags.remove(&tag_index(namespace, tag)) else {
-                return 0;
-            };
-            let mut live = 0;
-            for key in members {
-                if state.live(&key, now).is_some() {
-                    live += 1;
-                }
-                state.remove(&key);
+            match state.tags.remove(&tag_index(namespace, tag)) {
+                Some(members) => state.remove_all(members, now),
+                None => 0,
             }
-            live
         }))
     }
 

@@ -475,12 +475,7 @@ impl RedisStore {
             if !indexes.is_empty() {
                 pipe.cmd("UNLINK").arg(&indexes).ignore();
             }
-            let unlinked: Vec<u64> = self
-                .run("UNLINK", |mut conn| async move {
-                    pipe.query_async(&mut conn).await
-                })
-                .await?;
-            removed += unlinked.iter().sum::<u64>();
+            removed += self.unlink(pipe).await?;
         }
         Ok(removed)
     }
@@ -516,17 +511,21 @@ impl RedisStore {
             }
         }
         if !batch.is_empty() {
-            let unlinked: u64 = self
-                .run("UNLINK", |mut conn| async move {
-                    redis::cmd("UNLINK")
-                        .arg(&batch)
-                        .query_async(&mut conn)
-                        .await
-                })
-                .await?;
-            removed += unlinked;
+            let mut pipe = redis::pipe();
+            pipe.cmd("UNLINK").arg(&batch);
+            removed += self.unlink(pipe).await?;
         }
         Ok(removed)
+    }
+
+    /// Runs a pipeline of UNLINKs, returning how many keys its counted ones removed.
+    async fn unlink(&self, pipe: redis::Pipeline) -> Result<u64, StoreError> {
+        let unlinked: Vec<u64> = self
+            .run("UNLINK", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        Ok(unlinked.iter().sum())
     }
 }
 
