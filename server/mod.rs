@@ -4,8 +4,10 @@
 //! # Layout
 //! - [`config`]: flags, environment variables and their `DEFAULT_*` constants.
 //! - [`service`]: the gRPC service: validation, store calls, status mapping, stats.
-//! - [`store`]: the [`Store`] trait and its Redis and in-memory implementations.
-//! - [`key`]: the Redis key layout and the exact SCAN patterns of each bust scope.
+//! - [`store`]: the [`Store`] trait and its Redis and in-memory implementations; tag
+//!   indexes in Redis (`store::redis::tags`).
+//! - [`key`]: the Redis key layout (entries and tag indexes) and the exact SCAN patterns of
+//!   each bust scope.
 //! - [`auth`]: bearer tokens and per-namespace grants.
 //! - [`observe`]: each RPC's span, request id and RPC metrics, around the cache service.
 //! - [`metrics`]: the Prometheus registry, the handle everything records through, and the
