@@ -4,10 +4,13 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 # Dependencies first, in a layer of their own: it is rebuilt when the manifest, the lock file,
 # the build script or the contract change, not on every source edit. The crate's sources are
-# placeholders in this layer; benches/ comes along because Cargo.toml names its targets.
+# placeholders in this layer; benches/ comes along because Cargo.toml names its targets, and
+# macros/ (the #[memoize] crate, a workspace member the library depends on) in full: it
+# changes rarely.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY benches benches
+COPY macros macros
 RUN mkdir cli client server \
     && touch client/lib.rs \
     && echo 'fn main() {}' > server/main.rs \

@@ -5,14 +5,18 @@
 //!     cargo bench --bench cm_bench -- --quick      # seconds; CI runs it so the harness keeps working
 //!
 //! Options: --reps N (3), --seconds S per measurement (3), --bust-entries N (1000000),
-//! --footprint-seconds S (60), --only get50,get1,memo-hit,memo-miss,batch,h2load,get50-metrics,
-//! bust,footprint (a comma-separated subset of the scenarios, for working on one).
+//! --footprint-seconds S (60), --only get50,get1,hops,memo-hit,memo-miss,batch,h2load,get50-metrics,
+//! bust,footprint (a comma-separated subset of the scenarios, for working on one), --cluster
+//! (the bust again on a Redis Cluster of three primaries and three replicas started for it, the
+//! entries spread over the primaries: `--only bust --cluster` compares the two).
 //! `get50-metrics` runs a second server with `--metrics-listen` and a third just like the first
 //! beside it, and measures the 50-caller Get on each, interleaved: the cost of metrics, and a
 //! control whose distance from 1.0 is the noise floor of that comparison. `memo-hit` also
 //! times the original Python library's `@cached` hit on the same Redis (benches/python_hit.py,
 //! in a virtualenv with cache-money 1.3.0 made in target/bench-venv on first use, or
-//! `CACHE_MONEY_BENCH_PYTHON`). It starts its own redis-server and cache-money-server on
+//! `CACHE_MONEY_BENCH_PYTHON`). `hops` splits a one-caller hit into its hops: the server's own
+//! Redis round trip (a metered server's store GET time, sum over count) beside
+//! redis-benchmark's, and the gRPC hop alone (a Get from the in-memory store). It starts its own redis-server and cache-money-server on
 //! loopback and stops them; every loop is bounded by time and count.
 
 #[path = "../tests/common/mod.rs"]
@@ -29,7 +33,7 @@ use std::{
 };
 
 use cache_money::{Client, RawClient, Ttl, pb, pb::cache_money_client::CacheMoneyClient};
-use common::{CacheServer, RedisServer, digest, key};
+use common::{CacheServer, RedisCluster, RedisServer, digest, key};
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
@@ -53,6 +57,8 @@ struct Settings {
     bust_entries: u64,
     footprint_seconds: u64,
     quick: bool,
+    /// Whether to run the bust on a Redis Cluster too.
+    cluster: bool,
     /// Scenario ids to run; empty runs them all.
     only: Vec<String>,
 }
@@ -65,6 +71,7 @@ impl Settings {
             bust_entries: 1_000_000,
             footprint_seconds: 60,
             quick: false,
+            cluster: false,
             only: Vec::new(),
         };
         let mut args = std::env::args().skip(1);
@@ -82,9 +89,11 @@ impl Settings {
                         bust_entries: 20_000,
                         footprint_seconds: 2,
                         quick: true,
+                        cluster: settings.cluster,
                         only: settings.only,
                     };
                 }
+                "--cluster" => settings.cluster = true,
                 "--reps" => settings.reps = number(&mut args, &arg) as usize,
                 "--seconds" => settings.seconds = number(&mut args, &arg),
                 "--only" => {
@@ -444,6 +453,18 @@ fn python_hit(python: &std::path::Path, port: u16, duration: Duration) -> Sample
     }
 }
 
+/// One caller's Gets of the fixture through `client`, back to back, for `duration`.
+async fn one_caller_gets(client: &RawClient, duration: Duration) -> Sample {
+    let (single, request) = (client.clone(), fixture_request());
+    load(1, duration, 1, move |_, _| {
+        let (mut client, request) = (single.clone(), request.clone());
+        async move {
+            get_fixture(&mut client, request).await;
+        }
+    })
+    .await
+}
+
 /// The number a metrics page gives the sample that starts `prefix` (name and labels).
 fn scraped(page: &str, prefix: &str) -> Option<f64> {
     page.lines()
@@ -617,7 +638,31 @@ async fn main() {
             "memoize hit, 1 caller",
             "the original Python library's @cached hit (cache-money 1.3.0)",
         ),
+        Row::new(
+            "Get hit, 64 B, 1 caller, in-memory store (the gRPC hop alone)",
+            "redis-benchmark GET -c 1",
+        ),
     ];
+    // For `hops`: a server with metrics on, whose store command histogram times its own Redis
+    // hop (sum / count: the mean, finer than any bucket), and one on the in-memory store.
+    let hop_servers = if settings.wants("hops") {
+        let metered = CacheServer::redis(&redis, &["--metrics-listen", "127.0.0.1:0"]);
+        let memory = CacheServer::memory(&[]);
+        let (metered_client, memory_client) = (
+            Client::connect(metered.url()).await.unwrap().raw(),
+            Client::connect(memory.url()).await.unwrap().raw(),
+        );
+        let mut raw_memory = memory_client.clone();
+        raw_memory
+            .put(common::put(key("bench", "get", 0), &value64, 3600))
+            .await
+            .unwrap();
+        Some((metered, metered_client, memory, memory_client))
+    } else {
+        None
+    };
+    // Per repetition: [redis-benchmark -c 1 mean, the server's Redis hop mean], µs.
+    let mut hops = Vec::new();
     // The library cache-money replaces, timed by its own script (benches/python_hit.py).
     let python = if settings.wants("memo-hit") {
         python_reference(settings.quick)
@@ -708,16 +753,33 @@ async fn main() {
                 "1",
                 &requests_for(rps1, duration),
             ));
-            let (single, request) = (clients[0].clone(), fixture_request());
-            rows[1].cm.push(
-                load(1, duration, 1, move |_, _| {
-                    let (mut client, request) = (single.clone(), request.clone());
-                    async move {
-                        get_fixture(&mut client, request).await;
-                    }
-                })
-                .await,
-            );
+            rows[1]
+                .cm
+                .push(one_caller_gets(&clients[0], duration).await);
+        }
+
+        if let Some((metered, metered_client, _, memory_client)) = &hop_servers {
+            let reference = redis_get(redis.port(), "1", &requests_for(rps1, duration));
+            let get_hop = || {
+                let page = common::http_get(metered.metrics_addr(), "/metrics", &[]).body;
+                let of = |series: &str| {
+                    scraped(
+                        &page,
+                        &format!("cache_money_store_command_duration_seconds_{series}{{command=\"GET\"}} "),
+                    )
+                    .unwrap_or(0.0)
+                };
+                (of("sum"), of("count"))
+            };
+            let (sum_before, count_before) = get_hop();
+            one_caller_gets(metered_client, duration).await;
+            let (sum_after, count_after) = get_hop();
+            let hop_us = (sum_after - sum_before) / (count_after - count_before) * 1e6;
+            hops.push([1e6 / reference.per_second, hop_us]);
+            rows[9].reference_samples.push(reference);
+            rows[9]
+                .cm
+                .push(one_caller_gets(memory_client, duration).await);
         }
 
         if settings.wants("memo-hit") {
@@ -870,6 +932,15 @@ async fn main() {
             (second / off - 1.0) * 100.0,
         );
     }
+    if !hops.is_empty() {
+        let column = |n: usize| median(hops.iter().map(|hop: &[f64; 2]| hop[n]).collect());
+        let (reference, hop) = (column(0), column(1));
+        let _ = writeln!(
+            report,
+            "\nThe server's own Redis hop at one caller (store GET, mean from its histogram's sum and count; medians): {hop:.1} µs; redis-benchmark GET -c 1 mean {reference:.1} µs; ratio {:.2}×",
+            hop / reference
+        );
+    }
     if !h2load {
         let _ = writeln!(
             report,
@@ -878,7 +949,13 @@ async fn main() {
     }
 
     if settings.wants("bust") {
-        bust(&settings, &mut conn, &clients, &mut raw, &mut report).await;
+        eprintln!("bust: filling {} entries", settings.bust_entries);
+        fill(&mut conn, "bench", "big", settings.bust_entries).await;
+        fill(&mut conn, "bench", "big_sibling", 1000).await;
+        bust("one Redis", &settings, &clients, &mut raw, &mut report).await;
+    }
+    if settings.cluster {
+        cluster_bust(&settings, &mut report).await;
     }
     if settings.wants("footprint") {
         footprint(&settings, &clients, server_pid, &mut report).await;
@@ -897,17 +974,36 @@ async fn main() {
     println!("{report}");
 }
 
-/// Bust: one function of N entries removed while other callers keep reading.
+/// The bust on a Redis Cluster: its own cluster and server, the entries written straight into
+/// the primaries their slots name.
+async fn cluster_bust(settings: &Settings, report: &mut String) {
+    let cluster = RedisCluster::start(5_000);
+    let server = CacheServer::cluster(&cluster, &["--max-batch", "1000"]);
+    let clients = channels(&server).await;
+    let mut raw = CacheMoneyClient::new(server.channel().await);
+    raw.put(common::put(key("bench", "get", 0), &[b'x'; 64], 3600))
+        .await
+        .unwrap();
+    eprintln!("bust (cluster): filling {} entries", settings.bust_entries);
+    for (function, count) in [("big", settings.bust_entries), ("big_sibling", 1000)] {
+        let keys: Vec<Vec<u8>> = (0..count)
+            .map(|n| format!("cm:bench:{function}:{}", digest(n)).into_bytes())
+            .collect();
+        cluster.set_keys(&keys, b"v").await;
+    }
+    let label = "Redis Cluster, 3 primaries";
+    bust(label, settings, &clients, &mut raw, report).await;
+}
+
+/// Bust: one function of N entries (already written) removed while other callers keep
+/// reading.
 async fn bust(
+    store: &str,
     settings: &Settings,
-    conn: &mut MultiplexedConnection,
     clients: &[RawClient],
     raw: &mut CacheMoneyClient<Channel>,
     report: &mut String,
 ) {
-    eprintln!("bust: filling {} entries", settings.bust_entries);
-    fill(conn, "bench", "big", settings.bust_entries).await;
-    fill(conn, "bench", "big_sibling", 1000).await;
     let reading = Arc::new(AtomicBool::new(true));
     let mut readers = Vec::new();
     for caller in 0..8 {
@@ -950,7 +1046,7 @@ async fn bust(
     let siblings_left = count_siblings(raw, sibling).await;
     let _ = writeln!(
         report,
-        "\nBustFunction of {} entries: removed {removed} in {bust_seconds:.2} s; concurrent Get p50 {:.0} µs, p99 {:.0} µs; other function's entries left: {siblings_left} of 1000",
+        "\nBustFunction of {} entries ({store}): removed {removed} in {bust_seconds:.2} s; concurrent Get p50 {:.0} µs, p99 {:.0} µs; other function's entries left: {siblings_left} of 1000",
         settings.bust_entries, during.p50_us, during.p99_us
     );
     assert_eq!(

@@ -40,8 +40,8 @@
 //! - [`key`]: the address of a cache entry (namespace, function, digest) and its validation,
 //!   shared by client and server so both enforce the same rules.
 //! - [`limits`]: the message size limits client and server share.
-//! - `server` (feature `server`): configuration, the gRPC service, the Redis and in-memory
-//!   stores, health, RPC spans and request ids, Prometheus metrics, and graceful shutdown.
+//! - `server` (feature `server`): configuration, the gRPC service, the Redis, Redis Cluster and
+//!   in-memory stores, health, RPC spans and request ids, Prometheus metrics, and graceful shutdown.
 //! - The `cache-money` binary (feature `cli`, in `cli/`): the operators' command line, a
 //!   client of the service built on this library.
 

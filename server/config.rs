@@ -96,6 +96,13 @@ pub struct Config {
     #[arg(long, env = "CACHE_MONEY_REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// Redis Cluster to store entries in, by seed nodes: comma-separated redis:// or rediss://
+    /// URLs, e.g. redis://10.0.0.1:7000,redis://10.0.0.2:7001 (credentials as for
+    /// --redis-url; one reachable seed is enough, the others are found from it). For
+    /// ElastiCache or MemoryDB, the configuration endpoint. Not with --redis-url.
+    #[arg(long, env = "CACHE_MONEY_REDIS_CLUSTER")]
+    pub redis_cluster: Option<String>,
+
     /// PEM CA certificate to verify a rediss:// Redis with, when its certificate is not from a
     /// CA in the system's trust store.
     #[arg(long, env = "CACHE_MONEY_REDIS_TLS_CA")]
@@ -270,7 +277,26 @@ impl Config {
                 ));
             }
         }
-        if self.redis_url.is_none() && self.memory_max_bytes < self.max_value_bytes {
+        if self.redis_url.is_some() && self.redis_cluster.is_some() {
+            return Err(
+                "--redis-url and --redis-cluster are both set (or CACHE_MONEY_REDIS_URL and CACHE_MONEY_REDIS_CLUSTER); use one: --redis-cluster for a Redis Cluster, --redis-url for one Redis"
+                    .to_owned(),
+            );
+        }
+        if let Some(seeds) = &self.redis_cluster {
+            let seeds: Vec<&str> = seeds.split(',').map(str::trim).collect();
+            if let Some(bad) = seeds.iter().find(|seed| {
+                !(seed.starts_with("redis://") || seed.starts_with("rediss://"))
+                    || seed.len() <= "rediss://".len()
+            }) {
+                return Err(format!(
+                    "--redis-cluster: each seed must be a redis:// or rediss:// URL, comma-separated, got {:?}",
+                    redacted_url(bad)
+                ));
+            }
+        }
+        let in_memory = self.redis_url.is_none() && self.redis_cluster.is_none();
+        if in_memory && self.memory_max_bytes < self.max_value_bytes {
             return Err(format!(
                 "--memory-max-bytes: must be at least --max-value-bytes ({}), got {}",
                 self.max_value_bytes, self.memory_max_bytes
@@ -392,6 +418,15 @@ impl Config {
     }
 }
 
+/// The seed URLs of `--redis-cluster` with any password replaced by `***`.
+pub fn redacted_seeds(seeds: &str) -> String {
+    seeds
+        .split(',')
+        .map(|seed| redacted_url(seed.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The Redis URL with any password replaced by `***`, fit for logs and error messages.
 pub fn redacted_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -466,6 +501,41 @@ mod tests {
                 "{prefix}"
             );
         }
+    }
+
+    /// --redis-url and --redis-cluster together are refused, saying to use one; cluster seeds
+    /// must each be redis:// or rediss:// URLs.
+    #[test]
+    fn redis_cluster_takes_seed_urls_and_excludes_redis_url() {
+        let both = config(&[
+            "--redis-url",
+            "redis://h:6379",
+            "--redis-cluster",
+            "redis://h:7000",
+        ]);
+        let err = both.validate().unwrap_err();
+        assert!(
+            err.starts_with("--redis-url and --redis-cluster are both set"),
+            "{err}"
+        );
+        let seeds = "redis://a:7000, rediss://user:pw@b:7001";
+        assert_eq!(config(&["--redis-cluster", seeds]).validate(), Ok(()));
+        for bad in [
+            "a:7000",
+            "redis://a:7000,",
+            "unix:///run/r.sock",
+            "redis://a,b:7000",
+        ] {
+            let err = config(&["--redis-cluster", bad]).validate().unwrap_err();
+            assert!(
+                err.starts_with("--redis-cluster: each seed"),
+                "{bad}: {err}"
+            );
+        }
+        assert_eq!(
+            redacted_seeds("redis://:pw@a:7000,redis://b:7001"),
+            "redis://:***@a:7000,redis://b:7001"
+        );
     }
 
     /// Passwords never reach the logs.

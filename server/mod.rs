@@ -4,8 +4,8 @@
 //! # Layout
 //! - [`config`]: flags, environment variables and their `DEFAULT_*` constants.
 //! - [`service`]: the gRPC service: validation, store calls, status mapping, stats.
-//! - [`store`]: the [`Store`] trait and its Redis and in-memory implementations; tag
-//!   indexes in Redis (`store::redis::tags`).
+//! - [`store`]: the [`Store`] trait and its Redis, Redis Cluster and in-memory
+//!   implementations; tag indexes in Redis (`store::redis::tags`).
 //! - [`key`]: the Redis key layout (entries and tag indexes) and the exact SCAN patterns of
 //!   each bust scope.
 //! - [`auth`]: bearer tokens and per-namespace grants.
@@ -42,11 +42,11 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
 use self::auth::Auth;
-use self::config::{Config, LogFormat, redacted_url};
+use self::config::{Config, LogFormat, redacted_seeds, redacted_url};
 use self::metrics::Metrics;
 use self::observe::Observed;
 use self::service::{CacheService, Limits};
-use self::store::{MemoryStore, RedisStore, Store, StoreError, redis::RedisSettings};
+use self::store::{ClusterStore, MemoryStore, RedisStore, Store, StoreError, redis::RedisSettings};
 use crate::pb::{self, cache_money_server::CacheMoneyServer};
 
 /// The gRPC name of the cache service, as health checks and reflection know it.
@@ -113,7 +113,7 @@ pub fn init_logging(format: LogFormat) {
 /// accepting connections, lets in-flight RPCs finish for up to the drain timeout, and returns.
 ///
 /// # Errors
-/// When the configuration is inconsistent, the Redis URL is malformed or the transport fails.
+/// When the configuration is inconsistent, a Redis URL is malformed or the transport fails.
 /// An unreachable Redis is not an error: the server serves, reporting NOT_SERVING.
 pub async fn run(
     config: Config,
@@ -127,31 +127,40 @@ pub async fn run(
     let telemetry = Telemetry::bind(&config).await?;
     let metrics = telemetry.metrics.clone();
     let security = Security { auth, tls };
-    match &config.redis_url {
-        Some(url) => {
-            let store = RedisStore::new(&RedisSettings {
-                url: url.clone(),
-                key_prefix: config.key_prefix.clone(),
-                pool_size: config.pool_size,
-                max_in_flight: config.max_in_flight,
-                timeout: config.store_timeout(),
-                connect_timeout: config.connect_timeout(),
-                bust_batch: config.bust_batch,
-                tls_ca: match &config.redis_tls_ca {
-                    None => None,
-                    Some(path) => Some(std::fs::read(path).map_err(|err| {
-                        ServeError::Config(format!(
-                            "--redis-tls-ca: cannot read {}: {err}",
-                            path.display()
-                        ))
-                    })?),
-                },
-            })
-            .map_err(ServeError::Store)?
-            .with_metrics(metrics);
+    let redis = |url: &String| -> Result<RedisSettings, ServeError> {
+        Ok(RedisSettings {
+            url: url.clone(),
+            key_prefix: config.key_prefix.clone(),
+            pool_size: config.pool_size,
+            max_in_flight: config.max_in_flight,
+            timeout: config.store_timeout(),
+            connect_timeout: config.connect_timeout(),
+            bust_batch: config.bust_batch,
+            tls_ca: match &config.redis_tls_ca {
+                None => None,
+                Some(path) => Some(std::fs::read(path).map_err(|err| {
+                    ServeError::Config(format!(
+                        "--redis-tls-ca: cannot read {}: {err}",
+                        path.display()
+                    ))
+                })?),
+            },
+        })
+    };
+    match (&config.redis_url, &config.redis_cluster) {
+        (Some(url), _) => {
+            let store = RedisStore::new(&redis(url)?)
+                .map_err(ServeError::Store)?
+                .with_metrics(metrics);
             serve(store, config, security, telemetry, listener, shutdown).await
         }
-        None => {
+        (None, Some(seeds)) => {
+            let store = ClusterStore::new(&redis(seeds)?)
+                .map_err(ServeError::Store)?
+                .with_metrics(metrics);
+            serve(store, config, security, telemetry, listener, shutdown).await
+        }
+        (None, None) => {
             let store = MemoryStore::new(config.memory_max_bytes).with_metrics(metrics);
             serve(store, config, security, telemetry, listener, shutdown).await
         }
@@ -266,6 +275,7 @@ async fn serve<S: Store>(
         listen = %local_addr,
         store = store.kind(),
         redis_url = config.redis_url.as_deref().map(redacted_url).unwrap_or_default(),
+        redis_cluster = config.redis_cluster.as_deref().map(redacted_seeds).unwrap_or_default(),
         redis_tls_ca = config.redis_tls_ca.as_deref().map(|path| path.display().to_string()).unwrap_or_default(),
         key_prefix = %config.key_prefix,
         store_up = store_up.load(Relaxed),

@@ -79,6 +79,7 @@ impl From<StoreError> for Status {
                 Status::resource_exhausted(message)
             }
             StoreError::InvalidCursor(_) => Status::invalid_argument(message),
+            StoreError::StaleCursor(_) => Status::aborted(message),
             StoreError::Internal(_) => Status::internal(message),
         }
     }
@@ -452,7 +453,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .keys(&function, &request.cursor, limit)
             .await
             .map_err(|err| match err {
-                StoreError::InvalidCursor(_) => Status::from(err),
+                StoreError::InvalidCursor(_) | StoreError::StaleCursor(_) => Status::from(err),
                 err => self.failed("Keys", &context, err),
             })?;
         let entries = page

@@ -1,13 +1,15 @@
-//! The behaviour suite: every RPC's contract, run against the real server binary twice, once
-//! over a real `redis-server` and once with the in-memory store.
+//! The behaviour suite: every RPC's contract, run against the real server binary three times:
+//! over a real `redis-server`, over a real Redis Cluster (three primaries, three replicas,
+//! shared by the tests, each under its own key prefix) and with the in-memory store.
 
 mod common;
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use cache_money::pb;
 use common::{
-    CacheServer, RedisServer, bust_function, digest, eventually, get, http_get, key, put,
+    CacheServer, RedisCluster, RedisServer, bust_function, digest, eventually, get, http_get, key,
+    put,
 };
 use tonic::Code;
 use tonic_health::pb::{
@@ -19,12 +21,14 @@ use tonic_health::pb::{
 enum Backend {
     Memory,
     Redis,
+    Cluster,
 }
 
 /// A running server, and the Redis behind it when there is one.
 struct Env {
     server: CacheServer,
     redis: Option<RedisServer>,
+    _cluster: Option<Arc<RedisCluster>>,
 }
 
 impl Backend {
@@ -33,12 +37,25 @@ impl Backend {
             Backend::Memory => Env {
                 server: CacheServer::memory(extra),
                 redis: None,
+                _cluster: None,
             },
             Backend::Redis => {
                 let redis = RedisServer::start();
                 Env {
                     server: CacheServer::redis(&redis, extra),
                     redis: Some(redis),
+                    _cluster: None,
+                }
+            }
+            Backend::Cluster => {
+                let cluster = RedisCluster::shared();
+                let prefix = common::unique_prefix("behaviour");
+                let mut args = vec!["--key-prefix", prefix.as_str()];
+                args.extend_from_slice(extra);
+                Env {
+                    server: CacheServer::cluster(&cluster, &args),
+                    redis: None,
+                    _cluster: Some(cluster),
                 }
             }
         }
@@ -64,6 +81,14 @@ macro_rules! suite {
                 }
             )*
         }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    super::$behaviour(super::Backend::Cluster).await
+                }
+            )*
+        }
     };
 }
 
@@ -82,12 +107,42 @@ suite!(
     oversized_responses_are_refused,
     stats_count_what_happened,
     health_serves_and_reflection_lists_services,
-    bust_tag_removes_exactly_the_tagged_entries,
-    tag_indexes_expire_with_their_entries,
-    bust_tag_ignores_foreign_and_stale_members,
-    invalid_tags_are_refused_and_write_nothing,
-    bust_all_and_namespace_remove_tag_indexes,
 );
+
+/// The tag behaviours, on the stores that support tags so far (the cluster store does not
+/// yet).
+mod tags {
+    use super::*;
+
+    macro_rules! single_node {
+        ($($behaviour:ident),* $(,)?) => {
+            mod memory {
+                $(
+                    #[tokio::test]
+                    async fn $behaviour() {
+                        super::$behaviour(super::Backend::Memory).await
+                    }
+                )*
+            }
+            mod redis {
+                $(
+                    #[tokio::test]
+                    async fn $behaviour() {
+                        super::$behaviour(super::Backend::Redis).await
+                    }
+                )*
+            }
+        };
+    }
+
+    single_node!(
+        bust_tag_removes_exactly_the_tagged_entries,
+        tag_indexes_expire_with_their_entries,
+        bust_tag_ignores_foreign_and_stale_members,
+        invalid_tags_are_refused_and_write_nothing,
+        bust_all_and_namespace_remove_tag_indexes,
+    );
+}
 
 /// A Put carrying `tags`.
 fn tagged(key: pb::Key, ttl_seconds: u32, tags: &[&str]) -> pb::PutRequest {
@@ -646,6 +701,7 @@ async fn stats_count_what_happened(backend: Backend) {
     let expected_store = match backend {
         Backend::Memory => "memory",
         Backend::Redis => "redis",
+        Backend::Cluster => "redis-cluster",
     };
     assert_eq!(stats.store, expected_store);
     assert!(stats.store_up);

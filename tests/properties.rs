@@ -5,13 +5,15 @@
 //! entries, surviving every bust scope; and 400 tagged Puts with hostile tags, refused by
 //! the tag rule or busted exactly by BustTag.
 //! Every outcome is judged by predicates written here, independent of the server's own code.
+//! Each runs against one Redis and against a Redis Cluster (shared by the cluster runs of this
+//! binary, each under its own key prefix).
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
 use cache_money::pb;
-use common::{CacheServer, RedisServer};
+use common::{CacheServer, RedisCluster, RedisServer};
 use proptest::{
     prelude::*,
     test_runner::{Config, TestRunner},
@@ -36,9 +38,9 @@ fn valid_digest(digest: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// A Redis key the server may write: `cm:` + name + `:` + name + `:` + digest.
-fn valid_redis_key(key: &str) -> bool {
-    let Some(rest) = key.strip_prefix("cm:") else {
+/// A Redis key the server may write: `prefix` + name + `:` + name + `:` + digest.
+fn valid_redis_key(prefix: &str, key: &str) -> bool {
+    let Some(rest) = key.strip_prefix(prefix) else {
         return false;
     };
     let parts: Vec<&str> = rest.split(':').collect();
@@ -46,8 +48,132 @@ fn valid_redis_key(key: &str) -> bool {
 }
 
 /// `valid_redis_key` for a key read back as bytes (Redis keys need not be UTF-8).
-fn valid_redis_key_bytes(key: &[u8]) -> bool {
-    std::str::from_utf8(key).is_ok_and(valid_redis_key)
+fn valid_redis_key_bytes(prefix: &str, key: &[u8]) -> bool {
+    std::str::from_utf8(key).is_ok_and(|key| valid_redis_key(prefix, key))
+}
+
+/// Where the server under test writes, and how the tests read it back without the server.
+enum Keyspace {
+    Redis(RedisServer, redis::aio::MultiplexedConnection),
+    Cluster(Arc<RedisCluster>, redis::cluster_async::ClusterConnection),
+}
+
+/// A keyspace and the key prefix the server writes under.
+struct Store {
+    keyspace: Keyspace,
+    prefix: String,
+}
+
+impl Store {
+    /// One Redis of its own (prefix `cm:`), or the shared cluster under a prefix of its own.
+    fn start(runtime: &tokio::runtime::Runtime, cluster: bool) -> Self {
+        if !cluster {
+            let redis = RedisServer::start();
+            let connection = runtime.block_on(redis.connect());
+            return Store {
+                keyspace: Keyspace::Redis(redis, connection),
+                prefix: "cm:".into(),
+            };
+        }
+        let shared = RedisCluster::shared();
+        let client =
+            redis::cluster::ClusterClient::new(shared.seeds().split(',').collect::<Vec<_>>())
+                .unwrap();
+        let connection = runtime.block_on(client.get_async_connection()).unwrap();
+        Store {
+            keyspace: Keyspace::Cluster(shared, connection),
+            prefix: common::unique_prefix("prop"),
+        }
+    }
+
+    /// The server in front of it, with `extra` arguments.
+    fn server(&self, extra: &[&str]) -> CacheServer {
+        let mut args = vec!["--key-prefix", self.prefix.as_str()];
+        args.extend_from_slice(extra);
+        match &self.keyspace {
+            Keyspace::Redis(redis, _) => CacheServer::redis(redis, &args),
+            Keyspace::Cluster(cluster, _) => CacheServer::cluster(cluster, &args),
+        }
+    }
+
+    /// `key` written for the prefix `cm:` rewritten for this store's prefix.
+    fn prefixed(&self, key: &[u8]) -> Vec<u8> {
+        let rest = key.strip_prefix(b"cm:").expect("written under cm:");
+        [self.prefix.as_bytes(), rest].concat()
+    }
+
+    /// Every key in Redis (one Redis) or under the prefix (the shared cluster).
+    async fn keys(&self) -> BTreeSet<Vec<u8>> {
+        match &self.keyspace {
+            Keyspace::Redis(redis, _) => redis
+                .scan_match("*")
+                .await
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+            Keyspace::Cluster(cluster, _) => cluster.scan_match(&format!("{}*", self.prefix)).await,
+        }
+    }
+
+    /// How many keys `keys` would list, counted by Redis on one Redis.
+    async fn size(&self) -> u64 {
+        match &self.keyspace {
+            Keyspace::Redis(_, connection) => redis::cmd("DBSIZE")
+                .query_async(&mut connection.clone())
+                .await
+                .unwrap(),
+            Keyspace::Cluster(..) => self.keys().await.len() as u64,
+        }
+    }
+
+    async fn set(&self, keys: &BTreeSet<Vec<u8>>) {
+        match &self.keyspace {
+            Keyspace::Redis(_, connection) => {
+                let mut pipe = redis::pipe();
+                for key in keys {
+                    pipe.cmd("SET").arg(key).arg("keep").ignore();
+                }
+                pipe.query_async::<()>(&mut connection.clone())
+                    .await
+                    .unwrap();
+            }
+            Keyspace::Cluster(cluster, _) => {
+                cluster
+                    .set_keys(&keys.iter().cloned().collect::<Vec<_>>(), b"keep")
+                    .await
+            }
+        }
+    }
+
+    async fn exists(&self, key: &[u8]) -> bool {
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(key);
+        match &self.keyspace {
+            Keyspace::Redis(_, connection) => exists.query_async(&mut connection.clone()).await,
+            Keyspace::Cluster(_, connection) => exists.query_async(&mut connection.clone()).await,
+        }
+        .unwrap()
+    }
+
+    /// Removes every key a case left (FLUSHALL on one Redis; the prefix's keys on the shared
+    /// cluster).
+    async fn clear(&self) {
+        match &self.keyspace {
+            Keyspace::Redis(_, connection) => redis::cmd("FLUSHALL")
+                .query_async::<()>(&mut connection.clone())
+                .await
+                .unwrap(),
+            Keyspace::Cluster(_, connection) => {
+                for key in self.keys().await {
+                    redis::cmd("DEL")
+                        .arg(key)
+                        .query_async::<()>(&mut connection.clone())
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    }
 }
 
 fn name() -> impl Strategy<Value = String> {
@@ -89,17 +215,25 @@ fn value_len() -> impl Strategy<Value = usize> {
 /// one per accepted Put.
 #[test]
 fn generated_requests_are_stored_or_refused_by_the_rules() {
+    generated_requests(false)
+}
+
+/// As `generated_requests_are_stored_or_refused_by_the_rules`, on a Redis Cluster: the keys
+/// under the server's prefix on every primary are exactly those of the accepted Puts.
+#[test]
+fn generated_requests_are_stored_or_refused_by_the_rules_on_a_cluster() {
+    generated_requests(true)
+}
+
+fn generated_requests(cluster: bool) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let redis = RedisServer::start();
-    let server = CacheServer::redis(
-        &redis,
-        &[
-            "--max-value-bytes",
-            &MAX_VALUE.to_string(),
-            "--max-ttl-seconds",
-            &MAX_TTL.to_string(),
-        ],
-    );
+    let store = Store::start(&runtime, cluster);
+    let server = store.server(&[
+        "--max-value-bytes",
+        &MAX_VALUE.to_string(),
+        "--max-ttl-seconds",
+        &MAX_TTL.to_string(),
+    ]);
     let cm = runtime.block_on(server.client());
     // Accepted key → TTL of its latest Put.
     let accepted = std::cell::RefCell::new(std::collections::BTreeMap::new());
@@ -141,7 +275,7 @@ fn generated_requests_are_stored_or_refused_by_the_rules() {
                 };
                 match (broken, outcome) {
                     (None, Ok(_)) => {
-                        let key = format!("cm:{namespace}:{function}:{digest}");
+                        let key = format!("{}{namespace}:{function}:{digest}", store.prefix);
                         accepted.borrow_mut().insert(key, ttl_seconds);
                     }
                     (Some(field), Err(status)) => {
@@ -171,10 +305,14 @@ fn generated_requests_are_stored_or_refused_by_the_rules() {
         )
         .unwrap();
 
-    let keys: BTreeSet<String> = runtime.block_on(redis.scan_match("*"));
+    let keys: BTreeSet<String> = runtime
+        .block_on(store.keys())
+        .into_iter()
+        .map(|key| String::from_utf8(key).expect("only UTF-8 keys are written"))
+        .collect();
     for key in &keys {
         assert!(
-            valid_redis_key(key),
+            valid_redis_key(&store.prefix, key),
             "Redis holds a key outside the layout: {key:?}"
         );
     }
@@ -230,11 +368,20 @@ fn look_alikes() -> impl Strategy<Value = (String, String)> {
 /// removes an entry of the other, checked in Redis.
 #[test]
 fn busting_never_touches_a_look_alike() {
+    look_alikes_survive(false)
+}
+
+/// As `busting_never_touches_a_look_alike`, on a Redis Cluster, checked on the nodes.
+#[test]
+fn busting_never_touches_a_look_alike_on_a_cluster() {
+    look_alikes_survive(true)
+}
+
+fn look_alikes_survive(cluster: bool) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let redis = RedisServer::start();
-    let server = CacheServer::redis(&redis, &[]);
+    let store = Store::start(&runtime, cluster);
+    let server = store.server(&[]);
     let cm = runtime.block_on(server.client());
-    let conn = runtime.block_on(redis.connect());
     let rounds = std::cell::Cell::new(0u64);
     let mut runner = TestRunner::new(Config {
         cases: 500,
@@ -245,7 +392,7 @@ fn busting_never_touches_a_look_alike() {
         .run(&look_alikes(), |(a, b)| {
             rounds.set(rounds.get() + 1);
             let round = rounds.get();
-            let (mut cm, mut conn) = (cm.clone(), conn.clone());
+            let (mut cm, store) = (cm.clone(), &store);
             let foreign_deletes = runtime.block_on(async {
                 // Function pair inside one namespace, then a namespace pair.
                 let ns = format!("round{round}");
@@ -282,17 +429,12 @@ fn busting_never_touches_a_look_alike() {
                 let mut foreign_deletes = 0;
                 for digest in &digests {
                     for (key, should_exist) in [
-                        (format!("cm:{ns}:{b}:{digest}"), true),
-                        (format!("cm:{b}:f:{digest}"), true),
-                        (format!("cm:{ns}:{a}:{digest}"), false),
-                        (format!("cm:{a}:f:{digest}"), false),
+                        (format!("{}{ns}:{b}:{digest}", store.prefix), true),
+                        (format!("{}{b}:f:{digest}", store.prefix), true),
+                        (format!("{}{ns}:{a}:{digest}", store.prefix), false),
+                        (format!("{}{a}:f:{digest}", store.prefix), false),
                     ] {
-                        let exists: bool = redis::cmd("EXISTS")
-                            .arg(&key)
-                            .query_async(&mut conn)
-                            .await
-                            .unwrap();
-                        if exists != should_exist {
+                        if store.exists(key.as_bytes()).await != should_exist {
                             foreign_deletes += 1;
                         }
                     }
@@ -365,7 +507,7 @@ fn foreign_key() -> impl Strategy<Value = Vec<u8>> {
         }),
     ]
     .prop_filter("a foreign key, not an entry", |key| {
-        !valid_redis_key_bytes(key)
+        !valid_redis_key_bytes("cm:", key)
     })
 }
 
@@ -417,13 +559,23 @@ async fn bust_every_scope(
 /// lists only them, and every foreign key is still in Redis afterwards.
 #[test]
 fn busts_never_touch_foreign_keys_inside_their_patterns() {
+    foreign_keys_survive(false)
+}
+
+/// As `busts_never_touch_foreign_keys_inside_their_patterns`, on a Redis Cluster: the
+/// foreign keys spread over every primary and survive busts that walk them all.
+#[test]
+fn busts_never_touch_foreign_keys_inside_their_patterns_on_a_cluster() {
+    foreign_keys_survive(true)
+}
+
+fn foreign_keys_survive(cluster: bool) {
     const CASES: u32 = 4;
     const KEYS_PER_CASE: usize = 150;
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let redis = RedisServer::start();
-    let server = CacheServer::redis(&redis, &["--bust-batch", "50"]);
+    let store = Store::start(&runtime, cluster);
+    let server = store.server(&["--bust-batch", "50"]);
     let cm = runtime.block_on(server.client());
-    let conn = runtime.block_on(redis.connect());
     let checked = std::cell::Cell::new(0usize);
     let mut runner = TestRunner::new(Config {
         cases: CASES,
@@ -434,17 +586,12 @@ fn busts_never_touch_foreign_keys_inside_their_patterns() {
     let strategy = proptest::collection::btree_set(foreign_key(), KEYS_PER_CASE);
     runner
         .run(&strategy, |foreign| {
-            let (mut cm, mut conn) = (cm.clone(), conn.clone());
+            let (mut cm, store) = (cm.clone(), &store);
+            let foreign: BTreeSet<Vec<u8>> =
+                foreign.iter().map(|key| store.prefixed(key)).collect();
             let (removed, listed, survivors) = runtime.block_on(async {
-                redis::cmd("FLUSHALL")
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .unwrap();
-                let mut pipe = redis::pipe();
-                for key in &foreign {
-                    pipe.cmd("SET").arg(key).arg("keep").ignore();
-                }
-                pipe.query_async::<()>(&mut conn).await.unwrap();
+                store.clear().await;
+                store.set(&foreign).await;
                 let entries = busted_functions()
                     .into_iter()
                     .flat_map(|(ns, function)| {
@@ -463,12 +610,11 @@ fn busts_never_touch_foreign_keys_inside_their_patterns() {
                     listed.push(page.entries.len());
                 }
                 let removed = bust_every_scope(&mut cm).await;
-                let mut pipe = redis::pipe();
+                let mut exists = Vec::new();
                 for key in &foreign {
-                    pipe.cmd("EXISTS").arg(key);
+                    exists.push(store.exists(key).await);
                 }
-                let exists: Vec<bool> = pipe.query_async(&mut conn).await.unwrap();
-                let dbsize: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+                let dbsize = store.size().await;
                 let gone: Vec<String> = foreign
                     .iter()
                     .zip(exists)

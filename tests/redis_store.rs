@@ -16,27 +16,11 @@ use cache_money::{
     pb,
     server::key::KeyLayout,
 };
-use common::{CacheServer, RedisServer, digest, eventually, fill, get, key, put};
-use tonic::Code;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+use common::{
+    CacheServer, RedisServer, digest, eventually, fill, get, health, health_becomes, key, put,
 };
-
-async fn health(server: &CacheServer) -> i32 {
-    let mut health = HealthClient::new(server.channel().await);
-    health
-        .check(HealthCheckRequest {
-            service: "cache_money.v1.CacheMoney".into(),
-        })
-        .await
-        .expect("health answers even when the store is down")
-        .into_inner()
-        .status
-}
-
-async fn health_becomes(server: &CacheServer, status: ServingStatus, within: Duration) -> bool {
-    eventually(within, || async { health(server).await == status as i32 }).await
-}
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A Get fails with UNAVAILABLE, and sooner than `within`.
 async fn get_is_unavailable_within(

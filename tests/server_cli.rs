@@ -13,6 +13,7 @@ fn server() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_cache-money-server"));
     command
         .env_remove("CACHE_MONEY_REDIS_URL")
+        .env_remove("CACHE_MONEY_REDIS_CLUSTER")
         .env("RUST_LOG", "info");
     command
 }
@@ -184,7 +185,11 @@ fn every_setting_is_read_from_flag_and_from_environment_variable() {
     let files = SettingFiles::write();
     let settings = every_setting(&files);
     let covered: Vec<&str> = settings.iter().map(|(flag, _, _)| *flag).collect();
-    for flag in config_flags() {
+    // --redis-cluster excludes --redis-url, so it is read in a start-up of its own below.
+    for flag in config_flags()
+        .into_iter()
+        .filter(|flag| flag != "redis-cluster")
+    {
         assert!(
             covered.contains(&flag.as_str()),
             "--{flag} is not checked here"
@@ -222,6 +227,20 @@ fn every_setting_is_read_from_flag_and_from_environment_variable() {
                 "{how}: --{flag}: {shown} not in {line}"
             );
         }
+    }
+    // Nothing listens there: the server starts anyway, NOT_SERVING; the password is redacted.
+    let (a, b) = (common::free_port(), common::free_port());
+    let seeds = format!("redis://:pw@127.0.0.1:{a},redis://:pw@127.0.0.1:{b}");
+    let shown = format!("redis_cluster=\"redis://:***@127.0.0.1:{a},redis://:***@127.0.0.1:{b}\"");
+    for server in [
+        CacheServer::start(&["--redis-cluster", &seeds]),
+        CacheServer::start_with_env(&[], &[("CACHE_MONEY_REDIS_CLUSTER", &seeds)]),
+    ] {
+        let line = server
+            .wait_for_log("cache-money serving", common::READY_TIMEOUT)
+            .unwrap();
+        assert!(line.contains(&shown), "{shown} not in {line}");
+        assert!(!line.contains("pw"), "the password was logged: {line}");
     }
 }
 
@@ -269,6 +288,43 @@ fn bad_configuration_is_refused_clearly() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
+    // A Redis and a Redis Cluster at once, from the environment too: refused, saying to pick.
+    let both = "--redis-url and --redis-cluster are both set";
+    let from_env = server()
+        .args(["--listen", "127.0.0.1:0"])
+        .env("CACHE_MONEY_REDIS_URL", "redis://127.0.0.1:6379")
+        .env("CACHE_MONEY_REDIS_CLUSTER", "redis://127.0.0.1:7000")
+        .output()
+        .expect("run server");
+    let from_flags = server()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+        ])
+        .args(["--redis-cluster", "redis://127.0.0.1:7000"])
+        .output()
+        .expect("run server");
+    for output in [from_env, from_flags] {
+        assert!(!output.status.success(), "both stores accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(both), "{stderr}");
+    }
+    let output = server()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-cluster",
+            "127.0.0.1:7000",
+        ])
+        .output()
+        .expect("run server");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--redis-cluster: each seed must be a redis:// or rediss:// URL"),
+        "{stderr}"
+    );
 }
 
 /// A port already in use, for gRPC or for metrics, is reported as such, with the flag to

@@ -547,6 +547,7 @@ impl Metrics {
             StoreError::Unavailable(_) => "unavailable",
             StoreError::OutOfMemory(_) => "out_of_memory",
             StoreError::InvalidCursor(_) => "invalid_cursor",
+            StoreError::StaleCursor(_) => "stale_cursor",
             StoreError::Internal(_) => "internal",
         };
         recorder
@@ -621,7 +622,7 @@ impl<S: Store> Collector for StoreCollector<S> {
         let up = ConstGauge::new(i64::from(self.store_up.load(Relaxed)));
         let mut family = encoder.encode_descriptor(
             "store_up",
-            "Whether the store answered the latest health probe (1) or not (0), by store (redis, memory).",
+            "Whether the store answered the latest health probe (1) or not (0), by store (redis, redis-cluster, memory).",
             None,
             MetricType::Gauge,
         )?;

@@ -1,6 +1,6 @@
-//! Where entries live: one [`Store`] trait, implemented by Redis (the product) and an
-//! in-memory map (the embedded default). Both obey the same TTL, bust and limit rules, and the
-//! same behaviour suite in `tests/` runs against each.
+//! Where entries live: one [`Store`] trait, implemented by Redis (the product), a Redis
+//! Cluster (the scale-out engine) and an in-memory map (the embedded default). All obey the
+//! same TTL, bust and limit rules, and the same behaviour suite in `tests/` runs against each.
 
 mod memory;
 pub mod redis;
@@ -10,10 +10,10 @@ use std::{fmt, future::Future, time::Duration};
 use bytes::Bytes;
 
 use crate::key::{EntryKey, FunctionKey};
-use crate::server::key::{EntryParts, LayoutKey};
+use crate::server::key::{EntryParts, KeyLayout, LayoutKey};
 
 pub use self::memory::{MEMORY_COMMANDS, MemoryStore};
-pub use self::redis::RedisStore;
+pub use self::redis::{RedisStore, cluster::ClusterStore};
 
 /// Which entries a bust removes.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +54,27 @@ impl Scope<'_> {
         }
     }
 
+    /// Where a Redis store finds this scope's entries under `layout`: one entry's key, or the
+    /// SCAN pattern of a function, a namespace or everything.
+    pub fn redis_target(&self, layout: &KeyLayout) -> RedisTarget {
+        match *self {
+            Scope::Entry(key) => RedisTarget::Key(layout.entry(key)),
+            Scope::Function(function) => RedisTarget::Pattern(layout.function_pattern(function)),
+            Scope::Namespace(namespace) => {
+                RedisTarget::Pattern(layout.namespace_pattern(namespace))
+            }
+            Scope::All => RedisTarget::Pattern(layout.all_pattern()),
+        }
+    }
+
+    /// Whether a key SCAN found is an entry in this scope: a SCAN pattern is only a coarse
+    /// filter (its `*` matches `:` too), so nothing is removed or listed unless it has the
+    /// exact shape of an entry under `layout` and belongs to the scope (a tag index never
+    /// does: `Keys` lists entries only; see [`Scope::removes`] for what a bust removes).
+    pub fn holds(&self, layout: &KeyLayout, key: &[u8]) -> bool {
+        layout.parse(key).is_some_and(|entry| self.contains(&entry))
+    }
+
     /// Whether a bust of this scope removes `key`: the entries it [contains], and the tag
     /// indexes of a namespace or of everything (an entry or function bust leaves indexes to
     /// expire with their other entries).
@@ -69,6 +90,15 @@ impl Scope<'_> {
             (LayoutKey::TagIndex(_), Scope::Entry(_) | Scope::Function(_)) => false,
         }
     }
+}
+
+/// Where a bust finds its entries in Redis (see [`Scope::redis_target`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// The one key of one entry, removed by name.
+    Key(String),
+    /// A SCAN pattern, a coarse filter every key it finds is checked against.
+    Pattern(String),
 }
 
 /// One entry as `Keys` lists it.
@@ -157,6 +187,9 @@ pub enum StoreError {
     OutOfMemory(String),
     /// A `Keys` cursor that this store never handed out.
     InvalidCursor(String),
+    /// A `Keys` cursor handed out before the Redis Cluster's topology changed (a failover or
+    /// resharding): the listing must start again from an empty cursor.
+    StaleCursor(String),
     /// The store answered something unexpected.
     Internal(String),
 }
@@ -180,6 +213,10 @@ impl fmt::Display for StoreError {
             StoreError::InvalidCursor(cursor) => {
                 write!(f, "cursor: not one this server handed out, got {cursor:?}")
             }
+            StoreError::StaleCursor(why) => write!(
+                f,
+                "cursor: {why}; start the listing again from an empty cursor"
+            ),
             StoreError::Internal(cause) => write!(f, "store answered unexpectedly: {cause}"),
         }
     }
@@ -192,7 +229,7 @@ impl std::error::Error for StoreError {}
 /// Every write carries a TTL; every operation is bounded in time and fails with a
 /// [`StoreError`] rather than hanging.
 pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
-    /// `"redis"` or `"memory"`, for stats and logs.
+    /// `"redis"`, `"redis-cluster"` or `"memory"`, for stats and logs.
     fn kind(&self) -> &'static str;
 
     /// Reads one entry; `None` when absent or expired.

@@ -1,6 +1,9 @@
 //! The Redis store: a bb8 pool of multiplexed redis-rs connections, every operation bounded by
 //! the store timeout, busting by SCAN + UNLINK, tag indexes by the commands of [`tags`].
+//! [`cluster`] is the same store over a Redis Cluster; both pass every operation through one
+//! gate (in-flight limit, store timeout, timing) and share the error mapping.
 
+pub mod cluster;
 pub mod tags;
 
 use std::{
@@ -24,7 +27,9 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::{KeyInfo, KeysPage, NewEntry, PoolState, Scope, Store, StoreError, StoreState};
+use super::{
+    KeyInfo, KeysPage, NewEntry, PoolState, RedisTarget, Scope, Store, StoreError, StoreState,
+};
 use crate::key::{EntryKey, FunctionKey};
 use crate::lock;
 use crate::server::key::{KeyLayout, LayoutKey};
@@ -33,9 +38,10 @@ use crate::server::metrics::Metrics;
 /// The `command` label values of `cache_money_store_command_duration_seconds` for Redis: the
 /// command (or pipeline) each store operation sends, as the README lists them. `STRLEN` is
 /// GetMany's size check before it loads values; the health probe's `PING` is not timed.
-/// `EVAL (tag index)` writes the tag indexes of a tagged Put or PutMany before its entries;
-/// `ZSCAN/UNLINK` is BustTag's walk through one index.
-pub const REDIS_COMMANDS: [&str; 11] = [
+/// The cluster store's topology checks (`CLUSTER SLOTS` before `Keys`, `CLUSTER NODES` around
+/// a bust) are timed too. `EVAL (tag index)` writes the tag indexes of a tagged Put or PutMany
+/// before its entries; `ZSCAN/UNLINK` is BustTag's walk through one index.
+pub const REDIS_COMMANDS: [&str; 13] = [
     "GET",
     "MGET",
     "STRLEN",
@@ -47,16 +53,21 @@ pub const REDIS_COMMANDS: [&str; 11] = [
     "ZSCAN/UNLINK",
     "SCAN",
     "PTTL",
+    "CLUSTER SLOTS",
+    "CLUSTER NODES",
 ];
 
 /// What the Redis store needs to know.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    /// `redis://`, `rediss://` or `unix://` URL, credentials included.
+    /// `redis://`, `rediss://` or `unix://` URL, credentials included. For the
+    /// [`cluster::ClusterStore`], the seed nodes' `redis://` or `rediss://` URLs separated by
+    /// commas, as `--redis-cluster` takes them.
     pub url: String,
     /// Prefix of every key written.
     pub key_prefix: String,
-    /// Connections in the pool (each multiplexed and shared).
+    /// Connections in the pool (each multiplexed and shared); the cluster store keeps one
+    /// multiplexed connection per node instead.
     pub pool_size: u32,
     /// Commands in flight at once.
     pub max_in_flight: usize,
@@ -200,17 +211,65 @@ pub struct RedisStore {
     probe: Arc<Mutex<Probe>>,
     /// The pool's generation (see [`Manager`]), bumped by the health probe.
     generation: Arc<AtomicU64>,
-    /// Bounds the commands in flight: past it, callers are refused at once (load shedding)
-    /// rather than queueing behind a slow Redis.
-    in_flight: Arc<Semaphore>,
-    max_in_flight: usize,
+    gate: Gate,
     connect_errors: ConnectErrors,
     layout: KeyLayout,
     timeout: Duration,
     bust_batch: usize,
+}
+
+/// What every operation of a Redis store passes through: the in-flight limit, the store
+/// timeout and the command's timing in the metrics. Cloning is shallow.
+#[derive(Debug, Clone)]
+struct Gate {
+    /// Bounds the commands in flight: past it, callers are refused at once (load shedding)
+    /// rather than queueing behind a slow Redis.
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    timeout: Duration,
     metrics: Metrics,
 }
 
+impl Gate {
+    /// The limit and timeout `settings` name; metrics off until a store's `with_metrics`.
+    fn new(settings: &RedisSettings) -> Self {
+        Gate {
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            max_in_flight: settings.max_in_flight,
+            timeout: settings.timeout,
+            metrics: Metrics::disabled(),
+        }
+    }
+
+    /// Runs `operation` with a permit, handing it the deadline the store timeout sets; its
+    /// time, from the permit on, is the command's latency in the metrics.
+    async fn run<T, F, Fut>(&self, op: &'static str, operation: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Instant) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        debug_assert!(REDIS_COMMANDS.contains(&op), "{op}");
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Err(StoreError::Overloaded {
+                limit: self.max_in_flight,
+            });
+        };
+        let result = operation(deadline).await;
+        // The clock reading the deadline came from: one fewer per command.
+        self.metrics.store_command(op, Some(started.into_std()));
+        result
+    }
+
+    /// Operations holding a permit right now.
+    fn in_flight(&self) -> u64 {
+        (self.max_in_flight - self.in_flight.available_permits()) as u64
+    }
+}
+
+/// A store error for a Redis error: out of memory, unreachable (a lost connection, refused
+/// credentials, a node loading, failing over or moving slots) or unexpected.
 fn classify(err: RedisError) -> StoreError {
     if err.code() == Some("OOM") {
         return StoreError::OutOfMemory(format!(
@@ -218,16 +277,17 @@ fn classify(err: RedisError) -> StoreError {
             err.detail().unwrap_or("OOM")
         ));
     }
-    if connection_lost(&err) {
+    if connection_lost(&err) || err.kind() == ErrorKind::ClusterConnectionNotFound {
         return StoreError::Unavailable(err.to_string());
     }
     if refused_credentials(&err) {
         return StoreError::Unavailable(describe(&err));
     }
     match err.code() {
-        Some("LOADING" | "MASTERDOWN" | "READONLY" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN") => {
-            StoreError::Unavailable(err.to_string())
-        }
+        Some(
+            "LOADING" | "MASTERDOWN" | "READONLY" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MOVED"
+            | "ASK",
+        ) => StoreError::Unavailable(err.to_string()),
         _ => StoreError::Internal(err.to_string()),
     }
 }
@@ -278,19 +338,18 @@ impl RedisStore {
             config,
             probe: Arc::default(),
             generation,
-            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            gate: Gate::new(settings),
             connect_errors,
-            max_in_flight: settings.max_in_flight,
             layout: KeyLayout::new(&settings.key_prefix),
             timeout: settings.timeout,
             bust_batch: settings.bust_batch,
-            metrics: Metrics::disabled(),
         })
     }
 
     /// The same store, timing its commands into `metrics`.
-    pub fn with_metrics(self, metrics: Metrics) -> Self {
-        RedisStore { metrics, ..self }
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.gate.metrics = metrics;
+        self
     }
 
     /// Drops the probe's connection after it was lost, and retires the pooled connections
@@ -344,18 +403,9 @@ impl RedisStore {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        debug_assert!(REDIS_COMMANDS.contains(&op), "{op}");
-        let started = Instant::now();
-        let deadline = started + self.timeout;
-        let Ok(_permit) = self.in_flight.try_acquire() else {
-            return Err(StoreError::Overloaded {
-                limit: self.max_in_flight,
-            });
-        };
-        let result = self.run_by(deadline, op, command).await;
-        // The clock reading the deadline came from: one fewer per command.
-        self.metrics.store_command(op, Some(started.into_std()));
-        result
+        self.gate
+            .run(op, |deadline| self.run_by(deadline, op, command))
+            .await
     }
 
     /// [`RedisStore::run`] once it holds a permit.
@@ -388,15 +438,6 @@ impl RedisStore {
                 })
             }
         }
-    }
-
-    /// Whether a key SCAN found is an entry in `scope`: the pattern is only a coarse filter
-    /// (its `*` matches `:` too), so nothing is removed or listed unless it has the exact
-    /// shape of an entry and belongs to the scope.
-    fn in_scope(&self, scope: Scope<'_>, key: &[u8]) -> bool {
-        self.layout
-            .parse(key)
-            .is_some_and(|entry| scope.contains(&entry))
     }
 
     /// Writes the tag indexes of the tagged `entries`, before the entries themselves (see
@@ -529,6 +570,21 @@ impl RedisStore {
     }
 }
 
+/// The entries of `keys` with their `PTTL` replies, leaving out those gone since the SCAN.
+fn key_infos(layout: &KeyLayout, keys: &[Vec<u8>], ttls: Vec<i64>) -> Vec<KeyInfo> {
+    keys.iter()
+        .zip(ttls)
+        // -2: expired or busted since the SCAN; -1 cannot happen for keys we wrote.
+        .filter(|(_, ttl)| *ttl >= 0)
+        .filter_map(|(key, ttl)| {
+            Some(KeyInfo {
+                digest: layout.parse(key)?.digest.to_owned(),
+                ttl: Duration::from_millis(ttl as u64),
+            })
+        })
+        .collect()
+}
+
 fn from_value<T: redis::FromRedisValue>(value: &Value) -> Result<T, StoreError> {
     redis::from_redis_value_ref(value).map_err(|err| StoreError::Internal(err.to_string()))
 }
@@ -616,20 +672,15 @@ impl Store for RedisStore {
     }
 
     async fn bust(&self, scope: Scope<'_>) -> Result<u64, StoreError> {
-        let pattern = match scope {
-            Scope::Entry(key) => {
-                let key = self.layout.entry(key);
-                return self
-                    .run("UNLINK", |mut conn| async move {
-                        redis::cmd("UNLINK").arg(key).query_async(&mut conn).await
-                    })
-                    .await;
+        match scope.redis_target(&self.layout) {
+            RedisTarget::Key(key) => {
+                self.run("UNLINK", |mut conn| async move {
+                    redis::cmd("UNLINK").arg(key).query_async(&mut conn).await
+                })
+                .await
             }
-            Scope::Function(function) => self.layout.function_pattern(function),
-            Scope::Namespace(namespace) => self.layout.namespace_pattern(namespace),
-            Scope::All => self.layout.all_pattern(),
-        };
-        self.bust_matching(scope, pattern).await
+            RedisTarget::Pattern(pattern) => self.bust_matching(scope, pattern).await,
+        }
     }
 
     async fn bust_tag(&self, namespace: &str, tag: &str) -> Result<u64, StoreError> {
@@ -669,7 +720,7 @@ impl Store for RedisStore {
             let (next, keys) = self.run("SCAN", step).await?;
             found.extend(
                 keys.into_iter()
-                    .filter(|key| self.in_scope(Scope::Function(function), key)),
+                    .filter(|key| Scope::Function(function).holds(&self.layout, key)),
             );
             cursor = next;
             if cursor == 0 || found.len() >= limit {
@@ -688,20 +739,8 @@ impl Store for RedisStore {
             })
             .await?
         };
-        let entries = found
-            .iter()
-            .zip(ttls)
-            // -2: expired or busted since the SCAN; -1 cannot happen for keys we wrote.
-            .filter(|(_, ttl)| *ttl >= 0)
-            .filter_map(|(key, ttl)| {
-                Some(KeyInfo {
-                    digest: self.layout.parse(key)?.digest.to_owned(),
-                    ttl: Duration::from_millis(ttl as u64),
-                })
-            })
-            .collect();
         Ok(KeysPage {
-            entries,
+            entries: key_infos(&self.layout, &found, ttls),
             next_cursor: if cursor == 0 {
                 String::new()
             } else {
@@ -779,7 +818,7 @@ impl Store for RedisStore {
     fn state(&self) -> StoreState {
         let pool = self.pool.state();
         StoreState {
-            in_flight: (self.max_in_flight - self.in_flight.available_permits()) as u64,
+            in_flight: self.gate.in_flight(),
             pool: Some(PoolState {
                 connections: pool.connections,
                 idle: pool.idle_connections,

@@ -231,24 +231,7 @@ impl RedisServer {
 
     /// The keys Redis's own `SCAN MATCH pattern` finds, walking the whole keyspace.
     pub async fn scan_match(&self, pattern: &str) -> BTreeSet<String> {
-        let mut conn = self.connect().await;
-        let (mut cursor, mut found) = (0u64, BTreeSet::new());
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .expect("SCAN");
-            found.extend(keys);
-            cursor = next;
-            if cursor == 0 {
-                return found;
-            }
-        }
+        scan_all(&mut self.connect().await, pattern).await
     }
 
     /// Holds back every write for up to `ms` milliseconds (`CLIENT PAUSE ms WRITE`), sent on
@@ -386,6 +369,7 @@ impl CacheServer {
             .args(&args)
             .env("RUST_LOG", "info")
             .env_remove("CACHE_MONEY_REDIS_URL")
+            .env_remove("CACHE_MONEY_REDIS_CLUSTER")
             .env_remove("CACHE_MONEY_AUTH_TOKENS")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -520,6 +504,53 @@ impl Drop for CacheServer {
     }
 }
 
+/// What `grpc.health.v1.Health/Check` says of the cache service, on a new connection.
+pub async fn health(server: &CacheServer) -> i32 {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut health = HealthClient::new(server.channel().await);
+    health
+        .check(HealthCheckRequest {
+            service: "cache_money.v1.CacheMoney".into(),
+        })
+        .await
+        .expect("health answers even when the store is down")
+        .into_inner()
+        .status
+}
+
+/// Whether health reports `status` within `within` (probed, not slept).
+pub async fn health_becomes(
+    server: &CacheServer,
+    status: tonic_health::pb::health_check_response::ServingStatus,
+    within: Duration,
+) -> bool {
+    eventually(within, || async { health(server).await == status as i32 }).await
+}
+
+/// Every key `SCAN MATCH pattern` finds on the Redis behind `conn`, cursor to cursor.
+async fn scan_all<K: redis::FromRedisValue + Ord>(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> BTreeSet<K> {
+    let (mut cursor, mut found) = (0u64, BTreeSet::new());
+    loop {
+        let (next, keys): (u64, Vec<K>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .expect("SCAN");
+        found.extend(keys);
+        cursor = next;
+        if cursor == 0 {
+            return found;
+        }
+    }
+}
+
 /// A digest made from a number, so tests can name many distinct entries.
 pub fn digest(n: u64) -> String {
     format!("{n:032x}")
@@ -570,6 +601,12 @@ pub async fn bust_function(
         .expect("BustFunction succeeds")
         .into_inner()
         .removed
+}
+
+/// Busts everything the server stored; returns how many entries were removed.
+pub async fn bust_all(client: &mut CacheMoneyClient<Channel>) -> u64 {
+    let reply = client.bust_all(pb::BustAllRequest {}).await;
+    reply.expect("BustAll succeeds").into_inner().removed
 }
 
 /// Writes `count` entries of function `ns.{function}` straight into Redis under `prefix`, as
@@ -769,5 +806,381 @@ impl Logs {
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+}
+
+/// The hash slot of a Redis key (CRC16/XMODEM of the key, or of its `{hash tag}`, mod 16384),
+/// computed here so tests can group keys by node without asking the server.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let close = key[open + 1..].iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &key[open + 1..open + 1 + close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &byte in tagged {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16_384
+}
+
+/// One node of a [`RedisCluster`].
+#[derive(Debug)]
+struct ClusterNode {
+    child: Option<Child>,
+    port: u16,
+}
+
+/// A Redis Cluster of three primaries and one replica each: six `redis-server` processes on
+/// free loopback ports, joined by `redis-cli --cluster create`, ready when every node reports
+/// `cluster_state:ok`, agrees on the slot map and every replica is in sync; stopped by PID on
+/// drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<ClusterNode>,
+    dir: PathBuf,
+}
+
+/// The shared cluster of one test binary, while any test holds it.
+static SHARED_CLUSTER: Mutex<std::sync::Weak<RedisCluster>> = Mutex::new(std::sync::Weak::new());
+
+impl RedisCluster {
+    /// The cluster shared by the tests of this binary that run at the same time: started on
+    /// first use, stopped when the last holder drops it. Tests sharing it isolate themselves
+    /// with their own `--key-prefix` (see [`unique_prefix`]).
+    pub fn shared() -> Arc<RedisCluster> {
+        let mut shared = SHARED_CLUSTER.lock().unwrap();
+        if let Some(cluster) = shared.upgrade() {
+            return cluster;
+        }
+        let cluster = Arc::new(RedisCluster::start(5_000));
+        *shared = Arc::downgrade(&cluster);
+        cluster
+    }
+
+    /// Starts a cluster of its own whose nodes declare a silent peer failed after
+    /// `node_timeout_ms` (`cluster-node-timeout`), which bounds how soon a replica takes over.
+    pub fn start(node_timeout_ms: u64) -> Self {
+        static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("cache-money-cluster-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the cluster's directory");
+        let nodes = (0..6)
+            .map(|_| Self::spawn_node(&dir, node_timeout_ms))
+            .collect();
+        let cluster = RedisCluster { nodes, dir };
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for port in cluster.ports() {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let output = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli is installed (it comes with redis-server)");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        cluster.wait_until_settled();
+        cluster
+    }
+
+    fn spawn_node(dir: &std::path::Path, node_timeout_ms: u64) -> ClusterNode {
+        for _ in 0..10 {
+            let (port, bus) = (free_port(), free_port());
+            let mut child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--cluster-node-timeout", &node_timeout_ms.to_string()])
+                .arg("--dir")
+                .arg(dir)
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .args(["--loglevel", "warning"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server is installed");
+            let deadline = Instant::now() + READY_TIMEOUT;
+            while Instant::now() < deadline {
+                if child.try_wait().expect("poll redis-server").is_some() {
+                    break;
+                }
+                if RedisServer::answers_ping(port) {
+                    return ClusterNode {
+                        child: Some(child),
+                        port,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("a cluster node did not bind any of 10 free port pairs");
+    }
+
+    /// Waits until every live node reports `cluster_state:ok`, all agree on which primary
+    /// serves which slots, and every replica is in sync with its primary.
+    pub fn wait_until_settled(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.settled() {
+                Ok(()) => return,
+                Err(why) => last = why,
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the cluster did not settle within 60 s: {last}");
+    }
+
+    fn settled(&self) -> Result<(), String> {
+        let mut maps = BTreeSet::new();
+        for port in self.live_ports() {
+            let mut conn = Self::sync_connection(port)?;
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query(&mut conn)
+                .map_err(|err| format!("{port}: {err}"))?;
+            if !info.contains("cluster_state:ok") {
+                return Err(format!("{port}: not cluster_state:ok"));
+            }
+            maps.insert(Self::slot_map(&mut conn)?);
+            let replication: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut conn)
+                .map_err(|err| format!("{port}: {err}"))?;
+            if replication.contains("role:slave") && !replication.contains("master_link_status:up")
+            {
+                return Err(format!("{port}: replica not in sync"));
+            }
+        }
+        if maps.len() != 1 {
+            return Err(format!("nodes disagree on the slot map: {maps:?}"));
+        }
+        Ok(())
+    }
+
+    fn sync_connection(port: u16) -> Result<redis::Connection, String> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .map_err(|err| err.to_string())?;
+        let conn = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .map_err(|err| format!("{port}: {err}"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|err| err.to_string())?;
+        Ok(conn)
+    }
+
+    /// `(first slot, last slot, primary port)` of every range, in order.
+    fn slot_map(conn: &mut redis::Connection) -> Result<Vec<(u16, u16, u16)>, String> {
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(conn)
+            .map_err(|err| err.to_string())?;
+        let mut map = Vec::new();
+        for range in ranges {
+            let redis::Value::Array(fields) = range else {
+                return Err("odd CLUSTER SLOTS".into());
+            };
+            let (start, end): (u16, u16) = (
+                redis::from_redis_value_ref(&fields[0]).map_err(|err| err.to_string())?,
+                redis::from_redis_value_ref(&fields[1]).map_err(|err| err.to_string())?,
+            );
+            let redis::Value::Array(primary) = &fields[2] else {
+                return Err("odd CLUSTER SLOTS".into());
+            };
+            let port: u16 =
+                redis::from_redis_value_ref(&primary[1]).map_err(|err| err.to_string())?;
+            map.push((start, end, port));
+        }
+        map.sort_unstable();
+        Ok(map)
+    }
+
+    /// Every node's port, dead ones included.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|node| node.port).collect()
+    }
+
+    fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|node| node.child.is_some())
+            .map(|node| node.port)
+            .collect()
+    }
+
+    /// The value for `--redis-cluster`: every node as a seed.
+    pub fn seeds(&self) -> String {
+        self.ports()
+            .iter()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The slot map as a live node sees it: `(first slot, last slot, primary port)`.
+    pub fn slot_ranges(&self) -> Vec<(u16, u16, u16)> {
+        let port = self.live_ports()[0];
+        let mut conn = Self::sync_connection(port).expect("connect to a live node");
+        Self::slot_map(&mut conn).expect("CLUSTER SLOTS")
+    }
+
+    /// The ports of the primaries serving slots now.
+    pub fn primaries(&self) -> Vec<u16> {
+        let ports: BTreeSet<u16> = self.slot_ranges().iter().map(|range| range.2).collect();
+        ports.into_iter().collect()
+    }
+
+    /// The port of the primary serving `key`.
+    pub fn primary_of(&self, key: &[u8]) -> u16 {
+        Self::serving(&self.slot_ranges(), key)
+    }
+
+    /// The ports of the primaries serving `keys`.
+    pub fn primaries_of<K: AsRef<[u8]>>(&self, keys: &[K]) -> BTreeSet<u16> {
+        let ranges = self.slot_ranges();
+        keys.iter()
+            .map(|key| Self::serving(&ranges, key.as_ref()))
+            .collect()
+    }
+
+    fn serving(ranges: &[(u16, u16, u16)], key: &[u8]) -> u16 {
+        let slot = key_slot(key);
+        ranges
+            .iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))
+            .expect("every slot is served")
+            .2
+    }
+
+    /// A direct connection to one node.
+    pub async fn node(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .expect("node url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to a cluster node")
+    }
+
+    /// Writes `keys` (with `value`, expiring in ten minutes) straight into their primaries,
+    /// one pipeline per primary.
+    pub async fn set_keys(&self, keys: &[Vec<u8>], value: &[u8]) {
+        let ranges = self.slot_ranges();
+        let mut by_node: std::collections::BTreeMap<u16, Vec<&Vec<u8>>> = Default::default();
+        for key in keys {
+            by_node
+                .entry(Self::serving(&ranges, key))
+                .or_default()
+                .push(key);
+        }
+        for (port, keys) in by_node {
+            let mut conn = self.node(port).await;
+            for chunk in keys.chunks(10_000) {
+                let mut pipe = redis::pipe();
+                for key in chunk {
+                    pipe.cmd("SET")
+                        .arg(key)
+                        .arg(value)
+                        .arg("EX")
+                        .arg(600)
+                        .ignore();
+                }
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .expect("fill a node");
+            }
+        }
+    }
+
+    /// The keys each primary's own `SCAN MATCH pattern` finds, over the whole cluster.
+    pub async fn scan_match(&self, pattern: &str) -> BTreeSet<Vec<u8>> {
+        let mut found = BTreeSet::new();
+        for port in self.primaries() {
+            found.extend(scan_all::<Vec<u8>>(&mut self.node(port).await, pattern).await);
+        }
+        found
+    }
+
+    /// Freezes one node (SIGSTOP): its connections stay open, it answers nothing.
+    pub fn freeze(&self, port: u16) {
+        send_signal(self.pid(port), "STOP");
+    }
+
+    /// Thaws a frozen node (SIGCONT).
+    pub fn thaw(&self, port: u16) {
+        send_signal(self.pid(port), "CONT");
+    }
+
+    fn pid(&self, port: u16) -> u32 {
+        let node = self.nodes.iter().find(|node| node.port == port);
+        let child = node.and_then(|node| node.child.as_ref());
+        child.expect("a live node of this cluster").id()
+    }
+
+    /// Kills one node (SIGKILL) by its PID and waits until it is gone.
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|node| node.port == port)
+            .expect("a node of this cluster");
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &child.id().to_string()])
+                    .status();
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A key prefix no other test in this process uses, so tests sharing a store stay apart.
+pub fn unique_prefix(name: &str) -> String {
+    static PREFIXES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = PREFIXES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{name}{n}:")
+}
+
+impl CacheServer {
+    /// Starts the server in front of `cluster`.
+    pub fn cluster(cluster: &RedisCluster, extra: &[&str]) -> Self {
+        let seeds = cluster.seeds();
+        let mut args = vec!["--redis-cluster", seeds.as_str()];
+        args.extend_from_slice(extra);
+        Self::start(&args)
     }
 }

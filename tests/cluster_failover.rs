@@ -1,0 +1,457 @@
+//! A Redis Cluster changing under a running server: a primary killed under steady load (its
+//! replica promoted), and a resharding racing a bust. Each test has a cluster of its own,
+//! since it changes the topology.
+
+mod common;
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use cache_money::pb::{self, cache_money_client::CacheMoneyClient};
+use common::{CacheServer, RedisCluster, digest, eventually, health_becomes, key, put};
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// How soon a node declares a silent peer failed (`cluster-node-timeout`), in milliseconds.
+const NODE_TIMEOUT_MS: u64 = 1_000;
+
+/// What the load saw.
+#[derive(Debug, Default)]
+struct Tally {
+    answered: AtomicU64,
+    /// A hit whose value is not the one written under that key.
+    wrong: AtomicU64,
+    /// When each failed call failed, with what code and message.
+    errors: Mutex<Vec<(Instant, Code, String)>>,
+}
+
+impl Tally {
+    fn failed(&self, status: &tonic::Status) {
+        self.errors.lock().unwrap().push((
+            Instant::now(),
+            status.code(),
+            status.message().to_owned(),
+        ));
+    }
+}
+
+/// The value task `task` writes under entry `n`: every key is written once, so any hit has
+/// exactly one right value (a write lost with the killed primary can only be a miss).
+fn value(task: u64, n: u64) -> Vec<u8> {
+    format!("task {task} entry {n}").into_bytes()
+}
+
+/// Puts new entries and reads back earlier ones (Get and GetMany) until `stop`.
+async fn load(
+    task: u64,
+    mut cm: CacheMoneyClient<Channel>,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) {
+    let function = format!("t{task}");
+    let mut written: Vec<u64> = Vec::new();
+    let mut n = 0u64;
+    while !stop.load(Relaxed) {
+        n += 1;
+        match cm
+            .put(put(key("load", &function, n), &value(task, n), 600))
+            .await
+        {
+            Ok(_) => written.push(n),
+            Err(status) => tally.failed(&status),
+        }
+        let Some(&last) = written.last() else {
+            continue;
+        };
+        let earlier = written[(n as usize * 7919) % written.len()];
+        match cm
+            .get(pb::GetRequest {
+                key: Some(key("load", &function, earlier)),
+            })
+            .await
+        {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                if reply.hit && reply.value != value(task, earlier) {
+                    tally.wrong.fetch_add(1, Relaxed);
+                }
+                tally.answered.fetch_add(1, Relaxed);
+            }
+            Err(status) => tally.failed(&status),
+        }
+        let batch: Vec<u64> = [earlier, last, n + 1_000_000]
+            .into_iter()
+            .chain(written.iter().rev().take(5).copied())
+            .collect();
+        let keys = batch.iter().map(|&m| key("load", &function, m)).collect();
+        match cm.get_many(pb::GetManyRequest { keys }).await {
+            Ok(reply) => {
+                for (m, result) in batch.iter().zip(reply.into_inner().results) {
+                    if result.hit && result.value != value(task, *m) {
+                        tally.wrong.fetch_add(1, Relaxed);
+                    }
+                }
+                tally.answered.fetch_add(1, Relaxed);
+            }
+            Err(status) => tally.failed(&status),
+        }
+    }
+}
+
+/// A primary killed (SIGKILL) under four clients' steady Puts, Gets and GetManys: its replica
+/// is promoted, the calls that fail meanwhile fail UNAVAILABLE, no call ever returns a value
+/// other than the one written under its key, health is NOT_SERVING only between the kill and
+/// the promotion (saying why in the log), a `Keys` cursor from before is refused ABORTED, and
+/// full service is back within a bounded time of the promotion (printed for the record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_killed_under_load_fails_over_without_wrong_results() {
+    let mut cluster = RedisCluster::start(NODE_TIMEOUT_MS);
+    let server = CacheServer::cluster(&cluster, &["--health-interval-ms", "100"]);
+    let mut cm = server.client().await;
+    let entries = (0..300)
+        .map(|n| put(key("ns", "listed", n), b"x", 600))
+        .collect();
+    cm.put_many(pb::PutManyRequest { entries }).await.unwrap();
+    let first_page = cm
+        .keys(pb::KeysRequest {
+            namespace: "ns".into(),
+            function: "listed".into(),
+            cursor: String::new(),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !first_page.next_cursor.is_empty(),
+        "one page held every entry"
+    );
+
+    let (tally, stop) = (Arc::new(Tally::default()), Arc::new(AtomicBool::new(false)));
+    let mut tasks = Vec::new();
+    for task in 0..4 {
+        let client = server.client().await;
+        tasks.push(tokio::spawn(load(
+            task,
+            client,
+            tally.clone(),
+            stop.clone(),
+        )));
+    }
+    let warmed = eventually(Duration::from_secs(20), || async {
+        tally.answered.load(Relaxed) >= 200
+    })
+    .await;
+    assert!(warmed, "the load never got going");
+    assert!(
+        tally.errors.lock().unwrap().is_empty(),
+        "errors before the kill"
+    );
+
+    let victim = cluster.primaries()[1];
+    let killed_at = Instant::now();
+    cluster.kill(victim);
+    let unhealthy =
+        health_becomes(&server, ServingStatus::NotServing, Duration::from_secs(10)).await;
+    assert!(unhealthy, "health stayed SERVING with a primary dead");
+
+    let cluster = Arc::new(cluster);
+    let watched = cluster.clone();
+    let promoted = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let moved = watched.slot_ranges().iter().all(|range| range.2 != victim);
+            if moved {
+                watched.wait_until_settled();
+                return Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("no replica was promoted within 60 s");
+
+    let healthy = health_becomes(&server, ServingStatus::Serving, Duration::from_secs(20)).await;
+    assert!(
+        healthy,
+        "health did not come back to SERVING after the promotion"
+    );
+    // Full service: keep the load on until two seconds pass without an error.
+    let quiet = eventually(Duration::from_secs(30), || async {
+        let errors = tally.errors.lock().unwrap();
+        let last = errors.last().map_or(killed_at, |(at, ..)| *at);
+        last.elapsed() >= Duration::from_secs(2)
+    })
+    .await;
+    let answered_before_stop = tally.answered.load(Relaxed);
+    stop.store(true, Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    let errors = tally.errors.lock().unwrap().clone();
+    let last_error = errors.last().map_or(killed_at, |(at, ..)| *at);
+    let to_promotion = promoted - killed_at;
+    let after_promotion = last_error.saturating_duration_since(promoted);
+    eprintln!(
+        "failover (cluster-node-timeout {NODE_TIMEOUT_MS} ms): kill -> promotion {to_promotion:?}; \
+         kill -> last failed call {:?}; promotion -> full service {after_promotion:?}; \
+         {} failed calls, {answered_before_stop} answered reads",
+        last_error - killed_at,
+        errors.len(),
+    );
+    assert_eq!(tally.wrong.load(Relaxed), 0, "calls returned wrong values");
+    let others: Vec<&(Instant, Code, String)> = errors
+        .iter()
+        .filter(|(_, code, _)| *code != Code::Unavailable)
+        .collect();
+    assert!(
+        others.is_empty(),
+        "failures other than UNAVAILABLE: {others:?}"
+    );
+    assert!(quiet, "calls kept failing 30 s after the promotion");
+    assert!(
+        after_promotion < Duration::from_secs(10),
+        "full service came back {after_promotion:?} after the promotion"
+    );
+    let log = server.log_text();
+    assert!(
+        log.lines().any(|line| line.contains("NOT_SERVING")
+            && (line.contains("cluster_state") || line.contains(&victim.to_string()))),
+        "no NOT_SERVING line with a reason:\n{log}"
+    );
+
+    let err = cm
+        .keys(pb::KeysRequest {
+            namespace: "ns".into(),
+            function: "listed".into(),
+            cursor: first_page.next_cursor,
+            limit: 10,
+        })
+        .await
+        .expect_err("a cursor from before the failover was accepted");
+    assert_eq!(err.code(), Code::Aborted, "{}", err.message());
+    assert!(err.message().contains("empty cursor"), "{}", err.message());
+}
+
+/// Keys held by the primaries, summed: each primary's DBSIZE.
+async fn cluster_size(cluster: &RedisCluster) -> u64 {
+    let mut total = 0;
+    for port in cluster.primaries() {
+        let size: u64 = redis::cmd("DBSIZE")
+            .query_async(&mut cluster.node(port).await)
+            .await
+            .unwrap();
+        total += size;
+    }
+    total
+}
+
+/// A slot set migrating while a bust walks the cluster makes the bust UNAVAILABLE saying its
+/// count may be partial; a bust while the slot is still migrating is refused before it removes
+/// anything; once the slot is stable again a bust finishes the job and counts the rest. A
+/// primary frozen while a bust walks makes it UNAVAILABLE and partial too, within the store
+/// timeout of each step, never a count that silently leaves that primary out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bust_racing_a_resharding_reports_a_partial_count() {
+    const ENTRIES: u64 = 60_000;
+    let cluster = RedisCluster::start(5_000);
+    let keys: Vec<Vec<u8>> = (0..ENTRIES)
+        .map(|n| format!("cm:ns:big:{}", digest(n)).into_bytes())
+        .collect();
+    cluster.set_keys(&keys, b"v").await;
+    let server = CacheServer::cluster(&cluster, &["--bust-batch", "5"]);
+    let cm = server.client().await;
+
+    let bust = tokio::spawn({
+        let mut cm = cm.clone();
+        async move {
+            cm.bust_function(pb::BustFunctionRequest {
+                namespace: "ns".into(),
+                function: "big".into(),
+            })
+            .await
+        }
+    });
+    let under_way = eventually(Duration::from_secs(20), || async {
+        cluster_size(&cluster).await < ENTRIES
+    })
+    .await;
+    assert!(under_way, "the bust never started removing");
+    let (source, target) = (cluster.primaries()[0], cluster.primaries()[1]);
+    let mut source_node = cluster.node(source).await;
+    let target_id: String = redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query_async(&mut cluster.node(target).await)
+        .await
+        .unwrap();
+    let slot = cluster
+        .slot_ranges()
+        .iter()
+        .find(|range| range.2 == source)
+        .unwrap()
+        .0;
+    let setslot = |state: &str| {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SETSLOT").arg(slot).arg(state);
+        if state == "MIGRATING" {
+            cmd.arg(&target_id);
+        }
+        cmd
+    };
+    setslot("MIGRATING")
+        .query_async::<()>(&mut source_node)
+        .await
+        .unwrap();
+    assert!(
+        !bust.is_finished(),
+        "the bust finished before the resharding began; the race was not run"
+    );
+    let err = bust
+        .await
+        .unwrap()
+        .expect_err("a bust racing a resharding succeeded");
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("may be partial"),
+        "{}",
+        err.message()
+    );
+
+    let mut cm = cm.clone();
+    let request = || pb::BustFunctionRequest {
+        namespace: "ns".into(),
+        function: "big".into(),
+    };
+    let before = cluster_size(&cluster).await;
+    let err = cm
+        .bust_function(request())
+        .await
+        .expect_err("bust while migrating");
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("nothing removed"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        cluster_size(&cluster).await,
+        before,
+        "a refused bust removed entries"
+    );
+
+    setslot("STABLE")
+        .query_async::<()>(&mut source_node)
+        .await
+        .unwrap();
+    let removed = cm
+        .bust_function(request())
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    assert_eq!(removed, before, "the second bust did not count the rest");
+    assert_eq!(cluster_size(&cluster).await, 0);
+
+    cluster.set_keys(&keys, b"v").await;
+    let bust = tokio::spawn({
+        let mut cm = cm.clone();
+        async move { cm.bust_function(request()).await }
+    });
+    let under_way = eventually(Duration::from_secs(20), || async {
+        cluster_size(&cluster).await < ENTRIES
+    })
+    .await;
+    assert!(under_way, "the third bust never started removing");
+    // The last primary in slot order is walked last: frozen now, the bust meets it.
+    let frozen = *cluster
+        .primaries()
+        .iter()
+        .max_by_key(|port| {
+            let ranges = cluster.slot_ranges();
+            ranges
+                .iter()
+                .find(|range| range.2 == **port)
+                .map(|range| range.0)
+        })
+        .unwrap();
+    cluster.freeze(frozen);
+    let outcome = bust.await.unwrap();
+    cluster.thaw(frozen);
+    let err = outcome.expect_err("a bust with a frozen primary succeeded");
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("may be partial"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains(&frozen.to_string()),
+        "the message does not name the node: {}",
+        err.message()
+    );
+}
+
+/// Every primary frozen (SIGSTOP): a Get, a GetMany and a bust each fail UNAVAILABLE within
+/// about the store timeout instead of hanging, health reports NOT_SERVING; thawed, the same
+/// server reports SERVING and answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_cluster_times_out_instead_of_hanging() {
+    let cluster = RedisCluster::start(5_000);
+    let server = CacheServer::cluster(&cluster, &["--health-interval-ms", "100"]);
+    let mut cm = server.client().await;
+    cm.put(put(key("ns", "f", 1), b"v", 600)).await.unwrap();
+    let primaries = cluster.primaries();
+    for port in &primaries {
+        cluster.freeze(*port);
+    }
+    let started = Instant::now();
+    let get = cm
+        .get(pb::GetRequest {
+            key: Some(key("ns", "f", 1)),
+        })
+        .await;
+    let keys = (0..20).map(|n| key("ns", "f", n)).collect();
+    let get_many = cm.get_many(pb::GetManyRequest { keys }).await;
+    let bust = cm
+        .bust_function(pb::BustFunctionRequest {
+            namespace: "ns".into(),
+            function: "f".into(),
+        })
+        .await;
+    let elapsed = started.elapsed();
+    let unhealthy =
+        health_becomes(&server, ServingStatus::NotServing, Duration::from_secs(5)).await;
+    for port in &primaries {
+        cluster.thaw(*port);
+    }
+    for (rpc, code) in [
+        ("Get", get.map(|_| ()).map_err(|status| status.code())),
+        (
+            "GetMany",
+            get_many.map(|_| ()).map_err(|status| status.code()),
+        ),
+        (
+            "BustFunction",
+            bust.map(|_| ()).map_err(|status| status.code()),
+        ),
+    ] {
+        assert_eq!(code, Err(Code::Unavailable), "{rpc}");
+    }
+    // Three calls, each bounded by the 250 ms store timeout (a bust by its first step).
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    assert!(unhealthy, "health stayed SERVING with every primary frozen");
+    assert!(
+        health_becomes(&server, ServingStatus::Serving, Duration::from_secs(20)).await,
+        "health did not come back after the thaw"
+    );
+    let value = common::get(&mut cm, key("ns", "f", 1)).await;
+    assert_eq!(value.as_deref(), Some(&b"v"[..]));
+}
