@@ -16,6 +16,9 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+/// The server's default `--key-prefix`.
+const DEFAULT_PREFIX: &str = "cm:";
+
 /// Which store the server under test uses.
 #[derive(Debug, Clone, Copy)]
 enum Backend {
@@ -28,7 +31,61 @@ enum Backend {
 struct Env {
     server: CacheServer,
     redis: Option<RedisServer>,
-    _cluster: Option<Arc<RedisCluster>>,
+    cluster: Option<Arc<RedisCluster>>,
+    /// The server's key prefix (its own on the shared cluster).
+    prefix: String,
+}
+
+/// The Redis keys behind a server, read directly, for the behaviours that look at tag
+/// indexes: one `redis-server`, or every primary of the cluster under the server's prefix.
+enum Keyspace<'e> {
+    Redis(&'e RedisServer),
+    Cluster(&'e RedisCluster),
+}
+
+impl Env {
+    /// The keys behind the server; `None` for the in-memory store.
+    fn keyspace(&self) -> Option<Keyspace<'_>> {
+        match (&self.redis, &self.cluster) {
+            (Some(redis), _) => Some(Keyspace::Redis(redis)),
+            (None, Some(cluster)) => Some(Keyspace::Cluster(cluster)),
+            (None, None) => None,
+        }
+    }
+
+    /// The keys `pattern` matches (SCAN MATCH on the one Redis, on every primary of a cluster).
+    async fn scan(&self, pattern: &str) -> BTreeSet<String> {
+        match self.keyspace().expect("a Redis behind the server") {
+            Keyspace::Redis(redis) => redis.scan_match(pattern).await,
+            Keyspace::Cluster(cluster) => cluster
+                .scan_match(pattern)
+                .await
+                .into_iter()
+                .map(|key| String::from_utf8(key).expect("a UTF-8 key"))
+                .collect(),
+        }
+    }
+
+    /// The tag indexes under the server's prefix.
+    async fn tag_index_keys(&self) -> BTreeSet<String> {
+        self.scan(&format!("{}*:#tag:*", self.prefix)).await
+    }
+
+    /// Every key under the server's prefix (the whole database on a single Redis).
+    async fn stored_keys(&self) -> BTreeSet<String> {
+        match self.keyspace().expect("a Redis behind the server") {
+            Keyspace::Redis(_) => self.scan("*").await,
+            Keyspace::Cluster(_) => self.scan(&format!("{}*", self.prefix)).await,
+        }
+    }
+
+    /// A connection to the node holding `key` (the one Redis, or the primary of its slot).
+    async fn node_of(&self, key: &str) -> ::redis::aio::MultiplexedConnection {
+        match self.keyspace().expect("a Redis behind the server") {
+            Keyspace::Redis(redis) => redis.connect().await,
+            Keyspace::Cluster(cluster) => cluster.node(cluster.primary_of(key.as_bytes())).await,
+        }
+    }
 }
 
 impl Backend {
@@ -37,14 +94,16 @@ impl Backend {
             Backend::Memory => Env {
                 server: CacheServer::memory(extra),
                 redis: None,
-                _cluster: None,
+                cluster: None,
+                prefix: DEFAULT_PREFIX.into(),
             },
             Backend::Redis => {
                 let redis = RedisServer::start();
                 Env {
                     server: CacheServer::redis(&redis, extra),
                     redis: Some(redis),
-                    _cluster: None,
+                    cluster: None,
+                    prefix: DEFAULT_PREFIX.into(),
                 }
             }
             Backend::Cluster => {
@@ -55,7 +114,8 @@ impl Backend {
                 Env {
                     server: CacheServer::cluster(&cluster, &args),
                     redis: None,
-                    _cluster: Some(cluster),
+                    cluster: Some(cluster),
+                    prefix,
                 }
             }
         }
@@ -107,42 +167,12 @@ suite!(
     oversized_responses_are_refused,
     stats_count_what_happened,
     health_serves_and_reflection_lists_services,
+    bust_tag_removes_exactly_the_tagged_entries,
+    tag_indexes_expire_with_their_entries,
+    bust_tag_ignores_foreign_and_stale_members,
+    invalid_tags_are_refused_and_write_nothing,
+    bust_all_and_namespace_remove_tag_indexes,
 );
-
-/// The tag behaviours, on the stores that support tags so far (the cluster store does not
-/// yet).
-mod tags {
-    use super::*;
-
-    macro_rules! single_node {
-        ($($behaviour:ident),* $(,)?) => {
-            mod memory {
-                $(
-                    #[tokio::test]
-                    async fn $behaviour() {
-                        super::$behaviour(super::Backend::Memory).await
-                    }
-                )*
-            }
-            mod redis {
-                $(
-                    #[tokio::test]
-                    async fn $behaviour() {
-                        super::$behaviour(super::Backend::Redis).await
-                    }
-                )*
-            }
-        };
-    }
-
-    single_node!(
-        bust_tag_removes_exactly_the_tagged_entries,
-        tag_indexes_expire_with_their_entries,
-        bust_tag_ignores_foreign_and_stale_members,
-        invalid_tags_are_refused_and_write_nothing,
-        bust_all_and_namespace_remove_tag_indexes,
-    );
-}
 
 /// A Put carrying `tags`.
 fn tagged(key: pb::Key, ttl_seconds: u32, tags: &[&str]) -> pb::PutRequest {
@@ -166,11 +196,6 @@ async fn bust_tag(
     .expect("BustTag")
     .into_inner()
     .removed
-}
-
-/// The Redis keys under the default prefix that are tag indexes.
-async fn tag_index_keys(redis: &RedisServer) -> BTreeSet<String> {
-    redis.scan_match("cm:*:#tag:*").await
 }
 
 /// The in-memory store's entries and charged bytes, from `/metrics`.
@@ -820,8 +845,8 @@ async fn bust_tag_removes_exactly_the_tagged_entries(backend: Backend) {
     assert_eq!(bust_tag(&mut cm, "app", "never-written").await, 0);
 }
 
-/// Tag bookkeeping goes with the entries: in Redis the index keys expire with their last
-/// entry; in memory the entry count and charged bytes return to zero.
+/// Tag bookkeeping goes with the entries: in Redis (one node or a cluster) the index keys
+/// expire with their last entry; in memory the entry count and charged bytes return to zero.
 async fn tag_indexes_expire_with_their_entries(backend: Backend) {
     let env = backend.start(&["--metrics-listen", "127.0.0.1:0"]);
     let mut cm = env.server.client().await;
@@ -831,15 +856,15 @@ async fn tag_indexes_expire_with_their_entries(backend: Backend) {
     cm.put(tagged(key("app", "g", 1), 2, &["user:7"]))
         .await
         .unwrap();
-    if let Some(redis) = &env.redis {
-        assert_eq!(tag_index_keys(redis).await.len(), 2);
+    if env.keyspace().is_some() {
+        assert_eq!(env.tag_index_keys().await.len(), 2);
         // The index outlives its last entry by the slack only (2 x store timeout + 1 s).
         let gone = eventually(Duration::from_secs(8), || async {
-            tag_index_keys(redis).await.is_empty()
+            env.tag_index_keys().await.is_empty()
         })
         .await;
-        assert!(gone, "{:?}", tag_index_keys(redis).await);
-        assert_eq!(redis.dbsize().await, 0);
+        assert!(gone, "{:?}", env.tag_index_keys().await);
+        assert_eq!(env.stored_keys().await, BTreeSet::new());
     } else {
         assert_ne!(memory_usage(&env.server), (0, 0));
         let swept = eventually(Duration::from_secs(6), || async {
@@ -851,7 +876,7 @@ async fn tag_indexes_expire_with_their_entries(backend: Backend) {
     assert_eq!(bust_tag(&mut cm, "app", "user:7").await, 0);
 }
 
-/// BustTag removes only entries it indexed: in Redis, members a foreign client added to the
+/// BustTag removes only entries it indexed: in Redis (one node or a cluster), members a foreign client added to the
 /// index that name no entry of the namespace leave their keys alone, and so do keys shaped
 /// like an index, and a tagged write after them still succeeds. On Redis an entry busted
 /// and written again untagged is busted again (its old member stays until it expires: safe
@@ -862,40 +887,42 @@ async fn bust_tag_ignores_foreign_and_stale_members(backend: Backend) {
     cm.put(tagged(key("app", "f", 1), 60, &["user:7"]))
         .await
         .unwrap();
-    if let Some(redis) = &env.redis {
-        let mut conn = redis.connect().await;
-        let index = tag_index_keys(redis).await.pop_first().unwrap();
-        let other_entry = format!("cm:other:f:{}", digest(1));
-        ::redis::pipe()
-            .cmd("SET")
-            .arg("cm:config")
-            .arg("x")
-            .cmd("SET")
-            .arg(&other_entry)
-            .arg("x")
-            .cmd("SET")
-            .arg(format!("cm:app:#tag:{}", digest(9)))
-            .arg("x")
-            .cmd("ZADD")
+    if env.keyspace().is_some() {
+        let p = &env.prefix;
+        let index = env.tag_index_keys().await.pop_first().unwrap();
+        let foreign = [
+            format!("{p}config"),
+            format!("{p}other:f:{}", digest(1)),
+            format!("{p}app:#tag:{}", digest(9)),
+        ];
+        for key in &foreign {
+            ::redis::cmd("SET")
+                .arg(key)
+                .arg("x")
+                .query_async::<()>(&mut env.node_of(key).await)
+                .await
+                .unwrap();
+        }
+        ::redis::cmd("ZADD")
             .arg(&index)
             .arg(i64::MAX)
-            .arg("cm:config")
+            .arg(&foreign[0])
             .arg(i64::MAX)
             .arg(format!("other:f:{}", digest(1)))
             .arg(i64::MAX)
             .arg(format!("f:{}:x", digest(1)))
-            .query_async::<()>(&mut conn)
+            .query_async::<()>(&mut env.node_of(&index).await)
             .await
             .unwrap();
         assert_eq!(bust_tag(&mut cm, "app", "user:7").await, 1);
-        let left: Vec<Option<String>> = ::redis::cmd("MGET")
-            .arg("cm:config")
-            .arg(&other_entry)
-            .arg(format!("cm:app:#tag:{}", digest(9)))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(left.iter().all(Option::is_some), "{left:?}");
+        for key in &foreign {
+            let left: Option<String> = ::redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut env.node_of(key).await)
+                .await
+                .unwrap();
+            assert_eq!(left.as_deref(), Some("x"), "{key} was busted");
+        }
     } else {
         assert_eq!(bust_tag(&mut cm, "app", "user:7").await, 1);
     }
@@ -951,8 +978,12 @@ async fn invalid_tags_are_refused_and_write_nothing(backend: Backend) {
     for n in 1..=3 {
         assert_eq!(get(&mut cm, key("app", "f", n)).await, None);
     }
-    if let Some(redis) = &env.redis {
-        assert_eq!(redis.dbsize().await, 0, "an index was written");
+    if env.keyspace().is_some() {
+        assert_eq!(
+            env.stored_keys().await,
+            BTreeSet::new(),
+            "an index was written"
+        );
     }
     assert_eq!(bust_tag(&mut cm, "app", "good").await, 0);
     for (namespace, tag, field) in [
@@ -987,14 +1018,14 @@ async fn bust_all_and_namespace_remove_tag_indexes(backend: Backend) {
             .unwrap();
     }
     let indexes = || async {
-        match &env.redis {
-            Some(redis) => tag_index_keys(redis).await.len(),
+        match env.keyspace() {
+            Some(_) => env.tag_index_keys().await.len(),
             None => 0,
         }
     };
     let removed = bust_function(&mut cm, "a", "g").await;
     assert_eq!(removed, 1);
-    if env.redis.is_some() {
+    if env.keyspace().is_some() {
         assert_eq!(indexes().await, 4, "BustFunction removed an index");
     }
     assert_eq!(keys_page(&mut cm, "a", "f", "", 10).await.entries.len(), 1);
@@ -1007,7 +1038,7 @@ async fn bust_all_and_namespace_remove_tag_indexes(backend: Backend) {
         .into_inner()
         .removed;
     assert_eq!(removed, 1, "indexes are not entries");
-    if env.redis.is_some() {
+    if env.keyspace().is_some() {
         assert_eq!(indexes().await, 2, "a's indexes stayed or b's went");
     }
     assert_eq!(bust_tag(&mut cm, "a", "t1").await, 0);
@@ -1015,8 +1046,8 @@ async fn bust_all_and_namespace_remove_tag_indexes(backend: Backend) {
     cm.put(tagged(key("b", "f", 1), 60, &["t2"])).await.unwrap();
     let all = cm.bust_all(pb::BustAllRequest {}).await.unwrap();
     assert_eq!(all.into_inner().removed, 2);
-    if let Some(redis) = &env.redis {
-        assert_eq!(redis.dbsize().await, 0, "{:?}", redis.scan_match("*").await);
+    if env.keyspace().is_some() {
+        assert_eq!(env.stored_keys().await, BTreeSet::new());
     }
     assert_eq!(bust_tag(&mut cm, "b", "t1").await, 0);
 }
