@@ -8,8 +8,8 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use cache_money::pb;
 use common::{
-    CacheServer, RedisCluster, RedisServer, bust_function, digest, eventually, get, http_get, key,
-    put,
+    CacheServer, RedisCluster, RedisServer, bust_function, bust_tag, digest, eventually, get,
+    http_get, key, put,
 };
 use tonic::Code;
 use tonic_health::pb::{
@@ -180,22 +180,6 @@ fn tagged(key: pb::Key, ttl_seconds: u32, tags: &[&str]) -> pb::PutRequest {
         tags: tags.iter().map(|tag| tag.to_string()).collect(),
         ..put(key, b"v", ttl_seconds)
     }
-}
-
-/// BustTag of `tag` in `namespace`: how many entries it removed.
-async fn bust_tag(
-    cm: &mut pb::cache_money_client::CacheMoneyClient<tonic::transport::Channel>,
-    namespace: &str,
-    tag: &str,
-) -> u64 {
-    cm.bust_tag(pb::BustTagRequest {
-        namespace: namespace.into(),
-        tag: tag.into(),
-    })
-    .await
-    .expect("BustTag")
-    .into_inner()
-    .removed
 }
 
 /// The in-memory store's entries and charged bytes, from `/metrics`.

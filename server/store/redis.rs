@@ -494,16 +494,7 @@ impl RedisStore {
             removed += unlinked;
             let found;
             (cursor, found) = scanned;
-            (batch, indexes) = (Vec::new(), Vec::new());
-            for key in found {
-                match self.layout.classify(&key) {
-                    Some(LayoutKey::Entry(entry)) if scope.contains(&entry) => batch.push(key),
-                    Some(index @ LayoutKey::TagIndex(_)) if scope.removes(&index) => {
-                        indexes.push(key)
-                    }
-                    _ => {}
-                }
-            }
+            (batch, indexes) = removable(&self.layout, scope, found);
             if cursor == 0 {
                 break;
             }
@@ -583,6 +574,24 @@ fn key_infos(layout: &KeyLayout, keys: &[Vec<u8>], ttls: Vec<i64>) -> Vec<KeyInf
             })
         })
         .collect()
+}
+
+/// What a bust of `scope` removes among the keys a SCAN `found`, by the exact grammar: the
+/// entries it counts, and the tag indexes it unlinks without counting them.
+fn removable(
+    layout: &KeyLayout,
+    scope: Scope<'_>,
+    found: Vec<Vec<u8>>,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let (mut entries, mut indexes) = (Vec::new(), Vec::new());
+    for key in found {
+        match layout.classify(&key) {
+            Some(LayoutKey::Entry(entry)) if scope.contains(&entry) => entries.push(key),
+            Some(index @ LayoutKey::TagIndex(_)) if scope.removes(&index) => indexes.push(key),
+            _ => {}
+        }
+    }
+    (entries, indexes)
 }
 
 fn from_value<T: redis::FromRedisValue>(value: &Value) -> Result<T, StoreError> {

@@ -603,6 +603,20 @@ pub async fn bust_function(
         .removed
 }
 
+/// Busts every entry of `namespace` written with `tag`; returns how many were removed.
+pub async fn bust_tag(client: &mut CacheMoneyClient<Channel>, namespace: &str, tag: &str) -> u64 {
+    let request = pb::BustTagRequest {
+        namespace: namespace.into(),
+        tag: tag.into(),
+    };
+    client
+        .bust_tag(request)
+        .await
+        .expect("BustTag succeeds")
+        .into_inner()
+        .removed
+}
+
 /// Busts everything the server stored; returns how many entries were removed.
 pub async fn bust_all(client: &mut CacheMoneyClient<Channel>) -> u64 {
     let reply = client.bust_all(pb::BustAllRequest {}).await;

@@ -38,9 +38,9 @@ use redis::{
 };
 use tokio::time::{Instant, timeout_at};
 
-use super::{Gate, classify, from_value, key_infos, tags};
+use super::{Gate, classify, from_value, key_infos, removable, tags};
 use crate::key::{EntryKey, FunctionKey};
-use crate::server::key::{KeyLayout, LayoutKey};
+use crate::server::key::KeyLayout;
 use crate::server::metrics::Metrics;
 use crate::server::store::{KeysPage, NewEntry, RedisTarget, Scope, Store, StoreError, StoreState};
 
@@ -574,6 +574,16 @@ impl ClusterStore {
             .run("UNLINK", |deadline| self.unlink_by_slot(deadline, &batch))
             .await
             .map_err(|err| interrupted(removed, err))?;
+        self.confirm_unchanged(&before, removed).await
+    }
+
+    /// Ends a bust that removed `removed` entries: its count, when every primary still
+    /// confirms the view `before` it started from; otherwise UNAVAILABLE, the count partial.
+    async fn confirm_unchanged(
+        &self,
+        before: &[SelfView],
+        removed: u64,
+    ) -> Result<u64, StoreError> {
         let (_, after) = self
             .confirmed_topology()
             .await
@@ -643,16 +653,7 @@ impl ClusterStore {
                 (removed, err)
             })?;
             removed += unlinked;
-            (batch, indexes) = (Vec::new(), Vec::new());
-            for key in found {
-                match self.layout.classify(&key) {
-                    Some(LayoutKey::Entry(entry)) if scope.contains(&entry) => batch.push(key),
-                    Some(index @ LayoutKey::TagIndex(_)) if scope.removes(&index) => {
-                        indexes.push(key)
-                    }
-                    _ => {}
-                }
-            }
+            (batch, indexes) = removable(&self.layout, scope, found);
             cursor = next;
             if cursor == 0 {
                 break;
@@ -692,17 +693,7 @@ impl ClusterStore {
         if let Some(err) = failure {
             return Err(partial(removed, err));
         }
-        let (_, after) = self
-            .confirmed_topology()
-            .await
-            .map_err(|err| partial(removed, err))?;
-        if after != before {
-            return Err(partial(
-                removed,
-                "the cluster's topology changed during the bust (a failover or resharding)",
-            ));
-        }
-        Ok(removed)
+        self.confirm_unchanged(&before, removed).await
     }
 
     /// Reads a `Keys` cursor: the primary to scan and where, or a clear error.
