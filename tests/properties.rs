@@ -644,6 +644,13 @@ fn foreign_keys_survive(cluster: bool) {
     );
 }
 
+/// Keys as text (every key these tests write is UTF-8).
+fn utf8(keys: BTreeSet<Vec<u8>>) -> BTreeSet<String> {
+    keys.into_iter()
+        .map(|key| String::from_utf8(key).expect("a UTF-8 key"))
+        .collect()
+}
+
 /// The tag rule, restated: 1-256 bytes of UTF-8 without control characters.
 fn valid_tag(tag: &str) -> bool {
     (1..=256).contains(&tag.len()) && !tag.chars().any(char::is_control)
@@ -670,9 +677,21 @@ fn tag() -> impl Strategy<Value = String> {
 /// that no earlier BustTag removed, leaving only the untagged ones.
 #[test]
 fn generated_tags_are_refused_or_bust_exactly_their_entries() {
+    generated_tags(false)
+}
+
+/// As `generated_tags_are_refused_or_bust_exactly_their_entries`, on a Redis Cluster: indexes
+/// and entries under the server's prefix on every primary, busted across slots.
+#[test]
+fn generated_tags_are_refused_or_bust_exactly_their_entries_on_a_cluster() {
+    generated_tags(true)
+}
+
+fn generated_tags(cluster: bool) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let redis = RedisServer::start();
-    let server = CacheServer::redis(&redis, &[]);
+    let store = Store::start(&runtime, cluster);
+    let prefix = store.prefix.clone();
+    let server = store.server(&[]);
     let cm = runtime.block_on(server.client());
     // (namespace, tag) → the entries written with it; and the untagged entries.
     let tagged = std::cell::RefCell::new(std::collections::BTreeMap::new());
@@ -693,7 +712,7 @@ fn generated_tags_are_refused_or_bust_exactly_their_entries() {
             // A digest of its own per write, so no entry is ever rewritten with other tags.
             written.set(written.get() + 1);
             let digest = format!("{:032x}", written.get());
-            let entry = format!("cm:{namespace}:{function}:{digest}");
+            let entry = format!("{prefix}{namespace}:{function}:{digest}");
             let request = pb::PutRequest {
                 key: Some(pb::Key {
                     namespace: namespace.into(),
@@ -734,10 +753,10 @@ fn generated_tags_are_refused_or_bust_exactly_their_entries() {
     let untagged = untagged.into_inner();
     let indexes: BTreeSet<String> = tagged
         .keys()
-        .map(|(namespace, tag)| format!("cm:{namespace}:#tag:{:x}", md5::compute(tag)))
+        .map(|(namespace, tag)| format!("{prefix}{namespace}:#tag:{:x}", md5::compute(tag)))
         .collect();
     let entries: BTreeSet<String> = tagged.values().flatten().cloned().collect();
-    let keys = runtime.block_on(redis.scan_match("*"));
+    let keys = utf8(runtime.block_on(store.keys()));
     let expected: BTreeSet<String> = indexes
         .iter()
         .chain(&entries)
@@ -767,8 +786,7 @@ fn generated_tags_are_refused_or_bust_exactly_their_entries() {
         assert_eq!(removed, fresh, "BustTag {namespace} {tag:?}");
         busted.extend(carrying.iter().cloned());
     }
-    let left: BTreeSet<String> = runtime
-        .block_on(redis.scan_match("cm:*"))
+    let left: BTreeSet<String> = utf8(runtime.block_on(store.keys()))
         .into_iter()
         .filter(|key| !indexes.contains(key))
         .collect();
