@@ -136,6 +136,13 @@ pub enum ServiceCommand {
         /// The namespace (the caller's module, e.g. billing.invoices).
         namespace: String,
     },
+    /// Removes every entry of one namespace written with one tag, whatever its function.
+    BustTag {
+        /// The namespace (the caller's module, e.g. billing.invoices).
+        namespace: String,
+        /// The tag, exactly as it was written (e.g. user:7).
+        tag: String,
+    },
     /// Removes every entry cache-money stored (asks first, or needs --yes).
     ///
     /// On a terminal it asks for confirmation, naming the server; any answer but "yes" exits 1
@@ -199,6 +206,9 @@ pub struct PutArgs {
     /// VALUE is base64 of the bytes to store (for binary values).
     #[arg(long)]
     pub base64: bool,
+    /// A tag to bust the entry by with bust-tag (repeat for several), e.g. --tag user:7.
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
 }
 
 /// Which page of a function's entries to list.

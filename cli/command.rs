@@ -10,8 +10,8 @@ use cache_money::{
     Client, ClientOptions, DEFAULT_BUST_DEADLINE, RawClient,
     key::EntryKey,
     pb::{
-        BustAllRequest, BustFunctionRequest, BustNamespaceRequest, BustRequest, GetRequest,
-        KeysRequest, PutRequest, StatsRequest,
+        BustAllRequest, BustFunctionRequest, BustNamespaceRequest, BustRequest, BustTagRequest,
+        GetRequest, KeysRequest, PutRequest, StatsRequest,
     },
 };
 use tonic::{Response, Status, transport::Channel};
@@ -206,6 +206,20 @@ impl Service {
                     scope: Scope::Namespace(namespace),
                 })
             }
+            ServiceCommand::BustTag { namespace, tag } => {
+                let namespace = namespace.replace("::", ".");
+                cache_money::key::check_name("namespace", &namespace)
+                    .map_err(|err| CliError::Usage(err.to_string()))?;
+                let request = BustTagRequest {
+                    namespace: namespace.clone(),
+                    tag: tag.clone(),
+                };
+                let reply = self.bust(rpc.bust_tag(request));
+                Ok(Report::Removed {
+                    removed: reply.await?.removed,
+                    scope: Scope::Tag { namespace, tag },
+                })
+            }
             ServiceCommand::Keys(keys) => self.keys(&mut rpc, keys).await,
             ServiceCommand::Stats => {
                 let stats = self
@@ -248,6 +262,7 @@ impl Service {
             key: Some(wire(&key)),
             value: value_bytes(value, put.base64)?,
             ttl_seconds: put.ttl,
+            tags: put.tags,
         };
         self.call(DEFAULT_TIMEOUT, rpc.put(request)).await?;
         Ok(Report::Stored {

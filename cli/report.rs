@@ -30,6 +30,13 @@ pub enum Scope {
     Function(FunctionKey),
     /// Every entry of one namespace.
     Namespace(String),
+    /// Every entry of one namespace written with one tag.
+    Tag {
+        /// The namespace.
+        namespace: String,
+        /// The tag.
+        tag: String,
+    },
     /// Everything cache-money stored.
     All,
 }
@@ -218,6 +225,7 @@ impl Report {
                         format!("{}:{}", function.namespace(), function.function())
                     }
                     Scope::Namespace(namespace) => namespace.clone(),
+                    Scope::Tag { namespace, tag } => format!("tag {tag:?} in {namespace}"),
                     Scope::All => "everything cache-money stored".to_owned(),
                 };
                 format!("removed {} ({from})", entries(*removed))
@@ -298,6 +306,9 @@ impl Report {
                     Scope::Entry(key) => ("entry", json!(KeyJson::entry(key))),
                     Scope::Function(function) => ("function", json!(KeyJson::function(function))),
                     Scope::Namespace(namespace) => ("namespace", json!({"namespace": namespace})),
+                    Scope::Tag { namespace, tag } => {
+                        ("tag", json!({"namespace": namespace, "tag": tag}))
+                    }
                     Scope::All => ("all", Value::Null),
                 };
                 json!({"scope": scope, "key": key, "removed": removed})

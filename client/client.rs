@@ -439,6 +439,24 @@ impl Client {
             .await
     }
 
+    /// Removes every entry of `namespace` written with `tag` (see [`Function::tagged`] and
+    /// `#[memoize(tags = …)]`), whatever function wrote it; returns how many there were.
+    /// Tags are compared byte for byte.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], or the service's failure (a bad tag is its
+    /// `INVALID_ARGUMENT`): a bust that did not happen is reported.
+    pub async fn bust_tag(&self, namespace: &str, tag: &str) -> Result<u64, Error> {
+        let namespace = namespace.replace("::", ".");
+        check_name("namespace", &namespace)?;
+        let request = pb::BustTagRequest {
+            namespace,
+            tag: tag.to_owned(),
+        };
+        self.bust_rpc(|mut rpc| async move { rpc.bust_tag(request).await })
+            .await
+    }
+
     /// Removes every entry cache-money stored (the seed's global `bust()`).
     ///
     /// # Errors

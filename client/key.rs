@@ -16,6 +16,12 @@ pub const NAME_CHARSET: &str = "[A-Za-z0-9_.-]";
 /// The length of a digest: an md5 in lowercase hex.
 pub const DIGEST_LEN: usize = 32;
 
+/// The most tags one write may carry unless the server is told otherwise (`--max-tags`).
+pub const DEFAULT_MAX_TAGS: usize = 16;
+
+/// The longest tag, in bytes, unless the server is told otherwise (`--max-tag-bytes`).
+pub const DEFAULT_MAX_TAG_BYTES: usize = 256;
+
 /// A key part that broke its rule, with the field it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyError {
@@ -120,6 +126,50 @@ pub fn check_digest(field: &str, digest: &str) -> Result<(), KeyError> {
                 shown(digest)
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Checks a tag: 1 to `max_bytes` bytes of UTF-8 without control characters. Any other
+/// character is allowed (`user:7`, `tenant/acme`, `ünïcode`): the store keys a tag by its md5,
+/// never by its text, so a tag cannot collide with a name or a glob. Control characters are
+/// refused so a tag reads the same in logs, the CLI and a terminal.
+///
+/// # Errors
+/// When the tag is empty, longer than `max_bytes` or holds a control character.
+pub fn check_tag(field: &str, tag: &str, max_bytes: usize) -> Result<(), KeyError> {
+    if tag.is_empty() || tag.len() > max_bytes || tag.chars().any(char::is_control) {
+        return Err(KeyError::new(
+            field,
+            format!(
+                "must be 1-{max_bytes} bytes of UTF-8 without control characters, got {} ({} bytes)",
+                shown(tag),
+                tag.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the tags of one write: at most `max_tags`, each by [`check_tag`]; `field` names
+/// the list (`tags`, so a bad one is `tags[2]`).
+///
+/// # Errors
+/// When there are too many tags or one breaks the rule of [`check_tag`].
+pub fn check_tags(
+    field: &str,
+    tags: &[String],
+    max_tags: usize,
+    max_bytes: usize,
+) -> Result<(), KeyError> {
+    if tags.len() > max_tags {
+        return Err(KeyError::new(
+            field,
+            format!("at most {max_tags} tags per write, got {}", tags.len()),
+        ));
+    }
+    for (i, tag) in tags.iter().enumerate() {
+        check_tag(&format!("{field}[{i}]"), tag, max_bytes)?;
     }
     Ok(())
 }
@@ -267,6 +317,24 @@ mod tests {
         let err = check_name("namespace", &"*".repeat(10_000)).unwrap_err();
         assert!(err.to_string().len() < 200, "{err}");
         assert!(err.to_string().contains("10000 bytes"), "{err}");
+    }
+
+    /// Tags are any UTF-8 without control characters, up to the byte limit; empty, too long,
+    /// control characters and too many tags are refused, naming the tag's position.
+    #[test]
+    fn tags_follow_their_rule() {
+        for tag in ["user:7", "tenant/acme*", "ünï code", "x"] {
+            assert_eq!(check_tag("tag", tag, 16), Ok(()), "{tag}");
+        }
+        assert!(check_tag("tag", &"é".repeat(8), 16).is_ok());
+        for tag in ["", "a\nb", "\u{7f}", &"x".repeat(17), &"é".repeat(9)] {
+            assert!(check_tag("tag", tag, 16).is_err(), "{tag:?}");
+        }
+        let tags: Vec<String> = vec!["ok".into(), "bad\t".into()];
+        let err = check_tags("tags", &tags, 4, 16).unwrap_err();
+        assert_eq!(err.field(), "tags[1]");
+        let err = check_tags("tags", &tags, 1, 16).unwrap_err();
+        assert_eq!(err.to_string(), "tags: at most 1 tags per write, got 2");
     }
 
     /// Errors inside a batch name the item's position.

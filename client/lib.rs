@@ -22,7 +22,7 @@
 //! # Layout
 //! - [`Client`] (`client`): the connection, options, circuit breaker and metrics.
 //! - [`Function`] (`memoize`): one function's entries: `memoize`, `try_memoize`, `refresh`,
-//!   busts, versions.
+//!   busts, versions, tags ([`Client::bust_tag`]).
 //! - [`install`] (`memoized`): the default client of `#[memoize]` functions, and the runtime
 //!   the attribute expands to (hidden, `__private`).
 //! - [`memoize`](macro@memoize) (feature `macros`, the `macros/` crate): the attribute.

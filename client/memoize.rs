@@ -50,6 +50,8 @@ pub struct Function {
     warned_undecodable: Arc<AtomicBool>,
     /// Likewise a request the service refuses (a value over its size limit).
     warned_refused: Arc<AtomicBool>,
+    /// Written with every result ([`Function::tagged`]); shared by clones.
+    tags: Arc<[String]>,
 }
 
 impl fmt::Debug for Function {
@@ -61,6 +63,7 @@ impl fmt::Debug for Function {
             .field("key_fn", &self.key_fn.is_some())
             .field("cache_none", &self.cache_none)
             .field("version", &self.version)
+            .field("tags", &self.tags)
             .finish()
     }
 }
@@ -77,6 +80,7 @@ impl Function {
             version: 1,
             warned_undecodable: Arc::new(AtomicBool::new(false)),
             warned_refused: Arc::new(AtomicBool::new(false)),
+            tags: Arc::new([]),
         }
     }
 
@@ -217,6 +221,47 @@ impl Function {
         self.try_run(Mode::Memoize, args, compute).await
     }
 
+    /// A handle whose calls (`memoize`, `refresh` and their `try_` forms) write their
+    /// results with `tags` instead of this handle's (none by default), so [`Client::bust_tag`] of any of them (in this function's namespace) removes
+    /// the entry, whatever function wrote it. Tags usually name what the result was computed
+    /// from and depend on the arguments:
+    ///
+    /// ```no_run
+    /// # async fn example(cm: cache_money::Client) -> Result<(), cache_money::Error> {
+    /// use cache_money::Ttl;
+    /// let profile = cm.function("app", "profile", Ttl::HOUR);
+    /// let id = 7;
+    /// let name: String = profile
+    ///     .tagged([format!("user:{id}")])
+    ///     .memoize(&(id,), || async { "Ada".to_owned() })
+    ///     .await?;
+    /// cm.bust_tag("app", "user:7").await?; // and every other entry about user 7
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// A tag is 1-256 bytes of UTF-8 without control characters, at most 16 per call (the
+    /// service's defaults); a write the service refuses for its tags is not cached (warned
+    /// once per handle), and the result is returned all the same. Tags only travel with
+    /// writes: a hit returns the entry as it was written, and when concurrent calls of the
+    /// same arguments share one computation, the tags of the call that ran it are written.
+    /// The handle is a clone, as cheap as [`Function`]'s, sharing the function's entries.
+    pub fn tagged<I, S>(&self, tags: I) -> Function
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Function {
+            tags: tags.into_iter().map(Into::into).collect(),
+            ..self.clone()
+        }
+    }
+
+    /// The tags this handle writes with (see [`Function::tagged`]).
+    pub fn tags(&self) -> &[String] {
+        &self.tags
+    }
+
     /// `try_memoize` or `try_refresh` of `args`.
     async fn try_run<A, T, E, F, Fut>(&self, mode: Mode, args: &A, compute: F) -> Result<T, E>
     where
@@ -230,7 +275,7 @@ impl Function {
             return compute().await;
         }
         let key = self.entry_key(args)?;
-        self.run_key(mode, &key, compute).await
+        self.run_key(mode, &key, &self.tags, compute).await
     }
 
     /// `try_memoize` or `try_refresh` with the key already made (by `#[memoize]`, whose
@@ -239,6 +284,7 @@ impl Function {
         &self,
         mode: Mode,
         key: &EntryKey,
+        tags: &[String],
         compute: F,
     ) -> Result<T, E>
     where
@@ -250,12 +296,17 @@ impl Function {
             return compute().await;
         }
         match mode {
-            Mode::Memoize => self.memoize_key(key, compute).await,
-            Mode::Refresh => self.refresh_key(key, compute).await,
+            Mode::Memoize => self.memoize_key(key, tags, compute).await,
+            Mode::Refresh => self.refresh_key(key, tags, compute).await,
         }
     }
 
-    async fn memoize_key<T, E, F, Fut>(&self, key: &EntryKey, compute: F) -> Result<T, E>
+    async fn memoize_key<T, E, F, Fut>(
+        &self,
+        key: &EntryKey,
+        tags: &[String],
+        compute: F,
+    ) -> Result<T, E>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
@@ -269,7 +320,7 @@ impl Function {
         let shared = flight
             .get_or_lead(|| async {
                 let compute = compute.take().expect("the leader runs init once");
-                let (result, encoded) = self.lookup_or_compute(key, &flight, compute).await;
+                let (result, encoded) = self.lookup_or_compute(key, tags, &flight, compute).await;
                 led = Some(result);
                 encoded
             })
@@ -300,6 +351,7 @@ impl Function {
     async fn lookup_or_compute<T, E, F, Fut>(
         &self,
         key: &EntryKey,
+        tags: &[String],
         flight: &Flight<'_>,
         compute: F,
     ) -> (Result<T, E>, Option<Bytes>)
@@ -326,7 +378,7 @@ impl Function {
         self.client.count_computed();
         let result = compute().await;
         let encoded = match &result {
-            Ok(value) if flight.is_current() => self.store(key, value).await,
+            Ok(value) if flight.is_current() => self.store(key, tags, value).await,
             Ok(value) => Self::encode(value).ok(),
             Err(_) => None,
         };
@@ -338,7 +390,12 @@ impl Function {
     }
 
     /// Encodes and stores a fresh result; returns its encoding when it can be shared.
-    async fn store<T: Serialize>(&self, key: &EntryKey, value: &T) -> Option<Bytes> {
+    async fn store<T: Serialize>(
+        &self,
+        key: &EntryKey,
+        tags: &[String],
+        value: &T,
+    ) -> Option<Bytes> {
         let encoded = match Self::encode(value) {
             Ok(encoded) => encoded,
             Err(err) => {
@@ -353,6 +410,7 @@ impl Function {
             key: Some(Self::pb_key(key)),
             value: encoded.clone(),
             ttl_seconds: u32::try_from(self.ttl.as_secs()).unwrap_or(u32::MAX),
+            tags: tags.to_vec(),
         };
         self.client
             .cache_rpc("Put", &self.warned_refused, |mut rpc| async move {
@@ -426,7 +484,12 @@ impl Function {
         self.try_run(Mode::Refresh, args, compute).await
     }
 
-    async fn refresh_key<T, E, F, Fut>(&self, key: &EntryKey, compute: F) -> Result<T, E>
+    async fn refresh_key<T, E, F, Fut>(
+        &self,
+        key: &EntryKey,
+        tags: &[String],
+        compute: F,
+    ) -> Result<T, E>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
@@ -441,7 +504,7 @@ impl Function {
                 let result = compute().await;
                 let encoded = match &result {
                     // A refresh that started later stores its newer value instead.
-                    Ok(value) if claim.is_current() => self.overwrite(key, value).await,
+                    Ok(value) if claim.is_current() => self.overwrite(key, tags, value).await,
                     Ok(value) => Self::encode(value).ok(),
                     Err(_) => None,
                 };
@@ -453,8 +516,13 @@ impl Function {
     }
 
     /// Stores a refreshed result; one that is not cached (`null`) removes the old entry.
-    async fn overwrite<T: Serialize>(&self, key: &EntryKey, value: &T) -> Option<Bytes> {
-        let encoded = self.store(key, value).await?;
+    async fn overwrite<T: Serialize>(
+        &self,
+        key: &EntryKey,
+        tags: &[String],
+        value: &T,
+    ) -> Option<Bytes> {
+        let encoded = self.store(key, tags, value).await?;
         if !self.cache_none && encoded.as_ref() == b"null" {
             let request = pb::BustRequest {
                 key: Some(Self::pb_key(key)),

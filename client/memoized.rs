@@ -136,10 +136,14 @@ impl Site {
         match target {
             Ok((key, handle)) => Prepared {
                 target: Some((handle, key)),
+                tags: Vec::new(),
             },
             Err(err) => {
                 self.warn_uncached(&err);
-                Prepared { target: None }
+                Prepared {
+                    target: None,
+                    tags: Vec::new(),
+                }
             }
         }
     }
@@ -181,9 +185,16 @@ impl Site {
 #[derive(Debug)]
 pub struct Prepared {
     target: Option<(Cow<'static, Function>, EntryKey)>,
+    /// Written with the result (the attribute's `tags`).
+    tags: Vec<String>,
 }
 
 impl Prepared {
+    /// The call, writing its result with `tags` (see [`Function::tagged`]).
+    pub fn tagged(self, tags: Vec<String>) -> Self {
+        Prepared { tags, ..self }
+    }
+
     /// [`Function::memoize`] of the call.
     pub async fn memoize<T, F, Fut>(self, compute: F) -> T
     where
@@ -250,7 +261,7 @@ impl Prepared {
         Fut: Future<Output = Result<T, E>>,
     {
         match &self.target {
-            Some((handle, key)) => handle.run_key(mode, key, compute).await,
+            Some((handle, key)) => handle.run_key(mode, key, &self.tags, compute).await,
             None => compute().await,
         }
     }

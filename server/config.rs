@@ -29,6 +29,10 @@ pub use crate::DEFAULT_MAX_TTL_SECONDS;
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// The most keys or entries in one `GetMany` or `PutMany`.
 pub const DEFAULT_MAX_BATCH: usize = 1000;
+/// The longest tag, in bytes.
+pub use crate::key::DEFAULT_MAX_TAG_BYTES;
+/// The most tags one write may carry.
+pub use crate::key::DEFAULT_MAX_TAGS;
 /// The largest gRPC message the server decodes; it bounds a whole `PutMany`.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = crate::limits::DEFAULT_MAX_MESSAGE_BYTES;
 /// The largest `GetMany` response the server sends: the client's default receive limit, so
@@ -137,6 +141,14 @@ pub struct Config {
     #[arg(long, env = "CACHE_MONEY_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
 
+    /// Most tags one Put or PutMany entry may carry.
+    #[arg(long, env = "CACHE_MONEY_MAX_TAGS", default_value_t = DEFAULT_MAX_TAGS)]
+    pub max_tags: usize,
+
+    /// Longest tag, in bytes (UTF-8, no control characters).
+    #[arg(long, env = "CACHE_MONEY_MAX_TAG_BYTES", default_value_t = DEFAULT_MAX_TAG_BYTES)]
+    pub max_tag_bytes: usize,
+
     /// Largest gRPC request the server decodes, in bytes; it bounds a whole PutMany.
     #[arg(long, env = "CACHE_MONEY_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -237,6 +249,7 @@ impl Config {
             ("--max-ttl-seconds", u64::from(self.max_ttl_seconds)),
             ("--max-value-bytes", self.max_value_bytes as u64),
             ("--max-batch", self.max_batch as u64),
+            ("--max-tag-bytes", self.max_tag_bytes as u64),
             ("--bust-batch", self.bust_batch as u64),
             ("--health-interval-ms", self.health_interval_ms),
             ("--worker-threads", self.worker_threads as u64),

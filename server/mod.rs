@@ -4,8 +4,10 @@
 //! # Layout
 //! - [`config`]: flags, environment variables and their `DEFAULT_*` constants.
 //! - [`service`]: the gRPC service: validation, store calls, status mapping, stats.
-//! - [`store`]: the [`Store`] trait and its Redis, Redis Cluster and in-memory implementations.
-//! - [`key`]: the Redis key layout and the exact SCAN patterns of each bust scope.
+//! - [`store`]: the [`Store`] trait and its Redis, Redis Cluster and in-memory
+//!   implementations; tag indexes in Redis (`store::redis::tags`).
+//! - [`key`]: the Redis key layout (entries and tag indexes) and the exact SCAN patterns of
+//!   each bust scope.
 //! - [`auth`]: bearer tokens and per-namespace grants.
 //! - [`observe`]: each RPC's span, request id and RPC metrics, around the cache service.
 //! - [`metrics`]: the Prometheus registry, the handle everything records through, and the
@@ -228,6 +230,8 @@ async fn serve<S: Store>(
         max_value_bytes: config.max_value_bytes,
         max_batch: config.max_batch,
         max_response_bytes: config.max_response_bytes,
+        max_tags: config.max_tags,
+        max_tag_bytes: config.max_tag_bytes,
     };
     metrics.watch_store(store.clone(), store_up.clone());
     let service = CacheService::new(
@@ -282,6 +286,8 @@ async fn serve<S: Store>(
         max_ttl_seconds = config.max_ttl_seconds,
         max_value_bytes = config.max_value_bytes,
         max_batch = config.max_batch,
+        max_tags = config.max_tags,
+        max_tag_bytes = config.max_tag_bytes,
         max_message_bytes = config.max_message_bytes,
         max_response_bytes = config.max_response_bytes,
         bust_batch = config.bust_batch,

@@ -37,13 +37,14 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// The RPCs of `cache_money.v1.CacheMoney`: the `method` label and span field. Any other path
 /// is `unknown`, so a caller cannot add label values.
-pub const METHODS: [&str; 10] = [
+pub const METHODS: [&str; 11] = [
     "Get",
     "Put",
     "Bust",
     "BustFunction",
     "BustNamespace",
     "BustAll",
+    "BustTag",
     "GetMany",
     "PutMany",
     "Keys",

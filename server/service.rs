@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
-use crate::key::{EntryKey, FunctionKey, KeyError, check_name};
+use crate::key::{EntryKey, FunctionKey, KeyError, check_name, check_tag, check_tags};
 use crate::pb::{self, cache_money_server::CacheMoney};
 use crate::server::auth::{Access, authorize};
 use crate::server::metrics::{Lookup, Metrics};
@@ -40,6 +40,10 @@ pub struct Limits {
     pub max_batch: usize,
     /// Largest encoded `GetMany` response.
     pub max_response_bytes: usize,
+    /// Most tags on one write.
+    pub max_tags: usize,
+    /// Longest tag, in bytes.
+    pub max_tag_bytes: usize,
 }
 
 /// Counters behind the `Stats` RPC.
@@ -162,10 +166,22 @@ impl<S: Store> CacheService<S> {
                 request.value.len()
             )));
         }
+        let mut tags = request.tags;
+        check_tags(
+            &format!("{field}tags"),
+            &tags,
+            self.limits.max_tags,
+            self.limits.max_tag_bytes,
+        )
+        .map_err(invalid)?;
+        // A repeated tag indexes the entry once.
+        tags.sort_unstable();
+        tags.dedup();
         Ok(NewEntry {
             key,
             value: request.value,
             ttl: Duration::from_secs(u64::from(request.ttl_seconds)),
+            tags,
         })
     }
 
@@ -314,6 +330,26 @@ impl<S: Store> CacheMoney for CacheService<S> {
         self.allow(request.extensions(), Access::Admin)?;
         self.bust_scope("BustAll", request.extensions(), Scope::All)
             .await
+    }
+
+    async fn bust_tag(
+        &self,
+        request: Request<pb::BustTagRequest>,
+    ) -> Result<Response<pb::BustResponse>, Status> {
+        let (_, context, request) = request.into_parts();
+        check_name("namespace", &request.namespace).map_err(invalid)?;
+        check_tag("tag", &request.tag, self.limits.max_tag_bytes).map_err(invalid)?;
+        record_namespace(&request.namespace);
+        self.allow(&context, Access::Write(&request.namespace))?;
+        let removed = self
+            .store
+            .bust_tag(&request.namespace, &request.tag)
+            .await
+            .map_err(|err| self.failed("BustTag", &context, err))?;
+        self.counters.busts.fetch_add(1, Relaxed);
+        self.counters.busted_entries.fetch_add(removed, Relaxed);
+        self.metrics.bust("tag", removed);
+        Ok(Response::new(pb::BustResponse { removed }))
     }
 
     async fn get_many(

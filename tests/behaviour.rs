@@ -7,11 +7,17 @@ mod common;
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use cache_money::pb;
-use common::{CacheServer, RedisCluster, RedisServer, digest, eventually, get, key, put};
+use common::{
+    CacheServer, RedisCluster, RedisServer, bust_function, bust_tag, digest, eventually, get,
+    http_get, key, put,
+};
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
+
+/// The server's default `--key-prefix`.
+const DEFAULT_PREFIX: &str = "cm:";
 
 /// Which store the server under test uses.
 #[derive(Debug, Clone, Copy)]
@@ -24,8 +30,62 @@ enum Backend {
 /// A running server, and the Redis behind it when there is one.
 struct Env {
     server: CacheServer,
-    _redis: Option<RedisServer>,
-    _cluster: Option<Arc<RedisCluster>>,
+    redis: Option<RedisServer>,
+    cluster: Option<Arc<RedisCluster>>,
+    /// The server's key prefix (its own on the shared cluster).
+    prefix: String,
+}
+
+/// The Redis keys behind a server, read directly, for the behaviours that look at tag
+/// indexes: one `redis-server`, or every primary of the cluster under the server's prefix.
+enum Keyspace<'e> {
+    Redis(&'e RedisServer),
+    Cluster(&'e RedisCluster),
+}
+
+impl Env {
+    /// The keys behind the server; `None` for the in-memory store.
+    fn keyspace(&self) -> Option<Keyspace<'_>> {
+        match (&self.redis, &self.cluster) {
+            (Some(redis), _) => Some(Keyspace::Redis(redis)),
+            (None, Some(cluster)) => Some(Keyspace::Cluster(cluster)),
+            (None, None) => None,
+        }
+    }
+
+    /// The keys `pattern` matches (SCAN MATCH on the one Redis, on every primary of a cluster).
+    async fn scan(&self, pattern: &str) -> BTreeSet<String> {
+        match self.keyspace().expect("a Redis behind the server") {
+            Keyspace::Redis(redis) => redis.scan_match(pattern).await,
+            Keyspace::Cluster(cluster) => cluster
+                .scan_match(pattern)
+                .await
+                .into_iter()
+                .map(|key| String::from_utf8(key).expect("a UTF-8 key"))
+                .collect(),
+        }
+    }
+
+    /// The tag indexes under the server's prefix.
+    async fn tag_index_keys(&self) -> BTreeSet<String> {
+        self.scan(&format!("{}*:#tag:*", self.prefix)).await
+    }
+
+    /// Every key under the server's prefix (the whole database on a single Redis).
+    async fn stored_keys(&self) -> BTreeSet<String> {
+        match self.keyspace().expect("a Redis behind the server") {
+            Keyspace::Redis(_) => self.scan("*").await,
+            Keyspace::Cluster(_) => self.scan(&format!("{}*", self.prefix)).await,
+        }
+    }
+
+    /// A connection to the node holding `key` (the one Redis, or the primary of its slot).
+    async fn node_of(&self, key: &str) -> ::redis::aio::MultiplexedConnection {
+        match self.keyspace().expect("a Redis behind the server") {
+            Keyspace::Redis(redis) => redis.connect().await,
+            Keyspace::Cluster(cluster) => cluster.node(cluster.primary_of(key.as_bytes())).await,
+        }
+    }
 }
 
 impl Backend {
@@ -33,15 +93,17 @@ impl Backend {
         match self {
             Backend::Memory => Env {
                 server: CacheServer::memory(extra),
-                _redis: None,
-                _cluster: None,
+                redis: None,
+                cluster: None,
+                prefix: DEFAULT_PREFIX.into(),
             },
             Backend::Redis => {
                 let redis = RedisServer::start();
                 Env {
                     server: CacheServer::redis(&redis, extra),
-                    _redis: Some(redis),
-                    _cluster: None,
+                    redis: Some(redis),
+                    cluster: None,
+                    prefix: DEFAULT_PREFIX.into(),
                 }
             }
             Backend::Cluster => {
@@ -51,8 +113,9 @@ impl Backend {
                 args.extend_from_slice(extra);
                 Env {
                     server: CacheServer::cluster(&cluster, &args),
-                    _redis: None,
-                    _cluster: Some(cluster),
+                    redis: None,
+                    cluster: Some(cluster),
+                    prefix,
                 }
             }
         }
@@ -104,7 +167,37 @@ suite!(
     oversized_responses_are_refused,
     stats_count_what_happened,
     health_serves_and_reflection_lists_services,
+    bust_tag_removes_exactly_the_tagged_entries,
+    tag_indexes_expire_with_their_entries,
+    bust_tag_ignores_foreign_and_stale_members,
+    invalid_tags_are_refused_and_write_nothing,
+    bust_all_and_namespace_remove_tag_indexes,
 );
+
+/// A Put carrying `tags`.
+fn tagged(key: pb::Key, ttl_seconds: u32, tags: &[&str]) -> pb::PutRequest {
+    pb::PutRequest {
+        tags: tags.iter().map(|tag| tag.to_string()).collect(),
+        ..put(key, b"v", ttl_seconds)
+    }
+}
+
+/// The in-memory store's entries and charged bytes, from `/metrics`.
+fn memory_usage(server: &CacheServer) -> (u64, u64) {
+    let body = http_get(server.metrics_addr(), "/metrics", &[]).body;
+    let value = |name: &str| {
+        body.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+            .trim()
+            .parse::<u64>()
+            .expect("a whole number")
+    };
+    (
+        value("cache_money_memory_store_entries"),
+        value("cache_money_memory_store_bytes"),
+    )
+}
 
 /// A Get before any Put misses; after Put it returns the stored bytes, even empty ones.
 async fn miss_then_put_then_hit(backend: Backend) {
@@ -427,6 +520,7 @@ async fn invalid_requests_are_refused_and_write_nothing(backend: Backend) {
                 key: None,
                 value: vec![1].into(),
                 ttl_seconds: 60,
+                tags: Vec::new(),
             },
             "key.namespace:",
         ),
@@ -691,4 +785,253 @@ async fn health_serves_and_reflection_lists_services(backend: Backend) {
         ),
         "v1alpha reflection did not describe the service: {reply:?}"
     );
+}
+
+/// Entries of three functions tagged `user:7` and one tagged `user:8`: BustTag `user:7`
+/// removes exactly the three, whether written by Put or PutMany, and nothing of another tag,
+/// another namespace or without tags.
+async fn bust_tag_removes_exactly_the_tagged_entries(backend: Backend) {
+    let env = backend.start(&[]);
+    let mut cm = env.server.client().await;
+    cm.put(tagged(key("app", "profile", 1), 60, &["user:7"]))
+        .await
+        .unwrap();
+    cm.put(tagged(key("app", "orders", 1), 60, &["user:7", "shop:1"]))
+        .await
+        .unwrap();
+    cm.put_many(pb::PutManyRequest {
+        entries: vec![
+            tagged(key("app", "avatar", 1), 60, &["user:7", "user:7"]),
+            tagged(key("app", "profile", 2), 60, &["user:8"]),
+            put(key("app", "profile", 3), b"v", 60),
+            tagged(key("other", "profile", 1), 60, &["user:7"]),
+            tagged(key("app", "profile", 4), 60, &["user:70", "User:7"]),
+        ],
+    })
+    .await
+    .unwrap();
+    assert_eq!(bust_tag(&mut cm, "app", "user:7").await, 3);
+    for (function, n) in [("profile", 1), ("orders", 1), ("avatar", 1)] {
+        assert_eq!(
+            get(&mut cm, key("app", function, n)).await,
+            None,
+            "{function}"
+        );
+    }
+    for (namespace, n) in [("app", 2), ("app", 3), ("other", 1), ("app", 4)] {
+        assert!(
+            get(&mut cm, key(namespace, "profile", n)).await.is_some(),
+            "{namespace} profile {n} was busted"
+        );
+    }
+    assert_eq!(bust_tag(&mut cm, "app", "user:7").await, 0, "nothing left");
+    assert_eq!(bust_tag(&mut cm, "app", "user:8").await, 1);
+    assert_eq!(bust_tag(&mut cm, "app", "never-written").await, 0);
+}
+
+/// Tag bookkeeping goes with the entries: in Redis (one node or a cluster) the index keys
+/// expire with their last entry; in memory the entry count and charged bytes return to zero.
+async fn tag_indexes_expire_with_their_entries(backend: Backend) {
+    let env = backend.start(&["--metrics-listen", "127.0.0.1:0"]);
+    let mut cm = env.server.client().await;
+    cm.put(tagged(key("app", "f", 1), 1, &["user:7", "org:1"]))
+        .await
+        .unwrap();
+    cm.put(tagged(key("app", "g", 1), 2, &["user:7"]))
+        .await
+        .unwrap();
+    if env.keyspace().is_some() {
+        assert_eq!(env.tag_index_keys().await.len(), 2);
+        // The index outlives its last entry by the slack only (2 x store timeout + 1 s).
+        let gone = eventually(Duration::from_secs(8), || async {
+            env.tag_index_keys().await.is_empty()
+        })
+        .await;
+        assert!(gone, "{:?}", env.tag_index_keys().await);
+        assert_eq!(env.stored_keys().await, BTreeSet::new());
+    } else {
+        assert_ne!(memory_usage(&env.server), (0, 0));
+        let swept = eventually(Duration::from_secs(6), || async {
+            memory_usage(&env.server) == (0, 0)
+        })
+        .await;
+        assert!(swept, "{:?}", memory_usage(&env.server));
+    }
+    assert_eq!(bust_tag(&mut cm, "app", "user:7").await, 0);
+}
+
+/// BustTag removes only entries it indexed: in Redis (one node or a cluster), members a foreign client added to the
+/// index that name no entry of the namespace leave their keys alone, and so do keys shaped
+/// like an index, and a tagged write after them still succeeds. On Redis an entry busted
+/// and written again untagged is busted again (its old member stays until it expires: safe
+/// over-invalidation); memory knows it is untagged.
+async fn bust_tag_ignores_foreign_and_stale_members(backend: Backend) {
+    let env = backend.start(&[]);
+    let mut cm = env.server.client().await;
+    cm.put(tagged(key("app", "f", 1), 60, &["user:7"]))
+        .await
+        .unwrap();
+    if env.keyspace().is_some() {
+        let p = &env.prefix;
+        let index = env.tag_index_keys().await.pop_first().unwrap();
+        let foreign = [
+            format!("{p}config"),
+            format!("{p}other:f:{}", digest(1)),
+            format!("{p}app:#tag:{}", digest(9)),
+        ];
+        for key in &foreign {
+            ::redis::cmd("SET")
+                .arg(key)
+                .arg("x")
+                .query_async::<()>(&mut env.node_of(key).await)
+                .await
+                .unwrap();
+        }
+        ::redis::cmd("ZADD")
+            .arg(&index)
+            .arg(i64::MAX)
+            .arg(&foreign[0])
+            .arg(i64::MAX)
+            .arg(format!("other:f:{}", digest(1)))
+            .arg(i64::MAX)
+            .arg(format!("f:{}:x", digest(1)))
+            .query_async::<()>(&mut env.node_of(&index).await)
+            .await
+            .unwrap();
+        assert_eq!(bust_tag(&mut cm, "app", "user:7").await, 1);
+        for key in &foreign {
+            let left: Option<String> = ::redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut env.node_of(key).await)
+                .await
+                .unwrap();
+            assert_eq!(left.as_deref(), Some("x"), "{key} was busted");
+        }
+    } else {
+        assert_eq!(bust_tag(&mut cm, "app", "user:7").await, 1);
+    }
+    cm.put(put(key("app", "f", 1), b"v", 60)).await.unwrap();
+    cm.put(tagged(key("app", "g", 1), 60, &["user:7"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        bust_tag(&mut cm, "app", "user:7").await,
+        2 - u64::from(matches!(backend, Backend::Memory)),
+        "Redis keeps busted members until they expire, so the rewritten entry goes again; memory knows it is untagged"
+    );
+}
+
+/// Too many tags, empty, overlong or control-character tags get INVALID_ARGUMENT naming
+/// the tag and the rule, and nothing is written, in a Put or anywhere in a PutMany; so does
+/// a bad BustTag.
+async fn invalid_tags_are_refused_and_write_nothing(backend: Backend) {
+    let env = backend.start(&["--max-tags", "2", "--max-tag-bytes", "8"]);
+    let mut cm = env.server.client().await;
+    let bad = [
+        (vec!["a", "b", "c"], "tags: at most 2 tags per write, got 3"),
+        (
+            vec!["ok", ""],
+            "tags[1]: must be 1-8 bytes of UTF-8 without control characters",
+        ),
+        (vec!["123456789"], "tags[0]: must be 1-8 bytes"),
+        (vec!["a\nb"], "tags[0]: must be 1-8 bytes"),
+    ];
+    for (tags, message) in bad {
+        let err = cm
+            .put(tagged(key("app", "f", 1), 60, &tags))
+            .await
+            .expect_err(message);
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with(message), "{}", err.message());
+        let err = cm
+            .put_many(pb::PutManyRequest {
+                entries: vec![
+                    tagged(key("app", "f", 2), 60, &["good"]),
+                    tagged(key("app", "f", 3), 60, &tags),
+                ],
+            })
+            .await
+            .expect_err(message);
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with(&format!("entries[1].{message}")),
+            "{}",
+            err.message()
+        );
+    }
+    for n in 1..=3 {
+        assert_eq!(get(&mut cm, key("app", "f", n)).await, None);
+    }
+    if env.keyspace().is_some() {
+        assert_eq!(
+            env.stored_keys().await,
+            BTreeSet::new(),
+            "an index was written"
+        );
+    }
+    assert_eq!(bust_tag(&mut cm, "app", "good").await, 0);
+    for (namespace, tag, field) in [
+        ("a:b", "t", "namespace:"),
+        ("app", "", "tag:"),
+        ("app", "123456789", "tag:"),
+    ] {
+        let err = cm
+            .bust_tag(pb::BustTagRequest {
+                namespace: namespace.into(),
+                tag: tag.into(),
+            })
+            .await
+            .expect_err(field);
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with(field), "{}", err.message());
+    }
+}
+
+/// BustNamespace removes its tag indexes with its entries and leaves another namespace's;
+/// BustAll removes them all; neither counts an index as an entry, and BustFunction leaves
+/// indexes alone. Keys never lists an index.
+async fn bust_all_and_namespace_remove_tag_indexes(backend: Backend) {
+    let env = backend.start(&[]);
+    let mut cm = env.server.client().await;
+    for namespace in ["a", "b"] {
+        cm.put(tagged(key(namespace, "f", 1), 60, &["t1", "t2"]))
+            .await
+            .unwrap();
+        cm.put(tagged(key(namespace, "g", 1), 60, &["t1"]))
+            .await
+            .unwrap();
+    }
+    let indexes = || async {
+        match env.keyspace() {
+            Some(_) => env.tag_index_keys().await.len(),
+            None => 0,
+        }
+    };
+    let removed = bust_function(&mut cm, "a", "g").await;
+    assert_eq!(removed, 1);
+    if env.keyspace().is_some() {
+        assert_eq!(indexes().await, 4, "BustFunction removed an index");
+    }
+    assert_eq!(keys_page(&mut cm, "a", "f", "", 10).await.entries.len(), 1);
+    let removed = cm
+        .bust_namespace(pb::BustNamespaceRequest {
+            namespace: "a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    assert_eq!(removed, 1, "indexes are not entries");
+    if env.keyspace().is_some() {
+        assert_eq!(indexes().await, 2, "a's indexes stayed or b's went");
+    }
+    assert_eq!(bust_tag(&mut cm, "a", "t1").await, 0);
+    assert_eq!(bust_tag(&mut cm, "b", "t2").await, 1);
+    cm.put(tagged(key("b", "f", 1), 60, &["t2"])).await.unwrap();
+    let all = cm.bust_all(pb::BustAllRequest {}).await.unwrap();
+    assert_eq!(all.into_inner().removed, 2);
+    if env.keyspace().is_some() {
+        assert_eq!(env.stored_keys().await, BTreeSet::new());
+    }
+    assert_eq!(bust_tag(&mut cm, "b", "t1").await, 0);
 }

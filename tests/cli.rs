@@ -443,6 +443,51 @@ fn bust_scopes_remove_what_they_name() {
     );
 }
 
+/// `put --tag` writes tagged entries and `bust-tag` removes exactly the ones carrying the
+/// tag in that namespace (text and JSON reports); a bad tag is refused, writing nothing.
+#[test]
+fn put_tag_and_bust_tag() {
+    let server = CacheServer::memory(&[]);
+    let cli = Cli::for_server(&server);
+    for (function, n, tags) in [
+        ("profile", 7, &["--tag", "user:7"][..]),
+        ("orders", 7, &["--tag", "user:7", "--tag", "shop:1"][..]),
+        ("avatar", 7, &["--tag", "user:7"][..]),
+        ("profile", 8, &["--tag", "user:8"][..]),
+    ] {
+        let args = format!("[{n}]");
+        let mut command = vec!["put", "app", function, args.as_str(), "1"];
+        command.extend_from_slice(tags);
+        cli.run(&command).exits(0);
+    }
+    let busted = cli.run(&["bust-tag", "app", "user:7"]).exits(0);
+    assert_eq!(
+        busted.stdout.trim(),
+        "removed 3 entries (tag \"user:7\" in app)"
+    );
+    let left = |function: &str, n: u32| cli.run(&["get", "app", function, &format!("[{n}]")]).code;
+    assert_eq!(
+        (
+            left("profile", 7),
+            left("orders", 7),
+            left("avatar", 7),
+            left("profile", 8)
+        ),
+        (3, 3, 3, 0)
+    );
+    let json = cli
+        .run(&["bust-tag", "app", "user:8", "-o", "json"])
+        .exits(0)
+        .json();
+    assert_eq!(json["scope"], "tag");
+    assert_eq!(json["key"]["tag"], "user:8");
+    assert_eq!(json["removed"], 1);
+    let refused = cli.run(&["put", "app", "f", "[1]", "1", "--tag", ""]);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("tags[0]"), "{}", refused.stderr);
+    assert_eq!(left("f", 1), 3, "a refused put wrote");
+}
+
 /// bust-all with standard input not a terminal and no --yes is refused at once with a usage
 /// error, and nothing is removed.
 #[test]

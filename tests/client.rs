@@ -290,6 +290,7 @@ async fn undecodable_values_are_misses() {
         }),
         value: value.into(),
         ttl_seconds: 60,
+        tags: Vec::new(),
     };
     raw.put(poison(1, b"\xff\x00garbage")).await.unwrap();
     raw.put(poison(2, b"\"a string, not an invoice\""))
@@ -601,4 +602,49 @@ async fn refused_writes_are_warned_once_and_do_not_open_the_breaker() {
         "{}",
         warnings[0]
     );
+}
+
+/// `Function::tagged` writes with its tags, so `Client::bust_tag` removes the entries of
+/// several functions at once; a refused tag is fail-open: the result comes back, uncached.
+#[tokio::test]
+async fn tagged_calls_bust_together() {
+    let server = CacheServer::memory(&["--max-tag-bytes", "16"]);
+    let cm = Client::connect(server.url()).await.unwrap();
+    let runs = AtomicUsize::new(0);
+    let run = |value: u64| {
+        runs.fetch_add(1, SeqCst);
+        async move { value }
+    };
+    let profile = cm.function("app", "profile", Ttl::HOUR);
+    let orders = cm.function("app", "orders", Ttl::HOUR);
+    let user = |id: u64| [format!("user:{id}")];
+    for id in [7, 8] {
+        let _: u64 = profile
+            .tagged(user(id))
+            .memoize(&(id,), || run(id))
+            .await
+            .unwrap();
+        let _: u64 = orders
+            .tagged(user(id))
+            .memoize(&(id,), || run(id))
+            .await
+            .unwrap();
+    }
+    assert_eq!(profile.tagged(user(7)).tags(), ["user:7"]);
+    assert_eq!(cm.bust_tag("app", "user:7").await.unwrap(), 2);
+    let _: u64 = profile.memoize(&(8,), || run(8)).await.unwrap();
+    assert_eq!(runs.load(SeqCst), 4, "user 8 was busted");
+    let long = "x".repeat(17);
+    let value: u64 = profile
+        .tagged([long.as_str()])
+        .memoize(&(9,), || run(9))
+        .await
+        .unwrap();
+    assert_eq!(value, 9);
+    let _: u64 = profile.memoize(&(9,), || run(9)).await.unwrap();
+    assert_eq!(runs.load(SeqCst), 6, "a refused write was cached");
+    assert!(matches!(
+        cm.bust_tag("a:b", "user:7").await,
+        Err(Error::InvalidName(_))
+    ));
 }

@@ -1,6 +1,7 @@
 //! A Redis Cluster changing under a running server: a primary killed under steady load (its
-//! replica promoted), and a resharding racing a bust. Each test has a cluster of its own,
-//! since it changes the topology.
+//! replica promoted), a resharding racing a bust, and a tag index's primary frozen under a
+//! tagged write and a BustTag. Each test has a cluster of its own, since it changes the
+//! topology.
 
 mod common;
 
@@ -454,4 +455,92 @@ async fn frozen_cluster_times_out_instead_of_hanging() {
     );
     let value = common::get(&mut cm, key("ns", "f", 1)).await;
     assert_eq!(value.as_deref(), Some(&b"v"[..]));
+}
+
+/// The primary holding a tag's index frozen (SIGSTOP): a tagged Put whose entry lives on
+/// another primary fails UNAVAILABLE and writes no entry; a BustTag already walking the index
+/// fails UNAVAILABLE saying its count may be partial and naming the index; thawed, BustTag
+/// removes and counts exactly the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_index_primary_frozen_fails_writes_and_busts_honestly() {
+    const ENTRIES: u64 = 30_000;
+    let cluster = RedisCluster::start(5_000);
+    let server = CacheServer::cluster(&cluster, &["--bust-batch", "5"]);
+    let mut cm = server.client().await;
+    let tagged = |n: u64| pb::PutRequest {
+        tags: vec!["user:7".into()],
+        ..put(key("ns", "big", n), b"v", 600)
+    };
+    cm.put(tagged(0)).await.unwrap();
+    let index = cluster
+        .scan_match("cm:ns:#tag:*")
+        .await
+        .pop_first()
+        .map(|key| String::from_utf8(key).unwrap())
+        .expect("the tag's index");
+    let index_node = cluster.primary_of(index.as_bytes());
+    let entry = |n: u64| format!("cm:ns:big:{}", digest(n)).into_bytes();
+
+    // An entry on another primary than the index: its write must not happen without it.
+    let elsewhere = (1..)
+        .find(|&n| cluster.primary_of(&entry(n)) != index_node)
+        .unwrap();
+    cluster.freeze(index_node);
+    let put_result = cm.put(tagged(elsewhere)).await;
+    cluster.thaw(index_node);
+    let err = put_result.expect_err("a tagged Put succeeded without its index");
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    let written: bool = redis::cmd("EXISTS")
+        .arg(entry(elsewhere))
+        .query_async(&mut cluster.node(cluster.primary_of(&entry(elsewhere))).await)
+        .await
+        .unwrap();
+    assert!(!written, "the entry was written though its index was not");
+
+    // Many tagged entries over every primary, indexed directly (as the Put's script would).
+    let keys: Vec<Vec<u8>> = (1..ENTRIES).map(entry).collect();
+    cluster.set_keys(&keys, b"v").await;
+    assert_eq!(cluster.primaries_of(&keys).len(), 3);
+    let mut index_conn = cluster.node(index_node).await;
+    for chunk in (1..ENTRIES).collect::<Vec<_>>().chunks(5_000) {
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(&index);
+        for n in chunk {
+            zadd.arg(i64::MAX).arg(format!("big:{}", digest(*n)));
+        }
+        zadd.query_async::<()>(&mut index_conn).await.unwrap();
+    }
+    let stored = cluster_size(&cluster).await;
+    let bust = tokio::spawn({
+        let mut cm = cm.clone();
+        async move {
+            cm.bust_tag(pb::BustTagRequest {
+                namespace: "ns".into(),
+                tag: "user:7".into(),
+            })
+            .await
+        }
+    });
+    let under_way = eventually(Duration::from_secs(20), || async {
+        cluster_size(&cluster).await < stored
+    })
+    .await;
+    assert!(under_way, "the BustTag never started removing");
+    cluster.freeze(index_node);
+    let outcome = bust.await.unwrap();
+    cluster.thaw(index_node);
+    let err = outcome.expect_err("a BustTag with its index's primary frozen succeeded");
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("may be partial") && err.message().contains(&index),
+        "{}",
+        err.message()
+    );
+
+    // The rest: every entry still there, and only those, counted by the next BustTag.
+    let left = cluster.scan_match("cm:ns:big:*").await.len() as u64;
+    assert!(left > 0 && left < ENTRIES, "{left} entries left");
+    let removed = common::bust_tag(&mut cm, "ns", "user:7").await;
+    assert_eq!(removed, left, "the second BustTag did not count the rest");
+    assert!(cluster.scan_match("cm:ns:big:*").await.is_empty());
 }

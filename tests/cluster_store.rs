@@ -1,7 +1,7 @@
 //! What only a Redis Cluster can show: busts that walk every primary and remove exactly their
 //! own entries, counted truly; keys outside the prefix left alone on every node; batches whose
-//! keys live on every primary answered in request order. One cluster is shared by the tests
-//! of this binary, each under its own key prefix.
+//! keys live on every primary answered in request order; BustTag over entries on every
+//! primary. One cluster is shared by the tests of this binary, each under its own key prefix.
 
 mod common;
 
@@ -141,4 +141,46 @@ async fn batches_span_every_primary_in_request_order() {
         get(&mut cm, key("ns", "f", 7)).await.as_deref(),
         Some(&b"value 7"[..])
     );
+}
+
+/// Tagged entries of three functions spread over every primary, the tag's index on one:
+/// BustTag removes and counts exactly them, one UNLINK per slot wherever they live, and
+/// leaves another tag's entries and untagged ones on every node.
+#[tokio::test]
+async fn bust_tag_removes_tagged_entries_on_every_primary() {
+    let cluster = RedisCluster::shared();
+    let prefix = unique_prefix("tags");
+    let server = CacheServer::cluster(&cluster, &["--key-prefix", &prefix]);
+    let mut cm = server.client().await;
+    let tagged = |function: &str, n: u64, tag: Option<&str>| pb::PutRequest {
+        tags: tag.into_iter().map(str::to_owned).collect(),
+        ..put(key("ns", function, n), b"v", 60)
+    };
+    let mut entries = Vec::new();
+    for function in ["profile", "orders", "avatar"] {
+        entries.extend((0..100).map(|n| tagged(function, n, Some("user:7"))));
+        entries.push(tagged(function, 100, Some("user:8")));
+        entries.push(tagged(function, 101, None));
+    }
+    let reply = cm.put_many(pb::PutManyRequest { entries }).await;
+    assert_eq!(reply.unwrap().into_inner().stored, 306);
+    let entry_key = |function: &str, n: u64| format!("{prefix}ns:{function}:{}", digest(n));
+    let busted: Vec<String> = ["profile", "orders", "avatar"]
+        .iter()
+        .flat_map(|function| (0..100).map(|n| entry_key(function, n)))
+        .collect();
+    assert_eq!(cluster.primaries_of(&busted).len(), 3);
+
+    assert_eq!(common::bust_tag(&mut cm, "ns", "user:7").await, 300);
+    let left: BTreeSet<Vec<u8>> = cluster
+        .scan_match(&format!("{prefix}ns:*"))
+        .await
+        .into_iter()
+        .filter(|key| !key.windows(5).any(|part| part == b":#tag"))
+        .collect();
+    let expected: BTreeSet<Vec<u8>> = ["profile", "orders", "avatar"]
+        .iter()
+        .flat_map(|function| [100, 101].map(|n| entry_key(function, n).into_bytes()))
+        .collect();
+    assert_eq!(left, expected);
 }

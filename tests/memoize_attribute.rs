@@ -515,3 +515,58 @@ async fn memoize_during_refresh_gets_the_refreshed_value() {
         .unwrap();
     assert_eq!(stored, 30, "the older refresh overwrote the newer one");
 }
+
+// --- Tags ----------------------------------------------------------------------------------
+
+static ABOUT_USER_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[memoize(client = test_client(), ns = "tags_app", tags = ["user:{id}"])]
+async fn profile(id: u64) -> String {
+    ABOUT_USER_RUNS.fetch_add(1, SeqCst);
+    format!("profile-{id}")
+}
+
+#[memoize(client = test_client(), ns = "tags_app", tags = ["user:{id}", "shop:{shop}"])]
+async fn orders(shop: &str, id: u64) -> Vec<u64> {
+    ABOUT_USER_RUNS.fetch_add(1, SeqCst);
+    vec![id, shop.len() as u64]
+}
+
+#[memoize(client = test_client(), ns = "tags_app", skip(size), tags = ["user:{id}", "{{size={size:>3}}}"])]
+async fn avatar(id: u64, size: u32) -> String {
+    ABOUT_USER_RUNS.fetch_add(1, SeqCst);
+    format!("avatar-{id}-{size}")
+}
+
+/// Three functions tagged `user:{id}` from their arguments: busting `user:7` removes exactly
+/// user 7's three entries (not user 8's), placeholders format like `format!` (a skipped
+/// argument and a format spec included), and refresh writes with the tags too.
+#[tokio::test]
+async fn tags_interpolate_arguments_and_bust_together() {
+    let (_server, cm) = serve().await;
+    let runs = || ABOUT_USER_RUNS.load(SeqCst);
+    for id in [7, 8] {
+        profile(id).await;
+        orders("acme", id).await;
+        avatar(id, 64).await;
+    }
+    assert_eq!(runs(), 6);
+    profile(7).await;
+    assert_eq!(runs(), 6, "served from the cache");
+    assert_eq!(cm.bust_tag("tags_app", "user:7").await.unwrap(), 3);
+    for id in [7, 8] {
+        profile(id).await;
+        orders("acme", id).await;
+        avatar(id, 64).await;
+    }
+    assert_eq!(
+        runs(),
+        9,
+        "user 7's three were recomputed, user 8's were not"
+    );
+    assert_eq!(cm.bust_tag("tags_app", "shop:acme").await.unwrap(), 2);
+    assert_eq!(cm.bust_tag("tags_app", "{size= 64}").await.unwrap(), 2);
+    assert_eq!(profile::refresh(9).await, "profile-9");
+    assert_eq!(cm.bust_tag("tags_app", "user:9").await.unwrap(), 1);
+    assert_eq!(cm.bust_tag("other_ns", "user:8").await.unwrap(), 0);
+}

@@ -322,6 +322,11 @@ async fn metrics_count_a_known_sequence_exactly() {
             .removed,
         1
     );
+    let tag = pb::BustTagRequest {
+        namespace: "billing".into(),
+        tag: "user:7".into(),
+    };
+    assert_eq!(cm.bust_tag(tag).await.unwrap().into_inner().removed, 0);
     let stats = cm.stats(pb::StatsRequest {}).await.unwrap().into_inner();
     assert_eq!(
         (stats.hits, stats.misses, stats.puts),
@@ -369,6 +374,11 @@ async fn metrics_count_a_known_sequence_exactly() {
         (
             "cache_money_rpcs_total",
             &[("method", "BustNamespace"), ("code", "OK")],
+            1.0,
+        ),
+        (
+            "cache_money_rpcs_total",
+            &[("method", "BustTag"), ("code", "OK")],
             1.0,
         ),
         (
@@ -425,6 +435,8 @@ async fn metrics_count_a_known_sequence_exactly() {
         ("cache_money_busts_total", &[("scope", "entry")], 1.0),
         ("cache_money_busts_total", &[("scope", "function")], 1.0),
         ("cache_money_busts_total", &[("scope", "namespace")], 1.0),
+        ("cache_money_busts_total", &[("scope", "tag")], 1.0),
+        ("cache_money_busted_entries_total", &[("scope", "tag")], 0.0),
         (
             "cache_money_busted_entries_total",
             &[("scope", "entry")],

@@ -2,7 +2,8 @@
 //! unicode, glob characters, `:`, empty and 10 KB strings and control characters, through the
 //! real server into a real Redis; 500 pairs of look-alike names busted against each other; and
 //! 600 foreign keys shaped to fool the bust patterns, written straight into Redis beside real
-//! entries, surviving every bust scope.
+//! entries, surviving every bust scope; and 400 tagged Puts with hostile tags, refused by
+//! the tag rule or busted exactly by BustTag.
 //! Every outcome is judged by predicates written here, independent of the server's own code.
 //! Each runs against one Redis and against a Redis Cluster (shared by the cluster runs of this
 //! binary, each under its own key prefix).
@@ -255,6 +256,7 @@ fn generated_requests(cluster: bool) {
                     }),
                     value: vec![b'v'; len].into(),
                     ttl_seconds,
+                    tags: Vec::new(),
                 };
                 let outcome = runtime.block_on(cm.clone().put(request));
                 // The first broken rule, in the order the contract checks them.
@@ -640,4 +642,153 @@ fn foreign_keys_survive(cluster: bool) {
         "only {} foreign keys were checked",
         checked.get()
     );
+}
+
+/// Keys as text (every key these tests write is UTF-8).
+fn utf8(keys: BTreeSet<Vec<u8>>) -> BTreeSet<String> {
+    keys.into_iter()
+        .map(|key| String::from_utf8(key).expect("a UTF-8 key"))
+        .collect()
+}
+
+/// The tag rule, restated: 1-256 bytes of UTF-8 without control characters.
+fn valid_tag(tag: &str) -> bool {
+    (1..=256).contains(&tag.len()) && !tag.chars().any(char::is_control)
+}
+
+fn tag() -> impl Strategy<Value = String> {
+    prop_oneof![
+        10 => "(user|shop):[0-9]",
+        2 => r"[*?\[\]\\:#{}]{1,6}",
+        2 => "\\PC{1,12}",
+        1 => any::<String>(),
+        1 => Just(String::new()),
+        1 => "[\\x00-\\x1f\\x7f]{1,3}",
+        1 => "x{257,300}",
+        1 => Just("é".repeat(128)),
+        1 => Just("é".repeat(129)),
+    ]
+}
+
+/// 400 generated tagged Puts (tags of globs, separators, unicode, control characters, empty
+/// and overlong, up to three per write): each is stored or refused by the tag rule naming
+/// the tag; Redis then holds only entries and tag indexes of the documented shapes; and a
+/// BustTag of every accepted (namespace, tag) removes exactly the entries written with it
+/// that no earlier BustTag removed, leaving only the untagged ones.
+#[test]
+fn generated_tags_are_refused_or_bust_exactly_their_entries() {
+    generated_tags(false)
+}
+
+/// As `generated_tags_are_refused_or_bust_exactly_their_entries`, on a Redis Cluster: indexes
+/// and entries under the server's prefix on every primary, busted across slots.
+#[test]
+fn generated_tags_are_refused_or_bust_exactly_their_entries_on_a_cluster() {
+    generated_tags(true)
+}
+
+fn generated_tags(cluster: bool) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let store = Store::start(&runtime, cluster);
+    let prefix = store.prefix.clone();
+    let server = store.server(&[]);
+    let cm = runtime.block_on(server.client());
+    // (namespace, tag) → the entries written with it; and the untagged entries.
+    let tagged = std::cell::RefCell::new(std::collections::BTreeMap::new());
+    let untagged = std::cell::RefCell::new(BTreeSet::new());
+    let written = std::cell::Cell::new(0u64);
+    let mut runner = TestRunner::new(Config {
+        cases: 400,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let strategy = (
+        proptest::sample::select(&["app", "billing"][..]),
+        proptest::sample::select(&["f", "g", "h"][..]),
+        proptest::collection::vec(tag(), 0..=3),
+    );
+    runner
+        .run(&strategy, |(namespace, function, tags)| {
+            // A digest of its own per write, so no entry is ever rewritten with other tags.
+            written.set(written.get() + 1);
+            let digest = format!("{:032x}", written.get());
+            let entry = format!("{prefix}{namespace}:{function}:{digest}");
+            let request = pb::PutRequest {
+                key: Some(pb::Key {
+                    namespace: namespace.into(),
+                    function: function.into(),
+                    digest,
+                }),
+                value: b"v".to_vec().into(),
+                ttl_seconds: 600,
+                tags: tags.clone(),
+            };
+            let outcome = runtime.block_on(cm.clone().put(request));
+            match (tags.iter().position(|tag| !valid_tag(tag)), outcome) {
+                (None, Ok(_)) if tags.is_empty() => {
+                    untagged.borrow_mut().insert(entry);
+                }
+                (None, Ok(_)) => {
+                    for tag in tags {
+                        tagged
+                            .borrow_mut()
+                            .entry((namespace, tag))
+                            .or_insert_with(BTreeSet::new)
+                            .insert(entry.clone());
+                    }
+                }
+                (Some(i), Err(status)) => {
+                    prop_assert_eq!(status.code(), Code::InvalidArgument);
+                    let field = format!("tags[{i}]:");
+                    prop_assert!(status.message().starts_with(&field), "{}", status.message());
+                }
+                (None, Err(status)) => prop_assert!(false, "valid tags refused: {status:?}"),
+                (Some(i), Ok(_)) => prop_assert!(false, "tag {:?} was stored", tags[i]),
+            }
+            Ok(())
+        })
+        .unwrap();
+
+    let tagged = tagged.into_inner();
+    let untagged = untagged.into_inner();
+    let indexes: BTreeSet<String> = tagged
+        .keys()
+        .map(|(namespace, tag)| format!("{prefix}{namespace}:#tag:{:x}", md5::compute(tag)))
+        .collect();
+    let entries: BTreeSet<String> = tagged.values().flatten().cloned().collect();
+    let keys = utf8(runtime.block_on(store.keys()));
+    let expected: BTreeSet<String> = indexes
+        .iter()
+        .chain(&entries)
+        .chain(&untagged)
+        .cloned()
+        .collect();
+    assert_eq!(
+        keys, expected,
+        "Redis holds exactly the entries and indexes"
+    );
+    assert!(
+        tagged.len() > 20 && entries.len() > 100,
+        "too few tagged writes"
+    );
+
+    let mut busted = BTreeSet::new();
+    for ((namespace, tag), carrying) in &tagged {
+        let removed = runtime
+            .block_on(cm.clone().bust_tag(pb::BustTagRequest {
+                namespace: (*namespace).into(),
+                tag: tag.clone(),
+            }))
+            .unwrap()
+            .into_inner()
+            .removed;
+        let fresh = carrying.difference(&busted).count() as u64;
+        assert_eq!(removed, fresh, "BustTag {namespace} {tag:?}");
+        busted.extend(carrying.iter().cloned());
+    }
+    let left: BTreeSet<String> = utf8(runtime.block_on(store.keys()))
+        .into_iter()
+        .filter(|key| !indexes.contains(key))
+        .collect();
+    assert_eq!(left, untagged, "only the untagged entries are left");
 }

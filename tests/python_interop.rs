@@ -1,6 +1,7 @@
 //! Python and Rust share one cache: the Python example (stdlib key spec + generated stubs)
 //! passes every key vector (versioned ones too), reads what the Rust client stored, and
-//! stores what Rust reads, for an unversioned and a versioned function.
+//! stores what Rust reads, for an unversioned and a versioned function; and a tag written by
+//! either side is busted by the other, across functions.
 //! Needs the virtualenv that `scripts/test` creates (`.venv`, or `CACHE_MONEY_PYTHON`).
 
 mod common;
@@ -46,6 +47,13 @@ async fn python_and_rust_share_entries() {
         .await
         .unwrap();
     assert_eq!(unversioned, "stale: version 1");
+    let profile = cm.function("__main__", "profile", Ttl::HOUR);
+    let name: String = profile
+        .tagged(["user:7"])
+        .memoize(&(7,), || async { "Ada".to_owned() })
+        .await
+        .unwrap();
+    assert_eq!(name, "Ada");
 
     let output = Command::new(&python)
         .arg(root.join("examples/python/interop.py"))
@@ -90,6 +98,36 @@ async fn python_and_rust_share_entries() {
         .await
         .unwrap();
     assert_eq!(from_python, "400 cents");
+
+    // Tags: Python's BustTag removed Rust's profile(7) with its own orders(7) (2 entries);
+    // its orders(8) survived, and its avatar(7), written after, is Rust's to bust.
+    assert!(report.contains("\"tag_busted_from_python\": 2"), "{report}");
+    let recomputed: String = profile
+        .memoize(&(7,), || async { "recomputed".to_owned() })
+        .await
+        .unwrap();
+    assert_eq!(
+        recomputed, "recomputed",
+        "profile(7) survived Python's BustTag"
+    );
+    let orders = cm.function("__main__", "orders", Ttl::HOUR);
+    let kept: Vec<u64> = orders
+        .memoize(&(8,), || async {
+            unreachable!("orders(8) is not tagged user:7")
+        })
+        .await
+        .unwrap();
+    assert_eq!(kept, [8, 1]);
+    assert_eq!(
+        cm.bust_tag("__main__", "user:7").await.unwrap(),
+        1,
+        "avatar(7)"
+    );
+    assert_eq!(
+        cm.bust_tag("__main__", "user:8").await.unwrap(),
+        1,
+        "orders(8)"
+    );
 }
 
 /// The fenced blocks tagged `lang` (`""` for untagged ones) in the README section whose

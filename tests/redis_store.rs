@@ -729,3 +729,83 @@ async fn requests_after_an_idle_redis_restart_succeed() {
         );
     }
 }
+
+/// A tagged Put with `ttl_seconds` of `function`'s call `n` in namespace `app`.
+fn tagged_put(function: &str, n: u64, ttl_seconds: u32, tag: &str) -> pb::PutRequest {
+    pb::PutRequest {
+        tags: vec![tag.to_owned()],
+        ..put(key("app", function, n), b"v", ttl_seconds)
+    }
+}
+
+/// The index of `tag` in namespace `app`, under the default prefix.
+fn tag_index(tag: &str) -> String {
+    format!("cm:app:#tag:{:x}", md5::compute(tag))
+}
+
+/// A tag index expires with its latest entry, plus the slack (two store timeouts and a
+/// second): extended by a longer-lived entry, shortened again when that entry is rewritten
+/// with a short TTL.
+#[tokio::test]
+async fn tag_index_expires_with_its_latest_entry() {
+    let redis = RedisServer::start();
+    let server = CacheServer::redis(&redis, &["--store-timeout-ms", "250"]);
+    let mut cm = server.client().await;
+    let mut conn = redis.connect().await;
+    let index = tag_index("user:7");
+    let pttl = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let index = index.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(index)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let slack = 1_500;
+    cm.put(tagged_put("f", 1, 60, "user:7")).await.unwrap();
+    let ttl = pttl(&mut conn).await;
+    assert!((55_000..=60_000 + slack).contains(&ttl), "{ttl}");
+    cm.put(tagged_put("g", 1, 600, "user:7")).await.unwrap();
+    let ttl = pttl(&mut conn).await;
+    assert!((595_000..=600_000 + slack).contains(&ttl), "{ttl}");
+    cm.put(tagged_put("g", 1, 10, "user:7")).await.unwrap();
+    let ttl = pttl(&mut conn).await;
+    assert!((55_000..=60_000 + slack).contains(&ttl), "{ttl}");
+}
+
+/// The race a BustTag keeps its members for: a Put whose index write landed before the bust
+/// and whose entry write lands after it (simulated by writing the entry straight into Redis)
+/// is still removed by the next BustTag of the tag.
+#[tokio::test]
+async fn an_entry_landing_after_a_tag_bust_stays_findable() {
+    let redis = RedisServer::start();
+    let server = CacheServer::redis(&redis, &[]);
+    let mut cm = server.client().await;
+    cm.put(tagged_put("f", 1, 60, "user:7")).await.unwrap();
+    let bust_tag = || pb::BustTagRequest {
+        namespace: "app".into(),
+        tag: "user:7".into(),
+    };
+    assert_eq!(
+        cm.bust_tag(bust_tag()).await.unwrap().into_inner().removed,
+        1
+    );
+    let mut conn = redis.connect().await;
+    redis::cmd("SET")
+        .arg(format!("cm:app:f:{}", digest(1)))
+        .arg("late")
+        .arg("PX")
+        .arg(60_000)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert!(get(&mut cm, key("app", "f", 1)).await.is_some());
+    assert_eq!(
+        cm.bust_tag(bust_tag()).await.unwrap().into_inner().removed,
+        1
+    );
+    assert_eq!(get(&mut cm, key("app", "f", 1)).await, None);
+}

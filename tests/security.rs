@@ -41,19 +41,21 @@ enum Rpc {
     BustFunction,
     BustNamespace,
     BustAll,
+    BustTag,
     GetMany,
     PutMany,
     Keys,
     Stats,
 }
 
-const RPCS: [Rpc; 10] = [
+const RPCS: [Rpc; 11] = [
     Rpc::Get,
     Rpc::Put,
     Rpc::Bust,
     Rpc::BustFunction,
     Rpc::BustNamespace,
     Rpc::BustAll,
+    Rpc::BustTag,
     Rpc::GetMany,
     Rpc::PutMany,
     Rpc::Keys,
@@ -118,6 +120,13 @@ async fn call(
             .bust_all(with_token(pb::BustAllRequest {}, token))
             .await
             .map(drop),
+        Rpc::BustTag => {
+            let request = pb::BustTagRequest {
+                namespace: ns(),
+                tag: "user:7".into(),
+            };
+            cm.bust_tag(with_token(request, token)).await.map(drop)
+        }
         Rpc::GetMany => {
             let request = pb::GetManyRequest {
                 keys: vec![key("billing", "f", 1)],
@@ -202,7 +211,13 @@ async fn read_write_and_admin_are_separate_rights() {
     for rpc in [Rpc::Get, Rpc::GetMany] {
         call(&mut cm, rpc, Some(READER)).await.unwrap();
     }
-    for rpc in [Rpc::Put, Rpc::PutMany, Rpc::Bust, Rpc::BustFunction] {
+    for rpc in [
+        Rpc::Put,
+        Rpc::PutMany,
+        Rpc::Bust,
+        Rpc::BustFunction,
+        Rpc::BustTag,
+    ] {
         let err = call(&mut cm, rpc, Some(READER)).await.unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied, "{rpc:?}");
     }

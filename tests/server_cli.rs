@@ -136,6 +136,8 @@ fn every_setting(files: &SettingFiles) -> Vec<(&'static str, String, String)> {
         number("max-ttl-seconds", 3601),
         number("max-value-bytes", 1001),
         number("max-batch", 51),
+        number("max-tags", 5),
+        number("max-tag-bytes", 99),
         number("max-message-bytes", 100_001),
         number("max-response-bytes", 100_002),
         number("bust-batch", 101),

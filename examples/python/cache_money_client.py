@@ -27,12 +27,17 @@ def connect(address: str) -> rpc.CacheMoneyStub:
     return rpc.CacheMoneyStub(grpc.insecure_channel(address))
 
 
-def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR, version: int = 1):
+def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR, version: int = 1, tags=None):
     """Memoizes a function in cache-money under (its module, its name, its arguments).
 
     Bump `version` when the function's result changes type or meaning: calls then never read
     entries of another version (Rust's `#[memoize(version = 2)]` keys the same way), and
-    `bust_all` still removes every version's entries."""
+    `bust_all` still removes every version's entries.
+
+    `tags`, when given, is called with the call's arguments and returns the tags the result is
+    written with, e.g. `tags=lambda user_id: [f"user:{user_id}"]`; `bust_tag(stub, module,
+    "user:7")` then removes it with every other entry of the module carrying the tag (Rust's
+    `#[memoize(tags = ["user:{id}"])]` writes the same)."""
 
     def decorate(fn):
         def key(*args):
@@ -52,7 +57,10 @@ def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR, version: int = 1
             if result is not None:  # as in the seed, None is not cached
                 value = json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode()
                 try:
-                    stub.Put(pb.PutRequest(key=entry, value=value, ttl_seconds=timeout), timeout=DEADLINE_SECONDS)
+                    written = pb.PutRequest(
+                        key=entry, value=value, ttl_seconds=timeout, tags=tags(*args) if tags else []
+                    )
+                    stub.Put(written, timeout=DEADLINE_SECONDS)
                 except grpc.RpcError as err:
                     logging.debug("cache-money unavailable, not stored: %s", err)
             return result
@@ -64,3 +72,9 @@ def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR, version: int = 1
         return wrapper
 
     return decorate
+
+
+def bust_tag(stub: rpc.CacheMoneyStub, namespace: str, tag: str) -> int:
+    """Removes every entry of `namespace` written with `tag`, whatever function wrote it;
+    returns how many there were."""
+    return stub.BustTag(pb.BustTagRequest(namespace=namespace, tag=tag)).removed

@@ -43,9 +43,10 @@ struct Options {
     client: Option<Expr>,
     version: Option<u32>,
     cache_none: Option<bool>,
+    tags: Vec<LitStr>,
 }
 
-const OPTIONS: &str = "ns, name, ttl, key, skip(…), client, version, cache_none";
+const OPTIONS: &str = "ns, name, ttl, key, skip(…), client, version, cache_none, tags";
 
 fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
     let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr)?;
@@ -93,6 +94,7 @@ fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
                     "client" => options.client = Some(value),
                     "version" => options.version = Some(version_literal(&value)?),
                     "cache_none" => options.cache_none = Some(bool_literal(&value)?),
+                    "tags" => options.tags = tag_literals(&value)?,
                     _ => {
                         return Err(Error::new(
                             first_span(&pair.path),
@@ -159,6 +161,84 @@ fn version_literal(value: &Expr) -> syn::Result<u32> {
         first_span(&value),
         "#[memoize]: `version` takes an integer literal from 1 (1 is the unversioned key space)",
     ))
+}
+
+/// `tags = ["user:{id}", …]`: an array of string literals, each a `format!` string.
+fn tag_literals(value: &Expr) -> syn::Result<Vec<LitStr>> {
+    let refused = || {
+        Error::new(
+            first_span(&value),
+            "#[memoize]: `tags` takes an array of string literals, e.g. `tags = [\"user:{id}\"]`, \
+             where `{id}` is an argument",
+        )
+    };
+    let Expr::Array(array) = value else {
+        return Err(refused());
+    };
+    array
+        .elems
+        .iter()
+        .map(|element| match element {
+            Expr::Lit(ExprLit {
+                lit: Lit::Str(literal),
+                ..
+            }) => Ok(literal.clone()),
+            _ => Err(refused()),
+        })
+        .collect()
+}
+
+/// The argument names a tag's `{name}` / `{name:spec}` placeholders use, in order, with
+/// `{{` and `}}` as literal braces; an error for a placeholder without a name (`{}`, `{0}`)
+/// or an unmatched brace, which `format!` would refuse less clearly.
+fn tag_placeholders(tag: &LitStr) -> syn::Result<Vec<String>> {
+    let text = tag.value();
+    let refuse = |why: &str| {
+        Error::new(
+            tag.span(),
+            format!(
+                "#[memoize]: tag {text:?}: {why}; write `{{name}}` for an argument, `{{{{` and `}}}}` for braces"
+            ),
+        )
+    };
+    let mut names = Vec::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+            }
+            '{' => {
+                let mut inside = String::new();
+                loop {
+                    match chars.next() {
+                        Some('}') => break,
+                        Some(c) => inside.push(c),
+                        None => return Err(refuse("a `{` is not closed")),
+                    }
+                }
+                let name = inside.split(':').next().unwrap_or_default().trim();
+                let is_ident = name
+                    .chars()
+                    .next()
+                    .is_some_and(|first| first.is_alphabetic() || first == '_')
+                    && name.chars().all(|c| c.is_alphanumeric() || c == '_');
+                if !is_ident {
+                    return Err(refuse(&format!("`{{{inside}}}` names no argument")));
+                }
+                names.push(name.to_owned());
+            }
+            '}' => return Err(refuse("a `}` is not opened")),
+            _ => {}
+        }
+    }
+    if text.is_empty() {
+        return Err(refuse("a tag must not be empty"));
+    }
+    Ok(names)
 }
 
 fn bool_literal(value: &Expr) -> syn::Result<bool> {
@@ -376,6 +456,16 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
             ));
         }
     }
+    for tag in &options.tags {
+        for placeholder in tag_placeholders(tag)? {
+            if !args.iter().any(|arg| arg.name == placeholder) {
+                return Err(Error::new(
+                    tag.span(),
+                    format!("#[memoize]: tags: `{fn_ident}` has no argument named `{placeholder}`"),
+                ));
+            }
+        }
+    }
     if let (Some(key), false) = (&options.key, options.skip.is_empty()) {
         return Err(Error::new(
             first_span(&key),
@@ -477,9 +567,16 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     } else {
         (quote!(memoize), quote!(refresh))
     };
+    // Each tag is `format!`ted from the (borrowed) arguments before they move into the body.
+    let tagged = if options.tags.is_empty() {
+        quote!()
+    } else {
+        let tags = &options.tags;
+        quote!(.tagged(::std::vec![#(::std::format!(#tags)),*]))
+    };
     let call = |method: &TokenStream2, site: &TokenStream2, client: &TokenStream2, compute| {
         quote! {
-            let #prepared = #site.prepare(#client, #key);
+            let #prepared = #site.prepare(#client, #key)#tagged;
             #prepared.#method(move || #compute(#(#arg_names),*)).await
         }
     };

@@ -395,7 +395,7 @@ impl Metrics {
             );
             r.register(
                 "busts",
-                "Busts done, by scope (entry, function, namespace, all)",
+                "Busts done, by scope (entry, function, namespace, all, tag)",
                 recorder.busts.clone(),
             );
             r.register(

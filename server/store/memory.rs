@@ -2,7 +2,7 @@
 //! needs nothing installed. Same rules as Redis: every entry expires, busts are exact.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     ops::Bound,
     sync::{Arc, Mutex, MutexGuard, Weak},
     time::Duration,
@@ -18,13 +18,14 @@ use crate::server::metrics::Metrics;
 
 /// The `command` label values of `cache_money_store_command_duration_seconds` for the
 /// in-memory store: one per operation, as the README lists them.
-pub const MEMORY_COMMANDS: [&str; 7] = [
+pub const MEMORY_COMMANDS: [&str; 8] = [
     "get",
     "get_many",
     "value_bytes",
     "put",
     "put_many",
     "bust",
+    "bust_tag",
     "keys",
 ];
 
@@ -35,6 +36,10 @@ const PURGE_INTERVAL: Duration = Duration::from_millis(250);
 /// Bytes charged per entry on top of its key and value, for the map's own bookkeeping.
 const ENTRY_OVERHEAD: usize = 96;
 
+/// Bytes charged per tag of an entry on top of the tag's own bytes: the tag kept with the
+/// entry, and the entry's key in the tag's index.
+const TAG_OVERHEAD: usize = 64;
+
 /// Entries in a process-local ordered map. Cloning is shallow.
 ///
 /// Keys are `namespace:function:digest`. Names cannot contain `:`, so one function's entries
@@ -43,6 +48,11 @@ const ENTRY_OVERHEAD: usize = 96;
 /// validated [`EntryKey`]s, so a bust needs no grammar check: every key in a range is an
 /// entry of that scope. When the byte budget is reached, the entries closest to expiry
 /// make room (Redis's `volatile-ttl`), since a cache that refuses writes helps nobody.
+///
+/// Tags are indexed per `namespace:tag`; an entry leaves its tags' indexes whenever it leaves
+/// the map (bust, expiry sweep, eviction, overwrite), so the indexes hold live entries only and
+/// an entry overwritten with other tags is no longer busted by its old ones. Each tag is
+/// charged to its entry's bytes, so the budget bounds the indexes too.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     shared: Arc<Mutex<State>>,
@@ -55,6 +65,8 @@ struct Entry {
     expires_at: Instant,
     /// Tells apart two entries expiring at the same instant in `expirations`.
     seq: u64,
+    /// Its tags, to find its place in their indexes when it goes.
+    tags: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -63,21 +75,45 @@ struct State {
     /// (expiry, seq) → key: the next entry to expire (or to evict) is the first.
     expirations: BTreeMap<(Instant, u64), String>,
     next_seq: u64,
+    /// `namespace:tag` → the map keys of the entries carrying it. Names hold no `:`, so the
+    /// first `:` ends the namespace.
+    tags: HashMap<String, BTreeSet<String>>,
     bytes: usize,
     max_bytes: usize,
 }
 
-fn charge(key: &str, value: &Bytes) -> usize {
-    key.len() + value.len() + ENTRY_OVERHEAD
+fn charge(key: &str, value: &[u8], tags: &[String]) -> usize {
+    let tags: usize = tags.iter().map(|tag| tag.len() + TAG_OVERHEAD).sum();
+    key.len() + value.len() + ENTRY_OVERHEAD + tags
+}
+
+/// The key of the index of `tag` in `namespace`.
+fn tag_index(namespace: &str, tag: &str) -> String {
+    format!("{namespace}:{tag}")
+}
+
+/// The namespace part of a map key.
+fn namespace_of(key: &str) -> &str {
+    key.split_once(':').map_or(key, |(namespace, _)| namespace)
 }
 
 impl State {
+    /// Removes one entry and every trace of it: its expiry, its tags' index places, its bytes.
     fn remove(&mut self, key: &str) -> bool {
         let Some(entry) = self.entries.remove(key) else {
             return false;
         };
         self.expirations.remove(&(entry.expires_at, entry.seq));
-        self.bytes -= charge(key, &entry.value);
+        self.bytes -= charge(key, &entry.value, &entry.tags);
+        for tag in &entry.tags {
+            let index = tag_index(namespace_of(key), tag);
+            if let Some(members) = self.tags.get_mut(&index) {
+                members.remove(key);
+                if members.is_empty() {
+                    self.tags.remove(&index);
+                }
+            }
+        }
         true
     }
 
@@ -88,30 +124,34 @@ impl State {
     /// Stores a copy of `value`: a value decoded from a request is a slice of the whole
     /// request's buffer, so keeping the slice would keep (say) an 8 MiB `PutMany` alive for
     /// one surviving 1-byte entry, while the budget counted only the byte.
-    fn insert(&mut self, key: String, value: &[u8], ttl: Duration, now: Instant) {
-        let value = Bytes::copy_from_slice(value);
+    fn insert(&mut self, entry: &NewEntry, now: Instant) {
+        let key = map_key(&entry.key);
+        let value = Bytes::copy_from_slice(&entry.value);
         self.remove(&key);
-        let cost = charge(&key, &value);
+        let cost = charge(&key, &value, &entry.tags);
         while self.bytes + cost > self.max_bytes {
             let Some((_, victim)) = self.expirations.pop_first() else {
                 break;
             };
-            let entry = self
-                .entries
-                .remove(&victim)
-                .expect("expirations mirrors entries");
-            self.bytes -= charge(&victim, &entry.value);
+            self.remove(&victim);
         }
-        let expires_at = now + ttl;
+        let expires_at = now + entry.ttl;
         let seq = self.next_seq;
         self.next_seq += 1;
         self.expirations.insert((expires_at, seq), key.clone());
+        for tag in &entry.tags {
+            self.tags
+                .entry(tag_index(entry.key.namespace(), tag))
+                .or_default()
+                .insert(key.clone());
+        }
         self.entries.insert(
             key,
             Entry {
                 value,
                 expires_at,
                 seq,
+                tags: entry.tags.clone(),
             },
         );
         self.bytes += cost;
@@ -123,11 +163,7 @@ impl State {
                 break;
             }
             let key = entry.remove();
-            let entry = self
-                .entries
-                .remove(&key)
-                .expect("expirations mirrors entries");
-            self.bytes -= charge(&key, &entry.value);
+            self.remove(&key);
         }
     }
 
@@ -139,8 +175,13 @@ impl State {
             .take_while(|(key, _)| key.starts_with(prefix))
             .map(|(key, _)| key.clone())
             .collect();
+        self.remove_all(doomed, now)
+    }
+
+    /// Removes the entries under `keys`, returning how many were live.
+    fn remove_all(&mut self, keys: impl IntoIterator<Item = String>, now: Instant) -> u64 {
         let mut live = 0;
-        for key in doomed {
+        for key in keys {
             if self.live(&key, now).is_some() {
                 live += 1;
             }
@@ -168,6 +209,7 @@ impl MemoryStore {
             entries: BTreeMap::new(),
             expirations: BTreeMap::new(),
             next_seq: 0,
+            tags: HashMap::new(),
             bytes: 0,
             max_bytes,
         }));
@@ -246,17 +288,14 @@ impl Store for MemoryStore {
     }
 
     async fn put(&self, entry: &NewEntry) -> Result<(), StoreError> {
-        let key = map_key(&entry.key);
-        self.timed("put", |state, now| {
-            state.insert(key, &entry.value, entry.ttl, now)
-        });
+        self.timed("put", |state, now| state.insert(entry, now));
         Ok(())
     }
 
     async fn put_many(&self, entries: &[NewEntry]) -> Result<(), StoreError> {
         self.timed("put_many", |state, now| {
             for entry in entries {
-                state.insert(map_key(&entry.key), &entry.value, entry.ttl, now);
+                state.insert(entry, now);
             }
         });
         Ok(())
@@ -273,6 +312,15 @@ impl Store for MemoryStore {
             Scope::Function(function) => state.remove_prefixed(&function_prefix(function), now),
             Scope::Namespace(namespace) => state.remove_prefixed(&format!("{namespace}:"), now),
             Scope::All => state.remove_prefixed("", now),
+        }))
+    }
+
+    async fn bust_tag(&self, namespace: &str, tag: &str) -> Result<u64, StoreError> {
+        Ok(self.timed("bust_tag", |state, now| {
+            match state.tags.remove(&tag_index(namespace, tag)) {
+                Some(members) => state.remove_all(members, now),
+                None => 0,
+            }
         }))
     }
 
@@ -345,13 +393,21 @@ mod tests {
             key: key(function, n),
             value: Bytes::from_static(value),
             ttl,
+            tags: Vec::new(),
+        }
+    }
+
+    fn tagged(function: &str, n: u32, ttl: Duration, tags: &[&str]) -> NewEntry {
+        NewEntry {
+            tags: tags.iter().map(|tag| tag.to_string()).collect(),
+            ..entry(function, n, b"v", ttl)
         }
     }
 
     /// The byte budget holds: the entry closest to expiry is evicted to make room.
     #[tokio::test]
     async fn full_store_evicts_soonest_expiring() {
-        let one = charge(&key("f", 0).to_string(), &Bytes::from_static(b"v"));
+        let one = charge(&key("f", 0).to_string(), b"v", &[]);
         let store = MemoryStore::new(one * 2);
         store
             .put(&entry("f", 0, b"v", Duration::from_secs(10)))
@@ -391,7 +447,7 @@ mod tests {
         assert_eq!(state.expirations.len(), 1);
         assert_eq!(
             state.bytes,
-            charge(&key("f", 0).to_string(), &Bytes::from_static(b"second"))
+            charge(&key("f", 0).to_string(), b"second", &[])
         );
     }
 
@@ -407,6 +463,73 @@ mod tests {
         assert!(store.get(&key("f", 0)).await.unwrap().is_none());
         tokio::time::sleep(PURGE_INTERVAL * 2).await;
         assert_eq!(store.locked().entries.len(), 0);
+        assert_eq!(store.locked().bytes, 0);
+    }
+
+    /// Tagged entries' tag bookkeeping goes with them when they expire: the sweep leaves no
+    /// index behind and the byte count returns to zero.
+    #[tokio::test(start_paused = true)]
+    async fn tag_indexes_expire_with_their_entries() {
+        let store = MemoryStore::new(1 << 20);
+        store
+            .put(&tagged(
+                "f",
+                0,
+                Duration::from_secs(1),
+                &["user:7", "org:1"],
+            ))
+            .await
+            .unwrap();
+        store
+            .put(&tagged("g", 0, Duration::from_secs(2), &["user:7"]))
+            .await
+            .unwrap();
+        assert_eq!(store.locked().tags.len(), 2);
+        assert!(store.locked().bytes > 0);
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        tokio::time::sleep(PURGE_INTERVAL * 2).await;
+        assert_eq!(
+            store.locked().tags.len(),
+            1,
+            "org:1 outlived its only entry"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        tokio::time::sleep(PURGE_INTERVAL * 2).await;
+        let state = store.locked();
+        assert!(state.tags.is_empty(), "{:?}", state.tags);
+        assert_eq!((state.entries.len(), state.bytes), (0, 0));
+    }
+
+    /// Tags are charged to the budget, and an entry evicted to make room leaves its indexes.
+    #[tokio::test]
+    async fn tags_are_charged_and_evicted() {
+        let tags = ["t".repeat(100)];
+        let plain = charge(&key("f", 0).to_string(), b"v", &[]);
+        let one = charge(&key("f", 0).to_string(), b"v", &tags);
+        assert_eq!(one, plain + 100 + TAG_OVERHEAD);
+        let store = MemoryStore::new(one * 2);
+        for n in 0..3 {
+            let ttl = Duration::from_secs(10 + u64::from(n));
+            store.put(&tagged("f", n, ttl, &[&tags[0]])).await.unwrap();
+        }
+        assert!(store.get(&key("f", 0)).await.unwrap().is_none(), "evicted");
+        let state = store.locked();
+        assert_eq!(state.bytes, one * 2);
+        assert_eq!(state.tags[&tag_index("ns", &tags[0])].len(), 2);
+    }
+
+    /// Overwriting an entry with other tags takes it out of its old tags' indexes: BustTag of
+    /// the old tag leaves it alone.
+    #[tokio::test]
+    async fn overwrite_moves_an_entry_between_tags() {
+        let store = MemoryStore::new(1 << 20);
+        let ttl = Duration::from_secs(60);
+        store.put(&tagged("f", 0, ttl, &["old"])).await.unwrap();
+        store.put(&tagged("f", 0, ttl, &["new"])).await.unwrap();
+        assert_eq!(store.bust_tag("ns", "old").await.unwrap(), 0);
+        assert!(store.get(&key("f", 0)).await.unwrap().is_some());
+        assert_eq!(store.bust_tag("ns", "new").await.unwrap(), 1);
+        assert!(store.locked().tags.is_empty());
         assert_eq!(store.locked().bytes, 0);
     }
 

@@ -10,7 +10,7 @@ use std::{fmt, future::Future, time::Duration};
 use bytes::Bytes;
 
 use crate::key::{EntryKey, FunctionKey};
-use crate::server::key::{EntryParts, KeyLayout};
+use crate::server::key::{EntryParts, KeyLayout, LayoutKey};
 
 pub use self::memory::{MEMORY_COMMANDS, MemoryStore};
 pub use self::redis::{RedisStore, cluster::ClusterStore};
@@ -69,9 +69,26 @@ impl Scope<'_> {
 
     /// Whether a key SCAN found is an entry in this scope: a SCAN pattern is only a coarse
     /// filter (its `*` matches `:` too), so nothing is removed or listed unless it has the
-    /// exact shape of an entry under `layout` and belongs to the scope.
+    /// exact shape of an entry under `layout` and belongs to the scope (a tag index never
+    /// does: `Keys` lists entries only; see [`Scope::removes`] for what a bust removes).
     pub fn holds(&self, layout: &KeyLayout, key: &[u8]) -> bool {
         layout.parse(key).is_some_and(|entry| self.contains(&entry))
+    }
+
+    /// Whether a bust of this scope removes `key`: the entries it [contains], and the tag
+    /// indexes of a namespace or of everything (an entry or function bust leaves indexes to
+    /// expire with their other entries).
+    ///
+    /// [contains]: Scope::contains
+    pub fn removes(&self, key: &LayoutKey<'_>) -> bool {
+        match (key, *self) {
+            (LayoutKey::Entry(entry), _) => self.contains(entry),
+            (LayoutKey::TagIndex(index), Scope::Namespace(namespace)) => {
+                index.namespace == namespace
+            }
+            (LayoutKey::TagIndex(_), Scope::All) => true,
+            (LayoutKey::TagIndex(_), Scope::Entry(_) | Scope::Function(_)) => false,
+        }
     }
 }
 
@@ -144,6 +161,8 @@ pub struct NewEntry {
     pub value: Bytes,
     /// Time to live; the service has checked it against the configured maximum.
     pub ttl: Duration,
+    /// Tags to bust it by, validated and without repeats; usually none.
+    pub tags: Vec<String>,
 }
 
 /// Why a store operation failed.
@@ -240,6 +259,15 @@ pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
 
     /// Removes the entries in `scope`, returning how many there were.
     fn bust(&self, scope: Scope<'_>) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Removes every live entry of `namespace` (a validated name) written with `tag`,
+    /// whatever its function, returning how many there were. An entry whose tag index was
+    /// written before the bust read it is removed; one written after survives.
+    fn bust_tag(
+        &self,
+        namespace: &str,
+        tag: &str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Lists up to about `limit` entries of one function from `cursor` (empty: the start).
     fn keys(

@@ -1,9 +1,10 @@
 //! The Redis store: a bb8 pool of multiplexed redis-rs connections, every operation bounded by
-//! the store timeout, busting by SCAN + UNLINK. [`cluster`] is the same store over a Redis
-//! Cluster; both pass every operation through one gate (in-flight limit, store timeout,
-//! timing) and share the error mapping.
+//! the store timeout, busting by SCAN + UNLINK, tag indexes by the commands of [`tags`].
+//! [`cluster`] is the same store over a Redis Cluster; both pass every operation through one
+//! gate (in-flight limit, store timeout, timing) and share the error mapping.
 
 pub mod cluster;
+pub mod tags;
 
 use std::{
     future::Future,
@@ -31,22 +32,25 @@ use super::{
 };
 use crate::key::{EntryKey, FunctionKey};
 use crate::lock;
-use crate::server::key::KeyLayout;
+use crate::server::key::{KeyLayout, LayoutKey};
 use crate::server::metrics::Metrics;
 
 /// The `command` label values of `cache_money_store_command_duration_seconds` for Redis: the
 /// command (or pipeline) each store operation sends, as the README lists them. `STRLEN` is
 /// GetMany's size check before it loads values; the health probe's `PING` is not timed.
 /// The cluster store's topology checks (`CLUSTER SLOTS` before `Keys`, `CLUSTER NODES` around
-/// a bust) are timed too.
-pub const REDIS_COMMANDS: [&str; 11] = [
+/// a bust) are timed too. `EVAL (tag index)` writes the tag indexes of a tagged Put or PutMany
+/// before its entries; `ZSCAN/UNLINK` is BustTag's walk through one index.
+pub const REDIS_COMMANDS: [&str; 13] = [
     "GET",
     "MGET",
     "STRLEN",
     "SET",
     "SET (batch)",
+    "EVAL (tag index)",
     "UNLINK",
     "SCAN/UNLINK",
+    "ZSCAN/UNLINK",
     "SCAN",
     "PTTL",
     "CLUSTER SLOTS",
@@ -436,18 +440,40 @@ impl RedisStore {
         }
     }
 
-    /// SCANs `scope`'s pattern and UNLINKs the entries of `scope` it finds, batch by batch;
-    /// each step is bounded by the store timeout, the whole bust by nothing but the work (a
-    /// million keys take seconds). Each round trip unlinks one batch and asks for the next,
-    /// halving the round trips.
+    /// Writes the tag indexes of the tagged `entries`, before the entries themselves (see
+    /// [`tags`]); nothing when none is tagged.
+    async fn write_tag_indexes(&self, entries: &[NewEntry]) -> Result<(), StoreError> {
+        let commands = tags::index_commands(&self.layout, entries, tags::index_slack(self.timeout));
+        if commands.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (_, command) in commands {
+            pipe.add_command(command).ignore();
+        }
+        self.run("EVAL (tag index)", |mut conn| async move {
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
+    }
+
+    /// SCANs `scope`'s pattern and UNLINKs the entries of `scope` it finds, and the tag
+    /// indexes a namespace or all bust covers, batch by batch; each step is bounded by the
+    /// store timeout, the whole bust by nothing but the work (a million keys take seconds).
+    /// Each round trip unlinks one batch and asks for the next, halving the round trips.
+    /// Only entries count as removed.
     async fn bust_matching(&self, scope: Scope<'_>, pattern: String) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
         let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut indexes: Vec<Vec<u8>> = Vec::new();
         let mut removed = 0;
         loop {
             let mut pipe = redis::pipe();
             if !batch.is_empty() {
                 pipe.cmd("UNLINK").arg(&batch);
+            }
+            if !indexes.is_empty() {
+                pipe.cmd("UNLINK").arg(&indexes).ignore();
             }
             pipe.cmd("SCAN")
                 .arg(cursor)
@@ -466,24 +492,72 @@ impl RedisStore {
                 _ => return Err(StoreError::Internal("SCAN pipeline reply".into())),
             };
             removed += unlinked;
-            (cursor, batch) = scanned;
-            batch.retain(|key| scope.holds(&self.layout, key));
+            let found;
+            (cursor, found) = scanned;
+            (batch, indexes) = removable(&self.layout, scope, found);
+            if cursor == 0 {
+                break;
+            }
+        }
+        if !(batch.is_empty() && indexes.is_empty()) {
+            let mut pipe = redis::pipe();
+            if !batch.is_empty() {
+                pipe.cmd("UNLINK").arg(&batch);
+            }
+            if !indexes.is_empty() {
+                pipe.cmd("UNLINK").arg(&indexes).ignore();
+            }
+            removed += self.unlink(pipe).await?;
+        }
+        Ok(removed)
+    }
+
+    /// ZSCANs the index of `tag` in `namespace` and UNLINKs the entries its members name,
+    /// batch by batch as [`RedisStore::bust_matching`] does (see [`tags`]).
+    async fn bust_tagged(&self, namespace: &str, tag: &str) -> Result<u64, StoreError> {
+        let index = self.layout.tag_index(namespace, tag);
+        let mut cursor: u64 = 0;
+        let mut batch: Vec<String> = Vec::new();
+        let mut removed = 0;
+        loop {
+            let mut pipe = redis::pipe();
+            if !batch.is_empty() {
+                pipe.cmd("UNLINK").arg(&batch);
+            }
+            pipe.add_command(tags::scan_command(&index, cursor, self.bust_batch));
+            let replies: Vec<Value> = self
+                .run("ZSCAN/UNLINK", |mut conn| async move {
+                    pipe.query_async(&mut conn).await
+                })
+                .await?;
+            let (unlinked, scanned): (u64, (u64, Vec<Vec<u8>>)) = match replies.as_slice() {
+                [unlinked, scanned] => (from_value(unlinked)?, from_value(scanned)?),
+                [scanned] => (0, from_value(scanned)?),
+                _ => return Err(StoreError::Internal("ZSCAN pipeline reply".into())),
+            };
+            removed += unlinked;
+            cursor = scanned.0;
+            batch = tags::member_entries(&self.layout, namespace, &scanned.1);
             if cursor == 0 {
                 break;
             }
         }
         if !batch.is_empty() {
-            let unlinked: u64 = self
-                .run("UNLINK", |mut conn| async move {
-                    redis::cmd("UNLINK")
-                        .arg(&batch)
-                        .query_async(&mut conn)
-                        .await
-                })
-                .await?;
-            removed += unlinked;
+            let mut pipe = redis::pipe();
+            pipe.cmd("UNLINK").arg(&batch);
+            removed += self.unlink(pipe).await?;
         }
         Ok(removed)
+    }
+
+    /// Runs a pipeline of UNLINKs, returning how many keys its counted ones removed.
+    async fn unlink(&self, pipe: redis::Pipeline) -> Result<u64, StoreError> {
+        let unlinked: Vec<u64> = self
+            .run("UNLINK", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        Ok(unlinked.iter().sum())
     }
 }
 
@@ -500,6 +574,24 @@ fn key_infos(layout: &KeyLayout, keys: &[Vec<u8>], ttls: Vec<i64>) -> Vec<KeyInf
             })
         })
         .collect()
+}
+
+/// What a bust of `scope` removes among the keys a SCAN `found`, by the exact grammar: the
+/// entries it counts, and the tag indexes it unlinks without counting them.
+fn removable(
+    layout: &KeyLayout,
+    scope: Scope<'_>,
+    found: Vec<Vec<u8>>,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let (mut entries, mut indexes) = (Vec::new(), Vec::new());
+    for key in found {
+        match layout.classify(&key) {
+            Some(LayoutKey::Entry(entry)) if scope.contains(&entry) => entries.push(key),
+            Some(index @ LayoutKey::TagIndex(_)) if scope.removes(&index) => indexes.push(key),
+            _ => {}
+        }
+    }
+    (entries, indexes)
 }
 
 fn from_value<T: redis::FromRedisValue>(value: &Value) -> Result<T, StoreError> {
@@ -554,6 +646,7 @@ impl Store for RedisStore {
     }
 
     async fn put(&self, entry: &NewEntry) -> Result<(), StoreError> {
+        self.write_tag_indexes(std::slice::from_ref(entry)).await?;
         let key = self.layout.entry(&entry.key);
         self.run("SET", |mut conn| async move {
             redis::cmd("SET")
@@ -571,6 +664,7 @@ impl Store for RedisStore {
         if entries.is_empty() {
             return Ok(());
         }
+        self.write_tag_indexes(entries).await?;
         let mut pipe = redis::pipe();
         for entry in entries {
             pipe.cmd("SET")
@@ -596,6 +690,10 @@ impl Store for RedisStore {
             }
             RedisTarget::Pattern(pattern) => self.bust_matching(scope, pattern).await,
         }
+    }
+
+    async fn bust_tag(&self, namespace: &str, tag: &str) -> Result<u64, StoreError> {
+        self.bust_tagged(namespace, tag).await
     }
 
     async fn keys(

@@ -571,6 +571,7 @@ pub fn put(key: pb::Key, value: &[u8], ttl_seconds: u32) -> pb::PutRequest {
         key: Some(key),
         value: value.to_vec().into(),
         ttl_seconds,
+        tags: Vec::new(),
     }
 }
 
@@ -598,6 +599,20 @@ pub async fn bust_function(
         .bust_function(request)
         .await
         .expect("BustFunction succeeds")
+        .into_inner()
+        .removed
+}
+
+/// Busts every entry of `namespace` written with `tag`; returns how many were removed.
+pub async fn bust_tag(client: &mut CacheMoneyClient<Channel>, namespace: &str, tag: &str) -> u64 {
+    let request = pb::BustTagRequest {
+        namespace: namespace.into(),
+        tag: tag.into(),
+    };
+    client
+        .bust_tag(request)
+        .await
+        .expect("BustTag succeeds")
         .into_inner()
         .removed
 }

@@ -12,6 +12,13 @@
 //!   line: role, slots, no slot migrating, config epoch) before and after the walk; a node
 //!   failing mid-walk or any difference between the two views (a failover, a resharding) makes
 //!   the bust an UNAVAILABLE error saying the count may be partial, never a silent undercount.
+//! - **Tags**: a tagged Put or PutMany first writes its tag indexes (one script call per
+//!   index, routed by the index key, every reply checked), then its entries; if the index
+//!   write fails, no entry is written. BustTag ZSCANs the index on its slot's primary and
+//!   UNLINKs the entries its members name, one UNLINK per slot to that slot's primary, between
+//!   the same two topology confirmations as the other busts: a node failing or a failover
+//!   mid-bust makes it UNAVAILABLE, the count partial. Namespace and all busts also unlink
+//!   the tag indexes they find, without counting them.
 //! - **`Keys`** pages through the primaries in slot order. Its cursor is
 //!   `{topology}:{node id}:{SCAN cursor}`, `topology` naming the primaries and their slots; a
 //!   cursor from a topology that has since changed is refused with ABORTED, and the listing
@@ -31,7 +38,7 @@ use redis::{
 };
 use tokio::time::{Instant, timeout_at};
 
-use super::{Gate, classify, from_value, key_infos};
+use super::{Gate, classify, from_value, key_infos, removable, tags};
 use crate::key::{EntryKey, FunctionKey};
 use crate::server::key::KeyLayout;
 use crate::server::metrics::Metrics;
@@ -449,27 +456,33 @@ impl ClusterStore {
             .await
     }
 
-    /// UNLINKs `keys`, which a SCAN of `primary` found: one UNLINK per slot, all in one
-    /// pipeline to `primary`, which served those slots when it was scanned. A slot that has
-    /// moved since is redirected (MOVED) and the topology check after the walk fails the
-    /// bust as partial. Returns how many existed.
+    /// UNLINKs `keys` and `uncounted`, which a SCAN of `primary` found: one UNLINK per slot
+    /// and list, all in one pipeline to `primary`, which served those slots when it was
+    /// scanned. A slot that has moved since is redirected (MOVED) and the topology check
+    /// after the walk fails the bust as partial. Returns how many of `keys` existed.
     async fn unlink(
         &self,
         deadline: Instant,
         primary: &Primary,
         keys: &[Vec<u8>],
+        uncounted: &[Vec<u8>],
     ) -> Result<u64, StoreError> {
-        if keys.is_empty() {
+        if keys.is_empty() && uncounted.is_empty() {
             return Ok(0);
         }
-        let mut slots: HashMap<Slot, Vec<&[u8]>> = HashMap::new();
-        for key in keys {
-            slots.entry(Slot::for_key(key)).or_default().push(key);
+        fn by_slot(keys: &[Vec<u8>]) -> HashMap<Slot, Vec<&[u8]>> {
+            let mut slots: HashMap<Slot, Vec<&[u8]>> = HashMap::new();
+            for key in keys {
+                slots.entry(Slot::for_key(key)).or_default().push(key);
+            }
+            slots
         }
+        let (counted, other) = (by_slot(keys), by_slot(uncounted));
         let mut pipe = redis::pipe();
-        for keys in slots.values() {
+        for keys in counted.values().chain(other.values()) {
             pipe.cmd("UNLINK").arg(keys);
         }
+        let commands = counted.len() + other.len();
         let mut connection = self.connection.clone();
         let route = SingleNodeRoutingInfo::ByAddress {
             host: primary.host.clone(),
@@ -479,47 +492,178 @@ impl ClusterStore {
             .by(
                 "UNLINK",
                 deadline,
-                connection.route_pipeline(pipe, 0, slots.len(), route),
+                connection.route_pipeline(pipe, 0, commands, route),
             )
             .await?;
-        first_error(replies)?.iter().map(from_value::<u64>).sum()
+        if replies.len() != commands {
+            return Err(StoreError::Internal(format!(
+                "UNLINK: {} replies to {commands} commands",
+                replies.len()
+            )));
+        }
+        first_error(replies)?[..counted.len()]
+            .iter()
+            .map(from_value::<u64>)
+            .sum()
     }
 
-    /// SCANs `primary` for `pattern` and UNLINKs the entries of `scope` it finds, each round
-    /// trip unlinking one batch while asking for the next. On failure, says how many it had
-    /// removed.
+    /// Writes the tag indexes of the tagged `entries`, before the entries themselves (see
+    /// [`tags`]): one script call per index, each routed by its index key (an index and its
+    /// entries are in different slots), all slots at once, every reply checked. Nothing when
+    /// none is tagged. On failure nothing has been claimed written, and the caller writes no
+    /// entry, so no entry exists that its tag cannot find.
+    async fn write_tag_indexes(&self, entries: &[NewEntry]) -> Result<(), StoreError> {
+        let commands =
+            tags::index_commands(&self.layout, entries, tags::index_slack(self.gate.timeout));
+        if commands.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&str> = commands.iter().map(|(key, _)| key.as_str()).collect();
+        self.gate
+            .run("EVAL (tag index)", |deadline| {
+                self.per_slot("EVAL (tag index)", deadline, &keys, |pipe, index| {
+                    pipe.add_command(commands[index].1.clone());
+                })
+            })
+            .await
+            .map_err(|err| match err {
+                StoreError::Unavailable(cause) => StoreError::Unavailable(format!(
+                    "tag indexes not written, so neither were the entries: {cause}"
+                )),
+                other => other,
+            })?;
+        Ok(())
+    }
+
+    /// ZSCANs the index of `tag` in `namespace` (routed by its key to its slot's primary) and
+    /// UNLINKs the entries its members name, one UNLINK per slot to that slot's primary, each
+    /// round trip unlinking one batch while asking for the next; between two confirmations of
+    /// the topology, as the other busts. A node failing mid-walk or a failover or resharding
+    /// (the index's primary replaced: its replica may lack the latest members, and a ZSCAN
+    /// cursor means nothing on another node) makes the bust UNAVAILABLE, the count partial.
+    async fn bust_tagged(&self, namespace: &str, tag: &str) -> Result<u64, StoreError> {
+        let index = self.layout.tag_index(namespace, tag);
+        let (_, before) = self.confirmed_topology().await.map_err(|err| {
+            StoreError::Unavailable(format!("bust not started, nothing removed: {err}"))
+        })?;
+        let (mut cursor, mut removed) = (0u64, 0u64);
+        let mut batch: Vec<String> = Vec::new();
+        let interrupted = |removed, err| partial(removed, format!("tag index {index}: {err}"));
+        loop {
+            let unlinking = &batch;
+            let index = &index;
+            let step = self
+                .gate
+                .run("ZSCAN/UNLINK", |deadline| async move {
+                    tokio::try_join!(
+                        self.unlink_by_slot(deadline, unlinking),
+                        self.zscan(deadline, index, cursor)
+                    )
+                })
+                .await;
+            let (unlinked, (next, found)) = step.map_err(|err| interrupted(removed, err))?;
+            removed += unlinked;
+            batch = tags::member_entries(&self.layout, namespace, &found);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        removed += self
+            .gate
+            .run("UNLINK", |deadline| self.unlink_by_slot(deadline, &batch))
+            .await
+            .map_err(|err| interrupted(removed, err))?;
+        self.confirm_unchanged(&before, removed).await
+    }
+
+    /// Ends a bust that removed `removed` entries: its count, when every primary still
+    /// confirms the view `before` it started from; otherwise UNAVAILABLE, the count partial.
+    async fn confirm_unchanged(
+        &self,
+        before: &[SelfView],
+        removed: u64,
+    ) -> Result<u64, StoreError> {
+        let (_, after) = self
+            .confirmed_topology()
+            .await
+            .map_err(|err| partial(removed, err))?;
+        if after != before {
+            return Err(partial(
+                removed,
+                "the cluster's topology changed during the bust (a failover or resharding)",
+            ));
+        }
+        Ok(removed)
+    }
+
+    /// One `ZSCAN` step through `index`, routed to the primary of its slot.
+    async fn zscan(
+        &self,
+        deadline: Instant,
+        index: &str,
+        cursor: u64,
+    ) -> Result<(u64, Vec<Vec<u8>>), StoreError> {
+        let route = RoutingInfo::SingleNode(primary_of(Slot::for_key(index)));
+        let command = tags::scan_command(index, cursor, self.bust_batch);
+        self.to_node("ZSCAN/UNLINK", deadline, &self.connection, command, route)
+            .await
+    }
+
+    /// UNLINKs `keys`, which span slots: one UNLINK per slot, each to the primary of its
+    /// slot, all at once. Returns how many existed.
+    async fn unlink_by_slot(&self, deadline: Instant, keys: &[String]) -> Result<u64, StoreError> {
+        let mut slots: HashMap<Slot, Vec<&str>> = HashMap::new();
+        for key in keys {
+            slots.entry(Slot::for_key(key)).or_default().push(key);
+        }
+        let unlinks = slots.into_iter().map(|(slot, keys)| {
+            let mut unlink = redis::cmd("UNLINK");
+            unlink.arg(keys);
+            let route = RoutingInfo::SingleNode(primary_of(slot));
+            self.to_node::<u64>("UNLINK", deadline, &self.connection, unlink, route)
+        });
+        Ok(try_join_all(unlinks).await?.iter().sum())
+    }
+
+    /// SCANs `primary` for `pattern` and UNLINKs the entries of `scope` it finds, and the tag
+    /// indexes a namespace or all bust covers (not counted), each round trip unlinking one
+    /// batch while asking for the next. On failure, says how many entries it had removed.
     async fn walk(
         &self,
         scope: Scope<'_>,
         primary: &Primary,
         pattern: &str,
     ) -> Result<u64, (u64, StoreError)> {
-        let (mut cursor, mut batch, mut removed) = (0u64, Vec::new(), 0u64);
+        let (mut cursor, mut removed) = (0u64, 0u64);
+        let (mut batch, mut indexes) = (Vec::new(), Vec::new());
         loop {
-            let unlinking = &batch;
+            let (unlinking, uncounted) = (&batch, &indexes);
             let step = self
                 .gate
                 .run("SCAN/UNLINK", |deadline| async move {
                     tokio::try_join!(
-                        self.unlink(deadline, primary, unlinking),
+                        self.unlink(deadline, primary, unlinking, uncounted),
                         self.scan(deadline, primary, cursor, pattern, self.bust_batch)
                     )
                 })
                 .await;
-            let (unlinked, (next, mut found)) = step.map_err(|err| {
+            let (unlinked, (next, found)) = step.map_err(|err| {
                 let err = StoreError::Unavailable(format!("{}: {err}", primary.address()));
                 (removed, err)
             })?;
             removed += unlinked;
-            found.retain(|key| scope.holds(&self.layout, key));
-            (cursor, batch) = (next, found);
+            (batch, indexes) = removable(&self.layout, scope, found);
+            cursor = next;
             if cursor == 0 {
                 break;
             }
         }
         let last = self
             .gate
-            .run("UNLINK", |deadline| self.unlink(deadline, primary, &batch))
+            .run("UNLINK", |deadline| {
+                self.unlink(deadline, primary, &batch, &indexes)
+            })
             .await;
         last.map(|unlinked| removed + unlinked)
             .map_err(|err| (removed, err))
@@ -549,17 +693,7 @@ impl ClusterStore {
         if let Some(err) = failure {
             return Err(partial(removed, err));
         }
-        let (_, after) = self
-            .confirmed_topology()
-            .await
-            .map_err(|err| partial(removed, err))?;
-        if after != before {
-            return Err(partial(
-                removed,
-                "the cluster's topology changed during the bust (a failover or resharding)",
-            ));
-        }
-        Ok(removed)
+        self.confirm_unchanged(&before, removed).await
     }
 
     /// Reads a `Keys` cursor: the primary to scan and where, or a clear error.
@@ -639,6 +773,7 @@ impl Store for ClusterStore {
     }
 
     async fn put(&self, entry: &NewEntry) -> Result<(), StoreError> {
+        self.write_tag_indexes(std::slice::from_ref(entry)).await?;
         let mut set = redis::cmd("SET");
         set.arg(self.layout.entry(&entry.key))
             .arg(entry.value.as_ref())
@@ -651,6 +786,7 @@ impl Store for ClusterStore {
         if entries.is_empty() {
             return Ok(());
         }
+        self.write_tag_indexes(entries).await?;
         let keys: Vec<String> = entries
             .iter()
             .map(|entry| self.layout.entry(&entry.key))
@@ -679,6 +815,10 @@ impl Store for ClusterStore {
             }
             RedisTarget::Pattern(pattern) => self.bust_matching(scope, pattern).await,
         }
+    }
+
+    async fn bust_tag(&self, namespace: &str, tag: &str) -> Result<u64, StoreError> {
+        self.bust_tagged(namespace, tag).await
     }
 
     async fn keys(
