@@ -17,7 +17,7 @@ use tracing::warn;
 
 use crate::{
     Client, Error,
-    canonical::{args_value, check_key_fn_output, versioned_digest_of},
+    canonical::{args_value, check_key_fn_output, scoped_digest_of, type_args},
     client::Flight,
     key::EntryKey,
     pb,
@@ -46,6 +46,9 @@ pub struct Function {
     cache_none: bool,
     /// The key space of the function's results; 1 is the unversioned one.
     version: u32,
+    /// The type arguments of a `#[memoize]` method's `Self` (`<u64>`), keyed with the
+    /// arguments so each instantiation of a generic `impl` has its own entries.
+    self_type_args: Option<&'static str>,
     /// A value that does not decode is logged once per handle, not once per call.
     warned_undecodable: Arc<AtomicBool>,
     /// Likewise a request the service refuses (a value over its size limit).
@@ -61,6 +64,7 @@ impl fmt::Debug for Function {
             .field("key_fn", &self.key_fn.is_some())
             .field("cache_none", &self.cache_none)
             .field("version", &self.version)
+            .field("self_type_args", &self.self_type_args)
             .finish()
     }
 }
@@ -75,6 +79,7 @@ impl Function {
             key_fn: None,
             cache_none: false,
             version: 1,
+            self_type_args: None,
             warned_undecodable: Arc::new(AtomicBool::new(false)),
             warned_refused: Arc::new(AtomicBool::new(false)),
         }
@@ -114,6 +119,14 @@ impl Function {
         self
     }
 
+    /// Keys calls as those of a `#[memoize]` method of `Self` = the type named `type_name`
+    /// (from [`core::any::type_name`]): with its type arguments, if it has any (README, the
+    /// key spec).
+    pub(crate) fn self_type(mut self, type_name: &'static str) -> Self {
+        self.self_type_args = type_args(type_name);
+        self
+    }
+
     /// The namespace entries are stored under.
     pub fn namespace(&self) -> &str {
         &self.namespace
@@ -144,7 +157,7 @@ impl Function {
             }
             None => args,
         };
-        Ok(versioned_digest_of(&keyed, self.version))
+        Ok(scoped_digest_of(&keyed, self.version, self.self_type_args))
     }
 
     /// The client this handle caches through.

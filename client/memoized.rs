@@ -94,13 +94,31 @@ impl Site {
             .cache_none(self.cache_none))
     }
 
+    /// This site as a method of `T`, the `Self` of the `impl` it is in: a generic `impl`'s
+    /// instantiations share the one `static` site, so each call names its own `Self`, whose
+    /// type arguments are keyed ([`Function::self_type`]).
+    pub fn of<T: ?Sized>(&'static self) -> MethodSite {
+        MethodSite {
+            site: self,
+            self_type: Some(std::any::type_name::<T>()),
+        }
+    }
+
+    /// A free function's site: no `Self` to key.
+    fn free(&'static self) -> MethodSite {
+        MethodSite {
+            site: self,
+            self_type: None,
+        }
+    }
+
     /// The handle for `client`, or for the installed default client when `None`.
     ///
     /// # Errors
     /// [`Error::NotInstalled`] without a client; [`Error::InvalidName`] or
     /// [`Error::InvalidTtl`] when the handle cannot be made.
     pub fn function(&'static self, client: Option<Client>) -> Result<Function, Error> {
-        self.handle(client).map(Cow::into_owned)
+        self.free().function(client)
     }
 
     fn handle(&'static self, client: Option<Client>) -> Result<Cow<'static, Function>, Error> {
@@ -130,18 +148,7 @@ impl Site {
         client: Option<Client>,
         args: &A,
     ) -> Prepared {
-        let target = self
-            .handle(client)
-            .and_then(|handle| Ok((handle.entry_key(args)?, handle)));
-        match target {
-            Ok((key, handle)) => Prepared {
-                target: Some((handle, key)),
-            },
-            Err(err) => {
-                self.warn_uncached(&err);
-                Prepared { target: None }
-            }
-        }
+        self.free().prepare(client, args)
     }
 
     fn warn_uncached(&self, err: &Error) {
@@ -164,7 +171,7 @@ impl Site {
         client: Option<Client>,
         args: &A,
     ) -> Result<bool, Error> {
-        self.handle(client)?.bust(args).await
+        self.free().bust(client, args).await
     }
 
     /// `bust_all` of the function's handle.
@@ -173,6 +180,70 @@ impl Site {
     /// As [`Site::function`] and [`Function::bust_all`].
     pub async fn bust_all(&'static self, client: Option<Client>) -> Result<u64, Error> {
         self.handle(client)?.bust_all().await
+    }
+}
+
+/// A [`Site`] as a method of one `Self` type ([`Site::of`]), or as a free function.
+#[derive(Debug, Clone, Copy)]
+pub struct MethodSite {
+    site: &'static Site,
+    /// `core::any::type_name::<Self>()`, for a method.
+    self_type: Option<&'static str>,
+}
+
+impl MethodSite {
+    /// The site's handle for `client`, keying this `Self` type's arguments. The site keeps
+    /// handles without them, so no instantiation is handed another's.
+    fn handle(self, client: Option<Client>) -> Result<Cow<'static, Function>, Error> {
+        let handle = self.site.handle(client)?;
+        Ok(match self.self_type {
+            Some(self_type) => Cow::Owned(handle.into_owned().self_type(self_type)),
+            None => handle,
+        })
+    }
+
+    /// As [`Site::function`].
+    ///
+    /// # Errors
+    /// As [`Site::function`].
+    pub fn function(self, client: Option<Client>) -> Result<Function, Error> {
+        self.handle(client).map(Cow::into_owned)
+    }
+
+    /// As [`Site::prepare`].
+    pub fn prepare<A: Serialize + ?Sized>(self, client: Option<Client>, args: &A) -> Prepared {
+        let target = self
+            .handle(client)
+            .and_then(|handle| Ok((handle.entry_key(args)?, handle)));
+        match target {
+            Ok((key, handle)) => Prepared {
+                target: Some((handle, key)),
+            },
+            Err(err) => {
+                self.site.warn_uncached(&err);
+                Prepared { target: None }
+            }
+        }
+    }
+
+    /// As [`Site::bust`].
+    ///
+    /// # Errors
+    /// As [`Site::bust`].
+    pub async fn bust<A: Serialize + ?Sized>(
+        self,
+        client: Option<Client>,
+        args: &A,
+    ) -> Result<bool, Error> {
+        self.handle(client)?.bust(args).await
+    }
+
+    /// As [`Site::bust_all`]: every entry of the function, of every `Self` type.
+    ///
+    /// # Errors
+    /// As [`Site::bust_all`].
+    pub async fn bust_all(self, client: Option<Client>) -> Result<u64, Error> {
+        self.site.bust_all(client).await
     }
 }
 

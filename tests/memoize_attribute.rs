@@ -102,6 +102,53 @@ async fn methods_skip_self_and_have_companions() {
     assert_eq!(renamer.rename_function().unwrap().ttl().as_secs(), 60);
 }
 
+struct Wrap<T> {
+    cache: Client,
+    value: T,
+}
+
+impl<T: Copy + serde::Serialize + serde::de::DeserializeOwned> Wrap<T> {
+    #[memoize(client = &self.cache)]
+    async fn value(&self, id: u32) -> (u32, T) {
+        (id, self.value)
+    }
+}
+
+/// Each instantiation of a generic `impl` keys its `Self` type's arguments: `Wrap<u64>` and
+/// `Wrap<i64>` called with the same arguments get their own entries and handles.
+#[tokio::test]
+async fn generic_impls_key_each_instantiation() {
+    let (_server, cm) = serve().await;
+    let unsigned = Wrap {
+        cache: cm.clone(),
+        value: 7u64,
+    };
+    let signed = Wrap {
+        cache: cm.clone(),
+        value: -7i64,
+    };
+    assert_eq!(unsigned.value(1).await, (1, 7));
+    assert_eq!(
+        signed.value(1).await,
+        (1, -7),
+        "Wrap<i64> read Wrap<u64>'s entry"
+    );
+    assert_eq!(unsigned.value(1).await, (1, 7));
+
+    let (unsigned_fn, signed_fn) = (
+        unsigned.value_function().unwrap(),
+        signed.value_function().unwrap(),
+    );
+    let md5 = |input: &str| format!("{:x}", md5::compute(input));
+    assert_eq!(unsigned_fn.digest(&(1,)).unwrap(), md5("<u64>:[1]"));
+    assert_eq!(signed_fn.digest(&(1,)).unwrap(), md5("<i64>:[1]"));
+    assert!(signed.value_bust(1).await.unwrap());
+    assert!(
+        unsigned.value_bust(1).await.unwrap(),
+        "Wrap<u64>'s entry was busted too"
+    );
+}
+
 // --- Borrowed arguments, Result, Option ----------------------------------------------------
 
 static GREETINGS: AtomicUsize = AtomicUsize::new(0);

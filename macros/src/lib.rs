@@ -395,7 +395,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     // companions' module for a free function.
     let (site_call, client_call, compute_call, outer) = if is_method {
         (
-            quote!(Self::#site_fn()),
+            // `Self` is keyed too: a generic `impl`'s instantiations share the one `static`.
+            quote!(Self::#site_fn().of::<Self>()),
             quote!(self.#client_fn()),
             quote!(self.#compute_fn),
             quote!(Self::),
