@@ -297,7 +297,9 @@ impl Client {
     /// in-memory store) and accept the same token.
     ///
     /// Connects lazily, like [`Client::connect`]; each replica gets a connection for calls
-    /// and one for its health checks.
+    /// and one for its health checks. The first health checks run before this returns (all at
+    /// once, up to [`ClientOptions::probe_timeout`]), so a replica down from the start gets
+    /// no calls.
     ///
     /// ```no_run
     /// use cache_money::{Client, Ttl};

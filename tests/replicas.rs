@@ -319,6 +319,28 @@ async fn a_bust_through_the_balanced_client_is_seen_by_every_replica() {
     assert!(lookups(&a).await > 0 && lookups(&b).await > 0);
 }
 
+/// A replica that does not answer when the client is made gets none of its first calls:
+/// every replica is health-checked before the balancer is given any.
+#[tokio::test]
+async fn a_replica_silent_at_start_gets_no_calls() {
+    let live = CacheServer::memory(&[]);
+    // Connections complete (the kernel's backlog) but nothing ever answers on them, so a
+    // call sent there fails at its deadline and its health check at the probe timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let cm = Client::connect_many_with([silent_url, live.url()], no_breaker())
+        .await
+        .unwrap();
+    let f = cm.function("replicas", "silent_at_start", Ttl::MINUTE);
+    for n in 0..u64::from(STREAK) {
+        assert!(
+            call(&cm, &f, n).await,
+            "call {n} went to the silent replica: {:?}",
+            cm.metrics()
+        );
+    }
+}
+
 /// Lists the client cannot balance over are refused when it is made, with the reason.
 #[tokio::test]
 async fn unusable_replica_lists_are_refused_up_front() {
