@@ -380,7 +380,7 @@ impl Client {
     /// A handle for one function's cache entries, kept for `ttl`.
     ///
     /// `namespace` is the caller's module: `__main__`, `billing.invoices`, or a Rust
-    /// `module_path!()` (`a::b` is written `a.b`). See [`function!`](crate::function) for a
+    /// `module_path!()` (`a::b` is written `a.b`, `a::r#type` `a.type`). See [`function!`](crate::function) for a
     /// shorthand.
     ///
     /// # Panics
@@ -413,7 +413,7 @@ impl Client {
         name: &str,
         ttl: Duration,
     ) -> Result<Function, Error> {
-        let namespace = namespace.replace("::", ".");
+        let namespace = namespace_of(namespace);
         check_name("namespace", &namespace)?;
         check_name("function", name)?;
         let max_ttl = self.inner.options.max_ttl;
@@ -434,7 +434,7 @@ impl Client {
     /// [`Error::InvalidName`], or the service's failure: a bust that did not happen is
     /// reported, never swallowed.
     pub async fn bust_namespace(&self, namespace: &str) -> Result<u64, Error> {
-        let namespace = namespace.replace("::", ".");
+        let namespace = namespace_of(namespace);
         check_name("namespace", &namespace)?;
         let request = pb::BustNamespaceRequest { namespace };
         self.bust_rpc(|mut rpc| async move { rpc.bust_namespace(request).await })
@@ -566,5 +566,30 @@ impl Client {
     /// The in-process single-flight table shared by every clone.
     pub(crate) fn flights(&self) -> &Flights {
         &self.inner.flights
+    }
+}
+
+/// A namespace as the service takes it, from a Rust module path (`module_path!()`) or a
+/// dotted name: `::` is written `.`, and a raw identifier's `r#` is dropped (`m::r#type` is
+/// `m.type`), since `#` breaks the naming rule.
+fn namespace_of(path: &str) -> String {
+    path.split("::")
+        .map(|segment| segment.strip_prefix("r#").unwrap_or(segment))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Module paths become dotted namespaces, raw identifiers without their `r#`.
+    #[test]
+    fn module_paths_become_namespaces() {
+        assert_eq!(namespace_of("app::billing"), "app.billing");
+        assert_eq!(namespace_of("m::r#type"), "m.type");
+        assert_eq!(namespace_of("r#async::r#fn"), "async.fn");
+        assert_eq!(namespace_of("__main__"), "__main__");
+        assert!(check_name("namespace", &namespace_of("m::r#type")).is_ok());
     }
 }

@@ -55,6 +55,14 @@ pub struct Function {
     warned_refused: Arc<AtomicBool>,
 }
 
+/// The once-per-handle warnings of a [`Function`], to share between handles of one function
+/// made per call (a `#[memoize]` function with its own client).
+#[derive(Debug, Default)]
+pub(crate) struct HandleWarnings {
+    undecodable: Arc<AtomicBool>,
+    refused: Arc<AtomicBool>,
+}
+
 impl fmt::Debug for Function {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Function")
@@ -127,6 +135,13 @@ impl Function {
         self
     }
 
+    /// Shares `warnings` (each logged once) with the other handles given them.
+    pub(crate) fn warnings(mut self, warnings: &HandleWarnings) -> Self {
+        self.warned_undecodable = warnings.undecodable.clone();
+        self.warned_refused = warnings.refused.clone();
+        self
+    }
+
     /// The namespace entries are stored under.
     pub fn namespace(&self) -> &str {
         &self.namespace
@@ -158,11 +173,6 @@ impl Function {
             None => args,
         };
         Ok(scoped_digest_of(&keyed, self.version, self.self_type_args))
-    }
-
-    /// The client this handle caches through.
-    pub(crate) fn client(&self) -> &Client {
-        &self.client
     }
 
     pub(crate) fn entry_key<A: Serialize + ?Sized>(&self, args: &A) -> Result<EntryKey, Error> {
@@ -339,7 +349,11 @@ impl Function {
         self.client.count_computed();
         let result = compute().await;
         let encoded = match &result {
-            Ok(value) if flight.is_current() => self.store(key, value).await,
+            Ok(value) if flight.is_current() => {
+                let encoded = self.store(key, value).await;
+                self.unless_replaced(key, || flight.is_current()).await;
+                encoded
+            }
             Ok(value) => Self::encode(value).ok(),
             Err(_) => None,
         };
@@ -400,9 +414,14 @@ impl Function {
     /// runs wait for it and get its result (they neither read the old entry nor compute
     /// again). A `memoize` computation that was already running when the refresh started is
     /// not joined, since it may have started from older data: it finishes for its own callers,
-    /// and does not store its result over the refresh's; nor does an older refresh of the same
-    /// arguments that finishes after a newer one. (Callers in other processes are not
-    /// coordinated: one that read the old entry before the refresh stored may still return it.)
+    /// and its result does not stay over the refresh's; nor does that of an older refresh of
+    /// the same arguments that finishes after a newer one. One that finishes after the refresh
+    /// started is not stored; one whose store was already under way is removed again once
+    /// stored (so until then it can be read, and the entry may end up empty, a miss, rather
+    /// than holding the refresh's value). This holds for stores answered within their deadline:
+    /// one that times out on the client may still land later. (Callers in other processes are
+    /// not coordinated: one that read the old entry before the refresh stored may still return
+    /// it.)
     ///
     /// A result that is not cached (`None` or `()` without [`Function::cache_none`]) removes
     /// the old entry instead. Like `memoize` it is fail-open: when the service is down the
@@ -454,7 +473,11 @@ impl Function {
                 let result = compute().await;
                 let encoded = match &result {
                     // A refresh that started later stores its newer value instead.
-                    Ok(value) if claim.is_current() => self.overwrite(key, value).await,
+                    Ok(value) if claim.is_current() => {
+                        let encoded = self.overwrite(key, value).await;
+                        self.unless_replaced(key, || claim.is_current()).await;
+                        encoded
+                    }
                     Ok(value) => Self::encode(value).ok(),
                     Err(_) => None,
                 };
@@ -463,6 +486,24 @@ impl Function {
             })
             .await;
         led.expect("lead runs the refresh to completion before it returns")
+    }
+
+    /// Removes what was just stored under `key` if a newer refresh took the key over while it
+    /// was stored (`is_current` now false): the refresh's Put may have landed first, and the
+    /// older value must not stay over it. A refresh that takes over later sends its Put after
+    /// this one was answered, so it lands after. Fail-open, as the store.
+    async fn unless_replaced(&self, key: &EntryKey, is_current: impl Fn() -> bool) {
+        if is_current() {
+            return;
+        }
+        let request = pb::BustRequest {
+            key: Some(Self::pb_key(key)),
+        };
+        self.client
+            .cache_rpc("Bust", &self.warned_refused, |mut rpc| async move {
+                rpc.bust(request).await
+            })
+            .await;
     }
 
     /// Stores a refreshed result; one that is not cached (`null`) removes the old entry.

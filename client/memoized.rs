@@ -20,7 +20,11 @@ use std::{
 use serde::{Serialize, de::DeserializeOwned};
 use tracing::warn;
 
-use crate::{Client, Error, Function, key::EntryKey, memoize::Mode};
+use crate::{
+    Client, Error, Function,
+    key::EntryKey,
+    memoize::{HandleWarnings, Mode},
+};
 
 /// The client memoized functions use when they name none (`client = …`).
 static DEFAULT_CLIENT: OnceLock<Client> = OnceLock::new();
@@ -56,8 +60,13 @@ pub struct Site {
     ttl: Option<fn() -> Duration>,
     version: u32,
     cache_none: bool,
-    /// The handle of the first client seen; another client gets a handle of its own per call.
+    /// The handle of the installed default client, which lives as long as the process
+    /// anyway. Another client (`client = …`) gets a handle of its own per call, so the site
+    /// keeps no client alive.
     handle: OnceLock<Function>,
+    /// The once-per-handle warnings (undecodable values, refused stores) of every handle made
+    /// here, so per-call handles do not warn on every call.
+    handle_warnings: OnceLock<HandleWarnings>,
     /// Whether this function's own problem (a bad name or TTL, arguments that cannot be
     /// keyed) has been warned about.
     warned: AtomicBool,
@@ -79,6 +88,7 @@ impl Site {
             version,
             cache_none,
             handle: OnceLock::new(),
+            handle_warnings: OnceLock::new(),
             warned: AtomicBool::new(false),
         }
     }
@@ -91,7 +101,8 @@ impl Site {
         Ok(client
             .try_function(self.namespace, self.name, ttl)?
             .version(self.version)
-            .cache_none(self.cache_none))
+            .cache_none(self.cache_none)
+            .warnings(self.handle_warnings.get_or_init(HandleWarnings::default)))
     }
 
     /// This site as a method of `T`, the `Self` of the `impl` it is in: a generic `impl`'s
@@ -122,22 +133,24 @@ impl Site {
     }
 
     fn handle(&'static self, client: Option<Client>) -> Result<Cow<'static, Function>, Error> {
+        let installed = installed();
         let client = match client {
-            Some(client) => Cow::Owned(client),
-            None => Cow::Borrowed(installed().ok_or(Error::NotInstalled)?),
+            Some(client) if !installed.is_some_and(|default| default.same(&client)) => {
+                return Ok(Cow::Owned(self.make(&client)?));
+            }
+            _ => installed.ok_or(Error::NotInstalled)?,
         };
         if let Some(handle) = self.handle.get() {
-            if handle.client().same(&client) {
-                return Ok(Cow::Borrowed(handle));
-            }
-            return Ok(Cow::Owned(self.make(&client)?));
+            return Ok(Cow::Borrowed(handle));
         }
-        let made = self.make(&client)?;
-        Ok(match self.handle.set(made) {
-            Ok(()) => Cow::Borrowed(self.handle.get().expect("set just now")),
-            // Another thread made the first handle meanwhile, maybe for another client.
-            Err(made) => Cow::Owned(made),
-        })
+        let made = self.make(client)?;
+        // Another thread may have made it meanwhile, for the same client: keep the first.
+        let _ = self.handle.set(made);
+        Ok(Cow::Borrowed(
+            self.handle
+                .get()
+                .expect("set just now, by this thread or another"),
+        ))
     }
 
     /// The handle and key of one call, ready to run: the arguments are only borrowed here,

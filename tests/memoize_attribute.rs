@@ -463,10 +463,21 @@ fn add_gate(id: u32) -> oneshot::Sender<u32> {
 }
 
 /// Lets other tasks run until `runs` `gated` computations have started (each takes its gate
-/// as it starts).
+/// as it starts); panics if they have not within 10 s.
 async fn started(runs: usize) {
-    while GATED_RUNS.load(SeqCst) < runs {
-        tokio::task::yield_now().await;
+    let wait = async {
+        while GATED_RUNS.load(SeqCst) < runs {
+            tokio::task::yield_now().await;
+        }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(10), wait)
+        .await
+        .is_err()
+    {
+        panic!(
+            "{runs} gated computations had not started after 10 s ({} had)",
+            GATED_RUNS.load(SeqCst)
+        );
     }
 }
 
