@@ -493,9 +493,14 @@ impl Function {
     /// older value must not stay over it. A refresh that takes over later sends its Put after
     /// this one was answered, so it lands after. Fail-open, as the store.
     async fn unless_replaced(&self, key: &EntryKey, is_current: impl Fn() -> bool) {
-        if is_current() {
-            return;
+        if !is_current() {
+            self.remove(key).await;
         }
+    }
+
+    /// Removes `key`'s entry, fail-open (a failure is the breaker's and the metrics', not the
+    /// caller's).
+    async fn remove(&self, key: &EntryKey) {
         let request = pb::BustRequest {
             key: Some(Self::pb_key(key)),
         };
@@ -510,14 +515,7 @@ impl Function {
     async fn overwrite<T: Serialize>(&self, key: &EntryKey, value: &T) -> Option<Bytes> {
         let encoded = self.store(key, value).await?;
         if !self.cache_none && encoded.as_ref() == b"null" {
-            let request = pb::BustRequest {
-                key: Some(Self::pb_key(key)),
-            };
-            self.client
-                .cache_rpc("Bust", &self.warned_refused, |mut rpc| async move {
-                    rpc.bust(request).await
-                })
-                .await;
+            self.remove(key).await;
         }
         Some(encoded)
     }
