@@ -4,6 +4,7 @@
 use std::{
     fmt,
     future::Future,
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
@@ -103,7 +104,17 @@ pub struct ClientOptions {
     pub enabled: bool,
     /// Bearer token sent with every call, for a server with authentication on.
     pub token: Option<String>,
+    /// A test hook, not an API: looks hosts up instead of the system's resolver, with
+    /// [`ClientOptions::resolve_interval`] (so a test can make one name resolve to several
+    /// loopback replicas).
+    #[doc(hidden)]
+    pub resolver: Option<Resolver>,
 }
+
+/// A test hook, not an API: what [`ClientOptions::resolver`] holds, a host and port to the
+/// addresses they resolve to.
+#[doc(hidden)]
+pub type Resolver = Arc<dyn Fn(&str, u16) -> std::io::Result<Vec<SocketAddr>> + Send + Sync>;
 
 impl fmt::Debug for ClientOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -118,6 +129,7 @@ impl fmt::Debug for ClientOptions {
             .field("probe_interval", &self.probe_interval)
             .field("probe_timeout", &self.probe_timeout)
             .field("resolve_interval", &self.resolve_interval)
+            .field("resolver", &self.resolver.is_some())
             .field("tls_ca", &self.tls_ca.as_ref().map(|pem| pem.len()))
             .field("max_receive_bytes", &self.max_receive_bytes)
             .field("default_ttl", &self.default_ttl)
@@ -172,6 +184,7 @@ impl Default for ClientOptions {
             probe_interval: DEFAULT_PROBE_INTERVAL,
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
             resolve_interval: None,
+            resolver: None,
             tls_ca: None,
             max_receive_bytes: DEFAULT_MAX_RECEIVE_BYTES,
             default_ttl: DEFAULT_TTL,

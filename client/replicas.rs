@@ -203,10 +203,14 @@ impl Watcher {
         let within = self.options.connect_timeout;
         for (index, target) in self.targets.iter().enumerate() {
             let (host, port) = target.host_port();
-            let found = timeout(within, tokio::net::lookup_host((host.as_str(), port))).await;
+            let found = match &self.options.resolver {
+                Some(resolver) => Ok(resolver(&host, port)),
+                None => timeout(within, tokio::net::lookup_host((host.as_str(), port)))
+                    .await
+                    .map(|found| found.map(Iterator::collect)),
+            };
             match found {
-                Ok(Ok(addrs)) => {
-                    let mut addrs: Vec<_> = addrs.collect();
+                Ok(Ok(mut addrs)) => {
                     addrs.sort();
                     addrs.dedup();
                     if !addrs.is_empty() {
