@@ -149,6 +149,39 @@ async fn generic_impls_key_each_instantiation() {
     );
 }
 
+struct Catalog {
+    cache: Client,
+}
+
+impl Catalog {
+    #[memoize(client = &self.cache)]
+    async fn title(&self, id: u32) -> String {
+        format!("title-{id}")
+    }
+}
+
+/// A method's explicit client is not kept alive by its memoized function: once the last
+/// handle of it is dropped, its connection closes.
+#[tokio::test]
+async fn an_explicit_client_is_not_kept_alive() {
+    let server = CacheServer::memory(&[]);
+    let forwarder = common::Forwarder::start(server.addr()).await;
+    let catalog = Catalog {
+        cache: Client::connect(forwarder.url()).await.unwrap(),
+    };
+    assert_eq!(catalog.title(1).await, "title-1");
+    assert_eq!(forwarder.accepted(), 1, "the call reached the service");
+    drop(catalog);
+    let closed = common::eventually(std::time::Duration::from_secs(5), || async {
+        forwarder.closed_by_client() == 1
+    })
+    .await;
+    assert!(
+        closed,
+        "the client's connection stayed open after it was dropped"
+    );
+}
+
 // --- Borrowed arguments, Result, Option ----------------------------------------------------
 
 static GREETINGS: AtomicUsize = AtomicUsize::new(0);
