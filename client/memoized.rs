@@ -107,7 +107,7 @@ impl Site {
 
     /// This site as a method of `T`, the `Self` of the `impl` it is in: a generic `impl`'s
     /// instantiations share the one `static` site, so each call names its own `Self`, whose
-    /// type arguments are keyed ([`Function::self_type`]).
+    /// type arguments are keyed (`Function::self_type`).
     pub fn of<T: ?Sized>(&'static self) -> MethodSite {
         MethodSite {
             site: self,
