@@ -121,6 +121,36 @@ pub fn versioned_digest_of(value: &Value, version: u32) -> String {
     format!("{:x}", md5::compute(input))
 }
 
+/// [`versioned_digest_of`] for a `#[memoize]` method whose `Self` type has type arguments
+/// (`Wrap<u64>`): `type_args` (`<u64>`, from [`type_args`]) and `:` go after the version
+/// prefix and before the canonical text, e.g. `md5("<u64>:[7]")`, so each instantiation of a
+/// generic `impl` has entries of its own. No JSON text starts with `<`, so a scoped input never
+/// equals an unscoped one; `None` is exactly [`versioned_digest_of`].
+pub(crate) fn scoped_digest_of(value: &Value, version: u32, type_args: Option<&str>) -> String {
+    let Some(type_args) = type_args else {
+        return versioned_digest_of(value, version);
+    };
+    let version = if version <= 1 {
+        String::new()
+    } else {
+        format!("v{version}:")
+    };
+    let input = format!("{version}{type_args}:{}", canonical_text(value));
+    format!("{:x}", md5::compute(input))
+}
+
+/// The type arguments of a type name from [`core::any::type_name`] (`<u64>` of
+/// `app::Wrap<u64>`), or `None` when it has none but lifetimes (`app::Parser<'_>`): those
+/// are erased at run time, and a type without type arguments keeps its unscoped keys.
+pub(crate) fn type_args(type_name: &str) -> Option<&str> {
+    let args = &type_name[type_name.find('<')?..];
+    let without_lifetimes = args.replace("'_, ", "").replace("'_", "");
+    (without_lifetimes
+        .chars()
+        .any(|c| c != '<' && c != '>' && c != ',' && c != ' '))
+    .then_some(args)
+}
+
 /// Writes a JSON value per RFC 8785. Values built by [`args_value`] are always representable;
 /// a float that is not finite (only possible in a hand-built `Value`) is written as `null`, as
 /// ECMAScript's `JSON.stringify` does.
@@ -725,5 +755,25 @@ mod tests {
             format!("{:x}", md5::compute("v2:[3,4]"))
         );
         assert_ne!(versioned_digest_of(&args, 2), versioned_digest_of(&args, 3));
+    }
+
+    /// A method's `Self` type arguments go between the version and the canonical text; a
+    /// type without them (or with lifetimes only) keys as before.
+    #[test]
+    fn type_arguments_prefix_the_digest_input() {
+        let args = args_value(&(7,)).unwrap();
+        assert_eq!(type_args("app::Wrap<u64>"), Some("<u64>"));
+        assert_eq!(type_args("app::Two<'_, u8>"), Some("<'_, u8>"));
+        assert_eq!(type_args("app::Parser<'_>"), None);
+        assert_eq!(type_args("app::Plain"), None);
+        assert_eq!(scoped_digest_of(&args, 1, None), digest_of(&args));
+        assert_eq!(
+            scoped_digest_of(&args, 1, Some("<u64>")),
+            format!("{:x}", md5::compute("<u64>:[7]"))
+        );
+        assert_eq!(
+            scoped_digest_of(&args, 2, Some("<i64>")),
+            format!("{:x}", md5::compute("v2:<i64>:[7]"))
+        );
     }
 }

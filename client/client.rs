@@ -4,6 +4,7 @@
 use std::{
     fmt,
     future::Future,
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
@@ -103,7 +104,17 @@ pub struct ClientOptions {
     pub enabled: bool,
     /// Bearer token sent with every call, for a server with authentication on.
     pub token: Option<String>,
+    /// A test hook, not an API: looks hosts up instead of the system's resolver, with
+    /// [`ClientOptions::resolve_interval`] (so a test can make one name resolve to several
+    /// loopback replicas).
+    #[doc(hidden)]
+    pub resolver: Option<Resolver>,
 }
+
+/// A test hook, not an API: what [`ClientOptions::resolver`] holds, a host and port to the
+/// addresses they resolve to.
+#[doc(hidden)]
+pub type Resolver = Arc<dyn Fn(&str, u16) -> std::io::Result<Vec<SocketAddr>> + Send + Sync>;
 
 impl fmt::Debug for ClientOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -118,6 +129,7 @@ impl fmt::Debug for ClientOptions {
             .field("probe_interval", &self.probe_interval)
             .field("probe_timeout", &self.probe_timeout)
             .field("resolve_interval", &self.resolve_interval)
+            .field("resolver", &self.resolver.is_some())
             .field("tls_ca", &self.tls_ca.as_ref().map(|pem| pem.len()))
             .field("max_receive_bytes", &self.max_receive_bytes)
             .field("default_ttl", &self.default_ttl)
@@ -172,6 +184,7 @@ impl Default for ClientOptions {
             probe_interval: DEFAULT_PROBE_INTERVAL,
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
             resolve_interval: None,
+            resolver: None,
             tls_ca: None,
             max_receive_bytes: DEFAULT_MAX_RECEIVE_BYTES,
             default_ttl: DEFAULT_TTL,
@@ -297,7 +310,9 @@ impl Client {
     /// in-memory store) and accept the same token.
     ///
     /// Connects lazily, like [`Client::connect`]; each replica gets a connection for calls
-    /// and one for its health checks.
+    /// and one for its health checks. The first health checks run before this returns (all at
+    /// once, up to [`ClientOptions::probe_timeout`]), so a replica down from the start gets
+    /// no calls.
     ///
     /// ```no_run
     /// use cache_money::{Client, Ttl};
@@ -378,7 +393,7 @@ impl Client {
     /// A handle for one function's cache entries, kept for `ttl`.
     ///
     /// `namespace` is the caller's module: `__main__`, `billing.invoices`, or a Rust
-    /// `module_path!()` (`a::b` is written `a.b`). See [`function!`](crate::function) for a
+    /// `module_path!()` (`a::b` is written `a.b`, `a::r#type` `a.type`). See [`function!`](crate::function) for a
     /// shorthand.
     ///
     /// # Panics
@@ -411,7 +426,7 @@ impl Client {
         name: &str,
         ttl: Duration,
     ) -> Result<Function, Error> {
-        let namespace = namespace.replace("::", ".");
+        let namespace = namespace_of(namespace);
         check_name("namespace", &namespace)?;
         check_name("function", name)?;
         let max_ttl = self.inner.options.max_ttl;
@@ -432,7 +447,7 @@ impl Client {
     /// [`Error::InvalidName`], or the service's failure: a bust that did not happen is
     /// reported, never swallowed.
     pub async fn bust_namespace(&self, namespace: &str) -> Result<u64, Error> {
-        let namespace = namespace.replace("::", ".");
+        let namespace = namespace_of(namespace);
         check_name("namespace", &namespace)?;
         let request = pb::BustNamespaceRequest { namespace };
         self.bust_rpc(|mut rpc| async move { rpc.bust_namespace(request).await })
@@ -582,5 +597,30 @@ impl Client {
     /// The in-process single-flight table shared by every clone.
     pub(crate) fn flights(&self) -> &Flights {
         &self.inner.flights
+    }
+}
+
+/// A namespace as the service takes it, from a Rust module path (`module_path!()`) or a
+/// dotted name: `::` is written `.`, and a raw identifier's `r#` is dropped (`m::r#type` is
+/// `m.type`), since `#` breaks the naming rule.
+fn namespace_of(path: &str) -> String {
+    path.split("::")
+        .map(|segment| segment.strip_prefix("r#").unwrap_or(segment))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Module paths become dotted namespaces, raw identifiers without their `r#`.
+    #[test]
+    fn module_paths_become_namespaces() {
+        assert_eq!(namespace_of("app::billing"), "app.billing");
+        assert_eq!(namespace_of("m::r#type"), "m.type");
+        assert_eq!(namespace_of("r#async::r#fn"), "async.fn");
+        assert_eq!(namespace_of("__main__"), "__main__");
+        assert!(check_name("namespace", &namespace_of("m::r#type")).is_ok());
     }
 }

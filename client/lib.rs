@@ -88,7 +88,7 @@ macro_rules! function {
 /// What `#[memoize]` expands to; not an API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::memoized::{Prepared, Site};
+    pub use crate::memoized::{MethodSite, Prepared, Site};
 }
 
 #[cfg(feature = "macros")]

@@ -17,7 +17,7 @@ use tracing::warn;
 
 use crate::{
     Client, Error,
-    canonical::{args_value, check_key_fn_output, versioned_digest_of},
+    canonical::{args_value, check_key_fn_output, scoped_digest_of, type_args},
     client::Flight,
     key::EntryKey,
     pb,
@@ -46,12 +46,23 @@ pub struct Function {
     cache_none: bool,
     /// The key space of the function's results; 1 is the unversioned one.
     version: u32,
+    /// The type arguments of a `#[memoize]` method's `Self` (`<u64>`), keyed with the
+    /// arguments so each instantiation of a generic `impl` has its own entries.
+    self_type_args: Option<&'static str>,
     /// A value that does not decode is logged once per handle, not once per call.
     warned_undecodable: Arc<AtomicBool>,
     /// Likewise a request the service refuses (a value over its size limit).
     warned_refused: Arc<AtomicBool>,
     /// Written with every result ([`Function::tagged`]); shared by clones.
     tags: Arc<[String]>,
+}
+
+/// The once-per-handle warnings of a [`Function`], to share between handles of one function
+/// made per call (a `#[memoize]` function with its own client).
+#[derive(Debug, Default)]
+pub(crate) struct HandleWarnings {
+    undecodable: Arc<AtomicBool>,
+    refused: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for Function {
@@ -64,6 +75,7 @@ impl fmt::Debug for Function {
             .field("cache_none", &self.cache_none)
             .field("version", &self.version)
             .field("tags", &self.tags)
+            .field("self_type_args", &self.self_type_args)
             .finish()
     }
 }
@@ -78,6 +90,7 @@ impl Function {
             key_fn: None,
             cache_none: false,
             version: 1,
+            self_type_args: None,
             warned_undecodable: Arc::new(AtomicBool::new(false)),
             warned_refused: Arc::new(AtomicBool::new(false)),
             tags: Arc::new([]),
@@ -118,6 +131,21 @@ impl Function {
         self
     }
 
+    /// Keys calls as those of a `#[memoize]` method of `Self` = the type named `type_name`
+    /// (from [`core::any::type_name`]): with its type arguments, if it has any (README, the
+    /// key spec).
+    pub(crate) fn self_type(mut self, type_name: &'static str) -> Self {
+        self.self_type_args = type_args(type_name);
+        self
+    }
+
+    /// Shares `warnings` (each logged once) with the other handles given them.
+    pub(crate) fn warnings(mut self, warnings: &HandleWarnings) -> Self {
+        self.warned_undecodable = warnings.undecodable.clone();
+        self.warned_refused = warnings.refused.clone();
+        self
+    }
+
     /// The namespace entries are stored under.
     pub fn namespace(&self) -> &str {
         &self.namespace
@@ -148,12 +176,7 @@ impl Function {
             }
             None => args,
         };
-        Ok(versioned_digest_of(&keyed, self.version))
-    }
-
-    /// The client this handle caches through.
-    pub(crate) fn client(&self) -> &Client {
-        &self.client
+        Ok(scoped_digest_of(&keyed, self.version, self.self_type_args))
     }
 
     pub(crate) fn entry_key<A: Serialize + ?Sized>(&self, args: &A) -> Result<EntryKey, Error> {
@@ -378,7 +401,11 @@ impl Function {
         self.client.count_computed();
         let result = compute().await;
         let encoded = match &result {
-            Ok(value) if flight.is_current() => self.store(key, tags, value).await,
+            Ok(value) if flight.is_current() => {
+                let encoded = self.store(key, tags, value).await;
+                self.unless_replaced(key, || flight.is_current()).await;
+                encoded
+            }
             Ok(value) => Self::encode(value).ok(),
             Err(_) => None,
         };
@@ -445,9 +472,14 @@ impl Function {
     /// runs wait for it and get its result (they neither read the old entry nor compute
     /// again). A `memoize` computation that was already running when the refresh started is
     /// not joined, since it may have started from older data: it finishes for its own callers,
-    /// and does not store its result over the refresh's; nor does an older refresh of the same
-    /// arguments that finishes after a newer one. (Callers in other processes are not
-    /// coordinated: one that read the old entry before the refresh stored may still return it.)
+    /// and its result does not stay over the refresh's; nor does that of an older refresh of
+    /// the same arguments that finishes after a newer one. One that finishes after the refresh
+    /// started is not stored; one whose store was already under way is removed again once
+    /// stored (so until then it can be read, and the entry may end up empty, a miss, rather
+    /// than holding the refresh's value). This holds for stores answered within their deadline:
+    /// one that times out on the client may still land later. (Callers in other processes are
+    /// not coordinated: one that read the old entry before the refresh stored may still return
+    /// it.)
     ///
     /// A result that is not cached (`None` or `()` without [`Function::cache_none`]) removes
     /// the old entry instead. Like `memoize` it is fail-open: when the service is down the
@@ -504,7 +536,11 @@ impl Function {
                 let result = compute().await;
                 let encoded = match &result {
                     // A refresh that started later stores its newer value instead.
-                    Ok(value) if claim.is_current() => self.overwrite(key, tags, value).await,
+                    Ok(value) if claim.is_current() => {
+                        let encoded = self.overwrite(key, tags, value).await;
+                        self.unless_replaced(key, || claim.is_current()).await;
+                        encoded
+                    }
                     Ok(value) => Self::encode(value).ok(),
                     Err(_) => None,
                 };
@@ -513,6 +549,29 @@ impl Function {
             })
             .await;
         led.expect("lead runs the refresh to completion before it returns")
+    }
+
+    /// Removes what was just stored under `key` if a newer refresh took the key over while it
+    /// was stored (`is_current` now false): the refresh's Put may have landed first, and the
+    /// older value must not stay over it. A refresh that takes over later sends its Put after
+    /// this one was answered, so it lands after. Fail-open, as the store.
+    async fn unless_replaced(&self, key: &EntryKey, is_current: impl Fn() -> bool) {
+        if !is_current() {
+            self.remove(key).await;
+        }
+    }
+
+    /// Removes `key`'s entry, fail-open (a failure is the breaker's and the metrics', not the
+    /// caller's).
+    async fn remove(&self, key: &EntryKey) {
+        let request = pb::BustRequest {
+            key: Some(Self::pb_key(key)),
+        };
+        self.client
+            .cache_rpc("Bust", &self.warned_refused, |mut rpc| async move {
+                rpc.bust(request).await
+            })
+            .await;
     }
 
     /// Stores a refreshed result; one that is not cached (`null`) removes the old entry.
@@ -524,14 +583,7 @@ impl Function {
     ) -> Option<Bytes> {
         let encoded = self.store(key, tags, value).await?;
         if !self.cache_none && encoded.as_ref() == b"null" {
-            let request = pb::BustRequest {
-                key: Some(Self::pb_key(key)),
-            };
-            self.client
-                .cache_rpc("Bust", &self.warned_refused, |mut rpc| async move {
-                    rpc.bust(request).await
-                })
-                .await;
+            self.remove(key).await;
         }
         Some(encoded)
     }

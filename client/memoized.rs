@@ -20,7 +20,11 @@ use std::{
 use serde::{Serialize, de::DeserializeOwned};
 use tracing::warn;
 
-use crate::{Client, Error, Function, key::EntryKey, memoize::Mode};
+use crate::{
+    Client, Error, Function,
+    key::EntryKey,
+    memoize::{HandleWarnings, Mode},
+};
 
 /// The client memoized functions use when they name none (`client = …`).
 static DEFAULT_CLIENT: OnceLock<Client> = OnceLock::new();
@@ -56,8 +60,13 @@ pub struct Site {
     ttl: Option<fn() -> Duration>,
     version: u32,
     cache_none: bool,
-    /// The handle of the first client seen; another client gets a handle of its own per call.
+    /// The handle of the installed default client, which lives as long as the process
+    /// anyway. Another client (`client = …`) gets a handle of its own per call, so the site
+    /// keeps no client alive.
     handle: OnceLock<Function>,
+    /// The once-per-handle warnings (undecodable values, refused stores) of every handle made
+    /// here, so per-call handles do not warn on every call.
+    handle_warnings: OnceLock<HandleWarnings>,
     /// Whether this function's own problem (a bad name or TTL, arguments that cannot be
     /// keyed) has been warned about.
     warned: AtomicBool,
@@ -79,6 +88,7 @@ impl Site {
             version,
             cache_none,
             handle: OnceLock::new(),
+            handle_warnings: OnceLock::new(),
             warned: AtomicBool::new(false),
         }
     }
@@ -91,7 +101,26 @@ impl Site {
         Ok(client
             .try_function(self.namespace, self.name, ttl)?
             .version(self.version)
-            .cache_none(self.cache_none))
+            .cache_none(self.cache_none)
+            .warnings(self.handle_warnings.get_or_init(HandleWarnings::default)))
+    }
+
+    /// This site as a method of `T`, the `Self` of the `impl` it is in: a generic `impl`'s
+    /// instantiations share the one `static` site, so each call names its own `Self`, whose
+    /// type arguments are keyed (`Function::self_type`).
+    pub fn of<T: ?Sized>(&'static self) -> MethodSite {
+        MethodSite {
+            site: self,
+            self_type: Some(std::any::type_name::<T>()),
+        }
+    }
+
+    /// A free function's site: no `Self` to key.
+    fn free(&'static self) -> MethodSite {
+        MethodSite {
+            site: self,
+            self_type: None,
+        }
     }
 
     /// The handle for `client`, or for the installed default client when `None`.
@@ -100,26 +129,28 @@ impl Site {
     /// [`Error::NotInstalled`] without a client; [`Error::InvalidName`] or
     /// [`Error::InvalidTtl`] when the handle cannot be made.
     pub fn function(&'static self, client: Option<Client>) -> Result<Function, Error> {
-        self.handle(client).map(Cow::into_owned)
+        self.free().function(client)
     }
 
     fn handle(&'static self, client: Option<Client>) -> Result<Cow<'static, Function>, Error> {
+        let installed = installed();
         let client = match client {
-            Some(client) => Cow::Owned(client),
-            None => Cow::Borrowed(installed().ok_or(Error::NotInstalled)?),
+            Some(client) if !installed.is_some_and(|default| default.same(&client)) => {
+                return Ok(Cow::Owned(self.make(&client)?));
+            }
+            _ => installed.ok_or(Error::NotInstalled)?,
         };
         if let Some(handle) = self.handle.get() {
-            if handle.client().same(&client) {
-                return Ok(Cow::Borrowed(handle));
-            }
-            return Ok(Cow::Owned(self.make(&client)?));
+            return Ok(Cow::Borrowed(handle));
         }
-        let made = self.make(&client)?;
-        Ok(match self.handle.set(made) {
-            Ok(()) => Cow::Borrowed(self.handle.get().expect("set just now")),
-            // Another thread made the first handle meanwhile, maybe for another client.
-            Err(made) => Cow::Owned(made),
-        })
+        let made = self.make(client)?;
+        // Another thread may have made it meanwhile, for the same client: keep the first.
+        let _ = self.handle.set(made);
+        Ok(Cow::Borrowed(
+            self.handle
+                .get()
+                .expect("set just now, by this thread or another"),
+        ))
     }
 
     /// The handle and key of one call, ready to run: the arguments are only borrowed here,
@@ -130,22 +161,7 @@ impl Site {
         client: Option<Client>,
         args: &A,
     ) -> Prepared {
-        let target = self
-            .handle(client)
-            .and_then(|handle| Ok((handle.entry_key(args)?, handle)));
-        match target {
-            Ok((key, handle)) => Prepared {
-                target: Some((handle, key)),
-                tags: Vec::new(),
-            },
-            Err(err) => {
-                self.warn_uncached(&err);
-                Prepared {
-                    target: None,
-                    tags: Vec::new(),
-                }
-            }
-        }
+        self.free().prepare(client, args)
     }
 
     fn warn_uncached(&self, err: &Error) {
@@ -168,7 +184,7 @@ impl Site {
         client: Option<Client>,
         args: &A,
     ) -> Result<bool, Error> {
-        self.handle(client)?.bust(args).await
+        self.free().bust(client, args).await
     }
 
     /// `bust_all` of the function's handle.
@@ -177,6 +193,74 @@ impl Site {
     /// As [`Site::function`] and [`Function::bust_all`].
     pub async fn bust_all(&'static self, client: Option<Client>) -> Result<u64, Error> {
         self.handle(client)?.bust_all().await
+    }
+}
+
+/// A [`Site`] as a method of one `Self` type ([`Site::of`]), or as a free function.
+#[derive(Debug, Clone, Copy)]
+pub struct MethodSite {
+    site: &'static Site,
+    /// `core::any::type_name::<Self>()`, for a method.
+    self_type: Option<&'static str>,
+}
+
+impl MethodSite {
+    /// The site's handle for `client`, keying this `Self` type's arguments. The site keeps
+    /// handles without them, so no instantiation is handed another's.
+    fn handle(self, client: Option<Client>) -> Result<Cow<'static, Function>, Error> {
+        let handle = self.site.handle(client)?;
+        Ok(match self.self_type {
+            Some(self_type) => Cow::Owned(handle.into_owned().self_type(self_type)),
+            None => handle,
+        })
+    }
+
+    /// As [`Site::function`].
+    ///
+    /// # Errors
+    /// As [`Site::function`].
+    pub fn function(self, client: Option<Client>) -> Result<Function, Error> {
+        self.handle(client).map(Cow::into_owned)
+    }
+
+    /// As [`Site::prepare`].
+    pub fn prepare<A: Serialize + ?Sized>(self, client: Option<Client>, args: &A) -> Prepared {
+        let target = self
+            .handle(client)
+            .and_then(|handle| Ok((handle.entry_key(args)?, handle)));
+        match target {
+            Ok((key, handle)) => Prepared {
+                target: Some((handle, key)),
+                tags: Vec::new(),
+            },
+            Err(err) => {
+                self.site.warn_uncached(&err);
+                Prepared {
+                    target: None,
+                    tags: Vec::new(),
+                }
+            }
+        }
+    }
+
+    /// As [`Site::bust`].
+    ///
+    /// # Errors
+    /// As [`Site::bust`].
+    pub async fn bust<A: Serialize + ?Sized>(
+        self,
+        client: Option<Client>,
+        args: &A,
+    ) -> Result<bool, Error> {
+        self.handle(client)?.bust(args).await
+    }
+
+    /// As [`Site::bust_all`]: every entry of the function, of every `Self` type.
+    ///
+    /// # Errors
+    /// As [`Site::bust_all`].
+    pub async fn bust_all(self, client: Option<Client>) -> Result<u64, Error> {
+        self.site.bust_all(client).await
     }
 }
 

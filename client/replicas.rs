@@ -10,7 +10,9 @@
 //! [`ClientOptions::probe_interval`], over a connection of its own:
 //! - a replica that does not answer `SERVING` within [`ClientOptions::probe_timeout`] (dead,
 //!   frozen, draining after SIGTERM, or cut off from the store) is removed from the balancer,
-//!   and inserted again once it answers;
+//!   and inserted again once it answers; the first round runs when the client is made,
+//!   before the balancer gets any replica, so one dead from the start takes no calls
+//!   (making the client then takes up to the probe timeout);
 //! - when no replica answers, all of them stay in: calls then fail at once with the
 //!   transport's reason, rather than waiting on an empty balancer for their whole deadline;
 //! - with [`ClientOptions::resolve_interval`], each URL's host is looked up (tokio's
@@ -67,7 +69,8 @@ impl Replica {
         Replica {
             endpoint,
             probe,
-            // Until probed, a replica is given calls: most replicas are up most of the time.
+            // Until probed, a replica counts as up: `channel` probes them all before the
+            // balancer gets any, and a replica found later is probed before it is published.
             healthy: true,
         }
     }
@@ -92,12 +95,26 @@ pub(crate) async fn channel(urls: Vec<String>, options: &ClientOptions) -> Resul
         watcher.resolve().await;
     }
     watcher.refresh_candidates()?;
+    // One health check of every replica (at once, within the probe timeout) before the
+    // balancer gets any: a replica dead at start-up would otherwise take its share of the
+    // first calls until the watcher's first round.
+    if watcher.replicas.len() > 1 {
+        watcher.probe().await;
+    }
     let (channel, changes) = Channel::balance_channel(CHANGES_CAPACITY.max(watcher.replicas.len()));
-    for (key, replica) in &watcher.replicas {
+    watcher.inserted = wanted(
+        watcher
+            .replicas
+            .iter()
+            .map(|(key, replica)| (key, replica.healthy)),
+    );
+    for key in &watcher.inserted {
         changes
-            .try_send(Change::Insert(key.clone(), replica.endpoint.clone()))
+            .try_send(Change::Insert(
+                key.clone(),
+                watcher.replicas[key].endpoint.clone(),
+            ))
             .expect("the queue has room for every replica and its receiver is alive");
-        watcher.inserted.insert(key.clone());
     }
     if watcher.replicas.len() > 1 || options.resolve_interval.is_some() {
         tokio::spawn(watcher.run(changes));
@@ -186,10 +203,14 @@ impl Watcher {
         let within = self.options.connect_timeout;
         for (index, target) in self.targets.iter().enumerate() {
             let (host, port) = target.host_port();
-            let found = timeout(within, tokio::net::lookup_host((host.as_str(), port))).await;
+            let found = match &self.options.resolver {
+                Some(resolver) => Ok(resolver(&host, port)),
+                None => timeout(within, tokio::net::lookup_host((host.as_str(), port)))
+                    .await
+                    .map(|found| found.map(Iterator::collect)),
+            };
             match found {
-                Ok(Ok(addrs)) => {
-                    let mut addrs: Vec<_> = addrs.collect();
+                Ok(Ok(mut addrs)) => {
                     addrs.sort();
                     addrs.dedup();
                     if !addrs.is_empty() {
@@ -311,16 +332,18 @@ impl Watcher {
                 .iter()
                 .map(|(key, replica)| (key, replica.healthy)),
         );
-        for key in self.inserted.difference(&wanted) {
-            changes
-                .send(Change::Remove(key.clone()))
-                .await
-                .map_err(drop)?;
-        }
+        // Insertions first: when the set moves from {a} to {b}, the balancer never holds
+        // nothing in between (calls would wait for a replica).
         for key in wanted.difference(&self.inserted) {
             let endpoint = self.replicas[key].endpoint.clone();
             changes
                 .send(Change::Insert(key.clone(), endpoint))
+                .await
+                .map_err(drop)?;
+        }
+        for key in self.inserted.difference(&wanted) {
+            changes
+                .send(Change::Remove(key.clone()))
                 .await
                 .map_err(drop)?;
         }
@@ -377,7 +400,8 @@ mod tests {
 
     /// What a name resolves to becomes the replicas: a new lookup adds the new addresses and
     /// removes the gone ones, keeps what it knew of the others (a replica found unhealthy
-    /// stays out), and the balancer is told exactly those changes.
+    /// stays out), and the balancer is told exactly those changes, insertions before removals
+    /// so it is never left empty in between.
     #[tokio::test]
     async fn lookups_add_and_remove_replicas() {
         let addr = |last: u8| SocketAddr::from(([10, 0, 0, last], 50051));
@@ -414,14 +438,14 @@ mod tests {
         watcher.resolved.insert(0, vec![addr(1), addr(3)]);
         assert_eq!(
             told(&mut watcher).await,
-            ["-http://10.0.0.2:50051", "+http://10.0.0.3:50051"]
+            ["+http://10.0.0.3:50051", "-http://10.0.0.2:50051"]
         );
         assert!(!watcher.replicas["http://10.0.0.1:50051"].healthy);
         // Unresolved, a target is dialled by its URL.
         watcher.resolved.clear();
         assert_eq!(
             told(&mut watcher).await,
-            ["-http://10.0.0.3:50051", "+http://cache.example:50051"]
+            ["+http://cache.example:50051", "-http://10.0.0.3:50051"]
         );
     }
 

@@ -102,6 +102,86 @@ async fn methods_skip_self_and_have_companions() {
     assert_eq!(renamer.rename_function().unwrap().ttl().as_secs(), 60);
 }
 
+struct Wrap<T> {
+    cache: Client,
+    value: T,
+}
+
+impl<T: Copy + serde::Serialize + serde::de::DeserializeOwned> Wrap<T> {
+    #[memoize(client = &self.cache)]
+    async fn value(&self, id: u32) -> (u32, T) {
+        (id, self.value)
+    }
+}
+
+/// Each instantiation of a generic `impl` keys its `Self` type's arguments: `Wrap<u64>` and
+/// `Wrap<i64>` called with the same arguments get their own entries and handles.
+#[tokio::test]
+async fn generic_impls_key_each_instantiation() {
+    let (_server, cm) = serve().await;
+    let unsigned = Wrap {
+        cache: cm.clone(),
+        value: 7u64,
+    };
+    let signed = Wrap {
+        cache: cm.clone(),
+        value: -7i64,
+    };
+    assert_eq!(unsigned.value(1).await, (1, 7));
+    assert_eq!(
+        signed.value(1).await,
+        (1, -7),
+        "Wrap<i64> read Wrap<u64>'s entry"
+    );
+    assert_eq!(unsigned.value(1).await, (1, 7));
+
+    let (unsigned_fn, signed_fn) = (
+        unsigned.value_function().unwrap(),
+        signed.value_function().unwrap(),
+    );
+    let md5 = |input: &str| format!("{:x}", md5::compute(input));
+    assert_eq!(unsigned_fn.digest(&(1,)).unwrap(), md5("<u64>:[1]"));
+    assert_eq!(signed_fn.digest(&(1,)).unwrap(), md5("<i64>:[1]"));
+    assert!(signed.value_bust(1).await.unwrap());
+    assert!(
+        unsigned.value_bust(1).await.unwrap(),
+        "Wrap<u64>'s entry was busted too"
+    );
+}
+
+struct Catalog {
+    cache: Client,
+}
+
+impl Catalog {
+    #[memoize(client = &self.cache)]
+    async fn title(&self, id: u32) -> String {
+        format!("title-{id}")
+    }
+}
+
+/// A method's explicit client is not kept alive by its memoized function: once the last
+/// handle of it is dropped, its connection closes.
+#[tokio::test]
+async fn an_explicit_client_is_not_kept_alive() {
+    let server = CacheServer::memory(&[]);
+    let forwarder = common::Forwarder::start(server.addr()).await;
+    let catalog = Catalog {
+        cache: Client::connect(forwarder.url()).await.unwrap(),
+    };
+    assert_eq!(catalog.title(1).await, "title-1");
+    assert_eq!(forwarder.accepted(), 1, "the call reached the service");
+    drop(catalog);
+    let closed = common::eventually(std::time::Duration::from_secs(5), || async {
+        forwarder.closed_by_client() == 1
+    })
+    .await;
+    assert!(
+        closed,
+        "the client's connection stayed open after it was dropped"
+    );
+}
+
 // --- Borrowed arguments, Result, Option ----------------------------------------------------
 
 static GREETINGS: AtomicUsize = AtomicUsize::new(0);
@@ -416,10 +496,21 @@ fn add_gate(id: u32) -> oneshot::Sender<u32> {
 }
 
 /// Lets other tasks run until `runs` `gated` computations have started (each takes its gate
-/// as it starts).
+/// as it starts); panics if they have not within 10 s.
 async fn started(runs: usize) {
-    while GATED_RUNS.load(SeqCst) < runs {
-        tokio::task::yield_now().await;
+    let wait = async {
+        while GATED_RUNS.load(SeqCst) < runs {
+            tokio::task::yield_now().await;
+        }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(10), wait)
+        .await
+        .is_err()
+    {
+        panic!(
+            "{runs} gated computations had not started after 10 s ({} had)",
+            GATED_RUNS.load(SeqCst)
+        );
     }
 }
 

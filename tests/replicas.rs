@@ -5,7 +5,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use cache_money::{Client, ClientOptions, Function, Ttl, pb};
 use common::{CacheServer, Forwarder, RedisServer, key, put};
@@ -319,6 +322,28 @@ async fn a_bust_through_the_balanced_client_is_seen_by_every_replica() {
     assert!(lookups(&a).await > 0 && lookups(&b).await > 0);
 }
 
+/// A replica that does not answer when the client is made gets none of its first calls:
+/// every replica is health-checked before the balancer is given any.
+#[tokio::test]
+async fn a_replica_silent_at_start_gets_no_calls() {
+    let live = CacheServer::memory(&[]);
+    // Connections complete (the kernel's backlog) but nothing ever answers on them, so a
+    // call sent there fails at its deadline and its health check at the probe timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let cm = Client::connect_many_with([silent_url, live.url()], no_breaker())
+        .await
+        .unwrap();
+    let f = cm.function("replicas", "silent_at_start", Ttl::MINUTE);
+    for n in 0..u64::from(STREAK) {
+        assert!(
+            call(&cm, &f, n).await,
+            "call {n} went to the silent replica: {:?}",
+            cm.metrics()
+        );
+    }
+}
+
 /// Lists the client cannot balance over are refused when it is made, with the reason.
 #[tokio::test]
 async fn unusable_replica_lists_are_refused_up_front() {
@@ -362,6 +387,31 @@ async fn a_name_is_resolved_to_its_replicas() {
     let f = cm.function("replicas", "resolved", Ttl::MINUTE);
     let mut n = 0;
     until_it_takes_calls(&cm, &f, &mut n, (&server, 0), Instant::now()).await;
+}
+
+/// A name that resolves to several addresses (two replicas, through the client's resolver
+/// hook) makes each address a replica: both take calls, and every call succeeds.
+#[tokio::test]
+async fn a_name_resolving_to_two_addresses_balances_over_both() {
+    let redis = RedisServer::start();
+    let (a, b) = replicas(&redis);
+    let addrs = vec![a.addr(), b.addr()];
+    let options = ClientOptions {
+        resolve_interval: Some(Duration::from_secs(60)),
+        resolver: Some(Arc::new(move |host: &str, _port| match host {
+            "cache-money.test" => Ok(addrs.clone()),
+            other => Err(std::io::Error::other(format!("unknown host {other}"))),
+        })),
+        ..no_breaker()
+    };
+    let cm = Client::connect_with("http://cache-money.test:50051", options)
+        .await
+        .unwrap();
+    let f = cm.function("replicas", "two_addresses", Ttl::MINUTE);
+    let mut n = 0;
+    until_it_takes_calls(&cm, &f, &mut n, (&a, 0), Instant::now()).await;
+    until_it_takes_calls(&cm, &f, &mut n, (&b, 0), Instant::now()).await;
+    assert_eq!(cm.metrics().rpc_failures, 0, "{:?}", cm.metrics());
 }
 
 /// A name that does not resolve leaves no empty balancer behind: a bust fails at once with

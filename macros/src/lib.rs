@@ -276,6 +276,29 @@ fn find_impl(tokens: TokenStream2) -> Option<Span> {
     })
 }
 
+/// Where `tokens` name `Self`, if anywhere.
+fn find_self_type(tokens: TokenStream2) -> Option<Span> {
+    tokens.into_iter().find_map(|token| match token {
+        TokenTree::Ident(ident) if ident == "Self" => Some(ident.span()),
+        TokenTree::Group(group) => find_self_type(group.stream()),
+        _ => None,
+    })
+}
+
+/// Where a function without `self` shows it is an associated function: `Self` in its
+/// signature or its body (outside items nested there, which may be `impl`s of their own). A
+/// free function cannot name `Self`, so this never refuses one; an associated function that
+/// never names `Self` is not caught here (the compiler then reports the module it cannot hold).
+fn associated_without_self(function: &ItemFn) -> Option<Span> {
+    let mut body = function
+        .block
+        .stmts
+        .iter()
+        .filter(|stmt| !matches!(stmt, syn::Stmt::Item(_)));
+    find_self_type(function.sig.to_token_stream())
+        .or_else(|| body.find_map(|stmt| find_self_type(stmt.to_token_stream())))
+}
+
 /// The span of the first token of `node`. Errors point there rather than at the whole node:
 /// a span over several tokens is only joined on nightly compilers, so error snapshots would
 /// differ between stable and nightly.
@@ -387,6 +410,17 @@ fn check_signature(function: &ItemFn) -> syn::Result<(Receiver, Vec<Arg>, Type)>
         }
     }
 
+    if matches!(receiver, Receiver::None)
+        && let Some(span) = associated_without_self(function)
+    {
+        return Err(Error::new(
+            span,
+            "#[memoize]: associated functions without self are not supported (their cache's \
+             controls would need a module inside the `impl`); make it a free function or take \
+             `&self`",
+        ));
+    }
+
     let output = match &sig.output {
         ReturnType::Default => {
             return Err(Error::new(
@@ -485,7 +519,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     // companions' module for a free function.
     let (site_call, client_call, compute_call, outer) = if is_method {
         (
-            quote!(Self::#site_fn()),
+            // `Self` is keyed too: a generic `impl`'s instantiations share the one `static`.
+            quote!(Self::#site_fn().of::<Self>()),
             quote!(self.#client_fn()),
             quote!(self.#compute_fn),
             quote!(Self::),
@@ -741,6 +776,17 @@ mod tests {
         ] {
             assert!(!is_result(&syn::parse_str(plain).unwrap()), "{plain}");
         }
+    }
+
+    /// A function naming `Self` outside nested items is associated; a free function with an
+    /// `impl` of its own inside is not.
+    #[test]
+    fn associated_functions_are_recognised_by_self() {
+        let function = |text: &str| syn::parse_str::<ItemFn>(text).unwrap();
+        assert!(associated_without_self(&function("async fn f(a: i64) -> Self { a }")).is_some());
+        assert!(associated_without_self(&function("async fn f() -> i64 { Self::g() }")).is_some());
+        let nested = "async fn f() -> i64 { struct X; impl X { fn new() -> Self { X } } 1 }";
+        assert!(associated_without_self(&function(nested)).is_none());
     }
 
     /// `impl` is found wherever it is nested in a type.

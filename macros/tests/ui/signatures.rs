@@ -39,6 +39,14 @@ impl Service {
     }
 }
 
+impl Service {
+    #[memoize]
+    async fn associated(a: i64) -> Self {
+        let _ = a;
+        Service
+    }
+}
+
 #[memoize]
 struct NotAFunction;
 
