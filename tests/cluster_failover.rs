@@ -455,3 +455,91 @@ async fn frozen_cluster_times_out_instead_of_hanging() {
     let value = common::get(&mut cm, key("ns", "f", 1)).await;
     assert_eq!(value.as_deref(), Some(&b"v"[..]));
 }
+
+/// A primary frozen (SIGSTOP: its connections stay open, nothing answers) until its replica is
+/// promoted: Get and GetMany for its keys answer again within a bound of the promotion
+/// (printed), with their values, and health is never SERVING while they still fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_primary_replaced_then_its_keys_answer_again() {
+    let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
+    let server = CacheServer::cluster(&cluster, &[]);
+    let mut cm = server.client().await;
+    let entries = (0..60).map(|n| put(key("ns", "silent", n), &[n as u8], 600));
+    cm.put_many(pb::PutManyRequest {
+        entries: entries.collect(),
+    })
+    .await
+    .unwrap();
+    // Not the node the harness asks for the slot map, which must stay live.
+    let asked = cluster.ports()[0];
+    let victim = *cluster
+        .primaries()
+        .iter()
+        .find(|port| **port != asked)
+        .unwrap();
+    let on_victim: Vec<u64> = (0..60)
+        .filter(|n| cluster.primary_of(format!("cm:ns:silent:{}", digest(*n)).as_bytes()) == victim)
+        .collect();
+    assert!(!on_victim.is_empty(), "no entry on {victim}");
+
+    cluster.freeze(victim);
+    let cluster = Arc::new(cluster);
+    let watched = cluster.clone();
+    let promoted = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if watched.slot_ranges().iter().all(|range| range.2 != victim) {
+                return Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("no replica was promoted within 60 s");
+
+    let (mut serving_while_failing, mut recovered) = (Vec::new(), None);
+    while promoted.elapsed() < Duration::from_secs(20) {
+        let status = common::health(&server).await;
+        let keys = on_victim.iter().map(|&n| key("ns", "silent", n)).collect();
+        let get_many = cm.get_many(pb::GetManyRequest { keys }).await;
+        let get = cm
+            .get(pb::GetRequest {
+                key: Some(key("ns", "silent", on_victim[0])),
+            })
+            .await;
+        match (get_many, get) {
+            (Ok(many), Ok(one)) => {
+                let values: Vec<Vec<u8>> = many
+                    .into_inner()
+                    .results
+                    .into_iter()
+                    .map(|result| result.value.to_vec())
+                    .collect();
+                let expected: Vec<Vec<u8>> = on_victim.iter().map(|&n| vec![n as u8]).collect();
+                assert_eq!(values, expected, "GetMany after the failover");
+                assert_eq!(one.into_inner().value.to_vec(), vec![on_victim[0] as u8]);
+                recovered = Some(promoted.elapsed());
+                break;
+            }
+            (many, one) => {
+                if status == ServingStatus::Serving as i32 {
+                    let codes = (many.err().map(|s| s.code()), one.err().map(|s| s.code()));
+                    serving_while_failing.push(codes);
+                }
+            }
+        }
+    }
+    cluster.thaw(victim);
+    eprintln!(
+        "silent primary (cluster-node-timeout {NODE_TIMEOUT_MS} ms): promotion -> its keys answer {recovered:?}"
+    );
+    let recovered = recovered
+        .expect("Gets for the frozen primary's keys failed 20 s after its replica's promotion");
+    assert!(
+        serving_while_failing.is_empty(),
+        "health was SERVING while Gets failed: {serving_while_failing:?}"
+    );
+    assert!(recovered < Duration::from_secs(5), "took {recovered:?}");
+}

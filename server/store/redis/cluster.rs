@@ -16,20 +16,33 @@
 //!   `{topology}:{node id}:{SCAN cursor}`, `topology` naming the primaries and their slots; a
 //!   cursor from a topology that has since changed is refused with ABORTED, and the listing
 //!   starts again from an empty cursor.
-//! - **Health** is SERVING while a primary reports `cluster_state:ok` and every slot's primary
-//!   answers PING.
+//! - **Health** is SERVING while a primary reports `cluster_state:ok`, every slot's primary
+//!   answers PING, and the connection serving requests routes each primary's slots to that
+//!   primary (`CLUSTER MYID`, slot-routed). redis-rs reads a new slot map only when a node
+//!   answers MOVED or drops a connection; a primary that goes silent (power loss, partition)
+//!   does neither, so after its replica is promoted the old map would keep routing its slots
+//!   to it for good. When the check finds such a stale route, the serving connection is
+//!   replaced by a fresh one, which reads the slot map anew.
 
-use std::{collections::HashMap, fmt};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 use redis::{
     Cmd, FromRedisValue, Pipeline, RedisError, TlsCertificates, Value,
-    cluster::{ClusterClientBuilder, ClusterConfig},
+    cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig},
     cluster_async::ClusterConnection,
     cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr},
 };
 use tokio::time::{Instant, timeout_at};
+use tracing::warn;
 
 use super::{Gate, classify, from_value, key_infos};
 use crate::key::{EntryKey, FunctionKey};
@@ -52,9 +65,9 @@ const MAX_RETRY_WAIT_MS: u64 = 100;
 /// shallow.
 #[derive(Clone)]
 pub struct ClusterStore {
-    connection: ClusterConnection,
+    connection: Renewable,
     /// The health probe's own connections, so a probe never queues behind requests.
-    probe: ClusterConnection,
+    probe: Renewable,
     gate: Gate,
     layout: KeyLayout,
     bust_batch: usize,
@@ -67,6 +80,69 @@ impl fmt::Debug for ClusterStore {
             .field("layout", &self.layout)
             .field("bust_batch", &self.bust_batch)
             .finish_non_exhaustive()
+    }
+}
+
+/// A cluster connection that can be replaced by a fresh one (new node connections, the slot
+/// map read anew) when it is found routing slots to a node that no longer serves them.
+/// Cloning is shallow: clones share the current connection.
+#[derive(Clone)]
+struct Renewable {
+    client: ClusterClient,
+    config: ClusterConfig,
+    current: Arc<RwLock<ClusterConnection>>,
+    /// Set while a fresh connection is being made, so checks meanwhile start no other.
+    renewing: Arc<AtomicBool>,
+}
+
+impl Renewable {
+    /// A connection of `client` with `config`, made lazily.
+    fn new(client: ClusterClient, config: ClusterConfig) -> Self {
+        let current = client.get_pending_async_connection_with_config(config.clone());
+        Renewable {
+            client,
+            config,
+            current: Arc::new(RwLock::new(current)),
+            renewing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The current connection (a cheap handle).
+    fn get(&self) -> ClusterConnection {
+        // A panic while holding the lock cannot leave the handle half-written: it is only
+        // ever replaced whole.
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes a fresh connection in the background and, once it has connected and read the
+    /// slot map, puts it in place of the current one; requests already sent on the old one
+    /// finish (or time out) there. Swapping only a ready connection matters: a lazy one would
+    /// spend its first store timeout waiting on a silent seed, and the check that follows
+    /// would find it wanting too.
+    fn renew(&self) {
+        if self.renewing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let renewable = self.clone();
+        tokio::spawn(async move {
+            let fresh = renewable
+                .client
+                .get_async_connection_with_config(renewable.config.clone())
+                .await;
+            match fresh {
+                Ok(fresh) => {
+                    *renewable
+                        .current
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner) = fresh;
+                }
+                Err(err) => warn!(cause = %err, "reconnecting to the cluster failed"),
+            }
+            renewable.renewing.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -269,10 +345,15 @@ impl ClusterStore {
         let client = builder
             .build()
             .map_err(|err| StoreError::Internal(format!("--redis-cluster: {err}")))?;
-        let connect = || client.get_pending_async_connection_with_config(ClusterConfig::default());
+        // redis-rs takes each node's response timeout from this config, not the builder's:
+        // without it a node that accepts connections but never answers (SIGSTOP, a partition)
+        // would hang a fresh connection's start-up PING for good.
+        let config = ClusterConfig::new()
+            .set_connection_timeout(settings.connect_timeout)
+            .set_response_timeout(settings.timeout);
         Ok(ClusterStore {
-            connection: connect(),
-            probe: connect(),
+            connection: Renewable::new(client.clone(), config.clone()),
+            probe: Renewable::new(client, config),
             gate: Gate::new(settings),
             bust_batch: settings.bust_batch,
             layout: KeyLayout::new(&settings.key_prefix),
@@ -309,7 +390,7 @@ impl ClusterStore {
     async fn one<T: FromRedisValue>(&self, op: &'static str, cmd: Cmd) -> Result<T, StoreError> {
         self.gate
             .run(op, |deadline| {
-                let mut connection = self.connection.clone();
+                let mut connection = self.connection.get();
                 self.by(op, deadline, async move {
                     cmd.query_async(&mut connection).await
                 })
@@ -322,11 +403,11 @@ impl ClusterStore {
         &self,
         op: &'static str,
         deadline: Instant,
-        connection: &ClusterConnection,
+        connection: &Renewable,
         cmd: Cmd,
         route: RoutingInfo,
     ) -> Result<T, StoreError> {
-        let mut connection = connection.clone();
+        let mut connection = connection.get();
         let reply = self
             .by(op, deadline, connection.route_command(cmd, route))
             .await?;
@@ -352,7 +433,7 @@ impl ClusterStore {
             for &index in &indices {
                 command(&mut pipe, index);
             }
-            let mut connection = self.connection.clone();
+            let mut connection = self.connection.get();
             async move {
                 let replies = connection
                     .route_pipeline(pipe, 0, indices.len(), primary_of(slot))
@@ -381,7 +462,7 @@ impl ClusterStore {
     async fn topology(
         &self,
         deadline: Instant,
-        connection: &ClusterConnection,
+        connection: &Renewable,
     ) -> Result<Topology, StoreError> {
         let mut slots = redis::cmd("CLUSTER");
         slots.arg("SLOTS");
@@ -470,7 +551,7 @@ impl ClusterStore {
         for keys in slots.values() {
             pipe.cmd("UNLINK").arg(keys);
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection.get();
         let route = SingleNodeRoutingInfo::ByAddress {
             host: primary.host.clone(),
             port: primary.port,
@@ -560,6 +641,26 @@ impl ClusterStore {
             ));
         }
         Ok(removed)
+    }
+
+    /// `cluster_state` from a primary and the topology, on the probe's connections.
+    async fn probe_topology(&self, deadline: Instant) -> Result<Topology, StoreError> {
+        let mut info = redis::cmd("CLUSTER");
+        info.arg("INFO");
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+        let info: String = self
+            .to_node("PING", deadline, &self.probe, info, route)
+            .await?;
+        let state = info
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("cluster_state:"))
+            .unwrap_or("absent");
+        if state != "ok" {
+            return Err(StoreError::Unavailable(format!(
+                "cluster_state:{state}: the cluster cannot serve every slot (a primary is down and not yet replaced, or slots are unassigned)"
+            )));
+        }
+        self.topology(deadline, &self.probe).await
     }
 
     /// Reads a `Keys` cursor: the primary to scan and where, or a clear error.
@@ -738,27 +839,17 @@ impl Store for ClusterStore {
         })
     }
 
-    /// Asks a primary for `cluster_state` and PINGs the primary of every slot, on the probe's
-    /// own connections, within the store timeout: NOT_SERVING while any slot cannot be served,
-    /// with the reason.
+    /// Asks a primary for `cluster_state`, PINGs the primary of every slot on the probe's own
+    /// connections, then checks that the serving connection routes each primary's slots to
+    /// that primary, all within the store timeout: NOT_SERVING while any slot cannot be
+    /// served, with the reason. A probe connection that fails is renewed, and so is a serving
+    /// connection found routing to a node that no longer serves the slot (see the module doc).
     async fn ping(&self) -> Result<(), StoreError> {
         let deadline = Instant::now() + self.gate.timeout;
-        let mut info = redis::cmd("CLUSTER");
-        info.arg("INFO");
-        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
-        let info: String = self
-            .to_node("PING", deadline, &self.probe, info, route)
-            .await?;
-        let state = info
-            .lines()
-            .find_map(|line| line.trim().strip_prefix("cluster_state:"))
-            .unwrap_or("absent");
-        if state != "ok" {
-            return Err(StoreError::Unavailable(format!(
-                "cluster_state:{state}: the cluster cannot serve every slot (a primary is down and not yet replaced, or slots are unassigned)"
-            )));
-        }
-        let topology = self.topology(deadline, &self.probe).await?;
+        let topology = self.probe_topology(deadline).await.inspect_err(|_| {
+            // Its slot map may name a silent node: the next probe starts from the seeds.
+            self.probe.renew();
+        })?;
         let pings = topology.primaries.iter().map(|primary| async move {
             let pong: String = self
                 .to_node(
@@ -778,6 +869,32 @@ impl Store for ClusterStore {
             }
         });
         try_join_all(pings).await?;
+        let routes = topology.primaries.iter().map(|primary| async move {
+            let (start, _) = primary.slots[0];
+            let mut myid = redis::cmd("CLUSTER");
+            myid.arg("MYID");
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                start,
+                SlotAddr::Master,
+            )));
+            let answer = self
+                .to_node::<String>("PING", deadline, &self.connection, myid, route)
+                .await;
+            match answer {
+                Ok(id) if id == primary.id => Ok(()),
+                Ok(id) => Err(format!(
+                    "slot {start} went to node {id}, not {}",
+                    primary.id
+                )),
+                Err(err) => Err(format!("slot {start}: {err}")),
+            }
+        });
+        if let Err(stale) = try_join_all(routes).await {
+            self.connection.renew();
+            return Err(StoreError::Unavailable(format!(
+                "requests were not reaching the primaries that serve their slots ({stale}); reconnected to the cluster to read its slot map anew"
+            )));
+        }
         Ok(())
     }
 
