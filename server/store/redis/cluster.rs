@@ -322,8 +322,9 @@ impl ClusterStore {
     /// down.
     ///
     /// # Errors
-    /// When a seed URL cannot be parsed, or the seeds disagree on credentials or TLS.
-    pub fn new(settings: &super::RedisSettings) -> Result<Self, StoreError> {
+    /// A configuration message when redis-rs refuses the seeds (an unparsable URL, seeds
+    /// disagreeing on credentials or TLS).
+    pub fn new(settings: &super::RedisSettings) -> Result<Self, String> {
         let seeds: Vec<&str> = settings
             .url
             .split(',')
@@ -344,7 +345,11 @@ impl ClusterStore {
         }
         let client = builder
             .build()
-            .map_err(|err| StoreError::Internal(format!("--redis-cluster: {err}")))?;
+            .map_err(|err| {
+                format!(
+                    "--redis-cluster: the seeds were refused ({err}); give redis:// or rediss:// URLs that agree on scheme, user, password and database 0"
+                )
+            })?;
         // redis-rs takes each node's response timeout from this config, not the builder's:
         // without it a node that accepts connections but never answers (SIGSTOP, a partition)
         // would hang a fresh connection's start-up PING for good.
