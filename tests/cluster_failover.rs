@@ -489,6 +489,27 @@ async fn silent_primary_replaced_then_its_keys_answer_again() {
         .filter(|n| cluster.primary_of(format!("cm:ns:silent:{}", digest(*n)).as_bytes()) == victim)
         .collect();
     assert!(!on_victim.is_empty(), "no entry on {victim}");
+    // Replication is asynchronous: wait until the replica has every write, or the promoted
+    // replica would rightly miss them.
+    let replicated = eventually(Duration::from_secs(10), || async {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut cluster.node(victim).await)
+            .await
+            .unwrap();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.trim().strip_prefix(name).map(str::to_owned))
+        };
+        let offset = field("master_repl_offset:");
+        let replica = field("slave0:").and_then(|line| {
+            line.split(',')
+                .find_map(|part| part.strip_prefix("offset=").map(str::to_owned))
+        });
+        offset.is_some() && offset == replica
+    })
+    .await;
+    assert!(replicated, "the replica of {victim} did not catch up");
 
     cluster.freeze(victim);
     let cluster = Arc::new(cluster);
