@@ -12,6 +12,8 @@
 //!   line: role, slots, no slot migrating, config epoch) before and after the walk; a node
 //!   failing mid-walk or any difference between the two views (a failover, a resharding) makes
 //!   the bust an UNAVAILABLE error saying the count may be partial, never a silent undercount.
+//!   Busts run on connections that never retry: redis-rs re-sends a whole pipeline on retry,
+//!   and a re-sent UNLINK whose first send ran would count 0.
 //! - **`Keys`** pages through the primaries in slot order. Its cursor is
 //!   `{topology}:{node id}:{SCAN cursor}`, `topology` naming the primaries and their slots; a
 //!   cursor from a topology that has since changed is refused with ABORTED, and the listing
@@ -68,6 +70,10 @@ pub struct ClusterStore {
     connection: Renewable,
     /// The health probe's own connections, so a probe never queues behind requests.
     probe: Renewable,
+    /// Connections that never retry, for busts and `Keys`: redis-rs re-sends a whole
+    /// pipeline on retry, and a re-sent UNLINK whose first send ran counts 0, so a retried
+    /// bust would undercount silently; failing instead makes the count "may be partial".
+    busts: Renewable,
     gate: Gate,
     layout: KeyLayout,
     bust_batch: usize,
@@ -331,25 +337,26 @@ impl ClusterStore {
             .map(str::trim)
             .filter(|seed| !seed.is_empty())
             .collect();
-        let mut builder = ClusterClientBuilder::new(seeds)
-            .connection_timeout(settings.connect_timeout)
-            .response_timeout(settings.timeout)
-            .retries(RETRIES)
-            .min_retry_wait(MIN_RETRY_WAIT_MS)
-            .max_retry_wait(MAX_RETRY_WAIT_MS);
-        if let Some(ca) = &settings.tls_ca {
-            builder = builder.certs(TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca.clone()),
-            });
-        }
-        let client = builder
-            .build()
-            .map_err(|err| {
+        let client = |retries: u32| {
+            let mut builder = ClusterClientBuilder::new(seeds.clone())
+                .connection_timeout(settings.connect_timeout)
+                .response_timeout(settings.timeout)
+                .retries(retries)
+                .min_retry_wait(MIN_RETRY_WAIT_MS)
+                .max_retry_wait(MAX_RETRY_WAIT_MS);
+            if let Some(ca) = &settings.tls_ca {
+                builder = builder.certs(TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                });
+            }
+            builder.build().map_err(|err| {
                 format!(
                     "--redis-cluster: the seeds were refused ({err}); give redis:// or rediss:// URLs that agree on scheme, user, password and database 0"
                 )
-            })?;
+            })
+        };
+        let (client, once) = (client(RETRIES)?, client(0)?);
         // redis-rs takes each node's response timeout from this config, not the builder's:
         // without it a node that accepts connections but never answers (SIGSTOP, a partition)
         // would hang a fresh connection's start-up PING for good.
@@ -358,7 +365,8 @@ impl ClusterStore {
             .set_response_timeout(settings.timeout);
         Ok(ClusterStore {
             connection: Renewable::new(client.clone(), config.clone()),
-            probe: Renewable::new(client, config),
+            probe: Renewable::new(client, config.clone()),
+            busts: Renewable::new(once, config),
             gate: Gate::new(settings),
             bust_batch: settings.bust_batch,
             layout: KeyLayout::new(&settings.key_prefix),
@@ -393,9 +401,19 @@ impl ClusterStore {
 
     /// One command, routed by its key, within the store timeout and a permit.
     async fn one<T: FromRedisValue>(&self, op: &'static str, cmd: Cmd) -> Result<T, StoreError> {
+        self.one_on(op, &self.connection, cmd).await
+    }
+
+    /// [`ClusterStore::one`] on `connection`.
+    async fn one_on<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        connection: &Renewable,
+        cmd: Cmd,
+    ) -> Result<T, StoreError> {
         self.gate
             .run(op, |deadline| {
-                let mut connection = self.connection.get();
+                let mut connection = connection.get();
                 self.by(op, deadline, async move {
                     cmd.query_async(&mut connection).await
                 })
@@ -492,7 +510,7 @@ impl ClusterStore {
                 .to_node(
                     "CLUSTER NODES",
                     deadline,
-                    &self.connection,
+                    &self.busts,
                     nodes,
                     primary.route(),
                 )
@@ -509,7 +527,7 @@ impl ClusterStore {
     async fn confirmed_topology(&self) -> Result<(Topology, Vec<SelfView>), StoreError> {
         self.gate
             .run("CLUSTER NODES", |deadline| async move {
-                let topology = self.topology(deadline, &self.connection).await?;
+                let topology = self.topology(deadline, &self.busts).await?;
                 let views = self.confirm(deadline, &topology).await?;
                 Ok((topology, views))
             })
@@ -531,7 +549,7 @@ impl ClusterStore {
             .arg(pattern)
             .arg("COUNT")
             .arg(count);
-        self.to_node("SCAN", deadline, &self.connection, scan, primary.route())
+        self.to_node("SCAN", deadline, &self.busts, scan, primary.route())
             .await
     }
 
@@ -556,7 +574,7 @@ impl ClusterStore {
         for keys in slots.values() {
             pipe.cmd("UNLINK").arg(keys);
         }
-        let mut connection = self.connection.get();
+        let mut connection = self.busts.get();
         let route = SingleNodeRoutingInfo::ByAddress {
             host: primary.host.clone(),
             port: primary.port,
@@ -781,7 +799,7 @@ impl Store for ClusterStore {
             RedisTarget::Key(key) => {
                 let mut unlink = redis::cmd("UNLINK");
                 unlink.arg(key);
-                self.one("UNLINK", unlink).await
+                self.one_on("UNLINK", &self.busts, unlink).await
             }
             RedisTarget::Pattern(pattern) => self.bust_matching(scope, pattern).await,
         }
@@ -796,7 +814,7 @@ impl Store for ClusterStore {
         let topology = self
             .gate
             .run("CLUSTER SLOTS", |deadline| {
-                self.topology(deadline, &self.connection)
+                self.topology(deadline, &self.busts)
             })
             .await?;
         let (mut node, mut position) = self.resume(&topology, cursor)?;
@@ -874,31 +892,32 @@ impl Store for ClusterStore {
             }
         });
         try_join_all(pings).await?;
-        let routes = topology.primaries.iter().map(|primary| async move {
-            let (start, _) = primary.slots[0];
-            let mut myid = redis::cmd("CLUSTER");
-            myid.arg("MYID");
-            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
-                start,
-                SlotAddr::Master,
-            )));
-            let answer = self
-                .to_node::<String>("PING", deadline, &self.connection, myid, route)
-                .await;
-            match answer {
-                Ok(id) if id == primary.id => Ok(()),
-                Ok(id) => Err(format!(
-                    "slot {start} went to node {id}, not {}",
-                    primary.id
-                )),
-                Err(err) => Err(format!("slot {start}: {err}")),
+        for connection in [&self.connection, &self.busts] {
+            let routes = topology.primaries.iter().map(|primary| async move {
+                let (start, _) = primary.slots[0];
+                let mut myid = redis::cmd("CLUSTER");
+                myid.arg("MYID");
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::new(start, SlotAddr::Master),
+                ));
+                let answer = self
+                    .to_node::<String>("PING", deadline, connection, myid, route)
+                    .await;
+                match answer {
+                    Ok(id) if id == primary.id => Ok(()),
+                    Ok(id) => Err(format!(
+                        "slot {start} went to node {id}, not {}",
+                        primary.id
+                    )),
+                    Err(err) => Err(format!("slot {start}: {err}")),
+                }
+            });
+            if let Err(stale) = try_join_all(routes).await {
+                connection.renew();
+                return Err(StoreError::Unavailable(format!(
+                    "requests were not reaching the primaries that serve their slots ({stale}); reconnected to the cluster to read its slot map anew"
+                )));
             }
-        });
-        if let Err(stale) = try_join_all(routes).await {
-            self.connection.renew();
-            return Err(StoreError::Unavailable(format!(
-                "requests were not reaching the primaries that serve their slots ({stale}); reconnected to the cluster to read its slot map anew"
-            )));
         }
         Ok(())
     }
