@@ -264,7 +264,36 @@ struct SelfView {
 impl SelfView {
     /// The `myself` line of a `CLUSTER NODES` reply, checked against what `CLUSTER SLOTS` said
     /// of `primary`: still a primary, the same slots, none migrating.
-    fn confirm(primary: &Primary, nodes: &str) -> Result<Self, String> {
+    ///
+    /// The whole slot map it lists (every primary and its slots) must also be the one
+    /// `topology` holds: a stale primary cut off from a failover still calls itself primary,
+    /// but its map names it where the others name its successor.
+    fn confirm(topology: &Topology, primary: &Primary, nodes: &str) -> Result<Self, String> {
+        let mut listed: Vec<(&str, Vec<(u16, u16)>)> = nodes
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split(' ').collect();
+                let [id, _, flags, _, _, _, _, _, slots @ ..] = fields.as_slice() else {
+                    return None;
+                };
+                let master = flags.split(',').any(|flag| flag == "master");
+                let ranges = slot_ranges(slots);
+                (master && !ranges.is_empty()).then_some((*id, ranges))
+            })
+            .collect();
+        listed.sort_unstable();
+        let mut expected: Vec<(&str, Vec<(u16, u16)>)> = topology
+            .primaries
+            .iter()
+            .map(|primary| (primary.id.as_str(), merged(primary.slots.clone())))
+            .collect();
+        expected.sort_unstable();
+        if listed != expected {
+            return Err(format!(
+                "{} lists another slot map than CLUSTER SLOTS did (a failover or resharding under way)",
+                primary.address()
+            ));
+        }
         let line = nodes
             .lines()
             .find(|line| line.split(' ').nth(2).is_some_and(|f| f.contains("myself")))
@@ -283,14 +312,7 @@ impl SelfView {
         if slots.iter().any(|slot| slot.starts_with('[')) {
             return Err(format!("slots of {} are migrating", primary.address()));
         }
-        let listed: Vec<(u16, u16)> = slots
-            .iter()
-            .filter_map(|slot| match slot.split_once('-') {
-                Some((start, end)) => Some((start.parse().ok()?, end.parse().ok()?)),
-                None => slot.parse().ok().map(|slot| (slot, slot)),
-            })
-            .collect();
-        if listed != primary.slots {
+        if slot_ranges(slots) != merged(primary.slots.clone()) {
             return Err(format!("slots of {} changed", primary.address()));
         }
         Ok(SelfView {
@@ -301,11 +323,48 @@ impl SelfView {
     }
 }
 
+/// The slot ranges of `CLUSTER NODES` slot fields (`0-5460`, `9000`), migration markers left
+/// out, sorted and merged.
+fn slot_ranges(fields: &[&str]) -> Vec<(u16, u16)> {
+    merged(
+        fields
+            .iter()
+            .filter_map(|slot| match slot.split_once('-') {
+                Some((start, end)) => Some((start.parse().ok()?, end.parse().ok()?)),
+                None => slot.parse().ok().map(|slot| (slot, slot)),
+            })
+            .collect(),
+    )
+}
+
+/// `ranges` sorted, adjacent ones joined, so two listings of the same slots compare equal.
+fn merged(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
+    ranges.sort_unstable();
+    let mut joined: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match joined.last_mut() {
+            Some(last) if u32::from(last.1) + 1 == u32::from(start) => last.1 = end,
+            _ => joined.push((start, end)),
+        }
+    }
+    joined
+}
+
 /// A bust that stopped after removing entries: UNAVAILABLE, saying the count is partial.
 fn partial(removed: u64, cause: impl fmt::Display) -> StoreError {
     StoreError::Unavailable(format!(
         "bust interrupted ({cause}); at least {removed} entries were removed, the count may be partial: bust again to finish"
     ))
+}
+
+/// What a bust that failed with `err` after removing `removed` entries answers: a store out
+/// of reach becomes UNAVAILABLE saying the count is partial; other kinds (overload, out of
+/// memory, an odd reply) keep their own status.
+fn interrupted(removed: u64, err: StoreError) -> StoreError {
+    match err {
+        StoreError::Unavailable(_) | StoreError::Timeout { .. } => partial(removed, err),
+        other => other,
+    }
 }
 
 /// A store error for the first server error among pipeline `replies` (one command's OOM
@@ -518,7 +577,7 @@ impl ClusterStore {
                 .map_err(|err| {
                     StoreError::Unavailable(format!("primary {}: {err}", primary.address()))
                 })?;
-            SelfView::confirm(primary, &text).map_err(StoreError::Unavailable)
+            SelfView::confirm(topology, primary, &text).map_err(StoreError::Unavailable)
         });
         try_join_all(asks).await
     }
@@ -610,9 +669,12 @@ impl ClusterStore {
                     )
                 })
                 .await;
-            let (unlinked, (next, mut found)) = step.map_err(|err| {
-                let err = StoreError::Unavailable(format!("{}: {err}", primary.address()));
-                (removed, err)
+            let (unlinked, (next, mut found)) = step.map_err(|err| match err {
+                StoreError::Unavailable(_) | StoreError::Timeout { .. } => {
+                    let err = StoreError::Unavailable(format!("{}: {err}", primary.address()));
+                    (removed, err)
+                }
+                other => (removed, other),
             })?;
             removed += unlinked;
             found.retain(|key| scope.holds(&self.layout, key));
@@ -651,7 +713,7 @@ impl ClusterStore {
             }
         }
         if let Some(err) = failure {
-            return Err(partial(removed, err));
+            return Err(interrupted(removed, err));
         }
         let (_, after) = self
             .confirmed_topology()
@@ -972,8 +1034,8 @@ mod tests {
         );
     }
 
-    /// A primary's own CLUSTER NODES line confirms it only while it is still that primary with
-    /// the same slots and none migrating.
+    /// A primary's CLUSTER NODES confirms it only while it is still that primary with the same
+    /// slots, none migrating, and lists the same slot map as CLUSTER SLOTS.
     #[test]
     fn self_view_confirms_only_an_unchanged_primary() {
         let primary = Primary {
@@ -982,22 +1044,58 @@ mod tests {
             port: 7000,
             slots: vec![(0, 5460), (9000, 9000)],
         };
-        let other = "b2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922\n";
-        let line = |flags: &str, slots: &str| {
-            format!("{other}a1 127.0.0.1:7000@17000 {flags} - 0 0 7 connected {slots}\n")
+        let topology = Topology {
+            primaries: vec![
+                primary.clone(),
+                Primary {
+                    id: "b2".into(),
+                    host: "127.0.0.1".into(),
+                    port: 7001,
+                    slots: vec![(5461, 8999), (9001, 16_383)],
+                },
+            ],
         };
-        let view = SelfView::confirm(&primary, &line("myself,master", "0-5460 9000")).unwrap();
+        let nodes = |b2: &str, flags: &str, slots: &str| {
+            format!(
+                "b2 127.0.0.1:7001@17001 {b2} - 0 1 2 connected 5461-8999 9001-16383\n\
+                 a1 127.0.0.1:7000@17000 {flags} - 0 0 7 connected {slots}\n"
+            )
+        };
+        let view = SelfView::confirm(
+            &topology,
+            &primary,
+            &nodes("master", "myself,master", "0-5460 9000"),
+        )
+        .unwrap();
         assert_eq!(view.config_epoch, "7");
-        for (flags, slots) in [
-            ("myself,slave", "0-5460 9000"),
-            ("myself,master", "0-5460"),
-            ("myself,master", "0-5460 9000 [9000->-b2]"),
+        for (b2, flags, slots) in [
+            ("master", "myself,slave", "0-5460 9000"),
+            ("master", "myself,master", "0-5460"),
+            ("master", "myself,master", "0-5460 9000 [9000->-b2]"),
+            // a zombie: b2 took over elsewhere, but this node's map still has b2 a replica
+            ("slave", "myself,master", "0-5460 9000"),
         ] {
             assert!(
-                SelfView::confirm(&primary, &line(flags, slots)).is_err(),
-                "{flags} {slots}"
+                SelfView::confirm(&topology, &primary, &nodes(b2, flags, slots)).is_err(),
+                "{b2} {flags} {slots}"
             );
         }
+    }
+
+    /// A bust cut short by an unreachable store says its count is partial; one refused for
+    /// overload keeps RESOURCE_EXHAUSTED's kind.
+    #[test]
+    fn interrupted_busts_keep_their_error_kind() {
+        let after = std::time::Duration::from_millis(250);
+        let timeout = interrupted(7, StoreError::Timeout { op: "SCAN", after });
+        let StoreError::Unavailable(message) = timeout else {
+            panic!("{timeout:?}");
+        };
+        assert!(message.contains("at least 7 entries"), "{message}");
+        let overloaded = interrupted(7, StoreError::Overloaded { limit: 4 });
+        assert!(matches!(overloaded, StoreError::Overloaded { limit: 4 }));
+        let odd = interrupted(0, StoreError::Internal("odd".into()));
+        assert!(matches!(odd, StoreError::Internal(_)));
     }
 
     /// The fingerprint changes when a slot changes hands.
