@@ -8,9 +8,10 @@
 //!   missing value for a key that was there.
 //! - **Busts** of a function, a namespace or everything walk every primary with its own SCAN
 //!   cursor, check every key against the exact grammar, and UNLINK one slot's keys per command
-//!   (never a multi-slot UNLINK), sent to the primary that was scanned. The primaries are asked for their own view (`CLUSTER NODES`, the `myself`
-//!   line: role, slots, no slot migrating, config epoch) before and after the walk; a node
-//!   failing mid-walk or any difference between the two views (a failover, a resharding) makes
+//!   (never a multi-slot UNLINK), sent to the primary that was scanned. The primaries are
+//!   asked for their own view (`CLUSTER NODES`: their `myself` line with role, slots, none
+//!   migrating, config epoch, and the whole slot map, which all must agree on; `run_id` from
+//!   `INFO server`) before and after the walk; a node failing mid-walk or any difference between the two views (a failover, a resharding) makes
 //!   the bust an UNAVAILABLE error saying the count may be partial, never a silent undercount.
 //!   Busts run on connections that never retry: redis-rs re-sends a whole pipeline on retry,
 //!   and a re-sent UNLINK whose first send ran would count 0.
@@ -259,6 +260,9 @@ struct SelfView {
     config_epoch: String,
     /// Its slot fields as it lists them, migration markers (`[slot->-id]`) included.
     slots: Vec<String>,
+    /// Its `run_id` (`INFO server`), new at every start: a restart mid-walk (nodes.conf kept,
+    /// so the same id, epoch and slots) may have lost writes or keys the walk counted on.
+    run_id: String,
 }
 
 impl SelfView {
@@ -319,6 +323,7 @@ impl SelfView {
             id: (*id).to_owned(),
             config_epoch: (*config_epoch).to_owned(),
             slots: slots.iter().map(|slot| (*slot).to_owned()).collect(),
+            run_id: String::new(),
         })
     }
 }
@@ -565,19 +570,35 @@ impl ClusterStore {
         let asks = topology.primaries.iter().map(|primary| async move {
             let mut nodes = redis::cmd("CLUSTER");
             nodes.arg("NODES");
-            let text: String = self
-                .to_node(
+            let mut info = redis::cmd("INFO");
+            info.arg("server");
+            let (text, info): (String, String) = tokio::try_join!(
+                self.to_node(
                     "CLUSTER NODES",
                     deadline,
                     &self.busts,
                     nodes,
-                    primary.route(),
-                )
-                .await
-                .map_err(|err| {
-                    StoreError::Unavailable(format!("primary {}: {err}", primary.address()))
-                })?;
-            SelfView::confirm(topology, primary, &text).map_err(StoreError::Unavailable)
+                    primary.route()
+                ),
+                self.to_node(
+                    "CLUSTER NODES",
+                    deadline,
+                    &self.busts,
+                    info,
+                    primary.route()
+                ),
+            )
+            .map_err(|err| {
+                StoreError::Unavailable(format!("primary {}: {err}", primary.address()))
+            })?;
+            let mut view =
+                SelfView::confirm(topology, primary, &text).map_err(StoreError::Unavailable)?;
+            view.run_id = info
+                .lines()
+                .find_map(|line| line.trim().strip_prefix("run_id:"))
+                .unwrap_or_default()
+                .to_owned();
+            Ok(view)
         });
         try_join_all(asks).await
     }
