@@ -11,8 +11,9 @@
 //!   (never a multi-slot UNLINK), sent to the primary that was scanned. The primaries are
 //!   asked for their own view (`CLUSTER NODES`: their `myself` line with role, slots, none
 //!   migrating, config epoch, and the whole slot map, which all must agree on; `run_id` from
-//!   `INFO server`) before and after the walk; a node failing mid-walk or any difference between the two views (a failover, a resharding) makes
-//!   the bust an UNAVAILABLE error saying the count may be partial, never a silent undercount.
+//!   `INFO server`) before and after the walk; a node failing mid-walk or any difference
+//!   between the two views (a failover, a resharding, a restart) makes the bust an
+//!   UNAVAILABLE error saying the count may be partial, never a silent undercount.
 //!   Busts run on connections that never retry: redis-rs re-sends a whole pipeline on retry,
 //!   and a re-sent UNLINK whose first send ran would count 0.
 //! - **`Keys`** pages through the primaries in slot order. Its cursor is
