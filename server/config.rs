@@ -294,6 +294,7 @@ impl Config {
                     redacted_url(bad)
                 ));
             }
+            seeds_agree(&seeds)?;
         }
         let in_memory = self.redis_url.is_none() && self.redis_cluster.is_none();
         if in_memory && self.memory_max_bytes < self.max_value_bytes {
@@ -418,6 +419,38 @@ impl Config {
     }
 }
 
+/// Checks that cluster seeds agree on scheme, user, password and database, and that the
+/// database is 0: redis-rs takes TLS and credentials from the first seed alone (a second
+/// seed's password would be ignored, then NOAUTH), and a cluster has only database 0.
+fn seeds_agree(seeds: &[&str]) -> Result<(), String> {
+    // (scheme, user info, database) of a seed URL already known to have a scheme.
+    let parts = |seed: &str| {
+        let (scheme, rest) = seed.split_once("://").unwrap_or(("", seed));
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let userinfo = authority.rfind('@').map_or("", |at| &authority[..at]);
+        let database = path.split('?').next().unwrap_or_default();
+        (scheme.to_owned(), userinfo.to_owned(), database.to_owned())
+    };
+    let first = parts(seeds[0]);
+    for seed in seeds {
+        let (scheme, userinfo, database) = parts(seed);
+        if !(database.is_empty() || database == "0") {
+            return Err(format!(
+                "--redis-cluster: a Redis Cluster has only database 0, got /{database} in {:?}",
+                redacted_url(seed)
+            ));
+        }
+        if (&scheme, &userinfo) != (&first.0, &first.1) {
+            return Err(format!(
+                "--redis-cluster: every seed must use the same scheme (redis:// or rediss://), user and password; {:?} differs from {:?}",
+                redacted_url(seed),
+                redacted_url(seeds[0])
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The seed URLs of `--redis-cluster` with any password replaced by `***`.
 pub fn redacted_seeds(seeds: &str) -> String {
     seeds
@@ -504,7 +537,7 @@ mod tests {
     }
 
     /// --redis-url and --redis-cluster together are refused, saying to use one; cluster seeds
-    /// must each be redis:// or rediss:// URLs.
+    /// must each be redis:// or rediss:// URLs agreeing on scheme, credentials and database 0.
     #[test]
     fn redis_cluster_takes_seed_urls_and_excludes_redis_url() {
         let both = config(&[
@@ -518,8 +551,22 @@ mod tests {
             err.starts_with("--redis-url and --redis-cluster are both set"),
             "{err}"
         );
-        let seeds = "redis://a:7000, rediss://user:pw@b:7001";
+        let seeds = "rediss://user:pw@a:7000, rediss://user:pw@b:7001/0";
         assert_eq!(config(&["--redis-cluster", seeds]).validate(), Ok(()));
+        for (mixed, rule) in [
+            ("redis://a:7000,rediss://b:7001", "the same scheme"),
+            ("redis://a:7000,redis://:pw@b:7001", "the same scheme"),
+            ("redis://u:pw@a:7000,redis://v:pw@b:7001", "the same scheme"),
+            (
+                "redis://:pw@a:7000,redis://:other@b:7001",
+                "the same scheme",
+            ),
+            ("redis://a:7000/2,redis://b:7001/2", "only database 0"),
+        ] {
+            let err = config(&["--redis-cluster", mixed]).validate().unwrap_err();
+            assert!(err.contains(rule), "{mixed}: {err}");
+            assert!(!err.contains("other"), "a password in {err}");
+        }
         for bad in [
             "a:7000",
             "redis://a:7000,",

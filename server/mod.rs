@@ -156,7 +156,7 @@ pub async fn run(
         }
         (None, Some(seeds)) => {
             let store = ClusterStore::new(&redis(seeds)?)
-                .map_err(ServeError::Store)?
+                .map_err(ServeError::Config)?
                 .with_metrics(metrics);
             serve(store, config, security, telemetry, listener, shutdown).await
         }

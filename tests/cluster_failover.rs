@@ -104,11 +104,33 @@ async fn load(
     }
 }
 
+/// When another node took over every slot of `victim` (polled each 20 ms, up to 60 s), then
+/// the cluster settled if `settle`.
+async fn promotion(cluster: Arc<RedisCluster>, victim: u16, settle: bool) -> Instant {
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if cluster.slot_ranges().iter().all(|range| range.2 != victim) {
+                if settle {
+                    cluster.wait_until_settled();
+                }
+                return Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("no replica was promoted within 60 s")
+}
+
 /// A primary killed (SIGKILL) under four clients' steady Puts, Gets and GetManys: its replica
 /// is promoted, the calls that fail meanwhile fail UNAVAILABLE, no call ever returns a value
-/// other than the one written under its key, health is NOT_SERVING only between the kill and
-/// the promotion (saying why in the log), a `Keys` cursor from before is refused ABORTED, and
-/// full service is back within a bounded time of the promotion (printed for the record).
+/// other than the one written under its key, health goes NOT_SERVING after the kill (saying
+/// why in the log) and SERVING again after the promotion, a `Keys` cursor from before is
+/// refused ABORTED, and full service is back within a bounded time of the promotion (printed
+/// for the record).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_killed_under_load_fails_over_without_wrong_results() {
     let mut cluster = RedisCluster::start(NODE_TIMEOUT_MS);
@@ -163,21 +185,7 @@ async fn primary_killed_under_load_fails_over_without_wrong_results() {
 
     let cluster = Arc::new(cluster);
     let watched = cluster.clone();
-    let promoted = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            let moved = watched.slot_ranges().iter().all(|range| range.2 != victim);
-            if moved {
-                watched.wait_until_settled();
-                return Some(Instant::now());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    })
-    .await
-    .unwrap()
-    .expect("no replica was promoted within 60 s");
+    let promoted = promotion(watched, victim, true).await;
 
     let healthy = health_becomes(&server, ServingStatus::Serving, Duration::from_secs(20)).await;
     assert!(
@@ -543,4 +551,102 @@ async fn tag_index_primary_frozen_fails_writes_and_busts_honestly() {
     let removed = common::bust_tag(&mut cm, "ns", "user:7").await;
     assert_eq!(removed, left, "the second BustTag did not count the rest");
     assert!(cluster.scan_match("cm:ns:big:*").await.is_empty());
+}
+
+/// A primary frozen (SIGSTOP: its connections stay open, nothing answers) until its replica is
+/// promoted: Get and GetMany for its keys answer again within a bound of the promotion
+/// (printed), with their values, and health is never SERVING while they still fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_primary_replaced_then_its_keys_answer_again() {
+    let cluster = RedisCluster::start(NODE_TIMEOUT_MS);
+    let server = CacheServer::cluster(&cluster, &[]);
+    let mut cm = server.client().await;
+    let entries = (0..60).map(|n| put(key("ns", "silent", n), &[n as u8], 600));
+    cm.put_many(pb::PutManyRequest {
+        entries: entries.collect(),
+    })
+    .await
+    .unwrap();
+    // Not the node the harness asks for the slot map, which must stay live.
+    let asked = cluster.ports()[0];
+    let victim = *cluster
+        .primaries()
+        .iter()
+        .find(|port| **port != asked)
+        .unwrap();
+    let on_victim: Vec<u64> = (0..60)
+        .filter(|n| cluster.primary_of(format!("cm:ns:silent:{}", digest(*n)).as_bytes()) == victim)
+        .collect();
+    assert!(!on_victim.is_empty(), "no entry on {victim}");
+    // Replication is asynchronous: wait until the replica has every write, or the promoted
+    // replica would rightly miss them.
+    let replicated = eventually(Duration::from_secs(10), || async {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut cluster.node(victim).await)
+            .await
+            .unwrap();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.trim().strip_prefix(name).map(str::to_owned))
+        };
+        let offset = field("master_repl_offset:");
+        let replica = field("slave0:").and_then(|line| {
+            line.split(',')
+                .find_map(|part| part.strip_prefix("offset=").map(str::to_owned))
+        });
+        offset.is_some() && offset == replica
+    })
+    .await;
+    assert!(replicated, "the replica of {victim} did not catch up");
+
+    cluster.freeze(victim);
+    let cluster = Arc::new(cluster);
+    let watched = cluster.clone();
+    // Not settled: the frozen node cannot say it is.
+    let promoted = promotion(watched, victim, false).await;
+
+    let (mut serving_while_failing, mut recovered) = (Vec::new(), None);
+    while promoted.elapsed() < Duration::from_secs(20) {
+        let status = common::health(&server).await;
+        let keys = on_victim.iter().map(|&n| key("ns", "silent", n)).collect();
+        let get_many = cm.get_many(pb::GetManyRequest { keys }).await;
+        let get = cm
+            .get(pb::GetRequest {
+                key: Some(key("ns", "silent", on_victim[0])),
+            })
+            .await;
+        match (get_many, get) {
+            (Ok(many), Ok(one)) => {
+                let values: Vec<Vec<u8>> = many
+                    .into_inner()
+                    .results
+                    .into_iter()
+                    .map(|result| result.value.to_vec())
+                    .collect();
+                let expected: Vec<Vec<u8>> = on_victim.iter().map(|&n| vec![n as u8]).collect();
+                assert_eq!(values, expected, "GetMany after the failover");
+                assert_eq!(one.into_inner().value.to_vec(), vec![on_victim[0] as u8]);
+                recovered = Some(promoted.elapsed());
+                break;
+            }
+            (many, one) => {
+                if status == ServingStatus::Serving as i32 {
+                    let codes = (many.err().map(|s| s.code()), one.err().map(|s| s.code()));
+                    serving_while_failing.push(codes);
+                }
+            }
+        }
+    }
+    cluster.thaw(victim);
+    eprintln!(
+        "silent primary (cluster-node-timeout {NODE_TIMEOUT_MS} ms): promotion -> its keys answer {recovered:?}"
+    );
+    let recovered = recovered
+        .expect("Gets for the frozen primary's keys failed 20 s after its replica's promotion");
+    assert!(
+        serving_while_failing.is_empty(),
+        "health was SERVING while Gets failed: {serving_while_failing:?}"
+    );
+    assert!(recovered < Duration::from_secs(5), "took {recovered:?}");
 }

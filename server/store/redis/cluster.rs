@@ -8,10 +8,14 @@
 //!   missing value for a key that was there.
 //! - **Busts** of a function, a namespace or everything walk every primary with its own SCAN
 //!   cursor, check every key against the exact grammar, and UNLINK one slot's keys per command
-//!   (never a multi-slot UNLINK), sent to the primary that was scanned. The primaries are asked for their own view (`CLUSTER NODES`, the `myself`
-//!   line: role, slots, no slot migrating, config epoch) before and after the walk; a node
-//!   failing mid-walk or any difference between the two views (a failover, a resharding) makes
-//!   the bust an UNAVAILABLE error saying the count may be partial, never a silent undercount.
+//!   (never a multi-slot UNLINK), sent to the primary that was scanned. The primaries are
+//!   asked for their own view (`CLUSTER NODES`: their `myself` line with role, slots, none
+//!   migrating, config epoch, and the whole slot map, which all must agree on; `run_id` from
+//!   `INFO server`) before and after the walk; a node failing mid-walk or any difference
+//!   between the two views (a failover, a resharding, a restart) makes the bust an
+//!   UNAVAILABLE error saying the count may be partial, never a silent undercount.
+//!   Busts run on connections that never retry: redis-rs re-sends a whole pipeline on retry,
+//!   and a re-sent UNLINK whose first send ran would count 0.
 //! - **Tags**: a tagged Put or PutMany first writes its tag indexes (one script call per
 //!   index, routed by the index key, every reply checked), then its entries; if the index
 //!   write fails, no entry is written. BustTag ZSCANs the index on its slot's primary and
@@ -23,20 +27,33 @@
 //!   `{topology}:{node id}:{SCAN cursor}`, `topology` naming the primaries and their slots; a
 //!   cursor from a topology that has since changed is refused with ABORTED, and the listing
 //!   starts again from an empty cursor.
-//! - **Health** is SERVING while a primary reports `cluster_state:ok` and every slot's primary
-//!   answers PING.
+//! - **Health** is SERVING while a primary reports `cluster_state:ok`, every slot's primary
+//!   answers PING, and the connection serving requests routes each primary's slots to that
+//!   primary (`CLUSTER MYID`, slot-routed). redis-rs reads a new slot map only when a node
+//!   answers MOVED or drops a connection; a primary that goes silent (power loss, partition)
+//!   does neither, so after its replica is promoted the old map would keep routing its slots
+//!   to it for good. When the check finds such a stale route, the serving connection is
+//!   replaced by a fresh one, which reads the slot map anew.
 
-use std::{collections::HashMap, fmt};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 use redis::{
     Cmd, FromRedisValue, Pipeline, RedisError, TlsCertificates, Value,
-    cluster::{ClusterClientBuilder, ClusterConfig},
+    cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig},
     cluster_async::ClusterConnection,
     cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr},
 };
 use tokio::time::{Instant, timeout_at};
+use tracing::warn;
 
 use super::{Gate, classify, from_value, key_infos, removable, tags};
 use crate::key::{EntryKey, FunctionKey};
@@ -59,9 +76,13 @@ const MAX_RETRY_WAIT_MS: u64 = 100;
 /// shallow.
 #[derive(Clone)]
 pub struct ClusterStore {
-    connection: ClusterConnection,
+    connection: Renewable,
     /// The health probe's own connections, so a probe never queues behind requests.
-    probe: ClusterConnection,
+    probe: Renewable,
+    /// Connections that never retry, for busts and `Keys`: redis-rs re-sends a whole
+    /// pipeline on retry, and a re-sent UNLINK whose first send ran counts 0, so a retried
+    /// bust would undercount silently; failing instead makes the count "may be partial".
+    busts: Renewable,
     gate: Gate,
     layout: KeyLayout,
     bust_batch: usize,
@@ -74,6 +95,69 @@ impl fmt::Debug for ClusterStore {
             .field("layout", &self.layout)
             .field("bust_batch", &self.bust_batch)
             .finish_non_exhaustive()
+    }
+}
+
+/// A cluster connection that can be replaced by a fresh one (new node connections, the slot
+/// map read anew) when it is found routing slots to a node that no longer serves them.
+/// Cloning is shallow: clones share the current connection.
+#[derive(Clone)]
+struct Renewable {
+    client: ClusterClient,
+    config: ClusterConfig,
+    current: Arc<RwLock<ClusterConnection>>,
+    /// Set while a fresh connection is being made, so checks meanwhile start no other.
+    renewing: Arc<AtomicBool>,
+}
+
+impl Renewable {
+    /// A connection of `client` with `config`, made lazily.
+    fn new(client: ClusterClient, config: ClusterConfig) -> Self {
+        let current = client.get_pending_async_connection_with_config(config.clone());
+        Renewable {
+            client,
+            config,
+            current: Arc::new(RwLock::new(current)),
+            renewing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The current connection (a cheap handle).
+    fn get(&self) -> ClusterConnection {
+        // A panic while holding the lock cannot leave the handle half-written: it is only
+        // ever replaced whole.
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes a fresh connection in the background and, once it has connected and read the
+    /// slot map, puts it in place of the current one; requests already sent on the old one
+    /// finish (or time out) there. Swapping only a ready connection matters: a lazy one would
+    /// spend its first store timeout waiting on a silent seed, and the check that follows
+    /// would find it wanting too.
+    fn renew(&self) {
+        if self.renewing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let renewable = self.clone();
+        tokio::spawn(async move {
+            let fresh = renewable
+                .client
+                .get_async_connection_with_config(renewable.config.clone())
+                .await;
+            match fresh {
+                Ok(fresh) => {
+                    *renewable
+                        .current
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner) = fresh;
+                }
+                Err(err) => warn!(cause = %err, "reconnecting to the cluster failed"),
+            }
+            renewable.renewing.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -184,12 +268,44 @@ struct SelfView {
     config_epoch: String,
     /// Its slot fields as it lists them, migration markers (`[slot->-id]`) included.
     slots: Vec<String>,
+    /// Its `run_id` (`INFO server`), new at every start: a restart mid-walk (nodes.conf kept,
+    /// so the same id, epoch and slots) may have lost writes or keys the walk counted on.
+    run_id: String,
 }
 
 impl SelfView {
     /// The `myself` line of a `CLUSTER NODES` reply, checked against what `CLUSTER SLOTS` said
     /// of `primary`: still a primary, the same slots, none migrating.
-    fn confirm(primary: &Primary, nodes: &str) -> Result<Self, String> {
+    ///
+    /// The whole slot map it lists (every primary and its slots) must also be the one
+    /// `topology` holds: a stale primary cut off from a failover still calls itself primary,
+    /// but its map names it where the others name its successor.
+    fn confirm(topology: &Topology, primary: &Primary, nodes: &str) -> Result<Self, String> {
+        let mut listed: Vec<(&str, Vec<(u16, u16)>)> = nodes
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split(' ').collect();
+                let [id, _, flags, _, _, _, _, _, slots @ ..] = fields.as_slice() else {
+                    return None;
+                };
+                let master = flags.split(',').any(|flag| flag == "master");
+                let ranges = slot_ranges(slots);
+                (master && !ranges.is_empty()).then_some((*id, ranges))
+            })
+            .collect();
+        listed.sort_unstable();
+        let mut expected: Vec<(&str, Vec<(u16, u16)>)> = topology
+            .primaries
+            .iter()
+            .map(|primary| (primary.id.as_str(), merged(primary.slots.clone())))
+            .collect();
+        expected.sort_unstable();
+        if listed != expected {
+            return Err(format!(
+                "{} lists another slot map than CLUSTER SLOTS did (a failover or resharding under way)",
+                primary.address()
+            ));
+        }
         let line = nodes
             .lines()
             .find(|line| line.split(' ').nth(2).is_some_and(|f| f.contains("myself")))
@@ -208,22 +324,43 @@ impl SelfView {
         if slots.iter().any(|slot| slot.starts_with('[')) {
             return Err(format!("slots of {} are migrating", primary.address()));
         }
-        let listed: Vec<(u16, u16)> = slots
-            .iter()
-            .filter_map(|slot| match slot.split_once('-') {
-                Some((start, end)) => Some((start.parse().ok()?, end.parse().ok()?)),
-                None => slot.parse().ok().map(|slot| (slot, slot)),
-            })
-            .collect();
-        if listed != primary.slots {
+        if slot_ranges(slots) != merged(primary.slots.clone()) {
             return Err(format!("slots of {} changed", primary.address()));
         }
         Ok(SelfView {
             id: (*id).to_owned(),
             config_epoch: (*config_epoch).to_owned(),
             slots: slots.iter().map(|slot| (*slot).to_owned()).collect(),
+            run_id: String::new(),
         })
     }
+}
+
+/// The slot ranges of `CLUSTER NODES` slot fields (`0-5460`, `9000`), migration markers left
+/// out, sorted and merged.
+fn slot_ranges(fields: &[&str]) -> Vec<(u16, u16)> {
+    merged(
+        fields
+            .iter()
+            .filter_map(|slot| match slot.split_once('-') {
+                Some((start, end)) => Some((start.parse().ok()?, end.parse().ok()?)),
+                None => slot.parse().ok().map(|slot| (slot, slot)),
+            })
+            .collect(),
+    )
+}
+
+/// `ranges` sorted, adjacent ones joined, so two listings of the same slots compare equal.
+fn merged(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
+    ranges.sort_unstable();
+    let mut joined: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match joined.last_mut() {
+            Some(last) if u32::from(last.1) + 1 == u32::from(start) => last.1 = end,
+            _ => joined.push((start, end)),
+        }
+    }
+    joined
 }
 
 /// A bust that stopped after removing entries: UNAVAILABLE, saying the count is partial.
@@ -231,6 +368,16 @@ fn partial(removed: u64, cause: impl fmt::Display) -> StoreError {
     StoreError::Unavailable(format!(
         "bust interrupted ({cause}); at least {removed} entries were removed, the count may be partial: bust again to finish"
     ))
+}
+
+/// What a bust that failed with `err` after removing `removed` entries answers: a store out
+/// of reach becomes UNAVAILABLE saying the count is partial; other kinds (overload, out of
+/// memory, an odd reply) keep their own status.
+fn interrupted(removed: u64, err: StoreError) -> StoreError {
+    match err {
+        StoreError::Unavailable(_) | StoreError::Timeout { .. } => partial(removed, err),
+        other => other,
+    }
 }
 
 /// A store error for the first server error among pipeline `replies` (one command's OOM
@@ -253,33 +400,45 @@ impl ClusterStore {
     /// down.
     ///
     /// # Errors
-    /// When a seed URL cannot be parsed, or the seeds disagree on credentials or TLS.
-    pub fn new(settings: &super::RedisSettings) -> Result<Self, StoreError> {
+    /// A configuration message when redis-rs refuses the seeds (an unparsable URL, seeds
+    /// disagreeing on credentials or TLS).
+    pub fn new(settings: &super::RedisSettings) -> Result<Self, String> {
         let seeds: Vec<&str> = settings
             .url
             .split(',')
             .map(str::trim)
             .filter(|seed| !seed.is_empty())
             .collect();
-        let mut builder = ClusterClientBuilder::new(seeds)
-            .connection_timeout(settings.connect_timeout)
-            .response_timeout(settings.timeout)
-            .retries(RETRIES)
-            .min_retry_wait(MIN_RETRY_WAIT_MS)
-            .max_retry_wait(MAX_RETRY_WAIT_MS);
-        if let Some(ca) = &settings.tls_ca {
-            builder = builder.certs(TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca.clone()),
-            });
-        }
-        let client = builder
-            .build()
-            .map_err(|err| StoreError::Internal(format!("--redis-cluster: {err}")))?;
-        let connect = || client.get_pending_async_connection_with_config(ClusterConfig::default());
+        let client = |retries: u32| {
+            let mut builder = ClusterClientBuilder::new(seeds.clone())
+                .connection_timeout(settings.connect_timeout)
+                .response_timeout(settings.timeout)
+                .retries(retries)
+                .min_retry_wait(MIN_RETRY_WAIT_MS)
+                .max_retry_wait(MAX_RETRY_WAIT_MS);
+            if let Some(ca) = &settings.tls_ca {
+                builder = builder.certs(TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                });
+            }
+            builder.build().map_err(|err| {
+                format!(
+                    "--redis-cluster: the seeds were refused ({err}); give redis:// or rediss:// URLs that agree on scheme, user, password and database 0"
+                )
+            })
+        };
+        let (client, once) = (client(RETRIES)?, client(0)?);
+        // redis-rs takes each node's response timeout from this config, not the builder's:
+        // without it a node that accepts connections but never answers (SIGSTOP, a partition)
+        // would hang a fresh connection's start-up PING for good.
+        let config = ClusterConfig::new()
+            .set_connection_timeout(settings.connect_timeout)
+            .set_response_timeout(settings.timeout);
         Ok(ClusterStore {
-            connection: connect(),
-            probe: connect(),
+            connection: Renewable::new(client.clone(), config.clone()),
+            probe: Renewable::new(client, config.clone()),
+            busts: Renewable::new(once, config),
             gate: Gate::new(settings),
             bust_batch: settings.bust_batch,
             layout: KeyLayout::new(&settings.key_prefix),
@@ -314,9 +473,19 @@ impl ClusterStore {
 
     /// One command, routed by its key, within the store timeout and a permit.
     async fn one<T: FromRedisValue>(&self, op: &'static str, cmd: Cmd) -> Result<T, StoreError> {
+        self.one_on(op, &self.connection, cmd).await
+    }
+
+    /// [`ClusterStore::one`] on `connection`.
+    async fn one_on<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        connection: &Renewable,
+        cmd: Cmd,
+    ) -> Result<T, StoreError> {
         self.gate
             .run(op, |deadline| {
-                let mut connection = self.connection.clone();
+                let mut connection = connection.get();
                 self.by(op, deadline, async move {
                     cmd.query_async(&mut connection).await
                 })
@@ -329,11 +498,11 @@ impl ClusterStore {
         &self,
         op: &'static str,
         deadline: Instant,
-        connection: &ClusterConnection,
+        connection: &Renewable,
         cmd: Cmd,
         route: RoutingInfo,
     ) -> Result<T, StoreError> {
-        let mut connection = connection.clone();
+        let mut connection = connection.get();
         let reply = self
             .by(op, deadline, connection.route_command(cmd, route))
             .await?;
@@ -359,7 +528,7 @@ impl ClusterStore {
             for &index in &indices {
                 command(&mut pipe, index);
             }
-            let mut connection = self.connection.clone();
+            let mut connection = self.connection.get();
             async move {
                 let replies = connection
                     .route_pipeline(pipe, 0, indices.len(), primary_of(slot))
@@ -388,7 +557,7 @@ impl ClusterStore {
     async fn topology(
         &self,
         deadline: Instant,
-        connection: &ClusterConnection,
+        connection: &Renewable,
     ) -> Result<Topology, StoreError> {
         let mut slots = redis::cmd("CLUSTER");
         slots.arg("SLOTS");
@@ -409,19 +578,35 @@ impl ClusterStore {
         let asks = topology.primaries.iter().map(|primary| async move {
             let mut nodes = redis::cmd("CLUSTER");
             nodes.arg("NODES");
-            let text: String = self
-                .to_node(
+            let mut info = redis::cmd("INFO");
+            info.arg("server");
+            let (text, info): (String, String) = tokio::try_join!(
+                self.to_node(
                     "CLUSTER NODES",
                     deadline,
-                    &self.connection,
+                    &self.busts,
                     nodes,
-                    primary.route(),
-                )
-                .await
-                .map_err(|err| {
-                    StoreError::Unavailable(format!("primary {}: {err}", primary.address()))
-                })?;
-            SelfView::confirm(primary, &text).map_err(StoreError::Unavailable)
+                    primary.route()
+                ),
+                self.to_node(
+                    "CLUSTER NODES",
+                    deadline,
+                    &self.busts,
+                    info,
+                    primary.route()
+                ),
+            )
+            .map_err(|err| {
+                StoreError::Unavailable(format!("primary {}: {err}", primary.address()))
+            })?;
+            let mut view =
+                SelfView::confirm(topology, primary, &text).map_err(StoreError::Unavailable)?;
+            view.run_id = info
+                .lines()
+                .find_map(|line| line.trim().strip_prefix("run_id:"))
+                .unwrap_or_default()
+                .to_owned();
+            Ok(view)
         });
         try_join_all(asks).await
     }
@@ -430,7 +615,7 @@ impl ClusterStore {
     async fn confirmed_topology(&self) -> Result<(Topology, Vec<SelfView>), StoreError> {
         self.gate
             .run("CLUSTER NODES", |deadline| async move {
-                let topology = self.topology(deadline, &self.connection).await?;
+                let topology = self.topology(deadline, &self.busts).await?;
                 let views = self.confirm(deadline, &topology).await?;
                 Ok((topology, views))
             })
@@ -452,7 +637,7 @@ impl ClusterStore {
             .arg(pattern)
             .arg("COUNT")
             .arg(count);
-        self.to_node("SCAN", deadline, &self.connection, scan, primary.route())
+        self.to_node("SCAN", deadline, &self.busts, scan, primary.route())
             .await
     }
 
@@ -483,7 +668,7 @@ impl ClusterStore {
             pipe.cmd("UNLINK").arg(keys);
         }
         let commands = counted.len() + other.len();
-        let mut connection = self.connection.clone();
+        let mut connection = self.busts.get();
         let route = SingleNodeRoutingInfo::ByAddress {
             host: primary.host.clone(),
             port: primary.port,
@@ -548,7 +733,13 @@ impl ClusterStore {
         })?;
         let (mut cursor, mut removed) = (0u64, 0u64);
         let mut batch: Vec<String> = Vec::new();
-        let interrupted = |removed, err| partial(removed, format!("tag index {index}: {err}"));
+        // As `interrupted`, naming the index.
+        let interrupted = |removed, err: StoreError| match err {
+            StoreError::Unavailable(_) | StoreError::Timeout { .. } => {
+                partial(removed, format!("tag index {index}: {err}"))
+            }
+            other => other,
+        };
         loop {
             let unlinking = &batch;
             let index = &index;
@@ -606,7 +797,7 @@ impl ClusterStore {
     ) -> Result<(u64, Vec<Vec<u8>>), StoreError> {
         let route = RoutingInfo::SingleNode(primary_of(Slot::for_key(index)));
         let command = tags::scan_command(index, cursor, self.bust_batch);
-        self.to_node("ZSCAN/UNLINK", deadline, &self.connection, command, route)
+        self.to_node("ZSCAN/UNLINK", deadline, &self.busts, command, route)
             .await
     }
 
@@ -621,7 +812,7 @@ impl ClusterStore {
             let mut unlink = redis::cmd("UNLINK");
             unlink.arg(keys);
             let route = RoutingInfo::SingleNode(primary_of(slot));
-            self.to_node::<u64>("UNLINK", deadline, &self.connection, unlink, route)
+            self.to_node::<u64>("UNLINK", deadline, &self.busts, unlink, route)
         });
         Ok(try_join_all(unlinks).await?.iter().sum())
     }
@@ -648,9 +839,12 @@ impl ClusterStore {
                     )
                 })
                 .await;
-            let (unlinked, (next, found)) = step.map_err(|err| {
-                let err = StoreError::Unavailable(format!("{}: {err}", primary.address()));
-                (removed, err)
+            let (unlinked, (next, found)) = step.map_err(|err| match err {
+                StoreError::Unavailable(_) | StoreError::Timeout { .. } => {
+                    let err = StoreError::Unavailable(format!("{}: {err}", primary.address()));
+                    (removed, err)
+                }
+                other => (removed, other),
             })?;
             removed += unlinked;
             (batch, indexes) = removable(&self.layout, scope, found);
@@ -691,9 +885,29 @@ impl ClusterStore {
             }
         }
         if let Some(err) = failure {
-            return Err(partial(removed, err));
+            return Err(interrupted(removed, err));
         }
         self.confirm_unchanged(&before, removed).await
+    }
+
+    /// `cluster_state` from a primary and the topology, on the probe's connections.
+    async fn probe_topology(&self, deadline: Instant) -> Result<Topology, StoreError> {
+        let mut info = redis::cmd("CLUSTER");
+        info.arg("INFO");
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+        let info: String = self
+            .to_node("PING", deadline, &self.probe, info, route)
+            .await?;
+        let state = info
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("cluster_state:"))
+            .unwrap_or("absent");
+        if state != "ok" {
+            return Err(StoreError::Unavailable(format!(
+                "cluster_state:{state}: the cluster cannot serve every slot (a primary is down and not yet replaced, or slots are unassigned)"
+            )));
+        }
+        self.topology(deadline, &self.probe).await
     }
 
     /// Reads a `Keys` cursor: the primary to scan and where, or a clear error.
@@ -811,7 +1025,7 @@ impl Store for ClusterStore {
             RedisTarget::Key(key) => {
                 let mut unlink = redis::cmd("UNLINK");
                 unlink.arg(key);
-                self.one("UNLINK", unlink).await
+                self.one_on("UNLINK", &self.busts, unlink).await
             }
             RedisTarget::Pattern(pattern) => self.bust_matching(scope, pattern).await,
         }
@@ -830,7 +1044,7 @@ impl Store for ClusterStore {
         let topology = self
             .gate
             .run("CLUSTER SLOTS", |deadline| {
-                self.topology(deadline, &self.connection)
+                self.topology(deadline, &self.busts)
             })
             .await?;
         let (mut node, mut position) = self.resume(&topology, cursor)?;
@@ -878,27 +1092,17 @@ impl Store for ClusterStore {
         })
     }
 
-    /// Asks a primary for `cluster_state` and PINGs the primary of every slot, on the probe's
-    /// own connections, within the store timeout: NOT_SERVING while any slot cannot be served,
-    /// with the reason.
+    /// Asks a primary for `cluster_state`, PINGs the primary of every slot on the probe's own
+    /// connections, then checks that the serving connection routes each primary's slots to
+    /// that primary, all within the store timeout: NOT_SERVING while any slot cannot be
+    /// served, with the reason. A probe connection that fails is renewed, and so is a serving
+    /// connection found routing to a node that no longer serves the slot (see the module doc).
     async fn ping(&self) -> Result<(), StoreError> {
         let deadline = Instant::now() + self.gate.timeout;
-        let mut info = redis::cmd("CLUSTER");
-        info.arg("INFO");
-        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
-        let info: String = self
-            .to_node("PING", deadline, &self.probe, info, route)
-            .await?;
-        let state = info
-            .lines()
-            .find_map(|line| line.trim().strip_prefix("cluster_state:"))
-            .unwrap_or("absent");
-        if state != "ok" {
-            return Err(StoreError::Unavailable(format!(
-                "cluster_state:{state}: the cluster cannot serve every slot (a primary is down and not yet replaced, or slots are unassigned)"
-            )));
-        }
-        let topology = self.topology(deadline, &self.probe).await?;
+        let topology = self.probe_topology(deadline).await.inspect_err(|_| {
+            // Its slot map may name a silent node: the next probe starts from the seeds.
+            self.probe.renew();
+        })?;
         let pings = topology.primaries.iter().map(|primary| async move {
             let pong: String = self
                 .to_node(
@@ -918,6 +1122,33 @@ impl Store for ClusterStore {
             }
         });
         try_join_all(pings).await?;
+        for connection in [&self.connection, &self.busts] {
+            let routes = topology.primaries.iter().map(|primary| async move {
+                let (start, _) = primary.slots[0];
+                let mut myid = redis::cmd("CLUSTER");
+                myid.arg("MYID");
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::new(start, SlotAddr::Master),
+                ));
+                let answer = self
+                    .to_node::<String>("PING", deadline, connection, myid, route)
+                    .await;
+                match answer {
+                    Ok(id) if id == primary.id => Ok(()),
+                    Ok(id) => Err(format!(
+                        "slot {start} went to node {id}, not {}",
+                        primary.id
+                    )),
+                    Err(err) => Err(format!("slot {start}: {err}")),
+                }
+            });
+            if let Err(stale) = try_join_all(routes).await {
+                connection.renew();
+                return Err(StoreError::Unavailable(format!(
+                    "requests were not reaching the primaries that serve their slots ({stale}); reconnected to the cluster to read its slot map anew"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -971,8 +1202,8 @@ mod tests {
         );
     }
 
-    /// A primary's own CLUSTER NODES line confirms it only while it is still that primary with
-    /// the same slots and none migrating.
+    /// A primary's CLUSTER NODES confirms it only while it is still that primary with the same
+    /// slots, none migrating, and lists the same slot map as CLUSTER SLOTS.
     #[test]
     fn self_view_confirms_only_an_unchanged_primary() {
         let primary = Primary {
@@ -981,22 +1212,58 @@ mod tests {
             port: 7000,
             slots: vec![(0, 5460), (9000, 9000)],
         };
-        let other = "b2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922\n";
-        let line = |flags: &str, slots: &str| {
-            format!("{other}a1 127.0.0.1:7000@17000 {flags} - 0 0 7 connected {slots}\n")
+        let topology = Topology {
+            primaries: vec![
+                primary.clone(),
+                Primary {
+                    id: "b2".into(),
+                    host: "127.0.0.1".into(),
+                    port: 7001,
+                    slots: vec![(5461, 8999), (9001, 16_383)],
+                },
+            ],
         };
-        let view = SelfView::confirm(&primary, &line("myself,master", "0-5460 9000")).unwrap();
+        let nodes = |b2: &str, flags: &str, slots: &str| {
+            format!(
+                "b2 127.0.0.1:7001@17001 {b2} - 0 1 2 connected 5461-8999 9001-16383\n\
+                 a1 127.0.0.1:7000@17000 {flags} - 0 0 7 connected {slots}\n"
+            )
+        };
+        let view = SelfView::confirm(
+            &topology,
+            &primary,
+            &nodes("master", "myself,master", "0-5460 9000"),
+        )
+        .unwrap();
         assert_eq!(view.config_epoch, "7");
-        for (flags, slots) in [
-            ("myself,slave", "0-5460 9000"),
-            ("myself,master", "0-5460"),
-            ("myself,master", "0-5460 9000 [9000->-b2]"),
+        for (b2, flags, slots) in [
+            ("master", "myself,slave", "0-5460 9000"),
+            ("master", "myself,master", "0-5460"),
+            ("master", "myself,master", "0-5460 9000 [9000->-b2]"),
+            // a zombie: b2 took over elsewhere, but this node's map still has b2 a replica
+            ("slave", "myself,master", "0-5460 9000"),
         ] {
             assert!(
-                SelfView::confirm(&primary, &line(flags, slots)).is_err(),
-                "{flags} {slots}"
+                SelfView::confirm(&topology, &primary, &nodes(b2, flags, slots)).is_err(),
+                "{b2} {flags} {slots}"
             );
         }
+    }
+
+    /// A bust cut short by an unreachable store says its count is partial; one refused for
+    /// overload keeps RESOURCE_EXHAUSTED's kind.
+    #[test]
+    fn interrupted_busts_keep_their_error_kind() {
+        let after = std::time::Duration::from_millis(250);
+        let timeout = interrupted(7, StoreError::Timeout { op: "SCAN", after });
+        let StoreError::Unavailable(message) = timeout else {
+            panic!("{timeout:?}");
+        };
+        assert!(message.contains("at least 7 entries"), "{message}");
+        let overloaded = interrupted(7, StoreError::Overloaded { limit: 4 });
+        assert!(matches!(overloaded, StoreError::Overloaded { limit: 4 }));
+        let odd = interrupted(0, StoreError::Internal("odd".into()));
+        assert!(matches!(odd, StoreError::Internal(_)));
     }
 
     /// The fingerprint changes when a slot changes hands.
