@@ -1000,6 +1000,58 @@ async fn cluster_bust(settings: &Settings, report: &mut String) {
             .collect();
         cluster.set_keys(&keys, b"v").await;
     }
+    // The 50-caller Get on the cluster beside redis-benchmark --cluster against the same
+    // cluster, interleaved, before the bust.
+    let mut row = Row::new(
+        "Get hit, 64 B, 50 callers, Redis Cluster",
+        "redis-benchmark --cluster GET -c 50 -P 1",
+    );
+    let port = cluster.ports()[0].to_string();
+    let duration = settings.duration();
+    // redis-benchmark's GET reads the key its SET writes: a 64-byte hit, as ours.
+    redis_benchmark(
+        cluster.ports()[0],
+        &["--cluster", "-t", "set", "-d", "64", "-c", "1", "-n", "100"],
+    );
+    for _ in 0..settings.reps {
+        let reference = |requests: &str| {
+            redis_benchmark(
+                cluster.ports()[0],
+                &[
+                    "--cluster",
+                    "-t",
+                    "get",
+                    "-d",
+                    "64",
+                    "-c",
+                    "50",
+                    "-P",
+                    "1",
+                    "-n",
+                    requests,
+                ],
+            )
+        };
+        let calibration = reference("20000").per_second;
+        row.reference_samples
+            .push(reference(&requests_for(calibration, duration)));
+        let pool = clients.clone();
+        let request = fixture_request();
+        row.cm.push(
+            load(CONCURRENCY, duration, 1, move |caller, _| {
+                let (mut client, request) = (pool[caller % CONNECTIONS].clone(), request.clone());
+                async move {
+                    get_fixture(&mut client, request).await;
+                }
+            })
+            .await,
+        );
+    }
+    let _ = writeln!(
+        report,
+        "\nOn the Redis Cluster (seed port {port}):\n\n| scenario | cache-money | p50 | p99 | reference | reference | p50 | p99 | throughput ratio | p50 ratio | p99 ratio |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    row.render(report);
     let label = "Redis Cluster, 3 primaries";
     bust(label, settings, &clients, &mut raw, report).await;
 }
