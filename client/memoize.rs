@@ -57,6 +57,14 @@ pub struct Function {
     tags: Arc<[String]>,
 }
 
+/// How [`Function::keep`] writes a fresh result: as memoize does, or as refresh does (a
+/// result that is not cached removes the old entry).
+#[derive(Debug, Clone, Copy)]
+enum Write {
+    Store,
+    Overwrite,
+}
+
 /// The once-per-handle warnings of a [`Function`], to share between handles of one function
 /// made per call (a `#[memoize]` function with its own client).
 #[derive(Debug, Default)]
@@ -400,15 +408,9 @@ impl Function {
         }
         self.client.count_computed();
         let result = compute().await;
-        let encoded = match &result {
-            Ok(value) if flight.is_current() => {
-                let encoded = self.store(key, tags, value).await;
-                self.unless_replaced(key, || flight.is_current()).await;
-                encoded
-            }
-            Ok(value) => Self::encode(value).ok(),
-            Err(_) => None,
-        };
+        let encoded = self
+            .keep(key, tags, &result, Write::Store, || flight.is_current())
+            .await;
         (result, encoded)
     }
 
@@ -534,21 +536,39 @@ impl Function {
             .lead(key, |claim| async move {
                 self.client.count_computed();
                 let result = compute().await;
-                let encoded = match &result {
-                    // A refresh that started later stores its newer value instead.
-                    Ok(value) if claim.is_current() => {
-                        let encoded = self.overwrite(key, tags, value).await;
-                        self.unless_replaced(key, || claim.is_current()).await;
-                        encoded
-                    }
-                    Ok(value) => Self::encode(value).ok(),
-                    Err(_) => None,
-                };
+                let encoded = self
+                    .keep(key, tags, &result, Write::Overwrite, || claim.is_current())
+                    .await;
                 *led_by_refresh = Some(result);
                 encoded
             })
             .await;
         led.expect("lead runs the refresh to completion before it returns")
+    }
+
+    /// Stores a fresh `result` of `key` (as [`Write`] says) while this computation still holds
+    /// the key, and returns its encoding for the callers sharing it; a refresh that started
+    /// later stores its newer value instead. An error is neither stored nor shared.
+    async fn keep<T: Serialize, E>(
+        &self,
+        key: &EntryKey,
+        tags: &[String],
+        result: &Result<T, E>,
+        write: Write,
+        is_current: impl Fn() -> bool,
+    ) -> Option<Bytes> {
+        match result {
+            Ok(value) if is_current() => {
+                let encoded = match write {
+                    Write::Store => self.store(key, tags, value).await,
+                    Write::Overwrite => self.overwrite(key, tags, value).await,
+                };
+                self.unless_replaced(key, is_current).await;
+                encoded
+            }
+            Ok(value) => Self::encode(value).ok(),
+            Err(_) => None,
+        }
     }
 
     /// Removes what was just stored under `key` if a newer refresh took the key over while it
