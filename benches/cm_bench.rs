@@ -268,6 +268,7 @@ fn h2load_get(addr: std::net::SocketAddr, duration: Duration) -> Option<Sample> 
     use prost::Message;
     let request = pb::GetRequest {
         key: Some(key("bench", "get", 0)),
+        ..Default::default()
     }
     .encode_to_vec();
     let mut body = vec![0u8];
@@ -340,6 +341,7 @@ fn redis_get(port: u16, connections: &str, requests: &str) -> Sample {
 fn fixture_request() -> pb::GetRequest {
     pb::GetRequest {
         key: Some(key("bench", "get", 0)),
+        ..Default::default()
     }
 }
 
@@ -869,6 +871,7 @@ async fn main() {
                     async move {
                         let request = pb::GetRequest {
                             key: Some(key("bench", "batch", n % BATCH as u64)),
+                            ..Default::default()
                         };
                         assert!(client.get(request).await.unwrap().into_inner().hit);
                     }
@@ -1079,6 +1082,7 @@ async fn bust(
                 let _ = client
                     .get(pb::GetRequest {
                         key: Some(key("bench", "get", 0)),
+                        ..Default::default()
                     })
                     .await;
                 latencies.push(t.elapsed().as_micros() as u32);
@@ -1142,6 +1146,7 @@ async fn footprint(
             let _ = client
                 .get(pb::GetRequest {
                     key: Some(key("bench", "get", 0)),
+                    ..Default::default()
                 })
                 .await;
         }

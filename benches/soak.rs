@@ -136,6 +136,7 @@ async fn main() {
                 0..=3 => raw
                     .get(pb::GetRequest {
                         key: Some(key("soak", "f", id)),
+                        ..Default::default()
                     })
                     .await
                     .map(|reply| {

@@ -164,6 +164,7 @@ impl Service {
                 let key = entry.key()?;
                 let request = GetRequest {
                     key: Some(wire(&key)),
+                    ..Default::default()
                 };
                 let reply = self.call(DEFAULT_TIMEOUT, rpc.get(request)).await?;
                 let value = reply.hit.then_some(reply.value);
@@ -263,6 +264,7 @@ impl Service {
             value: value_bytes(value, put.base64)?,
             ttl_seconds: put.ttl,
             tags: put.tags,
+            ..Default::default()
         };
         self.call(DEFAULT_TIMEOUT, rpc.put(request)).await?;
         Ok(Report::Stored {

@@ -393,6 +393,7 @@ impl Function {
     {
         let request = pb::GetRequest {
             key: Some(Self::pb_key(key)),
+            ..Default::default()
         };
         let found = self
             .client
@@ -400,7 +401,9 @@ impl Function {
                 rpc.get(request).await
             })
             .await;
-        if let Some(pb::GetResponse { hit: true, value }) = found
+        if let Some(pb::GetResponse {
+            hit: true, value, ..
+        }) = found
             && let Some(decoded) = self.decode::<T>(&value)
         {
             self.client.count_hit();
@@ -440,6 +443,7 @@ impl Function {
             value: encoded.clone(),
             ttl_seconds: u32::try_from(self.ttl.as_secs()).unwrap_or(u32::MAX),
             tags: tags.to_vec(),
+            ..Default::default()
         };
         self.client
             .cache_rpc("Put", &self.warned_refused, |mut rpc| async move {

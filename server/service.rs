@@ -243,7 +243,11 @@ impl<S: Store> CacheService<S> {
 
 fn lookup(value: Option<bytes::Bytes>) -> pb::GetResponse {
     match value {
-        Some(value) => pb::GetResponse { hit: true, value },
+        Some(value) => pb::GetResponse {
+            hit: true,
+            value,
+            ..Default::default()
+        },
         None => pb::GetResponse::default(),
     }
 }
@@ -284,7 +288,14 @@ impl<S: Store> CacheMoney for CacheService<S> {
         self.counters.puts.fetch_add(1, Relaxed);
         self.metrics
             .written([(entry.key.namespace(), entry.value.len())]);
-        Ok(Response::new(pb::PutResponse {}))
+        Ok(Response::new(pb::PutResponse { refused: false }))
+    }
+
+    async fn release(
+        &self,
+        _request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        Err(Status::unimplemented("Release: leases are not served yet"))
     }
 
     async fn bust(
@@ -486,6 +497,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
             store: self.store.kind().to_owned(),
             store_up: self.store_up.load(Relaxed),
             uptime_seconds: counters.started.elapsed().as_secs(),
+            ..Default::default()
         }))
     }
 }

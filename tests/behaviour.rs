@@ -521,6 +521,7 @@ async fn invalid_requests_are_refused_and_write_nothing(backend: Backend) {
                 value: vec![1].into(),
                 ttl_seconds: 60,
                 tags: Vec::new(),
+                ..Default::default()
             },
             "key.namespace:",
         ),

@@ -291,6 +291,7 @@ async fn undecodable_values_are_misses() {
         value: value.into(),
         ttl_seconds: 60,
         tags: Vec::new(),
+        ..Default::default()
     };
     raw.put(poison(1, b"\xff\x00garbage")).await.unwrap();
     raw.put(poison(2, b"\"a string, not an invoice\""))

@@ -73,6 +73,7 @@ async fn load(
         match cm
             .get(pb::GetRequest {
                 key: Some(key("load", &function, earlier)),
+                ..Default::default()
             })
             .await
         {
@@ -425,6 +426,7 @@ async fn frozen_cluster_times_out_instead_of_hanging() {
     let get = cm
         .get(pb::GetRequest {
             key: Some(key("ns", "f", 1)),
+            ..Default::default()
         })
         .await;
     let keys = (0..20).map(|n| key("ns", "f", n)).collect();
@@ -614,6 +616,7 @@ async fn silent_primary_replaced_then_its_keys_answer_again() {
         let get = cm
             .get(pb::GetRequest {
                 key: Some(key("ns", "silent", on_victim[0])),
+                ..Default::default()
             })
             .await;
         match (get_many, get) {

@@ -32,6 +32,7 @@ async fn overload_is_refused_quickly() {
         callers.push(tokio::spawn(async move {
             let request = pb::GetRequest {
                 key: Some(key("ns", "f", n)),
+                ..Default::default()
             };
             let result = cm.get(request).await;
             (result.map(drop), Instant::now())
@@ -99,6 +100,7 @@ async fn redis_killed_under_load_then_restarted() {
                     } else {
                         let request = pb::GetRequest {
                             key: Some(key("load", "f", id)),
+                            ..Default::default()
                         };
                         cm.get(request).await.map(|reply| {
                             let reply = reply.into_inner();

@@ -239,7 +239,10 @@ impl Scrape {
 
 /// A Get of `key`.
 fn get_of(key: pb::Key) -> pb::GetRequest {
-    pb::GetRequest { key: Some(key) }
+    pb::GetRequest {
+        key: Some(key),
+        ..Default::default()
+    }
 }
 
 /// `message` with a bearer token and a request id, each when given.
@@ -302,6 +305,7 @@ async fn metrics_count_a_known_sequence_exactly() {
     let refused = cm
         .get(pb::GetRequest {
             key: Some(bad_digest),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -1034,6 +1038,7 @@ async fn request_ids_reach_the_logs_and_the_caller() {
     let failed = cm
         .get(pb::GetRequest {
             key: Some(key("billing", "invoice", 2)),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -1080,6 +1085,7 @@ async fn each_rpc_is_a_span_with_its_outcome() {
         .unwrap();
     let hit = pb::GetRequest {
         key: Some(key("billing", "invoice", 1)),
+        ..Default::default()
     };
     assert!(
         cm.get(tagged(hit.clone(), Some(TOKEN), Some("get-id-2")))
@@ -1090,6 +1096,7 @@ async fn each_rpc_is_a_span_with_its_outcome() {
     );
     let miss = pb::GetRequest {
         key: Some(key("billing", "invoice", 2)),
+        ..Default::default()
     };
     assert!(
         !cm.get(tagged(miss, Some(TOKEN), Some("get-id-3")))

@@ -257,6 +257,7 @@ fn generated_requests(cluster: bool) {
                     value: vec![b'v'; len].into(),
                     ttl_seconds,
                     tags: Vec::new(),
+                    ..Default::default()
                 };
                 let outcome = runtime.block_on(cm.clone().put(request));
                 // The first broken rule, in the order the contract checks them.
@@ -722,6 +723,7 @@ fn generated_tags(cluster: bool) {
                 value: b"v".to_vec().into(),
                 ttl_seconds: 600,
                 tags: tags.clone(),
+                ..Default::default()
             };
             let outcome = runtime.block_on(cm.clone().put(request));
             match (tags.iter().position(|tag| !valid_tag(tag)), outcome) {

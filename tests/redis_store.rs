@@ -30,6 +30,7 @@ async fn get_is_unavailable_within(
     let started = Instant::now();
     let request = pb::GetRequest {
         key: Some(key("ns", "f", 1)),
+        ..Default::default()
     };
     let err = cm.get(request).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
@@ -267,6 +268,7 @@ async fn frozen_redis_times_out_instead_of_hanging() {
         async move {
             cm.get(pb::GetRequest {
                 key: Some(key("ns", "f", 1)),
+                ..Default::default()
             })
             .await
             .is_ok_and(|reply| reply.into_inner().hit)
@@ -547,6 +549,7 @@ async fn health_probes_need_no_in_flight_permit() {
     let refused = cm
         .get(pb::GetRequest {
             key: Some(key("ns", "f", 2)),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -721,6 +724,7 @@ async fn requests_after_an_idle_redis_restart_succeed() {
         let reply = client
             .get(pb::GetRequest {
                 key: Some(key("ns", "idle", n)),
+                ..Default::default()
             })
             .await;
         assert!(

@@ -456,6 +456,7 @@ async fn tonic_balance_alone_keeps_sending_to_a_dead_replica() {
         let outcome = raw
             .get(pb::GetRequest {
                 key: Some(key("replicas", "plain", 1)),
+                ..Default::default()
             })
             .await;
         if killed.elapsed() > window {

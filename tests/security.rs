@@ -84,6 +84,7 @@ async fn call(
             .get(with_token(
                 pb::GetRequest {
                     key: Some(key("billing", "f", 1)),
+                    ..Default::default()
                 },
                 token,
             ))

@@ -144,6 +144,7 @@ async fn tls_clients_are_served() {
     let reply = raw
         .get(pb::GetRequest {
             key: Some(key("ns", "f", 1)),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -174,6 +175,7 @@ async fn plaintext_client_fails_cleanly() {
         CacheMoneyClient::new(channel)
             .get(pb::GetRequest {
                 key: Some(key("ns", "f", 1)),
+                ..Default::default()
             })
             .await
             .map(drop)
@@ -218,6 +220,7 @@ async fn client_certificates_are_required_when_configured() {
         Ok(channel) => CacheMoneyClient::new(channel)
             .get(pb::GetRequest {
                 key: Some(key("ns", "f", 1)),
+                ..Default::default()
             })
             .await
             .is_err(),
@@ -271,6 +274,7 @@ async fn redis_over_tls() {
     let reply = cm
         .get(pb::GetRequest {
             key: Some(key("ns", "f", 1)),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -18,7 +18,10 @@ async fn raw(url: String) -> RawClient {
 
 async fn get(client: &mut RawClient, key: pb::Key) -> Result<pb::GetResponse, tonic::Status> {
     client
-        .get(pb::GetRequest { key: Some(key) })
+        .get(pb::GetRequest {
+            key: Some(key),
+            ..Default::default()
+        })
         .await
         .map(tonic::Response::into_inner)
 }

@@ -571,14 +571,17 @@ pub fn put(key: pb::Key, value: &[u8], ttl_seconds: u32) -> pb::PutRequest {
         key: Some(key),
         value: value.to_vec().into(),
         ttl_seconds,
-        tags: Vec::new(),
+        ..Default::default()
     }
 }
 
 /// Reads one entry: `Some(value)` on a hit.
 pub async fn get(client: &mut CacheMoneyClient<Channel>, key: pb::Key) -> Option<Vec<u8>> {
     let reply = client
-        .get(pb::GetRequest { key: Some(key) })
+        .get(pb::GetRequest {
+            key: Some(key),
+            ..Default::default()
+        })
         .await
         .expect("Get succeeds")
         .into_inner();
