@@ -71,6 +71,17 @@ pub const DEFAULT_METRICS_TIMEOUT_MS: u64 = 20_000;
 /// 16 tasks and sockets, each for at most `--metrics-timeout-ms`.
 pub const DEFAULT_METRICS_MAX_CONNECTIONS: usize = 16;
 
+/// Invalidations the store keeps for watchers to resume from (`MAXLEN ~` of the Redis
+/// stream; the in-memory ring's size): a watcher that reconnects within this many
+/// invalidations of where it left gets what it missed, else a RESET. About 100 bytes each
+/// in Redis, so the default costs ~10 MB.
+pub const DEFAULT_WATCH_STREAM_LEN: usize = 100_000;
+/// Milliseconds between heartbeats on an idle Watch stream.
+pub const DEFAULT_WATCH_HEARTBEAT_MS: u64 = 1000;
+/// Events each server buffers for its watchers; a watcher that falls further behind (a slow
+/// reader) gets a RESET.
+pub const DEFAULT_WATCH_BUFFER: usize = 4096;
+
 /// How log lines are written to standard error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -169,6 +180,21 @@ pub struct Config {
     #[arg(long, env = "CACHE_MONEY_BUST_BATCH", default_value_t = DEFAULT_BUST_BATCH)]
     pub bust_batch: usize,
 
+    /// Invalidations kept for Watch streams to resume from (the Redis stream's MAXLEN ~, or
+    /// the in-memory ring's size); resuming from further back answers a RESET.
+    #[arg(long, env = "CACHE_MONEY_WATCH_STREAM_LEN", default_value_t = DEFAULT_WATCH_STREAM_LEN)]
+    pub watch_stream_len: usize,
+
+    /// Milliseconds between heartbeats on Watch streams (sent while the server is reading
+    /// the invalidation stream: a client stops trusting its near cache when they stop).
+    #[arg(long, env = "CACHE_MONEY_WATCH_HEARTBEAT_MS", default_value_t = DEFAULT_WATCH_HEARTBEAT_MS)]
+    pub watch_heartbeat_ms: u64,
+
+    /// Events the server buffers for its watchers; one that falls further behind gets a
+    /// RESET.
+    #[arg(long, env = "CACHE_MONEY_WATCH_BUFFER", default_value_t = DEFAULT_WATCH_BUFFER)]
+    pub watch_buffer: usize,
+
     /// Bytes the in-memory store may hold before evicting the entries closest to expiry.
     #[arg(long, env = "CACHE_MONEY_MEMORY_MAX_BYTES", default_value_t = DEFAULT_MEMORY_MAX_BYTES)]
     pub memory_max_bytes: usize,
@@ -259,6 +285,9 @@ impl Config {
             ("--max-tag-bytes", self.max_tag_bytes as u64),
             ("--lease-max-ms", u64::from(self.lease_max_ms)),
             ("--bust-batch", self.bust_batch as u64),
+            ("--watch-stream-len", self.watch_stream_len as u64),
+            ("--watch-heartbeat-ms", self.watch_heartbeat_ms),
+            ("--watch-buffer", self.watch_buffer as u64),
             ("--health-interval-ms", self.health_interval_ms),
             ("--worker-threads", self.worker_threads as u64),
             ("--metrics-timeout-ms", self.metrics_timeout_ms),
@@ -389,6 +418,11 @@ impl Config {
             tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
         }
         Ok(Some(tls))
+    }
+
+    /// Time between heartbeats on Watch streams.
+    pub fn watch_heartbeat(&self) -> Duration {
+        Duration::from_millis(self.watch_heartbeat_ms)
     }
 
     /// Bound on one store operation.

@@ -13,6 +13,8 @@
 //! - [`metrics`]: the Prometheus registry, the handle everything records through, and the
 //!   `/metrics` listener.
 //! - [`shutdown`]: SIGTERM / Ctrl-C handling.
+//! - [`watch`]: the invalidation sequence behind `Watch`: its events, its one reader per
+//!   process, and each watcher's stream.
 
 pub mod auth;
 pub mod config;
@@ -22,6 +24,7 @@ pub mod observe;
 pub mod service;
 pub mod shutdown;
 pub mod store;
+pub mod watch;
 
 use std::{
     fmt,
@@ -47,6 +50,7 @@ use self::metrics::Metrics;
 use self::observe::Observed;
 use self::service::{CacheService, Limits};
 use self::store::{ClusterStore, MemoryStore, RedisStore, Store, StoreError, redis::RedisSettings};
+use self::watch::{Hub, WatchSettings};
 use crate::pb::{self, cache_money_server::CacheMoneyServer};
 
 /// The gRPC name of the cache service, as health checks and reflection know it.
@@ -136,6 +140,8 @@ pub async fn run(
             timeout: config.store_timeout(),
             connect_timeout: config.connect_timeout(),
             bust_batch: config.bust_batch,
+            watch_stream_len: config.watch_stream_len,
+            watch_block: config.watch_heartbeat(),
             tls_ca: match &config.redis_tls_ca {
                 None => None,
                 Some(path) => Some(std::fs::read(path).map_err(|err| {
@@ -161,7 +167,9 @@ pub async fn run(
             serve(store, config, security, telemetry, listener, shutdown).await
         }
         (None, None) => {
-            let store = MemoryStore::new(config.memory_max_bytes).with_metrics(metrics);
+            let store = MemoryStore::new(config.memory_max_bytes)
+                .with_watch_len(config.watch_stream_len)
+                .with_metrics(metrics);
             serve(store, config, security, telemetry, listener, shutdown).await
         }
     }
@@ -235,12 +243,21 @@ async fn serve<S: Store>(
         max_lease: std::time::Duration::from_millis(u64::from(config.lease_max_ms)),
     };
     metrics.watch_store(store.clone(), store_up.clone());
+    let hub = Hub::start(
+        store.clone(),
+        WatchSettings {
+            heartbeat: config.watch_heartbeat(),
+            buffer: config.watch_buffer,
+        },
+        metrics.clone(),
+    );
     let service = CacheService::new(
         store.clone(),
         limits,
         store_up.clone(),
         auth.is_some(),
         metrics.clone(),
+        hub.clone(),
     );
     let tokens = auth.as_ref().map_or(0, Auth::len);
     // Only the cache service is behind authentication: health and reflection stay open for
@@ -293,6 +310,9 @@ async fn serve<S: Store>(
         max_message_bytes = config.max_message_bytes,
         max_response_bytes = config.max_response_bytes,
         bust_batch = config.bust_batch,
+        watch_stream_len = config.watch_stream_len,
+        watch_heartbeat_ms = config.watch_heartbeat_ms,
+        watch_buffer = config.watch_buffer,
         memory_max_bytes = config.memory_max_bytes,
         health_interval_ms = config.health_interval_ms,
         drain_timeout_ms = config.drain_timeout_ms,
@@ -328,6 +348,9 @@ async fn serve<S: Store>(
         );
         // Load balancers stop routing here before the listener closes.
         set_status(&stop_reporter, ServingStatus::NotServing).await;
+        // Watch streams never end by themselves: end them now (UNAVAILABLE, "watch again
+        // elsewhere"), or the drain would wait its whole timeout for them.
+        hub.close();
         let _ = signalled_tx.send(());
     };
     // Keepalive both ways: a client whose host vanished (or whose flow a firewall dropped)

@@ -37,7 +37,7 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// The RPCs of `cache_money.v1.CacheMoney`: the `method` label and span field. Any other path
 /// is `unknown`, so a caller cannot add label values.
-pub const METHODS: [&str; 12] = [
+pub const METHODS: [&str; 13] = [
     "Get",
     "Put",
     "Release",
@@ -50,6 +50,7 @@ pub const METHODS: [&str; 12] = [
     "PutMany",
     "Keys",
     "Stats",
+    "Watch",
 ];
 
 /// What a lookup RPC found (`hit` or `miss`), put in the response's extensions by the service

@@ -22,6 +22,7 @@ use crate::server::observe::{Outcome, record_namespace, record_namespaces, reque
 use crate::server::store::{
     Acquired, Found, LeaseAsk, Meta, NewEntry, Scope, Seen, Store, StoreError, lease,
 };
+use crate::server::watch::{self, Follow, Hub, Invalidation};
 
 /// Default page size of `Keys`.
 pub const DEFAULT_KEYS_LIMIT: usize = 100;
@@ -141,6 +142,8 @@ pub struct CacheService<S> {
     /// Whether requests carry a grant to check (the auth interceptor runs in front).
     auth_enabled: bool,
     metrics: Metrics,
+    /// The invalidation sequence's reader and its watchers.
+    hub: Hub,
 }
 
 impl From<StoreError> for Status {
@@ -172,12 +175,15 @@ impl<S: Store> CacheService<S> {
     /// `Stats`. With `auth_enabled`, every request must carry the grant the auth interceptor
     /// attaches, and each RPC checks it against the namespaces it touches. Lookups, writes,
     /// busts and store failures are recorded into `metrics` as well as counted for `Stats`.
+    /// Every write and bust is published to the store's invalidation sequence, which `hub`
+    /// reads for the `Watch` streams.
     pub fn new(
         store: S,
         limits: Limits,
         store_up: Arc<AtomicBool>,
         auth_enabled: bool,
         metrics: Metrics,
+        hub: Hub,
     ) -> Self {
         CacheService {
             store,
@@ -200,7 +206,31 @@ impl<S: Store> CacheService<S> {
             store_up,
             auth_enabled,
             metrics,
+            hub,
         }
+    }
+
+    /// Publishes `invalidations` before the RPC that made them answers; the last one's
+    /// position. A failure fails the RPC: its change was made, but a watcher would not hear
+    /// of it, and the caller must know (retrying a write or a bust is harmless).
+    async fn publish(
+        &self,
+        rpc: &'static str,
+        context: &tonic::Extensions,
+        invalidations: &[Invalidation],
+    ) -> Result<u64, Status> {
+        let position = self.store.publish(invalidations).await.map_err(|err| {
+            let status = self.failed(rpc, context, err);
+            Status::new(
+                status.code(),
+                format!(
+                    "the change was made but its invalidation was not published, so near caches may keep the old value; retry: {}",
+                    status.message()
+                ),
+            )
+        })?;
+        self.hub.published(invalidations);
+        Ok(position)
     }
 
     /// Checks the grant in a request's `context` (its extensions) against `access`.
@@ -452,10 +482,15 @@ impl<S: Store> CacheService<S> {
             .bust(scope)
             .await
             .map_err(|err| self.failed(rpc, context, err))?;
+        // Published even when nothing was removed: a near cache may still hold what the
+        // store has evicted.
+        let position = self
+            .publish(rpc, context, &[Invalidation::bust(scope)])
+            .await?;
         self.counters.busts.fetch_add(1, Relaxed);
         self.counters.busted_entries.fetch_add(removed, Relaxed);
         self.metrics.bust(scope.name(), removed);
-        Ok(Response::new(pb::BustResponse { removed }))
+        Ok(Response::new(pb::BustResponse { removed, position }))
     }
 }
 
@@ -485,10 +520,13 @@ impl<S: Store> CacheMoney for CacheService<S> {
             // A lease is the right to write the entry: a placeholder is written to hold it.
             self.allow(&context, Access::Write(key.namespace()))?;
         }
-        let answer = self.answer(&key, ask).await.map_err(|err| {
+        // Read before the lookup: every invalidation at or below it is older than the value.
+        let position = self.hub.position();
+        let mut answer = self.answer(&key, ask).await.map_err(|err| {
             self.lookups_failed(std::slice::from_ref(&key), &err);
             self.failed("Get", &context, err)
         })?;
+        answer.position = position;
         let value = answer.hit.then(|| answer.value.clone());
         self.record_lookups(std::slice::from_ref(&key), std::slice::from_ref(&value));
         let outcome = Outcome(if answer.hit { "hit" } else { "miss" });
@@ -515,12 +553,21 @@ impl<S: Store> CacheMoney for CacheService<S> {
         if !stored {
             self.counters.stale_writes_refused.fetch_add(1, Relaxed);
             self.metrics.lease(LeaseEvent::Refused);
-            return Ok(Response::new(pb::PutResponse { refused: true }));
+            return Ok(Response::new(pb::PutResponse {
+                refused: true,
+                position: 0,
+            }));
         }
+        let position = self
+            .publish("Put", &context, &[Invalidation::put(&entry.key)])
+            .await?;
         self.counters.puts.fetch_add(1, Relaxed);
         self.metrics
             .written([(entry.key.namespace(), entry.value.len())]);
-        Ok(Response::new(pb::PutResponse { refused: false }))
+        Ok(Response::new(pb::PutResponse {
+            refused: false,
+            position,
+        }))
     }
 
     async fn release(
@@ -603,10 +650,17 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .bust_tag(&request.namespace, &request.tag)
             .await
             .map_err(|err| self.failed("BustTag", &context, err))?;
+        let position = self
+            .publish(
+                "BustTag",
+                &context,
+                &[Invalidation::tag(&request.namespace, &request.tag)],
+            )
+            .await?;
         self.counters.busts.fetch_add(1, Relaxed);
         self.counters.busted_entries.fetch_add(removed, Relaxed);
         self.metrics.bust("tag", removed);
-        Ok(Response::new(pb::BustResponse { removed }))
+        Ok(Response::new(pb::BustResponse { removed, position }))
     }
 
     async fn get_many(
@@ -642,12 +696,20 @@ impl<S: Store> CacheMoney for CacheService<S> {
                 return Err(self.response_too_large(present));
             }
         }
+        let position = self.hub.position();
         let values = self.store.get_many(&keys).await.map_err(|err| {
             self.lookups_failed(&keys, &err);
             self.failed("GetMany", &context, err)
         })?;
         let response = pb::GetManyResponse {
-            results: values.iter().cloned().map(lookup).collect(),
+            results: values
+                .iter()
+                .cloned()
+                .map(|value| pb::GetResponse {
+                    position,
+                    ..lookup(value)
+                })
+                .collect(),
         };
         // Values may have grown since they were measured; the bound holds all the same.
         let size = prost::Message::encoded_len(&response);
@@ -686,13 +748,18 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .put_many(&entries)
             .await
             .map_err(|err| self.failed("PutMany", &context, err))?;
+        let invalidations: Vec<Invalidation> = entries
+            .iter()
+            .map(|entry| Invalidation::put(&entry.key))
+            .collect();
+        let position = self.publish("PutMany", &context, &invalidations).await?;
         self.counters.puts.fetch_add(stored, Relaxed);
         self.metrics.written(
             entries
                 .iter()
                 .map(|entry| (entry.key.namespace(), entry.value.len())),
         );
-        Ok(Response::new(pb::PutManyResponse { stored }))
+        Ok(Response::new(pb::PutManyResponse { stored, position }))
     }
 
     async fn keys(
@@ -756,6 +823,56 @@ impl<S: Store> CacheMoney for CacheService<S> {
             stale_writes_refused: counters.stale_writes_refused.load(Relaxed),
             stale_served: counters.stale_served.load(Relaxed),
             refreshes: counters.refreshes.load(Relaxed),
+            watchers: self.hub.counters().watchers.load(Relaxed),
+            invalidations_published: self.hub.counters().published.load(Relaxed),
+            watch_events_delivered: self.hub.counters().delivered.load(Relaxed),
+            watch_resets: self.hub.counters().resets.load(Relaxed),
         }))
+    }
+
+    type WatchStream = watch::WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (_, context, request) = request.into_parts();
+        let named = request.namespaces.len() + request.functions.len();
+        if !request.all_namespaces && named == 0 {
+            return Err(Status::invalid_argument(
+                "namespaces, functions: name at least one namespace or function to follow, or set all_namespaces",
+            ));
+        }
+        self.check_batch("namespaces and functions", named)?;
+        let mut follow = Follow {
+            all: request.all_namespaces,
+            ..Follow::default()
+        };
+        for (i, namespace) in request.namespaces.into_iter().enumerate() {
+            check_name(&format!("namespaces[{i}]"), &namespace).map_err(invalid)?;
+            follow.namespaces.insert(namespace);
+        }
+        for (i, function) in request.functions.into_iter().enumerate() {
+            let function = FunctionKey::new(function.namespace, function.function)
+                .map_err(|err| invalid(err.within("functions", i)))?;
+            follow.functions.insert((
+                function.namespace().to_owned(),
+                function.function().to_owned(),
+            ));
+        }
+        if follow.all {
+            self.allow(&context, Access::Admin)?;
+        }
+        let namespaces = follow
+            .namespaces
+            .iter()
+            .chain(follow.functions.iter().map(|(namespace, _)| namespace));
+        for namespace in namespaces {
+            self.allow(&context, Access::Read(namespace))?;
+        }
+        let stream = watch::watch(&self.hub, self.store.clone(), follow, request.after)
+            .await
+            .map_err(|err| self.failed("Watch", &context, err))?;
+        Ok(Response::new(stream))
     }
 }

@@ -200,7 +200,7 @@ struct BuildLabels {
 }
 
 /// Slots for the store's commands' series: more than either store sends kinds of.
-const STORE_COMMAND_SLOTS: usize = 16;
+const STORE_COMMAND_SLOTS: usize = 20;
 const _: () = assert!(
     STORE_COMMAND_SLOTS >= crate::server::store::redis::REDIS_COMMANDS.len()
         && STORE_COMMAND_SLOTS >= crate::server::store::MEMORY_COMMANDS.len()
@@ -349,7 +349,16 @@ struct Recorder {
     busts: Family<ScopeLabels, Counter>,
     busted_entries: Family<ScopeLabels, Counter>,
     lease_events: Family<EventLabels, Counter>,
+    watchers: Gauge,
+    invalidations: Family<CauseLabels, Counter>,
+    watch_events: Counter,
+    watch_resets: Counter,
     namespaces: Namespaces,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
 }
 
 /// The server's metrics. Cloning is shallow; a disabled handle ([`Metrics::disabled`])
@@ -386,6 +395,10 @@ impl Metrics {
             busts: Family::default(),
             busted_entries: Family::default(),
             lease_events: Family::default(),
+            watchers: Gauge::default(),
+            invalidations: Family::default(),
+            watch_events: Counter::default(),
+            watch_resets: Counter::default(),
             namespaces: Namespaces::new(max_namespaces),
         };
         {
@@ -445,6 +458,26 @@ impl Metrics {
                 "lease_events",
                 "Lease decisions, by event (won, waited, expired: an expired lease taken over, refused: a write under a voided lease, stale_served, refreshed: a due entry leased for refresh)",
                 recorder.lease_events.clone(),
+            );
+            r.register(
+                "watchers",
+                "Watch streams open on this server",
+                recorder.watchers.clone(),
+            );
+            r.register(
+                "invalidations_published",
+                "Invalidations this server published to the shared stream, by cause (bust, put, tag)",
+                recorder.invalidations.clone(),
+            );
+            r.register(
+                "watch_events_delivered",
+                "Invalidation events sent to this server's watchers (heartbeats and resets not counted)",
+                recorder.watch_events.clone(),
+            );
+            r.register(
+                "watch_resets",
+                "RESET events sent to this server's watchers (fell behind, resumed from a trimmed position, or the stream restarted)",
+                recorder.watch_resets.clone(),
             );
             r.register(
                 "lookups",
@@ -585,6 +618,37 @@ impl Metrics {
                     event: event.name(),
                 })
                 .inc();
+        }
+    }
+
+    /// A watcher joined (`1`) or left (`-1`).
+    pub fn watchers(&self, change: i64) {
+        if let Some(recorder) = &self.recorder {
+            recorder.watchers.inc_by(change);
+        }
+    }
+
+    /// Counts an invalidation published, by cause (`bust`, `put`, `tag`).
+    pub fn invalidation(&self, cause: &'static str) {
+        if let Some(recorder) = &self.recorder {
+            recorder
+                .invalidations
+                .get_or_create(&CauseLabels { cause })
+                .inc();
+        }
+    }
+
+    /// Counts an invalidation event sent to a watcher.
+    pub fn watch_delivered(&self) {
+        if let Some(recorder) = &self.recorder {
+            recorder.watch_events.inc();
+        }
+    }
+
+    /// Counts a RESET sent to a watcher.
+    pub fn watch_reset(&self) {
+        if let Some(recorder) = &self.recorder {
+            recorder.watch_resets.inc();
         }
     }
 

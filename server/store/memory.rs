@@ -19,6 +19,7 @@ use super::{
 use crate::key::{EntryKey, FunctionKey, check_digest};
 use crate::lock;
 use crate::server::metrics::Metrics;
+use crate::server::watch::{Invalidation, Published, Ring};
 
 /// The `command` label values of `cache_money_store_command_duration_seconds` for the
 /// in-memory store: one per operation, as the README lists them.
@@ -68,6 +69,8 @@ const TAG_OVERHEAD: usize = 64;
 pub struct MemoryStore {
     shared: Arc<Mutex<State>>,
     metrics: Metrics,
+    /// The invalidation sequence: this process is the whole fleet.
+    invalidations: Arc<Ring>,
 }
 
 #[derive(Debug)]
@@ -348,6 +351,15 @@ impl MemoryStore {
         MemoryStore {
             shared,
             metrics: Metrics::disabled(),
+            invalidations: Arc::new(Ring::new(crate::server::config::DEFAULT_WATCH_STREAM_LEN)),
+        }
+    }
+
+    /// The same store, keeping the last `len` invalidations for watchers to resume from.
+    pub fn with_watch_len(self, len: usize) -> Self {
+        MemoryStore {
+            invalidations: Arc::new(Ring::new(len)),
+            ..self
         }
     }
 
@@ -521,6 +533,26 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn publish(&self, invalidations: &[Invalidation]) -> Result<u64, StoreError> {
+        Ok(self.invalidations.publish(invalidations))
+    }
+
+    async fn read_invalidations(
+        &self,
+        after: u64,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<Published>, StoreError> {
+        Ok(match block {
+            Some(block) => self.invalidations.read_waiting(after, count, block).await,
+            None => self.invalidations.read(after, count),
+        })
+    }
+
+    async fn invalidation_tail(&self) -> Result<u64, StoreError> {
+        Ok(self.invalidations.tail())
     }
 
     fn state(&self) -> StoreState {

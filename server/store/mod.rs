@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use crate::key::{EntryKey, FunctionKey};
 use crate::server::key::{EntryParts, KeyLayout, LayoutKey};
+use crate::server::watch::{Invalidation, Published};
 
 pub use self::lease::{Acquired, Found, LeaseAsk, Meta, Seen};
 pub use self::memory::{MEMORY_COMMANDS, MemoryStore};
@@ -337,6 +338,28 @@ pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
 
     /// Checks that the store answers.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Appends `invalidations`, in order, to the invalidation sequence every server over this
+    /// store shares (see [`watch`](crate::server::watch)); the position of the last. Only
+    /// once this returns may the RPC that caused them answer.
+    fn publish(
+        &self,
+        invalidations: &[Invalidation],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Up to `count` invalidations after position `after`, oldest first; when there is none
+    /// yet and `block` is given, waits that long for one (on a connection of its own, for the
+    /// one reader per process). The first is not `after + 1` when the ones between were
+    /// trimmed.
+    fn read_invalidations(
+        &self,
+        after: u64,
+        count: usize,
+        block: Option<Duration>,
+    ) -> impl Future<Output = Result<Vec<Published>, StoreError>> + Send;
+
+    /// The last position of the invalidation sequence (0 when it is empty or absent).
+    fn invalidation_tail(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Its connections and load right now, for `/metrics`; never waits on the store.
     fn state(&self) -> StoreState;

@@ -35,6 +35,8 @@ use crate::key::{EntryKey, FunctionKey};
 use crate::lock;
 use crate::server::key::{KeyLayout, LayoutKey};
 use crate::server::metrics::Metrics;
+use crate::server::watch::{Invalidation, Published, position_of, stream_id, stream_key};
+use redis::streams::{StreamRangeReply, StreamReadReply};
 
 /// The `command` label values of `cache_money_store_command_duration_seconds` for Redis: the
 /// command (or pipeline) each store operation sends, as the README lists them. `STRLEN` is
@@ -45,7 +47,11 @@ use crate::server::metrics::Metrics;
 /// (`GET` and `PTTL` in one pipeline); the `EVAL (…)` lease scripts are those of [`lease`].
 ///
 /// [`lease`]: super::lease
-pub const REDIS_COMMANDS: [&str; 16] = [
+///
+/// `XADD` publishes invalidations (see [`watch`](crate::server::watch)); `XREAD` is a resuming
+/// watcher's replay (the reader's blocking `XREAD` waits by design and is not timed);
+/// `XREVRANGE` reads where the stream ends.
+pub const REDIS_COMMANDS: [&str; 19] = [
     "GET",
     "EVAL (lease)",
     "EVAL (leased SET)",
@@ -62,6 +68,9 @@ pub const REDIS_COMMANDS: [&str; 16] = [
     "PTTL",
     "CLUSTER SLOTS",
     "CLUSTER NODES",
+    "XADD",
+    "XREAD",
+    "XREVRANGE",
 ];
 
 /// The lease scripts, sent by SHA once Redis has them (redis-rs loads a script that Redis
@@ -154,6 +163,88 @@ pub struct RedisSettings {
     pub bust_batch: usize,
     /// PEM CA to verify a `rediss://` Redis with, instead of the system's trust store.
     pub tls_ca: Option<Vec<u8>>,
+    /// Invalidations the stream keeps (`XADD … MAXLEN ~`).
+    pub watch_stream_len: usize,
+    /// The longest the process's reader blocks in one `XREAD` (the heartbeat interval).
+    pub watch_block: Duration,
+}
+
+/// The `XADD`s of `invalidations` onto the stream `key`, trimmed to about `len` entries, one
+/// reply (the new id) each.
+pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, len: usize, invalidation: &Invalidation) {
+    let command = pipe
+        .cmd("XADD")
+        .arg(key)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(len)
+        // The first part fixed at 0, Redis numbers the second: a plain gapless counter.
+        .arg("0-*");
+    for (field, value) in invalidation.fields() {
+        command.arg(field).arg(value);
+    }
+}
+
+/// The position an `XADD` pipeline's last reply names.
+pub(crate) fn published_position(ids: &[Value]) -> Result<u64, StoreError> {
+    let Some(last) = ids.last() else {
+        return Ok(0);
+    };
+    let id: String = from_value(last)?;
+    position_of(&id).ok_or_else(|| StoreError::Internal(format!("XADD answered the id {id:?}")))
+}
+
+/// `XREAD [BLOCK ms] COUNT count STREAMS key 0-after`.
+pub(crate) fn xread(key: &str, after: u64, count: usize, block: Option<Duration>) -> redis::Cmd {
+    let mut cmd = redis::cmd("XREAD");
+    if let Some(block) = block {
+        cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+    }
+    cmd.arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(key)
+        .arg(stream_id(after));
+    cmd
+}
+
+/// The invalidations an `XREAD` answered (nil: none). An entry whose id is not one of ours
+/// (written by hand with `*`) is taken as position `after + 1`'s successor and invalidates
+/// everything.
+pub(crate) fn read_reply(reply: Option<StreamReadReply>) -> Vec<Published> {
+    let Some(reply) = reply else {
+        return Vec::new();
+    };
+    let mut read = Vec::new();
+    for stream in reply.keys {
+        for entry in stream.ids {
+            let Some(position) = position_of(&entry.id) else {
+                warn!(id = %entry.id, "watch: a foreign entry in the invalidation stream; skipped");
+                continue;
+            };
+            read.push(Published {
+                position,
+                invalidation: Invalidation::from_fields(&entry.map),
+            });
+        }
+    }
+    read
+}
+
+/// `XREVRANGE key + - COUNT 1`: where the stream ends.
+pub(crate) fn xrevrange_last(key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("XREVRANGE");
+    cmd.arg(key).arg("+").arg("-").arg("COUNT").arg(1);
+    cmd
+}
+
+/// The position of the entry an [`xrevrange_last`] answered; 0 for none.
+pub(crate) fn tail_reply(reply: StreamRangeReply) -> u64 {
+    reply
+        .ids
+        .first()
+        .and_then(|entry| position_of(&entry.id))
+        .unwrap_or(0)
 }
 
 /// Opens multiplexed connections and notices when one has died.
@@ -291,6 +382,12 @@ pub struct RedisStore {
     layout: KeyLayout,
     timeout: Duration,
     bust_batch: usize,
+    /// The invalidation stream's key.
+    invalidations: String,
+    watch_stream_len: usize,
+    /// The reader's own connection: a blocking `XREAD` holds up every command behind it on
+    /// a multiplexed connection, so it never shares one with requests.
+    watch_reader: Arc<Mutex<Option<MultiplexedConnection>>>,
 }
 
 /// What every operation of a Redis store passes through: the in-flight limit, the store
@@ -418,6 +515,9 @@ impl RedisStore {
             layout: KeyLayout::new(&settings.key_prefix),
             timeout: settings.timeout,
             bust_batch: settings.bust_batch,
+            invalidations: stream_key(&settings.key_prefix),
+            watch_stream_len: settings.watch_stream_len,
+            watch_reader: Arc::default(),
         })
     }
 
@@ -826,6 +926,78 @@ impl Store for RedisStore {
 
     async fn bust_tag(&self, namespace: &str, tag: &str) -> Result<u64, StoreError> {
         self.bust_tagged(namespace, tag).await
+    }
+
+    async fn publish(&self, invalidations: &[Invalidation]) -> Result<u64, StoreError> {
+        let mut pipe = redis::pipe();
+        for invalidation in invalidations {
+            xadd(
+                &mut pipe,
+                &self.invalidations,
+                self.watch_stream_len,
+                invalidation,
+            );
+        }
+        let ids: Vec<Value> = self
+            .run("XADD", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        published_position(&ids)
+    }
+
+    async fn read_invalidations(
+        &self,
+        after: u64,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<Published>, StoreError> {
+        let cmd = xread(&self.invalidations, after, count, block);
+        let Some(block) = block else {
+            let reply = self
+                .run("XREAD", |mut conn| async move {
+                    cmd.query_async(&mut conn).await
+                })
+                .await?;
+            return Ok(read_reply(reply));
+        };
+        let mut reader = self.watch_reader.lock().await;
+        let connection = match reader.as_mut() {
+            Some(connection) => connection,
+            None => {
+                // The config bounds the connect (--connect-timeout-ms).
+                let connection = self
+                    .client
+                    .get_multiplexed_async_connection_with_config(&self.config)
+                    .await
+                    .map_err(classify)?;
+                reader.insert(connection)
+            }
+        };
+        match tokio::time::timeout(block + self.timeout, cmd.query_async(connection)).await {
+            Ok(Ok(reply)) => Ok(read_reply(reply)),
+            Ok(Err(err)) => {
+                *reader = None;
+                Err(classify(err))
+            }
+            Err(_) => {
+                *reader = None;
+                Err(StoreError::Timeout {
+                    op: "XREAD",
+                    after: block + self.timeout,
+                })
+            }
+        }
+    }
+
+    async fn invalidation_tail(&self) -> Result<u64, StoreError> {
+        let cmd = xrevrange_last(&self.invalidations);
+        let reply = self
+            .run("XREVRANGE", |mut conn| async move {
+                cmd.query_async(&mut conn).await
+            })
+            .await?;
+        Ok(tail_reply(reply))
     }
 
     async fn keys(

@@ -42,6 +42,7 @@ use std::{
         Arc, PoisonError, RwLock,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -55,12 +56,16 @@ use redis::{
 use tokio::time::{Instant, timeout_at};
 use tracing::warn;
 
-use super::{Gate, classify, from_value, key_infos, needs_pttl, removable, scripts, stored, tags};
+use super::{
+    Gate, classify, from_value, key_infos, needs_pttl, published_position, read_reply, removable,
+    scripts, stored, tags, tail_reply, xadd, xread, xrevrange_last,
+};
 use crate::key::{EntryKey, FunctionKey};
 use crate::server::key::KeyLayout;
 use crate::server::metrics::Metrics;
 use crate::server::store::lease::{self, Acquired, Found, LeaseAsk};
 use crate::server::store::{KeysPage, NewEntry, RedisTarget, Scope, Store, StoreError, StoreState};
+use crate::server::watch::{Invalidation, Published, stream_key};
 
 /// Hash slots in a Redis Cluster.
 const SLOTS: u32 = 16_384;
@@ -84,9 +89,15 @@ pub struct ClusterStore {
     /// pipeline on retry, and a re-sent UNLINK whose first send ran counts 0, so a retried
     /// bust would undercount silently; failing instead makes the count "may be partial".
     busts: Renewable,
+    /// The invalidation reader's own connections: its blocking `XREAD` would hold up every
+    /// command behind it on the stream node's shared connection.
+    watch_reader: Renewable,
     gate: Gate,
     layout: KeyLayout,
     bust_batch: usize,
+    /// The invalidation stream's key (one slot).
+    invalidations: String,
+    watch_stream_len: usize,
 }
 
 impl fmt::Debug for ClusterStore {
@@ -436,13 +447,20 @@ impl ClusterStore {
         let config = ClusterConfig::new()
             .set_connection_timeout(settings.connect_timeout)
             .set_response_timeout(settings.timeout);
+        // A blocking read may take the whole block before its node answers.
+        let reading = config
+            .clone()
+            .set_response_timeout(settings.timeout + settings.watch_block);
         Ok(ClusterStore {
             connection: Renewable::new(client.clone(), config.clone()),
-            probe: Renewable::new(client, config.clone()),
+            probe: Renewable::new(client.clone(), config.clone()),
+            watch_reader: Renewable::new(client, reading),
             busts: Renewable::new(once, config),
             gate: Gate::new(settings),
             bust_batch: settings.bust_batch,
             layout: KeyLayout::new(&settings.key_prefix),
+            invalidations: stream_key(&settings.key_prefix),
+            watch_stream_len: settings.watch_stream_len,
         })
     }
 
@@ -1193,6 +1211,62 @@ impl Store for ClusterStore {
     /// that primary, all within the store timeout: NOT_SERVING while any slot cannot be
     /// served, with the reason. A probe connection that fails is renewed, and so is a serving
     /// connection found routing to a node that no longer serves the slot (see the module doc).
+    async fn publish(&self, invalidations: &[Invalidation]) -> Result<u64, StoreError> {
+        // One key, so one pipeline to one node; a retried pipeline publishes twice, which
+        // costs watchers a redundant invalidation, never a missing one.
+        let keys = vec![self.invalidations.as_str(); invalidations.len()];
+        let ids = self
+            .gate
+            .run("XADD", |deadline| {
+                self.per_slot("XADD", deadline, &keys, |pipe, index| {
+                    xadd(
+                        pipe,
+                        &self.invalidations,
+                        self.watch_stream_len,
+                        &invalidations[index],
+                    )
+                })
+            })
+            .await?;
+        published_position(&ids)
+    }
+
+    async fn read_invalidations(
+        &self,
+        after: u64,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<Published>, StoreError> {
+        let cmd = xread(&self.invalidations, after, count, block);
+        let Some(block) = block else {
+            return Ok(read_reply(self.one("XREAD", cmd).await?));
+        };
+        let mut connection = self.watch_reader.get();
+        let bound = block + self.gate.timeout;
+        match tokio::time::timeout(bound, cmd.query_async(&mut connection)).await {
+            Ok(Ok(reply)) => Ok(read_reply(reply)),
+            Ok(Err(err)) => {
+                self.watch_reader.renew();
+                Err(classify(err))
+            }
+            Err(_) => {
+                // The stream's node went silent: read the slot map anew.
+                self.watch_reader.renew();
+                Err(StoreError::Timeout {
+                    op: "XREAD",
+                    after: bound,
+                })
+            }
+        }
+    }
+
+    async fn invalidation_tail(&self) -> Result<u64, StoreError> {
+        let reply = self
+            .one("XREVRANGE", xrevrange_last(&self.invalidations))
+            .await?;
+        Ok(tail_reply(reply))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let deadline = Instant::now() + self.gate.timeout;
         let topology = self.probe_topology(deadline).await.inspect_err(|_| {
