@@ -1,0 +1,726 @@
+//! The invalidation stream (`Watch`) against the real server binary, over the in-memory
+//! store, a real `redis-server` and a real Redis Cluster: each bust scope and overwrite
+//! reaches the watchers that follow it and no other, positions grow, a resume replays what
+//! came after it (or RESETs when that is gone), heartbeats keep an idle stream alive, an
+//! invalidation made through one replica reaches a watcher on another (latency printed), and
+//! a watcher of a killed replica resumes on another without losing anything.
+
+mod common;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use cache_money::pb::{self, cache_money_client::CacheMoneyClient};
+use common::{CacheServer, RedisCluster, RedisServer, key, put};
+use tonic::{Code, Streaming, transport::Channel};
+
+type Cm = CacheMoneyClient<Channel>;
+
+/// How long any one expected event may take to arrive before the test fails.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which store the servers under test use.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Memory,
+    Redis,
+    Cluster,
+}
+
+/// The store behind one or more servers, kept alive for as long as they run.
+#[expect(dead_code, reason = "held only so the store outlives its servers")]
+enum Behind {
+    Nothing,
+    Redis(RedisServer),
+    Cluster(Arc<RedisCluster>),
+}
+
+impl Backend {
+    /// What the servers need to share one store, and the arguments that point them at it
+    /// (their own key prefix on the shared cluster).
+    fn store(self) -> (Behind, Vec<String>) {
+        match self {
+            Backend::Memory => (Behind::Nothing, Vec::new()),
+            Backend::Redis => {
+                let redis = RedisServer::start();
+                let args = vec!["--redis-url".to_owned(), redis.url()];
+                (Behind::Redis(redis), args)
+            }
+            Backend::Cluster => {
+                let cluster = RedisCluster::shared();
+                let args = vec![
+                    "--redis-cluster".to_owned(),
+                    cluster.seeds(),
+                    "--key-prefix".to_owned(),
+                    common::unique_prefix("watch"),
+                ];
+                (Behind::Cluster(cluster), args)
+            }
+        }
+    }
+
+    /// One server over a fresh store (its own prefix on the cluster), with `extra` flags.
+    fn start(self, extra: &[&str]) -> (Behind, CacheServer) {
+        let (behind, args) = self.store();
+        (behind, server(&args, extra))
+    }
+}
+
+fn server(args: &[String], extra: &[&str]) -> CacheServer {
+    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+    all.extend_from_slice(extra);
+    CacheServer::start(&all)
+}
+
+/// A Watch stream and what it has delivered.
+struct Watcher {
+    events: Streaming<pb::WatchEvent>,
+    /// The last position seen, heartbeats included.
+    last: u64,
+}
+
+/// What to follow.
+fn follow(namespaces: &[&str], functions: &[(&str, &str)]) -> pb::WatchRequest {
+    pb::WatchRequest {
+        namespaces: namespaces.iter().map(|ns| ns.to_string()).collect(),
+        functions: functions
+            .iter()
+            .map(|(namespace, function)| pb::WatchedFunction {
+                namespace: namespace.to_string(),
+                function: function.to_string(),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn kind(event: &pb::WatchEvent) -> pb::WatchEventKind {
+    pb::WatchEventKind::try_from(event.kind).expect("a known kind")
+}
+
+impl Watcher {
+    /// Starts watching and waits for the first event: a HEARTBEAT once the watcher is
+    /// subscribed (and caught up, when resuming), or a RESET first; every event published
+    /// after it returns reaches the stream.
+    async fn start(cm: &mut Cm, request: pb::WatchRequest) -> (Watcher, pb::WatchEvent) {
+        let events = cm.watch(request).await.expect("Watch starts").into_inner();
+        let mut watcher = Watcher { events, last: 0 };
+        let first = watcher.next().await;
+        (watcher, first)
+    }
+
+    /// Starts watching from now, and waits until it is subscribed.
+    async fn ready(cm: &mut Cm, request: pb::WatchRequest) -> Watcher {
+        let (watcher, first) = Watcher::start(cm, request).await;
+        assert_eq!(kind(&first), pb::WatchEventKind::WatchEventHeartbeat);
+        watcher
+    }
+
+    /// The next event of any kind, checking that positions never go down.
+    async fn next(&mut self) -> pb::WatchEvent {
+        let event = tokio::time::timeout(EVENT_TIMEOUT, self.events.message())
+            .await
+            .expect("an event within the timeout")
+            .expect("the stream is healthy")
+            .expect("the stream has not ended");
+        if kind(&event) != pb::WatchEventKind::WatchEventReset {
+            assert!(
+                event.position >= self.last,
+                "position went down: {} after {}",
+                event.position,
+                self.last
+            );
+        }
+        self.last = event.position;
+        event
+    }
+
+    /// The next invalidation or RESET, heartbeats skipped.
+    async fn next_change(&mut self) -> pb::WatchEvent {
+        loop {
+            let event = self.next().await;
+            if kind(&event) != pb::WatchEventKind::WatchEventHeartbeat {
+                return event;
+            }
+        }
+    }
+
+    /// The next invalidation, which must be of `scope` and `cause` over `namespace`,
+    /// `function` and `digest` (empty: not named) at `position`.
+    async fn expect(
+        &mut self,
+        what: &str,
+        scope: pb::InvalidationScope,
+        cause: pb::InvalidationCause,
+        names: (&str, &str, &str),
+        position: u64,
+    ) {
+        let event = self.next_change().await;
+        assert_eq!(
+            kind(&event),
+            pb::WatchEventKind::WatchEventInvalidation,
+            "{what}: {event:?}"
+        );
+        assert_eq!(event.scope, scope as i32, "{what}: {event:?}");
+        assert_eq!(event.cause, cause as i32, "{what}: {event:?}");
+        let key = event.key.clone().unwrap_or_default();
+        assert_eq!(
+            (key.namespace.as_str(), key.function.as_str(), key.digest.as_str()),
+            names,
+            "{what}: {event:?}"
+        );
+        assert_eq!(event.position, position, "{what}: the RPC's own position");
+    }
+}
+
+async fn bust(cm: &mut Cm, key: pb::Key) -> u64 {
+    cm.bust(pb::BustRequest { key: Some(key) })
+        .await
+        .expect("Bust")
+        .into_inner()
+        .position
+}
+
+async fn bust_function(cm: &mut Cm, namespace: &str, function: &str) -> u64 {
+    let request = pb::BustFunctionRequest {
+        namespace: namespace.into(),
+        function: function.into(),
+    };
+    cm.bust_function(request)
+        .await
+        .expect("BustFunction")
+        .into_inner()
+        .position
+}
+
+async fn bust_namespace(cm: &mut Cm, namespace: &str) -> u64 {
+    let request = pb::BustNamespaceRequest {
+        namespace: namespace.into(),
+    };
+    cm.bust_namespace(request)
+        .await
+        .expect("BustNamespace")
+        .into_inner()
+        .position
+}
+
+async fn write(cm: &mut Cm, key: pb::Key) -> u64 {
+    let reply = cm.put(put(key, b"v", 60)).await.expect("Put").into_inner();
+    assert!(!reply.refused);
+    reply.position
+}
+
+use pb::{InvalidationCause as Cause, InvalidationScope as Scope};
+
+/// Every bust scope and every kind of write reaches the watchers that follow it, with the
+/// position its RPC answered, in order; a watcher of another namespace hears only the bust
+/// of everything.
+async fn each_scope_reaches_its_watchers(backend: Backend) {
+    let (_store, server) = backend.start(&[]);
+    let mut cm = server.client().await;
+    let mut namespace = Watcher::ready(&mut cm, follow(&["wa"], &[])).await;
+    let mut function = Watcher::ready(&mut cm, follow(&[], &[("wa", "f")])).await;
+    let mut other = Watcher::ready(&mut cm, follow(&["wb"], &[])).await;
+
+    let digest = |n| common::digest(n);
+    let p = write(&mut cm, key("wa", "f", 1)).await;
+    for watcher in [&mut namespace, &mut function] {
+        let names = ("wa", "f", digest(1));
+        let names = (names.0, names.1, names.2.as_str());
+        watcher
+            .expect("Put", Scope::ScopeEntry, Cause::CausePut, names, p)
+            .await;
+    }
+    let p = bust(&mut cm, key("wa", "f", 1)).await;
+    for watcher in [&mut namespace, &mut function] {
+        let d = digest(1);
+        watcher
+            .expect(
+                "Bust",
+                Scope::ScopeEntry,
+                Cause::CauseBust,
+                ("wa", "f", &d),
+                p,
+            )
+            .await;
+    }
+    // Another function of the namespace: the namespace's watcher only.
+    let p = bust_function(&mut cm, "wa", "g").await;
+    namespace
+        .expect(
+            "BustFunction g",
+            Scope::ScopeFunction,
+            Cause::CauseBust,
+            ("wa", "g", ""),
+            p,
+        )
+        .await;
+    let p = bust_function(&mut cm, "wa", "f").await;
+    for watcher in [&mut namespace, &mut function] {
+        watcher
+            .expect(
+                "BustFunction f",
+                Scope::ScopeFunction,
+                Cause::CauseBust,
+                ("wa", "f", ""),
+                p,
+            )
+            .await;
+    }
+    let tagged = pb::PutRequest {
+        tags: vec!["user:7".into()],
+        ..put(key("wa", "g", 2), b"v", 60)
+    };
+    let p_tagged = cm.put(tagged).await.expect("tagged Put").into_inner().position;
+    let p = cm
+        .bust_tag(pb::BustTagRequest {
+            namespace: "wa".into(),
+            tag: "user:7".into(),
+        })
+        .await
+        .expect("BustTag")
+        .into_inner()
+        .position;
+    let d = digest(2);
+    namespace
+        .expect(
+            "tagged Put",
+            Scope::ScopeEntry,
+            Cause::CausePut,
+            ("wa", "g", &d),
+            p_tagged,
+        )
+        .await;
+    for watcher in [&mut namespace, &mut function] {
+        let event = watcher.next_change().await;
+        assert_eq!(event.scope, Scope::ScopeNamespace as i32, "{event:?}");
+        assert_eq!(event.cause, Cause::CauseTag as i32, "{event:?}");
+        assert_eq!(event.tag, "user:7");
+        assert_eq!(event.key.unwrap_or_default().namespace, "wa");
+        assert_eq!(event.position, p);
+    }
+    // A batch: one invalidation per entry, in order.
+    let batch = pb::PutManyRequest {
+        entries: vec![put(key("wa", "f", 3), b"v", 60), put(key("wa", "h", 4), b"v", 60)],
+    };
+    let last = cm
+        .put_many(batch)
+        .await
+        .expect("PutMany")
+        .into_inner()
+        .position;
+    let d3 = digest(3);
+    let d4 = digest(4);
+    namespace
+        .expect(
+            "PutMany 1",
+            Scope::ScopeEntry,
+            Cause::CausePut,
+            ("wa", "f", &d3),
+            last - 1,
+        )
+        .await;
+    namespace
+        .expect(
+            "PutMany 2",
+            Scope::ScopeEntry,
+            Cause::CausePut,
+            ("wa", "h", &d4),
+            last,
+        )
+        .await;
+    function
+        .expect(
+            "PutMany f",
+            Scope::ScopeEntry,
+            Cause::CausePut,
+            ("wa", "f", &d3),
+            last - 1,
+        )
+        .await;
+    // A Put under a lease that was stored is an overwrite like any other.
+    let leased = cm
+        .get(pb::GetRequest {
+            key: Some(key("wa", "f", 5)),
+            lease_ms: 5_000,
+            ..Default::default()
+        })
+        .await
+        .expect("leased Get")
+        .into_inner();
+    assert_eq!(leased.lease, pb::Lease::Won as i32);
+    let reply = cm
+        .put(pb::PutRequest {
+            lease_token: leased.lease_token,
+            ..put(key("wa", "f", 5), b"v", 60)
+        })
+        .await
+        .expect("leased Put")
+        .into_inner();
+    assert!(!reply.refused);
+    let d5 = digest(5);
+    for watcher in [&mut namespace, &mut function] {
+        watcher
+            .expect(
+                "leased Put",
+                Scope::ScopeEntry,
+                Cause::CausePut,
+                ("wa", "f", &d5),
+                reply.position,
+            )
+            .await;
+    }
+    let p = bust_namespace(&mut cm, "wa").await;
+    for watcher in [&mut namespace, &mut function] {
+        watcher
+            .expect(
+                "BustNamespace",
+                Scope::ScopeNamespace,
+                Cause::CauseBust,
+                ("wa", "", ""),
+                p,
+            )
+            .await;
+    }
+    let p = cm
+        .bust_all(pb::BustAllRequest {})
+        .await
+        .expect("BustAll")
+        .into_inner()
+        .position;
+    // The other namespace's watcher: everything above was published before this, in order,
+    // so its first invalidation being the bust of everything proves it heard none of them.
+    for watcher in [&mut namespace, &mut function, &mut other] {
+        watcher
+            .expect("BustAll", Scope::ScopeAll, Cause::CauseBust, ("", "", ""), p)
+            .await;
+    }
+}
+
+/// A Get answers the position the server had read before its lookup: at least that of an
+/// invalidation a watcher of the same server has already received.
+async fn get_carries_the_position_before_its_lookup(backend: Backend) {
+    let (_store, server) = backend.start(&[]);
+    let mut cm = server.client().await;
+    let mut watcher = Watcher::ready(&mut cm, follow(&["pos"], &[])).await;
+    let written = write(&mut cm, key("pos", "f", 1)).await;
+    watcher.next_change().await;
+    let answer = cm
+        .get(pb::GetRequest {
+            key: Some(key("pos", "f", 1)),
+            ..Default::default()
+        })
+        .await
+        .expect("Get")
+        .into_inner();
+    assert!(answer.hit);
+    assert!(
+        answer.position >= written,
+        "Get position {} below the write's {written}",
+        answer.position
+    );
+    let busted = bust(&mut cm, key("pos", "f", 1)).await;
+    assert!(busted > answer.position, "a later bust is numbered above");
+    let batch = cm
+        .get_many(pb::GetManyRequest {
+            keys: vec![key("pos", "f", 1)],
+        })
+        .await
+        .expect("GetMany")
+        .into_inner();
+    assert!(batch.results[0].position >= written);
+}
+
+/// A watcher resuming after a position gets what was published since, in order, then a
+/// heartbeat; one resuming from a position past the end gets a RESET.
+async fn resume_replays_what_came_after(backend: Backend) {
+    let (_store, server) = backend.start(&[]);
+    let mut cm = server.client().await;
+    let first = bust(&mut cm, key("rs", "f", 1)).await;
+    let second = bust(&mut cm, key("rs", "f", 2)).await;
+    bust(&mut cm, key("other", "f", 3)).await;
+    let third = bust_function(&mut cm, "rs", "g").await;
+    let (mut watcher, event) = Watcher::start(
+        &mut cm,
+        pb::WatchRequest {
+            after: first,
+            ..follow(&["rs"], &[])
+        },
+    )
+    .await;
+    assert_eq!(kind(&event), pb::WatchEventKind::WatchEventInvalidation);
+    assert_eq!(event.position, second, "{event:?}");
+    let event = watcher.next().await;
+    assert_eq!(event.position, third, "the other namespace's is skipped");
+    let event = watcher.next().await;
+    assert_eq!(kind(&event), pb::WatchEventKind::WatchEventHeartbeat);
+    assert_eq!(event.position, third);
+
+    let (_, event) = Watcher::start(
+        &mut cm,
+        pb::WatchRequest {
+            after: third + 1000,
+            ..follow(&["rs"], &[])
+        },
+    )
+    .await;
+    assert_eq!(kind(&event), pb::WatchEventKind::WatchEventReset, "{event:?}");
+    assert_eq!(event.position, third);
+}
+
+/// A watcher resuming from a position the store has trimmed gets a RESET first, then what
+/// the store still keeps.
+async fn resume_from_a_trimmed_position_resets(backend: Backend) {
+    let (_store, server) = backend.start(&["--watch-stream-len", "5"]);
+    let mut cm = server.client().await;
+    let first = bust(&mut cm, key("tr", "f", 0)).await;
+    // Redis trims `MAXLEN ~` whole stream nodes (100 entries) at a time: write a few.
+    let entries = (1..=350).map(|n| put(key("tr", "f", n), b"v", 60)).collect();
+    let last = cm
+        .put_many(pb::PutManyRequest { entries })
+        .await
+        .expect("PutMany")
+        .into_inner()
+        .position;
+    let (mut watcher, event) = Watcher::start(
+        &mut cm,
+        pb::WatchRequest {
+            after: first,
+            ..follow(&["tr"], &[])
+        },
+    )
+    .await;
+    assert_eq!(kind(&event), pb::WatchEventKind::WatchEventReset, "{event:?}");
+    assert!(event.position > first && event.position < last, "{event:?}");
+    // Then the kept ones, up to the last.
+    loop {
+        let event = watcher.next().await;
+        if kind(&event) == pb::WatchEventKind::WatchEventHeartbeat {
+            assert_eq!(event.position, last);
+            break;
+        }
+        assert_eq!(kind(&event), pb::WatchEventKind::WatchEventInvalidation);
+    }
+}
+
+/// An idle stream carries heartbeats at the configured interval, positions unchanged.
+async fn idle_streams_carry_heartbeats(backend: Backend) {
+    let (_store, server) = backend.start(&["--watch-heartbeat-ms", "100"]);
+    let mut cm = server.client().await;
+    let position = bust(&mut cm, key("hb", "f", 1)).await;
+    let mut watcher = Watcher::ready(&mut cm, follow(&["hb"], &[])).await;
+    let started = Instant::now();
+    for _ in 0..5 {
+        let event = watcher.next().await;
+        assert_eq!(kind(&event), pb::WatchEventKind::WatchEventHeartbeat);
+        assert!(event.position >= position);
+    }
+    // Five at 100 ms, far below the 1 s default: the flag is used.
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+}
+
+/// Watch refuses a request that follows nothing, and bad names.
+async fn watch_validates_its_request(backend: Backend) {
+    let (_store, server) = backend.start(&[]);
+    let mut cm = server.client().await;
+    for request in [
+        follow(&[], &[]),
+        follow(&["bad name"], &[]),
+        follow(&[], &[("ns", "")]),
+    ] {
+        let err = cm.watch(request.clone()).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{request:?}: {err}");
+    }
+}
+
+/// Expands each behaviour into one test per store.
+macro_rules! suite {
+    ($($behaviour:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    super::$behaviour(super::Backend::Memory).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    super::$behaviour(super::Backend::Redis).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    super::$behaviour(super::Backend::Cluster).await
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    each_scope_reaches_its_watchers,
+    get_carries_the_position_before_its_lookup,
+    resume_replays_what_came_after,
+    resume_from_a_trimmed_position_resets,
+    idle_streams_carry_heartbeats,
+    watch_validates_its_request,
+);
+
+/// The `q` quantile of sorted `samples`.
+fn quantile(samples: &[Duration], q: f64) -> Duration {
+    let index = ((samples.len() as f64 - 1.0) * q).round() as usize;
+    samples[index]
+}
+
+/// The mean of a Prometheus histogram's series for `command`, from a scrape of `text`.
+fn mean_command_seconds(text: &str, command: &str) -> Option<f64> {
+    let value = |suffix: &str| -> Option<f64> {
+        let prefix =
+            format!("cache_money_store_command_duration_seconds_{suffix}{{command=\"{command}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|value| value.trim().parse().ok())
+    };
+    Some(value("sum")? / value("count")?)
+}
+
+/// Busts through replica 2 reach a watcher on replica 1 (fan-out through the shared store):
+/// every one of `BUSTS`, in order, with the latency from the bust RPC returning to the event
+/// arriving printed (p50, p99) and bounded generously; replica 2's own timing of its XADDs
+/// beside its SETs is the publish cost.
+async fn fan_out(backend: Backend) {
+    const BUSTS: u64 = 200;
+    let (_store, args) = backend.store();
+    let one = server(&args, &[]);
+    let two = server(&args, &["--metrics-listen", "127.0.0.1:0"]);
+    let mut watching = one.client().await;
+    let mut busting = two.client().await;
+    let mut watcher = Watcher::ready(&mut watching, follow(&["fan"], &[])).await;
+    let (mut latencies, mut round_trips) = (Vec::new(), Vec::new());
+    for n in 0..BUSTS {
+        write(&mut busting, key("fan", "f", n)).await;
+        watcher.next_change().await;
+        let sent = Instant::now();
+        let position = bust(&mut busting, key("fan", "f", n)).await;
+        let returned = Instant::now();
+        let event = watcher.next_change().await;
+        latencies.push(returned.elapsed());
+        round_trips.push(sent.elapsed());
+        assert_eq!(event.position, position, "the bust's own event, in order");
+        assert_eq!(event.scope, Scope::ScopeEntry as i32);
+        assert_eq!(event.key.unwrap_or_default().digest, common::digest(n));
+    }
+    latencies.sort();
+    round_trips.sort();
+    let (p50, p99) = (quantile(&latencies, 0.5), quantile(&latencies, 0.99));
+    let scrape = common::http_get(two.metrics_addr(), "/metrics", &[]);
+    let xadd = mean_command_seconds(&scrape.body, "XADD").expect("XADD timed");
+    let set = mean_command_seconds(&scrape.body, "SET").expect("SET timed");
+    eprintln!(
+        "watch fan-out over {backend:?}: bust returned on replica 2 -> event on replica 1's watcher: p50 {p50:?}, p99 {p99:?}, max {:?}; bust sent -> event: p50 {:?}, p99 {:?} ({BUSTS} busts); replica 2's mean XADD {:.0} us beside its mean SET {:.0} us",
+        latencies[latencies.len() - 1],
+        quantile(&round_trips, 0.5),
+        quantile(&round_trips, 0.99),
+        xadd * 1e6,
+        set * 1e6,
+    );
+    assert!(p99 < Duration::from_secs(1), "p99 {p99:?}");
+}
+
+/// A watcher whose replica is killed sees its stream fail, reconnects to another replica
+/// with its last position, and receives what was published meanwhile; a replica shut down
+/// with SIGTERM ends its streams at once with UNAVAILABLE rather than holding the drain.
+async fn resume_on_another_replica(backend: Backend) {
+    let (_store, args) = backend.store();
+    let mut one = server(&args, &[]);
+    let two = server(&args, &["--drain-timeout-ms", "30000"]);
+    let mut cm_one = one.client().await;
+    let mut cm_two = two.client().await;
+    let mut watcher = Watcher::ready(&mut cm_one, follow(&["rr"], &[])).await;
+    let seen = bust(&mut cm_two, key("rr", "f", 1)).await;
+    assert_eq!(watcher.next_change().await.position, seen);
+    let last = watcher.last;
+
+    one.kill();
+    let ended = tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            match watcher.events.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends when its replica dies");
+    assert!(ended.is_some(), "a killed replica's stream ends in an error");
+
+    let missed = [
+        bust(&mut cm_two, key("rr", "f", 2)).await,
+        bust_function(&mut cm_two, "rr", "g").await,
+    ];
+    let (mut resumed, first) = Watcher::start(
+        &mut cm_two,
+        pb::WatchRequest {
+            after: last,
+            ..follow(&["rr"], &[])
+        },
+    )
+    .await;
+    assert_eq!(first.position, missed[0], "{first:?}");
+    assert_eq!(resumed.next().await.position, missed[1]);
+    assert_eq!(
+        kind(&resumed.next().await),
+        pb::WatchEventKind::WatchEventHeartbeat
+    );
+
+    // SIGTERM: the stream ends with UNAVAILABLE long before the 30 s drain timeout.
+    let started = Instant::now();
+    two.terminate();
+    let status = tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            match resumed.events.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends at shutdown");
+    assert_eq!(status.code(), Code::Unavailable, "{status}");
+    assert!(status.message().contains("after="), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+mod replicas {
+    use super::Backend;
+
+    #[tokio::test]
+    async fn redis_fan_out() {
+        super::fan_out(Backend::Redis).await
+    }
+
+    #[tokio::test]
+    async fn cluster_fan_out() {
+        super::fan_out(Backend::Cluster).await
+    }
+
+    #[tokio::test]
+    async fn redis_resume_on_another_replica() {
+        super::resume_on_another_replica(Backend::Redis).await
+    }
+
+    #[tokio::test]
+    async fn cluster_resume_on_another_replica() {
+        super::resume_on_another_replica(Backend::Cluster).await
+    }
+}
