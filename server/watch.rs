@@ -550,7 +550,7 @@ impl Hub {
         let mut retry = Duration::from_millis(50);
         let start = async {
             loop {
-                match store.invalidation_tail().await {
+                match store.reader_tail().await {
                     Ok(tail) => return tail,
                     Err(err) => {
                         warn!(cause = %err, "watch: cannot read the invalidation stream's end; retrying");
@@ -586,7 +586,7 @@ impl Hub {
                     if batch.is_empty() {
                         // Nothing after `last`: normal when idle, but also what a sequence
                         // restarted below `last` (its key deleted) looks like.
-                        if let Ok(tail) = store.invalidation_tail().await
+                        if let Ok(tail) = store.reader_tail().await
                             && tail < last
                         {
                             warn!(

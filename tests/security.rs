@@ -46,9 +46,10 @@ enum Rpc {
     PutMany,
     Keys,
     Stats,
+    Watch,
 }
 
-const RPCS: [Rpc; 11] = [
+const RPCS: [Rpc; 12] = [
     Rpc::Get,
     Rpc::Put,
     Rpc::Bust,
@@ -60,6 +61,7 @@ const RPCS: [Rpc; 11] = [
     Rpc::PutMany,
     Rpc::Keys,
     Rpc::Stats,
+    Rpc::Watch,
 ];
 
 fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
@@ -153,6 +155,16 @@ async fn call(
             .stats(with_token(pb::StatsRequest {}, token))
             .await
             .map(drop),
+        Rpc::Watch => {
+            let request = pb::WatchRequest {
+                functions: vec![pb::WatchedFunction {
+                    namespace: ns(),
+                    function: "f".into(),
+                }],
+                ..Default::default()
+            };
+            cm.watch(with_token(request, token)).await.map(drop)
+        }
     }
 }
 
@@ -209,9 +221,29 @@ async fn read_write_and_admin_are_separate_rights() {
     let server = secured(&[]);
     let mut cm = server.client().await;
     call(&mut cm, Rpc::Put, Some(BILLING)).await.unwrap();
-    for rpc in [Rpc::Get, Rpc::GetMany] {
+    for rpc in [Rpc::Get, Rpc::GetMany, Rpc::Watch] {
         call(&mut cm, rpc, Some(READER)).await.unwrap();
     }
+    // Following every namespace is an admin's right, whatever a token may read.
+    let everything = || pb::WatchRequest {
+        all_namespaces: true,
+        ..Default::default()
+    };
+    let err = cm
+        .watch(with_token(everything(), Some(READER)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    cm.watch(with_token(everything(), Some(OPS)))
+        .await
+        .expect("an admin follows everything");
+    // A watch naming a namespace the token cannot read is refused whole.
+    let mixed = pb::WatchRequest {
+        namespaces: vec!["billing".into(), "shipping".into()],
+        ..Default::default()
+    };
+    let err = cm.watch(with_token(mixed, Some(READER))).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     for rpc in [
         Rpc::Put,
         Rpc::PutMany,

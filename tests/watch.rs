@@ -167,7 +167,11 @@ impl Watcher {
         assert_eq!(event.cause, cause as i32, "{what}: {event:?}");
         let key = event.key.clone().unwrap_or_default();
         assert_eq!(
-            (key.namespace.as_str(), key.function.as_str(), key.digest.as_str()),
+            (
+                key.namespace.as_str(),
+                key.function.as_str(),
+                key.digest.as_str()
+            ),
             names,
             "{what}: {event:?}"
         );
@@ -273,7 +277,12 @@ async fn each_scope_reaches_its_watchers(backend: Backend) {
         tags: vec!["user:7".into()],
         ..put(key("wa", "g", 2), b"v", 60)
     };
-    let p_tagged = cm.put(tagged).await.expect("tagged Put").into_inner().position;
+    let p_tagged = cm
+        .put(tagged)
+        .await
+        .expect("tagged Put")
+        .into_inner()
+        .position;
     let p = cm
         .bust_tag(pb::BustTagRequest {
             namespace: "wa".into(),
@@ -303,7 +312,10 @@ async fn each_scope_reaches_its_watchers(backend: Backend) {
     }
     // A batch: one invalidation per entry, in order.
     let batch = pb::PutManyRequest {
-        entries: vec![put(key("wa", "f", 3), b"v", 60), put(key("wa", "h", 4), b"v", 60)],
+        entries: vec![
+            put(key("wa", "f", 3), b"v", 60),
+            put(key("wa", "h", 4), b"v", 60),
+        ],
     };
     let last = cm
         .put_many(batch)
@@ -394,7 +406,13 @@ async fn each_scope_reaches_its_watchers(backend: Backend) {
     // so its first invalidation being the bust of everything proves it heard none of them.
     for watcher in [&mut namespace, &mut function, &mut other] {
         watcher
-            .expect("BustAll", Scope::ScopeAll, Cause::CauseBust, ("", "", ""), p)
+            .expect(
+                "BustAll",
+                Scope::ScopeAll,
+                Cause::CauseBust,
+                ("", "", ""),
+                p,
+            )
             .await;
     }
 }
@@ -466,7 +484,11 @@ async fn resume_replays_what_came_after(backend: Backend) {
         },
     )
     .await;
-    assert_eq!(kind(&event), pb::WatchEventKind::WatchEventReset, "{event:?}");
+    assert_eq!(
+        kind(&event),
+        pb::WatchEventKind::WatchEventReset,
+        "{event:?}"
+    );
     assert_eq!(event.position, third);
 }
 
@@ -477,7 +499,9 @@ async fn resume_from_a_trimmed_position_resets(backend: Backend) {
     let mut cm = server.client().await;
     let first = bust(&mut cm, key("tr", "f", 0)).await;
     // Redis trims `MAXLEN ~` whole stream nodes (100 entries) at a time: write a few.
-    let entries = (1..=350).map(|n| put(key("tr", "f", n), b"v", 60)).collect();
+    let entries = (1..=350)
+        .map(|n| put(key("tr", "f", n), b"v", 60))
+        .collect();
     let last = cm
         .put_many(pb::PutManyRequest { entries })
         .await
@@ -492,7 +516,11 @@ async fn resume_from_a_trimmed_position_resets(backend: Backend) {
         },
     )
     .await;
-    assert_eq!(kind(&event), pb::WatchEventKind::WatchEventReset, "{event:?}");
+    assert_eq!(
+        kind(&event),
+        pb::WatchEventKind::WatchEventReset,
+        "{event:?}"
+    );
     assert!(event.position > first && event.position < last, "{event:?}");
     // Then the kept ones, up to the last.
     loop {
@@ -509,8 +537,9 @@ async fn resume_from_a_trimmed_position_resets(backend: Backend) {
 async fn idle_streams_carry_heartbeats(backend: Backend) {
     let (_store, server) = backend.start(&["--watch-heartbeat-ms", "100"]);
     let mut cm = server.client().await;
-    let position = bust(&mut cm, key("hb", "f", 1)).await;
     let mut watcher = Watcher::ready(&mut cm, follow(&["hb"], &[])).await;
+    let position = bust(&mut cm, key("hb", "f", 1)).await;
+    assert_eq!(watcher.next_change().await.position, position);
     let started = Instant::now();
     for _ in 0..5 {
         let event = watcher.next().await;
@@ -518,7 +547,11 @@ async fn idle_streams_carry_heartbeats(backend: Backend) {
         assert!(event.position >= position);
     }
     // Five at 100 ms, far below the 1 s default: the flag is used.
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// Watch refuses a request that follows nothing, and bad names.
@@ -583,8 +616,9 @@ fn quantile(samples: &[Duration], q: f64) -> Duration {
 /// The mean of a Prometheus histogram's series for `command`, from a scrape of `text`.
 fn mean_command_seconds(text: &str, command: &str) -> Option<f64> {
     let value = |suffix: &str| -> Option<f64> {
-        let prefix =
-            format!("cache_money_store_command_duration_seconds_{suffix}{{command=\"{command}\"}} ");
+        let prefix = format!(
+            "cache_money_store_command_duration_seconds_{suffix}{{command=\"{command}\"}} "
+        );
         text.lines()
             .find_map(|line| line.strip_prefix(&prefix))
             .and_then(|value| value.trim().parse().ok())
@@ -661,7 +695,10 @@ async fn resume_on_another_replica(backend: Backend) {
     })
     .await
     .expect("the stream ends when its replica dies");
-    assert!(ended.is_some(), "a killed replica's stream ends in an error");
+    assert!(
+        ended.is_some(),
+        "a killed replica's stream ends in an error"
+    );
 
     let missed = [
         bust(&mut cm_two, key("rr", "f", 2)).await,

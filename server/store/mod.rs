@@ -361,6 +361,12 @@ pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
     /// The last position of the invalidation sequence (0 when it is empty or absent).
     fn invalidation_tail(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
+    /// [`Store::invalidation_tail`] for the process's one reader: on its own connection and
+    /// outside the in-flight limit, so background reads never take a request's permit.
+    fn reader_tail(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        self.invalidation_tail()
+    }
+
     /// Its connections and load right now, for `/metrics`; never waits on the store.
     fn state(&self) -> StoreState;
 }

@@ -615,6 +615,42 @@ impl RedisStore {
         }
     }
 
+    /// Runs `cmd` on the invalidation reader's own connection (opened when there is none,
+    /// dropped when a command on it fails), within `bound`, outside the in-flight limit.
+    async fn on_reader<T: redis::FromRedisValue>(
+        &self,
+        bound: Duration,
+        cmd: redis::Cmd,
+    ) -> Result<T, StoreError> {
+        let mut reader = self.watch_reader.lock().await;
+        let connection = match reader.as_mut() {
+            Some(connection) => connection,
+            None => {
+                // The config bounds the connect (--connect-timeout-ms).
+                let connection = self
+                    .client
+                    .get_multiplexed_async_connection_with_config(&self.config)
+                    .await
+                    .map_err(classify)?;
+                reader.insert(connection)
+            }
+        };
+        match tokio::time::timeout(bound, cmd.query_async(connection)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(err)) => {
+                *reader = None;
+                Err(classify(err))
+            }
+            Err(_) => {
+                *reader = None;
+                Err(StoreError::Timeout {
+                    op: "XREAD",
+                    after: bound,
+                })
+            }
+        }
+    }
+
     /// Writes the tag indexes of the tagged `entries`, before the entries themselves (see
     /// [`tags`]); nothing when none is tagged.
     async fn write_tag_indexes(&self, entries: &[NewEntry]) -> Result<(), StoreError> {
@@ -961,33 +997,9 @@ impl Store for RedisStore {
                 .await?;
             return Ok(read_reply(reply));
         };
-        let mut reader = self.watch_reader.lock().await;
-        let connection = match reader.as_mut() {
-            Some(connection) => connection,
-            None => {
-                // The config bounds the connect (--connect-timeout-ms).
-                let connection = self
-                    .client
-                    .get_multiplexed_async_connection_with_config(&self.config)
-                    .await
-                    .map_err(classify)?;
-                reader.insert(connection)
-            }
-        };
-        match tokio::time::timeout(block + self.timeout, cmd.query_async(connection)).await {
-            Ok(Ok(reply)) => Ok(read_reply(reply)),
-            Ok(Err(err)) => {
-                *reader = None;
-                Err(classify(err))
-            }
-            Err(_) => {
-                *reader = None;
-                Err(StoreError::Timeout {
-                    op: "XREAD",
-                    after: block + self.timeout,
-                })
-            }
-        }
+        self.on_reader(block + self.timeout, cmd)
+            .await
+            .map(read_reply)
     }
 
     async fn invalidation_tail(&self) -> Result<u64, StoreError> {

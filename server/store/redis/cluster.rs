@@ -470,6 +470,31 @@ impl ClusterStore {
         self
     }
 
+    /// Runs `cmd` on the invalidation reader's own connections within `bound`, outside the
+    /// in-flight limit; a failure or a silent node has them made anew (the slot map read
+    /// again), as a failover of the stream's primary needs.
+    async fn on_reader<T: FromRedisValue>(
+        &self,
+        bound: Duration,
+        cmd: Cmd,
+    ) -> Result<T, StoreError> {
+        let mut connection = self.watch_reader.get();
+        match tokio::time::timeout(bound, cmd.query_async(&mut connection)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(err)) => {
+                self.watch_reader.renew();
+                Err(classify(err))
+            }
+            Err(_) => {
+                self.watch_reader.renew();
+                Err(StoreError::Timeout {
+                    op: "XREAD",
+                    after: bound,
+                })
+            }
+        }
+    }
+
     fn timed_out(&self, op: &'static str) -> StoreError {
         StoreError::Timeout {
             op,
@@ -1241,23 +1266,9 @@ impl Store for ClusterStore {
         let Some(block) = block else {
             return Ok(read_reply(self.one("XREAD", cmd).await?));
         };
-        let mut connection = self.watch_reader.get();
-        let bound = block + self.gate.timeout;
-        match tokio::time::timeout(bound, cmd.query_async(&mut connection)).await {
-            Ok(Ok(reply)) => Ok(read_reply(reply)),
-            Ok(Err(err)) => {
-                self.watch_reader.renew();
-                Err(classify(err))
-            }
-            Err(_) => {
-                // The stream's node went silent: read the slot map anew.
-                self.watch_reader.renew();
-                Err(StoreError::Timeout {
-                    op: "XREAD",
-                    after: bound,
-                })
-            }
-        }
+        self.on_reader(block + self.gate.timeout, cmd)
+            .await
+            .map(read_reply)
     }
 
     async fn invalidation_tail(&self) -> Result<u64, StoreError> {
@@ -1265,6 +1276,11 @@ impl Store for ClusterStore {
             .one("XREVRANGE", xrevrange_last(&self.invalidations))
             .await?;
         Ok(tail_reply(reply))
+    }
+
+    async fn reader_tail(&self) -> Result<u64, StoreError> {
+        let cmd = xrevrange_last(&self.invalidations);
+        self.on_reader(self.gate.timeout, cmd).await.map(tail_reply)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
