@@ -210,6 +210,37 @@ impl<S: Store> CacheService<S> {
         }
     }
 
+    /// A write or bust that failed with `err`: its invalidations are still published when
+    /// the store was asked at all (a timed-out write may have landed, a bust that failed
+    /// halfway removed some entries; a needless invalidation costs a near cache a miss, a
+    /// missing one a stale value). Best effort and in the background, so a store that is
+    /// timing out does not make the failure take twice as long; then the failure is reported
+    /// as usual.
+    fn change_failed(
+        &self,
+        rpc: &'static str,
+        context: &tonic::Extensions,
+        err: StoreError,
+        invalidations: Vec<Invalidation>,
+    ) -> Status {
+        if !matches!(err, StoreError::Overloaded { .. }) {
+            let (store, hub) = (self.store.clone(), self.hub.clone());
+            let request_id = request_id(context).to_owned();
+            tokio::spawn(async move {
+                match store.publish(&invalidations).await {
+                    Ok(_) => hub.published(&invalidations),
+                    Err(cause) => warn!(
+                        rpc,
+                        request_id,
+                        cause = %cause,
+                        "the invalidation of a failed change was not published"
+                    ),
+                }
+            });
+        }
+        self.failed(rpc, context, err)
+    }
+
     /// Publishes `invalidations` before the RPC that made them answers; the last one's
     /// position. A failure fails the RPC: its change was made, but a watcher would not hear
     /// of it, and the caller must know (retrying a write or a bust is harmless).
@@ -477,11 +508,13 @@ impl<S: Store> CacheService<S> {
         context: &tonic::Extensions,
         scope: Scope<'_>,
     ) -> Result<Response<pb::BustResponse>, Status> {
-        let removed = self
-            .store
-            .bust(scope)
-            .await
-            .map_err(|err| self.failed(rpc, context, err))?;
+        let removed = match self.store.bust(scope).await {
+            Ok(removed) => removed,
+            Err(err) => {
+                let invalidation = Invalidation::bust(scope);
+                return Err(self.change_failed(rpc, context, err, vec![invalidation]));
+            }
+        };
         // Published even when nothing was removed: a near cache may still hold what the
         // store has evicted.
         let position = self
@@ -544,12 +577,17 @@ impl<S: Store> CacheMoney for CacheService<S> {
         let entry = self.new_entry(request, "")?;
         record_namespace(entry.key.namespace());
         self.allow(&context, Access::Write(entry.key.namespace()))?;
-        let stored = if token == 0 {
+        let stored = match if token == 0 {
             self.store.put(&entry).await.map(|()| true)
         } else {
             self.store.put_leased(&entry, token).await
-        }
-        .map_err(|err| self.failed("Put", &context, err))?;
+        } {
+            Ok(stored) => stored,
+            Err(err) => {
+                let invalidation = Invalidation::put(&entry.key);
+                return Err(self.change_failed("Put", &context, err, vec![invalidation]));
+            }
+        };
         if !stored {
             self.counters.stale_writes_refused.fetch_add(1, Relaxed);
             self.metrics.lease(LeaseEvent::Refused);
@@ -645,11 +683,13 @@ impl<S: Store> CacheMoney for CacheService<S> {
         check_tag("tag", &request.tag, self.limits.max_tag_bytes).map_err(invalid)?;
         record_namespace(&request.namespace);
         self.allow(&context, Access::Write(&request.namespace))?;
-        let removed = self
-            .store
-            .bust_tag(&request.namespace, &request.tag)
-            .await
-            .map_err(|err| self.failed("BustTag", &context, err))?;
+        let removed = match self.store.bust_tag(&request.namespace, &request.tag).await {
+            Ok(removed) => removed,
+            Err(err) => {
+                let invalidation = Invalidation::tag(&request.namespace, &request.tag);
+                return Err(self.change_failed("BustTag", &context, err, vec![invalidation]));
+            }
+        };
         let position = self
             .publish(
                 "BustTag",
@@ -744,14 +784,13 @@ impl<S: Store> CacheMoney for CacheService<S> {
             self.allow(&context, Access::Write(entry.key.namespace()))?;
         }
         let stored = entries.len() as u64;
-        self.store
-            .put_many(&entries)
-            .await
-            .map_err(|err| self.failed("PutMany", &context, err))?;
         let invalidations: Vec<Invalidation> = entries
             .iter()
             .map(|entry| Invalidation::put(&entry.key))
             .collect();
+        if let Err(err) = self.store.put_many(&entries).await {
+            return Err(self.change_failed("PutMany", &context, err, invalidations));
+        }
         let position = self.publish("PutMany", &context, &invalidations).await?;
         self.counters.puts.fetch_add(stored, Relaxed);
         self.metrics.written(

@@ -71,12 +71,16 @@ impl Env {
         self.scan(&format!("{}*:#tag:*", self.prefix)).await
     }
 
-    /// Every key under the server's prefix (the whole database on a single Redis).
+    /// Every key under the server's prefix (the whole database on a single Redis), the
+    /// invalidation stream left out.
+    /// The invalidation stream is not counted: every write and bust appends to it.
     async fn stored_keys(&self) -> BTreeSet<String> {
-        match self.keyspace().expect("a Redis behind the server") {
+        let mut keys = match self.keyspace().expect("a Redis behind the server") {
             Keyspace::Redis(_) => self.scan("*").await,
             Keyspace::Cluster(_) => self.scan(&format!("{}*", self.prefix)).await,
-        }
+        };
+        keys.retain(|key| !common::is_invalidation_stream(key.as_bytes()));
+        keys
     }
 
     /// A connection to the node holding `key` (the one Redis, or the primary of its slot).

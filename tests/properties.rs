@@ -102,9 +102,10 @@ impl Store {
         [self.prefix.as_bytes(), rest].concat()
     }
 
-    /// Every key in Redis (one Redis) or under the prefix (the shared cluster).
+    /// Every key in Redis (one Redis) or under the prefix (the shared cluster), the
+    /// invalidation stream left out (every write and bust appends to it).
     async fn keys(&self) -> BTreeSet<Vec<u8>> {
-        match &self.keyspace {
+        let mut keys: BTreeSet<Vec<u8>> = match &self.keyspace {
             Keyspace::Redis(redis, _) => redis
                 .scan_match("*")
                 .await
@@ -112,16 +113,15 @@ impl Store {
                 .map(String::into_bytes)
                 .collect(),
             Keyspace::Cluster(cluster, _) => cluster.scan_match(&format!("{}*", self.prefix)).await,
-        }
+        };
+        keys.retain(|key| !common::is_invalidation_stream(key));
+        keys
     }
 
     /// How many keys `keys` would list, counted by Redis on one Redis.
     async fn size(&self) -> u64 {
         match &self.keyspace {
-            Keyspace::Redis(_, connection) => redis::cmd("DBSIZE")
-                .query_async(&mut connection.clone())
-                .await
-                .unwrap(),
+            Keyspace::Redis(redis, _) => redis.dbsize().await,
             Keyspace::Cluster(..) => self.keys().await.len() as u64,
         }
     }

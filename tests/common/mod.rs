@@ -15,6 +15,16 @@ use std::{
 use cache_money::pb::{self, cache_money_client::CacheMoneyClient};
 use tonic::transport::Channel;
 
+/// A `SCAN MATCH` pattern of the servers' invalidation streams (`{prefix}#invalidations`),
+/// which tests that count a store's keys leave out.
+pub const INVALIDATION_STREAMS: &str = "*#invalidations";
+
+/// Whether `key` is a server's invalidation stream (`{prefix}#invalidations`), not an entry
+/// or an index.
+pub fn is_invalidation_stream(key: &[u8]) -> bool {
+    key.ends_with(b"#invalidations")
+}
+
 /// How long any process gets to become ready before the test fails.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -221,12 +231,14 @@ impl RedisServer {
             .expect("connect to test redis")
     }
 
-    /// Number of keys in the database.
+    /// Number of keys in the database, invalidation streams not counted (every write and
+    /// bust appends to its prefix's `…#invalidations`; see [`is_invalidation_stream`]).
     pub async fn dbsize(&self) -> u64 {
-        redis::cmd("DBSIZE")
+        let size: u64 = redis::cmd("DBSIZE")
             .query_async(&mut self.connect().await)
             .await
-            .expect("DBSIZE")
+            .expect("DBSIZE");
+        size - self.scan_match(INVALIDATION_STREAMS).await.len() as u64
     }
 
     /// The keys Redis's own `SCAN MATCH pattern` finds, walking the whole keyspace.
