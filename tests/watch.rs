@@ -761,3 +761,61 @@ mod replicas {
         super::resume_on_another_replica(Backend::Cluster).await
     }
 }
+
+/// A watcher that stops reading falls behind the server's buffer and, once it reads again,
+/// gets a RESET (never a silent gap) followed by newer events; `Stats` counts the watcher,
+/// what was published and the reset.
+#[tokio::test]
+async fn a_watcher_that_falls_behind_gets_a_reset() {
+    // Far more events than HTTP/2 flow control lets the server push ahead into the
+    // connection's windows, so the server's own buffer (16) overflows.
+    const BATCHES: u64 = 60;
+    const BATCH: u64 = 1000;
+    let server = CacheServer::memory(&["--watch-buffer", "16"]);
+    let mut cm = server.client().await;
+    let mut watcher = Watcher::ready(&mut cm, follow(&["slow"], &[])).await;
+    let stats = cm.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.watchers, 1);
+    let mut last = 0;
+    for batch in 0..BATCHES {
+        let entries = (0..BATCH)
+            .map(|n| put(key("slow", "f", batch * BATCH + n), b"v", 60))
+            .collect();
+        last = cm
+            .put_many(pb::PutManyRequest { entries })
+            .await
+            .expect("PutMany")
+            .into_inner()
+            .position;
+    }
+    let mut reset = None;
+    loop {
+        let event = watcher.next().await;
+        if kind(&event) == pb::WatchEventKind::WatchEventReset && reset.is_none() {
+            reset = Some(event.position);
+        }
+        if event.position >= last {
+            break;
+        }
+    }
+    let reset = reset.expect("a RESET before the watcher caught up");
+    assert!(reset < last, "events newer than the reset follow it");
+    let stats = cm.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.invalidations_published, BATCHES * BATCH);
+    assert!(stats.watch_resets >= 1, "{stats:?}");
+    assert!(stats.watch_events_delivered < BATCHES * BATCH, "{stats:?}");
+    drop(watcher);
+    let gone = common::eventually(EVENT_TIMEOUT, || {
+        let mut cm = cm.clone();
+        async move {
+            cm.stats(pb::StatsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .watchers
+                == 0
+        }
+    })
+    .await;
+    assert!(gone, "a closed stream still counted as a watcher");
+}
