@@ -250,7 +250,21 @@ impl<S: Store> CacheService<S> {
         context: &tonic::Extensions,
         invalidations: &[Invalidation],
     ) -> Result<u64, Status> {
-        let position = self.store.publish(invalidations).await.map_err(|err| {
+        let published = self.store.publish(invalidations).await;
+        self.published(rpc, context, invalidations, published)
+    }
+
+    /// What publishing `invalidations` after their change came to: the position, or a
+    /// failure of the RPC (its change was made, but a watcher would not hear of it, and the
+    /// caller must know; retrying a write or a bust is harmless).
+    fn published(
+        &self,
+        rpc: &'static str,
+        context: &tonic::Extensions,
+        invalidations: &[Invalidation],
+        published: Result<u64, StoreError>,
+    ) -> Result<u64, Status> {
+        let position = published.map_err(|err| {
             let status = self.failed(rpc, context, err);
             Status::new(
                 status.code(),
@@ -508,18 +522,16 @@ impl<S: Store> CacheService<S> {
         context: &tonic::Extensions,
         scope: Scope<'_>,
     ) -> Result<Response<pb::BustResponse>, Status> {
-        let removed = match self.store.bust(scope).await {
-            Ok(removed) => removed,
+        let invalidation = Invalidation::bust(scope);
+        // Published even when nothing was removed: a near cache may still hold what the
+        // store has evicted.
+        let (removed, published) = match self.store.bust_then_publish(scope).await {
+            Ok(done) => done,
             Err(err) => {
-                let invalidation = Invalidation::bust(scope);
                 return Err(self.change_failed(rpc, context, err, vec![invalidation]));
             }
         };
-        // Published even when nothing was removed: a near cache may still hold what the
-        // store has evicted.
-        let position = self
-            .publish(rpc, context, &[Invalidation::bust(scope)])
-            .await?;
+        let position = self.published(rpc, context, &[invalidation], published)?;
         self.counters.busts.fetch_add(1, Relaxed);
         self.counters.busted_entries.fetch_add(removed, Relaxed);
         self.metrics.bust(scope.name(), removed);
@@ -577,14 +589,22 @@ impl<S: Store> CacheMoney for CacheService<S> {
         let entry = self.new_entry(request, "")?;
         record_namespace(entry.key.namespace());
         self.allow(&context, Access::Write(entry.key.namespace()))?;
-        let stored = match if token == 0 {
-            self.store.put(&entry).await.map(|()| true)
+        let invalidation = Invalidation::put(&entry.key);
+        // A plain write goes with its invalidation (one round trip where the store can); a
+        // leased one publishes only once it is known to have been stored.
+        let (stored, published) = match if token == 0 {
+            self.store
+                .put_then_publish(&entry)
+                .await
+                .map(|published| (true, Some(published)))
         } else {
-            self.store.put_leased(&entry, token).await
+            self.store
+                .put_leased(&entry, token)
+                .await
+                .map(|stored| (stored, None))
         } {
-            Ok(stored) => stored,
+            Ok(done) => done,
             Err(err) => {
-                let invalidation = Invalidation::put(&entry.key);
                 return Err(self.change_failed("Put", &context, err, vec![invalidation]));
             }
         };
@@ -596,9 +616,10 @@ impl<S: Store> CacheMoney for CacheService<S> {
                 position: 0,
             }));
         }
-        let position = self
-            .publish("Put", &context, &[Invalidation::put(&entry.key)])
-            .await?;
+        let position = match published {
+            Some(published) => self.published("Put", &context, &[invalidation], published)?,
+            None => self.publish("Put", &context, &[invalidation]).await?,
+        };
         self.counters.puts.fetch_add(1, Relaxed);
         self.metrics
             .written([(entry.key.namespace(), entry.value.len())]);

@@ -511,7 +511,7 @@ async fn metrics_count_a_known_sequence_exactly() {
         for (command, count) in [
             ("GET", 5.0),
             ("MGET", 1.0),
-            ("SET", 2.0),
+            ("SET+XADD", 2.0),
             ("SET (batch)", 1.0),
         ] {
             scrape.check_histogram(

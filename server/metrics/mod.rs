@@ -200,7 +200,7 @@ struct BuildLabels {
 }
 
 /// Slots for the store's commands' series: more than either store sends kinds of.
-const STORE_COMMAND_SLOTS: usize = 20;
+const STORE_COMMAND_SLOTS: usize = 24;
 const _: () = assert!(
     STORE_COMMAND_SLOTS >= crate::server::store::redis::REDIS_COMMANDS.len()
         && STORE_COMMAND_SLOTS >= crate::server::store::MEMORY_COMMANDS.len()

@@ -347,6 +347,32 @@ pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
         invalidations: &[Invalidation],
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
+    /// [`Store::put`] of `entry`, then [`Store::publish`] of its overwrite: a store may send
+    /// both in one round trip. `Err`: the write failed (its invalidation may or may not have
+    /// been published); `Ok(Err)`: written but not published; `Ok(Ok)`: the position.
+    fn put_then_publish(
+        &self,
+        entry: &NewEntry,
+    ) -> impl Future<Output = Result<Result<u64, StoreError>, StoreError>> + Send {
+        async move {
+            self.put(entry).await?;
+            Ok(self.publish(&[Invalidation::put(&entry.key)]).await)
+        }
+    }
+
+    /// [`Store::bust`] of `scope`, then [`Store::publish`] of its invalidation, as
+    /// [`Store::put_then_publish`] does: the entries removed, and the position or why it was
+    /// not published.
+    fn bust_then_publish(
+        &self,
+        scope: Scope<'_>,
+    ) -> impl Future<Output = Result<(u64, Result<u64, StoreError>), StoreError>> + Send {
+        async move {
+            let removed = self.bust(scope).await?;
+            Ok((removed, self.publish(&[Invalidation::bust(scope)]).await))
+        }
+    }
+
     /// Up to `count` invalidations after position `after`, oldest first; when there is none
     /// yet and `block` is given, waits that long for one (on a connection of its own, for the
     /// one reader per process). The first is not `after + 1` when the ones between were

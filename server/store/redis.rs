@@ -51,7 +51,9 @@ use redis::streams::{StreamRangeReply, StreamReadReply};
 /// `XADD` publishes invalidations (see [`watch`](crate::server::watch)); `XREAD` is a resuming
 /// watcher's replay (the reader's blocking `XREAD` waits by design and is not timed);
 /// `XREVRANGE` reads where the stream ends.
-pub const REDIS_COMMANDS: [&str; 19] = [
+/// `SET+XADD` and `UNLINK+XADD` are a Put and a one-entry Bust sent with their invalidation
+/// in one pipeline (one round trip).
+pub const REDIS_COMMANDS: [&str; 21] = [
     "GET",
     "EVAL (lease)",
     "EVAL (leased SET)",
@@ -71,6 +73,8 @@ pub const REDIS_COMMANDS: [&str; 19] = [
     "XADD",
     "XREAD",
     "XREVRANGE",
+    "SET+XADD",
+    "UNLINK+XADD",
 ];
 
 /// The lease scripts, sent by SHA once Redis has them (redis-rs loads a script that Redis
@@ -615,6 +619,34 @@ impl RedisStore {
         }
     }
 
+    /// Sends `pipe`, a change and then the `XADD` of its invalidation, in one round trip
+    /// (Redis runs them in order on the connection, so the invalidation is in the stream
+    /// once the reply arrives): the change's reply, and the invalidation's position or why
+    /// it was not published. A failed change is an error; the `XADD` after it ran anyway,
+    /// which costs watchers at most a needless invalidation.
+    async fn changed_and_published(
+        &self,
+        op: &'static str,
+        mut pipe: redis::Pipeline,
+    ) -> Result<(Value, Result<u64, StoreError>), StoreError> {
+        pipe.ignore_errors();
+        let mut replies: Vec<RedisResult<Value>> = self
+            .run(
+                op,
+                |mut conn| async move { pipe.query_async(&mut conn).await },
+            )
+            .await?;
+        let (Some(published), Some(changed), None) = (replies.pop(), replies.pop(), replies.pop())
+        else {
+            return Err(StoreError::Internal(format!("{op}: not two replies")));
+        };
+        let changed = changed.map_err(classify)?;
+        let published = published
+            .map_err(classify)
+            .and_then(|id| published_position(std::slice::from_ref(&id)));
+        Ok((changed, published))
+    }
+
     /// Runs `cmd` on the invalidation reader's own connection (opened when there is none,
     /// dropped when a command on it fails), within `bound`, outside the in-flight limit.
     async fn on_reader<T: redis::FromRedisValue>(
@@ -962,6 +994,50 @@ impl Store for RedisStore {
 
     async fn bust_tag(&self, namespace: &str, tag: &str) -> Result<u64, StoreError> {
         self.bust_tagged(namespace, tag).await
+    }
+
+    async fn put_then_publish(
+        &self,
+        entry: &NewEntry,
+    ) -> Result<Result<u64, StoreError>, StoreError> {
+        self.write_tag_indexes(std::slice::from_ref(entry)).await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.layout.entry(&entry.key))
+            .arg(stored(entry).as_ref())
+            .arg("PX")
+            .arg(entry.kept_for().as_millis() as u64);
+        let invalidation = Invalidation::put(&entry.key);
+        xadd(
+            &mut pipe,
+            &self.invalidations,
+            self.watch_stream_len,
+            &invalidation,
+        );
+        self.changed_and_published("SET+XADD", pipe)
+            .await
+            .map(|(_, published)| published)
+    }
+
+    async fn bust_then_publish(
+        &self,
+        scope: Scope<'_>,
+    ) -> Result<(u64, Result<u64, StoreError>), StoreError> {
+        let invalidation = Invalidation::bust(scope);
+        let RedisTarget::Key(key) = scope.redis_target(&self.layout) else {
+            let removed = self.bust(scope).await?;
+            return Ok((removed, self.publish(&[invalidation]).await));
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("UNLINK").arg(key);
+        xadd(
+            &mut pipe,
+            &self.invalidations,
+            self.watch_stream_len,
+            &invalidation,
+        );
+        let (removed, published) = self.changed_and_published("UNLINK+XADD", pipe).await?;
+        Ok((from_value(&removed)?, published))
     }
 
     async fn publish(&self, invalidations: &[Invalidation]) -> Result<u64, StoreError> {
