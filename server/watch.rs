@@ -492,8 +492,8 @@ impl fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub with no reader, for a service that publishes but nobody reads through (tests of
-    /// the service alone).
+    /// A hub with no reader yet ([`Hub::start`] starts one): its position stays 0 and its
+    /// watchers hear nothing but what they replay.
     pub fn new(settings: WatchSettings, metrics: Metrics) -> Self {
         let (sender, _) = broadcast::channel(settings.buffer.max(1));
         let (closed, _) = signal::channel(false);
