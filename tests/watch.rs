@@ -826,3 +826,39 @@ async fn a_watcher_that_falls_behind_gets_a_reset() {
     .await;
     assert!(gone, "a closed stream still counted as a watcher");
 }
+
+/// The invalidation stream deleted behind the servers' backs (a `FLUSHALL`, an eviction under
+/// `allkeys-*`) restarts its numbering: watchers get a RESET at the new end, then the new
+/// events.
+#[tokio::test]
+async fn a_restarted_stream_resets_its_watchers() {
+    let (behind, server) = Backend::Redis.start(&["--watch-heartbeat-ms", "100"]);
+    let Behind::Redis(redis) = &behind else {
+        unreachable!("a Redis backend")
+    };
+    let mut cm = server.client().await;
+    let mut watcher = Watcher::ready(&mut cm, follow(&["rst"], &[])).await;
+    for n in 0..3 {
+        let position = bust(&mut cm, key("rst", "f", n)).await;
+        assert_eq!(watcher.next_change().await.position, position);
+    }
+    let deleted: u64 = ::redis::cmd("DEL")
+        .arg("cm:#invalidations")
+        .query_async(&mut redis.connect().await)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1, "the stream lives under the prefix");
+    let restarted = bust(&mut cm, key("rst", "f", 9)).await;
+    assert_eq!(restarted, 1, "numbering starts again");
+    let event = watcher.next_change().await;
+    assert_eq!(
+        kind(&event),
+        pb::WatchEventKind::WatchEventReset,
+        "{event:?}"
+    );
+    assert_eq!(event.position, restarted);
+    let next = bust(&mut cm, key("rst", "f", 10)).await;
+    let event = watcher.next_change().await;
+    assert_eq!(kind(&event), pb::WatchEventKind::WatchEventInvalidation);
+    assert_eq!(event.position, next);
+}
