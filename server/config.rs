@@ -181,7 +181,8 @@ pub struct Config {
     pub bust_batch: usize,
 
     /// Invalidations kept for Watch streams to resume from (the Redis stream's MAXLEN ~, or
-    /// the in-memory ring's size); resuming from further back answers a RESET.
+    /// the in-memory ring's size, outside --memory-max-bytes); resuming from further back
+    /// answers a RESET.
     #[arg(long, env = "CACHE_MONEY_WATCH_STREAM_LEN", default_value_t = DEFAULT_WATCH_STREAM_LEN)]
     pub watch_stream_len: usize,
 
