@@ -842,3 +842,73 @@ async fn a_failure_serves_the_stale_value_until_a_bust() {
         assert_eq!(cm.metrics().stale_served, 2, "{name}");
     }
 }
+
+thread_local! {
+    /// The client of the `#[memoize]` functions below, per test thread.
+    static ATTRIBUTE_CLIENT: std::cell::RefCell<Option<Client>> = const { std::cell::RefCell::new(None) };
+}
+
+fn attribute_client() -> Client {
+    ATTRIBUTE_CLIENT.with(|client| client.borrow().clone().expect("the test set a client"))
+}
+
+/// The attribute's `stale_if_error` and `lease` options.
+#[cache_money::memoize(ns = "leases", client = attribute_client(), ttl = 1, stale_if_error = 60, skip(fail))]
+async fn exchange_rate(currency: &str, fail: bool) -> Result<u32, Error> {
+    if fail {
+        return Err(Error::InvalidToken);
+    }
+    Ok(u32::try_from(currency.len()).unwrap() * 100)
+}
+
+#[cache_money::memoize(ns = "leases", client = attribute_client(), lease = 0, refresh_after = std::time::Duration::from_millis(300))]
+async fn unleased(n: u32) -> u32 {
+    n
+}
+
+/// `#[memoize(stale_if_error = 60)]` serves the stale value when its function fails after
+/// the TTL, and `lease = 0` turns leases off for its handle (in memory).
+#[tokio::test(flavor = "current_thread")]
+async fn the_attribute_takes_the_lease_options() {
+    let server = CacheServer::memory(&[]);
+    let cm = Client::connect(server.url()).await.unwrap();
+    ATTRIBUTE_CLIENT.with(|client| *client.borrow_mut() = Some(cm.clone()));
+    assert_eq!(
+        unleased::function().unwrap().lease_lifetime(),
+        Duration::ZERO
+    );
+    assert_eq!(
+        exchange_rate::function().unwrap().lease_lifetime(),
+        cache_money::DEFAULT_LEASE
+    );
+    assert_eq!(unleased(3).await, 3);
+    assert_eq!(cm.metrics().leases_won, 0, "unleased asked for a lease");
+
+    assert_eq!(exchange_rate("EUR", false).await.unwrap(), 300);
+    let handle = exchange_rate::function().unwrap();
+    let key = pb::Key {
+        namespace: "leases".into(),
+        function: "exchange_rate".into(),
+        digest: handle.digest(&("EUR",)).unwrap(),
+    };
+    let raw = server.client().await;
+    let expired = common::eventually(Duration::from_secs(5), || {
+        let (mut raw, key) = (raw.clone(), key.clone());
+        async move { common::get(&mut raw, key).await.is_none() }
+    })
+    .await;
+    assert!(expired, "the entry never expired");
+    assert_eq!(
+        exchange_rate("EUR", true).await.unwrap(),
+        300,
+        "not served stale"
+    );
+    assert_eq!(cm.metrics().stale_served, 1);
+    let served = handle
+        .try_memoize_served(&("EUR",), || async {
+            Err::<u32, Error>(Error::InvalidToken)
+        })
+        .await
+        .unwrap();
+    assert_eq!((served.value, served.stale), (300, true));
+}
