@@ -912,3 +912,81 @@ async fn the_attribute_takes_the_lease_options() {
         .unwrap();
     assert_eq!((served.value, served.stale), (300, true));
 }
+
+/// How a lease holder's computation ends without a value.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Err,
+    Panic,
+    Cancel,
+}
+
+/// A lease holder whose computation fails, panics or is cancelled gives the lease back at
+/// once: a caller of another client, waiting for it, computes well before the 5 s lease
+/// would have expired (in memory; the holder and the waiter are separate clients, as two
+/// processes are).
+#[tokio::test]
+async fn a_failed_computation_gives_its_lease_back() {
+    let server = CacheServer::memory(&[]);
+    for ending in [Ending::Err, Ending::Panic, Ending::Cancel] {
+        let holder = Client::connect(server.url()).await.unwrap();
+        let waiter = Client::connect(server.url()).await.unwrap();
+        let name = format!("released_{ending:?}").to_lowercase();
+        let held = holder.function("leases", &name, Duration::from_secs(60));
+        assert_eq!(held.lease_lifetime(), Duration::from_secs(5));
+        let (started, computing) = oneshot::channel();
+        let (finish, finished) = oneshot::channel::<()>();
+        let holding = tokio::spawn(async move {
+            held.try_memoize(&ARGS, || async move {
+                started.send(()).unwrap();
+                let _ = finished.await;
+                match ending {
+                    Ending::Panic => panic!("the holder's computation panicked"),
+                    _ => Err::<String, Error>(Error::InvalidToken),
+                }
+            })
+            .await
+        });
+        computing.await.unwrap();
+
+        let waiting = tokio::spawn({
+            let function = waiter.function("leases", &name, Duration::from_secs(60));
+            async move {
+                let started = Instant::now();
+                let value: String = function
+                    .memoize(&ARGS, || async { "the waiter's".to_owned() })
+                    .await
+                    .unwrap();
+                (value, started.elapsed())
+            }
+        });
+        let waits = common::eventually(Duration::from_secs(5), || async {
+            waiter.metrics().lease_waits == 1
+        })
+        .await;
+        assert!(waits, "{ending:?}: the waiter did not wait for the holder");
+        match ending {
+            Ending::Err => {
+                finish.send(()).unwrap();
+                assert!(holding.await.unwrap().is_err());
+            }
+            Ending::Panic => {
+                finish.send(()).unwrap();
+                assert!(holding.await.unwrap_err().is_panic());
+            }
+            Ending::Cancel => {
+                holding.abort();
+                assert!(holding.await.unwrap_err().is_cancelled());
+                drop(finish);
+            }
+        }
+        let (value, took) = waiting.await.unwrap();
+        assert_eq!(value, "the waiter's", "{ending:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{ending:?}: the waiter waited {took:?}, as for an expired lease"
+        );
+        assert_eq!(waiter.metrics().leases_won, 1, "{ending:?}");
+        assert_eq!(waiter.metrics().lease_wait_timeouts, 0, "{ending:?}");
+    }
+}
