@@ -990,3 +990,89 @@ async fn a_failed_computation_gives_its_lease_back() {
         assert_eq!(waiter.metrics().lease_wait_timeouts, 0, "{ending:?}");
     }
 }
+
+/// A caller never waits past the lease's lifetime plus its deadline: when the lease it waited
+/// for expired and another waiter took it over (and is slow too), it stops waiting and
+/// computes without writing (in memory; three clients stand for three processes).
+#[tokio::test]
+async fn waiting_ends_after_the_lease_lifetime_plus_the_deadline() {
+    let server = CacheServer::memory(&[]);
+    let lease = Duration::from_secs(1);
+    let deadline = Duration::from_millis(200);
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(
+            Client::connect_with(server.url(), options(deadline))
+                .await
+                .unwrap(),
+        );
+    }
+    let function = |cm: &Client| {
+        cm.function("leases", "takeover", Duration::from_secs(60))
+            .lease(lease)
+    };
+    // The first computation of each client never ends; a second one returns at once.
+    let stuck = Arc::new(AtomicU64::new(0));
+    let call = |cm: &Client| {
+        let (function, stuck) = (function(cm), stuck.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let value: String = function
+                .memoize(&ARGS, || async move {
+                    if stuck.fetch_add(1, SeqCst) < 2 {
+                        std::future::pending::<()>().await;
+                    }
+                    "computed after waiting".to_owned()
+                })
+                .await
+                .unwrap();
+            (value, started.elapsed())
+        })
+    };
+    let first = call(&clients[0]);
+    let first_won = common::eventually(Duration::from_secs(5), || async {
+        clients[0].metrics().leases_won == 1
+    })
+    .await;
+    assert!(first_won);
+    let second = call(&clients[1]);
+    let third = call(&clients[2]);
+    let (which, ended) = tokio::select! {
+        ended = second => (1, ended),
+        ended = third => (2, ended),
+    };
+    let (value, took) = ended.unwrap();
+    let metrics = clients[which].metrics();
+    eprintln!(
+        "the waiter that timed out returned after {:.0} ms",
+        ms(took)
+    );
+    assert_eq!(value, "computed after waiting");
+    assert_eq!(metrics.lease_wait_timeouts, 1, "{metrics:?}");
+    assert_eq!(metrics.leases_won, 0, "{metrics:?}");
+    assert!(
+        took >= lease,
+        "stopped waiting before the lease expired: {took:?}"
+    );
+    assert!(
+        took < lease + deadline + Duration::from_millis(300),
+        "waited {took:?}"
+    );
+    let other = 3 - which;
+    assert_eq!(
+        clients[other].metrics().leases_won,
+        1,
+        "the expired lease was taken over"
+    );
+    let key = pb::Key {
+        namespace: "leases".into(),
+        function: "takeover".into(),
+        digest: function(&clients[0]).digest(&ARGS).unwrap(),
+    };
+    assert_eq!(
+        common::get(&mut server.client().await, key).await,
+        None,
+        "the waiter that timed out wrote its value"
+    );
+    first.abort();
+}
