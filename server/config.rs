@@ -31,6 +31,8 @@ pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_BATCH: usize = 1000;
 /// The longest tag, in bytes.
 pub use crate::key::DEFAULT_MAX_TAG_BYTES;
+/// Default of `--lease-max-ms`: a minute.
+pub const DEFAULT_LEASE_MAX_MS: u32 = 60_000;
 /// The most tags one write may carry.
 pub use crate::key::DEFAULT_MAX_TAGS;
 /// The largest gRPC message the server decodes; it bounds a whole `PutMany`.
@@ -149,6 +151,11 @@ pub struct Config {
     #[arg(long, env = "CACHE_MONEY_MAX_TAG_BYTES", default_value_t = DEFAULT_MAX_TAG_BYTES)]
     pub max_tag_bytes: usize,
 
+    /// Longest lease a Get may ask for (`lease_ms`), in milliseconds. A lease bounds how long
+    /// other callers wait for its holder, so keep it a little above your slowest computation.
+    #[arg(long, env = "CACHE_MONEY_LEASE_MAX_MS", default_value_t = DEFAULT_LEASE_MAX_MS)]
+    pub lease_max_ms: u32,
+
     /// Largest gRPC request the server decodes, in bytes; it bounds a whole PutMany.
     #[arg(long, env = "CACHE_MONEY_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -250,6 +257,7 @@ impl Config {
             ("--max-value-bytes", self.max_value_bytes as u64),
             ("--max-batch", self.max_batch as u64),
             ("--max-tag-bytes", self.max_tag_bytes as u64),
+            ("--lease-max-ms", u64::from(self.lease_max_ms)),
             ("--bust-batch", self.bust_batch as u64),
             ("--health-interval-ms", self.health_interval_ms),
             ("--worker-threads", self.worker_threads as u64),

@@ -232,6 +232,7 @@ async fn serve<S: Store>(
         max_response_bytes: config.max_response_bytes,
         max_tags: config.max_tags,
         max_tag_bytes: config.max_tag_bytes,
+        max_lease: std::time::Duration::from_millis(u64::from(config.lease_max_ms)),
     };
     metrics.watch_store(store.clone(), store_up.clone());
     let service = CacheService::new(
@@ -288,6 +289,7 @@ async fn serve<S: Store>(
         max_batch = config.max_batch,
         max_tags = config.max_tags,
         max_tag_bytes = config.max_tag_bytes,
+        lease_max_ms = config.lease_max_ms,
         max_message_bytes = config.max_message_bytes,
         max_response_bytes = config.max_response_bytes,
         bust_batch = config.bust_batch,

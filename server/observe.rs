@@ -37,9 +37,10 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// The RPCs of `cache_money.v1.CacheMoney`: the `method` label and span field. Any other path
 /// is `unknown`, so a caller cannot add label values.
-pub const METHODS: [&str; 11] = [
+pub const METHODS: [&str; 12] = [
     "Get",
     "Put",
+    "Release",
     "Bust",
     "BustFunction",
     "BustNamespace",

@@ -17,9 +17,11 @@ use tracing::warn;
 use crate::key::{EntryKey, FunctionKey, KeyError, check_name, check_tag, check_tags};
 use crate::pb::{self, cache_money_server::CacheMoney};
 use crate::server::auth::{Access, authorize};
-use crate::server::metrics::{Lookup, Metrics};
+use crate::server::metrics::{LeaseEvent, Lookup, Metrics};
 use crate::server::observe::{Outcome, record_namespace, record_namespaces, request_id};
-use crate::server::store::{NewEntry, Scope, Store, StoreError};
+use crate::server::store::{
+    Acquired, Found, LeaseAsk, Meta, NewEntry, Scope, Seen, Store, StoreError, lease,
+};
 
 /// Default page size of `Keys`.
 pub const DEFAULT_KEYS_LIMIT: usize = 100;
@@ -28,6 +30,14 @@ pub const DEFAULT_KEYS_LIMIT: usize = 100;
 const RESULT_OVERHEAD: usize = 16;
 /// Largest page size of `Keys`.
 pub const MAX_KEYS_LIMIT: usize = 1000;
+/// The longest a lookup told to wait for another caller's lease is asked to wait before
+/// looking again: with one waiter per key per client process, 50 processes waiting on one
+/// key look about 2,500 times a second, and each learns of the value within this much of its
+/// write.
+const MAX_RETRY_AFTER: Duration = Duration::from_millis(20);
+/// How many times a leased lookup looks again when a value was written between its read and
+/// its lease request, before it tells the caller to look again itself.
+const LEASE_ATTEMPTS: usize = 3;
 
 /// The request limits the service enforces.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +54,8 @@ pub struct Limits {
     pub max_tags: usize,
     /// Longest tag, in bytes.
     pub max_tag_bytes: usize,
+    /// Longest lease a Get may ask for.
+    pub max_lease: Duration,
 }
 
 /// Counters behind the `Stats` RPC.
@@ -55,7 +67,68 @@ struct Counters {
     busts: AtomicU64,
     busted_entries: AtomicU64,
     errors: AtomicU64,
+    leases_won: AtomicU64,
+    lease_waits: AtomicU64,
+    leases_expired: AtomicU64,
+    stale_writes_refused: AtomicU64,
+    stale_served: AtomicU64,
+    refreshes: AtomicU64,
     started: Instant,
+}
+
+/// What a Get asks for beyond a plain lookup.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ask {
+    lease: Option<Duration>,
+    refresh_after: Option<Duration>,
+    beta: Option<f64>,
+    allow_stale: bool,
+}
+
+impl Ask {
+    /// Whether a live entry with `left` of its TTL to go and written with `meta` is due for
+    /// recomputation: old enough, or XFetch's draw says so. A value written without a compute
+    /// time or stale window (plainly) has no lease slot and is never due.
+    fn due(&self, left: Duration, meta: Meta) -> bool {
+        let Some(ttl) = meta.ttl else {
+            return false;
+        };
+        if self
+            .refresh_after
+            .is_some_and(|after| ttl.saturating_sub(left) >= after)
+        {
+            return true;
+        }
+        self.beta.is_some_and(|beta| {
+            // U uniform in (0, 1]: -ln(U) is an exponential draw of mean 1.
+            let draw = -(1.0 - fastrand::f64()).ln();
+            f64::from(meta.compute_ms) * beta * draw >= left.as_secs_f64() * 1000.0
+        })
+    }
+}
+
+/// A hit's answer.
+fn hit(value: Bytes, left: Duration, meta: Meta) -> pb::GetResponse {
+    pb::GetResponse {
+        hit: true,
+        value,
+        compute_ms: meta.compute_ms,
+        ttl_ms: left.as_millis() as u64,
+        ..Default::default()
+    }
+}
+
+/// A miss's answer, with the stale value when there is one to give.
+fn miss(stale: Option<(Bytes, Meta)>) -> pb::GetResponse {
+    match stale {
+        Some((value, meta)) => pb::GetResponse {
+            stale: true,
+            value,
+            compute_ms: meta.compute_ms,
+            ..Default::default()
+        },
+        None => pb::GetResponse::default(),
+    }
 }
 
 /// The gRPC service over a store. Cloning is shallow.
@@ -116,6 +189,12 @@ impl<S: Store> CacheService<S> {
                 busts: AtomicU64::new(0),
                 busted_entries: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
+                leases_won: AtomicU64::new(0),
+                lease_waits: AtomicU64::new(0),
+                leases_expired: AtomicU64::new(0),
+                stale_writes_refused: AtomicU64::new(0),
+                stale_served: AtomicU64::new(0),
+                refreshes: AtomicU64::new(0),
                 started: Instant::now(),
             }),
             store_up,
@@ -177,12 +256,151 @@ impl<S: Store> CacheService<S> {
         // A repeated tag indexes the entry once.
         tags.sort_unstable();
         tags.dedup();
+        let kept = u64::from(request.ttl_seconds) + u64::from(request.stale_seconds);
+        if kept > u64::from(max_ttl) {
+            return Err(Status::invalid_argument(format!(
+                "{field}stale_seconds: ttl_seconds plus stale_seconds must be at most {max_ttl} (--max-ttl-seconds), got {} + {}",
+                request.ttl_seconds, request.stale_seconds
+            )));
+        }
         Ok(NewEntry {
             key,
             value: request.value,
             ttl: Duration::from_secs(u64::from(request.ttl_seconds)),
             tags,
+            stale: Duration::from_secs(u64::from(request.stale_seconds)),
+            compute_ms: request.compute_ms,
         })
+    }
+
+    /// Validates what a Get asks for beyond a plain lookup.
+    fn ask(&self, request: &pb::GetRequest) -> Result<Ask, Status> {
+        let max_lease = self.limits.max_lease;
+        let lease = Duration::from_millis(u64::from(request.lease_ms));
+        if lease > max_lease {
+            return Err(Status::invalid_argument(format!(
+                "lease_ms: must be at most {} (--lease-max-ms), got {}",
+                max_lease.as_millis(),
+                request.lease_ms
+            )));
+        }
+        let beta = f64::from(request.beta);
+        if !beta.is_finite() || beta < 0.0 {
+            return Err(Status::invalid_argument(format!(
+                "beta: must be a finite number, 0 or more (1.0 is XFetch's usual), got {}",
+                request.beta
+            )));
+        }
+        let refreshing = request.refresh_after_ms > 0 || beta > 0.0;
+        if refreshing && lease.is_zero() {
+            return Err(Status::invalid_argument(
+                "refresh_after_ms and beta: need lease_ms, since only a lease holder refreshes an entry",
+            ));
+        }
+        Ok(Ask {
+            lease: (!lease.is_zero()).then_some(lease),
+            refresh_after: (request.refresh_after_ms > 0)
+                .then(|| Duration::from_millis(u64::from(request.refresh_after_ms))),
+            beta: (beta > 0.0).then_some(beta),
+            allow_stale: request.allow_stale,
+        })
+    }
+
+    /// Counts a lease handed out.
+    fn won(&self, took_over: bool) {
+        self.counters.leases_won.fetch_add(1, Relaxed);
+        self.metrics.lease(LeaseEvent::Won);
+        if took_over {
+            self.counters.leases_expired.fetch_add(1, Relaxed);
+            self.metrics.lease(LeaseEvent::Expired);
+        }
+    }
+
+    /// Looks `key` up as `ask` says: a plain lookup, or one that decides the key's lease (see
+    /// the proto's "Leases").
+    async fn answer(&self, key: &EntryKey, ask: Ask) -> Result<pb::GetResponse, StoreError> {
+        for _ in 0..LEASE_ATTEMPTS {
+            let found = self.store.lookup(key).await?;
+            let stale = match &found {
+                Found::Stale { value, meta } if ask.allow_stale => Some((value.clone(), *meta)),
+                _ => None,
+            };
+            let lease = match (found, ask.lease) {
+                (Found::Live { value, left, meta }, lease) => {
+                    let mut response = hit(value, left, meta);
+                    if let Some(lease) = lease
+                        && ask.due(left, meta)
+                    {
+                        let token = lease::new_token();
+                        let refresh = LeaseAsk {
+                            token,
+                            lease,
+                            refresh: true,
+                        };
+                        if let Acquired::Won { took_over, .. } =
+                            self.store.acquire(key, refresh).await?
+                        {
+                            self.won(took_over);
+                            self.counters.refreshes.fetch_add(1, Relaxed);
+                            self.metrics.lease(LeaseEvent::Refreshed);
+                            response.lease = pb::Lease::Won.into();
+                            response.lease_token = token;
+                        }
+                    }
+                    return Ok(response);
+                }
+                (_, None) => return Ok(self.served(miss(stale))),
+                (_, Some(lease)) => lease,
+            };
+            let token = lease::new_token();
+            let ask_lease = LeaseAsk {
+                token,
+                lease,
+                refresh: false,
+            };
+            // A stale value is served only if the lease decision still saw it: one busted since
+            // the read is never served.
+            let mut response = match self.store.acquire(key, ask_lease).await? {
+                Acquired::Live => continue,
+                Acquired::Won { seen, took_over } => {
+                    self.won(took_over);
+                    let mut response = miss(stale.filter(|_| seen == Seen::Value));
+                    response.lease = pb::Lease::Won.into();
+                    response.lease_token = token;
+                    response
+                }
+                Acquired::Held { seen, left } => {
+                    self.counters.lease_waits.fetch_add(1, Relaxed);
+                    self.metrics.lease(LeaseEvent::Waited);
+                    let mut response = miss(stale.filter(|_| seen == Seen::Value));
+                    response.lease = pb::Lease::Wait.into();
+                    response.retry_after_ms = left
+                        .clamp(Duration::from_millis(1), MAX_RETRY_AFTER)
+                        .as_millis() as u32;
+                    response
+                }
+            };
+            response = self.served(response);
+            return Ok(response);
+        }
+        // Written, then gone again, between each read and its lease request: let the caller
+        // look again rather than spin here.
+        self.counters.lease_waits.fetch_add(1, Relaxed);
+        self.metrics.lease(LeaseEvent::Waited);
+        Ok(pb::GetResponse {
+            lease: pb::Lease::Wait.into(),
+            retry_after_ms: 1,
+            ..Default::default()
+        })
+    }
+
+    /// Counts `response` as stale served when it carries a stale value.
+    fn served(&self, response: pb::GetResponse) -> pb::GetResponse {
+        if response.stale {
+            self.counters.stale_served.fetch_add(1, Relaxed);
+            self.metrics.lease(LeaseEvent::StaleServed);
+        }
+        response
     }
 
     /// A `GetMany` whose answer would pass `--max-response-bytes`.
@@ -259,16 +477,22 @@ impl<S: Store> CacheMoney for CacheService<S> {
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
         let (_, context, request) = request.into_parts();
+        let ask = self.ask(&request)?;
         let key = entry_key(request.key).map_err(|err| invalid(err.nested("key")))?;
         record_namespace(key.namespace());
         self.allow(&context, Access::Read(key.namespace()))?;
-        let value = self.store.get(&key).await.map_err(|err| {
+        if ask.lease.is_some() {
+            // A lease is the right to write the entry: a placeholder is written to hold it.
+            self.allow(&context, Access::Write(key.namespace()))?;
+        }
+        let answer = self.answer(&key, ask).await.map_err(|err| {
             self.lookups_failed(std::slice::from_ref(&key), &err);
             self.failed("Get", &context, err)
         })?;
+        let value = answer.hit.then(|| answer.value.clone());
         self.record_lookups(std::slice::from_ref(&key), std::slice::from_ref(&value));
-        let outcome = Outcome(if value.is_some() { "hit" } else { "miss" });
-        let mut response = Response::new(lookup(value));
+        let outcome = Outcome(if answer.hit { "hit" } else { "miss" });
+        let mut response = Response::new(answer);
         response.extensions_mut().insert(outcome);
         Ok(response)
     }
@@ -278,13 +502,21 @@ impl<S: Store> CacheMoney for CacheService<S> {
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
         let (_, context, request) = request.into_parts();
+        let token = request.lease_token;
         let entry = self.new_entry(request, "")?;
         record_namespace(entry.key.namespace());
         self.allow(&context, Access::Write(entry.key.namespace()))?;
-        self.store
-            .put(&entry)
-            .await
-            .map_err(|err| self.failed("Put", &context, err))?;
+        let stored = if token == 0 {
+            self.store.put(&entry).await.map(|()| true)
+        } else {
+            self.store.put_leased(&entry, token).await
+        }
+        .map_err(|err| self.failed("Put", &context, err))?;
+        if !stored {
+            self.counters.stale_writes_refused.fetch_add(1, Relaxed);
+            self.metrics.lease(LeaseEvent::Refused);
+            return Ok(Response::new(pb::PutResponse { refused: true }));
+        }
         self.counters.puts.fetch_add(1, Relaxed);
         self.metrics
             .written([(entry.key.namespace(), entry.value.len())]);
@@ -293,9 +525,23 @@ impl<S: Store> CacheMoney for CacheService<S> {
 
     async fn release(
         &self,
-        _request: Request<pb::ReleaseRequest>,
+        request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        Err(Status::unimplemented("Release: leases are not served yet"))
+        let (_, context, request) = request.into_parts();
+        let key = entry_key(request.key).map_err(|err| invalid(err.nested("key")))?;
+        if request.lease_token == 0 {
+            return Err(Status::invalid_argument(
+                "lease_token: must be the token a Get handed out (LEASE_WON), got 0",
+            ));
+        }
+        record_namespace(key.namespace());
+        self.allow(&context, Access::Write(key.namespace()))?;
+        let released = self
+            .store
+            .release(&key, request.lease_token)
+            .await
+            .map_err(|err| self.failed("Release", &context, err))?;
+        Ok(Response::new(pb::ReleaseResponse { released }))
     }
 
     async fn bust(
@@ -422,7 +668,14 @@ impl<S: Store> CacheMoney for CacheService<S> {
         let entries = entries
             .into_iter()
             .enumerate()
-            .map(|(i, entry)| self.new_entry(entry, &format!("entries[{i}].")))
+            .map(|(i, entry)| {
+                if entry.lease_token != 0 {
+                    return Err(Status::invalid_argument(format!(
+                        "entries[{i}].lease_token: PutMany takes no lease tokens; write a leased result with Put"
+                    )));
+                }
+                self.new_entry(entry, &format!("entries[{i}]."))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         record_namespaces(entries.iter().map(|entry| entry.key.namespace()));
         for entry in &entries {
@@ -497,7 +750,12 @@ impl<S: Store> CacheMoney for CacheService<S> {
             store: self.store.kind().to_owned(),
             store_up: self.store_up.load(Relaxed),
             uptime_seconds: counters.started.elapsed().as_secs(),
-            ..Default::default()
+            leases_won: counters.leases_won.load(Relaxed),
+            lease_waits: counters.lease_waits.load(Relaxed),
+            leases_expired: counters.leases_expired.load(Relaxed),
+            stale_writes_refused: counters.stale_writes_refused.load(Relaxed),
+            stale_served: counters.stale_served.load(Relaxed),
+            refreshes: counters.refreshes.load(Relaxed),
         }))
     }
 }

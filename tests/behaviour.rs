@@ -172,7 +172,514 @@ suite!(
     bust_tag_ignores_foreign_and_stale_members,
     invalid_tags_are_refused_and_write_nothing,
     bust_all_and_namespace_remove_tag_indexes,
+    one_lease_per_key_until_written,
+    busts_of_every_scope_void_leases,
+    an_unconditional_put_voids_a_lease,
+    an_expired_lease_is_taken_over_once,
+    an_overrun_lease_still_writes_if_nobody_took_over,
+    release_frees_the_lease_at_once,
+    stale_copies_serve_only_when_asked_and_never_after_a_bust,
+    a_due_entry_is_leased_to_one_refresher,
+    lease_requests_are_validated,
 );
+
+/// A client of the service under test.
+type Cm = pb::cache_money_client::CacheMoneyClient<tonic::transport::Channel>;
+
+/// A Get asking for a lease of `lease_ms`, with `extra` fields.
+fn leased(key: pb::Key, lease_ms: u32, extra: pb::GetRequest) -> pb::GetRequest {
+    pb::GetRequest {
+        key: Some(key),
+        lease_ms,
+        ..extra
+    }
+}
+
+/// Asks for `key`'s lease (5 s); returns the answer.
+async fn lease(cm: &mut Cm, key: pb::Key) -> pb::GetResponse {
+    cm.get(leased(key, 5_000, pb::GetRequest::default()))
+        .await
+        .expect("a leased Get succeeds")
+        .into_inner()
+}
+
+/// A Put of `value` under the lease `token`; returns whether it was refused.
+async fn put_under(cm: &mut Cm, key: pb::Key, value: &[u8], token: u64) -> bool {
+    let request = pb::PutRequest {
+        lease_token: token,
+        compute_ms: 7,
+        ..put(key, value, 60)
+    };
+    cm.put(request)
+        .await
+        .expect("a leased Put succeeds")
+        .into_inner()
+        .refused
+}
+
+/// On a miss exactly one caller wins the lease; the others are told to wait (briefly), a plain
+/// Get still misses and Keys lists nothing; the winner's write lands, carries its compute time,
+/// and clears the lease, so its token cannot write again.
+async fn one_lease_per_key_until_written(backend: Backend) {
+    let env = backend.start(&[]);
+    let mut cm = env.server.client().await;
+    let won = lease(&mut cm, key("ns", "f", 1)).await;
+    assert_eq!(won.lease(), pb::Lease::Won);
+    assert!(!won.hit && won.lease_token != 0);
+    for _ in 0..3 {
+        let waiting = lease(&mut cm, key("ns", "f", 1)).await;
+        assert_eq!(waiting.lease(), pb::Lease::Wait);
+        assert!(!waiting.hit && waiting.lease_token == 0);
+        assert!(
+            (1..=20).contains(&waiting.retry_after_ms),
+            "retry after {} ms",
+            waiting.retry_after_ms
+        );
+    }
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 1)).await,
+        None,
+        "a lease is no value"
+    );
+    assert!(
+        keys_page(&mut cm, "ns", "f", "", 10)
+            .await
+            .entries
+            .is_empty()
+    );
+    assert!(!put_under(&mut cm, key("ns", "f", 1), b"v1", won.lease_token).await);
+    let found = lease(&mut cm, key("ns", "f", 1)).await;
+    assert!(found.hit);
+    assert_eq!(found.value.as_ref(), b"v1");
+    assert_eq!(found.lease(), pb::Lease::None);
+    assert_eq!(found.compute_ms, 7);
+    assert!(
+        (59_000..=60_000).contains(&found.ttl_ms),
+        "ttl {}",
+        found.ttl_ms
+    );
+    assert!(
+        put_under(&mut cm, key("ns", "f", 1), b"v2", won.lease_token).await,
+        "a spent token wrote again"
+    );
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 1)).await.as_deref(),
+        Some(&b"v1"[..])
+    );
+    let stats = cm.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!((stats.leases_won, stats.lease_waits), (1, 3));
+    assert_eq!(stats.stale_writes_refused, 1);
+}
+
+/// A computation that started before a bust and finishes after it is refused, whatever the
+/// bust's scope, and the next lookup misses and wins a new lease.
+async fn busts_of_every_scope_void_leases(backend: Backend) {
+    let env = backend.start(&[]);
+    let mut cm = env.server.client().await;
+    for (n, scope) in ["entry", "function", "namespace", "all"]
+        .into_iter()
+        .enumerate()
+    {
+        let key = || key("ns", "f", n as u64);
+        let won = lease(&mut cm, key()).await;
+        assert_eq!(won.lease(), pb::Lease::Won, "{scope}");
+        match scope {
+            "entry" => drop(cm.bust(pb::BustRequest { key: Some(key()) }).await.unwrap()),
+            "function" => drop(bust_function(&mut cm, "ns", "f").await),
+            "namespace" => drop(
+                cm.bust_namespace(pb::BustNamespaceRequest {
+                    namespace: "ns".into(),
+                })
+                .await
+                .unwrap(),
+            ),
+            _ => drop(cm.bust_all(pb::BustAllRequest {}).await.unwrap()),
+        }
+        assert!(
+            put_under(&mut cm, key(), b"computed before the bust", won.lease_token).await,
+            "{scope}: a stale write landed"
+        );
+        let next = lease(&mut cm, key()).await;
+        assert!(!next.hit, "{scope}");
+        assert_eq!(next.lease(), pb::Lease::Won, "{scope}");
+        assert_ne!(next.lease_token, won.lease_token);
+        assert!(
+            !put_under(&mut cm, key(), b"new", next.lease_token).await,
+            "{scope}"
+        );
+        assert_eq!(
+            get(&mut cm, key()).await.as_deref(),
+            Some(&b"new"[..]),
+            "{scope}"
+        );
+    }
+}
+
+/// A plain Put is newer than any outstanding lease: the lease's write is refused after it.
+async fn an_unconditional_put_voids_a_lease(backend: Backend) {
+    let env = backend.start(&[]);
+    let mut cm = env.server.client().await;
+    let won = lease(&mut cm, key("ns", "f", 1)).await;
+    cm.put(put(key("ns", "f", 1), b"newer", 60)).await.unwrap();
+    assert!(put_under(&mut cm, key("ns", "f", 1), b"older", won.lease_token).await);
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 1)).await.as_deref(),
+        Some(&b"newer"[..])
+    );
+    assert_eq!(
+        lease(&mut cm, key("ns", "f", 1)).await.lease(),
+        pb::Lease::None
+    );
+}
+
+/// A holder that never writes frees the key when its lease expires: exactly one later lookup
+/// takes the lease over (counted as expired), and the first holder's late write is refused.
+async fn an_expired_lease_is_taken_over_once(backend: Backend) {
+    let env = backend.start(&[]);
+    let mut cm = env.server.client().await;
+    let short = |cm: &mut Cm| {
+        let mut cm = cm.clone();
+        async move {
+            cm.get(leased(key("ns", "f", 1), 300, pb::GetRequest::default()))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let first = short(&mut cm).await;
+    assert_eq!(first.lease(), pb::Lease::Won);
+    let waiting = short(&mut cm).await;
+    assert_eq!(waiting.lease(), pb::Lease::Wait);
+    // The lease's expiry is the behaviour under test: wait it out.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let second = short(&mut cm).await;
+    assert_eq!(
+        second.lease(),
+        pb::Lease::Won,
+        "the expired lease was not taken over"
+    );
+    assert_eq!(
+        short(&mut cm).await.lease(),
+        pb::Lease::Wait,
+        "taken over twice"
+    );
+    assert!(put_under(&mut cm, key("ns", "f", 1), b"late", first.lease_token).await);
+    assert!(!put_under(&mut cm, key("ns", "f", 1), b"v", second.lease_token).await);
+    let stats = cm.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!((stats.leases_won, stats.leases_expired), (2, 1));
+}
+
+/// A holder slower than its lease still writes when nobody took the lease over meanwhile.
+async fn an_overrun_lease_still_writes_if_nobody_took_over(backend: Backend) {
+    let env = backend.start(&[]);
+    let mut cm = env.server.client().await;
+    let won = cm
+        .get(leased(key("ns", "f", 1), 100, pb::GetRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(won.lease(), pb::Lease::Won);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!put_under(&mut cm, key("ns", "f", 1), b"slow", won.lease_token).await);
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 1)).await.as_deref(),
+        Some(&b"slow"[..])
+    );
+}
+
+/// Release gives the lease up: the next lookup wins at once; a spent or foreign token
+/// releases nothing; releasing a refresh lease leaves the value.
+async fn release_frees_the_lease_at_once(backend: Backend) {
+    let env = backend.start(&[]);
+    let mut cm = env.server.client().await;
+    let release = |token: u64| pb::ReleaseRequest {
+        key: Some(key("ns", "f", 1)),
+        lease_token: token,
+    };
+    let won = lease(&mut cm, key("ns", "f", 1)).await;
+    assert!(
+        cm.release(release(won.lease_token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
+    assert!(
+        !cm.release(release(won.lease_token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
+    let next = lease(&mut cm, key("ns", "f", 1)).await;
+    assert_eq!(next.lease(), pb::Lease::Won);
+    assert!(
+        !cm.release(release(next.lease_token ^ 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
+    assert!(!put_under(&mut cm, key("ns", "f", 1), b"v", next.lease_token).await);
+    let due = pb::GetRequest {
+        beta: 1e9,
+        ..Default::default()
+    };
+    let refresh = cm
+        .get(leased(key("ns", "f", 1), 5_000, due))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refresh.lease(), pb::Lease::Won);
+    assert!(
+        cm.release(release(refresh.lease_token))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 1)).await.as_deref(),
+        Some(&b"v"[..])
+    );
+}
+
+/// A value written with stale_seconds is a miss once its TTL passes, handed out marked stale
+/// only to lookups that allow it (with the lease, to recompute), never listed, and gone for
+/// good after a bust.
+async fn stale_copies_serve_only_when_asked_and_never_after_a_bust(backend: Backend) {
+    let env = backend.start(&[]);
+    let mut cm = env.server.client().await;
+    for n in [1, 2] {
+        let request = pb::PutRequest {
+            stale_seconds: 60,
+            ..put(key("ns", "f", n), b"old", 1)
+        };
+        cm.put(request).await.unwrap();
+    }
+    let expired = eventually(Duration::from_secs(5), || {
+        let mut cm = cm.clone();
+        async move { get(&mut cm, key("ns", "f", 1)).await.is_none() }
+    })
+    .await;
+    assert!(expired, "a 1 s entry was still a hit after 5 s");
+    assert!(
+        keys_page(&mut cm, "ns", "f", "", 10)
+            .await
+            .entries
+            .is_empty(),
+        "a stale copy was listed"
+    );
+    let allow = || pb::GetRequest {
+        allow_stale: true,
+        ..Default::default()
+    };
+    let stale = cm
+        .get(pb::GetRequest {
+            key: Some(key("ns", "f", 1)),
+            ..allow()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stale.hit && stale.stale);
+    assert_eq!(stale.value.as_ref(), b"old");
+    let won = cm
+        .get(leased(key("ns", "f", 1), 5_000, allow()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(won.lease(), pb::Lease::Won);
+    assert!(won.stale, "the lease winner is not handed the stale value");
+    let waiting = cm
+        .get(leased(key("ns", "f", 1), 5_000, allow()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(waiting.lease(), pb::Lease::Wait);
+    assert!(waiting.stale && waiting.value.as_ref() == b"old");
+    let batch = cm
+        .get_many(pb::GetManyRequest {
+            keys: vec![key("ns", "f", 1), key("ns", "f", 2)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        batch.results.iter().all(|result| !result.hit),
+        "GetMany served a stale copy as a hit"
+    );
+    cm.bust(pb::BustRequest {
+        key: Some(key("ns", "f", 1)),
+    })
+    .await
+    .unwrap();
+    bust_function(&mut cm, "ns", "f").await;
+    for n in [1, 2] {
+        let after = cm
+            .get(pb::GetRequest {
+                key: Some(key("ns", "f", n)),
+                ..allow()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            !after.stale && after.value.is_empty(),
+            "a busted value was served stale"
+        );
+    }
+    let stats = cm.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.stale_served, 3);
+}
+
+/// Stale-while-revalidate: a live entry that is due (by age or by XFetch) is answered as a
+/// hit to everyone, and leased to exactly one refresher, whose write replaces it. A value
+/// written plainly (no compute time) is never due.
+async fn a_due_entry_is_leased_to_one_refresher(backend: Backend) {
+    let env = backend.start(&[]);
+    let mut cm = env.server.client().await;
+    let computed = pb::PutRequest {
+        compute_ms: 50,
+        ..put(key("ns", "f", 1), b"v1", 60)
+    };
+    cm.put(computed).await.unwrap();
+    cm.put(put(key("ns", "f", 2), b"plain", 60)).await.unwrap();
+    let by_age = || pb::GetRequest {
+        refresh_after_ms: 1,
+        ..Default::default()
+    };
+    let refresher = cm
+        .get(leased(key("ns", "f", 1), 5_000, by_age()))
+        .await
+        .unwrap()
+        .into_inner();
+    // Written at least a millisecond ago by now (the Put was answered before).
+    assert!(refresher.hit);
+    assert_eq!(refresher.value.as_ref(), b"v1");
+    assert_eq!(refresher.lease(), pb::Lease::Won);
+    for _ in 0..3 {
+        let other = cm
+            .get(leased(key("ns", "f", 1), 5_000, by_age()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(other.hit && other.value.as_ref() == b"v1");
+        assert_eq!(other.lease(), pb::Lease::None, "a second refresher");
+    }
+    assert!(!put_under(&mut cm, key("ns", "f", 1), b"v2", refresher.lease_token).await);
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 1)).await.as_deref(),
+        Some(&b"v2"[..])
+    );
+    let young = pb::GetRequest {
+        refresh_after_ms: 3_600_000,
+        ..Default::default()
+    };
+    let fresh = cm
+        .get(leased(key("ns", "f", 1), 5_000, young))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fresh.lease(), pb::Lease::None, "a fresh entry was due");
+    let xfetch = || pb::GetRequest {
+        beta: 1e9,
+        ..Default::default()
+    };
+    let early = cm
+        .get(leased(key("ns", "f", 1), 5_000, xfetch()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        early.lease(),
+        pb::Lease::Won,
+        "XFetch with a huge beta is always due"
+    );
+    let plain = cm
+        .get(leased(key("ns", "f", 2), 5_000, xfetch()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(plain.hit);
+    assert_eq!(
+        plain.lease(),
+        pb::Lease::None,
+        "a plainly written value was due"
+    );
+    let stats = cm.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!((stats.refreshes, stats.leases_won), (2, 2));
+}
+
+/// Lease fields out of bounds are refused with INVALID_ARGUMENT naming the field, and write
+/// nothing.
+async fn lease_requests_are_validated(backend: Backend) {
+    let env = backend.start(&["--lease-max-ms", "10000"]);
+    let mut cm = env.server.client().await;
+    let refused = |result: Result<tonic::Response<pb::GetResponse>, tonic::Status>, field: &str| {
+        let status = result.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(field), "{status:?}");
+    };
+    refused(
+        cm.get(leased(key("ns", "f", 1), 10_001, pb::GetRequest::default()))
+            .await,
+        "lease_ms",
+    );
+    let without_lease = pb::GetRequest {
+        key: Some(key("ns", "f", 1)),
+        refresh_after_ms: 10,
+        ..Default::default()
+    };
+    refused(cm.get(without_lease).await, "refresh_after_ms");
+    for beta in [f32::NAN, -1.0, f32::INFINITY] {
+        let bad = pb::GetRequest {
+            beta,
+            ..Default::default()
+        };
+        refused(cm.get(leased(key("ns", "f", 1), 1_000, bad)).await, "beta");
+    }
+    let too_stale = pb::PutRequest {
+        stale_seconds: 2_592_000,
+        ..put(key("ns", "f", 1), b"v", 60)
+    };
+    let status = cm.put(too_stale).await.expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("stale_seconds"), "{status:?}");
+    let tokened = pb::PutRequest {
+        lease_token: 9,
+        ..put(key("ns", "f", 1), b"v", 60)
+    };
+    let status = cm
+        .put_many(pb::PutManyRequest {
+            entries: vec![tokened],
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("entries[0].lease_token"),
+        "{status:?}"
+    );
+    let status = cm
+        .release(pb::ReleaseRequest {
+            key: Some(key("ns", "f", 1)),
+            lease_token: 0,
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 1)).await,
+        None,
+        "a refused request wrote"
+    );
+    assert_eq!(
+        lease(&mut cm, key("ns", "f", 1)).await.lease(),
+        pb::Lease::Won,
+        "a refused request leased"
+    );
+}
 
 /// A Put carrying `tags`.
 fn tagged(key: pb::Key, ttl_seconds: u32, tags: &[&str]) -> pb::PutRequest {

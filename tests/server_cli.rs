@@ -138,6 +138,7 @@ fn every_setting(files: &SettingFiles) -> Vec<(&'static str, String, String)> {
         number("max-batch", 51),
         number("max-tags", 5),
         number("max-tag-bytes", 99),
+        number("lease-max-ms", 59_999),
         number("max-message-bytes", 100_001),
         number("max-response-bytes", 100_002),
         number("bust-batch", 101),

@@ -143,6 +143,42 @@ struct ScopeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
+}
+
+/// Something that happened to a lease, for `cache_money_lease_events_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseEvent {
+    /// A lease handed out (expired ones taken over and refreshes included).
+    Won,
+    /// A lookup told to wait for another caller's lease.
+    Waited,
+    /// A lease won by taking over one that expired unfulfilled.
+    Expired,
+    /// A write under a lease refused because the lease was voided.
+    Refused,
+    /// A lookup answered with a stale value.
+    StaleServed,
+    /// A lease won to refresh a live entry that was due.
+    Refreshed,
+}
+
+impl LeaseEvent {
+    /// The `event` label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            LeaseEvent::Won => "won",
+            LeaseEvent::Waited => "waited",
+            LeaseEvent::Expired => "expired",
+            LeaseEvent::Refused => "refused",
+            LeaseEvent::StaleServed => "stale_served",
+            LeaseEvent::Refreshed => "refreshed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -312,6 +348,7 @@ struct Recorder {
     shed: Counter,
     busts: Family<ScopeLabels, Counter>,
     busted_entries: Family<ScopeLabels, Counter>,
+    lease_events: Family<EventLabels, Counter>,
     namespaces: Namespaces,
 }
 
@@ -348,6 +385,7 @@ impl Metrics {
             shed: Counter::default(),
             busts: Family::default(),
             busted_entries: Family::default(),
+            lease_events: Family::default(),
             namespaces: Namespaces::new(max_namespaces),
         };
         {
@@ -402,6 +440,11 @@ impl Metrics {
                 "busted_entries",
                 "Entries removed by busts, by scope",
                 recorder.busted_entries.clone(),
+            );
+            r.register(
+                "lease_events",
+                "Lease decisions, by event (won, waited, expired: an expired lease taken over, refused: a write under a voided lease, stale_served, refreshed: a due entry leased for refresh)",
+                recorder.lease_events.clone(),
             );
             r.register(
                 "lookups",
@@ -531,6 +574,18 @@ impl Metrics {
             .busted_entries
             .get_or_create(&labels)
             .inc_by(removed);
+    }
+
+    /// Counts one lease event.
+    pub fn lease(&self, event: LeaseEvent) {
+        if let Some(recorder) = &self.recorder {
+            recorder
+                .lease_events
+                .get_or_create(&EventLabels {
+                    event: event.name(),
+                })
+                .inc();
+        }
     }
 
     /// Counts a failed store operation: shed when it was refused for `--max-in-flight`.

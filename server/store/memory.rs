@@ -11,15 +11,22 @@ use std::{
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{KeyInfo, KeysPage, MemoryState, NewEntry, Scope, Store, StoreError, StoreState};
+use super::lease::placeholder_life;
+use super::{
+    Acquired, Found, KeyInfo, KeysPage, LeaseAsk, MemoryState, Meta, NewEntry, Scope, Seen, Store,
+    StoreError, StoreState,
+};
 use crate::key::{EntryKey, FunctionKey, check_digest};
 use crate::lock;
 use crate::server::metrics::Metrics;
 
 /// The `command` label values of `cache_money_store_command_duration_seconds` for the
 /// in-memory store: one per operation, as the README lists them.
-pub const MEMORY_COMMANDS: [&str; 8] = [
+pub const MEMORY_COMMANDS: [&str; 11] = [
     "get",
+    "lease",
+    "put_leased",
+    "release",
     "get_many",
     "value_bytes",
     "put",
@@ -53,6 +60,10 @@ const TAG_OVERHEAD: usize = 64;
 /// the map (bust, expiry sweep, eviction, overwrite), so the indexes hold live entries only and
 /// an entry overwritten with other tags is no longer busted by its old ones. Each tag is
 /// charged to its entry's bytes, so the budget bounds the indexes too.
+///
+/// Leases, stale copies and placeholders follow the Redis stores' rules exactly (see
+/// [`lease`](super::lease)), on the map's own clock: an entry's `expires_at` includes its
+/// stale window, and a lease placeholder is an entry without a value.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     shared: Arc<Mutex<State>>,
@@ -67,6 +78,44 @@ struct Entry {
     seq: u64,
     /// Its tags, to find its place in their indexes when it goes.
     tags: Vec<String>,
+    /// The TTL it was written with.
+    ttl: Duration,
+    /// How long past its TTL it is kept; included in `expires_at`.
+    stale: Duration,
+    /// Its writer's compute time, ms.
+    compute_ms: u32,
+    /// A lease placeholder: no value, only `lease`.
+    placeholder: bool,
+    /// The lease held on the key: its token and when it expires.
+    lease: Option<(u64, Instant)>,
+}
+
+impl Entry {
+    /// A value written with neither a stale window nor a compute time: as Redis stores it
+    /// plainly, it has no lease slot.
+    fn plain(&self) -> bool {
+        !self.placeholder && self.stale.is_zero() && self.compute_ms == 0
+    }
+
+    fn meta(&self) -> Meta {
+        Meta {
+            ttl: (!self.plain()).then_some(self.ttl),
+            compute_ms: self.compute_ms,
+        }
+    }
+
+    /// What a lookup finds in it at `now` (it is not past `expires_at`).
+    fn found(&self, now: Instant) -> Found {
+        if self.placeholder {
+            return Found::Absent;
+        }
+        let value = self.value.clone();
+        let meta = self.meta();
+        match (self.expires_at - self.stale).checked_duration_since(now) {
+            Some(left) if !left.is_zero() => Found::Live { value, left, meta },
+            _ => Found::Stale { value, meta },
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -117,44 +166,126 @@ impl State {
         true
     }
 
+    /// The key's entry while it is kept (a lease placeholder and a stale copy included).
     fn live(&self, key: &str, now: Instant) -> Option<&Entry> {
         self.entries.get(key).filter(|entry| entry.expires_at > now)
+    }
+
+    /// What a lookup of `key` finds at `now`.
+    fn found(&self, key: &str, now: Instant) -> Found {
+        self.live(key, now)
+            .map_or(Found::Absent, |entry| entry.found(now))
     }
 
     /// Stores a copy of `value`: a value decoded from a request is a slice of the whole
     /// request's buffer, so keeping the slice would keep (say) an 8 MiB `PutMany` alive for
     /// one surviving 1-byte entry, while the budget counted only the byte.
     fn insert(&mut self, entry: &NewEntry, now: Instant) {
-        let key = map_key(&entry.key);
-        let value = Bytes::copy_from_slice(&entry.value);
+        self.place(
+            map_key(&entry.key),
+            Entry {
+                value: Bytes::copy_from_slice(&entry.value),
+                expires_at: now + entry.kept_for(),
+                seq: 0,
+                tags: entry.tags.clone(),
+                ttl: entry.ttl,
+                stale: entry.stale,
+                compute_ms: entry.compute_ms,
+                placeholder: false,
+                lease: None,
+            },
+        );
+    }
+
+    /// Puts `entry` under `key` in place of whatever was there, making room in the budget.
+    fn place(&mut self, key: String, mut entry: Entry) {
         self.remove(&key);
-        let cost = charge(&key, &value, &entry.tags);
+        let cost = charge(&key, &entry.value, &entry.tags);
         while self.bytes + cost > self.max_bytes {
             let Some((_, victim)) = self.expirations.pop_first() else {
                 break;
             };
             self.remove(&victim);
         }
-        let expires_at = now + entry.ttl;
-        let seq = self.next_seq;
+        entry.seq = self.next_seq;
         self.next_seq += 1;
-        self.expirations.insert((expires_at, seq), key.clone());
+        self.expirations
+            .insert((entry.expires_at, entry.seq), key.clone());
         for tag in &entry.tags {
             self.tags
-                .entry(tag_index(entry.key.namespace(), tag))
+                .entry(tag_index(namespace_of(&key), tag))
                 .or_default()
                 .insert(key.clone());
         }
-        self.entries.insert(
-            key,
-            Entry {
-                value,
-                expires_at,
-                seq,
-                tags: entry.tags.clone(),
-            },
-        );
+        self.entries.insert(key, entry);
         self.bytes += cost;
+    }
+
+    /// Decides `key`'s lease for `ask`, as [`lease::ACQUIRE_SCRIPT`] does in Redis.
+    ///
+    /// [`lease::ACQUIRE_SCRIPT`]: super::lease::ACQUIRE_SCRIPT
+    fn acquire(&mut self, key: &str, ask: LeaseAsk, now: Instant) -> Acquired {
+        let lease = Some((ask.token, now + ask.lease));
+        let life = placeholder_life(ask.lease);
+        let Some(entry) = self.live(key, now) else {
+            self.place(
+                key.to_owned(),
+                Entry {
+                    value: Bytes::new(),
+                    expires_at: now + life,
+                    seq: 0,
+                    tags: Vec::new(),
+                    ttl: Duration::ZERO,
+                    stale: Duration::ZERO,
+                    compute_ms: 0,
+                    placeholder: true,
+                    lease,
+                },
+            );
+            return Acquired::Won {
+                seen: Seen::Nothing,
+                took_over: false,
+            };
+        };
+        if entry.plain() {
+            return Acquired::Live;
+        }
+        let seen = if entry.placeholder {
+            Seen::Nothing
+        } else {
+            Seen::Value
+        };
+        if matches!(entry.found(now), Found::Live { .. }) && !ask.refresh {
+            return Acquired::Live;
+        }
+        if let Some((_, until)) = entry.lease
+            && until > now
+        {
+            return Acquired::Held {
+                seen,
+                left: until - now,
+            };
+        }
+        let took_over = entry.lease.is_some();
+        if entry.placeholder {
+            let mut placeholder = self.entries.remove(key).expect("found above");
+            self.expirations
+                .remove(&(placeholder.expires_at, placeholder.seq));
+            self.bytes -= charge(key, &placeholder.value, &placeholder.tags);
+            placeholder.expires_at = now + life;
+            placeholder.lease = lease;
+            self.place(key.to_owned(), placeholder);
+        } else if let Some(entry) = self.entries.get_mut(key) {
+            entry.lease = lease;
+        }
+        Acquired::Won { seen, took_over }
+    }
+
+    /// Whether `key` holds the lease `token` at `now`.
+    fn holds(&self, key: &str, token: u64, now: Instant) -> bool {
+        self.live(key, now)
+            .and_then(|entry| entry.lease)
+            .is_some_and(|(holder, _)| holder == token)
     }
 
     fn purge_expired(&mut self, now: Instant) {
@@ -258,22 +389,45 @@ impl Store for MemoryStore {
         "memory"
     }
 
-    async fn get(&self, key: &EntryKey) -> Result<Option<Bytes>, StoreError> {
-        Ok(self.timed("get", |state, now| {
-            state
-                .live(&map_key(key), now)
-                .map(|entry| entry.value.clone())
+    async fn lookup(&self, key: &EntryKey) -> Result<Found, StoreError> {
+        Ok(self.timed("get", |state, now| state.found(&map_key(key), now)))
+    }
+
+    async fn acquire(&self, key: &EntryKey, ask: LeaseAsk) -> Result<Acquired, StoreError> {
+        Ok(self.timed("lease", |state, now| state.acquire(&map_key(key), ask, now)))
+    }
+
+    async fn put_leased(&self, entry: &NewEntry, token: u64) -> Result<bool, StoreError> {
+        Ok(self.timed("put_leased", |state, now| {
+            let held = state.holds(&map_key(&entry.key), token, now);
+            if held {
+                state.insert(entry, now);
+            }
+            held
+        }))
+    }
+
+    async fn release(&self, key: &EntryKey, token: u64) -> Result<bool, StoreError> {
+        Ok(self.timed("release", |state, now| {
+            let key = map_key(key);
+            if !state.holds(&key, token, now) {
+                return false;
+            }
+            match state.entries.get_mut(&key) {
+                Some(entry) if entry.placeholder => {
+                    state.remove(&key);
+                }
+                Some(entry) => entry.lease = None,
+                None => {}
+            }
+            true
         }))
     }
 
     async fn get_many(&self, keys: &[EntryKey]) -> Result<Vec<Option<Bytes>>, StoreError> {
         Ok(self.timed("get_many", |state, now| {
             keys.iter()
-                .map(|key| {
-                    state
-                        .live(&map_key(key), now)
-                        .map(|entry| entry.value.clone())
-                })
+                .map(|key| state.found(&map_key(key), now).live())
                 .collect()
         }))
     }
@@ -281,8 +435,8 @@ impl Store for MemoryStore {
     async fn value_bytes(&self, keys: &[EntryKey]) -> Result<u64, StoreError> {
         Ok(self.timed("value_bytes", |state, now| {
             keys.iter()
-                .filter_map(|key| state.live(&map_key(key), now))
-                .map(|entry| entry.value.len() as u64)
+                .filter_map(|key| state.found(&map_key(key), now).live())
+                .map(|value| value.len() as u64)
                 .sum()
         }))
     }
@@ -346,10 +500,12 @@ impl Store for MemoryStore {
                 .entries
                 .range::<str, _>((lower, Bound::Unbounded))
                 .take_while(|(key, _)| key.starts_with(&prefix))
-                .filter(|(_, entry)| entry.expires_at > now)
-                .map(|(key, entry)| KeyInfo {
-                    digest: key[prefix.len()..].to_owned(),
-                    ttl: entry.expires_at - now,
+                .filter_map(|(key, entry)| match entry.found(now) {
+                    Found::Live { left, .. } if entry.expires_at > now => Some(KeyInfo {
+                        digest: key[prefix.len()..].to_owned(),
+                        ttl: left,
+                    }),
+                    _ => None,
                 });
             let entries: Vec<KeyInfo> = live.by_ref().take(limit).collect();
             let next_cursor = match (live.next(), entries.last()) {
@@ -389,12 +545,7 @@ mod tests {
     }
 
     fn entry(function: &str, n: u32, value: &'static [u8], ttl: Duration) -> NewEntry {
-        NewEntry {
-            key: key(function, n),
-            value: Bytes::from_static(value),
-            ttl,
-            tags: Vec::new(),
-        }
+        NewEntry::new(key(function, n), Bytes::from_static(value), ttl)
     }
 
     fn tagged(function: &str, n: u32, ttl: Duration, tags: &[&str]) -> NewEntry {

@@ -2,6 +2,7 @@
 //! Cluster (the scale-out engine) and an in-memory map (the embedded default). All obey the
 //! same TTL, bust and limit rules, and the same behaviour suite in `tests/` runs against each.
 
+pub mod lease;
 mod memory;
 pub mod redis;
 
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use crate::key::{EntryKey, FunctionKey};
 use crate::server::key::{EntryParts, KeyLayout, LayoutKey};
 
+pub use self::lease::{Acquired, Found, LeaseAsk, Meta, Seen};
 pub use self::memory::{MEMORY_COMMANDS, MemoryStore};
 pub use self::redis::{RedisStore, cluster::ClusterStore};
 
@@ -163,6 +165,29 @@ pub struct NewEntry {
     pub ttl: Duration,
     /// Tags to bust it by, validated and without repeats; usually none.
     pub tags: Vec<String>,
+    /// How long past its TTL it is kept as a stale copy (stale-if-error); usually none.
+    pub stale: Duration,
+    /// How long computing it took, in ms, as its writer said; 0 when not said.
+    pub compute_ms: u32,
+}
+
+impl NewEntry {
+    /// An entry with no stale window, compute time or tags.
+    pub fn new(key: EntryKey, value: Bytes, ttl: Duration) -> Self {
+        NewEntry {
+            key,
+            value,
+            ttl,
+            tags: Vec::new(),
+            stale: Duration::ZERO,
+            compute_ms: 0,
+        }
+    }
+
+    /// How long the store keeps it: its TTL and its stale window.
+    pub fn kept_for(&self) -> Duration {
+        self.ttl + self.stale
+    }
 }
 
 /// Why a store operation failed.
@@ -232,9 +257,41 @@ pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
     /// `"redis"`, `"redis-cluster"` or `"memory"`, for stats and logs.
     fn kind(&self) -> &'static str;
 
-    /// Reads one entry; `None` when absent or expired.
-    fn get(&self, key: &EntryKey)
-    -> impl Future<Output = Result<Option<Bytes>, StoreError>> + Send;
+    /// Reads one entry; `None` when absent, expired, past its TTL (a stale copy) or only
+    /// leased.
+    fn get(
+        &self,
+        key: &EntryKey,
+    ) -> impl Future<Output = Result<Option<Bytes>, StoreError>> + Send {
+        async move { Ok(self.lookup(key).await?.live()) }
+    }
+
+    /// Reads one entry with what leases need: live with its time left, stale, or absent.
+    fn lookup(&self, key: &EntryKey) -> impl Future<Output = Result<Found, StoreError>> + Send;
+
+    /// Decides `key`'s lease for `ask` in one atomic step (see [`lease`]).
+    fn acquire(
+        &self,
+        key: &EntryKey,
+        ask: LeaseAsk,
+    ) -> impl Future<Output = Result<Acquired, StoreError>> + Send;
+
+    /// Writes `entry` only while its key holds the lease `token`; returns whether it did.
+    /// Tag indexes are written first either way (a refused write leaves a member naming the
+    /// key, harmless: a bust of that tag then removes whatever the key holds).
+    fn put_leased(
+        &self,
+        entry: &NewEntry,
+        token: u64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Gives up the lease `token` on `key`: a placeholder goes, a value stays. Returns whether
+    /// the key held the token.
+    fn release(
+        &self,
+        key: &EntryKey,
+        token: u64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Reads many entries in one round trip, results in key order.
     fn get_many(
@@ -257,7 +314,8 @@ pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
     fn put_many(&self, entries: &[NewEntry])
     -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Removes the entries in `scope`, returning how many there were.
+    /// Removes the entries in `scope` with their leases and stale copies, returning how many
+    /// keys there were (a lease placeholder or a stale copy counts as one).
     fn bust(&self, scope: Scope<'_>) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Removes every live entry of `namespace` (a validated name) written with `tag`,

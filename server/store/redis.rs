@@ -27,6 +27,7 @@ use tokio::{
 };
 use tracing::warn;
 
+use super::lease::{self, Acquired, Found, LeaseAsk};
 use super::{
     KeyInfo, KeysPage, NewEntry, PoolState, RedisTarget, Scope, Store, StoreError, StoreState,
 };
@@ -40,9 +41,15 @@ use crate::server::metrics::Metrics;
 /// GetMany's size check before it loads values; the health probe's `PING` is not timed.
 /// The cluster store's topology checks (`CLUSTER SLOTS` before `Keys`, `CLUSTER NODES` around
 /// a bust) are timed too. `EVAL (tag index)` writes the tag indexes of a tagged Put or PutMany
-/// before its entries; `ZSCAN/UNLINK` is BustTag's walk through one index.
-pub const REDIS_COMMANDS: [&str; 13] = [
+/// before its entries; `ZSCAN/UNLINK` is BustTag's walk through one index. `GET` is a lookup
+/// (`GET` and `PTTL` in one pipeline); the `EVAL (…)` lease scripts are those of [`lease`].
+///
+/// [`lease`]: super::lease
+pub const REDIS_COMMANDS: [&str; 16] = [
     "GET",
+    "EVAL (lease)",
+    "EVAL (leased SET)",
+    "EVAL (release)",
     "MGET",
     "STRLEN",
     "SET",
@@ -56,6 +63,74 @@ pub const REDIS_COMMANDS: [&str; 13] = [
     "CLUSTER SLOTS",
     "CLUSTER NODES",
 ];
+
+/// The lease scripts, sent by SHA once Redis has them (redis-rs loads a script that Redis
+/// does not know, as after a restart, and sends it again).
+pub(crate) struct Scripts {
+    acquire: redis::Script,
+    put: redis::Script,
+    release: redis::Script,
+}
+
+/// The lease scripts of [`lease`], built once.
+pub(crate) fn scripts() -> &'static Scripts {
+    static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
+    SCRIPTS.get_or_init(|| Scripts {
+        acquire: redis::Script::new(lease::ACQUIRE_SCRIPT),
+        put: redis::Script::new(lease::PUT_SCRIPT),
+        release: redis::Script::new(lease::RELEASE_SCRIPT),
+    })
+}
+
+impl Scripts {
+    /// The acquire script's invocation for `ask` on the Redis key `key`.
+    pub(crate) fn acquire(&self, key: String, ask: LeaseAsk) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.acquire.key(key);
+        invocation
+            .arg(lease::token_text(ask.token))
+            .arg(ask.lease.as_millis() as u64)
+            .arg(lease::placeholder_life(ask.lease).as_millis() as u64)
+            .arg(if ask.refresh { "1" } else { "0" });
+        invocation
+    }
+
+    /// The leased write's invocation of `entry` under `key`.
+    pub(crate) fn put(
+        &self,
+        key: String,
+        entry: &NewEntry,
+        token: u64,
+    ) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.put.key(key);
+        invocation
+            .arg(lease::token_text(token))
+            .arg(stored(entry).as_ref())
+            .arg(entry.kept_for().as_millis() as u64);
+        invocation
+    }
+
+    /// The release's invocation of `token` on `key`.
+    pub(crate) fn release(&self, key: String, token: u64) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.release.key(key);
+        invocation.arg(lease::token_text(token));
+        invocation
+    }
+}
+
+/// The bytes Redis keeps for `entry` (see [`lease::stored_value`]).
+pub(crate) fn stored(entry: &NewEntry) -> Bytes {
+    lease::stored_value(&entry.value, entry.ttl, entry.stale, entry.compute_ms)
+}
+
+/// Whether the `GET` reply `stored` is a value kept past its TTL for a while, whose `PTTL`
+/// tells whether it is live. Any other value is live for as long as it exists (decoded with
+/// [`lease::found`] and a `PTTL` of `i64::MAX`, when only its liveness matters).
+pub(crate) fn needs_pttl(stored: &Option<Vec<u8>>) -> bool {
+    stored
+        .as_deref()
+        .and_then(lease::header)
+        .is_some_and(|header| !header.stale.is_zero())
+}
 
 /// What the Redis store needs to know.
 #[derive(Debug, Clone)]
@@ -561,16 +636,15 @@ impl RedisStore {
     }
 }
 
-/// The entries of `keys` with their `PTTL` replies, leaving out those gone since the SCAN.
-fn key_infos(layout: &KeyLayout, keys: &[Vec<u8>], ttls: Vec<i64>) -> Vec<KeyInfo> {
+/// The entries of `keys` with their `PTTL` and first bytes (`GETRANGE` of the header),
+/// leaving out those gone since the SCAN (a `PTTL` of -2), lease placeholders and stale copies.
+fn key_infos(layout: &KeyLayout, keys: &[Vec<u8>], replies: Vec<(i64, Vec<u8>)>) -> Vec<KeyInfo> {
     keys.iter()
-        .zip(ttls)
-        // -2: expired or busted since the SCAN; -1 cannot happen for keys we wrote.
-        .filter(|(_, ttl)| *ttl >= 0)
-        .filter_map(|(key, ttl)| {
+        .zip(replies)
+        .filter_map(|(key, (pttl, head))| {
             Some(KeyInfo {
                 digest: layout.parse(key)?.digest.to_owned(),
-                ttl: Duration::from_millis(ttl as u64),
+                ttl: lease::listed_ttl(&head, pttl)?,
             })
         })
         .collect()
@@ -603,14 +677,50 @@ impl Store for RedisStore {
         "redis"
     }
 
-    async fn get(&self, key: &EntryKey) -> Result<Option<Bytes>, StoreError> {
+    async fn lookup(&self, key: &EntryKey) -> Result<Found, StoreError> {
         let key = self.layout.entry(key);
-        let value: Option<Vec<u8>> = self
+        let (stored, pttl): (Option<Vec<u8>>, i64) = self
             .run("GET", |mut conn| async move {
-                redis::cmd("GET").arg(key).query_async(&mut conn).await
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(&key)
+                    .cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
             })
             .await?;
-        Ok(value.map(Bytes::from))
+        Ok(lease::found(stored, pttl))
+    }
+
+    async fn acquire(&self, key: &EntryKey, ask: LeaseAsk) -> Result<Acquired, StoreError> {
+        let key = self.layout.entry(key);
+        let reply: Value = self
+            .run("EVAL (lease)", |mut conn| async move {
+                scripts().acquire(key, ask).invoke_async(&mut conn).await
+            })
+            .await?;
+        lease::acquired(&reply).map_err(StoreError::Internal)
+    }
+
+    async fn put_leased(&self, entry: &NewEntry, token: u64) -> Result<bool, StoreError> {
+        self.write_tag_indexes(std::slice::from_ref(entry)).await?;
+        let key = self.layout.entry(&entry.key);
+        self.run("EVAL (leased SET)", |mut conn| async move {
+            scripts()
+                .put(key, entry, token)
+                .invoke_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn release(&self, key: &EntryKey, token: u64) -> Result<bool, StoreError> {
+        let key = self.layout.entry(key);
+        self.run("EVAL (release)", |mut conn| async move {
+            scripts().release(key, token).invoke_async(&mut conn).await
+        })
+        .await
     }
 
     async fn get_many(&self, keys: &[EntryKey]) -> Result<Vec<Option<Bytes>>, StoreError> {
@@ -619,13 +729,35 @@ impl Store for RedisStore {
         }
         let keys: Vec<String> = keys.iter().map(|key| self.layout.entry(key)).collect();
         let values: Vec<Option<Vec<u8>>> = self
-            .run("MGET", |mut conn| async move {
-                redis::cmd("MGET").arg(keys).query_async(&mut conn).await
+            .run("MGET", |mut conn| {
+                let keys = keys.clone();
+                async move { redis::cmd("MGET").arg(keys).query_async(&mut conn).await }
             })
             .await?;
+        // Values kept past their TTL need their PTTL to tell whether they are still live: a
+        // second round trip, only for them.
+        let stale_kept: Vec<usize> = (0..values.len())
+            .filter(|&index| needs_pttl(&values[index]))
+            .collect();
+        let mut pttls = vec![i64::MAX; values.len()];
+        if !stale_kept.is_empty() {
+            let mut pipe = redis::pipe();
+            for &index in &stale_kept {
+                pipe.cmd("PTTL").arg(&keys[index]);
+            }
+            let replies: Vec<i64> = self
+                .run("PTTL", |mut conn| async move {
+                    pipe.query_async(&mut conn).await
+                })
+                .await?;
+            for (index, pttl) in stale_kept.into_iter().zip(replies) {
+                pttls[index] = pttl;
+            }
+        }
         Ok(values
             .into_iter()
-            .map(|value| value.map(Bytes::from))
+            .zip(pttls)
+            .map(|(stored, pttl)| lease::found(stored, pttl).live())
             .collect())
     }
 
@@ -651,9 +783,9 @@ impl Store for RedisStore {
         self.run("SET", |mut conn| async move {
             redis::cmd("SET")
                 .arg(key)
-                .arg(entry.value.as_ref())
+                .arg(stored(entry).as_ref())
                 .arg("PX")
-                .arg(entry.ttl.as_millis() as u64)
+                .arg(entry.kept_for().as_millis() as u64)
                 .query_async::<()>(&mut conn)
                 .await
         })
@@ -669,9 +801,9 @@ impl Store for RedisStore {
         for entry in entries {
             pipe.cmd("SET")
                 .arg(self.layout.entry(&entry.key))
-                .arg(entry.value.as_ref())
+                .arg(stored(entry).as_ref())
                 .arg("PX")
-                .arg(entry.ttl.as_millis() as u64)
+                .arg(entry.kept_for().as_millis() as u64)
                 .ignore();
         }
         self.run("SET (batch)", |mut conn| async move {
@@ -739,8 +871,12 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         for key in &found {
             pipe.cmd("PTTL").arg(key);
+            pipe.cmd("GETRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(lease::HEADER_LEN - 1);
         }
-        let ttls: Vec<i64> = if found.is_empty() {
+        let replies: Vec<(i64, Vec<u8>)> = if found.is_empty() {
             Vec::new()
         } else {
             self.run("PTTL", |mut conn| async move {
@@ -749,7 +885,7 @@ impl Store for RedisStore {
             .await?
         };
         Ok(KeysPage {
-            entries: key_infos(&self.layout, &found, ttls),
+            entries: key_infos(&self.layout, &found, replies),
             next_cursor: if cursor == 0 {
                 String::new()
             } else {

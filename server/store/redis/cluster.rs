@@ -55,10 +55,11 @@ use redis::{
 use tokio::time::{Instant, timeout_at};
 use tracing::warn;
 
-use super::{Gate, classify, from_value, key_infos, removable, tags};
+use super::{Gate, classify, from_value, key_infos, needs_pttl, removable, scripts, stored, tags};
 use crate::key::{EntryKey, FunctionKey};
 use crate::server::key::KeyLayout;
 use crate::server::metrics::Metrics;
+use crate::server::store::lease::{self, Acquired, Found, LeaseAsk};
 use crate::server::store::{KeysPage, NewEntry, RedisTarget, Scope, Store, StoreError, StoreState};
 
 /// Hash slots in a Redis Cluster.
@@ -493,6 +494,22 @@ impl ClusterStore {
             .await
     }
 
+    /// One lease script, routed by its key, within the store timeout and a permit.
+    async fn script<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: redis::ScriptInvocation<'static>,
+    ) -> Result<T, StoreError> {
+        self.gate
+            .run(op, |deadline| {
+                let mut connection = self.connection.get();
+                self.by(op, deadline, async move {
+                    invocation.invoke_async(&mut connection).await
+                })
+            })
+            .await
+    }
+
     /// One command to the node `route` names, on `connection`, by `deadline`.
     async fn to_node<T: FromRedisValue>(
         &self,
@@ -519,6 +536,19 @@ impl ClusterStore {
         keys: &[K],
         command: impl Fn(&mut Pipeline, usize),
     ) -> Result<Vec<Value>, StoreError> {
+        self.per_slot_by(op, deadline, keys, 1, command).await
+    }
+
+    /// [`ClusterStore::per_slot`] with `per_key` commands per key: the replies of each key's
+    /// commands come back together, in the order of `keys`.
+    async fn per_slot_by<K: AsRef<[u8]>>(
+        &self,
+        op: &'static str,
+        deadline: Instant,
+        keys: &[K],
+        per_key: usize,
+        command: impl Fn(&mut Pipeline, usize),
+    ) -> Result<Vec<Value>, StoreError> {
         let mut groups: HashMap<Slot, Vec<usize>> = HashMap::new();
         for (index, key) in keys.iter().enumerate() {
             groups.entry(Slot::for_key(key)).or_default().push(index);
@@ -531,23 +561,24 @@ impl ClusterStore {
             let mut connection = self.connection.get();
             async move {
                 let replies = connection
-                    .route_pipeline(pipe, 0, indices.len(), primary_of(slot))
+                    .route_pipeline(pipe, 0, indices.len() * per_key, primary_of(slot))
                     .await?;
                 Ok::<_, RedisError>((indices, replies))
             }
         });
         let groups = self.by(op, deadline, try_join_all(sends)).await?;
-        let mut replies = vec![Value::Nil; keys.len()];
+        let mut replies = vec![Value::Nil; keys.len() * per_key];
         for (indices, values) in groups {
-            if values.len() != indices.len() {
+            if values.len() != indices.len() * per_key {
                 return Err(StoreError::Internal(format!(
                     "{op}: {} replies to {} commands",
                     values.len(),
-                    indices.len()
+                    indices.len() * per_key
                 )));
             }
-            for (index, value) in indices.into_iter().zip(first_error(values)?) {
-                replies[index] = value;
+            let values = first_error(values)?;
+            for (index, values) in indices.into_iter().zip(values.chunks(per_key)) {
+                replies[index * per_key..(index + 1) * per_key].clone_from_slice(values);
             }
         }
         Ok(replies)
@@ -942,11 +973,43 @@ impl Store for ClusterStore {
         "redis-cluster"
     }
 
-    async fn get(&self, key: &EntryKey) -> Result<Option<Bytes>, StoreError> {
-        let mut get = redis::cmd("GET");
-        get.arg(self.layout.entry(key));
-        let value: Option<Vec<u8>> = self.one("GET", get).await?;
-        Ok(value.map(Bytes::from))
+    async fn lookup(&self, key: &EntryKey) -> Result<Found, StoreError> {
+        let key = self.layout.entry(key);
+        // One key, so one slot: redis-rs routes the pipeline by it, following redirects as
+        // for a single command.
+        let (stored, pttl): (Option<Vec<u8>>, i64) = self
+            .gate
+            .run("GET", |deadline| {
+                let mut connection = self.connection.get();
+                self.by("GET", deadline, async move {
+                    redis::pipe()
+                        .cmd("GET")
+                        .arg(&key)
+                        .cmd("PTTL")
+                        .arg(&key)
+                        .query_async(&mut connection)
+                        .await
+                })
+            })
+            .await?;
+        Ok(lease::found(stored, pttl))
+    }
+
+    async fn acquire(&self, key: &EntryKey, ask: LeaseAsk) -> Result<Acquired, StoreError> {
+        let invocation = scripts().acquire(self.layout.entry(key), ask);
+        let reply: Value = self.script("EVAL (lease)", invocation).await?;
+        lease::acquired(&reply).map_err(StoreError::Internal)
+    }
+
+    async fn put_leased(&self, entry: &NewEntry, token: u64) -> Result<bool, StoreError> {
+        self.write_tag_indexes(std::slice::from_ref(entry)).await?;
+        let invocation = scripts().put(self.layout.entry(&entry.key), entry, token);
+        self.script("EVAL (leased SET)", invocation).await
+    }
+
+    async fn release(&self, key: &EntryKey, token: u64) -> Result<bool, StoreError> {
+        let invocation = scripts().release(self.layout.entry(key), token);
+        self.script("EVAL (release)", invocation).await
     }
 
     async fn get_many(&self, keys: &[EntryKey]) -> Result<Vec<Option<Bytes>>, StoreError> {
@@ -964,10 +1027,36 @@ impl Store for ClusterStore {
                 })
             })
             .await?;
-        replies
-            .iter()
-            .map(|reply| Ok(from_value::<Option<Vec<u8>>>(reply)?.map(Bytes::from)))
-            .collect()
+        let values: Vec<Option<Vec<u8>>> =
+            replies.iter().map(from_value).collect::<Result<_, _>>()?;
+        // Values kept past their TTL need their PTTL to tell whether they are still live: a
+        // second round trip, only for them.
+        let stale_kept: Vec<&String> = (0..values.len())
+            .filter(|&index| needs_pttl(&values[index]))
+            .map(|index| &keys[index])
+            .collect();
+        let mut pttls = vec![i64::MAX; values.len()];
+        if !stale_kept.is_empty() {
+            let replies = self
+                .gate
+                .run("PTTL", |deadline| {
+                    self.per_slot("PTTL", deadline, &stale_kept, |pipe, index| {
+                        pipe.cmd("PTTL").arg(stale_kept[index]);
+                    })
+                })
+                .await?;
+            let mut replies = replies.iter();
+            for (index, pttl) in pttls.iter_mut().enumerate() {
+                if needs_pttl(&values[index]) {
+                    *pttl = from_value(replies.next().expect("one reply per key asked"))?;
+                }
+            }
+        }
+        Ok(values
+            .into_iter()
+            .zip(pttls)
+            .map(|(stored, pttl)| lease::found(stored, pttl).live())
+            .collect())
     }
 
     async fn value_bytes(&self, keys: &[EntryKey]) -> Result<u64, StoreError> {
@@ -990,9 +1079,9 @@ impl Store for ClusterStore {
         self.write_tag_indexes(std::slice::from_ref(entry)).await?;
         let mut set = redis::cmd("SET");
         set.arg(self.layout.entry(&entry.key))
-            .arg(entry.value.as_ref())
+            .arg(stored(entry).as_ref())
             .arg("PX")
-            .arg(entry.ttl.as_millis() as u64);
+            .arg(entry.kept_for().as_millis() as u64);
         self.one("SET", set).await
     }
 
@@ -1011,9 +1100,9 @@ impl Store for ClusterStore {
                     let entry = &entries[index];
                     pipe.cmd("SET")
                         .arg(&keys[index])
-                        .arg(entry.value.as_ref())
+                        .arg(stored(entry).as_ref())
                         .arg("PX")
-                        .arg(entry.ttl.as_millis() as u64);
+                        .arg(entry.kept_for().as_millis() as u64);
                 })
             })
             .await?;
@@ -1069,25 +1158,32 @@ impl Store for ClusterStore {
                 node += 1;
             }
         }
-        let ttls: Vec<i64> = if found.is_empty() {
+        let replies: Vec<(i64, Vec<u8>)> = if found.is_empty() {
             Vec::new()
         } else {
             let replies = self
                 .gate
                 .run("PTTL", |deadline| {
-                    self.per_slot("PTTL", deadline, &found, |pipe, index| {
+                    self.per_slot_by("PTTL", deadline, &found, 2, |pipe, index| {
                         pipe.cmd("PTTL").arg(&found[index]);
+                        pipe.cmd("GETRANGE")
+                            .arg(&found[index])
+                            .arg(0)
+                            .arg(lease::HEADER_LEN - 1);
                     })
                 })
                 .await?;
-            replies.iter().map(from_value).collect::<Result<_, _>>()?
+            replies
+                .chunks(2)
+                .map(|pair| Ok((from_value(&pair[0])?, from_value(&pair[1])?)))
+                .collect::<Result<_, StoreError>>()?
         };
         let next_cursor = match topology.primaries.get(node) {
             Some(primary) => format!("{}:{}:{position}", topology.fingerprint(), primary.id),
             None => String::new(),
         };
         Ok(KeysPage {
-            entries: key_infos(&self.layout, &found, ttls),
+            entries: key_infos(&self.layout, &found, replies),
             next_cursor,
         })
     }

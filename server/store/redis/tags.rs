@@ -69,7 +69,7 @@ pub fn index_commands(
 ) -> Vec<(String, redis::Cmd)> {
     let mut members: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
     for entry in entries {
-        let ttl_ms = (entry.ttl + slack).as_millis() as u64;
+        let ttl_ms = (entry.kept_for() + slack).as_millis() as u64;
         for tag in &entry.tags {
             members
                 .entry(layout.tag_index(entry.key.namespace(), tag))
@@ -124,10 +124,12 @@ mod tests {
 
     fn tagged(namespace: &str, function: &str, tags: &[&str]) -> NewEntry {
         NewEntry {
-            key: EntryKey::new(namespace.into(), function.into(), D.into()).unwrap(),
-            value: Bytes::new(),
-            ttl: Duration::from_secs(60),
             tags: tags.iter().map(|tag| tag.to_string()).collect(),
+            ..NewEntry::new(
+                EntryKey::new(namespace.into(), function.into(), D.into()).unwrap(),
+                Bytes::new(),
+                Duration::from_secs(60),
+            )
         }
     }
 
