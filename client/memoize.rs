@@ -531,6 +531,9 @@ impl Function {
                 token,
                 compute,
             } => {
+                // Counted now, not in the task: the caller's metrics say at once that a
+                // recomputation is under way.
+                self.client.count(Event::Refreshed);
                 let this = self.clone();
                 tokio::spawn(async move {
                     let tags = this.tags.clone();
@@ -560,6 +563,7 @@ impl Function {
                 token,
                 compute,
             } => {
+                self.client.count(Event::Refreshed);
                 let value = self.revalidate(key, tags, token, compute).await;
                 Ok(Served::fresh(value.unwrap_or(current)))
             }
@@ -876,7 +880,6 @@ impl Function {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.client.count(Event::Refreshed);
         self.client.count_computed();
         let guard = LeaseGuard::new(&self.client, Self::pb_key(key), token);
         let started = Instant::now();
@@ -893,6 +896,7 @@ impl Function {
                 Some(value)
             }
             Err(_) => {
+                debug!(namespace = %self.namespace, function = %self.name, "recomputing a due entry failed; it stays as it was and its lease is released");
                 guard.release().await;
                 None
             }

@@ -929,8 +929,14 @@ enum Ending {
 async fn a_failed_computation_gives_its_lease_back() {
     let server = CacheServer::memory(&[]);
     for ending in [Ending::Err, Ending::Panic, Ending::Cancel] {
-        let holder = Client::connect(server.url()).await.unwrap();
-        let waiter = Client::connect(server.url()).await.unwrap();
+        // A generous deadline: the panic's backtrace, printed on the test's one thread, must
+        // not make the waiter's lookup time out (which would compute without a lease).
+        let holder = Client::connect_with(server.url(), options(Duration::from_secs(2)))
+            .await
+            .unwrap();
+        let waiter = Client::connect_with(server.url(), options(Duration::from_secs(2)))
+            .await
+            .unwrap();
         let name = format!("released_{ending:?}").to_lowercase();
         let held = holder.function("leases", &name, Duration::from_secs(60));
         assert_eq!(held.lease_lifetime(), Duration::from_secs(5));
