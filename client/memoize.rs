@@ -116,12 +116,13 @@ enum Found<T> {
 /// Whether and how a computed result is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lease {
-    /// Unconditionally: leases are off, the service does not hand them out, or a refresh.
+    /// Unconditionally: leases are off, the service does not hand them out, the lookup
+    /// failed (fail-open, as before leases), or a refresh.
     None,
     /// With the token of the lease this caller won.
     Won(u64),
-    /// Not at all: with leases on, the lookup failed (no lease, so a write could land over
-    /// a bust), or waiting for another caller's lease ran out.
+    /// Not at all: waiting for another caller's lease ran out, so that caller (or whoever
+    /// took its lease over) is still expected to write, and its write must not be voided.
     Uncached,
 }
 
@@ -801,10 +802,14 @@ impl Function {
                 })
                 .await;
             let Some(reply) = found else {
-                // Fail-open. Without an answer there is no lease, and with leases on a write
-                // without one could put a result computed before a bust over it.
-                let lease = if leased { Lease::Uncached } else { Lease::None };
-                return Found::Compute { lease, stale };
+                // Fail-open, and the result is written as before leases (unconditionally):
+                // a lookup that merely timed out (a cold connection, a busy host) must not
+                // leave the entry unwritten. The price: such a write is not kept out by a
+                // bust made while computing, as no write was before leases.
+                return Found::Compute {
+                    lease: Lease::None,
+                    stale,
+                };
             };
             let won = (reply.lease == pb::Lease::Won as i32).then_some(reply.lease_token);
             if won.is_some() {
@@ -951,8 +956,14 @@ impl Function {
                 rpc.put(request).await
             })
             .await;
-        // Answered or not, the write was sent: a Release now could only race it.
-        if let Some(mut guard) = guard {
+        // Answered: the lease is spent (written with, or voided already). Not answered (the
+        // service refused the write as invalid, failed or timed out): the guard, dropped
+        // armed, gives the lease back from a spawned task, so the callers elsewhere need not
+        // wait for it to expire, nor this one for the Release. (A write that timed out but
+        // lands after the Release is refused: uncached, never wrong.)
+        if reply.is_some()
+            && let Some(mut guard) = guard
+        {
             guard.disarm();
         }
         if reply.is_some_and(|reply| reply.refused) {

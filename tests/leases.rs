@@ -1082,3 +1082,40 @@ async fn waiting_ends_after_the_lease_lifetime_plus_the_deadline() {
     );
     first.abort();
 }
+
+/// A leased write the service refuses as invalid (a value over `--max-value-bytes`) gives the
+/// lease back: the next caller of another client computes at once instead of waiting for the
+/// 5 s lease to expire (in memory).
+#[tokio::test]
+async fn a_write_refused_as_invalid_gives_its_lease_back() {
+    let server = CacheServer::memory(&["--max-value-bytes", "100"]);
+    let first = Client::connect_with(server.url(), options(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let second = Client::connect_with(server.url(), options(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let big = |cm: &Client| cm.function("leases", "big", Duration::from_secs(60));
+    let value: String = big(&first)
+        .memoize(&ARGS, || async { "x".repeat(1000) })
+        .await
+        .unwrap();
+    assert_eq!(value.len(), 1000);
+    assert_eq!(
+        first.metrics().refused,
+        1,
+        "the write was not refused as invalid"
+    );
+    let started = Instant::now();
+    let value: String = big(&second)
+        .memoize(&ARGS, || async { "y".repeat(1000) })
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(&value[..1], "y");
+    assert_eq!(second.metrics().leases_won, 1);
+    assert!(
+        took < Duration::from_secs(1),
+        "waited {took:?} for an unused lease"
+    );
+}

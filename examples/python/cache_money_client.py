@@ -63,8 +63,7 @@ def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR, version: int = 1
                     reply = stub.Get(pb.GetRequest(key=entry, lease_ms=lease_ms), timeout=DEADLINE_SECONDS)
                 except grpc.RpcError as err:
                     logging.debug("cache-money unavailable, computing: %s", err)
-                    # Without a lease a write could land over a bust: write only with leases off.
-                    return False, None, 0, lease_ms == 0
+                    return False, None, 0, True  # fail-open: compute, write without a lease
                 won = reply.lease_token if reply.lease == pb.LEASE_WON else 0
                 if reply.hit:
                     try:
@@ -118,6 +117,8 @@ def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR, version: int = 1
                     logging.debug("%s: busted while computing; returned, not cached", fn.__name__)
             except grpc.RpcError as err:
                 logging.debug("cache-money unavailable, not stored: %s", err)
+                if token:  # not written: let the next caller have the lease at once
+                    release(entry, token)
             return result
 
         wrapper.bust = lambda *args: stub.Bust(pb.BustRequest(key=key(*args))).removed
