@@ -1232,10 +1232,14 @@ impl Store for ClusterStore {
                 match answer {
                     Ok(id) if id == primary.id => Ok(()),
                     Ok(id) => Err(format!(
-                        "slot {start} went to node {id}, not {}",
-                        primary.id
+                        "slot {start} went to node {id}, not {} at {}",
+                        primary.id,
+                        primary.address()
                     )),
-                    Err(err) => Err(format!("slot {start}: {err}")),
+                    Err(err) => Err(format!(
+                        "slot {start}, served by {}: {err}",
+                        primary.address()
+                    )),
                 }
             });
             if let Err(stale) = try_join_all(routes).await {
