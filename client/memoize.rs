@@ -205,9 +205,10 @@ impl Function {
     ///
     /// Choose it above the function's usual compute time (a holder that has not written when
     /// its lease expires loses it to the next caller, and two computations run) and within
-    /// the server's `--lease-max` (60 s by default). A caller waits at most the lifetime plus
-    /// [`ClientOptions::deadline`](crate::ClientOptions::deadline) for another's result,
-    /// then computes itself.
+    /// the server's `--lease-max-ms` (60 s by default; the service refuses a longer lease,
+    /// and memoize then computes and writes without one, warned once). A caller waits at
+    /// most the lifetime plus [`ClientOptions::deadline`](crate::ClientOptions::deadline)
+    /// for another's result, then computes itself.
     pub fn lease(mut self, lifetime: Duration) -> Self {
         self.policy.lease = Some(lifetime);
         self

@@ -456,7 +456,7 @@ async fn a_cold_key_is_computed_once_across_twenty_processes() {
         after[after.len() / 2] as f64 / 1000.0,
         after[after.len() - 1] as f64 / 1000.0,
     );
-    // A waiter looks again every 25 ms or so (the server's cap), jittered by a quarter.
+    // A waiter looks again within 20 ms (the server's cap), stretched by at most a quarter.
     assert!(
         after[after.len() - 1] < 250_000,
         "a waiter took {} µs after the write",
