@@ -420,17 +420,49 @@ async fn a_cold_key_is_computed_once_across_twenty_processes() {
     let _one = ONE_FLEET_AT_A_TIME.lock().await;
     let redis = RedisServer::start();
     let server = CacheServer::redis(&redis, &[]);
-    let member = Member::new("stampede", &server, "cold");
-    let mut processes = fleet(20, &member).await;
+    cold_key_stampede("redis", &server, 20, 20).await;
+}
+
+/// The same with 10 processes × 10 callers in memory and on a Redis Cluster.
+#[tokio::test]
+async fn a_cold_key_is_computed_once_in_memory_and_on_a_cluster() {
+    let _one = ONE_FLEET_AT_A_TIME.lock().await;
+    let memory = CacheServer::memory(&[]);
+    cold_key_stampede("memory", &memory, 10, 10).await;
+    drop(memory);
+    let cluster = RedisCluster::shared();
+    let server = CacheServer::cluster(&cluster, &["--key-prefix", &unique_prefix("fleet")]);
+    cold_key_stampede("cluster", &server, 10, 10).await;
+}
+
+/// Runs `processes` × `callers` calls of one cold key at once and checks it was computed
+/// once, every caller got the value, and waiters saw it promptly after the write.
+async fn cold_key_stampede(store: &str, server: &CacheServer, processes: usize, callers: usize) {
+    let member = Member {
+        callers,
+        ..Member::new("stampede", server, "cold")
+    };
+    let mut fleet_processes = fleet(processes, &member).await;
     let started = Instant::now();
-    go(&mut processes).await;
-    let reports = reports(processes).await;
+    go(&mut fleet_processes).await;
+    let reports = reports(fleet_processes).await;
     let wall = started.elapsed();
 
-    assert_eq!(total_computed(&reports), 1, "computations: {reports:?}");
+    assert_eq!(
+        total_computed(&reports),
+        1,
+        "{store}: computations: {reports:?}"
+    );
     let values = values(&reports);
-    assert_eq!(values.len(), 1, "callers got different values: {values:?}");
-    assert_eq!(reports.iter().map(|r| r.calls.len()).sum::<usize>(), 400);
+    assert_eq!(
+        values.len(),
+        1,
+        "{store}: callers got different values: {values:?}"
+    );
+    assert_eq!(
+        reports.iter().map(|r| r.calls.len()).sum::<usize>(),
+        processes * callers
+    );
     let winner = reports.iter().find(|r| r.computed == 1).expect("a winner");
     assert_eq!(winner.leases_won, 1);
     let waiters: Vec<&Report> = reports.iter().filter(|r| r.computed == 0).collect();
@@ -438,7 +470,7 @@ async fn a_cold_key_is_computed_once_across_twenty_processes() {
         waiters
             .iter()
             .all(|r| r.leases_won == 0 && r.lease_waits == 1),
-        "each other process waited once and won nothing: {waiters:?}"
+        "{store}: each other process waited once and won nothing: {waiters:?}"
     );
     assert!(waiters.iter().all(|r| r.lease_wait_timeouts == 0));
     // The winner's callers return once its write was answered.
@@ -450,8 +482,10 @@ async fn a_cold_key_is_computed_once_across_twenty_processes() {
         .collect();
     after.sort();
     eprintln!(
-        "leases on: 1 computation for 400 callers in 20 processes ({:.0} ms wall); waiters \
-         returned {:.1} ms (median) / {:.1} ms (max) after the winner's write was answered",
+        "{store}, leases on: 1 computation for {} callers in {processes} processes ({:.0} ms \
+         wall); waiters returned {:.1} ms (median) / {:.1} ms (max) after the winner's write \
+         was answered",
+        processes * callers,
         ms(wall),
         after[after.len() / 2] as f64 / 1000.0,
         after[after.len() - 1] as f64 / 1000.0,
@@ -459,7 +493,7 @@ async fn a_cold_key_is_computed_once_across_twenty_processes() {
     // A waiter looks again within 20 ms (the server's cap), stretched by at most a quarter.
     assert!(
         after[after.len() - 1] < 250_000,
-        "a waiter took {} µs after the write",
+        "{store}: a waiter took {} µs after the write",
         after[after.len() - 1]
     );
 }
