@@ -21,6 +21,10 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 /// The shortest pause between two lookups of a caller waiting for another's lease, whatever
 /// the service suggests, so a reply of 0 cannot turn waiting into a busy loop.
 const MIN_RETRY: Duration = Duration::from_millis(1);
+/// How much longer than the service's `retry_after_ms` a waiter may sleep, at most (a
+/// fraction, drawn uniformly): enough to spread waiters of one key in many processes, who got
+/// the same answer at about the same time, over a few milliseconds.
+const JITTER: f64 = 0.25;
 
 /// A handle's lease settings: the lease lifetime it asks for, and the stale-while-revalidate
 /// and stale-if-error options built on leases. `Copy`, a field of every `Function`.
@@ -107,9 +111,9 @@ impl WaitBudget {
     }
 
     /// How long to sleep before the next lookup, when the service asked for `retry_after_ms`
-    /// and it is `now`: the ask stretched by a random 0-25% (so waiters of one key in many
-    /// processes, who all got the same answer at about the same time, do not come back in
-    /// step), at least [`MIN_RETRY`], and cut to what is left of the budget. `None` once the
+    /// and it is `now`: the ask stretched by a random fraction up to [`JITTER`] (so waiters
+    /// do not come back in step), at least [`MIN_RETRY`], and cut to what is left of the
+    /// budget. `None` once the
     /// budget is spent: stop waiting.
     pub(crate) fn next_sleep(&self, retry_after_ms: u32, now: Instant) -> Option<Duration> {
         let left = self
@@ -117,7 +121,7 @@ impl WaitBudget {
             .checked_duration_since(now)
             .filter(|left| !left.is_zero())?;
         let asked = Duration::from_millis(retry_after_ms.into()).max(MIN_RETRY);
-        let stretched = asked.mul_f64(1.0 + fastrand::f64() * 0.25);
+        let stretched = asked.mul_f64(1.0 + fastrand::f64() * JITTER);
         Some(stretched.min(left))
     }
 }
