@@ -2,7 +2,7 @@
 //! interleaved repetitions, reporting medians and the ratio to the reference.
 //!
 //!     cargo bench --bench cm_bench                 # the full run (a few minutes)
-//!     cargo bench --bench cm_bench -- --quick      # seconds; CI runs it so the harness keeps working
+//!     cargo bench --bench cm_bench -- --quick      # seconds; CI runs it (as a debug build) so the harness keeps working
 //!
 //! Options: --reps N (3), --seconds S per measurement (3), --bust-entries N (1000000),
 //! --footprint-seconds S (60), --only get50,get1,hops,lookup,memo-hit,memo-miss,batch,h2load,
