@@ -86,11 +86,18 @@ struct Ask {
 }
 
 impl Ask {
+    /// Whether the lookup needs a live value's time left: to tell whether it is due, and
+    /// (with `allow_stale`, whose caller writes stale windows) to tell a value kept past its
+    /// TTL from a live one in the same round trip.
+    fn needs_left(&self) -> bool {
+        self.refresh_after.is_some() || self.beta.is_some() || self.allow_stale
+    }
+
     /// Whether a live entry with `left` of its TTL to go and written with `meta` is due for
     /// recomputation: old enough, or XFetch's draw says so. A value written without a compute
     /// time or stale window (plainly) has no lease slot and is never due.
-    fn due(&self, left: Duration, meta: Meta) -> bool {
-        let Some(ttl) = meta.ttl else {
+    fn due(&self, left: Option<Duration>, meta: Meta) -> bool {
+        let (Some(ttl), Some(left)) = (meta.ttl, left) else {
             return false;
         };
         if self
@@ -108,12 +115,12 @@ impl Ask {
 }
 
 /// A hit's answer.
-fn hit(value: Bytes, left: Duration, meta: Meta) -> pb::GetResponse {
+fn hit(value: Bytes, left: Option<Duration>, meta: Meta) -> pb::GetResponse {
     pb::GetResponse {
         hit: true,
         value,
         compute_ms: meta.compute_ms,
-        ttl_ms: left.as_millis() as u64,
+        ttl_ms: left.map_or(0, |left| left.as_millis() as u64),
         ..Default::default()
     }
 }
@@ -320,7 +327,7 @@ impl<S: Store> CacheService<S> {
     /// the proto's "Leases").
     async fn answer(&self, key: &EntryKey, ask: Ask) -> Result<pb::GetResponse, StoreError> {
         for _ in 0..LEASE_ATTEMPTS {
-            let found = self.store.lookup(key).await?;
+            let found = self.store.lookup(key, ask.needs_left()).await?;
             let stale = match &found {
                 Found::Stale { value, meta } if ask.allow_stale => Some((value.clone(), *meta)),
                 _ => None,

@@ -253,10 +253,21 @@ async fn one_lease_per_key_until_written(backend: Backend) {
     assert_eq!(found.value.as_ref(), b"v1");
     assert_eq!(found.lease(), pb::Lease::None);
     assert_eq!(found.compute_ms, 7);
+    assert_eq!(found.ttl_ms, 0, "a plain lookup reads no TTL");
+    let with_ttl = pb::GetRequest {
+        allow_stale: true,
+        ..Default::default()
+    };
+    let timed = cm
+        .get(leased(key("ns", "f", 1), 5_000, with_ttl))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(timed.hit);
     assert!(
-        (59_000..=60_000).contains(&found.ttl_ms),
+        (59_000..=60_000).contains(&timed.ttl_ms),
         "ttl {}",
-        found.ttl_ms
+        timed.ttl_ms
     );
     assert!(
         put_under(&mut cm, key("ns", "f", 1), b"v2", won.lease_token).await,
@@ -457,6 +468,11 @@ async fn stale_copies_serve_only_when_asked_and_never_after_a_bust(backend: Back
         };
         cm.put(request).await.unwrap();
     }
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 1)).await.as_deref(),
+        Some(&b"old"[..]),
+        "a value with a stale window is a hit within its TTL"
+    );
     let expired = eventually(Duration::from_secs(5), || {
         let mut cm = cm.clone();
         async move { get(&mut cm, key("ns", "f", 1)).await.is_none() }

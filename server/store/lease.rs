@@ -78,8 +78,8 @@ pub enum Found {
     Live {
         /// The value's bytes.
         value: Bytes,
-        /// Time left until its TTL runs out.
-        left: Duration,
+        /// Time left until its TTL runs out, when the lookup read it (see [`Found::live`]).
+        left: Option<Duration>,
         /// What it was written with.
         meta: Meta,
     },
@@ -205,16 +205,25 @@ pub fn header(stored: &[u8]) -> Option<Header> {
     })
 }
 
-/// What a Redis `GET` and `PTTL` of one key (replies `stored`, `pttl`) hold.
-pub fn found(stored: Option<Vec<u8>>, pttl: i64) -> Found {
+/// Whether a `GET` reply is a value kept past its TTL for a while, whose `PTTL` tells whether
+/// it is still live; any other value is live for as long as it exists.
+pub fn needs_pttl(stored: Option<&[u8]>) -> bool {
+    stored
+        .and_then(header)
+        .is_some_and(|header| !header.placeholder && !header.stale.is_zero())
+}
+
+/// What a Redis `GET` of one key holds, given its `PTTL` when it was read too (it must be for
+/// a value that [`needs_pttl`]).
+pub fn found(stored: Option<Vec<u8>>, pttl: Option<i64>) -> Found {
     let Some(stored) = stored else {
         return Found::Absent;
     };
     // -2: gone between the GET and the PTTL; -1: no expiry (not written by us).
-    if pttl == -2 {
+    if pttl == Some(-2) {
         return Found::Absent;
     }
-    let pttl = Duration::from_millis(pttl.max(0) as u64);
+    let pttl = pttl.map(|pttl| Duration::from_millis(pttl.max(0) as u64));
     let Some(header) = header(&stored) else {
         return Found::Live {
             value: Bytes::from(stored),
@@ -230,8 +239,28 @@ pub fn found(stored: Option<Vec<u8>>, pttl: i64) -> Found {
         compute_ms: header.compute_ms,
     };
     let value = Bytes::from(stored).slice(HEADER_LEN..);
+    let Some(pttl) = pttl else {
+        debug_assert!(
+            header.stale.is_zero(),
+            "a value with a stale window read without its PTTL"
+        );
+        // Without its PTTL a value kept past its TTL cannot be told live: never serve it so.
+        return if header.stale.is_zero() {
+            Found::Live {
+                value,
+                left: None,
+                meta,
+            }
+        } else {
+            Found::Stale { value, meta }
+        };
+    };
     match pttl.checked_sub(header.stale) {
-        Some(left) if !left.is_zero() => Found::Live { value, left, meta },
+        Some(left) if !left.is_zero() => Found::Live {
+            value,
+            left: Some(left),
+            meta,
+        },
         _ => Found::Stale { value, meta },
     }
 }
@@ -368,15 +397,15 @@ mod tests {
             compute_ms: 250,
         };
         assert_eq!(
-            found(Some(stored.to_vec()), 40_000),
+            found(Some(stored.to_vec()), Some(40_000)),
             Found::Live {
                 value: Bytes::from_static(b"{\"a\":1}"),
-                left: Duration::from_secs(10),
+                left: Some(Duration::from_secs(10)),
                 meta
             }
         );
         assert_eq!(
-            found(Some(stored.to_vec()), 30_000),
+            found(Some(stored.to_vec()), Some(30_000)),
             Found::Stale {
                 value: Bytes::from_static(b"{\"a\":1}"),
                 meta
@@ -393,15 +422,24 @@ mod tests {
         let stored = stored_value(b"\0cm", Duration::from_secs(60), Duration::ZERO, 0);
         assert_eq!(stored.as_ref(), b"\0cm");
         assert_eq!(
-            found(Some(b"\0cm".to_vec()), 5_000),
+            found(Some(b"\0cm".to_vec()), Some(5_000)),
             Found::Live {
                 value: Bytes::from_static(b"\0cm"),
-                left: Duration::from_secs(5),
+                left: Some(Duration::from_secs(5)),
                 meta: Meta::default()
             }
         );
-        assert_eq!(found(None, -2), Found::Absent);
-        assert_eq!(found(Some(b"x".to_vec()), -2), Found::Absent);
+        assert_eq!(
+            found(Some(b"x".to_vec()), None),
+            Found::Live {
+                value: Bytes::from_static(b"x"),
+                left: None,
+                meta: Meta::default()
+            }
+        );
+        assert!(!needs_pttl(Some(b"x")));
+        assert_eq!(found(None, Some(-2)), Found::Absent);
+        assert_eq!(found(Some(b"x".to_vec()), Some(-2)), Found::Absent);
     }
 
     /// A placeholder, as the acquire script writes it, is no value and is not listed.
@@ -415,9 +453,10 @@ mod tests {
         );
         assert_eq!(placeholder.len(), HEADER_LEN);
         assert_eq!(
-            found(Some(placeholder.clone().into_bytes()), 9_000),
+            found(Some(placeholder.clone().into_bytes()), Some(9_000)),
             Found::Absent
         );
+        assert!(!needs_pttl(Some(placeholder.as_bytes())));
         assert_eq!(listed_ttl(placeholder.as_bytes(), 9_000), None);
     }
 

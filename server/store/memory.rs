@@ -104,7 +104,8 @@ impl Entry {
         }
     }
 
-    /// What a lookup finds in it at `now` (it is not past `expires_at`).
+    /// What a lookup finds in it at `now` (it is not past `expires_at`), its time left
+    /// included.
     fn found(&self, now: Instant) -> Found {
         if self.placeholder {
             return Found::Absent;
@@ -112,7 +113,11 @@ impl Entry {
         let value = self.value.clone();
         let meta = self.meta();
         match (self.expires_at - self.stale).checked_duration_since(now) {
-            Some(left) if !left.is_zero() => Found::Live { value, left, meta },
+            Some(left) if !left.is_zero() => Found::Live {
+                value,
+                left: Some(left),
+                meta,
+            },
             _ => Found::Stale { value, meta },
         }
     }
@@ -389,8 +394,15 @@ impl Store for MemoryStore {
         "memory"
     }
 
-    async fn lookup(&self, key: &EntryKey) -> Result<Found, StoreError> {
-        Ok(self.timed("get", |state, now| state.found(&map_key(key), now)))
+    async fn lookup(&self, key: &EntryKey, left: bool) -> Result<Found, StoreError> {
+        let mut found = self.timed("get", |state, now| state.found(&map_key(key), now));
+        // Reported only when asked, as by Redis (whose PTTL costs a command).
+        if let Found::Live { left: known, .. } = &mut found
+            && !left
+        {
+            *known = None;
+        }
+        Ok(found)
     }
 
     async fn acquire(&self, key: &EntryKey, ask: LeaseAsk) -> Result<Acquired, StoreError> {
@@ -501,7 +513,9 @@ impl Store for MemoryStore {
                 .range::<str, _>((lower, Bound::Unbounded))
                 .take_while(|(key, _)| key.starts_with(&prefix))
                 .filter_map(|(key, entry)| match entry.found(now) {
-                    Found::Live { left, .. } if entry.expires_at > now => Some(KeyInfo {
+                    Found::Live {
+                        left: Some(left), ..
+                    } if entry.expires_at > now => Some(KeyInfo {
                         digest: key[prefix.len()..].to_owned(),
                         ttl: left,
                     }),

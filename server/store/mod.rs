@@ -263,11 +263,17 @@ pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
         &self,
         key: &EntryKey,
     ) -> impl Future<Output = Result<Option<Bytes>, StoreError>> + Send {
-        async move { Ok(self.lookup(key).await?.live()) }
+        async move { Ok(self.lookup(key, false).await?.live()) }
     }
 
-    /// Reads one entry with what leases need: live with its time left, stale, or absent.
-    fn lookup(&self, key: &EntryKey) -> impl Future<Output = Result<Found, StoreError>> + Send;
+    /// Reads one entry with what leases need: live, stale, or absent. A live value's time
+    /// left is read when `left` asks for it (Redis then sends `PTTL` with the `GET`); a value
+    /// with a stale window has its `PTTL` read either way, to tell whether it is live.
+    fn lookup(
+        &self,
+        key: &EntryKey,
+        left: bool,
+    ) -> impl Future<Output = Result<Found, StoreError>> + Send;
 
     /// Decides `key`'s lease for `ask` in one atomic step (see [`lease`]).
     fn acquire(

@@ -55,7 +55,7 @@ use redis::{
 use tokio::time::{Instant, timeout_at};
 use tracing::warn;
 
-use super::{Gate, classify, from_value, key_infos, needs_pttl, removable, scripts, stored, tags};
+use super::{Gate, classify, from_value, key_infos, removable, scripts, stored, tags};
 use crate::key::{EntryKey, FunctionKey};
 use crate::server::key::KeyLayout;
 use crate::server::metrics::Metrics;
@@ -973,8 +973,18 @@ impl Store for ClusterStore {
         "redis-cluster"
     }
 
-    async fn lookup(&self, key: &EntryKey) -> Result<Found, StoreError> {
+    async fn lookup(&self, key: &EntryKey, left: bool) -> Result<Found, StoreError> {
         let key = self.layout.entry(key);
+        if !left {
+            let mut get = redis::cmd("GET");
+            get.arg(&key);
+            let stored: Option<Vec<u8>> = self.one("GET", get).await?;
+            if !lease::needs_pttl(stored.as_deref()) {
+                return Ok(lease::found(stored, None));
+            }
+            // A value with a stale window, read by a caller that did not expect one: its
+            // PTTL says whether it is still live (a second round trip, for such values only).
+        }
         // One key, so one slot: redis-rs routes the pipeline by it, following redirects as
         // for a single command.
         let (stored, pttl): (Option<Vec<u8>>, i64) = self
@@ -992,7 +1002,7 @@ impl Store for ClusterStore {
                 })
             })
             .await?;
-        Ok(lease::found(stored, pttl))
+        Ok(lease::found(stored, Some(pttl)))
     }
 
     async fn acquire(&self, key: &EntryKey, ask: LeaseAsk) -> Result<Acquired, StoreError> {
@@ -1032,10 +1042,10 @@ impl Store for ClusterStore {
         // Values kept past their TTL need their PTTL to tell whether they are still live: a
         // second round trip, only for them.
         let stale_kept: Vec<&String> = (0..values.len())
-            .filter(|&index| needs_pttl(&values[index]))
+            .filter(|&index| lease::needs_pttl(values[index].as_deref()))
             .map(|index| &keys[index])
             .collect();
-        let mut pttls = vec![i64::MAX; values.len()];
+        let mut pttls = vec![None; values.len()];
         if !stale_kept.is_empty() {
             let replies = self
                 .gate
@@ -1047,8 +1057,10 @@ impl Store for ClusterStore {
                 .await?;
             let mut replies = replies.iter();
             for (index, pttl) in pttls.iter_mut().enumerate() {
-                if needs_pttl(&values[index]) {
-                    *pttl = from_value(replies.next().expect("one reply per key asked"))?;
+                if lease::needs_pttl(values[index].as_deref()) {
+                    *pttl = Some(from_value(
+                        replies.next().expect("one reply per key asked"),
+                    )?);
                 }
             }
         }
