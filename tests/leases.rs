@@ -609,6 +609,15 @@ async fn a_killed_lease_holder_is_replaced_after_the_lease_expires() {
 
     assert_eq!(total_computed(&reports), 1, "computations: {reports:?}");
     assert_eq!(values(&reports).len(), 1);
+    assert!(
+        reports.iter().all(|r| r.lease_waits == 1),
+        "every survivor waited for the killed holder's lease: {reports:?}"
+    );
+    assert_eq!(
+        reports.iter().map(|r| r.leases_won).sum::<u64>(),
+        1,
+        "one survivor took the expired lease over"
+    );
     assert!(reports.iter().all(|r| r.lease_wait_timeouts == 0));
     let bound = lease + deadline + member.compute;
     let slowest = reports
