@@ -1162,3 +1162,32 @@ async fn a_write_refused_as_invalid_gives_its_lease_back() {
         "waited {took:?} for an unused lease"
     );
 }
+
+/// XFetch: the compute time written with a value makes it due early, by `beta`. With an
+/// overwhelming beta the next lookup of a fresh entry (a minute left) is due and its caller
+/// recomputes it; without `xfetch` the same entry is a plain hit (in memory).
+#[tokio::test]
+async fn xfetch_recomputes_early_by_compute_time() {
+    let server = CacheServer::memory(&[]);
+    let cm = Client::connect_with(server.url(), options(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let plain = cm.function("leases", "xfetch", Duration::from_secs(60));
+    let first: u32 = plain
+        .memoize(&ARGS, || async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            1
+        })
+        .await
+        .unwrap();
+    assert_eq!(first, 1);
+    let hit: u32 = plain.memoize(&ARGS, || async { 2 }).await.unwrap();
+    assert_eq!((hit, cm.metrics().refreshes), (1, 0), "due without xfetch");
+
+    let eager = plain.clone().xfetch(1e30);
+    let refreshed: u32 = eager.memoize(&ARGS, || async { 3 }).await.unwrap();
+    assert_eq!(refreshed, 3, "the winner returns the recomputed value");
+    assert_eq!(cm.metrics().refreshes, 1);
+    let after: u32 = plain.memoize(&ARGS, || async { 4 }).await.unwrap();
+    assert_eq!(after, 3, "the recomputed value was not written");
+}
