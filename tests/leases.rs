@@ -1046,6 +1046,26 @@ async fn a_failed_computation_gives_its_lease_back() {
 #[tokio::test]
 async fn waiting_ends_after_the_lease_lifetime_plus_the_deadline() {
     let server = CacheServer::memory(&[]);
+    let served = takeover(&server, "takeover", false).await;
+    assert_eq!(
+        (served.value.as_str(), served.stale),
+        ("computed after waiting", false)
+    );
+}
+
+/// As above with stale-if-error and an expired entry: the caller whose wait ran out serves
+/// the stale value, marked stale, instead of computing.
+#[tokio::test]
+async fn waiting_that_runs_out_serves_the_stale_value() {
+    let server = CacheServer::memory(&[]);
+    let served = takeover(&server, "takeover_stale", true).await;
+    assert_eq!((served.value.as_str(), served.stale), ("old", true));
+}
+
+/// Three clients call one key whose first two computations never end (the first holder's,
+/// and that of the waiter that takes its expired lease over); returns what the third, whose
+/// wait runs out, got. With `stale`, an expired value with a stale copy is there first.
+async fn takeover(server: &CacheServer, name: &str, stale: bool) -> cache_money::Served<String> {
     let lease = Duration::from_secs(1);
     let deadline = Duration::from_millis(200);
     let mut clients = Vec::new();
@@ -1057,30 +1077,56 @@ async fn waiting_ends_after_the_lease_lifetime_plus_the_deadline() {
         );
     }
     let function = |cm: &Client| {
-        cm.function("leases", "takeover", Duration::from_secs(60))
-            .lease(lease)
+        let function = cm
+            .function("leases", name, Duration::from_secs(1))
+            .lease(lease);
+        if stale {
+            function.stale_if_error(Duration::from_secs(60))
+        } else {
+            function
+        }
     };
-    // The first computation of each client never ends; a second one returns at once.
+    let key = pb::Key {
+        namespace: "leases".into(),
+        function: name.into(),
+        digest: function(&clients[0]).digest(&ARGS).unwrap(),
+    };
+    if stale {
+        let old: String = function(&clients[0])
+            .memoize(&ARGS, || async { "old".to_owned() })
+            .await
+            .unwrap();
+        assert_eq!(old, "old");
+        let raw = server.client().await;
+        let expired = common::eventually(Duration::from_secs(5), || {
+            let (mut raw, key) = (raw.clone(), key.clone());
+            async move { common::get(&mut raw, key).await.is_none() }
+        })
+        .await;
+        assert!(expired, "the entry never expired");
+    }
+    let won_before = clients[0].metrics().leases_won;
+    // The first two computations never end; a third returns at once.
     let stuck = Arc::new(AtomicU64::new(0));
     let call = |cm: &Client| {
         let (function, stuck) = (function(cm), stuck.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            let value: String = function
-                .memoize(&ARGS, || async move {
+            let served = function
+                .try_memoize_served(&ARGS, || async move {
                     if stuck.fetch_add(1, SeqCst) < 2 {
                         std::future::pending::<()>().await;
                     }
-                    "computed after waiting".to_owned()
+                    Ok::<String, Error>("computed after waiting".to_owned())
                 })
                 .await
                 .unwrap();
-            (value, started.elapsed())
+            (served, started.elapsed())
         })
     };
     let first = call(&clients[0]);
     let first_won = common::eventually(Duration::from_secs(5), || async {
-        clients[0].metrics().leases_won == 1
+        clients[0].metrics().leases_won == won_before + 1
     })
     .await;
     assert!(first_won);
@@ -1090,15 +1136,16 @@ async fn waiting_ends_after_the_lease_lifetime_plus_the_deadline() {
         ended = second => (1, ended),
         ended = third => (2, ended),
     };
-    let (value, took) = ended.unwrap();
+    let (served, took) = ended.unwrap();
     let metrics = clients[which].metrics();
     eprintln!(
-        "the waiter that timed out returned after {:.0} ms",
-        ms(took)
+        "the waiter that timed out returned after {:.0} ms ({})",
+        ms(took),
+        if stale { "served stale" } else { "computed" }
     );
-    assert_eq!(value, "computed after waiting");
     assert_eq!(metrics.lease_wait_timeouts, 1, "{metrics:?}");
     assert_eq!(metrics.leases_won, 0, "{metrics:?}");
+    assert_eq!(metrics.stale_served, u64::from(stale), "{metrics:?}");
     assert!(
         took >= lease,
         "stopped waiting before the lease expired: {took:?}"
@@ -1113,17 +1160,13 @@ async fn waiting_ends_after_the_lease_lifetime_plus_the_deadline() {
         1,
         "the expired lease was taken over"
     );
-    let key = pb::Key {
-        namespace: "leases".into(),
-        function: "takeover".into(),
-        digest: function(&clients[0]).digest(&ARGS).unwrap(),
-    };
     assert_eq!(
         common::get(&mut server.client().await, key).await,
         None,
-        "the waiter that timed out wrote its value"
+        "the waiter that timed out wrote a value"
     );
     first.abort();
+    served
 }
 
 /// A leased write the service refuses as invalid (a value over `--max-value-bytes`) gives the
