@@ -5,8 +5,8 @@
 //!     cargo bench --bench cm_bench -- --quick      # seconds; CI runs it (as a debug build) so the harness keeps working
 //!
 //! Options: --reps N (3), --seconds S per measurement (3), --bust-entries N (1000000),
-//! --footprint-seconds S (60), --only get50,get1,hops,lookup,memo-hit,memo-miss,batch,h2load,
-//! get50-metrics,bust,footprint (a comma-separated subset of the scenarios, for working on one), --cluster
+//! --footprint-seconds S (60), --only get50,get1,hops,lookup,memo-lease,memo-hit,memo-miss,batch,
+//! h2load,get50-metrics,bust,footprint (a comma-separated subset of the scenarios, for working on one), --cluster
 //! (the bust again on a Redis Cluster of three primaries and three replicas started for it, the
 //! entries spread over the primaries: `--only bust --cluster` compares the two).
 //! `get50-metrics` runs a second server with `--metrics-listen` and a third just like the first
@@ -648,6 +648,10 @@ async fn main() {
             "the server's lookup: redis-rs GET + PTTL in one pipeline, 1 caller",
             "redis-rs GET, 1 caller",
         ),
+        Row::new(
+            "memoize hit, 1 caller, leases on (the default)",
+            "the same, leases off (lease(Duration::ZERO))",
+        ),
     ];
     // For `hops`: a server with metrics on, whose store command histogram times its own Redis
     // hop (sum / count: the mean, finer than any bucket), and one on the in-memory store.
@@ -824,6 +828,26 @@ async fn main() {
                 })
                 .await,
             );
+        }
+
+        if settings.wants("memo-lease") {
+            // The cost of leases on a hit: the same handle with leases off is the reference.
+            let hit_with = |handle: cache_money::Function| {
+                load(1, duration, 1, move |_, _| {
+                    let hit = handle.clone();
+                    async move {
+                        let got: Profile = hit
+                            .memoize(&(1u64,), || async { unreachable!("cached") })
+                            .await
+                            .unwrap();
+                        assert_eq!(got.id, 918_273);
+                    }
+                })
+            };
+            rows[11]
+                .reference_samples
+                .push(hit_with(memo.clone().lease(Duration::ZERO)).await);
+            rows[11].cm.push(hit_with(memo.clone()).await);
         }
 
         if settings.wants("memo-hit") {
