@@ -107,10 +107,9 @@ pub struct ClientOptions {
     /// while the others wait for its result ([`DEFAULT_LEASE`], 5 s; README, "One
     /// computation per key"). Handles may set their own ([`Function::lease`]);
     /// `Duration::ZERO` turns leases off (every process computes a missing entry itself, as
-    /// before leases). Keep it within the server's `--lease-max-ms` (60 s by default; the
-    /// service refuses a longer lease, and memoize then computes and writes without one,
-    /// warned once) and above the function's usual compute time: a holder that has not
-    /// written when its lease expires loses it to the next caller.
+    /// before leases). The server shortens a lease longer than its `--lease-max-ms` (60 s by
+    /// default) to that. Keep it above the function's usual compute time: a holder that has
+    /// not written when its lease expires loses it to the next caller.
     pub lease: Duration,
     /// Bearer token sent with every call, for a server with authentication on.
     pub token: Option<String>,

@@ -52,7 +52,14 @@ impl LeasePolicy {
     /// for the lease and, with leases on, for a due entry's recomputation and for a stale
     /// value. Without a lease the service would refuse (or ignore) the others, so they are
     /// only sent with one.
-    pub(crate) fn get_request(&self, key: pb::Key, lifetime: Duration) -> pb::GetRequest {
+    /// A leased lookup declares `tags`, those its result will be written with, so a BustTag
+    /// of any of them voids the lease.
+    pub(crate) fn get_request(
+        &self,
+        key: pb::Key,
+        lifetime: Duration,
+        tags: &[String],
+    ) -> pb::GetRequest {
         let lease_ms = millis_u32(lifetime);
         if lease_ms == 0 {
             return pb::GetRequest {
@@ -66,6 +73,7 @@ impl LeasePolicy {
             refresh_after_ms: millis_u32(self.refresh_after),
             beta: self.beta,
             allow_stale: !self.stale_if_error.is_zero(),
+            tags: tags.to_vec(),
         }
     }
 
@@ -94,12 +102,17 @@ pub(crate) fn compute_ms(took: Duration) -> u32 {
 }
 
 /// How long a caller waiting for another's lease may keep looking: the lease's lifetime plus
-/// one lookup deadline. By then the holder has written, given the lease up, or lost it by
-/// expiry (and the next lookup wins it), so waiting longer only means something is wrong
-/// (another caller took the expired lease over and is slow too): the caller computes itself.
+/// one lookup deadline, stretched when the service reports a new holder (one that took an
+/// expired lease over: it gets its own lease's time, so the other waiters do not all give up
+/// and compute), but never past two lifetimes plus the deadline. By then a holder has
+/// written, given the lease up, or lost it by expiry, so waiting longer only means something
+/// is wrong: the caller computes itself.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WaitBudget {
     until: Instant,
+    deadline: Duration,
+    /// The most it may be stretched to.
+    cap: Instant,
 }
 
 impl WaitBudget {
@@ -107,7 +120,15 @@ impl WaitBudget {
     pub(crate) fn new(started: Instant, lifetime: Duration, deadline: Duration) -> Self {
         WaitBudget {
             until: started + lifetime + deadline,
+            deadline,
+            cap: started + lifetime * 2 + deadline,
         }
+    }
+
+    /// The service said at `now` that the holder's lease has `left` to run: wait for it (and
+    /// one deadline more), within the cap.
+    pub(crate) fn holder_has(&mut self, left: Duration, now: Instant) {
+        self.until = self.until.max((now + left + self.deadline).min(self.cap));
     }
 
     /// How long to sleep before the next lookup, when the service asked for `retry_after_ms`
@@ -217,7 +238,7 @@ mod tests {
             beta: 1.0,
             stale_if_error: Duration::from_secs(60),
         };
-        let off = policy.get_request(key(), Duration::ZERO);
+        let off = policy.get_request(key(), Duration::ZERO, &[]);
         assert_eq!(
             (
                 off.lease_ms,
@@ -227,7 +248,7 @@ mod tests {
             ),
             (0, 0, 0.0, false)
         );
-        let on = policy.get_request(key(), policy.lifetime(DEFAULT_LEASE));
+        let on = policy.get_request(key(), policy.lifetime(DEFAULT_LEASE), &[]);
         assert_eq!(
             (on.lease_ms, on.refresh_after_ms, on.beta, on.allow_stale),
             (5000, 300, 1.0, true)
@@ -237,7 +258,10 @@ mod tests {
             ..LeasePolicy::default()
         };
         assert_eq!(own.lifetime(DEFAULT_LEASE), Duration::from_millis(1500));
-        assert!(!own.get_request(key(), Duration::from_secs(1)).allow_stale);
+        assert!(
+            !own.get_request(key(), Duration::from_secs(1), &[])
+                .allow_stale
+        );
     }
 
     /// Waiting sleeps what the service asks, stretched by at most a quarter, never less than

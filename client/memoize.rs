@@ -204,11 +204,12 @@ impl Function {
     /// lease) are off too.
     ///
     /// Choose it above the function's usual compute time (a holder that has not written when
-    /// its lease expires loses it to the next caller, and two computations run) and within
-    /// the server's `--lease-max-ms` (60 s by default; the service refuses a longer lease,
-    /// and memoize then computes and writes without one, warned once). A caller waits at
-    /// most the lifetime plus [`ClientOptions::deadline`](crate::ClientOptions::deadline)
-    /// for another's result, then computes itself.
+    /// its lease expires loses it to the next caller, and two computations run); the server
+    /// shortens one longer than its `--lease-max-ms` (60 s by default) to that. A caller
+    /// waits for another's result as long as the holder's lease runs plus
+    /// [`ClientOptions::deadline`](crate::ClientOptions::deadline) (a new holder that took an
+    /// expired lease over gets its own lease's time), at most twice the lifetime plus the
+    /// deadline, then computes itself.
     pub fn lease(mut self, lifetime: Duration) -> Self {
         self.policy.lease = Some(lifetime);
         self
@@ -721,7 +722,7 @@ impl Function {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let (lease, stale) = match self.lookup::<T>(key).await {
+        let (lease, stale) = match self.lookup::<T>(key, tags).await {
             Found::Hit { value, bytes, due } => {
                 let shared = Some(Shared {
                     bytes,
@@ -788,9 +789,9 @@ impl Function {
     /// The leader's lookup of `key`: with leases on, it asks for the lease, and while another
     /// caller holds it looks again (as the service says, jittered) until there is a value, the
     /// lease is this caller's, or the [`WaitBudget`] is spent.
-    async fn lookup<T: DeserializeOwned>(&self, key: &EntryKey) -> Found<T> {
+    async fn lookup<T: DeserializeOwned>(&self, key: &EntryKey, tags: &[String]) -> Found<T> {
         let lifetime = self.policy.lifetime(self.client.options().lease);
-        let request = self.policy.get_request(Self::pb_key(key), lifetime);
+        let request = self.policy.get_request(Self::pb_key(key), lifetime, tags);
         let leased = request.lease_ms > 0;
         let mut stale = None;
         let mut budget: Option<WaitBudget> = None;
@@ -830,11 +831,14 @@ impl Function {
                 let lease = won.map_or(Lease::None, Lease::Won);
                 return Found::Compute { lease, stale: None };
             }
-            if reply.stale
-                && let Some(value) = self.decode::<T>(&reply.value)
-            {
-                stale = Some((value, reply.value));
-            }
+            // Only the latest answer's stale value counts: one seen earlier may have been
+            // busted since, and a busted value is never served.
+            stale = if reply.stale {
+                self.decode::<T>(&reply.value)
+                    .map(|value| (value, reply.value.clone()))
+            } else {
+                None
+            };
             if let Some(token) = won {
                 return Found::Compute {
                     lease: Lease::Won(token),
@@ -853,6 +857,10 @@ impl Function {
                 self.client.count(Event::LeaseWaited);
                 WaitBudget::new(Instant::now(), lifetime, self.client.options().deadline)
             });
+            budget.holder_has(
+                Duration::from_millis(reply.lease_left_ms.into()),
+                Instant::now(),
+            );
             match budget.next_sleep(reply.retry_after_ms, Instant::now()) {
                 Some(pause) => tokio::time::sleep(pause).await,
                 None => {

@@ -1234,3 +1234,136 @@ async fn xfetch_recomputes_early_by_compute_time() {
     let after: u32 = plain.memoize(&ARGS, || async { 4 }).await.unwrap();
     assert_eq!(after, 3, "the recomputed value was not written");
 }
+
+/// A stale value handed out with an earlier WAIT is not served once the key was busted: the
+/// latest answer decides (here: the lease, with nothing stale), and the failure comes back.
+#[tokio::test]
+async fn a_stale_value_busted_while_waiting_is_not_served() {
+    let server = CacheServer::memory(&[]);
+    let mut raw = server.client().await;
+    let cm = Client::connect(server.url()).await.unwrap();
+    let f = cm
+        .function("ns", "busted_while_waiting", Duration::from_secs(1))
+        .stale_if_error(Duration::from_secs(60))
+        .lease(Duration::from_secs(3));
+    let first: String = f
+        .memoize(&(1,), || async { "old".to_owned() })
+        .await
+        .unwrap();
+    assert_eq!(first, "old");
+    let key = pb::Key {
+        namespace: "ns".into(),
+        function: "busted_while_waiting".into(),
+        digest: f.digest(&(1,)).unwrap(),
+    };
+    // Past its TTL: a stale copy, whose lease another process holds.
+    let expired = common::eventually(Duration::from_secs(5), || {
+        let mut raw = raw.clone();
+        let key = key.clone();
+        async move { common::get(&mut raw, key).await.is_none() }
+    })
+    .await;
+    assert!(expired);
+    let other = raw
+        .get(pb::GetRequest {
+            key: Some(key.clone()),
+            lease_ms: 3_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(other.lease(), pb::Lease::Won);
+    let (asked, waiting) = tokio::sync::oneshot::channel();
+    let waiter = f.clone();
+    let call = tokio::spawn(async move {
+        waiter
+            .try_memoize_served(&(1,), || async move {
+                let _ = asked.send(());
+                Err::<String, Error>(Error::Timeout(Duration::from_millis(1)))
+            })
+            .await
+    });
+    // The waiter has seen the stale value (WAIT) by the time the holder's lease is busted;
+    // the bust also frees the lease, so its next look wins and its computation fails.
+    let seen = common::eventually(Duration::from_secs(5), || async {
+        cm.metrics().lease_waits > 0
+    })
+    .await;
+    assert!(seen, "the call never waited");
+    raw.bust(pb::BustRequest {
+        key: Some(key.clone()),
+    })
+    .await
+    .unwrap();
+    waiting.await.expect("the call computed after the bust");
+    match call.await.unwrap() {
+        Ok(served) => panic!(
+            "served {:?} (stale: {}) after the value was busted",
+            served.value, served.stale
+        ),
+        Err(err) => assert!(matches!(err, Error::Timeout(_)), "{err}"),
+    }
+}
+
+/// A lease holder that dies: after its lease expires one waiter takes the lease over, and
+/// the other waiters wait for that one (its new lease) rather than all computing.
+#[tokio::test]
+async fn after_a_dead_holder_the_waiters_wait_for_the_new_one() {
+    let server = CacheServer::memory(&[]);
+    let mut raw = server.client().await;
+    let probe = Client::connect(server.url()).await.unwrap();
+    let handle = |cm: &Client| {
+        cm.function("ns", "dead_holder", Duration::from_secs(60))
+            .lease(Duration::from_secs(1))
+    };
+    let key = pb::Key {
+        namespace: "ns".into(),
+        function: "dead_holder".into(),
+        digest: handle(&probe).digest(&(1,)).unwrap(),
+    };
+    // This "process" wins the lease and dies without a word.
+    let dead = raw
+        .get(pb::GetRequest {
+            key: Some(key),
+            lease_ms: 1_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dead.lease(), pb::Lease::Won);
+    let computed = Arc::new(AtomicU64::new(0));
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        // Five clients: five processes as far as single-flight goes.
+        let cm = Client::connect(server.url()).await.unwrap();
+        let f = handle(&cm);
+        let computed = computed.clone();
+        calls.push(tokio::spawn(async move {
+            let value: u64 = f
+                .memoize(&(1,), || async move {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    computed.fetch_add(1, SeqCst)
+                })
+                .await
+                .unwrap();
+            (value, cm.metrics().lease_wait_timeouts)
+        }));
+    }
+    let mut results = Vec::new();
+    for call in calls {
+        results.push(call.await.unwrap());
+    }
+    assert_eq!(
+        computed.load(SeqCst),
+        1,
+        "computations after the dead holder: results {results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .all(|&(value, timeouts)| value == 0 && timeouts == 0),
+        "{results:?}"
+    );
+}

@@ -55,12 +55,16 @@ def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR, version: int = 1
         def key(*args):
             return pb.Key(namespace=fn.__module__, function=fn.__name__, digest=digest(*args, version=version))
 
-        def lookup(entry):
-            """(value found, value, lease token, whether to write): the lease loop."""
-            give_up = time.monotonic() + lease_ms / 1000 + DEADLINE_SECONDS
+        def lookup(entry, written_tags):
+            """(value found, value, lease token, whether to write): the lease loop. The tags the
+            result will be written with go with the lookup, so a BustTag voids the lease too."""
+            started = time.monotonic()
+            give_up = started + lease_ms / 1000 + DEADLINE_SECONDS
+            cap = started + 2 * lease_ms / 1000 + DEADLINE_SECONDS
+            request = pb.GetRequest(key=entry, lease_ms=lease_ms, tags=written_tags if lease_ms else [])
             while True:
                 try:
-                    reply = stub.Get(pb.GetRequest(key=entry, lease_ms=lease_ms), timeout=DEADLINE_SECONDS)
+                    reply = stub.Get(request, timeout=DEADLINE_SECONDS)
                 except grpc.RpcError as err:
                     logging.debug("cache-money unavailable, computing: %s", err)
                     return False, None, 0, True  # fail-open: compute, write without a lease
@@ -75,6 +79,9 @@ def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR, version: int = 1
                     return False, None, won, True
                 if reply.lease != pb.LEASE_WAIT:
                     return False, None, 0, True  # leases off, or a server without them
+                # A new holder (one that took an expired lease over) gets its own lease's time.
+                holder_ends = time.monotonic() + reply.lease_left_ms / 1000 + DEADLINE_SECONDS
+                give_up = max(give_up, min(holder_ends, cap))
                 pause = reply.retry_after_ms / 1000 * (1 + random.random() / 4)  # jittered
                 if time.monotonic() + pause > give_up:
                     return False, None, 0, False  # the holder never wrote: compute, don't write
@@ -88,7 +95,8 @@ def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR, version: int = 1
 
         def wrapper(*args):
             entry = key(*args)
-            found, value, token, write = lookup(entry)
+            written_tags = list(tags(*args)) if tags else []
+            found, value, token, write = lookup(entry, written_tags)
             if found:
                 return value
             started = time.monotonic()
@@ -109,7 +117,7 @@ def cached(stub: rpc.CacheMoneyStub, timeout: int = CACHE_HOUR, version: int = 1
                     key=entry,
                     value=value,
                     ttl_seconds=timeout,
-                    tags=tags(*args) if tags else [],
+                    tags=written_tags,
                     lease_token=token,
                     compute_ms=compute_ms,
                 )

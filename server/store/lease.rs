@@ -285,23 +285,31 @@ pub fn listed_ttl(head: &[u8], pttl: i64) -> Option<Duration> {
 /// digits), `ARGV[2]` the lease (ms), `ARGV[3]` a placeholder's life (ms), `ARGV[4]` `1` to
 /// refresh a live value. Answers `{'live'}`, `{'won', seen, took_over}` or
 /// `{'held', seen, ms left}`, `seen` being `value` or `nothing`.
+///
+/// A lease won on a value (stale, or live and due) must not die with the value's key: the key
+/// is kept at least a placeholder's life, the extra time added to its stale window so that
+/// what is live stays live exactly as long as before (`PTTL` minus the window is unchanged).
 pub const ACQUIRE_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local deadline = string.format('%013d', now + tonumber(ARGV[2]))
+local life = tonumber(ARGV[3])
 local h = redis.call('GETRANGE', KEYS[1], 0, 69)
 if h == '' then
   if redis.call('EXISTS', KEYS[1]) == 1 then return {'live'} end
-  redis.call('SET', KEYS[1], '\0cm1L' .. ARGV[1] .. deadline .. string.rep('0', 36), 'PX', ARGV[3])
+  redis.call('SET', KEYS[1], '\0cm1L' .. ARGV[1] .. deadline .. string.rep('0', 36), 'PX', life)
   return {'won', 'nothing', 0}
 end
 if #h < 70 or string.sub(h, 1, 4) ~= '\0cm1' then return {'live'} end
 local kind = string.sub(h, 5, 5)
 local seen = 'nothing'
+local pttl = 0
+local stale = 0
 if kind == 'V' then
   seen = 'value'
-  local live = redis.call('PTTL', KEYS[1]) - tonumber(string.sub(h, 48, 60)) > 0
-  if live and ARGV[4] ~= '1' then return {'live'} end
+  pttl = redis.call('PTTL', KEYS[1])
+  stale = tonumber(string.sub(h, 48, 60))
+  if pttl - stale > 0 and ARGV[4] ~= '1' then return {'live'} end
 end
 local holder = string.sub(h, 6, 21)
 local expires = tonumber(string.sub(h, 22, 34))
@@ -309,7 +317,12 @@ if holder ~= '0000000000000000' and expires > now then
   return {'held', seen, expires - now}
 end
 redis.call('SETRANGE', KEYS[1], 5, ARGV[1] .. deadline)
-if kind == 'L' then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+if kind == 'L' then
+  redis.call('PEXPIRE', KEYS[1], life)
+elseif pttl < life then
+  redis.call('SETRANGE', KEYS[1], 47, string.format('%013d', stale + life - pttl))
+  redis.call('PEXPIRE', KEYS[1], life)
+end
 if holder ~= '0000000000000000' then return {'won', seen, 1} end
 return {'won', seen, 0}
 ";

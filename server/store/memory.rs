@@ -154,9 +154,12 @@ fn namespace_of(key: &str) -> &str {
 impl State {
     /// Removes one entry and every trace of it: its expiry, its tags' index places, its bytes.
     fn remove(&mut self, key: &str) -> bool {
-        let Some(entry) = self.entries.remove(key) else {
-            return false;
-        };
+        self.take(key).is_some()
+    }
+
+    /// Removes one entry and every trace of it, returning it.
+    fn take(&mut self, key: &str) -> Option<Entry> {
+        let entry = self.entries.remove(key)?;
         self.expirations.remove(&(entry.expires_at, entry.seq));
         self.bytes -= charge(key, &entry.value, &entry.tags);
         for tag in &entry.tags {
@@ -168,7 +171,7 @@ impl State {
                 }
             }
         }
-        true
+        Some(entry)
     }
 
     /// The key's entry while it is kept (a lease placeholder and a stale copy included).
@@ -229,7 +232,10 @@ impl State {
     /// Decides `key`'s lease for `ask`, as [`lease::ACQUIRE_SCRIPT`] does in Redis.
     ///
     /// [`lease::ACQUIRE_SCRIPT`]: super::lease::ACQUIRE_SCRIPT
-    fn acquire(&mut self, key: &str, ask: LeaseAsk, now: Instant) -> Acquired {
+    ///
+    /// `tags`, those its result will be written with, are added to the entry's (a placeholder's
+    /// only tags), so a BustTag of any of them voids the lease.
+    fn acquire(&mut self, key: &str, ask: LeaseAsk, tags: &[String], now: Instant) -> Acquired {
         let lease = Some((ask.token, now + ask.lease));
         let life = placeholder_life(ask.lease);
         let Some(entry) = self.live(key, now) else {
@@ -239,7 +245,7 @@ impl State {
                     value: Bytes::new(),
                     expires_at: now + life,
                     seq: 0,
-                    tags: Vec::new(),
+                    tags: tags.to_vec(),
                     ttl: Duration::ZERO,
                     stale: Duration::ZERO,
                     compute_ms: 0,
@@ -272,17 +278,23 @@ impl State {
             };
         }
         let took_over = entry.lease.is_some();
-        if entry.placeholder {
-            let mut placeholder = self.entries.remove(key).expect("found above");
-            self.expirations
-                .remove(&(placeholder.expires_at, placeholder.seq));
-            self.bytes -= charge(key, &placeholder.value, &placeholder.tags);
-            placeholder.expires_at = now + life;
-            placeholder.lease = lease;
-            self.place(key.to_owned(), placeholder);
-        } else if let Some(entry) = self.entries.get_mut(key) {
-            entry.lease = lease;
+        let mut entry = self.take(key).expect("found above");
+        entry.lease = lease;
+        for tag in tags {
+            if !entry.tags.contains(tag) {
+                entry.tags.push(tag.clone());
+            }
         }
+        if entry.placeholder {
+            entry.expires_at = now + life;
+        } else if entry.expires_at < now + life {
+            // A lease must not die with the value it was won on: keep the value a
+            // placeholder's life, the extra time in its stale window, so it is live exactly as
+            // long as before (as the acquire script does in Redis).
+            entry.stale += now + life - entry.expires_at;
+            entry.expires_at = now + life;
+        }
+        self.place(key.to_owned(), entry);
         Acquired::Won { seen, took_over }
     }
 
@@ -405,8 +417,15 @@ impl Store for MemoryStore {
         Ok(found)
     }
 
-    async fn acquire(&self, key: &EntryKey, ask: LeaseAsk) -> Result<Acquired, StoreError> {
-        Ok(self.timed("lease", |state, now| state.acquire(&map_key(key), ask, now)))
+    async fn acquire(
+        &self,
+        key: &EntryKey,
+        ask: LeaseAsk,
+        tags: &[String],
+    ) -> Result<Acquired, StoreError> {
+        Ok(self.timed("lease", |state, now| {
+            state.acquire(&map_key(key), ask, tags, now)
+        }))
     }
 
     async fn put_leased(&self, entry: &NewEntry, token: u64) -> Result<bool, StoreError> {

@@ -275,11 +275,14 @@ pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
         left: bool,
     ) -> impl Future<Output = Result<Found, StoreError>> + Send;
 
-    /// Decides `key`'s lease for `ask` in one atomic step (see [`lease`]).
+    /// Decides `key`'s lease for `ask` in one atomic step (see [`lease`]). `tags`, those the
+    /// result will be written with, are indexed first (only raising an index member's expiry),
+    /// so a BustTag of any of them before the write removes the key and voids the lease.
     fn acquire(
         &self,
         key: &EntryKey,
         ask: LeaseAsk,
+        tags: &[String],
     ) -> impl Future<Output = Result<Acquired, StoreError>> + Send;
 
     /// Writes `entry` only while its key holds the lease `token`; returns whether it did.

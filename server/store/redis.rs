@@ -509,6 +509,11 @@ impl RedisStore {
     /// [`tags`]); nothing when none is tagged.
     async fn write_tag_indexes(&self, entries: &[NewEntry]) -> Result<(), StoreError> {
         let commands = tags::index_commands(&self.layout, entries, tags::index_slack(self.timeout));
+        self.write_indexes(commands).await
+    }
+
+    /// Sends index writes (see [`tags`]) in one pipeline; nothing when there are none.
+    async fn write_indexes(&self, commands: Vec<(String, redis::Cmd)>) -> Result<(), StoreError> {
         if commands.is_empty() {
             return Ok(());
         }
@@ -696,8 +701,21 @@ impl Store for RedisStore {
         Ok(lease::found(stored, Some(pttl)))
     }
 
-    async fn acquire(&self, key: &EntryKey, ask: LeaseAsk) -> Result<Acquired, StoreError> {
-        let key = self.layout.entry(key);
+    async fn acquire(
+        &self,
+        entry: &EntryKey,
+        ask: LeaseAsk,
+        tags: &[String],
+    ) -> Result<Acquired, StoreError> {
+        self.write_indexes(tags::lease_index_commands(
+            &self.layout,
+            entry,
+            tags,
+            lease::placeholder_life(ask.lease),
+            tags::index_slack(self.timeout),
+        ))
+        .await?;
+        let key = self.layout.entry(entry);
         let reply: Value = self
             .run("EVAL (lease)", |mut conn| async move {
                 scripts().acquire(key, ask).invoke_async(&mut conn).await

@@ -731,6 +731,12 @@ impl ClusterStore {
     async fn write_tag_indexes(&self, entries: &[NewEntry]) -> Result<(), StoreError> {
         let commands =
             tags::index_commands(&self.layout, entries, tags::index_slack(self.gate.timeout));
+        self.write_indexes(commands).await
+    }
+
+    /// Sends index writes (see [`tags`]), each routed by its index key, all slots at once,
+    /// every reply checked; nothing when there are none.
+    async fn write_indexes(&self, commands: Vec<(String, Cmd)>) -> Result<(), StoreError> {
         if commands.is_empty() {
             return Ok(());
         }
@@ -1005,7 +1011,20 @@ impl Store for ClusterStore {
         Ok(lease::found(stored, Some(pttl)))
     }
 
-    async fn acquire(&self, key: &EntryKey, ask: LeaseAsk) -> Result<Acquired, StoreError> {
+    async fn acquire(
+        &self,
+        key: &EntryKey,
+        ask: LeaseAsk,
+        tags: &[String],
+    ) -> Result<Acquired, StoreError> {
+        self.write_indexes(tags::lease_index_commands(
+            &self.layout,
+            key,
+            tags,
+            lease::placeholder_life(ask.lease),
+            tags::index_slack(self.gate.timeout),
+        ))
+        .await?;
         let invocation = scripts().acquire(self.layout.entry(key), ask);
         let reply: Value = self.script("EVAL (lease)", invocation).await?;
         lease::acquired(&reply).map_err(StoreError::Internal)
