@@ -2,11 +2,11 @@
 //! interleaved repetitions, reporting medians and the ratio to the reference.
 //!
 //!     cargo bench --bench cm_bench                 # the full run (a few minutes)
-//!     cargo bench --bench cm_bench -- --quick      # seconds; CI runs it so the harness keeps working
+//!     cargo bench --bench cm_bench -- --quick      # seconds; CI runs it (as a debug build) so the harness keeps working
 //!
 //! Options: --reps N (3), --seconds S per measurement (3), --bust-entries N (1000000),
-//! --footprint-seconds S (60), --only get50,get1,hops,memo-hit,memo-miss,batch,h2load,get50-metrics,
-//! bust,footprint (a comma-separated subset of the scenarios, for working on one), --cluster
+//! --footprint-seconds S (60), --only get50,get1,hops,lookup,memo-lease,memo-hit,memo-miss,batch,
+//! h2load,get50-metrics,bust,footprint (a comma-separated subset of the scenarios, for working on one), --cluster
 //! (the bust again on a Redis Cluster of three primaries and three replicas started for it, the
 //! entries spread over the primaries: `--only bust --cluster` compares the two).
 //! `get50-metrics` runs a second server with `--metrics-listen` and a third just like the first
@@ -644,6 +644,14 @@ async fn main() {
             "Get hit, 64 B, 1 caller, in-memory store (the gRPC hop alone)",
             "redis-benchmark GET -c 1",
         ),
+        Row::new(
+            "the server's lookup: redis-rs GET + PTTL in one pipeline, 1 caller",
+            "redis-rs GET, 1 caller",
+        ),
+        Row::new(
+            "memoize hit, 1 caller, leases on (the default)",
+            "the same, leases off (lease(Duration::ZERO))",
+        ),
     ];
     // For `hops`: a server with metrics on, whose store command histogram times its own Redis
     // hop (sum / count: the mean, finer than any bucket), and one on the in-memory store.
@@ -782,6 +790,64 @@ async fn main() {
             rows[9]
                 .cm
                 .push(one_caller_gets(memory_client, duration).await);
+        }
+
+        if settings.wants("lookup") {
+            // What a Get costs the server's Redis hop since leases: the value's PTTL rides in
+            // the same pipeline as its GET. Both sides on one multiplexed connection.
+            let reference_conn = conn.clone();
+            rows[10].reference_samples.push(
+                load(1, duration, 1, move |_, _| {
+                    let mut conn = reference_conn.clone();
+                    async move {
+                        let bytes: Option<Vec<u8>> = redis::cmd("GET")
+                            .arg("key:__rand_int__")
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                        assert!(bytes.is_some());
+                    }
+                })
+                .await,
+            );
+            let measured_conn = conn.clone();
+            rows[10].cm.push(
+                load(1, duration, 1, move |_, _| {
+                    let mut conn = measured_conn.clone();
+                    async move {
+                        let (bytes, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
+                            .cmd("GET")
+                            .arg("key:__rand_int__")
+                            .cmd("PTTL")
+                            .arg("key:__rand_int__")
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                        assert!(bytes.is_some() && pttl == -1);
+                    }
+                })
+                .await,
+            );
+        }
+
+        if settings.wants("memo-lease") {
+            // The cost of leases on a hit: the same handle with leases off is the reference.
+            let hit_with = |handle: cache_money::Function| {
+                load(1, duration, 1, move |_, _| {
+                    let hit = handle.clone();
+                    async move {
+                        let got: Profile = hit
+                            .memoize(&(1u64,), || async { unreachable!("cached") })
+                            .await
+                            .unwrap();
+                        assert_eq!(got.id, 918_273);
+                    }
+                })
+            };
+            rows[11]
+                .reference_samples
+                .push(hit_with(memo.clone().lease(Duration::ZERO)).await);
+            rows[11].cm.push(hit_with(memo.clone()).await);
         }
 
         if settings.wants("memo-hit") {

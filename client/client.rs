@@ -26,6 +26,7 @@ use crate::{
     breaker::{Breaker, Transition},
     connect::{self, describe},
     key::{EntryKey, check_name},
+    lease::DEFAULT_LEASE,
     pb::{self, cache_money_client::CacheMoneyClient},
     single_flight::SingleFlight,
 };
@@ -102,6 +103,14 @@ pub struct ClientOptions {
     /// `false` turns caching off: `memoize` calls the function every time and busts do
     /// nothing, as the seed allows for local development.
     pub enabled: bool,
+    /// The lease lifetime `memoize` asks for on a miss, so one caller fleet-wide computes
+    /// while the others wait for its result ([`DEFAULT_LEASE`], 5 s; README, "One
+    /// computation per key"). Handles may set their own ([`Function::lease`]);
+    /// `Duration::ZERO` turns leases off (every process computes a missing entry itself, as
+    /// before leases). The server shortens a lease longer than its `--lease-max-ms` (60 s by
+    /// default) to that. Keep it above the function's usual compute time: a holder that has
+    /// not written when its lease expires loses it to the next caller.
+    pub lease: Duration,
     /// Bearer token sent with every call, for a server with authentication on.
     pub token: Option<String>,
     /// A test hook, not an API: looks hosts up instead of the system's resolver, with
@@ -135,6 +144,7 @@ impl fmt::Debug for ClientOptions {
             .field("default_ttl", &self.default_ttl)
             .field("max_ttl", &self.max_ttl)
             .field("enabled", &self.enabled)
+            .field("lease", &self.lease)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -190,6 +200,7 @@ impl Default for ClientOptions {
             default_ttl: DEFAULT_TTL,
             max_ttl: Duration::from_secs(DEFAULT_MAX_TTL_SECONDS.into()),
             enabled: true,
+            lease: DEFAULT_LEASE,
             token: None,
         }
     }
@@ -213,6 +224,23 @@ pub struct ClientMetrics {
     pub computed: u64,
     /// Stored values that did not decode into the expected type (treated as misses).
     pub undecodable: u64,
+    /// Leases this client won: its caller computed a missing entry (or recomputed a due one)
+    /// for the whole fleet.
+    pub leases_won: u64,
+    /// `memoize` calls that waited for another caller's lease (each counted once, however
+    /// many times it looked again).
+    pub lease_waits: u64,
+    /// Of those, the ones that stopped waiting because the lease's lifetime plus the deadline
+    /// passed without a value, and computed (or served a stale value) themselves.
+    pub lease_wait_timeouts: u64,
+    /// Results written with a lease the service no longer honoured (a bust, a refresh or a
+    /// takeover voided it while computing): returned to their callers, not stored.
+    pub refused_writes: u64,
+    /// Values past their TTL served because computing a fresh one failed (stale-if-error).
+    pub stale_served: u64,
+    /// Live entries recomputed because they were due (stale-while-revalidate), by this client
+    /// for the fleet.
+    pub refreshes: u64,
     /// Whether the breaker is currently open.
     pub breaker_open: bool,
 }
@@ -226,14 +254,39 @@ struct Counters {
     hits: AtomicU64,
     computed: AtomicU64,
     undecodable: AtomicU64,
+    leases_won: AtomicU64,
+    lease_waits: AtomicU64,
+    lease_wait_timeouts: AtomicU64,
+    refused_writes: AtomicU64,
+    stale_served: AtomicU64,
+    refreshes: AtomicU64,
 }
 
-/// The `memoize` calls under way, by key. A flight's result is the encoded value, or `None`
+/// The lease events [`Client::count`] records, one per [`ClientMetrics`] counter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Event {
+    LeaseWon,
+    LeaseWaited,
+    LeaseWaitTimedOut,
+    RefusedWrite,
+    StaleServed,
+    Refreshed,
+}
+
+/// What a `memoize` flight's leader shares with the callers waiting for it: the encoded value,
+/// and whether it is a stale one (stale-if-error).
+#[derive(Debug, Clone)]
+pub(crate) struct Shared {
+    pub(crate) bytes: Bytes,
+    pub(crate) stale: bool,
+}
+
+/// The `memoize` calls under way, by key. A flight's result is the value to share, or `None`
 /// when it could not be shared (an error, or a value that does not encode), so each waiter
 /// computes its own.
-pub(crate) type Flights = SingleFlight<EntryKey, Option<Bytes>>;
+pub(crate) type Flights = SingleFlight<EntryKey, Option<Shared>>;
 /// One caller's place in a [`Flights`] flight.
-pub(crate) type Flight<'a> = crate::single_flight::Flight<'a, EntryKey, Option<Bytes>>;
+pub(crate) type Flight<'a> = crate::single_flight::Flight<'a, EntryKey, Option<Shared>>;
 
 #[derive(Debug)]
 struct Inner {
@@ -492,6 +545,12 @@ impl Client {
             hits: counters.hits.load(Relaxed),
             computed: counters.computed.load(Relaxed),
             undecodable: counters.undecodable.load(Relaxed),
+            leases_won: counters.leases_won.load(Relaxed),
+            lease_waits: counters.lease_waits.load(Relaxed),
+            lease_wait_timeouts: counters.lease_wait_timeouts.load(Relaxed),
+            refused_writes: counters.refused_writes.load(Relaxed),
+            stale_served: counters.stale_served.load(Relaxed),
+            refreshes: counters.refreshes.load(Relaxed),
             breaker_open: self.inner.breaker.is_open(),
         }
     }
@@ -587,6 +646,35 @@ impl Client {
 
     pub(crate) fn count_undecodable(&self) {
         self.inner.counters.undecodable.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn count(&self, event: Event) {
+        let counters = &self.inner.counters;
+        let counter = match event {
+            Event::LeaseWon => &counters.leases_won,
+            Event::LeaseWaited => &counters.lease_waits,
+            Event::LeaseWaitTimedOut => &counters.lease_wait_timeouts,
+            Event::RefusedWrite => &counters.refused_writes,
+            Event::StaleServed => &counters.stale_served,
+            Event::Refreshed => &counters.refreshes,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// Gives up lease `token` of `key` (its computation failed), fail-open: bounded by the
+    /// deadline, and a failure only costs the other callers the lease's remaining life.
+    pub(crate) async fn release_lease(&self, key: pb::Key, token: u64) {
+        let request = pb::ReleaseRequest {
+            key: Some(key),
+            lease_token: token,
+        };
+        // Release is refused only for a bad key or token, which memoize never sends: one
+        // flag per process is enough to keep such a warning to one.
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        self.cache_rpc("Release", &WARNED, |mut rpc| async move {
+            rpc.release(request).await
+        })
+        .await;
     }
 
     /// Whether `other` is this client or a clone of it (one connection, one breaker).

@@ -22,13 +22,16 @@
 //! # Layout
 //! - [`Client`] (`client`): the connection, options, circuit breaker and metrics.
 //! - [`Function`] (`memoize`): one function's entries: `memoize`, `try_memoize`, `refresh`,
-//!   busts, versions, tags ([`Client::bust_tag`]).
+//!   busts, versions, tags ([`Client::bust_tag`]), leases, stale-while-revalidate
+//!   (`memoize_detached`) and stale-if-error ([`Served`]).
 //! - [`install`] (`memoized`): the default client of `#[memoize]` functions, and the runtime
 //!   the attribute expands to (hidden, `__private`).
 //! - [`memoize`](macro@memoize) (feature `macros`, the `macros/` crate): the attribute.
 //! - [`Ttl`] (`ttl`): the seed's TTL constants, and the default maximum TTL both sides use.
 //! - `breaker`: the circuit breaker that keeps a down service from costing every call.
 //! - `single_flight`: concurrent `memoize` calls of one key in a process share one computation.
+//! - `lease` ([`DEFAULT_LEASE`]): one computation per key across the fleet: a handle's lease
+//!   settings, the bound on waiting for another caller's lease, giving a lease back.
 //! - [`channel`] (`connect`): how a URL and [`ClientOptions`] become a tonic `Channel`
 //!   (keepalive, TLS, timeouts), and [`describe_status`], a failed call in words.
 //! - `replicas`: several server replicas behind one channel ([`Client::connect_many`]): tonic's
@@ -52,6 +55,7 @@ mod codec;
 mod connect;
 mod error;
 pub mod key;
+mod lease;
 pub mod limits;
 mod memoize;
 mod memoized;
@@ -67,7 +71,8 @@ pub use client::{
 };
 pub use connect::{channel, describe as describe_status};
 pub use error::Error;
-pub use memoize::{Function, KeyFn};
+pub use lease::DEFAULT_LEASE;
+pub use memoize::{Function, KeyFn, Served};
 pub use memoized::{install, installed};
 pub use ttl::{DEFAULT_MAX_TTL_SECONDS, Ttl};
 

@@ -7,19 +7,20 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{
     Client, Error,
     canonical::{args_value, check_key_fn_output, scoped_digest_of, type_args},
-    client::Flight,
+    client::{Event, Flight, Shared},
     key::EntryKey,
+    lease::{LeaseGuard, LeasePolicy, WaitBudget, compute_ms},
     pb,
 };
 
@@ -55,6 +56,90 @@ pub struct Function {
     warned_refused: Arc<AtomicBool>,
     /// Written with every result ([`Function::tagged`]); shared by clones.
     tags: Arc<[String]>,
+    /// Leases, stale-while-revalidate and stale-if-error ([`Function::lease`] and the rest).
+    policy: LeasePolicy,
+}
+
+/// A result of [`Function::try_memoize_served`], and whether it is stale: a value past its
+/// TTL, served because no fresh one could be had ([`Function::stale_if_error`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Served<T> {
+    /// The result.
+    pub value: T,
+    /// `true` when `value` is a stale value (its TTL passed; kept by stale-if-error) served
+    /// because computing a fresh one failed, or because another caller held the key's lease
+    /// past its lifetime without writing. `false` for a fresh value, whether cached or
+    /// just computed.
+    pub stale: bool,
+}
+
+impl<T> Served<T> {
+    fn fresh(value: T) -> Self {
+        Served {
+            value,
+            stale: false,
+        }
+    }
+
+    /// The result, whether stale or not.
+    pub fn into_value(self) -> T {
+        self.value
+    }
+}
+
+/// How a `memoize` call came out of its flight.
+enum Outcome<T, E, F> {
+    /// Its result.
+    Done(Result<Served<T>, E>),
+    /// It found a live entry that is due for recomputation and won the lease to recompute it
+    /// (stale-while-revalidate): `current` is the entry's value, `compute` is still unused.
+    Due { current: T, token: u64, compute: F },
+}
+
+/// What a leader's lookup came to.
+enum Found<T> {
+    /// A live value; `due`: the lease to recompute it, when it is due and this caller won.
+    Hit {
+        value: T,
+        bytes: Bytes,
+        due: Option<u64>,
+    },
+    /// No fresh value and no lease within the wait bound, but a stale one to serve.
+    Stale((T, Bytes)),
+    /// Compute, then write as `lease` says; `stale` is the value to serve if computing fails.
+    Compute {
+        lease: Lease,
+        stale: Option<(T, Bytes)>,
+    },
+}
+
+/// Whether and how a computed result is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    /// Unconditionally: leases are off, the service does not hand them out, the lookup
+    /// failed (fail-open, as before leases), or a refresh.
+    None,
+    /// With the token of the lease this caller won.
+    Won(u64),
+    /// Not at all: waiting for another caller's lease ran out, so that caller (or whoever
+    /// took its lease over) is still expected to write, and its write must not be voided.
+    Uncached,
+}
+
+/// How a fresh result is written: with which lease, the guard that gives the lease back if it
+/// goes unused, and how long the computation took (written with the value, XFetch's delta).
+#[derive(Debug)]
+struct Fresh {
+    took: Duration,
+    lease: Lease,
+    guard: Option<LeaseGuard>,
+}
+
+/// Gives a won lease back now, if there is one.
+async fn release(guard: Option<LeaseGuard>) {
+    if let Some(guard) = guard {
+        guard.release().await;
+    }
 }
 
 /// How [`Function::keep`] writes a fresh result: as memoize does, or as refresh does (a
@@ -84,6 +169,10 @@ impl fmt::Debug for Function {
             .field("version", &self.version)
             .field("tags", &self.tags)
             .field("self_type_args", &self.self_type_args)
+            .field("lease", &self.policy.lease)
+            .field("refresh_after", &self.policy.refresh_after)
+            .field("xfetch_beta", &self.policy.beta)
+            .field("stale_if_error", &self.policy.stale_if_error)
             .finish()
     }
 }
@@ -102,7 +191,76 @@ impl Function {
             warned_undecodable: Arc::new(AtomicBool::new(false)),
             warned_refused: Arc::new(AtomicBool::new(false)),
             tags: Arc::new([]),
+            policy: LeasePolicy::default(),
         }
+    }
+
+    /// Sets the lease lifetime this handle's `memoize` calls ask for on a miss, instead of
+    /// the client's ([`ClientOptions::lease`](crate::ClientOptions::lease), 5 s by default):
+    /// one caller fleet-wide computes, the others wait for its write (README, "One
+    /// computation per key"). `Duration::ZERO` turns leases off for this handle: every
+    /// process computes a missing entry itself, and [`Function::refresh_after`],
+    /// [`Function::xfetch`] and [`Function::stale_if_error`]'s stale values (which need a
+    /// lease) are off too.
+    ///
+    /// Choose it above the function's usual compute time (a holder that has not written when
+    /// its lease expires loses it to the next caller, and two computations run); the server
+    /// shortens one longer than its `--lease-max-ms` (60 s by default) to that. A caller
+    /// waits for another's result as long as the holder's lease runs plus
+    /// [`ClientOptions::deadline`](crate::ClientOptions::deadline) (a new holder that took an
+    /// expired lease over gets its own lease's time), at most twice the lifetime plus the
+    /// deadline, then computes itself.
+    pub fn lease(mut self, lifetime: Duration) -> Self {
+        self.policy.lease = Some(lifetime);
+        self
+    }
+
+    /// The lease lifetime this handle's `memoize` calls ask for; zero when leases are off.
+    pub fn lease_lifetime(&self) -> Duration {
+        self.policy.lifetime(self.client.options().lease)
+    }
+
+    /// Stale-while-revalidate by age: a cached entry at least `age` old is due, and the
+    /// first caller to find it so (one fleet-wide, through the entry's lease) recomputes and
+    /// rewrites it, while every other caller gets the cached value at once. See
+    /// [`Function::memoize`] (the winner recomputes before it returns) and
+    /// [`Function::memoize_detached`] (the winner returns at once too, the recomputation runs
+    /// in a spawned task). `Duration::ZERO` (the default): never by age. Needs leases on.
+    pub fn refresh_after(mut self, age: Duration) -> Self {
+        self.policy.refresh_after = age;
+        self
+    }
+
+    /// Stale-while-revalidate by XFetch (Vattani et al., VLDB 2015): a cached entry becomes
+    /// due before it expires with a probability that grows with its compute time (measured
+    /// and written with it) and as its expiry nears, so one caller usually recomputes it
+    /// before anyone misses. `beta` 1.0 is the paper's default; larger recomputes earlier;
+    /// 0 (the default) turns it off. The recomputation happens as for
+    /// [`Function::refresh_after`]. Needs leases on.
+    ///
+    /// # Panics
+    /// When `beta` is negative, infinite or NaN: almost always a literal.
+    pub fn xfetch(mut self, beta: f32) -> Self {
+        assert!(
+            beta.is_finite() && beta >= 0.0,
+            "cache-money xfetch beta: must be a finite number of 0 or more (1.0 is the usual), got {beta}"
+        );
+        self.policy.beta = beta;
+        self
+    }
+
+    /// Stale-if-error: results are written to be kept `keep` past their TTL (rounded up to
+    /// whole seconds, and cut so TTL plus it stays within
+    /// [`ClientOptions::max_ttl`](crate::ClientOptions::max_ttl)), and when a call finds no
+    /// fresh value and computing one fails (`Err`, with `try_memoize`), or another caller
+    /// holds the lease past its lifetime without writing, that stale value is served instead,
+    /// counted in [`ClientMetrics::stale_served`](crate::ClientMetrics::stale_served).
+    /// [`Function::try_memoize_served`] tells the caller. A bust removes the stale value with
+    /// the entry: a busted value is never served. `Duration::ZERO` (the default): off. Needs
+    /// leases on.
+    pub fn stale_if_error(mut self, keep: Duration) -> Self {
+        self.policy.stale_if_error = keep;
+        self
     }
 
     /// Keys calls by what `key_fn` makes of the canonical argument list (a JSON array)
@@ -207,9 +365,18 @@ impl Function {
     /// handle's TTL and returns it.
     ///
     /// Concurrent calls with the same arguments in this process run `compute` once and all
-    /// get its result. When the service is down, slow or erroring, the result is computed and
+    /// get its result. Across processes, leases (on by default, [`Function::lease`]) make one
+    /// caller fleet-wide compute a missing entry while the others wait for its write and get
+    /// its value; a result computed from data older than a bust is returned to its callers
+    /// but not stored. When the service is down, slow or erroring, the result is computed and
     /// returned all the same (fail-open); a stored value that no longer decodes into `T` is
     /// treated as a miss and overwritten.
+    ///
+    /// With [`Function::refresh_after`] or [`Function::xfetch`], a cached entry that is due is
+    /// recomputed by the one caller that wins its lease, **inside this call**: that caller
+    /// returns the new value once computed, everyone else (in this process and elsewhere) the
+    /// cached value at once. `compute` is borrowed, so it cannot outlive the call; for a
+    /// winner that returns at once too, use [`Function::memoize_detached`].
     ///
     /// ```no_run
     /// # async fn example(cm: cache_money::Client) -> Result<(), cache_money::Error> {
@@ -237,7 +404,10 @@ impl Function {
     }
 
     /// As [`Function::memoize`] for a function that can fail: `Ok` results are cached, `Err`
-    /// never (each waiting caller then runs the function itself).
+    /// never (each waiting caller then runs the function itself). With
+    /// [`Function::stale_if_error`], an `Err` when a stale value is at hand serves that value
+    /// instead ([`Function::try_memoize_served`] says which happened). A failed computation
+    /// gives its lease back at once, so the next caller anywhere can try.
     ///
     /// # Errors
     /// `compute`'s error, or [`Error::Args`] converted into `E`.
@@ -250,6 +420,157 @@ impl Function {
         Fut: Future<Output = Result<T, E>>,
     {
         self.try_run(Mode::Memoize, args, compute).await
+    }
+
+    /// As [`Function::try_memoize`], saying whether the result is stale: a value past its
+    /// TTL served by [`Function::stale_if_error`] because computing a fresh one failed (or
+    /// another caller held the lease past its lifetime without writing). Use it where a stale
+    /// answer must be shown as such (a banner, a header, a metric).
+    ///
+    /// ```no_run
+    /// # async fn example(cm: cache_money::Client) -> Result<(), cache_money::Error> {
+    /// use std::time::Duration;
+    /// use cache_money::Ttl;
+    /// let rates = cm
+    ///     .function("app", "exchange_rates", Ttl::MINUTE)
+    ///     .stale_if_error(Duration::from_secs(3600));
+    /// let served = rates
+    ///     .try_memoize_served(&("EUR",), || async { Ok::<f64, cache_money::Error>(1.08) })
+    ///     .await?;
+    /// if served.stale {
+    ///     // the upstream failed: this is the last known rate, up to an hour old
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// `compute`'s error when no stale value is at hand, or [`Error::Args`] converted into
+    /// `E`.
+    pub async fn try_memoize_served<A, T, E, F, Fut>(
+        &self,
+        args: &A,
+        compute: F,
+    ) -> Result<Served<T>, E>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        if !self.client.options().enabled {
+            return compute().await.map(Served::fresh);
+        }
+        let key = self.entry_key(args)?;
+        self.memoize_inline(&key, &self.tags, compute).await
+    }
+
+    /// As [`Function::memoize`], except that a caller winning the lease to recompute a due
+    /// entry ([`Function::refresh_after`], [`Function::xfetch`]) returns the cached value at
+    /// once like everyone else, and the recomputation runs in a task spawned on the current
+    /// tokio runtime, writing its result with the lease when done. So with
+    /// stale-while-revalidate no caller ever waits for a recomputation; the price is that
+    /// `compute` (and what it captures) must be `Send + 'static`, as it may run after the
+    /// call returned. On a miss there is nothing to return yet, so the caller computes in
+    /// the call, as with [`Function::memoize`].
+    ///
+    /// (Named for the recomputation being detached from the call, like a spawned task. The
+    /// spawned recomputation's errors and panics stay in its task: the entry then stays as it
+    /// was and its lease is given back, so a later caller recomputes it.)
+    ///
+    /// ```no_run
+    /// # async fn example(cm: cache_money::Client) -> Result<(), cache_money::Error> {
+    /// use std::time::Duration;
+    /// use cache_money::Ttl;
+    /// let report = cm
+    ///     .function("app", "report", Ttl::HOUR)
+    ///     .refresh_after(Duration::from_secs(600));
+    /// let id = 7_u64;
+    /// let text: String = report
+    ///     .memoize_detached(&(id,), move || async move { format!("report {id}") })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// Only [`Error::Args`], as [`Function::memoize`].
+    pub async fn memoize_detached<A, T, F, Fut>(&self, args: &A, compute: F) -> Result<T, Error>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        self.try_memoize_detached(args, move || async move { Ok::<T, Error>(compute().await) })
+            .await
+    }
+
+    /// As [`Function::try_memoize`], recomputing due entries in a spawned task as
+    /// [`Function::memoize_detached`] does. A failed spawned recomputation leaves the entry
+    /// as it was (and gives the lease back); its error is logged at debug, not returned to
+    /// anyone.
+    ///
+    /// # Errors
+    /// `compute`'s error (from a computation in the call, on a miss), or [`Error::Args`]
+    /// converted into `E`.
+    pub async fn try_memoize_detached<A, T, E, F, Fut>(&self, args: &A, compute: F) -> Result<T, E>
+    where
+        A: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: From<Error> + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        if !self.client.options().enabled {
+            return compute().await;
+        }
+        let key = self.entry_key(args)?;
+        match self.memoize_key(&key, &self.tags, compute).await {
+            Outcome::Done(result) => result.map(Served::into_value),
+            Outcome::Due {
+                current,
+                token,
+                compute,
+            } => {
+                // Counted now, not in the task: the caller's metrics say at once that a
+                // recomputation is under way.
+                self.client.count(Event::Refreshed);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let tags = this.tags.clone();
+                    this.revalidate(&key, &tags, token, compute).await;
+                });
+                Ok(current)
+            }
+        }
+    }
+
+    /// `try_memoize` of `key`, recomputing a due entry in the call.
+    async fn memoize_inline<T, E, F, Fut>(
+        &self,
+        key: &EntryKey,
+        tags: &[String],
+        compute: F,
+    ) -> Result<Served<T>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        match self.memoize_key(key, tags, compute).await {
+            Outcome::Done(result) => result,
+            Outcome::Due {
+                current,
+                token,
+                compute,
+            } => {
+                self.client.count(Event::Refreshed);
+                let value = self.revalidate(key, tags, token, compute).await;
+                Ok(Served::fresh(value.unwrap_or(current)))
+            }
+        }
     }
 
     /// A handle whose calls (`memoize`, `refresh` and their `try_` forms) write their
@@ -327,17 +648,22 @@ impl Function {
             return compute().await;
         }
         match mode {
-            Mode::Memoize => self.memoize_key(key, tags, compute).await,
+            Mode::Memoize => self
+                .memoize_inline(key, tags, compute)
+                .await
+                .map(Served::into_value),
             Mode::Refresh => self.refresh_key(key, tags, compute).await,
         }
     }
 
+    /// `try_memoize` of `key`: this process's single flight, the lookup (with the lease),
+    /// and the computation. A due entry's recomputation is left to the caller ([`Outcome`]).
     async fn memoize_key<T, E, F, Fut>(
         &self,
         key: &EntryKey,
         tags: &[String],
         compute: F,
-    ) -> Result<T, E>
+    ) -> Outcome<T, E, F>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
@@ -347,95 +673,279 @@ impl Function {
         let flight = self.client.flights().join(key);
         let mut compute = Some(compute);
         // The first caller (the leader) looks up and computes; the others wait for it here.
-        let mut led: Option<Result<T, E>> = None;
+        let mut led: Option<Outcome<T, E, F>> = None;
         let shared = flight
             .get_or_lead(|| async {
                 let compute = compute.take().expect("the leader runs init once");
-                let (result, encoded) = self.lookup_or_compute(key, tags, &flight, compute).await;
-                led = Some(result);
-                encoded
+                let (outcome, shared) = self.lead(key, tags, &flight, compute).await;
+                led = Some(outcome);
+                shared
             })
             .await
             .clone();
         drop(flight);
-        if let Some(result) = led {
-            return result;
+        if let Some(outcome) = led {
+            return outcome;
         }
-        if let Some(value) = shared.as_deref().and_then(|bytes| self.decode::<T>(bytes)) {
-            return Ok(value);
+        if let Some(shared) = shared
+            && let Some(value) = self.decode::<T>(&shared.bytes)
+        {
+            return Outcome::Done(Ok(Served {
+                value,
+                stale: shared.stale,
+            }));
         }
         // The leader's result could not be shared (an error, or it did not encode): compute
         // our own. `compute` is still ours, since only the leader took it.
         match compute.take() {
             Some(compute) => {
                 self.client.count_computed();
-                compute().await
+                Outcome::Done(compute().await.map(Served::fresh))
             }
             None => unreachable!("a follower keeps its compute function"),
         }
     }
 
-    /// The leader's work: a cache lookup, else the computation and a store. Returns the
-    /// result and its encoding for the followers. A result computed while a
-    /// [`Function::refresh`] of the key took over its flight is returned but not stored: the
-    /// refresh's newer value stays.
-    async fn lookup_or_compute<T, E, F, Fut>(
+    /// The leader's work: a lookup (waiting for another caller's lease if need be), else the
+    /// computation and a write. Returns the outcome and what to share with the followers. A
+    /// result computed while a [`Function::refresh`] of the key took over its flight is
+    /// returned but not stored: the refresh's newer value stays.
+    async fn lead<T, E, F, Fut>(
         &self,
         key: &EntryKey,
         tags: &[String],
         flight: &Flight<'_>,
         compute: F,
-    ) -> (Result<T, E>, Option<Bytes>)
+    ) -> (Outcome<T, E, F>, Option<Shared>)
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let request = pb::GetRequest {
-            key: Some(Self::pb_key(key)),
-            ..Default::default()
+        let (lease, stale) = match self.lookup::<T>(key, tags).await {
+            Found::Hit { value, bytes, due } => {
+                let shared = Some(Shared {
+                    bytes,
+                    stale: false,
+                });
+                let outcome = match due {
+                    Some(token) => Outcome::Due {
+                        current: value,
+                        token,
+                        compute,
+                    },
+                    None => Outcome::Done(Ok(Served::fresh(value))),
+                };
+                return (outcome, shared);
+            }
+            Found::Stale(stale) => return self.serve_stale(stale),
+            Found::Compute { lease, stale } => (lease, stale),
         };
-        let found = self
-            .client
-            .cache_rpc("Get", &self.warned_refused, |mut rpc| async move {
-                rpc.get(request).await
-            })
-            .await;
-        if let Some(pb::GetResponse {
-            hit: true, value, ..
-        }) = found
-            && let Some(decoded) = self.decode::<T>(&value)
-        {
-            self.client.count_hit();
-            return (Ok(decoded), Some(value));
-        }
         self.client.count_computed();
+        let guard = match lease {
+            Lease::Won(token) => Some(LeaseGuard::new(&self.client, Self::pb_key(key), token)),
+            Lease::None | Lease::Uncached => None,
+        };
+        let started = Instant::now();
         let result = compute().await;
-        let encoded = self
-            .keep(key, tags, &result, Write::Store, || flight.is_current())
-            .await;
-        (result, encoded)
+        let took = started.elapsed();
+        match result {
+            Ok(value) => {
+                let fresh = Fresh { took, lease, guard };
+                let bytes = self
+                    .keep(key, tags, &value, Write::Store, fresh, || {
+                        flight.is_current()
+                    })
+                    .await;
+                let shared = bytes.map(|bytes| Shared {
+                    bytes,
+                    stale: false,
+                });
+                (Outcome::Done(Ok(Served::fresh(value))), shared)
+            }
+            Err(err) => {
+                if let Some(guard) = guard {
+                    guard.release().await;
+                }
+                match stale {
+                    Some(stale) => self.serve_stale(stale),
+                    None => (Outcome::Done(Err(err)), None),
+                }
+            }
+        }
+    }
+
+    /// Serves a value past its TTL (stale-if-error), to this caller and its followers.
+    fn serve_stale<T, E, F>(
+        &self,
+        (value, bytes): (T, Bytes),
+    ) -> (Outcome<T, E, F>, Option<Shared>) {
+        self.client.count(Event::StaleServed);
+        debug!(namespace = %self.namespace, function = %self.name, "serving a stale value: no fresh one could be had");
+        let shared = Some(Shared { bytes, stale: true });
+        (Outcome::Done(Ok(Served { value, stale: true })), shared)
+    }
+
+    /// The leader's lookup of `key`: with leases on, it asks for the lease, and while another
+    /// caller holds it looks again (as the service says, jittered) until there is a value, the
+    /// lease is this caller's, or the [`WaitBudget`] is spent.
+    async fn lookup<T: DeserializeOwned>(&self, key: &EntryKey, tags: &[String]) -> Found<T> {
+        let lifetime = self.policy.lifetime(self.client.options().lease);
+        let request = self.policy.get_request(Self::pb_key(key), lifetime, tags);
+        let leased = request.lease_ms > 0;
+        let mut stale = None;
+        let mut budget: Option<WaitBudget> = None;
+        loop {
+            let request = request.clone();
+            let found = self
+                .client
+                .cache_rpc("Get", &self.warned_refused, |mut rpc| async move {
+                    rpc.get(request).await
+                })
+                .await;
+            let Some(reply) = found else {
+                // Fail-open, and the result is written as before leases (unconditionally):
+                // a lookup that merely timed out (a cold connection, a busy host) must not
+                // leave the entry unwritten. The price: such a write is not kept out by a
+                // bust made while computing, as no write was before leases.
+                return Found::Compute {
+                    lease: Lease::None,
+                    stale,
+                };
+            };
+            let won = (reply.lease == pb::Lease::Won as i32).then_some(reply.lease_token);
+            if won.is_some() {
+                self.client.count(Event::LeaseWon);
+            }
+            if reply.hit {
+                if let Some(value) = self.decode::<T>(&reply.value) {
+                    self.client.count_hit();
+                    return Found::Hit {
+                        value,
+                        bytes: reply.value,
+                        due: won,
+                    };
+                }
+                // A value of another type: recompute and overwrite it (with the lease, if it
+                // was due and this caller got it).
+                let lease = won.map_or(Lease::None, Lease::Won);
+                return Found::Compute { lease, stale: None };
+            }
+            // Only the latest answer's stale value counts: one seen earlier may have been
+            // busted since, and a busted value is never served.
+            stale = if reply.stale {
+                self.decode::<T>(&reply.value)
+                    .map(|value| (value, reply.value.clone()))
+            } else {
+                None
+            };
+            if let Some(token) = won {
+                return Found::Compute {
+                    lease: Lease::Won(token),
+                    stale,
+                };
+            }
+            if !leased || reply.lease != pb::Lease::Wait as i32 {
+                // No lease asked for, or a service that does not hand them out: as before
+                // leases, every process computes and writes.
+                return Found::Compute {
+                    lease: Lease::None,
+                    stale,
+                };
+            }
+            let budget = budget.get_or_insert_with(|| {
+                self.client.count(Event::LeaseWaited);
+                WaitBudget::new(Instant::now(), lifetime, self.client.options().deadline)
+            });
+            budget.holder_has(
+                Duration::from_millis(reply.lease_left_ms.into()),
+                Instant::now(),
+            );
+            match budget.next_sleep(reply.retry_after_ms, Instant::now()) {
+                Some(pause) => tokio::time::sleep(pause).await,
+                None => {
+                    self.client.count(Event::LeaseWaitTimedOut);
+                    debug!(namespace = %self.namespace, function = %self.name, "a lease holder did not write within the lease's lifetime; computing without caching");
+                    return match stale {
+                        Some(stale) => Found::Stale(stale),
+                        None => Found::Compute {
+                            lease: Lease::Uncached,
+                            stale: None,
+                        },
+                    };
+                }
+            }
+        }
+    }
+
+    /// Recomputes a live entry that is due (stale-while-revalidate) with lease `token`, won
+    /// by this caller alone, and writes the result with it. Returns the new value, or `None`
+    /// when the computation failed (the lease is then released and the entry stays as it
+    /// was, to be recomputed by a later caller).
+    async fn revalidate<T, E, F, Fut>(
+        &self,
+        key: &EntryKey,
+        tags: &[String],
+        token: u64,
+        compute: F,
+    ) -> Option<T>
+    where
+        T: Serialize,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.client.count_computed();
+        let guard = LeaseGuard::new(&self.client, Self::pb_key(key), token);
+        let started = Instant::now();
+        let result = compute().await;
+        let took = started.elapsed();
+        match result {
+            Ok(value) => {
+                let fresh = Fresh {
+                    took,
+                    lease: Lease::Won(token),
+                    guard: Some(guard),
+                };
+                self.store(key, tags, &value, fresh).await;
+                Some(value)
+            }
+            Err(_) => {
+                debug!(namespace = %self.namespace, function = %self.name, "recomputing a due entry failed; it stays as it was and its lease is released");
+                guard.release().await;
+                None
+            }
+        }
     }
 
     fn encode<T: Serialize>(value: &T) -> Result<Bytes, serde_json::Error> {
         serde_json::to_vec(value).map(Bytes::from)
     }
 
-    /// Encodes and stores a fresh result; returns its encoding when it can be shared.
+    /// Encodes and stores a fresh result as `fresh` says; returns its encoding when it can be
+    /// shared. A lease that ends up unused (nothing to write) is released.
     async fn store<T: Serialize>(
         &self,
         key: &EntryKey,
         tags: &[String],
         value: &T,
+        fresh: Fresh,
     ) -> Option<Bytes> {
+        let Fresh { took, lease, guard } = fresh;
         let encoded = match Self::encode(value) {
             Ok(encoded) => encoded,
             Err(err) => {
                 warn!(namespace = %self.namespace, function = %self.name, cause = %err, "result does not encode as JSON; not cached");
+                release(guard).await;
                 return None;
             }
         };
+        let token = match lease {
+            Lease::Uncached => return Some(encoded),
+            Lease::None => 0,
+            Lease::Won(token) => token,
+        };
         if !self.cache_none && encoded.as_ref() == b"null" {
+            release(guard).await;
             return Some(encoded);
         }
         let request = pb::PutRequest {
@@ -443,13 +953,32 @@ impl Function {
             value: encoded.clone(),
             ttl_seconds: u32::try_from(self.ttl.as_secs()).unwrap_or(u32::MAX),
             tags: tags.to_vec(),
-            ..Default::default()
+            lease_token: token,
+            compute_ms: compute_ms(took),
+            stale_seconds: self
+                .policy
+                .stale_seconds(self.ttl, self.client.options().max_ttl),
         };
-        self.client
+        let reply = self
+            .client
             .cache_rpc("Put", &self.warned_refused, |mut rpc| async move {
                 rpc.put(request).await
             })
             .await;
+        // Answered: the lease is spent (written with, or voided already). Not answered (the
+        // service refused the write as invalid, failed or timed out): the guard, dropped
+        // armed, gives the lease back from a spawned task, so the callers elsewhere need not
+        // wait for it to expire, nor this one for the Release. (A write that timed out but
+        // lands after the Release is refused: uncached, never wrong.)
+        if reply.is_some()
+            && let Some(mut guard) = guard
+        {
+            guard.disarm();
+        }
+        if reply.is_some_and(|reply| reply.refused) {
+            self.client.count(Event::RefusedWrite);
+            debug!(namespace = %self.namespace, function = %self.name, "write refused: the lease was voided (a bust or a newer write) while computing; the result is returned, not cached");
+        }
         Some(encoded)
     }
 
@@ -539,40 +1068,61 @@ impl Function {
             .flights()
             .lead(key, |claim| async move {
                 self.client.count_computed();
+                let started = Instant::now();
                 let result = compute().await;
-                let encoded = self
-                    .keep(key, tags, &result, Write::Overwrite, || claim.is_current())
-                    .await;
+                let encoded = match &result {
+                    // No lease: a refresh is newer than any lease, and its write voids them.
+                    Ok(value) => {
+                        let fresh = Fresh {
+                            took: started.elapsed(),
+                            lease: Lease::None,
+                            guard: None,
+                        };
+                        self.keep(key, tags, value, Write::Overwrite, fresh, || {
+                            claim.is_current()
+                        })
+                        .await
+                    }
+                    Err(_) => None,
+                };
                 *led_by_refresh = Some(result);
-                encoded
+                encoded.map(|bytes| Shared {
+                    bytes,
+                    stale: false,
+                })
             })
             .await;
         led.expect("lead runs the refresh to completion before it returns")
     }
 
-    /// Stores a fresh `result` of `key` (as [`Write`] says) while this computation still holds
-    /// the key, and returns its encoding for the callers sharing it; a refresh that started
-    /// later stores its newer value instead. An error is neither stored nor shared.
-    async fn keep<T: Serialize, E>(
+    /// Stores a fresh `value` of `key` (as [`Write`] and `fresh` say) while this computation
+    /// still holds the key, and returns its encoding for the callers sharing it; a refresh
+    /// that started later stores its newer value instead (and this one's lease, if any, is
+    /// given back).
+    async fn keep<T: Serialize>(
         &self,
         key: &EntryKey,
         tags: &[String],
-        result: &Result<T, E>,
+        value: &T,
         write: Write,
+        fresh: Fresh,
         is_current: impl Fn() -> bool,
     ) -> Option<Bytes> {
-        match result {
-            Ok(value) if is_current() => {
-                let encoded = match write {
-                    Write::Store => self.store(key, tags, value).await,
-                    Write::Overwrite => self.overwrite(key, tags, value).await,
-                };
-                self.unless_replaced(key, is_current).await;
-                encoded
-            }
-            Ok(value) => Self::encode(value).ok(),
-            Err(_) => None,
+        if !is_current() {
+            release(fresh.guard).await;
+            return Self::encode(value).ok();
         }
+        let lease = fresh.lease;
+        let encoded = match write {
+            Write::Store => self.store(key, tags, value, fresh).await,
+            Write::Overwrite => self.overwrite(key, tags, value, fresh).await,
+        };
+        // A write with a lease needs no clean-up: a refresh's write voids the lease, so this
+        // one is either refused or lands first and is overwritten. Nor does one never sent.
+        if lease == Lease::None {
+            self.unless_replaced(key, is_current).await;
+        }
+        encoded
     }
 
     /// Removes what was just stored under `key` if a newer refresh took the key over while it
@@ -604,8 +1154,9 @@ impl Function {
         key: &EntryKey,
         tags: &[String],
         value: &T,
+        fresh: Fresh,
     ) -> Option<Bytes> {
-        let encoded = self.store(key, tags, value).await?;
+        let encoded = self.store(key, tags, value, fresh).await?;
         if !self.cache_none && encoded.as_ref() == b"null" {
             self.remove(key).await;
         }

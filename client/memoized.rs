@@ -60,6 +60,11 @@ pub struct Site {
     ttl: Option<fn() -> Duration>,
     version: u32,
     cache_none: bool,
+    /// The `lease`, `refresh_after` and `stale_if_error` options, evaluated when the handle
+    /// is made.
+    lease: Option<fn() -> Duration>,
+    refresh_after: Option<fn() -> Duration>,
+    stale_if_error: Option<fn() -> Duration>,
     /// The handle of the installed default client, which lives as long as the process
     /// anyway. Another client (`client = …`) gets a handle of its own per call, so the site
     /// keeps no client alive.
@@ -87,10 +92,28 @@ impl Site {
             ttl,
             version,
             cache_none,
+            lease: None,
+            refresh_after: None,
+            stale_if_error: None,
             handle: OnceLock::new(),
             handle_warnings: OnceLock::new(),
             warned: AtomicBool::new(false),
         }
+    }
+
+    /// The site with the attribute's lease options ([`Function::lease`],
+    /// [`Function::refresh_after`], [`Function::stale_if_error`]); `None` leaves each as a
+    /// handle has it by default.
+    pub const fn leases(
+        mut self,
+        lease: Option<fn() -> Duration>,
+        refresh_after: Option<fn() -> Duration>,
+        stale_if_error: Option<fn() -> Duration>,
+    ) -> Self {
+        self.lease = lease;
+        self.refresh_after = refresh_after;
+        self.stale_if_error = stale_if_error;
+        self
     }
 
     fn make(&self, client: &Client) -> Result<Function, Error> {
@@ -98,11 +121,21 @@ impl Site {
             Some(ttl) => ttl(),
             None => client.options().default_ttl,
         };
-        Ok(client
+        let mut function = client
             .try_function(self.namespace, self.name, ttl)?
             .version(self.version)
             .cache_none(self.cache_none)
-            .warnings(self.handle_warnings.get_or_init(HandleWarnings::default)))
+            .warnings(self.handle_warnings.get_or_init(HandleWarnings::default));
+        if let Some(lease) = self.lease {
+            function = function.lease(lease());
+        }
+        if let Some(age) = self.refresh_after {
+            function = function.refresh_after(age());
+        }
+        if let Some(keep) = self.stale_if_error {
+            function = function.stale_if_error(keep());
+        }
+        Ok(function)
     }
 
     /// This site as a method of `T`, the `Self` of the `impl` it is in: a generic `impl`'s

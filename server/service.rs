@@ -78,20 +78,29 @@ struct Counters {
 }
 
 /// What a Get asks for beyond a plain lookup.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Ask {
     lease: Option<Duration>,
     refresh_after: Option<Duration>,
     beta: Option<f64>,
     allow_stale: bool,
+    /// The tags a leased result will be written with, validated, without repeats.
+    tags: Vec<String>,
 }
 
 impl Ask {
+    /// Whether the lookup needs a live value's time left: to tell whether it is due, and
+    /// (with `allow_stale`, whose caller writes stale windows) to tell a value kept past its
+    /// TTL from a live one in the same round trip.
+    fn needs_left(&self) -> bool {
+        self.refresh_after.is_some() || self.beta.is_some() || self.allow_stale
+    }
+
     /// Whether a live entry with `left` of its TTL to go and written with `meta` is due for
     /// recomputation: old enough, or XFetch's draw says so. A value written without a compute
     /// time or stale window (plainly) has no lease slot and is never due.
-    fn due(&self, left: Duration, meta: Meta) -> bool {
-        let Some(ttl) = meta.ttl else {
+    fn due(&self, left: Option<Duration>, meta: Meta) -> bool {
+        let (Some(ttl), Some(left)) = (meta.ttl, left) else {
             return false;
         };
         if self
@@ -109,12 +118,12 @@ impl Ask {
 }
 
 /// A hit's answer.
-fn hit(value: Bytes, left: Duration, meta: Meta) -> pb::GetResponse {
+fn hit(value: Bytes, left: Option<Duration>, meta: Meta) -> pb::GetResponse {
     pb::GetResponse {
         hit: true,
         value,
         compute_ms: meta.compute_ms,
-        ttl_ms: left.as_millis() as u64,
+        ttl_ms: left.map_or(0, |left| left.as_millis() as u64),
         ..Default::default()
     }
 }
@@ -348,17 +357,11 @@ impl<S: Store> CacheService<S> {
         })
     }
 
-    /// Validates what a Get asks for beyond a plain lookup.
-    fn ask(&self, request: &pb::GetRequest) -> Result<Ask, Status> {
-        let max_lease = self.limits.max_lease;
-        let lease = Duration::from_millis(u64::from(request.lease_ms));
-        if lease > max_lease {
-            return Err(Status::invalid_argument(format!(
-                "lease_ms: must be at most {} (--lease-max-ms), got {}",
-                max_lease.as_millis(),
-                request.lease_ms
-            )));
-        }
+    /// Validates what a Get asks for beyond a plain lookup. A lease longer than
+    /// `--lease-max-ms` is shortened to it: a client configured for a longer one still gets
+    /// leases (and hits) rather than an error on every lookup.
+    fn ask(&self, request: &mut pb::GetRequest) -> Result<Ask, Status> {
+        let lease = Duration::from_millis(u64::from(request.lease_ms)).min(self.limits.max_lease);
         let beta = f64::from(request.beta);
         if !beta.is_finite() || beta < 0.0 {
             return Err(Status::invalid_argument(format!(
@@ -372,12 +375,28 @@ impl<S: Store> CacheService<S> {
                 "refresh_after_ms and beta: need lease_ms, since only a lease holder refreshes an entry",
             ));
         }
+        let mut tags = std::mem::take(&mut request.tags);
+        if !tags.is_empty() && lease.is_zero() {
+            return Err(Status::invalid_argument(
+                "tags: only with lease_ms (they are the tags a leased result will be written with)",
+            ));
+        }
+        check_tags(
+            "tags",
+            &tags,
+            self.limits.max_tags,
+            self.limits.max_tag_bytes,
+        )
+        .map_err(invalid)?;
+        tags.sort_unstable();
+        tags.dedup();
         Ok(Ask {
             lease: (!lease.is_zero()).then_some(lease),
             refresh_after: (request.refresh_after_ms > 0)
                 .then(|| Duration::from_millis(u64::from(request.refresh_after_ms))),
             beta: (beta > 0.0).then_some(beta),
             allow_stale: request.allow_stale,
+            tags,
         })
     }
 
@@ -393,16 +412,19 @@ impl<S: Store> CacheService<S> {
 
     /// Looks `key` up as `ask` says: a plain lookup, or one that decides the key's lease (see
     /// the proto's "Leases").
-    async fn answer(&self, key: &EntryKey, ask: Ask) -> Result<pb::GetResponse, StoreError> {
+    async fn answer(&self, key: &EntryKey, ask: &Ask) -> Result<pb::GetResponse, StoreError> {
         for _ in 0..LEASE_ATTEMPTS {
-            let found = self.store.lookup(key).await?;
+            let found = self.store.lookup(key, ask.needs_left()).await?;
             let stale = match &found {
                 Found::Stale { value, meta } if ask.allow_stale => Some((value.clone(), *meta)),
                 _ => None,
             };
             let lease = match (found, ask.lease) {
                 (Found::Live { value, left, meta }, lease) => {
-                    let mut response = hit(value, left, meta);
+                    // The time left is reported only when asked for (a plain lookup may have
+                    // read it to tell a stale copy from a live value).
+                    let reported = left.filter(|_| ask.needs_left());
+                    let mut response = hit(value, reported, meta);
                     if let Some(lease) = lease
                         && ask.due(left, meta)
                     {
@@ -413,7 +435,7 @@ impl<S: Store> CacheService<S> {
                             refresh: true,
                         };
                         if let Acquired::Won { took_over, .. } =
-                            self.store.acquire(key, refresh).await?
+                            self.store.acquire(key, refresh, &ask.tags).await?
                         {
                             self.won(took_over);
                             self.counters.refreshes.fetch_add(1, Relaxed);
@@ -435,7 +457,7 @@ impl<S: Store> CacheService<S> {
             };
             // A stale value is served only if the lease decision still saw it: one busted since
             // the read is never served.
-            let mut response = match self.store.acquire(key, ask_lease).await? {
+            let mut response = match self.store.acquire(key, ask_lease, &ask.tags).await? {
                 Acquired::Live => continue,
                 Acquired::Won { seen, took_over } => {
                     self.won(took_over);
@@ -452,6 +474,7 @@ impl<S: Store> CacheService<S> {
                     response.retry_after_ms = left
                         .clamp(Duration::from_millis(1), MAX_RETRY_AFTER)
                         .as_millis() as u32;
+                    response.lease_left_ms = u32::try_from(left.as_millis()).unwrap_or(u32::MAX);
                     response
                 }
             };
@@ -556,18 +579,26 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let (_, context, request) = request.into_parts();
-        let ask = self.ask(&request)?;
+        let (_, context, mut request) = request.into_parts();
+        let mut ask = self.ask(&mut request)?;
         let key = entry_key(request.key).map_err(|err| invalid(err.nested("key")))?;
         record_namespace(key.namespace());
         self.allow(&context, Access::Read(key.namespace()))?;
-        if ask.lease.is_some() {
-            // A lease is the right to write the entry: a placeholder is written to hold it.
-            self.allow(&context, Access::Write(key.namespace()))?;
+        if ask.lease.is_some()
+            && self
+                .allow(&context, Access::Write(key.namespace()))
+                .is_err()
+        {
+            // A lease is the right to write the entry: a reader without it gets a plain
+            // lookup (LEASE_NONE), as a client with leases off would.
+            ask = Ask {
+                allow_stale: ask.allow_stale,
+                ..Ask::default()
+            };
         }
         // Read before the lookup: every invalidation at or below it is older than the value.
         let position = self.hub.position();
-        let mut answer = self.answer(&key, ask).await.map_err(|err| {
+        let mut answer = self.answer(&key, &ask).await.map_err(|err| {
             self.lookups_failed(std::slice::from_ref(&key), &err);
             self.failed("Get", &context, err)
         })?;

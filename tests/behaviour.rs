@@ -184,6 +184,7 @@ suite!(
     release_frees_the_lease_at_once,
     stale_copies_serve_only_when_asked_and_never_after_a_bust,
     a_due_entry_is_leased_to_one_refresher,
+    a_lease_on_a_value_outlives_the_value,
     lease_requests_are_validated,
 );
 
@@ -257,10 +258,21 @@ async fn one_lease_per_key_until_written(backend: Backend) {
     assert_eq!(found.value.as_ref(), b"v1");
     assert_eq!(found.lease(), pb::Lease::None);
     assert_eq!(found.compute_ms, 7);
+    assert_eq!(found.ttl_ms, 0, "a plain lookup reads no TTL");
+    let with_ttl = pb::GetRequest {
+        allow_stale: true,
+        ..Default::default()
+    };
+    let timed = cm
+        .get(leased(key("ns", "f", 1), 5_000, with_ttl))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(timed.hit);
     assert!(
-        (59_000..=60_000).contains(&found.ttl_ms),
+        (59_000..=60_000).contains(&timed.ttl_ms),
         "ttl {}",
-        found.ttl_ms
+        timed.ttl_ms
     );
     assert!(
         put_under(&mut cm, key("ns", "f", 1), b"v2", won.lease_token).await,
@@ -280,14 +292,28 @@ async fn one_lease_per_key_until_written(backend: Backend) {
 async fn busts_of_every_scope_void_leases(backend: Backend) {
     let env = backend.start(&[]);
     let mut cm = env.server.client().await;
-    for (n, scope) in ["entry", "function", "namespace", "all"]
+    for (n, scope) in ["entry", "function", "namespace", "all", "tag"]
         .into_iter()
         .enumerate()
     {
         let key = || key("ns", "f", n as u64);
-        let won = lease(&mut cm, key()).await;
+        // The lookup declares the tag its result will be written with.
+        let tagged = pb::GetRequest {
+            tags: vec!["user:7".into()],
+            ..Default::default()
+        };
+        let won = cm
+            .get(leased(key(), 5_000, tagged))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(won.lease(), pb::Lease::Won, "{scope}");
         match scope {
+            "tag" => assert_eq!(
+                bust_tag(&mut cm, "ns", "user:7").await,
+                1,
+                "the lease's key"
+            ),
             "entry" => drop(cm.bust(pb::BustRequest { key: Some(key()) }).await.unwrap()),
             "function" => drop(bust_function(&mut cm, "ns", "f").await),
             "namespace" => drop(
@@ -461,9 +487,18 @@ async fn stale_copies_serve_only_when_asked_and_never_after_a_bust(backend: Back
         };
         cm.put(request).await.unwrap();
     }
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 1)).await.as_deref(),
+        Some(&b"old"[..]),
+        "a value with a stale window is a hit within its TTL"
+    );
+    // Both, since key 2 was written a moment after key 1 and expires after it.
     let expired = eventually(Duration::from_secs(5), || {
         let mut cm = cm.clone();
-        async move { get(&mut cm, key("ns", "f", 1)).await.is_none() }
+        async move {
+            get(&mut cm, key("ns", "f", 1)).await.is_none()
+                && get(&mut cm, key("ns", "f", 2)).await.is_none()
+        }
     })
     .await;
     assert!(expired, "a 1 s entry was still a hit after 5 s");
@@ -615,6 +650,71 @@ async fn a_due_entry_is_leased_to_one_refresher(backend: Backend) {
     assert_eq!((stats.refreshes, stats.leases_won), (2, 2));
 }
 
+/// A lease won on a value (stale, or live and due) lasts its whole lifetime even when the
+/// value's key would have expired first: nobody else wins it meanwhile, and its holder's
+/// write lands. The value's liveness is not stretched.
+async fn a_lease_on_a_value_outlives_the_value(backend: Backend) {
+    let env = backend.start(&[]);
+    let mut cm = env.server.client().await;
+    let allow = || pb::GetRequest {
+        allow_stale: true,
+        ..Default::default()
+    };
+    let due = || pb::GetRequest {
+        refresh_after_ms: 1_000,
+        ..Default::default()
+    };
+    // Key 1: a value with a 2 s stale window past its 1 s TTL (its key lives 3 s); key 2: a
+    // 2 s value (its key lives 2 s).
+    let stale = pb::PutRequest {
+        stale_seconds: 2,
+        ..put(key("ns", "f", 1), b"old", 1)
+    };
+    cm.put(stale).await.unwrap();
+    let computed = pb::PutRequest {
+        compute_ms: 300,
+        ..put(key("ns", "f", 2), b"v1", 2)
+    };
+    cm.put(computed).await.unwrap();
+    // Expiry is the behaviour under test. At 1.2 s key 1 is a stale copy and key 2 is due.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let holder = cm
+        .get(leased(key("ns", "f", 1), 5_000, allow()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(holder.lease(), pb::Lease::Won);
+    assert!(holder.stale);
+    let refresher = cm
+        .get(leased(key("ns", "f", 2), 5_000, due()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(refresher.hit);
+    assert_eq!(refresher.lease(), pb::Lease::Won);
+    // Past both keys' own lives (3 s and 2 s): the leases keep them.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 2)).await,
+        None,
+        "the lease stretched the value's TTL"
+    );
+    for (n, request) in [(1, allow()), (2, due())] {
+        let other = cm
+            .get(leased(key("ns", "f", n), 5_000, request))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(other.lease(), pb::Lease::Wait, "key {n}: a second lease");
+    }
+    assert!(!put_under(&mut cm, key("ns", "f", 1), b"new1", holder.lease_token).await);
+    assert!(!put_under(&mut cm, key("ns", "f", 2), b"v2", refresher.lease_token).await);
+    assert_eq!(
+        get(&mut cm, key("ns", "f", 2)).await.as_deref(),
+        Some(&b"v2"[..])
+    );
+}
+
 /// Lease fields out of bounds are refused with INVALID_ARGUMENT naming the field, and write
 /// nothing.
 async fn lease_requests_are_validated(backend: Backend) {
@@ -625,10 +725,19 @@ async fn lease_requests_are_validated(backend: Backend) {
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(status.message().starts_with(field), "{status:?}");
     };
+    let tags_alone = pb::GetRequest {
+        key: Some(key("ns", "f", 1)),
+        tags: vec!["user:7".into()],
+        ..Default::default()
+    };
+    refused(cm.get(tags_alone).await, "tags");
+    let control = pb::GetRequest {
+        tags: vec!["a\u{7}".into()],
+        ..Default::default()
+    };
     refused(
-        cm.get(leased(key("ns", "f", 1), 10_001, pb::GetRequest::default()))
-            .await,
-        "lease_ms",
+        cm.get(leased(key("ns", "f", 1), 1_000, control)).await,
+        "tags[0]",
     );
     let without_lease = pb::GetRequest {
         key: Some(key("ns", "f", 1)),
@@ -682,6 +791,23 @@ async fn lease_requests_are_validated(backend: Backend) {
         lease(&mut cm, key("ns", "f", 1)).await.lease(),
         pb::Lease::Won,
         "a refused request leased"
+    );
+    // A lease over --lease-max-ms is shortened to it, not refused.
+    let long = cm
+        .get(leased(key("ns", "f", 2), 10_001, pb::GetRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(long.lease(), pb::Lease::Won);
+    let waiting = cm
+        .get(leased(key("ns", "f", 2), 10_001, pb::GetRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        (9_000..=10_000).contains(&waiting.lease_left_ms),
+        "lease left {} ms",
+        waiting.lease_left_ms
     );
 }
 

@@ -2,6 +2,8 @@
 //! passes every key vector (versioned ones too), reads what the Rust client stored, and
 //! stores what Rust reads, for an unversioned and a versioned function; and a tag written by
 //! either side is busted by the other, across functions.
+//! Leases hold across languages: a Python caller waits for a Rust lease holder's value, and
+//! a Rust caller for a Python one's.
 //! Needs the virtualenv that `scripts/test` creates (`.venv`, or `CACHE_MONEY_PYTHON`).
 
 mod common;
@@ -11,15 +13,12 @@ use std::{path::PathBuf, process::Command};
 use cache_money::{Client, Ttl};
 use common::CacheServer;
 
-/// The Python example reads a Rust-stored entry and stores one Rust reads, with the same keys,
-/// also for a function at version 2 (Python's `@cached(version=2)`, Rust's `.version(2)`).
-#[tokio::test]
-async fn python_and_rust_share_entries() {
+/// Generates the Python stubs into a fresh temporary folder named after `name`.
+fn python_stubs(python: &std::path::Path, name: &str) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let python = common::venv_python();
-    let stubs = std::env::temp_dir().join(format!("cache-money-py-{}", std::process::id()));
+    let stubs = std::env::temp_dir().join(format!("cache-money-py-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&stubs).unwrap();
-    let generated = Command::new(&python)
+    let generated = Command::new(python)
         .args(["-m", "grpc_tools.protoc", "-I"])
         .arg(root.join("proto"))
         .arg(format!("--python_out={}", stubs.display()))
@@ -28,6 +27,16 @@ async fn python_and_rust_share_entries() {
         .status()
         .expect("run grpc_tools.protoc");
     assert!(generated.success(), "stub generation failed");
+    stubs
+}
+
+/// The Python example reads a Rust-stored entry and stores one Rust reads, with the same keys,
+/// also for a function at version 2 (Python's `@cached(version=2)`, Rust's `.version(2)`).
+#[tokio::test]
+async fn python_and_rust_share_entries() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = common::venv_python();
+    let stubs = python_stubs(&python, "share");
 
     let server = CacheServer::memory(&[]);
     let cm = Client::connect(server.url()).await.unwrap();
@@ -128,6 +137,89 @@ async fn python_and_rust_share_entries() {
         1,
         "orders(8)"
     );
+}
+
+/// Python's lease loop and Rust's memoize share leases: while Rust computes slow_square(9),
+/// Python is told to wait and gets Rust's value without computing; while Python computes
+/// cube(3), Rust's memoize waits and gets Python's value without computing.
+#[tokio::test]
+async fn python_and_rust_share_leases() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = common::venv_python();
+    let stubs = python_stubs(&python, "lease");
+    let server = CacheServer::memory(&[]);
+    let cm = Client::connect(server.url()).await.unwrap();
+
+    let square = cm.function("__main__", "slow_square", Ttl::HOUR);
+    let (started, computing) = tokio::sync::oneshot::channel();
+    let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+    let rust_holder = tokio::spawn(async move {
+        square
+            .memoize(&(9,), || async {
+                started.send(()).unwrap();
+                finished.await.unwrap();
+                81_i64
+            })
+            .await
+            .unwrap()
+    });
+    computing.await.unwrap();
+
+    let mut child = tokio::process::Command::new(&python)
+        .arg(root.join("examples/python/lease_interop.py"))
+        .arg(server.addr().to_string())
+        .env(
+            "PYTHONPATH",
+            format!(
+                "{}:{}",
+                stubs.display(),
+                root.join("examples/python").display()
+            ),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run lease_interop.py");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next_line = async || {
+        tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("lease_interop.py went quiet")
+            .unwrap()
+            .expect("lease_interop.py ended early")
+    };
+    assert_eq!(next_line().await, "WAITING", "Python was not told to wait");
+    finish.send(()).unwrap();
+    assert_eq!(rust_holder.await.unwrap(), 81);
+
+    assert_eq!(next_line().await, "COMPUTING");
+    let cube = cm.function("__main__", "cube", Ttl::HOUR);
+    let rust_waiter = tokio::spawn(async move {
+        cube.memoize(&(3,), || async {
+            unreachable!("Python holds cube(3)'s lease")
+        })
+        .await
+        .unwrap()
+    });
+    let waiting = common::eventually(std::time::Duration::from_secs(10), || async {
+        cm.metrics().lease_waits == 1
+    })
+    .await;
+    assert!(waiting, "Rust's caller did not wait for Python's lease");
+    stdin.write_all(b"go\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    let cubed: i64 = rust_waiter.await.unwrap();
+    assert_eq!(cubed, 27);
+    let report = next_line().await;
+    assert!(report.contains("\"waited_for_rust\": 81"), "{report}");
+    assert!(report.contains("\"computed_for_rust\": 27"), "{report}");
+    assert!(child.wait().await.unwrap().success());
+    let _ = std::fs::remove_dir_all(&stubs);
+    assert_eq!(cm.metrics().leases_won, 1, "Rust won slow_square(9) only");
 }
 
 /// The fenced blocks tagged `lang` (`""` for untagged ones) in the README section whose

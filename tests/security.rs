@@ -419,3 +419,55 @@ async fn tokens_load_from_a_file() {
         "the error echoes the token: {stderr}"
     );
 }
+
+/// A read-only token's `memoize` reads what a writer cached: its leased lookups are answered
+/// as plain lookups (a lease is the right to write), not refused; Release is a write.
+#[tokio::test]
+async fn a_reader_memoizes_from_the_cache_without_a_lease() {
+    let server = secured(&[]);
+    let options = |token: &str| ClientOptions {
+        token: Some(token.into()),
+        ..ClientOptions::default()
+    };
+    let writer = Client::connect_with(server.url(), options(BILLING))
+        .await
+        .unwrap();
+    let reader = Client::connect_with(server.url(), options(READER))
+        .await
+        .unwrap();
+    let written: u32 = writer
+        .function("billing", "f", Ttl::MINUTE)
+        .memoize(&(1,), || async { 1 })
+        .await
+        .unwrap();
+    assert_eq!(written, 1);
+    let read: u32 = reader
+        .function("billing", "f", Ttl::MINUTE)
+        .memoize(&(1,), || async { 2 })
+        .await
+        .unwrap();
+    assert_eq!(read, 1, "a read-only client recomputed a cached entry");
+    assert_eq!(reader.metrics().rpc_failures, 0);
+    let mut raw = CacheMoneyClient::new(server.channel().await);
+    let leased = pb::GetRequest {
+        key: Some(key("billing", "g", 1)),
+        lease_ms: 5_000,
+        ..Default::default()
+    };
+    let reply = raw
+        .get(with_token(leased, Some(READER)))
+        .await
+        .expect("a reader's leased Get is a plain lookup")
+        .into_inner();
+    assert!(!reply.hit);
+    assert_eq!(reply.lease(), pb::Lease::None);
+    let release = pb::ReleaseRequest {
+        key: Some(key("billing", "g", 1)),
+        lease_token: 7,
+    };
+    let status = raw
+        .release(with_token(release, Some(READER)))
+        .await
+        .expect_err("Release is a write");
+    assert_eq!(status.code(), Code::PermissionDenied);
+}

@@ -44,9 +44,13 @@ struct Options {
     version: Option<u32>,
     cache_none: Option<bool>,
     tags: Vec<LitStr>,
+    lease: Option<Expr>,
+    refresh_after: Option<Expr>,
+    stale_if_error: Option<Expr>,
 }
 
-const OPTIONS: &str = "ns, name, ttl, key, skip(…), client, version, cache_none, tags";
+const OPTIONS: &str = "ns, name, ttl, key, skip(…), client, version, cache_none, tags, lease, \
+                       refresh_after, stale_if_error";
 
 fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
     let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr)?;
@@ -95,6 +99,9 @@ fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
                     "version" => options.version = Some(version_literal(&value)?),
                     "cache_none" => options.cache_none = Some(bool_literal(&value)?),
                     "tags" => options.tags = tag_literals(&value)?,
+                    "lease" => options.lease = Some(value),
+                    "refresh_after" => options.refresh_after = Some(value),
+                    "stale_if_error" => options.stale_if_error = Some(value),
                     _ => {
                         return Err(Error::new(
                             first_span(&pair.path),
@@ -114,6 +121,23 @@ fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
         }
     }
     Ok(options)
+}
+
+/// A duration option (`ttl`, `lease`, …) as the runtime takes it: `None`, or a function
+/// evaluating the expression when the handle is made; an integer literal is seconds.
+fn duration_option(option: &Option<Expr>) -> TokenStream2 {
+    match option {
+        None => quote!(::core::option::Option::None),
+        Some(Expr::Lit(ExprLit {
+            lit: Lit::Int(seconds),
+            ..
+        })) => {
+            quote_spanned!(seconds.span()=> ::core::option::Option::Some(|| ::std::time::Duration::from_secs(#seconds)))
+        }
+        Some(duration) => {
+            quote_spanned!(duration.span()=> ::core::option::Option::Some(|| #duration))
+        }
+    }
 }
 
 /// A string literal obeying the service's naming rule, checked now rather than at run time.
@@ -534,18 +558,10 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
         )
     };
 
-    let ttl = match &options.ttl {
-        None => quote!(::core::option::Option::None),
-        Some(Expr::Lit(ExprLit {
-            lit: Lit::Int(seconds),
-            ..
-        })) => {
-            quote_spanned!(seconds.span()=> ::core::option::Option::Some(|| ::std::time::Duration::from_secs(#seconds)))
-        }
-        Some(ttl) => {
-            quote_spanned!(ttl.span()=> ::core::option::Option::Some(|| #ttl))
-        }
-    };
+    let ttl = duration_option(&options.ttl);
+    let lease = duration_option(&options.lease);
+    let refresh_after = duration_option(&options.refresh_after);
+    let stale_if_error = duration_option(&options.stale_if_error);
     let version = options.version.unwrap_or(1);
     let cache_none = options.cache_none.unwrap_or(false);
 
@@ -647,7 +663,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
         #[allow(dead_code)]
         fn #site_fn() -> &'static #rt::Site {
             static SITE: #rt::Site =
-                #rt::Site::new(#namespace, #name, #ttl, #version, #cache_none);
+                #rt::Site::new(#namespace, #name, #ttl, #version, #cache_none)
+                    .leases(#lease, #refresh_after, #stale_if_error);
             &SITE
         }
 

@@ -78,8 +78,8 @@ pub enum Found {
     Live {
         /// The value's bytes.
         value: Bytes,
-        /// Time left until its TTL runs out.
-        left: Duration,
+        /// Time left until its TTL runs out, when the lookup read it (see [`Found::live`]).
+        left: Option<Duration>,
         /// What it was written with.
         meta: Meta,
     },
@@ -205,16 +205,25 @@ pub fn header(stored: &[u8]) -> Option<Header> {
     })
 }
 
-/// What a Redis `GET` and `PTTL` of one key (replies `stored`, `pttl`) hold.
-pub fn found(stored: Option<Vec<u8>>, pttl: i64) -> Found {
+/// Whether a `GET` reply is a value kept past its TTL for a while, whose `PTTL` tells whether
+/// it is still live; any other value is live for as long as it exists.
+pub fn needs_pttl(stored: Option<&[u8]>) -> bool {
+    stored
+        .and_then(header)
+        .is_some_and(|header| !header.placeholder && !header.stale.is_zero())
+}
+
+/// What a Redis `GET` of one key holds, given its `PTTL` when it was read too (it must be for
+/// a value that [`needs_pttl`]).
+pub fn found(stored: Option<Vec<u8>>, pttl: Option<i64>) -> Found {
     let Some(stored) = stored else {
         return Found::Absent;
     };
     // -2: gone between the GET and the PTTL; -1: no expiry (not written by us).
-    if pttl == -2 {
+    if pttl == Some(-2) {
         return Found::Absent;
     }
-    let pttl = Duration::from_millis(pttl.max(0) as u64);
+    let pttl = pttl.map(|pttl| Duration::from_millis(pttl.max(0) as u64));
     let Some(header) = header(&stored) else {
         return Found::Live {
             value: Bytes::from(stored),
@@ -230,8 +239,28 @@ pub fn found(stored: Option<Vec<u8>>, pttl: i64) -> Found {
         compute_ms: header.compute_ms,
     };
     let value = Bytes::from(stored).slice(HEADER_LEN..);
+    let Some(pttl) = pttl else {
+        debug_assert!(
+            header.stale.is_zero(),
+            "a value with a stale window read without its PTTL"
+        );
+        // Without its PTTL a value kept past its TTL cannot be told live: never serve it so.
+        return if header.stale.is_zero() {
+            Found::Live {
+                value,
+                left: None,
+                meta,
+            }
+        } else {
+            Found::Stale { value, meta }
+        };
+    };
     match pttl.checked_sub(header.stale) {
-        Some(left) if !left.is_zero() => Found::Live { value, left, meta },
+        Some(left) if !left.is_zero() => Found::Live {
+            value,
+            left: Some(left),
+            meta,
+        },
         _ => Found::Stale { value, meta },
     }
 }
@@ -256,23 +285,31 @@ pub fn listed_ttl(head: &[u8], pttl: i64) -> Option<Duration> {
 /// digits), `ARGV[2]` the lease (ms), `ARGV[3]` a placeholder's life (ms), `ARGV[4]` `1` to
 /// refresh a live value. Answers `{'live'}`, `{'won', seen, took_over}` or
 /// `{'held', seen, ms left}`, `seen` being `value` or `nothing`.
+///
+/// A lease won on a value (stale, or live and due) must not die with the value's key: the key
+/// is kept at least a placeholder's life, the extra time added to its stale window so that
+/// what is live stays live exactly as long as before (`PTTL` minus the window is unchanged).
 pub const ACQUIRE_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local deadline = string.format('%013d', now + tonumber(ARGV[2]))
+local life = tonumber(ARGV[3])
 local h = redis.call('GETRANGE', KEYS[1], 0, 69)
 if h == '' then
   if redis.call('EXISTS', KEYS[1]) == 1 then return {'live'} end
-  redis.call('SET', KEYS[1], '\0cm1L' .. ARGV[1] .. deadline .. string.rep('0', 36), 'PX', ARGV[3])
+  redis.call('SET', KEYS[1], '\0cm1L' .. ARGV[1] .. deadline .. string.rep('0', 36), 'PX', life)
   return {'won', 'nothing', 0}
 end
 if #h < 70 or string.sub(h, 1, 4) ~= '\0cm1' then return {'live'} end
 local kind = string.sub(h, 5, 5)
 local seen = 'nothing'
+local pttl = 0
+local stale = 0
 if kind == 'V' then
   seen = 'value'
-  local live = redis.call('PTTL', KEYS[1]) - tonumber(string.sub(h, 48, 60)) > 0
-  if live and ARGV[4] ~= '1' then return {'live'} end
+  pttl = redis.call('PTTL', KEYS[1])
+  stale = tonumber(string.sub(h, 48, 60))
+  if pttl - stale > 0 and ARGV[4] ~= '1' then return {'live'} end
 end
 local holder = string.sub(h, 6, 21)
 local expires = tonumber(string.sub(h, 22, 34))
@@ -280,7 +317,12 @@ if holder ~= '0000000000000000' and expires > now then
   return {'held', seen, expires - now}
 end
 redis.call('SETRANGE', KEYS[1], 5, ARGV[1] .. deadline)
-if kind == 'L' then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+if kind == 'L' then
+  redis.call('PEXPIRE', KEYS[1], life)
+elseif pttl < life then
+  redis.call('SETRANGE', KEYS[1], 47, string.format('%013d', stale + life - pttl))
+  redis.call('PEXPIRE', KEYS[1], life)
+end
 if holder ~= '0000000000000000' then return {'won', seen, 1} end
 return {'won', seen, 0}
 ";
@@ -368,15 +410,15 @@ mod tests {
             compute_ms: 250,
         };
         assert_eq!(
-            found(Some(stored.to_vec()), 40_000),
+            found(Some(stored.to_vec()), Some(40_000)),
             Found::Live {
                 value: Bytes::from_static(b"{\"a\":1}"),
-                left: Duration::from_secs(10),
+                left: Some(Duration::from_secs(10)),
                 meta
             }
         );
         assert_eq!(
-            found(Some(stored.to_vec()), 30_000),
+            found(Some(stored.to_vec()), Some(30_000)),
             Found::Stale {
                 value: Bytes::from_static(b"{\"a\":1}"),
                 meta
@@ -393,15 +435,24 @@ mod tests {
         let stored = stored_value(b"\0cm", Duration::from_secs(60), Duration::ZERO, 0);
         assert_eq!(stored.as_ref(), b"\0cm");
         assert_eq!(
-            found(Some(b"\0cm".to_vec()), 5_000),
+            found(Some(b"\0cm".to_vec()), Some(5_000)),
             Found::Live {
                 value: Bytes::from_static(b"\0cm"),
-                left: Duration::from_secs(5),
+                left: Some(Duration::from_secs(5)),
                 meta: Meta::default()
             }
         );
-        assert_eq!(found(None, -2), Found::Absent);
-        assert_eq!(found(Some(b"x".to_vec()), -2), Found::Absent);
+        assert_eq!(
+            found(Some(b"x".to_vec()), None),
+            Found::Live {
+                value: Bytes::from_static(b"x"),
+                left: None,
+                meta: Meta::default()
+            }
+        );
+        assert!(!needs_pttl(Some(b"x")));
+        assert_eq!(found(None, Some(-2)), Found::Absent);
+        assert_eq!(found(Some(b"x".to_vec()), Some(-2)), Found::Absent);
     }
 
     /// A placeholder, as the acquire script writes it, is no value and is not listed.
@@ -415,9 +466,10 @@ mod tests {
         );
         assert_eq!(placeholder.len(), HEADER_LEN);
         assert_eq!(
-            found(Some(placeholder.clone().into_bytes()), 9_000),
+            found(Some(placeholder.clone().into_bytes()), Some(9_000)),
             Found::Absent
         );
+        assert!(!needs_pttl(Some(placeholder.as_bytes())));
         assert_eq!(listed_ttl(placeholder.as_bytes(), 9_000), None);
     }
 

@@ -107,7 +107,8 @@ impl Entry {
         }
     }
 
-    /// What a lookup finds in it at `now` (it is not past `expires_at`).
+    /// What a lookup finds in it at `now` (it is not past `expires_at`), its time left
+    /// included.
     fn found(&self, now: Instant) -> Found {
         if self.placeholder {
             return Found::Absent;
@@ -115,7 +116,11 @@ impl Entry {
         let value = self.value.clone();
         let meta = self.meta();
         match (self.expires_at - self.stale).checked_duration_since(now) {
-            Some(left) if !left.is_zero() => Found::Live { value, left, meta },
+            Some(left) if !left.is_zero() => Found::Live {
+                value,
+                left: Some(left),
+                meta,
+            },
             _ => Found::Stale { value, meta },
         }
     }
@@ -152,9 +157,12 @@ fn namespace_of(key: &str) -> &str {
 impl State {
     /// Removes one entry and every trace of it: its expiry, its tags' index places, its bytes.
     fn remove(&mut self, key: &str) -> bool {
-        let Some(entry) = self.entries.remove(key) else {
-            return false;
-        };
+        self.take(key).is_some()
+    }
+
+    /// Removes one entry and every trace of it, returning it.
+    fn take(&mut self, key: &str) -> Option<Entry> {
+        let entry = self.entries.remove(key)?;
         self.expirations.remove(&(entry.expires_at, entry.seq));
         self.bytes -= charge(key, &entry.value, &entry.tags);
         for tag in &entry.tags {
@@ -166,7 +174,7 @@ impl State {
                 }
             }
         }
-        true
+        Some(entry)
     }
 
     /// The key's entry while it is kept (a lease placeholder and a stale copy included).
@@ -227,7 +235,10 @@ impl State {
     /// Decides `key`'s lease for `ask`, as [`lease::ACQUIRE_SCRIPT`] does in Redis.
     ///
     /// [`lease::ACQUIRE_SCRIPT`]: super::lease::ACQUIRE_SCRIPT
-    fn acquire(&mut self, key: &str, ask: LeaseAsk, now: Instant) -> Acquired {
+    ///
+    /// `tags`, those its result will be written with, are added to the entry's (a placeholder's
+    /// only tags), so a BustTag of any of them voids the lease.
+    fn acquire(&mut self, key: &str, ask: LeaseAsk, tags: &[String], now: Instant) -> Acquired {
         let lease = Some((ask.token, now + ask.lease));
         let life = placeholder_life(ask.lease);
         let Some(entry) = self.live(key, now) else {
@@ -237,7 +248,7 @@ impl State {
                     value: Bytes::new(),
                     expires_at: now + life,
                     seq: 0,
-                    tags: Vec::new(),
+                    tags: tags.to_vec(),
                     ttl: Duration::ZERO,
                     stale: Duration::ZERO,
                     compute_ms: 0,
@@ -270,17 +281,23 @@ impl State {
             };
         }
         let took_over = entry.lease.is_some();
-        if entry.placeholder {
-            let mut placeholder = self.entries.remove(key).expect("found above");
-            self.expirations
-                .remove(&(placeholder.expires_at, placeholder.seq));
-            self.bytes -= charge(key, &placeholder.value, &placeholder.tags);
-            placeholder.expires_at = now + life;
-            placeholder.lease = lease;
-            self.place(key.to_owned(), placeholder);
-        } else if let Some(entry) = self.entries.get_mut(key) {
-            entry.lease = lease;
+        let mut entry = self.take(key).expect("found above");
+        entry.lease = lease;
+        for tag in tags {
+            if !entry.tags.contains(tag) {
+                entry.tags.push(tag.clone());
+            }
         }
+        if entry.placeholder {
+            entry.expires_at = now + life;
+        } else if entry.expires_at < now + life {
+            // A lease must not die with the value it was won on: keep the value a
+            // placeholder's life, the extra time in its stale window, so it is live exactly as
+            // long as before (as the acquire script does in Redis).
+            entry.stale += now + life - entry.expires_at;
+            entry.expires_at = now + life;
+        }
+        self.place(key.to_owned(), entry);
         Acquired::Won { seen, took_over }
     }
 
@@ -401,12 +418,26 @@ impl Store for MemoryStore {
         "memory"
     }
 
-    async fn lookup(&self, key: &EntryKey) -> Result<Found, StoreError> {
-        Ok(self.timed("get", |state, now| state.found(&map_key(key), now)))
+    async fn lookup(&self, key: &EntryKey, left: bool) -> Result<Found, StoreError> {
+        let mut found = self.timed("get", |state, now| state.found(&map_key(key), now));
+        // Reported only when asked, as by Redis (whose PTTL costs a command).
+        if let Found::Live { left: known, .. } = &mut found
+            && !left
+        {
+            *known = None;
+        }
+        Ok(found)
     }
 
-    async fn acquire(&self, key: &EntryKey, ask: LeaseAsk) -> Result<Acquired, StoreError> {
-        Ok(self.timed("lease", |state, now| state.acquire(&map_key(key), ask, now)))
+    async fn acquire(
+        &self,
+        key: &EntryKey,
+        ask: LeaseAsk,
+        tags: &[String],
+    ) -> Result<Acquired, StoreError> {
+        Ok(self.timed("lease", |state, now| {
+            state.acquire(&map_key(key), ask, tags, now)
+        }))
     }
 
     async fn put_leased(&self, entry: &NewEntry, token: u64) -> Result<bool, StoreError> {
@@ -513,7 +544,9 @@ impl Store for MemoryStore {
                 .range::<str, _>((lower, Bound::Unbounded))
                 .take_while(|(key, _)| key.starts_with(&prefix))
                 .filter_map(|(key, entry)| match entry.found(now) {
-                    Found::Live { left, .. } if entry.expires_at > now => Some(KeyInfo {
+                    Found::Live {
+                        left: Some(left), ..
+                    } if entry.expires_at > now => Some(KeyInfo {
                         digest: key[prefix.len()..].to_owned(),
                         ttl: left,
                     }),

@@ -264,17 +264,26 @@ pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
         &self,
         key: &EntryKey,
     ) -> impl Future<Output = Result<Option<Bytes>, StoreError>> + Send {
-        async move { Ok(self.lookup(key).await?.live()) }
+        async move { Ok(self.lookup(key, false).await?.live()) }
     }
 
-    /// Reads one entry with what leases need: live with its time left, stale, or absent.
-    fn lookup(&self, key: &EntryKey) -> impl Future<Output = Result<Found, StoreError>> + Send;
+    /// Reads one entry with what leases need: live, stale, or absent. A live value's time
+    /// left is read when `left` asks for it (Redis then sends `PTTL` with the `GET`); a value
+    /// with a stale window has its `PTTL` read either way, to tell whether it is live.
+    fn lookup(
+        &self,
+        key: &EntryKey,
+        left: bool,
+    ) -> impl Future<Output = Result<Found, StoreError>> + Send;
 
-    /// Decides `key`'s lease for `ask` in one atomic step (see [`lease`]).
+    /// Decides `key`'s lease for `ask` in one atomic step (see [`lease`]). `tags`, those the
+    /// result will be written with, are indexed first (only raising an index member's expiry),
+    /// so a BustTag of any of them before the write removes the key and voids the lease.
     fn acquire(
         &self,
         key: &EntryKey,
         ask: LeaseAsk,
+        tags: &[String],
     ) -> impl Future<Output = Result<Acquired, StoreError>> + Send;
 
     /// Writes `entry` only while its key holds the lease `token`; returns whether it did.

@@ -135,16 +135,6 @@ pub(crate) fn stored(entry: &NewEntry) -> Bytes {
     lease::stored_value(&entry.value, entry.ttl, entry.stale, entry.compute_ms)
 }
 
-/// Whether the `GET` reply `stored` is a value kept past its TTL for a while, whose `PTTL`
-/// tells whether it is live. Any other value is live for as long as it exists (decoded with
-/// [`lease::found`] and a `PTTL` of `i64::MAX`, when only its liveness matters).
-pub(crate) fn needs_pttl(stored: &Option<Vec<u8>>) -> bool {
-    stored
-        .as_deref()
-        .and_then(lease::header)
-        .is_some_and(|header| !header.stale.is_zero())
-}
-
 /// What the Redis store needs to know.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -687,6 +677,11 @@ impl RedisStore {
     /// [`tags`]); nothing when none is tagged.
     async fn write_tag_indexes(&self, entries: &[NewEntry]) -> Result<(), StoreError> {
         let commands = tags::index_commands(&self.layout, entries, tags::index_slack(self.timeout));
+        self.write_indexes(commands).await
+    }
+
+    /// Sends index writes (see [`tags`]) in one pipeline; nothing when there are none.
+    async fn write_indexes(&self, commands: Vec<(String, redis::Cmd)>) -> Result<(), StoreError> {
         if commands.is_empty() {
             return Ok(());
         }
@@ -845,8 +840,21 @@ impl Store for RedisStore {
         "redis"
     }
 
-    async fn lookup(&self, key: &EntryKey) -> Result<Found, StoreError> {
+    async fn lookup(&self, key: &EntryKey, left: bool) -> Result<Found, StoreError> {
         let key = self.layout.entry(key);
+        if !left {
+            let stored: Option<Vec<u8>> = self
+                .run("GET", |mut conn| {
+                    let key = key.clone();
+                    async move { redis::cmd("GET").arg(key).query_async(&mut conn).await }
+                })
+                .await?;
+            if !lease::needs_pttl(stored.as_deref()) {
+                return Ok(lease::found(stored, None));
+            }
+            // A value with a stale window, read by a caller that did not expect one: its
+            // PTTL says whether it is still live (a second round trip, for such values only).
+        }
         let (stored, pttl): (Option<Vec<u8>>, i64) = self
             .run("GET", |mut conn| async move {
                 redis::pipe()
@@ -858,11 +866,24 @@ impl Store for RedisStore {
                     .await
             })
             .await?;
-        Ok(lease::found(stored, pttl))
+        Ok(lease::found(stored, Some(pttl)))
     }
 
-    async fn acquire(&self, key: &EntryKey, ask: LeaseAsk) -> Result<Acquired, StoreError> {
-        let key = self.layout.entry(key);
+    async fn acquire(
+        &self,
+        entry: &EntryKey,
+        ask: LeaseAsk,
+        tags: &[String],
+    ) -> Result<Acquired, StoreError> {
+        self.write_indexes(tags::lease_index_commands(
+            &self.layout,
+            entry,
+            tags,
+            lease::placeholder_life(ask.lease),
+            tags::index_slack(self.timeout),
+        ))
+        .await?;
+        let key = self.layout.entry(entry);
         let reply: Value = self
             .run("EVAL (lease)", |mut conn| async move {
                 scripts().acquire(key, ask).invoke_async(&mut conn).await
@@ -905,9 +926,9 @@ impl Store for RedisStore {
         // Values kept past their TTL need their PTTL to tell whether they are still live: a
         // second round trip, only for them.
         let stale_kept: Vec<usize> = (0..values.len())
-            .filter(|&index| needs_pttl(&values[index]))
+            .filter(|&index| lease::needs_pttl(values[index].as_deref()))
             .collect();
-        let mut pttls = vec![i64::MAX; values.len()];
+        let mut pttls = vec![None; values.len()];
         if !stale_kept.is_empty() {
             let mut pipe = redis::pipe();
             for &index in &stale_kept {
@@ -919,7 +940,7 @@ impl Store for RedisStore {
                 })
                 .await?;
             for (index, pttl) in stale_kept.into_iter().zip(replies) {
-                pttls[index] = pttl;
+                pttls[index] = Some(pttl);
             }
         }
         Ok(values

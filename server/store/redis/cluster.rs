@@ -57,8 +57,8 @@ use tokio::time::{Instant, timeout_at};
 use tracing::warn;
 
 use super::{
-    Gate, classify, from_value, key_infos, needs_pttl, published_position, read_reply, removable,
-    scripts, stored, tags, tail_reply, xadd, xread, xrevrange_last,
+    Gate, classify, from_value, key_infos, published_position, read_reply, removable, scripts,
+    stored, tags, tail_reply, xadd, xread, xrevrange_last,
 };
 use crate::key::{EntryKey, FunctionKey};
 use crate::server::key::KeyLayout;
@@ -774,6 +774,12 @@ impl ClusterStore {
     async fn write_tag_indexes(&self, entries: &[NewEntry]) -> Result<(), StoreError> {
         let commands =
             tags::index_commands(&self.layout, entries, tags::index_slack(self.gate.timeout));
+        self.write_indexes(commands).await
+    }
+
+    /// Sends index writes (see [`tags`]), each routed by its index key, all slots at once,
+    /// every reply checked; nothing when there are none.
+    async fn write_indexes(&self, commands: Vec<(String, Cmd)>) -> Result<(), StoreError> {
         if commands.is_empty() {
             return Ok(());
         }
@@ -1016,8 +1022,18 @@ impl Store for ClusterStore {
         "redis-cluster"
     }
 
-    async fn lookup(&self, key: &EntryKey) -> Result<Found, StoreError> {
+    async fn lookup(&self, key: &EntryKey, left: bool) -> Result<Found, StoreError> {
         let key = self.layout.entry(key);
+        if !left {
+            let mut get = redis::cmd("GET");
+            get.arg(&key);
+            let stored: Option<Vec<u8>> = self.one("GET", get).await?;
+            if !lease::needs_pttl(stored.as_deref()) {
+                return Ok(lease::found(stored, None));
+            }
+            // A value with a stale window, read by a caller that did not expect one: its
+            // PTTL says whether it is still live (a second round trip, for such values only).
+        }
         // One key, so one slot: redis-rs routes the pipeline by it, following redirects as
         // for a single command.
         let (stored, pttl): (Option<Vec<u8>>, i64) = self
@@ -1035,10 +1051,23 @@ impl Store for ClusterStore {
                 })
             })
             .await?;
-        Ok(lease::found(stored, pttl))
+        Ok(lease::found(stored, Some(pttl)))
     }
 
-    async fn acquire(&self, key: &EntryKey, ask: LeaseAsk) -> Result<Acquired, StoreError> {
+    async fn acquire(
+        &self,
+        key: &EntryKey,
+        ask: LeaseAsk,
+        tags: &[String],
+    ) -> Result<Acquired, StoreError> {
+        self.write_indexes(tags::lease_index_commands(
+            &self.layout,
+            key,
+            tags,
+            lease::placeholder_life(ask.lease),
+            tags::index_slack(self.gate.timeout),
+        ))
+        .await?;
         let invocation = scripts().acquire(self.layout.entry(key), ask);
         let reply: Value = self.script("EVAL (lease)", invocation).await?;
         lease::acquired(&reply).map_err(StoreError::Internal)
@@ -1075,10 +1104,10 @@ impl Store for ClusterStore {
         // Values kept past their TTL need their PTTL to tell whether they are still live: a
         // second round trip, only for them.
         let stale_kept: Vec<&String> = (0..values.len())
-            .filter(|&index| needs_pttl(&values[index]))
+            .filter(|&index| lease::needs_pttl(values[index].as_deref()))
             .map(|index| &keys[index])
             .collect();
-        let mut pttls = vec![i64::MAX; values.len()];
+        let mut pttls = vec![None; values.len()];
         if !stale_kept.is_empty() {
             let replies = self
                 .gate
@@ -1090,8 +1119,10 @@ impl Store for ClusterStore {
                 .await?;
             let mut replies = replies.iter();
             for (index, pttl) in pttls.iter_mut().enumerate() {
-                if needs_pttl(&values[index]) {
-                    *pttl = from_value(replies.next().expect("one reply per key asked"))?;
+                if lease::needs_pttl(values[index].as_deref()) {
+                    *pttl = Some(from_value(
+                        replies.next().expect("one reply per key asked"),
+                    )?);
                 }
             }
         }
@@ -1322,10 +1353,14 @@ impl Store for ClusterStore {
                 match answer {
                     Ok(id) if id == primary.id => Ok(()),
                     Ok(id) => Err(format!(
-                        "slot {start} went to node {id}, not {}",
-                        primary.id
+                        "slot {start} went to node {id}, not {} at {}",
+                        primary.id,
+                        primary.address()
                     )),
-                    Err(err) => Err(format!("slot {start}: {err}")),
+                    Err(err) => Err(format!(
+                        "slot {start}, served by {}: {err}",
+                        primary.address()
+                    )),
                 }
             });
             if let Err(stale) = try_join_all(routes).await {

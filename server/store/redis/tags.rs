@@ -89,8 +89,55 @@ pub fn index_commands(
 /// The script call writing `members` (time to live in ms, member) into `index`, dropping
 /// members scored more than `horizon_ms` ahead.
 pub fn index_command(index: &str, horizon_ms: u64, members: &[(u64, String)]) -> redis::Cmd {
+    index_command_with(INDEX_SCRIPT, index, horizon_ms, members)
+}
+
+/// [`INDEX_SCRIPT`] as a lease writes it: `ZADD GT`, so indexing a lease's tags only ever
+/// raises a member's expiry (a value already indexed for longer keeps its place; Redis 6.2
+/// or later).
+pub const LEASE_INDEX_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], 'GT', string.format('%d', now + tonumber(ARGV[i])), ARGV[i + 1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], string.format('(%d', now + tonumber(ARGV[1])), '+inf')
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], string.format('%d', tonumber(last[2])))
+return (#ARGV - 1) / 2
+";
+
+/// The index writes a lease on `key` needs for the `tags` its result will be written with:
+/// each member kept for the lease placeholder's `life` (plus the slack), never less than it
+/// already was.
+pub fn lease_index_commands(
+    layout: &KeyLayout,
+    key: &crate::key::EntryKey,
+    tags: &[String],
+    life: Duration,
+    slack: Duration,
+) -> Vec<(String, redis::Cmd)> {
+    let ttl_ms = (life + slack).as_millis() as u64;
+    let member = [(ttl_ms, KeyLayout::tag_member(key))];
+    tags.iter()
+        .map(|tag| {
+            let index = layout.tag_index(key.namespace(), tag);
+            let command =
+                index_command_with(LEASE_INDEX_SCRIPT, &index, horizon_ms(slack), &member);
+            (index, command)
+        })
+        .collect()
+}
+
+fn index_command_with(
+    script: &str,
+    index: &str,
+    horizon_ms: u64,
+    members: &[(u64, String)],
+) -> redis::Cmd {
     let mut command = redis::cmd("EVAL");
-    command.arg(INDEX_SCRIPT).arg(1).arg(index).arg(horizon_ms);
+    command.arg(script).arg(1).arg(index).arg(horizon_ms);
     for (ttl_ms, member) in members {
         command.arg(*ttl_ms).arg(member);
     }
