@@ -32,8 +32,12 @@
 //! multiplexed connection) and hands what it reads to a bounded [`broadcast`] channel that
 //! every watcher of the process receives from. A watcher that falls more than the channel's
 //! capacity behind is told so by the channel (`Lagged`) and gets a RESET, never a silent gap.
-//! The reader also sends the heartbeats: one after each read once the interval has passed,
-//! so heartbeats stop when the reader cannot read, which is what a near cache must notice.
+//! The reader also sends the heartbeats, only while it is healthy ([`Hub::healthy`]: it has
+//! read where the sequence ended when it started, and its last read succeeded) and caught up
+//! (its last read reached the end): one after such a read once the interval has passed. So
+//! heartbeats never start before the reader knows where it stands, and stop when it cannot
+//! read or falls behind, which is what a near cache must notice. Until the reader has started,
+//! [`Hub::position`] is 0, which Gets answer as "unknown".
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -477,6 +481,10 @@ struct HubInner {
     sender: broadcast::Sender<Message>,
     /// The last position the reader has read (0: none yet).
     position: AtomicU64,
+    /// Whether the reader knows where it stands: it has read where the sequence ended when
+    /// it started, and its last read succeeded. No heartbeat and no "caught up" claim while
+    /// it does not.
+    healthy: signal::Sender<bool>,
     closed: signal::Sender<bool>,
     counters: WatchCounters,
     metrics: Metrics,
@@ -497,10 +505,12 @@ impl Hub {
     pub fn new(settings: WatchSettings, metrics: Metrics) -> Self {
         let (sender, _) = broadcast::channel(settings.buffer.max(1));
         let (closed, _) = signal::channel(false);
+        let (healthy, _) = signal::channel(false);
         Hub {
             inner: Arc::new(HubInner {
                 sender,
                 position: AtomicU64::new(0),
+                healthy,
                 closed,
                 counters: WatchCounters::default(),
                 metrics,
@@ -517,8 +527,24 @@ impl Hub {
 
     /// The last position the reader has read: every invalidation at or below it was
     /// published (its store change made) before now. Never above the sequence's true end.
+    /// 0 until the reader has read where the sequence ended when it started: unknown, not
+    /// "before everything" (a near cache must not cache a value answered with position 0).
     pub fn position(&self) -> u64 {
         self.inner.position.load(Relaxed)
+    }
+
+    /// Whether the reader knows where it stands: it has read where the sequence ended when
+    /// it started, and its last read succeeded. Until it does, watchers get no heartbeat.
+    pub fn healthy(&self) -> bool {
+        *self.inner.healthy.borrow()
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        self.inner.healthy.send_if_modified(|now| {
+            let changed = *now != healthy;
+            *now = healthy;
+            changed
+        });
     }
 
     /// The counters, for `Stats`.
@@ -569,6 +595,10 @@ impl Hub {
             _ = closed.wait_for(|closed| *closed) => return,
         };
         self.inner.position.store(last, Relaxed);
+        // Only now may a watcher be told it is caught up: an invalidation published before
+        // this read is at or below `last`, one published after it is read below.
+        self.set_healthy(true);
+        self.send(Message::Heartbeat(last));
         info!(position = last, "watch: following the invalidation stream");
         let mut beat = tokio::time::Instant::now();
         let mut failing = false;
@@ -579,6 +609,7 @@ impl Hub {
             };
             match read {
                 Ok(batch) => {
+                    let caught_up = batch.len() < READ_BATCH;
                     if failing {
                         info!(
                             position = last,
@@ -586,6 +617,7 @@ impl Hub {
                         );
                         failing = false;
                         retry = Duration::from_millis(50);
+                        self.set_healthy(true);
                     }
                     if batch.is_empty() {
                         // Nothing after `last`: normal when idle, but also what a sequence
@@ -613,7 +645,7 @@ impl Hub {
                         self.inner.position.store(last, Relaxed);
                         self.send(Message::Invalidation(Arc::new(published)));
                     }
-                    if beat.elapsed() >= heartbeat {
+                    if heartbeat_due(caught_up, beat.elapsed(), heartbeat) {
                         beat = tokio::time::Instant::now();
                         self.send(Message::Heartbeat(last));
                     }
@@ -622,6 +654,7 @@ impl Hub {
                     if !failing {
                         warn!(cause = %err, "watch: reading the invalidation stream failed; heartbeats stop until it recovers");
                         failing = true;
+                        self.set_healthy(false);
                     }
                     tokio::select! {
                         () = tokio::time::sleep(retry) => {}
@@ -632,6 +665,14 @@ impl Hub {
             }
         }
     }
+}
+
+/// Whether the reader sends a heartbeat after a read: only once `interval` has passed since
+/// the last one, and only when the read reached the sequence's end (`caught_up`: fewer than
+/// it asked for). A reader working through a backlog is not caught up, and a heartbeat then
+/// would tell near caches that a stale value is current.
+fn heartbeat_due(caught_up: bool, since_last: Duration, interval: Duration) -> bool {
+    caught_up && since_last >= interval
 }
 
 /// The stream a `Watch` RPC answers with.
@@ -651,10 +692,13 @@ pub async fn watch<S: Store>(
 ) -> Result<WatchStream, StoreError> {
     // Subscribed before anything is read, so nothing published from here on is missed.
     let receiver = hub.inner.sender.subscribe();
+    // Read before the position: the reader stores its position before it turns healthy.
+    let healthy = hub.healthy();
     let mut watcher = Watcher {
         guard: WatcherGuard::new(hub.clone()),
         receiver,
         closed: hub.inner.closed.subscribe(),
+        healthy: hub.inner.healthy.subscribe(),
         store,
         follow,
         cursor: hub.position(),
@@ -663,7 +707,11 @@ pub async fn watch<S: Store>(
         ended: false,
     };
     if after == 0 {
-        watcher.heartbeat(watcher.cursor);
+        // Before the reader knows where the sequence ends, nothing can be claimed: its
+        // first heartbeat (sent once it does) reaches this watcher through the channel.
+        if healthy {
+            watcher.heartbeat(watcher.cursor);
+        }
     } else {
         let tail = watcher.store.invalidation_tail().await?;
         if after > tail {
@@ -706,6 +754,8 @@ struct Watcher<S> {
     guard: WatcherGuard,
     receiver: broadcast::Receiver<Message>,
     closed: signal::Receiver<bool>,
+    /// The hub's health (see [`Hub::healthy`]): a replay ends only while it is healthy.
+    healthy: signal::Receiver<bool>,
     store: S,
     follow: Follow,
     /// The last position this watcher has been told about (sent or skipped as not followed).
@@ -786,6 +836,17 @@ impl<S: Store> Watcher<S> {
                     .await
                 {
                     Ok(page) if page.is_empty() => {
+                        if !*self.healthy.borrow_and_update() {
+                            // Until the reader has read where the sequence ends, what is
+                            // published now might reach neither this replay (already past)
+                            // nor the channel (below the reader's start): replay again
+                            // once it has.
+                            tokio::select! {
+                                _ = self.healthy.wait_for(|healthy| *healthy) => {}
+                                _ = self.closed.changed() => {}
+                            }
+                            continue;
+                        }
                         self.catching_up = false;
                         self.heartbeat(self.cursor);
                     }
@@ -987,6 +1048,16 @@ mod tests {
             .expect("woken by the publish")
             .unwrap();
         assert_eq!(read.len(), 1);
+    }
+
+    /// A heartbeat goes out only when the interval has passed and the read reached the end: a
+    /// full batch (more waiting) never looks healthy, however long since the last one.
+    #[test]
+    fn heartbeats_only_when_caught_up() {
+        let interval = Duration::from_millis(100);
+        assert!(heartbeat_due(true, interval, interval));
+        assert!(!heartbeat_due(true, interval / 2, interval));
+        assert!(!heartbeat_due(false, interval * 10, interval));
     }
 
     /// The stream's key is never an entry or a tag index to a bust's grammar check.

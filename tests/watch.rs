@@ -862,3 +862,74 @@ async fn a_restarted_stream_resets_its_watchers() {
     assert_eq!(kind(&event), pb::WatchEventKind::WatchEventInvalidation);
     assert_eq!(event.position, next);
 }
+
+/// Until the reader has read where the stream ends, nothing is claimed: a watcher from now
+/// gets no heartbeat and a Get answers position 0 (unknown). An invalidation published in that
+/// window is covered by the first heartbeat, which comes only once the reader knows the end
+/// (review H1: a HEARTBEAT at 0 before the reader started, then the invalidation never sent).
+#[tokio::test]
+async fn nothing_is_claimed_before_the_reader_knows_the_end() {
+    let redis = RedisServer::start();
+    let mut admin = redis.connect().await;
+    // A string where the stream belongs: the reader cannot read where the stream ends.
+    let () = ::redis::cmd("SET")
+        .arg("cm:#invalidations")
+        .arg("in the way")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let server = server(
+        &["--redis-url".to_owned(), redis.url()],
+        &["--watch-heartbeat-ms", "100"],
+    );
+    assert!(
+        server
+            .wait_for_log("cannot read the invalidation stream's end", EVENT_TIMEOUT)
+            .is_some(),
+        "the reader tried and failed"
+    );
+    let mut cm = server.client().await;
+    let events = cm
+        .watch(follow(&["early"], &[]))
+        .await
+        .expect("Watch starts")
+        .into_inner();
+    let mut watcher = Watcher { events, last: 0 };
+    let answer = cm
+        .get(pb::GetRequest {
+            key: Some(key("early", "f", 1)),
+            ..Default::default()
+        })
+        .await
+        .expect("Get")
+        .into_inner();
+    assert_eq!(answer.position, 0, "unknown until the reader knows the end");
+    // At once: the string goes and the stream comes with one invalidation in it, so the
+    // reader's first successful read of the end finds it published.
+    let (id,): (String,) = ::redis::pipe()
+        .atomic()
+        .cmd("DEL")
+        .arg("cm:#invalidations")
+        .ignore()
+        .cmd("XADD")
+        .arg("cm:#invalidations")
+        .arg("0-*")
+        .arg("scope")
+        .arg("namespace")
+        .arg("ns")
+        .arg("early")
+        .arg("cause")
+        .arg("bust")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(id, "0-1");
+    let first = watcher.next().await;
+    assert_eq!(kind(&first), pb::WatchEventKind::WatchEventHeartbeat);
+    assert_eq!(
+        first.position, 1,
+        "the first heartbeat covers what was published before the reader started"
+    );
+    let position = bust(&mut cm, key("early", "f", 2)).await;
+    assert_eq!(watcher.next_change().await.position, position);
+}
