@@ -933,3 +933,66 @@ async fn nothing_is_claimed_before_the_reader_knows_the_end() {
     let position = bust(&mut cm, key("early", "f", 2)).await;
     assert_eq!(watcher.next_change().await.position, position);
 }
+
+/// The reader's own reads never take a request's `--max-in-flight` permit: with the only
+/// permit held by a write Redis holds back, heartbeats go on (each after the reader read the
+/// stream's end on an idle read), nothing is shed and none of those reads ran under a permit
+/// (review M1: the reader's tail read could shed a request on one Redis).
+#[tokio::test]
+async fn the_reader_never_takes_a_request_permit() {
+    let redis = RedisServer::start();
+    let server = server(
+        &["--redis-url".to_owned(), redis.url()],
+        &[
+            "--watch-heartbeat-ms",
+            "20",
+            "--max-in-flight",
+            "1",
+            "--store-timeout-ms",
+            "10000",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut cm = server.client().await;
+    let mut watcher = Watcher::ready(&mut cm, follow(&["gate"], &[])).await;
+    let mut admin = redis.connect().await;
+    RedisServer::pause_writes(&mut admin, 10_000).await;
+    let mut writer = cm.clone();
+    let held = tokio::spawn(async move { writer.put(put(key("gate", "f", 1), b"v", 60)).await });
+    let metrics = server.metrics_addr();
+    let metric = move |name: &'static str| {
+        common::http_get(metrics, "/metrics", &[])
+            .body
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            })
+    };
+    let holding = common::eventually(EVENT_TIMEOUT, || async move {
+        metric("cache_money_store_operations_in_flight") == Some(1.0)
+    })
+    .await;
+    assert!(holding, "the write never took the permit");
+    for _ in 0..5 {
+        let event = watcher.next().await;
+        assert_eq!(kind(&event), pb::WatchEventKind::WatchEventHeartbeat);
+    }
+    assert_eq!(
+        metric("cache_money_requests_shed_total"),
+        Some(0.0),
+        "a request was shed"
+    );
+    // Only commands run under a permit are timed as store commands: the reader read the
+    // stream's end before each of those heartbeats, none of it under a permit.
+    assert_eq!(
+        metric("cache_money_store_command_duration_seconds_count{command=\"XREVRANGE\"}"),
+        None,
+        "the reader's reads of the stream's end took request permits"
+    );
+    RedisServer::unpause(&mut admin).await;
+    held.await.unwrap().expect("the held write goes through");
+}

@@ -1109,6 +1109,13 @@ impl Store for RedisStore {
         Ok(tail_reply(reply))
     }
 
+    async fn reader_tail(&self) -> Result<u64, StoreError> {
+        // On the reader's own connection: a background read never takes (or is shed by) a
+        // request's --max-in-flight permit.
+        let cmd = xrevrange_last(&self.invalidations);
+        self.on_reader(self.timeout, cmd).await.map(tail_reply)
+    }
+
     async fn keys(
         &self,
         function: &FunctionKey,
