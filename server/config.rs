@@ -91,6 +91,34 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether writes and busts publish invalidations for `Watch`, and what a failure to publish
+/// does to the RPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum InvalidationMode {
+    /// Nothing published, no stream reader: `Watch` answers UNIMPLEMENTED and every position
+    /// is 0. For fleets without near caches: no `XADD` per write.
+    Off,
+    /// Publish every change; a failed publish never fails its RPC (the change was made). The
+    /// server then stops its watchers' heartbeats and publishes a bust of everything, retried
+    /// until it lands, so every near cache in the fleet drops what it holds.
+    #[default]
+    BestEffort,
+    /// Publish every change; a failed publish fails its RPC with the store's error (the change
+    /// was made: retrying it is harmless), so a writer knows near caches may be stale.
+    Required,
+}
+
+impl InvalidationMode {
+    /// Its name as the flag takes it: `off`, `best-effort` or `required`.
+    pub fn name(self) -> &'static str {
+        match self {
+            InvalidationMode::Off => "off",
+            InvalidationMode::BestEffort => "best-effort",
+            InvalidationMode::Required => "required",
+        }
+    }
+}
+
 /// Everything the server can be told, from flags or `CACHE_MONEY_*` environment variables.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -179,6 +207,11 @@ pub struct Config {
     /// Keys per SCAN step and UNLINK while busting.
     #[arg(long, env = "CACHE_MONEY_BUST_BATCH", default_value_t = DEFAULT_BUST_BATCH)]
     pub bust_batch: usize,
+
+    /// Invalidations for Watch streams: off (no publishing, Watch unimplemented),
+    /// best-effort (a failed publish never fails the write or bust) or required (it does).
+    #[arg(long, env = "CACHE_MONEY_INVALIDATIONS", value_enum, default_value_t = InvalidationMode::BestEffort)]
+    pub invalidations: InvalidationMode,
 
     /// Invalidations kept for Watch streams to resume from (the Redis stream's MAXLEN ~, or
     /// the in-memory ring's size, outside --memory-max-bytes); resuming from further back

@@ -243,14 +243,16 @@ async fn serve<S: Store>(
         max_lease: std::time::Duration::from_millis(u64::from(config.lease_max_ms)),
     };
     metrics.watch_store(store.clone(), store_up.clone());
-    let hub = Hub::start(
-        store.clone(),
-        WatchSettings {
-            heartbeat: config.watch_heartbeat(),
-            buffer: config.watch_buffer,
-        },
-        metrics.clone(),
-    );
+    let settings = WatchSettings {
+        heartbeat: config.watch_heartbeat(),
+        buffer: config.watch_buffer,
+        mode: config.invalidations,
+    };
+    let hub = if config.invalidations == config::InvalidationMode::Off {
+        Hub::new(settings, metrics.clone())
+    } else {
+        Hub::start(store.clone(), settings, metrics.clone())
+    };
     let service = CacheService::new(
         store.clone(),
         limits,
@@ -310,6 +312,7 @@ async fn serve<S: Store>(
         max_message_bytes = config.max_message_bytes,
         max_response_bytes = config.max_response_bytes,
         bust_batch = config.bust_batch,
+        invalidations = config.invalidations.name(),
         watch_stream_len = config.watch_stream_len,
         watch_heartbeat_ms = config.watch_heartbeat_ms,
         watch_buffer = config.watch_buffer,

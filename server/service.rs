@@ -17,6 +17,7 @@ use tracing::warn;
 use crate::key::{EntryKey, FunctionKey, KeyError, check_name, check_tag, check_tags};
 use crate::pb::{self, cache_money_server::CacheMoney};
 use crate::server::auth::{Access, authorize};
+use crate::server::config::InvalidationMode;
 use crate::server::metrics::{LeaseEvent, Lookup, Metrics};
 use crate::server::observe::{Outcome, record_namespace, record_namespaces, request_id};
 use crate::server::store::{
@@ -232,18 +233,22 @@ impl<S: Store> CacheService<S> {
         err: StoreError,
         invalidations: Vec<Invalidation>,
     ) -> Status {
-        if !matches!(err, StoreError::Overloaded { .. }) {
+        if !matches!(err, StoreError::Overloaded { .. }) && self.hub.mode() != InvalidationMode::Off
+        {
             let (store, hub) = (self.store.clone(), self.hub.clone());
             let request_id = request_id(context).to_owned();
             tokio::spawn(async move {
                 match store.publish(&invalidations).await {
                     Ok(_) => hub.published(&invalidations),
-                    Err(cause) => warn!(
-                        rpc,
-                        request_id,
-                        cause = %cause,
-                        "the invalidation of a failed change was not published"
-                    ),
+                    Err(cause) => {
+                        warn!(
+                            rpc,
+                            request_id,
+                            cause = %cause,
+                            "the invalidation of a failed change was not published"
+                        );
+                        hub.owe(store);
+                    }
                 }
             });
         }
@@ -251,21 +256,26 @@ impl<S: Store> CacheService<S> {
     }
 
     /// Publishes `invalidations` before the RPC that made them answers; the last one's
-    /// position. A failure fails the RPC: its change was made, but a watcher would not hear
-    /// of it, and the caller must know (retrying a write or a bust is harmless).
+    /// position (0 with `--invalidations off`). A failure is handled as
+    /// [`CacheService::published`] says.
     async fn publish(
         &self,
         rpc: &'static str,
         context: &tonic::Extensions,
         invalidations: &[Invalidation],
     ) -> Result<u64, Status> {
+        if self.hub.mode() == InvalidationMode::Off {
+            return Ok(0);
+        }
         let published = self.store.publish(invalidations).await;
         self.published(rpc, context, invalidations, published)
     }
 
-    /// What publishing `invalidations` after their change came to: the position, or a
-    /// failure of the RPC (its change was made, but a watcher would not hear of it, and the
-    /// caller must know; retrying a write or a bust is harmless).
+    /// What publishing `invalidations` after their change came to: the position. A failure
+    /// is counted and logged as a store failure; with `--invalidations best-effort` the RPC
+    /// still succeeds (its change was made) with position 0 (unknown), and the hub owes a
+    /// bust of everything ([`Hub::owe`]); with `required` it fails the RPC (the caller must
+    /// know; retrying a write or a bust is harmless).
     fn published(
         &self,
         rpc: &'static str,
@@ -273,16 +283,26 @@ impl<S: Store> CacheService<S> {
         invalidations: &[Invalidation],
         published: Result<u64, StoreError>,
     ) -> Result<u64, Status> {
-        let position = published.map_err(|err| {
-            let status = self.failed(rpc, context, err);
-            Status::new(
-                status.code(),
-                format!(
-                    "the change was made but its invalidation was not published, so near caches may keep the old value; retry: {}",
-                    status.message()
-                ),
-            )
-        })?;
+        if self.hub.mode() == InvalidationMode::Off {
+            return Ok(0);
+        }
+        let position = match published {
+            Ok(position) => position,
+            Err(err) => {
+                let status = self.failed(rpc, context, err);
+                if self.hub.mode() != InvalidationMode::Required {
+                    self.hub.owe(self.store.clone());
+                    return Ok(0);
+                }
+                return Err(Status::new(
+                    status.code(),
+                    format!(
+                        "the change was made but its invalidation was not published, so near caches may keep the old value; retry: {}",
+                        status.message()
+                    ),
+                ));
+            }
+        };
         self.hub.published(invalidations);
         Ok(position)
     }
@@ -548,7 +568,12 @@ impl<S: Store> CacheService<S> {
         let invalidation = Invalidation::bust(scope);
         // Published even when nothing was removed: a near cache may still hold what the
         // store has evicted.
-        let (removed, published) = match self.store.bust_then_publish(scope).await {
+        let done = if self.hub.mode() == InvalidationMode::Off {
+            self.store.bust(scope).await.map(|removed| (removed, Ok(0)))
+        } else {
+            self.store.bust_then_publish(scope).await
+        };
+        let (removed, published) = match done {
             Ok(done) => done,
             Err(err) => {
                 return Err(self.change_failed(rpc, context, err, vec![invalidation]));
@@ -623,7 +648,10 @@ impl<S: Store> CacheMoney for CacheService<S> {
         let invalidation = Invalidation::put(&entry.key);
         // A plain write goes with its invalidation (one round trip where the store can); a
         // leased one publishes only once it is known to have been stored.
-        let (stored, published) = match if token == 0 {
+        let off = self.hub.mode() == InvalidationMode::Off;
+        let (stored, published) = match if token == 0 && off {
+            self.store.put(&entry).await.map(|()| (true, Some(Ok(0))))
+        } else if token == 0 {
             self.store
                 .put_then_publish(&entry)
                 .await
@@ -927,6 +955,11 @@ impl<S: Store> CacheMoney for CacheService<S> {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        if self.hub.mode() == InvalidationMode::Off {
+            return Err(Status::unimplemented(
+                "Watch: this server publishes no invalidations (--invalidations off, CACHE_MONEY_INVALIDATIONS=off); start it with --invalidations best-effort to watch",
+            ));
+        }
         let (_, context, request) = request.into_parts();
         let named = request.namespaces.len() + request.functions.len();
         if !request.all_namespaces && named == 0 {

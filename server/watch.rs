@@ -24,7 +24,14 @@
 //! on a cluster a second round trip to the stream's node. Measured in README "Invalidation
 //! stream": about 0.35-0.55 ms more per Put or Bust at p50 in a debug build, Get unchanged;
 //! in Redis an `XADD` costs about what a `SET` does. The price on a cluster: the stream's
-//! node takes every write's `XADD`, and while it fails over every write and bust fails.
+//! node takes every write's `XADD`, and while it fails over nothing can be published: with
+//! `--invalidations best-effort` (the default) writes and busts still succeed and the server
+//! owes a bust of everything ([`Hub::owe`]); with `required` they fail; with `off` nothing is
+//! ever published (no `XADD`, no reader).
+//!
+//! An entry the servers did not write (an id other than `0-N`, or the key holding another
+//! type) stops publishing and reading until an operator deletes the key: reads and publishes
+//! answer UNAVAILABLE naming it, and the reader backs off rather than re-reading it.
 //!
 //! # One reader per process
 //! [`Hub::start`] spawns the only task that reads the sequence (`XREAD BLOCK` on a connection
@@ -45,7 +52,10 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{
+            AtomicU64,
+            Ordering::{Relaxed, SeqCst},
+        },
     },
     time::Duration,
 };
@@ -57,6 +67,7 @@ use tracing::{info, warn};
 use crate::key::EntryKey;
 use crate::lock;
 use crate::pb;
+use crate::server::config::InvalidationMode;
 use crate::server::metrics::Metrics;
 use crate::server::store::{Scope, Store, StoreError};
 
@@ -468,6 +479,8 @@ pub struct WatchSettings {
     /// Messages the broadcast channel holds: how far a watcher may fall behind before it
     /// gets a RESET.
     pub buffer: usize,
+    /// Whether changes are published, and what a failed publish does.
+    pub mode: InvalidationMode,
 }
 
 /// The process's one reader of the invalidation sequence and the channel it feeds every
@@ -485,6 +498,10 @@ struct HubInner {
     /// it started, and its last read succeeded. No heartbeat and no "caught up" claim while
     /// it does not.
     healthy: signal::Sender<bool>,
+    /// Changes made whose invalidation this server failed to publish and no bust of
+    /// everything published since covers: while any, no heartbeat.
+    debt: AtomicU64,
+    mode: InvalidationMode,
     closed: signal::Sender<bool>,
     counters: WatchCounters,
     metrics: Metrics,
@@ -511,6 +528,8 @@ impl Hub {
                 sender,
                 position: AtomicU64::new(0),
                 healthy,
+                debt: AtomicU64::new(0),
+                mode: settings.mode,
                 closed,
                 counters: WatchCounters::default(),
                 metrics,
@@ -536,7 +555,69 @@ impl Hub {
     /// Whether the reader knows where it stands: it has read where the sequence ended when
     /// it started, and its last read succeeded. Until it does, watchers get no heartbeat.
     pub fn healthy(&self) -> bool {
-        *self.inner.healthy.borrow()
+        *self.inner.healthy.borrow() && !self.owes()
+    }
+
+    /// Whether changes are published, and what a failed publish does.
+    pub fn mode(&self) -> InvalidationMode {
+        self.inner.mode
+    }
+
+    /// Whether a change was made whose invalidation is not published yet (see [`Hub::owe`]).
+    pub fn owes(&self) -> bool {
+        self.inner.debt.load(SeqCst) > 0
+    }
+
+    /// Records a change made whose invalidation could not be published to `store`'s
+    /// sequence. Until a bust of everything is published in its place (retried in the
+    /// background, with backoff, until it lands), this server's watchers get no heartbeat, so
+    /// their near caches stop serving; once it lands every watcher of every replica drops
+    /// everything. One bust of everything rather than a queue of the missed invalidations:
+    /// bounded whatever the outage, and a publish outage is rare enough that emptying near
+    /// caches once is the cheaper thing to get right.
+    pub fn owe<S: Store>(&self, store: S) {
+        if self.inner.debt.fetch_add(1, SeqCst) > 0 {
+            // A task is already paying; it pays again for debts incurred meanwhile.
+            return;
+        }
+        warn!(
+            "watch: an invalidation was not published; heartbeats stop until a bust of everything is published in its place"
+        );
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let mut closed = hub.inner.closed.subscribe();
+            let everything = [Invalidation::bust(Scope::All)];
+            let mut retry = Duration::from_millis(50);
+            loop {
+                let covered = hub.inner.debt.load(SeqCst);
+                match store.publish(&everything).await {
+                    Ok(_) => {
+                        hub.published(&everything);
+                        // Debts incurred while it was in flight may be older than its XADD:
+                        // publish again for them.
+                        if hub
+                            .inner
+                            .debt
+                            .compare_exchange(covered, 0, SeqCst, SeqCst)
+                            .is_ok()
+                        {
+                            info!(
+                                "watch: published a bust of everything for the invalidations that were not; heartbeats resume"
+                            );
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        warn!(cause = %err, "watch: publishing a bust of everything failed; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(retry) => {}
+                            _ = closed.wait_for(|closed| *closed) => return,
+                        }
+                        retry = (retry * 2).min(MAX_RETRY_WAIT);
+                    }
+                }
+            }
+        });
     }
 
     fn set_healthy(&self, healthy: bool) {
@@ -598,7 +679,9 @@ impl Hub {
         // Only now may a watcher be told it is caught up: an invalidation published before
         // this read is at or below `last`, one published after it is read below.
         self.set_healthy(true);
-        self.send(Message::Heartbeat(last));
+        if !self.owes() {
+            self.send(Message::Heartbeat(last));
+        }
         info!(position = last, "watch: following the invalidation stream");
         let mut beat = tokio::time::Instant::now();
         let mut failing = false;
@@ -636,7 +719,7 @@ impl Hub {
                         }
                     }
                     for published in batch {
-                        if published.position != last + 1 && last != 0 {
+                        if Some(published.position) != last.checked_add(1) && last != 0 {
                             // Trimmed before this reader read them.
                             self.inner.position.store(published.position - 1, Relaxed);
                             self.send(Message::Reset(published.position - 1));
@@ -645,7 +728,7 @@ impl Hub {
                         self.inner.position.store(last, Relaxed);
                         self.send(Message::Invalidation(Arc::new(published)));
                     }
-                    if heartbeat_due(caught_up, beat.elapsed(), heartbeat) {
+                    if !self.owes() && heartbeat_due(caught_up, beat.elapsed(), heartbeat) {
                         beat = tokio::time::Instant::now();
                         self.send(Message::Heartbeat(last));
                     }
@@ -848,10 +931,12 @@ impl<S: Store> Watcher<S> {
                             continue;
                         }
                         self.catching_up = false;
-                        self.heartbeat(self.cursor);
+                        if !self.hub().owes() {
+                            self.heartbeat(self.cursor);
+                        }
                     }
                     Ok(page) => {
-                        if page[0].position > self.cursor + 1 {
+                        if page[0].position > self.cursor.saturating_add(1) {
                             // What came between was trimmed from the store.
                             self.cursor = page[0].position - 1;
                             self.reset(self.cursor);

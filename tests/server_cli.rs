@@ -142,6 +142,11 @@ fn every_setting(files: &SettingFiles) -> Vec<(&'static str, String, String)> {
         number("max-message-bytes", 100_001),
         number("max-response-bytes", 100_002),
         number("bust-batch", 101),
+        (
+            "invalidations",
+            "off".into(),
+            "\"invalidations\":\"off\"".into(),
+        ),
         number("watch-stream-len", 99_999),
         number("watch-heartbeat-ms", 999),
         number("watch-buffer", 4095),

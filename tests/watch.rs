@@ -137,14 +137,20 @@ impl Watcher {
         event
     }
 
-    /// The next invalidation or RESET, heartbeats skipped.
+    /// The next invalidation or RESET, heartbeats skipped; within [`EVENT_TIMEOUT`] in all,
+    /// so a lost event fails the test even while heartbeats keep coming.
     async fn next_change(&mut self) -> pb::WatchEvent {
-        loop {
-            let event = self.next().await;
-            if kind(&event) != pb::WatchEventKind::WatchEventHeartbeat {
-                return event;
+        let change = async {
+            loop {
+                let event = self.next().await;
+                if kind(&event) != pb::WatchEventKind::WatchEventHeartbeat {
+                    return event;
+                }
             }
-        }
+        };
+        tokio::time::timeout(EVENT_TIMEOUT, change)
+            .await
+            .expect("an invalidation or RESET within the timeout, heartbeats aside")
     }
 
     /// The next invalidation, which must be of `scope` and `cause` over `namespace`,
@@ -995,4 +1001,165 @@ async fn the_reader_never_takes_a_request_permit() {
     );
     RedisServer::unpause(&mut admin).await;
     held.await.unwrap().expect("the held write goes through");
+}
+
+/// By default a failed publish never fails its write (the change was made): the Put answers
+/// with position 0 (unknown) and its value is served; once the stream works again a bust of
+/// everything is published in its place and reaches the watchers (review H4).
+#[tokio::test]
+async fn a_failed_publish_does_not_fail_the_write() {
+    let (behind, server) = Backend::Redis.start(&["--watch-heartbeat-ms", "100"]);
+    let Behind::Redis(redis) = &behind else {
+        unreachable!("a Redis backend")
+    };
+    let mut cm = server.client().await;
+    let mut watcher = Watcher::ready(&mut cm, follow(&["be"], &[])).await;
+    let before = bust(&mut cm, key("be", "f", 1)).await;
+    assert_eq!(watcher.next_change().await.position, before);
+    let admin = redis.connect().await;
+    // XADD denied to the server's user: every publish fails, reads go on.
+    let acl = |rule: &'static str| {
+        let mut admin = admin.clone();
+        async move {
+            let () = ::redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg("default")
+                .arg(rule)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+    };
+    acl("-xadd").await;
+    let written = tokio::time::timeout(EVENT_TIMEOUT, cm.put(put(key("be", "f", 2), b"v", 60)))
+        .await
+        .expect("the write answers")
+        .expect("the write succeeds though its publish failed")
+        .into_inner();
+    assert_eq!(written.position, 0, "unknown: not published");
+    let answer = cm
+        .get(pb::GetRequest {
+            key: Some(key("be", "f", 2)),
+            ..Default::default()
+        })
+        .await
+        .expect("Get")
+        .into_inner();
+    assert!(answer.hit, "the change was made");
+    let busted = tokio::time::timeout(
+        EVENT_TIMEOUT,
+        cm.bust(pb::BustRequest {
+            key: Some(key("be", "f", 2)),
+        }),
+    )
+    .await
+    .expect("the bust answers")
+    .expect("the bust succeeds though its publish failed")
+    .into_inner();
+    assert_eq!((busted.removed, busted.position), (1, 0));
+    acl("+xadd").await;
+    let event = tokio::time::timeout(EVENT_TIMEOUT, watcher.next_change())
+        .await
+        .expect("the bust of everything within the timeout");
+    assert_eq!(
+        kind(&event),
+        pb::WatchEventKind::WatchEventInvalidation,
+        "{event:?}"
+    );
+    assert_eq!(event.scope, Scope::ScopeAll as i32, "{event:?}");
+    assert_eq!(event.position, before + 1, "nothing else was published");
+}
+
+/// With `--invalidations off` nothing is published (no stream in Redis), writes and busts
+/// answer position 0, and Watch answers UNIMPLEMENTED naming the flag (review H4).
+#[tokio::test]
+async fn invalidations_off_publishes_nothing() {
+    let (behind, server) = Backend::Redis.start(&["--invalidations", "off"]);
+    let Behind::Redis(redis) = &behind else {
+        unreachable!("a Redis backend")
+    };
+    let mut cm = server.client().await;
+    let err = cm.watch(follow(&["off"], &[])).await.expect_err("no Watch");
+    assert_eq!(err.code(), Code::Unimplemented, "{err}");
+    assert!(err.message().contains("--invalidations"), "{err}");
+    assert_eq!(write(&mut cm, key("off", "f", 1)).await, 0);
+    assert_eq!(bust(&mut cm, key("off", "f", 1)).await, 0);
+    assert_eq!(bust_namespace(&mut cm, "off").await, 0);
+    let exists: u64 = ::redis::cmd("EXISTS")
+        .arg("cm:#invalidations")
+        .query_async(&mut redis.connect().await)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "nothing was published");
+}
+
+/// The `XREAD` calls Redis has run so far.
+async fn xread_calls(admin: &mut ::redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_xread:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An entry cache-money did not write (`XADD … * foo bar`) is reported, not spun on: a write
+/// that must publish (`--invalidations required`) answers UNAVAILABLE naming the key to
+/// delete, not INTERNAL; the reader backs off instead of reading in a hot loop; deleting the
+/// key brings watchers back through a RESET (review H3).
+#[tokio::test]
+async fn a_foreign_entry_is_reported_not_spun_on() {
+    let (behind, server) =
+        Backend::Redis.start(&["--invalidations", "required", "--watch-heartbeat-ms", "100"]);
+    let Behind::Redis(redis) = &behind else {
+        unreachable!("a Redis backend")
+    };
+    let mut cm = server.client().await;
+    let mut watcher = Watcher::ready(&mut cm, follow(&["fe"], &[])).await;
+    for n in 0..3 {
+        let position = bust(&mut cm, key("fe", "f", n)).await;
+        assert_eq!(watcher.next_change().await.position, position);
+    }
+    let mut admin = redis.connect().await;
+    let _: String = ::redis::cmd("XADD")
+        .arg("cm:#invalidations")
+        .arg("*")
+        .arg("foo")
+        .arg("bar")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let err = cm
+        .put(put(key("fe", "f", 9), b"v", 60))
+        .await
+        .expect_err("required: the publish fails");
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.message().contains("DEL cm:#invalidations"), "{err}");
+    // A rate, so measured over a window: a hot loop runs thousands of XREADs in it.
+    let before = xread_calls(&mut admin).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spent = xread_calls(&mut admin).await - before;
+    assert!(spent < 50, "{spent} XREADs in 500 ms");
+    let () = ::redis::cmd("DEL")
+        .arg("cm:#invalidations")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let event = watcher.next_change().await;
+    assert_eq!(
+        kind(&event),
+        pb::WatchEventKind::WatchEventReset,
+        "{event:?}"
+    );
+    let position = bust(&mut cm, key("fe", "f", 10)).await;
+    loop {
+        let event = watcher.next_change().await;
+        if kind(&event) == pb::WatchEventKind::WatchEventInvalidation {
+            assert_eq!(event.position, position);
+            break;
+        }
+    }
 }

@@ -202,19 +202,49 @@ pub(crate) fn xread(key: &str, after: u64, count: usize, block: Option<Duration>
     cmd
 }
 
-/// The invalidations an `XREAD` answered (nil: none). An entry whose id is not one of ours
-/// (written by hand with `*`) is taken as position `after + 1`'s successor and invalidates
-/// everything.
-pub(crate) fn read_reply(reply: Option<StreamReadReply>) -> Vec<Published> {
+/// What an operator does about an invalidation stream holding `what` cache-money did not
+/// write: no `XADD 0-*` can follow it, and no position can be read past it.
+fn foreign_stream(key: &str, what: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "the invalidation stream {key} holds {what}, not written by cache-money, so no invalidation can be published or read; delete the key (DEL {key}): watchers then get a RESET"
+    ))
+}
+
+/// A publish's error: UNAVAILABLE naming the key to delete when the stream's own state
+/// refuses our `XADD` (the key holds another type, or an entry with a larger id written by
+/// something else), not INTERNAL; any other error as it is.
+pub(crate) fn publish_error(key: &str, err: StoreError) -> StoreError {
+    match err {
+        StoreError::Internal(message)
+            if message.contains("WRONGTYPE")
+                || message.contains("equal or smaller than the target stream top item") =>
+        {
+            foreign_stream(key, &format!("something else ({message})"))
+        }
+        other => other,
+    }
+}
+
+/// The invalidations an `XREAD` of stream `key` answered (nil: none).
+///
+/// # Errors
+/// UNAVAILABLE naming the key to delete when an entry's id is not one of ours (written by
+/// hand with `*`): skipping it would read it again at once, forever.
+pub(crate) fn read_reply(
+    key: &str,
+    reply: Option<StreamReadReply>,
+) -> Result<Vec<Published>, StoreError> {
     let Some(reply) = reply else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     let mut read = Vec::new();
     for stream in reply.keys {
         for entry in stream.ids {
             let Some(position) = position_of(&entry.id) else {
-                warn!(id = %entry.id, "watch: a foreign entry in the invalidation stream; skipped");
-                continue;
+                return Err(foreign_stream(
+                    key,
+                    &format!("an entry with the id {}", entry.id),
+                ));
             };
             read.push(Published {
                 position,
@@ -222,7 +252,7 @@ pub(crate) fn read_reply(reply: Option<StreamReadReply>) -> Vec<Published> {
             });
         }
     }
-    read
+    Ok(read)
 }
 
 /// `XREVRANGE key + - COUNT 1`: where the stream ends.
@@ -232,13 +262,16 @@ pub(crate) fn xrevrange_last(key: &str) -> redis::Cmd {
     cmd
 }
 
-/// The position of the entry an [`xrevrange_last`] answered; 0 for none.
-pub(crate) fn tail_reply(reply: StreamRangeReply) -> u64 {
-    reply
-        .ids
-        .first()
-        .and_then(|entry| position_of(&entry.id))
-        .unwrap_or(0)
+/// The position of the entry an [`xrevrange_last`] of stream `key` answered; 0 for none.
+///
+/// # Errors
+/// UNAVAILABLE naming the key to delete when that entry's id is not one of ours.
+pub(crate) fn tail_reply(key: &str, reply: StreamRangeReply) -> Result<u64, StoreError> {
+    let Some(entry) = reply.ids.first() else {
+        return Ok(0);
+    };
+    position_of(&entry.id)
+        .ok_or_else(|| foreign_stream(key, &format!("an entry with the id {}", entry.id)))
 }
 
 /// Opens multiplexed connections and notices when one has died.
@@ -633,7 +666,8 @@ impl RedisStore {
         let changed = changed.map_err(classify)?;
         let published = published
             .map_err(classify)
-            .and_then(|id| published_position(std::slice::from_ref(&id)));
+            .and_then(|id| published_position(std::slice::from_ref(&id)))
+            .map_err(|err| publish_error(&self.invalidations, err));
         Ok((changed, published))
     }
 
@@ -1075,7 +1109,8 @@ impl Store for RedisStore {
             .run("XADD", |mut conn| async move {
                 pipe.query_async(&mut conn).await
             })
-            .await?;
+            .await
+            .map_err(|err| publish_error(&self.invalidations, err))?;
         published_position(&ids)
     }
 
@@ -1092,11 +1127,11 @@ impl Store for RedisStore {
                     cmd.query_async(&mut conn).await
                 })
                 .await?;
-            return Ok(read_reply(reply));
+            return read_reply(&self.invalidations, reply);
         };
         self.on_reader(block + self.timeout, cmd)
             .await
-            .map(read_reply)
+            .and_then(|reply| read_reply(&self.invalidations, reply))
     }
 
     async fn invalidation_tail(&self) -> Result<u64, StoreError> {
@@ -1106,14 +1141,16 @@ impl Store for RedisStore {
                 cmd.query_async(&mut conn).await
             })
             .await?;
-        Ok(tail_reply(reply))
+        tail_reply(&self.invalidations, reply)
     }
 
     async fn reader_tail(&self) -> Result<u64, StoreError> {
         // On the reader's own connection: a background read never takes (or is shed by) a
         // request's --max-in-flight permit.
         let cmd = xrevrange_last(&self.invalidations);
-        self.on_reader(self.timeout, cmd).await.map(tail_reply)
+        self.on_reader(self.timeout, cmd)
+            .await
+            .and_then(|reply| tail_reply(&self.invalidations, reply))
     }
 
     async fn keys(

@@ -57,8 +57,8 @@ use tokio::time::{Instant, timeout_at};
 use tracing::warn;
 
 use super::{
-    Gate, classify, from_value, key_infos, published_position, read_reply, removable, scripts,
-    stored, tags, tail_reply, xadd, xread, xrevrange_last,
+    Gate, classify, from_value, key_infos, publish_error, published_position, read_reply,
+    removable, scripts, stored, tags, tail_reply, xadd, xread, xrevrange_last,
 };
 use crate::key::{EntryKey, FunctionKey};
 use crate::server::key::KeyLayout;
@@ -1262,11 +1262,6 @@ impl Store for ClusterStore {
         })
     }
 
-    /// Asks a primary for `cluster_state`, PINGs the primary of every slot on the probe's own
-    /// connections, then checks that the serving connection routes each primary's slots to
-    /// that primary, all within the store timeout: NOT_SERVING while any slot cannot be
-    /// served, with the reason. A probe connection that fails is renewed, and so is a serving
-    /// connection found routing to a node that no longer serves the slot (see the module doc).
     async fn publish(&self, invalidations: &[Invalidation]) -> Result<u64, StoreError> {
         // One key, so one pipeline to one node; a retried pipeline publishes twice, which
         // costs watchers a redundant invalidation, never a missing one.
@@ -1283,7 +1278,8 @@ impl Store for ClusterStore {
                     )
                 })
             })
-            .await?;
+            .await
+            .map_err(|err| publish_error(&self.invalidations, err))?;
         published_position(&ids)
     }
 
@@ -1295,25 +1291,32 @@ impl Store for ClusterStore {
     ) -> Result<Vec<Published>, StoreError> {
         let cmd = xread(&self.invalidations, after, count, block);
         let Some(block) = block else {
-            return Ok(read_reply(self.one("XREAD", cmd).await?));
+            return read_reply(&self.invalidations, self.one("XREAD", cmd).await?);
         };
         self.on_reader(block + self.gate.timeout, cmd)
             .await
-            .map(read_reply)
+            .and_then(|reply| read_reply(&self.invalidations, reply))
     }
 
     async fn invalidation_tail(&self) -> Result<u64, StoreError> {
         let reply = self
             .one("XREVRANGE", xrevrange_last(&self.invalidations))
             .await?;
-        Ok(tail_reply(reply))
+        tail_reply(&self.invalidations, reply)
     }
 
     async fn reader_tail(&self) -> Result<u64, StoreError> {
         let cmd = xrevrange_last(&self.invalidations);
-        self.on_reader(self.gate.timeout, cmd).await.map(tail_reply)
+        self.on_reader(self.gate.timeout, cmd)
+            .await
+            .and_then(|reply| tail_reply(&self.invalidations, reply))
     }
 
+    /// Asks a primary for `cluster_state`, PINGs the primary of every slot on the probe's own
+    /// connections, then checks that the serving connection routes each primary's slots to
+    /// that primary, all within the store timeout: NOT_SERVING while any slot cannot be
+    /// served, with the reason. A probe connection that fails is renewed, and so is a serving
+    /// connection found routing to a node that no longer serves the slot (see the module doc).
     async fn ping(&self) -> Result<(), StoreError> {
         let deadline = Instant::now() + self.gate.timeout;
         let topology = self.probe_topology(deadline).await.inspect_err(|_| {
