@@ -324,6 +324,9 @@ pub struct Published {
     pub position: u64,
     /// What it invalidates.
     pub invalidation: Invalidation,
+    /// The random nonce its stream entry was written with (none in the in-memory ring): what
+    /// tells this entry from another at the same position in a re-created stream.
+    pub nonce: Option<String>,
 }
 
 /// The in-memory store's sequence: the last `capacity` invalidations, numbered from 1, and a
@@ -363,6 +366,7 @@ impl Ring {
                 let position = state.last;
                 state.kept.push_back(Published {
                     position,
+                    nonce: None,
                     invalidation: invalidation.clone(),
                 });
                 if state.kept.len() > self.capacity {
@@ -676,6 +680,7 @@ impl Hub {
             _ = closed.wait_for(|closed| *closed) => return,
         };
         self.inner.position.store(last, Relaxed);
+        let mut nonce = Self::nonce_at(&store, last).await;
         // Only now may a watcher be told it is caught up: an invalidation published before
         // this read is at or below `last`, one published after it is read below.
         self.set_healthy(true);
@@ -702,6 +707,28 @@ impl Hub {
                         retry = Duration::from_millis(50);
                         self.set_healthy(true);
                     }
+                    // The entry at `last` no longer being the one read: the sequence was
+                    // replaced under the same numbering (deleted and re-created, or a promoted
+                    // replica missing the newest entries, then written up to `last` again).
+                    // What this read returned may come from either; all is covered by a RESET.
+                    if let Some(expected) = &nonce
+                        && let Ok(Some(now)) = store.reader_nonce(last).await
+                        && now != *expected
+                    {
+                        let Ok(tail) = store.reader_tail().await else {
+                            continue;
+                        };
+                        warn!(
+                            was = last,
+                            now = tail,
+                            "watch: the invalidation stream was replaced under the same numbering; resetting watchers"
+                        );
+                        last = tail;
+                        self.inner.position.store(last, Relaxed);
+                        self.send(Message::Reset(last));
+                        nonce = Self::nonce_at(&store, last).await;
+                        continue;
+                    }
                     if batch.is_empty() {
                         // Nothing after `last`: normal when idle, but also what a sequence
                         // restarted below `last` (its key deleted) looks like.
@@ -716,7 +743,11 @@ impl Hub {
                             last = tail;
                             self.inner.position.store(last, Relaxed);
                             self.send(Message::Reset(last));
+                            nonce = Self::nonce_at(&store, last).await;
                         }
+                    }
+                    if let Some(newest) = batch.last() {
+                        nonce.clone_from(&newest.nonce);
                     }
                     for published in batch {
                         if Some(published.position) != last.checked_add(1) && last != 0 {
@@ -747,6 +778,17 @@ impl Hub {
                 }
             }
         }
+    }
+}
+
+impl Hub {
+    /// The nonce of the entry at `position` (none for position 0, for a store that cannot be
+    /// replaced, or when it cannot be read now: the check is skipped until the next entry).
+    async fn nonce_at<S: Store>(store: &S, position: u64) -> Option<String> {
+        if position == 0 {
+            return None;
+        }
+        store.reader_nonce(position).await.ok().flatten()
     }
 }
 

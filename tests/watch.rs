@@ -1163,3 +1163,63 @@ async fn a_foreign_entry_is_reported_not_spun_on() {
         }
     }
 }
+
+/// The reviewer's experiment: a stream replaced under the same numbering (5 Puts, then
+/// `MULTI; DEL; XADD 0-1; XADD 0-2; EXEC`, then 4 Puts: the new stream ends above the
+/// reader's last position) gives watchers a RESET, never a silent skip of the new entries
+/// the reader had numbered already (review H2).
+#[tokio::test]
+async fn a_stream_replaced_under_the_same_numbering_resets() {
+    let (behind, server) = Backend::Redis.start(&["--watch-heartbeat-ms", "100"]);
+    let Behind::Redis(redis) = &behind else {
+        unreachable!("a Redis backend")
+    };
+    let mut cm = server.client().await;
+    let mut watcher = Watcher::ready(&mut cm, follow(&["rep"], &[])).await;
+    for n in 0..5 {
+        let position = write(&mut cm, key("rep", "f", n)).await;
+        assert_eq!(watcher.next_change().await.position, position);
+    }
+    let mut admin = redis.connect().await;
+    let (first, second): (String, String) = ::redis::pipe()
+        .atomic()
+        .cmd("DEL")
+        .arg("cm:#invalidations")
+        .ignore()
+        .cmd("XADD")
+        .arg("cm:#invalidations")
+        .arg("0-1")
+        .arg("scope")
+        .arg("namespace")
+        .arg("ns")
+        .arg("rep")
+        .arg("cause")
+        .arg("bust")
+        .cmd("XADD")
+        .arg("cm:#invalidations")
+        .arg("0-2")
+        .arg("scope")
+        .arg("namespace")
+        .arg("ns")
+        .arg("rep")
+        .arg("cause")
+        .arg("bust")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!((first.as_str(), second.as_str()), ("0-1", "0-2"));
+    let mut last = 0;
+    for n in 5..9 {
+        last = write(&mut cm, key("rep", "f", n)).await;
+    }
+    assert_eq!(last, 6, "numbering went on from the new stream's 0-2");
+    let mut reset = false;
+    loop {
+        let event = watcher.next_change().await;
+        reset |= kind(&event) == pb::WatchEventKind::WatchEventReset;
+        if event.position >= last {
+            break;
+        }
+    }
+    assert!(reset, "the replaced entries were skipped silently");
+}

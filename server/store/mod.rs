@@ -402,6 +402,19 @@ pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
         self.invalidation_tail()
     }
 
+    /// The random nonce the entry at `position` was written with, read by the process's one
+    /// reader on its own connection: a different one than the reader read means the sequence
+    /// was replaced under the same numbering (deleted and re-created, or a promoted replica
+    /// missing the last entries). `Some("")` when there is no such entry; `None` when the
+    /// store cannot be replaced behind the server's back (the in-memory ring).
+    fn reader_nonce(
+        &self,
+        position: u64,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send {
+        let _ = position;
+        async { Ok(None) }
+    }
+
     /// Its connections and load right now, for `/metrics`; never waits on the store.
     fn state(&self) -> StoreState;
 }

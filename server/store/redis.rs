@@ -173,10 +173,35 @@ pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, len: usize, invalidati
         .arg("~")
         .arg(len)
         // The first part fixed at 0, Redis numbers the second: a plain gapless counter.
-        .arg("0-*");
+        .arg("0-*")
+        // Tells this entry from another at the same id in a re-created stream.
+        .arg(NONCE_FIELD)
+        .arg(fastrand::u64(..));
     for (field, value) in invalidation.fields() {
         command.arg(field).arg(value);
     }
+}
+
+/// The stream entry field holding the entry's random nonce.
+pub(crate) const NONCE_FIELD: &str = "nonce";
+
+/// `XRANGE key 0-position 0-position`: the entry at `position`.
+pub(crate) fn xrange_at(key: &str, position: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("XRANGE");
+    cmd.arg(key)
+        .arg(stream_id(position))
+        .arg(stream_id(position));
+    cmd
+}
+
+/// The nonce of the entry an [`xrange_at`] answered: `""` for none (or none recorded).
+pub(crate) fn nonce_reply(reply: StreamRangeReply) -> Option<String> {
+    let nonce = reply
+        .ids
+        .first()
+        .and_then(|entry| entry.map.get(NONCE_FIELD))
+        .and_then(|value| redis::from_redis_value_ref::<String>(value).ok());
+    Some(nonce.unwrap_or_default())
 }
 
 /// The position an `XADD` pipeline's last reply names.
@@ -246,8 +271,13 @@ pub(crate) fn read_reply(
                     &format!("an entry with the id {}", entry.id),
                 ));
             };
+            let nonce = entry
+                .map
+                .get(NONCE_FIELD)
+                .and_then(|value| redis::from_redis_value_ref::<String>(value).ok());
             read.push(Published {
                 position,
+                nonce: Some(nonce.unwrap_or_default()),
                 invalidation: Invalidation::from_fields(&entry.map),
             });
         }
@@ -1151,6 +1181,11 @@ impl Store for RedisStore {
         self.on_reader(self.timeout, cmd)
             .await
             .and_then(|reply| tail_reply(&self.invalidations, reply))
+    }
+
+    async fn reader_nonce(&self, position: u64) -> Result<Option<String>, StoreError> {
+        let cmd = xrange_at(&self.invalidations, position);
+        self.on_reader(self.timeout, cmd).await.map(nonce_reply)
     }
 
     async fn keys(

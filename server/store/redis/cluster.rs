@@ -57,8 +57,9 @@ use tokio::time::{Instant, timeout_at};
 use tracing::warn;
 
 use super::{
-    Gate, classify, from_value, key_infos, publish_error, published_position, read_reply,
-    removable, scripts, stored, tags, tail_reply, xadd, xread, xrevrange_last,
+    Gate, classify, from_value, key_infos, nonce_reply, publish_error, published_position,
+    read_reply, removable, scripts, stored, tags, tail_reply, xadd, xrange_at, xread,
+    xrevrange_last,
 };
 use crate::key::{EntryKey, FunctionKey};
 use crate::server::key::KeyLayout;
@@ -1303,6 +1304,13 @@ impl Store for ClusterStore {
             .one("XREVRANGE", xrevrange_last(&self.invalidations))
             .await?;
         tail_reply(&self.invalidations, reply)
+    }
+
+    async fn reader_nonce(&self, position: u64) -> Result<Option<String>, StoreError> {
+        let cmd = xrange_at(&self.invalidations, position);
+        self.on_reader(self.gate.timeout, cmd)
+            .await
+            .map(nonce_reply)
     }
 
     async fn reader_tail(&self) -> Result<u64, StoreError> {
