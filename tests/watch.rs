@@ -802,15 +802,19 @@ async fn a_watcher_that_falls_behind_gets_a_reset() {
             .position;
     }
     let mut reset = None;
-    loop {
-        let event = watcher.next().await;
-        if kind(&event) == pb::WatchEventKind::WatchEventReset && reset.is_none() {
-            reset = Some(event.position);
+    tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            let event = watcher.next().await;
+            if kind(&event) == pb::WatchEventKind::WatchEventReset && reset.is_none() {
+                reset = Some(event.position);
+            }
+            if event.position >= last {
+                break;
+            }
         }
-        if event.position >= last {
-            break;
-        }
-    }
+    })
+    .await
+    .expect("caught up within the timeout");
     let reset = reset.expect("a RESET before the watcher caught up");
     assert!(reset < last, "events newer than the reset follow it");
     let stats = cm.stats(pb::StatsRequest {}).await.unwrap().into_inner();
