@@ -142,6 +142,38 @@ fn miss(stale: Option<(Bytes, Meta)>) -> pb::GetResponse {
     }
 }
 
+/// A change whose invalidation is not yet known to be published: dropped armed (the
+/// handler's future was dropped between the change and its publish, as tonic does when the
+/// caller's deadline passes or at the drain timeout), it makes the hub owe a bust of
+/// everything ([`Hub::owe`]), so the invalidation is never lost silently. Made before the
+/// change; disarmed once the publish's outcome is in hand (a failure is then owed, or handed
+/// to a task, by the code that saw it).
+struct Unpublished<'a, S: Store> {
+    hub: &'a Hub,
+    store: &'a S,
+    armed: bool,
+}
+
+impl<'a, S: Store> Unpublished<'a, S> {
+    fn new(hub: &'a Hub, store: &'a S) -> Self {
+        let armed = hub.mode() != InvalidationMode::Off;
+        Unpublished { hub, store, armed }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl<S: Store> Drop for Unpublished<'_, S> {
+    fn drop(&mut self) {
+        // `owe` spawns its payer: only within a runtime (a handler is dropped within one).
+        if self.armed && tokio::runtime::Handle::try_current().is_ok() {
+            self.hub.owe(self.store.clone());
+        }
+    }
+}
+
 /// The gRPC service over a store. Cloning is shallow.
 #[derive(Debug, Clone)]
 pub struct CacheService<S> {
@@ -255,20 +287,13 @@ impl<S: Store> CacheService<S> {
         self.failed(rpc, context, err)
     }
 
-    /// Publishes `invalidations` before the RPC that made them answers; the last one's
-    /// position (0 with `--invalidations off`). A failure is handled as
-    /// [`CacheService::published`] says.
-    async fn publish(
-        &self,
-        rpc: &'static str,
-        context: &tonic::Extensions,
-        invalidations: &[Invalidation],
-    ) -> Result<u64, Status> {
+    /// Publishes `invalidations` (nothing with `--invalidations off`): the store's answer,
+    /// for [`CacheService::published`] to make of. Awaited under an [`Unpublished`] guard.
+    async fn publish_outcome(&self, invalidations: &[Invalidation]) -> Result<u64, StoreError> {
         if self.hub.mode() == InvalidationMode::Off {
             return Ok(0);
         }
-        let published = self.store.publish(invalidations).await;
-        self.published(rpc, context, invalidations, published)
+        self.store.publish(invalidations).await
     }
 
     /// What publishing `invalidations` after their change came to: the position. A failure
@@ -568,11 +593,13 @@ impl<S: Store> CacheService<S> {
         let invalidation = Invalidation::bust(scope);
         // Published even when nothing was removed: a near cache may still hold what the
         // store has evicted.
+        let mut unpublished = Unpublished::new(&self.hub, &self.store);
         let done = if self.hub.mode() == InvalidationMode::Off {
             self.store.bust(scope).await.map(|removed| (removed, Ok(0)))
         } else {
             self.store.bust_then_publish(scope).await
         };
+        unpublished.disarm();
         let (removed, published) = match done {
             Ok(done) => done,
             Err(err) => {
@@ -649,6 +676,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
         // A plain write goes with its invalidation (one round trip where the store can); a
         // leased one publishes only once it is known to have been stored.
         let off = self.hub.mode() == InvalidationMode::Off;
+        let mut unpublished = Unpublished::new(&self.hub, &self.store);
         let (stored, published) = match if token == 0 && off {
             self.store.put(&entry).await.map(|()| (true, Some(Ok(0))))
         } else if token == 0 {
@@ -664,10 +692,12 @@ impl<S: Store> CacheMoney for CacheService<S> {
         } {
             Ok(done) => done,
             Err(err) => {
+                unpublished.disarm();
                 return Err(self.change_failed("Put", &context, err, vec![invalidation]));
             }
         };
         if !stored {
+            unpublished.disarm();
             self.counters.stale_writes_refused.fetch_add(1, Relaxed);
             self.metrics.lease(LeaseEvent::Refused);
             return Ok(Response::new(pb::PutResponse {
@@ -676,8 +706,16 @@ impl<S: Store> CacheMoney for CacheService<S> {
             }));
         }
         let position = match published {
-            Some(published) => self.published("Put", &context, &[invalidation], published)?,
-            None => self.publish("Put", &context, &[invalidation]).await?,
+            Some(published) => {
+                unpublished.disarm();
+                self.published("Put", &context, &[invalidation], published)?
+            }
+            None => {
+                let invalidations = [invalidation];
+                let published = self.publish_outcome(&invalidations).await;
+                unpublished.disarm();
+                self.published("Put", &context, &invalidations, published)?
+            }
         };
         self.counters.puts.fetch_add(1, Relaxed);
         self.metrics
@@ -763,20 +801,19 @@ impl<S: Store> CacheMoney for CacheService<S> {
         check_tag("tag", &request.tag, self.limits.max_tag_bytes).map_err(invalid)?;
         record_namespace(&request.namespace);
         self.allow(&context, Access::Write(&request.namespace))?;
+        let mut unpublished = Unpublished::new(&self.hub, &self.store);
         let removed = match self.store.bust_tag(&request.namespace, &request.tag).await {
             Ok(removed) => removed,
             Err(err) => {
+                unpublished.disarm();
                 let invalidation = Invalidation::tag(&request.namespace, &request.tag);
                 return Err(self.change_failed("BustTag", &context, err, vec![invalidation]));
             }
         };
-        let position = self
-            .publish(
-                "BustTag",
-                &context,
-                &[Invalidation::tag(&request.namespace, &request.tag)],
-            )
-            .await?;
+        let invalidations = [Invalidation::tag(&request.namespace, &request.tag)];
+        let published = self.publish_outcome(&invalidations).await;
+        unpublished.disarm();
+        let position = self.published("BustTag", &context, &invalidations, published)?;
         self.counters.busts.fetch_add(1, Relaxed);
         self.counters.busted_entries.fetch_add(removed, Relaxed);
         self.metrics.bust("tag", removed);
@@ -868,10 +905,14 @@ impl<S: Store> CacheMoney for CacheService<S> {
             .iter()
             .map(|entry| Invalidation::put(&entry.key))
             .collect();
+        let mut unpublished = Unpublished::new(&self.hub, &self.store);
         if let Err(err) = self.store.put_many(&entries).await {
+            unpublished.disarm();
             return Err(self.change_failed("PutMany", &context, err, invalidations));
         }
-        let position = self.publish("PutMany", &context, &invalidations).await?;
+        let published = self.publish_outcome(&invalidations).await;
+        unpublished.disarm();
+        let position = self.published("PutMany", &context, &invalidations, published)?;
         self.counters.puts.fetch_add(stored, Relaxed);
         self.metrics.written(
             entries
