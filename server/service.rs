@@ -300,7 +300,7 @@ impl<S: Store> CacheService<S> {
     /// is counted and logged as a store failure; with `--invalidations best-effort` the RPC
     /// still succeeds (its change was made) with position 0 (unknown), and the hub owes a
     /// bust of everything ([`Hub::owe`]); with `required` it fails the RPC (the caller must
-    /// know; retrying a write or a bust is harmless).
+    /// know; retrying a write or a bust is harmless) and the hub owes the bust all the same.
     fn published(
         &self,
         rpc: &'static str,
@@ -315,8 +315,10 @@ impl<S: Store> CacheService<S> {
             Ok(position) => position,
             Err(err) => {
                 let status = self.failed(rpc, context, err);
+                // Owed in both modes: with `required` the caller learns of it, but the change
+                // was made, and a near cache must still drop what it changed.
+                self.hub.owe(self.store.clone());
                 if self.hub.mode() != InvalidationMode::Required {
-                    self.hub.owe(self.store.clone());
                     return Ok(0);
                 }
                 return Err(Status::new(
