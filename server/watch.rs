@@ -78,6 +78,10 @@ const CATCH_UP_PAGE: usize = 256;
 /// The longest the reader waits before reading again after the store failed.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(1);
 
+/// The least time between two catch-up busts of everything ([`Hub::owe`]): while publishes
+/// keep failing, near caches are emptied at most this often, not back to back.
+const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The Redis key of the invalidation stream under `prefix`.
 pub fn stream_key(prefix: &str) -> String {
     format!("{prefix}#invalidations")
@@ -505,6 +509,9 @@ struct HubInner {
     /// Changes made whose invalidation this server failed to publish and no bust of
     /// everything published since covers: while any, no heartbeat.
     debt: AtomicU64,
+    /// When the last catch-up bust of everything was published (none yet: `None`), so the
+    /// next, by whichever payer, waits out [`CATCH_UP_INTERVAL`].
+    last_catch_up: std::sync::Mutex<Option<tokio::time::Instant>>,
     mode: InvalidationMode,
     closed: signal::Sender<bool>,
     counters: WatchCounters,
@@ -533,6 +540,7 @@ impl Hub {
                 position: AtomicU64::new(0),
                 healthy,
                 debt: AtomicU64::new(0),
+                last_catch_up: std::sync::Mutex::new(None),
                 mode: settings.mode,
                 closed,
                 counters: WatchCounters::default(),
@@ -593,9 +601,27 @@ impl Hub {
             let everything = [Invalidation::bust(Scope::All)];
             let mut retry = Duration::from_millis(50);
             loop {
+                let last_bust = *hub
+                    .inner
+                    .last_catch_up
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                // Two busts of everything at least CATCH_UP_INTERVAL apart, however often
+                // publishes fail meanwhile: heartbeats stay stopped while it waits.
+                if let Some(last) = last_bust {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(last + CATCH_UP_INTERVAL) => {}
+                        _ = closed.wait_for(|closed| *closed) => return,
+                    }
+                }
                 let covered = hub.inner.debt.load(SeqCst);
                 match store.publish(&everything).await {
                     Ok(_) => {
+                        *hub.inner
+                            .last_catch_up
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                            Some(tokio::time::Instant::now());
                         hub.published(&everything);
                         // Debts incurred while it was in flight may be older than its XADD:
                         // publish again for them.
