@@ -706,7 +706,24 @@ impl Hub {
             _ = closed.wait_for(|closed| *closed) => return,
         };
         self.inner.position.store(last, Relaxed);
-        let mut nonce = Self::nonce_at(&store, last).await;
+        // A nonce that cannot be read is read again before anyone is told it is caught up.
+        let nonce_read = async {
+            let mut retry = Duration::from_millis(50);
+            loop {
+                match Self::nonce_at(&store, last).await {
+                    Ok(nonce) => return nonce,
+                    Err(err) => {
+                        warn!(cause = %err, "watch: cannot read the invalidation stream's newest entry; retrying");
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(MAX_RETRY_WAIT);
+                    }
+                }
+            }
+        };
+        let mut nonce = tokio::select! {
+            nonce = nonce_read => nonce,
+            _ = closed.wait_for(|closed| *closed) => return,
+        };
         // Only now may a watcher be told it is caught up: an invalidation published before
         // this read is at or below `last`, one published after it is read below.
         self.set_healthy(true);
@@ -721,8 +738,17 @@ impl Hub {
                 read = store.read_invalidations(last, READ_BATCH, Some(heartbeat)) => read,
                 _ = closed.wait_for(|closed| *closed) => return,
             };
+            // The entry at `last` checked (its nonce learnt when not known) before anything
+            // read is delivered: a nonce that cannot be read fails the read.
+            let read = match read {
+                Ok(batch) => match Self::replaced(&store, last, &mut nonce).await {
+                    Ok(replaced) => Ok((batch, replaced)),
+                    Err(err) => Err(err),
+                },
+                Err(err) => Err(err),
+            };
             match read {
-                Ok(batch) => {
+                Ok((batch, replaced)) => {
                     let caught_up = batch.len() < READ_BATCH;
                     if failing {
                         info!(
@@ -737,12 +763,21 @@ impl Hub {
                     // replaced under the same numbering (deleted and re-created, or a promoted
                     // replica missing the newest entries, then written up to `last` again).
                     // What this read returned may come from either; all is covered by a RESET.
-                    if let Some(expected) = &nonce
-                        && let Ok(Some(now)) = store.reader_nonce(last).await
-                        && now != *expected
-                    {
-                        let Ok(tail) = store.reader_tail().await else {
-                            continue;
+                    if replaced {
+                        let tail = match store.reader_tail().await {
+                            Ok(tail) => tail,
+                            Err(err) => {
+                                // Still replaced when read again: the check repeats.
+                                warn!(cause = %err, "watch: cannot read the invalidation stream's end; retrying");
+                                failing = true;
+                                self.set_healthy(false);
+                                tokio::select! {
+                                    () = tokio::time::sleep(retry) => {}
+                                    _ = closed.wait_for(|closed| *closed) => return,
+                                }
+                                retry = (retry * 2).min(MAX_RETRY_WAIT);
+                                continue;
+                            }
                         };
                         warn!(
                             was = last,
@@ -752,7 +787,8 @@ impl Hub {
                         last = tail;
                         self.inner.position.store(last, Relaxed);
                         self.send(Message::Reset(last));
-                        nonce = Self::nonce_at(&store, last).await;
+                        // Not known (unreadable now): learnt by the next read's check.
+                        nonce = Self::nonce_at(&store, last).await.unwrap_or(None);
                         continue;
                     }
                     if batch.is_empty() {
@@ -769,7 +805,9 @@ impl Hub {
                             last = tail;
                             self.inner.position.store(last, Relaxed);
                             self.send(Message::Reset(last));
-                            nonce = Self::nonce_at(&store, last).await;
+                            // Checked by the next read before a heartbeat claims caught-up.
+                            nonce = Self::nonce_at(&store, last).await.unwrap_or(None);
+                            continue;
                         }
                     }
                     if let Some(newest) = batch.last() {
@@ -808,13 +846,31 @@ impl Hub {
 }
 
 impl Hub {
-    /// The nonce of the entry at `position` (none for position 0, for a store that cannot be
-    /// replaced, or when it cannot be read now: the check is skipped until the next entry).
-    async fn nonce_at<S: Store>(store: &S, position: u64) -> Option<String> {
+    /// The nonce of the entry at `position` (none for position 0 or for a store that cannot
+    /// be replaced).
+    async fn nonce_at<S: Store>(store: &S, position: u64) -> Result<Option<String>, StoreError> {
         if position == 0 {
-            return None;
+            return Ok(None);
         }
-        store.reader_nonce(position).await.ok().flatten()
+        store.reader_nonce(position).await
+    }
+
+    /// Whether the entry at `last` is no longer the one whose nonce is `nonce` (the sequence
+    /// was replaced under the same numbering). With no nonce known, it is read now and kept.
+    async fn replaced<S: Store>(
+        store: &S,
+        last: u64,
+        nonce: &mut Option<String>,
+    ) -> Result<bool, StoreError> {
+        let now = Self::nonce_at(store, last).await?;
+        match (nonce.as_ref(), now) {
+            (Some(expected), Some(now)) => Ok(now != *expected),
+            (None, now) => {
+                *nonce = now;
+                Ok(false)
+            }
+            (Some(_), None) => Ok(false),
+        }
     }
 }
 
