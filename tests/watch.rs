@@ -1083,6 +1083,53 @@ async fn a_failed_publish_does_not_fail_the_write() {
     assert_eq!(event.position, before + 1, "nothing else was published");
 }
 
+/// A Put whose caller's deadline passes while the store is slow (writes paused) is dropped
+/// by tonic mid-handler; its invalidation is not lost silently: the dropped handler owes a
+/// bust of everything, which reaches the watchers once writes resume (review: cancel safety).
+#[tokio::test]
+async fn a_write_dropped_at_its_deadline_owes_a_bust_of_everything() {
+    let (behind, server) = Backend::Redis.start(&["--watch-heartbeat-ms", "100"]);
+    let Behind::Redis(redis) = &behind else {
+        unreachable!("a Redis backend")
+    };
+    let mut cm = server.client().await;
+    let mut watcher = Watcher::ready(&mut cm, follow(&["cs"], &[])).await;
+    let before = bust(&mut cm, key("cs", "f", 1)).await;
+    assert_eq!(watcher.next_change().await.position, before);
+    let mut admin = redis.connect().await;
+    let () = ::redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(put(key("cs", "f", 2), b"v", 60));
+    request.set_timeout(Duration::from_millis(50));
+    let err = cm
+        .put(request)
+        .await
+        .expect_err("the deadline passes first");
+    // The client gives up on its own (CANCELLED) as the server drops the handler.
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err}"
+    );
+    let found = tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            let event = watcher.next_change().await;
+            if kind(&event) == pb::WatchEventKind::WatchEventInvalidation
+                && event.scope == Scope::ScopeAll as i32
+            {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("a bust of everything once writes resume");
+    assert!(found.position > before, "{found:?}");
+}
+
 /// With `--invalidations off` nothing is published (no stream in Redis), writes and busts
 /// answer position 0, and Watch answers UNIMPLEMENTED naming the flag (review H4).
 #[tokio::test]
