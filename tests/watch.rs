@@ -1130,6 +1130,49 @@ async fn a_write_dropped_at_its_deadline_owes_a_bust_of_everything() {
     assert!(found.position > before, "{found:?}");
 }
 
+/// With `--invalidations required` a failed publish fails its write, and, the change having
+/// been made, a bust of everything is still owed and reaches the watchers once the stream
+/// works again (review).
+#[tokio::test]
+async fn a_required_publish_that_fails_is_owed_too() {
+    let (behind, server) =
+        Backend::Redis.start(&["--invalidations", "required", "--watch-heartbeat-ms", "100"]);
+    let Behind::Redis(redis) = &behind else {
+        unreachable!("a Redis backend")
+    };
+    let mut cm = server.client().await;
+    let mut watcher = Watcher::ready(&mut cm, follow(&["ro"], &[])).await;
+    let before = bust(&mut cm, key("ro", "f", 1)).await;
+    assert_eq!(watcher.next_change().await.position, before);
+    let mut admin = redis.connect().await;
+    for rule in ["-xadd", "+xadd"] {
+        if rule == "+xadd" {
+            let err = tokio::time::timeout(EVENT_TIMEOUT, cm.put(put(key("ro", "f", 2), b"v", 60)))
+                .await
+                .expect("the write answers")
+                .expect_err("required: the publish fails");
+            assert_eq!(err.code(), Code::Unavailable, "{err}");
+        }
+        let () = ::redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg(rule)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    let event = tokio::time::timeout(EVENT_TIMEOUT, watcher.next_change())
+        .await
+        .expect("the bust of everything within the timeout");
+    assert_eq!(
+        kind(&event),
+        pb::WatchEventKind::WatchEventInvalidation,
+        "{event:?}"
+    );
+    assert_eq!(event.scope, Scope::ScopeAll as i32, "{event:?}");
+    assert_eq!(event.position, before + 1, "nothing else was published");
+}
+
 /// With `--invalidations off` nothing is published (no stream in Redis), writes and busts
 /// answer position 0, and Watch answers UNIMPLEMENTED naming the flag (review H4).
 #[tokio::test]
