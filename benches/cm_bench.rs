@@ -509,6 +509,21 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// One caller's memoize hits of the bench's profile through `handle`, for `duration`.
+async fn memoize_hits(handle: cache_money::Function, duration: Duration) -> Sample {
+    load(1, duration, 1, move |_, _| {
+        let hit = handle.clone();
+        async move {
+            let got: Profile = hit
+                .memoize(&(1u64,), || async { unreachable!("cached") })
+                .await
+                .unwrap();
+            assert_eq!(got.id, 918_273);
+        }
+    })
+    .await
+}
+
 /// A scenario's medians on both sides.
 struct Row {
     name: &'static str,
@@ -832,22 +847,10 @@ async fn main() {
 
         if settings.wants("memo-lease") {
             // The cost of leases on a hit: the same handle with leases off is the reference.
-            let hit_with = |handle: cache_money::Function| {
-                load(1, duration, 1, move |_, _| {
-                    let hit = handle.clone();
-                    async move {
-                        let got: Profile = hit
-                            .memoize(&(1u64,), || async { unreachable!("cached") })
-                            .await
-                            .unwrap();
-                        assert_eq!(got.id, 918_273);
-                    }
-                })
-            };
             rows[11]
                 .reference_samples
-                .push(hit_with(memo.clone().lease(Duration::ZERO)).await);
-            rows[11].cm.push(hit_with(memo.clone()).await);
+                .push(memoize_hits(memo.clone().lease(Duration::ZERO), duration).await);
+            rows[11].cm.push(memoize_hits(memo.clone(), duration).await);
         }
 
         if settings.wants("memo-hit") {
@@ -867,18 +870,7 @@ async fn main() {
                 })
                 .await,
             );
-            let hit = memo.clone();
-            let measured = load(1, duration, 1, move |_, _| {
-                let hit = hit.clone();
-                async move {
-                    let got: Profile = hit
-                        .memoize(&(1u64,), || async { unreachable!("cached") })
-                        .await
-                        .unwrap();
-                    assert_eq!(got.id, 918_273);
-                }
-            })
-            .await;
+            let measured = memoize_hits(memo.clone(), duration).await;
             rows[2].cm.push(measured);
             // The same hits against the library they replace, measured right after them.
             if let Some(python) = &python {

@@ -274,6 +274,12 @@ impl Report {
                     ("busts", stats.busts.to_string()),
                     ("busted entries", stats.busted_entries.to_string()),
                     ("errors", stats.errors.to_string()),
+                    ("leases won", stats.leases_won.to_string()),
+                    ("lease waits", stats.lease_waits.to_string()),
+                    ("leases expired", stats.leases_expired.to_string()),
+                    ("refused writes", stats.stale_writes_refused.to_string()),
+                    ("stale served", stats.stale_served.to_string()),
+                    ("refreshes", stats.refreshes.to_string()),
                 ])
             }
             Report::Health(status) => format!("{CACHE_SERVICE}: {}", status.as_str_name()),
@@ -345,6 +351,12 @@ impl Report {
                 "store": stats.store,
                 "store_up": stats.store_up,
                 "uptime_seconds": stats.uptime_seconds,
+                "leases_won": stats.leases_won,
+                "lease_waits": stats.lease_waits,
+                "leases_expired": stats.leases_expired,
+                "stale_writes_refused": stats.stale_writes_refused,
+                "stale_served": stats.stale_served,
+                "refreshes": stats.refreshes,
             }),
             Report::Health(status) => {
                 json!({"service": CACHE_SERVICE, "status": status.as_str_name()})

@@ -376,17 +376,7 @@ impl<S: Store> CacheService<S> {
                 request.value.len()
             )));
         }
-        let mut tags = request.tags;
-        check_tags(
-            &format!("{field}tags"),
-            &tags,
-            self.limits.max_tags,
-            self.limits.max_tag_bytes,
-        )
-        .map_err(invalid)?;
-        // A repeated tag indexes the entry once.
-        tags.sort_unstable();
-        tags.dedup();
+        let tags = self.checked_tags(&format!("{field}tags"), request.tags)?;
         let kept = u64::from(request.ttl_seconds) + u64::from(request.stale_seconds);
         if kept > u64::from(max_ttl) {
             return Err(Status::invalid_argument(format!(
@@ -402,6 +392,21 @@ impl<S: Store> CacheService<S> {
             stale: Duration::from_secs(u64::from(request.stale_seconds)),
             compute_ms: request.compute_ms,
         })
+    }
+
+    /// Validates the tags of a write (or of a leased lookup's result) under `field`, and
+    /// drops repeats: a repeated tag indexes the entry once.
+    fn checked_tags(&self, field: &str, mut tags: Vec<String>) -> Result<Vec<String>, Status> {
+        check_tags(
+            field,
+            &tags,
+            self.limits.max_tags,
+            self.limits.max_tag_bytes,
+        )
+        .map_err(invalid)?;
+        tags.sort_unstable();
+        tags.dedup();
+        Ok(tags)
     }
 
     /// Validates what a Get asks for beyond a plain lookup. A lease longer than
@@ -422,21 +427,13 @@ impl<S: Store> CacheService<S> {
                 "refresh_after_ms and beta: need lease_ms, since only a lease holder refreshes an entry",
             ));
         }
-        let mut tags = std::mem::take(&mut request.tags);
+        let tags = std::mem::take(&mut request.tags);
         if !tags.is_empty() && lease.is_zero() {
             return Err(Status::invalid_argument(
                 "tags: only with lease_ms (they are the tags a leased result will be written with)",
             ));
         }
-        check_tags(
-            "tags",
-            &tags,
-            self.limits.max_tags,
-            self.limits.max_tag_bytes,
-        )
-        .map_err(invalid)?;
-        tags.sort_unstable();
-        tags.dedup();
+        let tags = self.checked_tags("tags", tags)?;
         Ok(Ask {
             lease: (!lease.is_zero()).then_some(lease),
             refresh_after: (request.refresh_after_ms > 0)

@@ -648,6 +648,33 @@ async fn a_due_entry_is_leased_to_one_refresher(backend: Backend) {
     );
     let stats = cm.stats(pb::StatsRequest {}).await.unwrap().into_inner();
     assert_eq!((stats.refreshes, stats.leases_won), (2, 2));
+    // XFetch weighs the compute time: at beta 1 and a minute left, a value that took 1 ms is
+    // never due early (chance about e^-60000), one that took 49 days almost always is.
+    for (n, compute_ms) in [(3, 1), (4, u32::MAX)] {
+        let written = pb::PutRequest {
+            compute_ms,
+            ..put(key("ns", "f", n), b"v", 60)
+        };
+        cm.put(written).await.unwrap();
+    }
+    let at_beta_one = || pb::GetRequest {
+        beta: 1.0,
+        ..Default::default()
+    };
+    for _ in 0..20 {
+        let cheap = cm
+            .get(leased(key("ns", "f", 3), 5_000, at_beta_one()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(cheap.lease(), pb::Lease::None, "a 1 ms value was due");
+    }
+    let costly = cm
+        .get(leased(key("ns", "f", 4), 5_000, at_beta_one()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(costly.lease(), pb::Lease::Won, "a 49-day value was not due");
 }
 
 /// A lease won on a value (stale, or live and due) lasts its whole lifetime even when the

@@ -535,9 +535,16 @@ fn stats_count_what_happened() {
     );
     assert_eq!(stats["store"], "memory");
     assert_eq!(stats["store_up"], true);
+    // The CLI's own lookups ask for no lease.
+    assert_eq!(
+        (&stats["leases_won"], &stats["lease_waits"]),
+        (&Value::from(0), &Value::from(0))
+    );
     let table = cli.run(&["stats"]).exits(0);
     table.prints("store           memory (up)");
     table.prints("hit ratio       50.0%");
+    table.prints("leases won      0");
+    table.prints("refused writes  0");
 }
 
 /// health exits 0 with SERVING while Redis answers, and non-zero with NOT_SERVING once it is

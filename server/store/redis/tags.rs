@@ -34,6 +34,29 @@ pub fn index_slack(store_timeout: Duration) -> Duration {
     store_timeout * 2 + Duration::from_secs(1)
 }
 
+/// The index script with `$zadd` (extra `ZADD` arguments, e.g. `, 'GT'`) spliced in, so the
+/// plain and the lease variant are one text.
+macro_rules! index_script {
+    ($zadd:literal) => {
+        concat!(
+            r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1]",
+            $zadd,
+            r", string.format('%d', now + tonumber(ARGV[i])), ARGV[i + 1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], string.format('(%d', now + tonumber(ARGV[1])), '+inf')
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], string.format('%d', tonumber(last[2])))
+return (#ARGV - 1) / 2
+"
+        )
+    };
+}
+
 /// The script run on one index: `KEYS[1]` the index, `ARGV[1]` the horizon (ms), then pairs
 /// of (time to live in ms, member). Scores come from Redis's clock (`TIME`), the clock the
 /// entries' `PX` runs on, so no server's clock skew can make a member expire before its
@@ -41,18 +64,7 @@ pub fn index_slack(store_timeout: Duration) -> Duration {
 /// the entry's expiry is. Members scored past the horizon were not written by cache-money
 /// (no TTL reaches it) and are dropped, so a foreign write cannot make an index immortal or
 /// its expiry unrepresentable.
-pub const INDEX_SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 2, #ARGV, 2 do
-  redis.call('ZADD', KEYS[1], string.format('%d', now + tonumber(ARGV[i])), ARGV[i + 1])
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now))
-redis.call('ZREMRANGEBYSCORE', KEYS[1], string.format('(%d', now + tonumber(ARGV[1])), '+inf')
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], string.format('%d', tonumber(last[2])))
-return (#ARGV - 1) / 2
-";
+pub const INDEX_SCRIPT: &str = index_script!("");
 
 /// The longest a member may live, in ms: the longest TTL the protocol can carry (a `u32` of
 /// seconds), plus the slack.
@@ -95,18 +107,7 @@ pub fn index_command(index: &str, horizon_ms: u64, members: &[(u64, String)]) ->
 /// [`INDEX_SCRIPT`] as a lease writes it: `ZADD GT`, so indexing a lease's tags only ever
 /// raises a member's expiry (a value already indexed for longer keeps its place; Redis 6.2
 /// or later).
-pub const LEASE_INDEX_SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 2, #ARGV, 2 do
-  redis.call('ZADD', KEYS[1], 'GT', string.format('%d', now + tonumber(ARGV[i])), ARGV[i + 1])
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now))
-redis.call('ZREMRANGEBYSCORE', KEYS[1], string.format('(%d', now + tonumber(ARGV[1])), '+inf')
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], string.format('%d', tonumber(last[2])))
-return (#ARGV - 1) / 2
-";
+pub const LEASE_INDEX_SCRIPT: &str = index_script!(", 'GT'");
 
 /// The index writes a lease on `key` needs for the `tags` its result will be written with:
 /// each member kept for the lease placeholder's `life` (plus the slack), never less than it
