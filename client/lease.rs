@@ -74,6 +74,7 @@ impl LeasePolicy {
             beta: self.beta,
             allow_stale: !self.stale_if_error.is_zero(),
             tags: tags.to_vec(),
+            want_ttl: false,
         }
     }
 

@@ -85,6 +85,8 @@ struct Ask {
     refresh_after: Option<Duration>,
     beta: Option<f64>,
     allow_stale: bool,
+    /// Whether the caller asked for a hit's time left (`want_ttl`: a near cache).
+    want_ttl: bool,
     /// The tags a leased result will be written with, validated, without repeats.
     tags: Vec<String>,
 }
@@ -92,9 +94,9 @@ struct Ask {
 impl Ask {
     /// Whether the lookup needs a live value's time left: to tell whether it is due, and
     /// (with `allow_stale`, whose caller writes stale windows) to tell a value kept past its
-    /// TTL from a live one in the same round trip.
+    /// TTL from a live one in the same round trip), or to report it (`want_ttl`).
     fn needs_left(&self) -> bool {
-        self.refresh_after.is_some() || self.beta.is_some() || self.allow_stale
+        self.want_ttl || self.refresh_after.is_some() || self.beta.is_some() || self.allow_stale
     }
 
     /// Whether a live entry with `left` of its TTL to go and written with `meta` is due for
@@ -440,6 +442,7 @@ impl<S: Store> CacheService<S> {
                 .then(|| Duration::from_millis(u64::from(request.refresh_after_ms))),
             beta: (beta > 0.0).then_some(beta),
             allow_stale: request.allow_stale,
+            want_ttl: request.want_ttl,
             tags,
         })
     }
@@ -644,6 +647,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
             // lookup (LEASE_NONE), as a client with leases off would.
             ask = Ask {
                 allow_stale: ask.allow_stale,
+                want_ttl: ask.want_ttl,
                 ..Ask::default()
             };
         }

@@ -898,6 +898,21 @@ async fn put_replaces_value_and_ttl(backend: Backend) {
         "ttl {}",
         page.entries[0].ttl_ms
     );
+    // A near cache asks for the time left with a plain lookup; without asking, none is read.
+    let ask = |want_ttl| pb::GetRequest {
+        key: Some(key("ns", "f", 1)),
+        want_ttl,
+        ..Default::default()
+    };
+    let timed = cm.get(ask(true)).await.unwrap().into_inner();
+    assert!(timed.hit);
+    assert!(
+        (4_990_000..=5_000_000).contains(&timed.ttl_ms),
+        "want_ttl: ttl {}",
+        timed.ttl_ms
+    );
+    let plain = cm.get(ask(false)).await.unwrap().into_inner();
+    assert_eq!(plain.ttl_ms, 0, "a plain lookup reads no TTL");
 }
 
 /// An entry is gone once its time to live has passed.
