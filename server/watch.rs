@@ -7,10 +7,12 @@
 //!   [`stream_key`] (`{prefix}#invalidations`). One key is one cluster slot, so a whole
 //!   PutMany's invalidations go out as one pipeline to one node, and every replica over the
 //!   same store and prefix reads the same sequence. Entries are added with `XADD … MAXLEN ~ N
-//!   0-*`: the id's first part is always 0 and Redis numbers the second, so the id *is* a
-//!   plain counter, 1, 2, 3, … with no gaps and no clock in it. That makes the position a
-//!   `uint64` any client compares with `<`, and makes losses detectable: a read after `p`
-//!   whose first entry is not `p + 1` has lost what `MAXLEN` trimmed, and answers a RESET. The
+//!   0-*` (`XADD_SCRIPT`): the id's first part is always 0 and Redis numbers the second, so
+//!   the id *is* a plain counter with no gaps, starting from the stream's creation time
+//!   ([`first_position`]) so that a re-created stream numbers above the old one. That makes
+//!   the position a `uint64` any client compares with `<`, and makes losses detectable: a
+//!   read after `p` whose first entry is not `p + 1` has lost what `MAXLEN` trimmed, a resume
+//!   from before a re-creation finds a jump, and both answer a RESET. The
 //!   key's name holds `#`, outside the name charset, and no `:`, so
 //!   [`KeyLayout::classify`](crate::server::key::KeyLayout::classify) never takes it for an
 //!   entry or a tag index and no bust (nor `SCAN MATCH` of a bust's pattern) touches it.
@@ -333,13 +335,25 @@ pub struct Published {
     pub nonce: Option<String>,
 }
 
-/// The in-memory store's sequence: the last `capacity` invalidations, numbered from 1, and a
-/// wake-up for a reader waiting for the next.
+/// The in-memory store's sequence: the last `capacity` invalidations, numbered without gaps
+/// from the process's start time (as a Redis stream is numbered from its creation, see
+/// [`first_position`]), and a wake-up for a reader waiting for the next.
 #[derive(Debug)]
 pub struct Ring {
     state: Mutex<RingState>,
     arrived: Notify,
     capacity: usize,
+    /// The position of the first invalidation.
+    first: u64,
+}
+
+/// The first position of a sequence created at `unix_seconds`: `{unix seconds}000000000`,
+/// what a Redis stream's creating entry is numbered (see `XADD_SCRIPT`). A sequence created
+/// later numbers above everything an earlier one did (unless the earlier one took more than
+/// 10^9 invalidations per second of its life), so a position from before a restart is always
+/// told apart: resuming from it answers a RESET.
+pub fn first_position(unix_seconds: u64) -> u64 {
+    unix_seconds.saturating_mul(1_000_000_000)
 }
 
 #[derive(Debug, Default)]
@@ -351,12 +365,23 @@ struct RingState {
 }
 
 impl Ring {
-    /// An empty ring keeping the last `capacity` invalidations (at least one).
+    /// An empty ring keeping the last `capacity` invalidations (at least one), numbered from
+    /// now ([`first_position`]).
     pub fn new(capacity: usize) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        Self::numbered_from(capacity, first_position(now).max(1))
+    }
+
+    /// An empty ring keeping the last `capacity` invalidations (at least one), the first
+    /// numbered `first` (at least 1).
+    pub fn numbered_from(capacity: usize, first: u64) -> Self {
         Ring {
             state: Mutex::default(),
             arrived: Notify::new(),
             capacity: capacity.max(1),
+            first: first.max(1),
         }
     }
 
@@ -366,7 +391,10 @@ impl Ring {
         let last = {
             let mut state = lock(&self.state);
             for invalidation in invalidations {
-                state.last += 1;
+                state.last = match state.last {
+                    0 => self.first,
+                    last => last + 1,
+                };
                 let position = state.last;
                 state.kept.push_back(Published {
                     position,
@@ -462,8 +490,12 @@ enum Message {
     /// Everything up to this position has been read.
     Heartbeat(u64),
     /// The sequence restarted (its key was deleted) or lost entries before the reader read
-    /// them: everything up to this position may have been missed.
-    Reset(u64),
+    /// them: everything up to `position` may have been missed. `generation` counts the
+    /// resets the reader has sent ([`HubInner::generation`]).
+    Reset {
+        position: u64,
+        generation: u64,
+    },
 }
 
 /// The server's counters of watching, for `Stats`.
@@ -502,6 +534,10 @@ struct HubInner {
     sender: broadcast::Sender<Message>,
     /// The last position the reader has read (0: none yet).
     position: AtomicU64,
+    /// How many resets the reader has sent. A restart's reset may number below what came
+    /// before it, so a watcher that lagged past one must not keep its old cursor: it tells by
+    /// this count having moved (stored after `position`, read before it).
+    generation: AtomicU64,
     /// Whether the reader knows where it stands: it has read where the sequence ended when
     /// it started, and its last read succeeded. No heartbeat and no "caught up" claim while
     /// it does not.
@@ -538,6 +574,7 @@ impl Hub {
             inner: Arc::new(HubInner {
                 sender,
                 position: AtomicU64::new(0),
+                generation: AtomicU64::new(0),
                 healthy,
                 debt: AtomicU64::new(0),
                 last_catch_up: std::sync::Mutex::new(None),
@@ -680,6 +717,17 @@ impl Hub {
         self.inner.closed.send_replace(true);
     }
 
+    /// Moves the reader to `position` and tells every watcher that what came up to it may
+    /// have been missed.
+    fn reset_all(&self, position: u64) {
+        self.inner.position.store(position, SeqCst);
+        let generation = self.inner.generation.fetch_add(1, SeqCst) + 1;
+        self.send(Message::Reset {
+            position,
+            generation,
+        });
+    }
+
     fn send(&self, message: Message) {
         // No receivers is normal: nobody is watching.
         let _ = self.inner.sender.send(message);
@@ -785,8 +833,7 @@ impl Hub {
                             "watch: the invalidation stream was replaced under the same numbering; resetting watchers"
                         );
                         last = tail;
-                        self.inner.position.store(last, Relaxed);
-                        self.send(Message::Reset(last));
+                        self.reset_all(last);
                         // Not known (unreadable now): learnt by the next read's check.
                         nonce = Self::nonce_at(&store, last).await.unwrap_or(None);
                         continue;
@@ -803,8 +850,7 @@ impl Hub {
                                 "watch: the invalidation stream restarted; resetting watchers"
                             );
                             last = tail;
-                            self.inner.position.store(last, Relaxed);
-                            self.send(Message::Reset(last));
+                            self.reset_all(last);
                             // Checked by the next read before a heartbeat claims caught-up.
                             nonce = Self::nonce_at(&store, last).await.unwrap_or(None);
                             continue;
@@ -816,8 +862,7 @@ impl Hub {
                     for published in batch {
                         if Some(published.position) != last.checked_add(1) && last != 0 {
                             // Trimmed before this reader read them.
-                            self.inner.position.store(published.position - 1, Relaxed);
-                            self.send(Message::Reset(published.position - 1));
+                            self.reset_all(published.position - 1);
                         }
                         last = published.position;
                         self.inner.position.store(last, Relaxed);
@@ -899,8 +944,10 @@ pub async fn watch<S: Store>(
 ) -> Result<WatchStream, StoreError> {
     // Subscribed before anything is read, so nothing published from here on is missed.
     let receiver = hub.inner.sender.subscribe();
-    // Read before the position: the reader stores its position before it turns healthy.
+    // Read before the position: the reader stores its position before it turns healthy, and
+    // before it counts a reset.
     let healthy = hub.healthy();
+    let generation = hub.inner.generation.load(SeqCst);
     let mut watcher = Watcher {
         guard: WatcherGuard::new(hub.clone()),
         receiver,
@@ -909,6 +956,7 @@ pub async fn watch<S: Store>(
         store,
         follow,
         cursor: hub.position(),
+        generation,
         catching_up: false,
         pending: VecDeque::new(),
         ended: false,
@@ -967,6 +1015,8 @@ struct Watcher<S> {
     follow: Follow,
     /// The last position this watcher has been told about (sent or skipped as not followed).
     cursor: u64,
+    /// The reader's reset count ([`HubInner::generation`]) this watcher's cursor is in.
+    generation: u64,
     /// Whether the replay from the store is still going.
     catching_up: bool,
     /// Events ready to send.
@@ -1089,14 +1139,27 @@ impl<S: Store> Watcher<S> {
                     self.cursor = self.cursor.max(position);
                     self.heartbeat(self.cursor);
                 }
-                Ok(Message::Reset(position)) => {
+                Ok(Message::Reset {
+                    position,
+                    generation,
+                }) => {
                     self.cursor = position;
+                    self.generation = generation;
                     self.reset(position);
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     // The oldest messages still in the channel follow; those at or below the
-                    // reset's position are skipped as covered by it.
-                    self.cursor = self.cursor.max(self.hub().position());
+                    // reset's position are skipped as covered by it. A reset among the
+                    // messages missed may have renumbered the sequence below the cursor:
+                    // then the reader's position is the only one that counts.
+                    let generation = self.hub().inner.generation.load(SeqCst);
+                    let position = self.hub().position();
+                    self.cursor = if generation == self.generation {
+                        self.cursor.max(position)
+                    } else {
+                        position
+                    };
+                    self.generation = generation;
                     self.reset(self.cursor);
                 }
                 Err(broadcast::error::RecvError::Closed) => {
@@ -1162,6 +1225,23 @@ mod tests {
         );
     }
 
+    /// A ring numbers from its creation time, so a ring made a second later (a restarted
+    /// server) numbers above everything a busy earlier one did.
+    #[test]
+    fn a_ring_numbers_from_its_creation_time() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let ring = Ring::new(4);
+        assert_eq!(ring.tail(), 0, "nothing published yet");
+        let first = ring.publish(&[Invalidation::bust(Scope::All)]);
+        assert!((first_position(now)..=first_position(now + 60)).contains(&first));
+        let later = Ring::numbered_from(4, first_position(now + 1));
+        assert!(later.publish(&[Invalidation::bust(Scope::All)]) > first + 1_000_000);
+        assert_eq!(first_position(u64::MAX), u64::MAX, "saturates");
+    }
+
     /// Positions are the counter part of `0-N` ids only.
     #[test]
     fn positions_are_stream_counters() {
@@ -1211,11 +1291,11 @@ mod tests {
         assert!(unwanted.iter().all(|i| everything.wants(i)));
     }
 
-    /// The ring numbers from 1 without gaps, forgets the oldest past its capacity, and a read
+    /// The ring numbers without gaps from its first position, forgets the oldest past its capacity, and a read
     /// after a forgotten position starts past the gap.
     #[test]
     fn ring_numbers_and_forgets() {
-        let ring = Ring::new(3);
+        let ring = Ring::numbered_from(3, 1);
         assert_eq!(ring.tail(), 0);
         assert!(ring.read(0, 10).is_empty());
         let put = Invalidation::put(&key("a", "f"));
@@ -1240,6 +1320,69 @@ mod tests {
         assert_eq!(positions(5), Vec::<u64>::new());
         assert_eq!(positions(9), Vec::<u64>::new());
         assert_eq!(ring.read(2, 1).len(), 1);
+    }
+
+    /// The next event's kind and position, within 10 s.
+    async fn next_event(events: &mut WatchStream) -> (pb::WatchEventKind, u64) {
+        use futures_util::StreamExt;
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("an event")
+            .expect("no error");
+        (event.kind(), event.position)
+    }
+
+    /// A watcher that lags past a reset which renumbered the sequence below its cursor (a
+    /// stream replaced by a lower-numbered one) takes the reader's new position, so what is
+    /// published next reaches it. Keeping the larger of its old cursor and the reader's
+    /// position (as before the fix) skips every invalidation below the old cursor, silently.
+    #[tokio::test]
+    async fn a_watcher_lagging_past_a_renumbering_reset_takes_the_new_numbering() {
+        use futures_util::StreamExt;
+        let settings = WatchSettings {
+            heartbeat: Duration::from_secs(3600),
+            buffer: 4,
+            mode: InvalidationMode::BestEffort,
+        };
+        let hub = Hub::new(settings, Metrics::disabled());
+        hub.inner.position.store(1_000, SeqCst);
+        hub.set_healthy(true);
+        let store = crate::server::store::MemoryStore::new(1 << 20);
+        let follow = Follow {
+            all: true,
+            ..Follow::default()
+        };
+        let mut events = watch(&hub, store, follow, 0).await.unwrap();
+        assert_eq!(
+            next_event(&mut events).await,
+            (pb::WatchEventKind::WatchEventHeartbeat, 1_000)
+        );
+        let publish = |position| {
+            hub.inner.position.store(position, SeqCst);
+            hub.send(Message::Invalidation(Arc::new(Published {
+                position,
+                invalidation: Invalidation::put(&key("a", "f")),
+                nonce: None,
+            })));
+        };
+        // The reset to 10 and what follows it, more than the channel holds, unread.
+        hub.reset_all(10);
+        for position in 11..=30 {
+            publish(position);
+        }
+        let (kind, position) = next_event(&mut events).await;
+        assert_eq!(kind, pb::WatchEventKind::WatchEventReset);
+        assert_eq!(position, 30, "the old numbering kept");
+        // What the channel still holds is covered by the reset: nothing more to send (the
+        // poll lets the watcher skip it, so the next publish does not lag it again).
+        let idle = tokio::time::timeout(Duration::from_millis(50), events.next()).await;
+        assert!(idle.is_err(), "an event covered by the reset: {idle:?}");
+        publish(31);
+        assert_eq!(
+            next_event(&mut events).await,
+            (pb::WatchEventKind::WatchEventInvalidation, 31)
+        );
     }
 
     /// A reader waiting on an empty ring wakes for the next publish, well before its bound.

@@ -164,16 +164,14 @@ pub struct RedisSettings {
 }
 
 /// The `XADD`s of `invalidations` onto the stream `key`, trimmed to about `len` entries, one
-/// reply (the new id) each.
+/// reply (the new id) each: [`XADD_SCRIPT`] run once per invalidation.
 pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, len: usize, invalidation: &Invalidation) {
     let command = pipe
-        .cmd("XADD")
+        .cmd("EVAL")
+        .arg(XADD_SCRIPT)
+        .arg(1)
         .arg(key)
-        .arg("MAXLEN")
-        .arg("~")
         .arg(len)
-        // The first part fixed at 0, Redis numbers the second: a plain gapless counter.
-        .arg("0-*")
         // Tells this entry from another at the same id in a re-created stream.
         .arg(NONCE_FIELD)
         .arg(fastrand::u64(..));
@@ -181,6 +179,23 @@ pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, len: usize, invalidati
         command.arg(field).arg(value);
     }
 }
+
+/// Appends one invalidation (`ARGV[1]`: the length to trim to, then the entry's fields) to the
+/// stream `KEYS[1]`: `XADD … MAXLEN ~ len 0-*`, the first part of the id fixed at 0 and the
+/// second numbered by Redis, a plain gapless counter. The entry that creates the stream is
+/// numbered from Redis's clock instead, `0-{unix seconds}000000000`, so a stream deleted and
+/// re-created (a Redis restarted without persistence, an operator's `DEL`) numbers above
+/// everything the old one did (unless its clock went back, or the old one took more than 10^9
+/// invalidations per second of its life), and a watcher resuming with an old position is
+/// answered with a RESET, never a replay of the new stream's entries as if they followed it.
+/// The number is built as text: Lua's numbers are doubles, exact only to 2^53.
+pub(crate) const XADD_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local now = redis.call('TIME')
+  return redis.call('XADD', KEYS[1], '0-' .. now[1] .. '000000000', unpack(ARGV, 2))
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-*', unpack(ARGV, 2))
+";
 
 /// The stream entry field holding the entry's random nonce.
 pub(crate) const NONCE_FIELD: &str = "nonce";
@@ -400,6 +415,8 @@ impl ErrorSink<RedisError> for ConnectErrors {
 fn refused_credentials(err: &RedisError) -> bool {
     err.kind() == ErrorKind::AuthenticationFailed
         || matches!(err.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+        // A command a script ran that the user may not (Redis 7 answers it without a code).
+        || err.to_string().contains("The user executing the script can't run this command")
 }
 
 /// Whether the connection the error came on can no longer be used.
