@@ -21,6 +21,7 @@ use crate::{
     client::{Event, Flight, Shared},
     key::EntryKey,
     lease::{LeaseGuard, LeasePolicy, WaitBudget, compute_ms},
+    near::{Near, Scope},
     pb,
 };
 
@@ -353,6 +354,28 @@ impl Function {
         )?)
     }
 
+    /// The client's near cache, when it has one and this handle may use it. A handle with
+    /// stale-while-revalidate ([`Function::refresh_after`], [`Function::xfetch`]) does not:
+    /// its hits must reach the service, which decides when one is due and hands out the
+    /// lease to recompute it; a near copy would hide that, and the entry would never refresh.
+    fn near(&self) -> Option<&Arc<Near>> {
+        let refreshes = !self.policy.refresh_after.is_zero() || self.policy.beta > 0.0;
+        self.client.near().filter(|_| !refreshes)
+    }
+
+    /// The near cache's copy of `key`, decoded, when it has a servable one (and it decodes).
+    fn near_hit<T: DeserializeOwned>(&self, key: &EntryKey) -> Option<T> {
+        let near = self.near()?;
+        near.follow(&self.namespace);
+        let bytes = near.get(key)?;
+        let Some(value) = self.decode::<T>(&bytes) else {
+            near.discard(key);
+            return None;
+        };
+        self.client.count_hit();
+        Some(value)
+    }
+
     fn pb_key(key: &EntryKey) -> pb::Key {
         pb::Key {
             namespace: key.namespace().to_owned(),
@@ -669,6 +692,10 @@ impl Function {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        // A near copy is a live hit, never stale: no flight, no lease, no round trip.
+        if let Some(value) = self.near_hit::<T>(key) {
+            return Outcome::Done(Ok(Served::fresh(value)));
+        }
         // Leaves the flight when dropped, even if this caller is cancelled or panics.
         let flight = self.client.flights().join(key);
         let mut compute = Some(compute);
@@ -791,12 +818,18 @@ impl Function {
     /// lease is this caller's, or the [`WaitBudget`] is spent.
     async fn lookup<T: DeserializeOwned>(&self, key: &EntryKey, tags: &[String]) -> Found<T> {
         let lifetime = self.policy.lifetime(self.client.options().lease);
-        let request = self.policy.get_request(Self::pb_key(key), lifetime, tags);
+        let mut request = self.policy.get_request(Self::pb_key(key), lifetime, tags);
+        let near = self.near();
+        // A near copy must never outlive its entry: ask for the time it has left.
+        request.want_ttl = near.is_some();
         let leased = request.lease_ms > 0;
         let mut stale = None;
         let mut budget: Option<WaitBudget> = None;
         loop {
             let request = request.clone();
+            // Taken before sending: the copy's expiry counts from here, and what empties the
+            // near cache meanwhile keeps this answer out of it.
+            let ticket = near.and_then(|near| near.ticket(&self.namespace));
             let found = self
                 .client
                 .cache_rpc("Get", &self.warned_refused, |mut rpc| async move {
@@ -820,6 +853,17 @@ impl Function {
             if reply.hit {
                 if let Some(value) = self.decode::<T>(&reply.value) {
                     self.client.count_hit();
+                    // Only a live hit that is not due goes into the near cache (a stale value
+                    // is never a hit; a due one is being recomputed).
+                    if let (Some(near), Some(ticket), None) = (near, ticket, won) {
+                        near.insert(
+                            key,
+                            reply.value.clone(),
+                            ticket,
+                            reply.position,
+                            reply.ttl_ms,
+                        );
+                    }
                     return Found::Hit {
                         value,
                         bytes: reply.value,
@@ -1146,6 +1190,7 @@ impl Function {
                 rpc.bust(request).await
             })
             .await;
+        self.client.own_change(&Scope::Entry(key.clone()));
     }
 
     /// Stores a refreshed result; one that is not cached (`null`) removes the old entry.
@@ -1156,7 +1201,10 @@ impl Function {
         value: &T,
         fresh: Fresh,
     ) -> Option<Bytes> {
-        let encoded = self.store(key, tags, value, fresh).await?;
+        let encoded = self.store(key, tags, value, fresh).await;
+        // A refresh replaces the entry: this process's copy goes before it returns.
+        self.client.own_change(&Scope::Entry(key.clone()));
+        let encoded = encoded?;
         if !self.cache_none && encoded.as_ref() == b"null" {
             self.remove(key).await;
         }
@@ -1169,10 +1217,13 @@ impl Function {
     /// # Errors
     /// [`Error::Args`], or the service's failure: a bust that did not happen is reported.
     pub async fn bust<A: Serialize + ?Sized>(&self, args: &A) -> Result<bool, Error> {
-        let key = Some(Self::pb_key(&self.entry_key(args)?));
+        let entry = self.entry_key(args)?;
+        let key = Some(Self::pb_key(&entry));
         let removed = self
             .client
-            .bust_rpc(|mut rpc| async move { rpc.bust(pb::BustRequest { key }).await })
+            .bust_rpc(Scope::Entry(entry), |mut rpc| async move {
+                rpc.bust(pb::BustRequest { key }).await
+            })
             .await?;
         Ok(removed > 0)
     }
@@ -1187,8 +1238,12 @@ impl Function {
             namespace: self.namespace.clone(),
             function: self.name.clone(),
         };
+        let scope = Scope::Function(self.namespace.clone(), self.name.clone());
         self.client
-            .bust_rpc(|mut rpc| async move { rpc.bust_function(request).await })
+            .bust_rpc(
+                scope,
+                |mut rpc| async move { rpc.bust_function(request).await },
+            )
             .await
     }
 }
