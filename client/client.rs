@@ -137,7 +137,17 @@ pub struct ClientOptions {
     /// loopback replicas).
     #[doc(hidden)]
     pub resolver: Option<Resolver>,
+    /// A test hook, not an API: awaited when a lookup's answer that may enter the near cache
+    /// has arrived, before the rule decides whether it does, so a test can land a bust in
+    /// between.
+    #[doc(hidden)]
+    pub near_insert_hook: Option<NearInsertHook>,
 }
+
+/// A test hook, not an API: what [`ClientOptions::near_insert_hook`] holds.
+#[doc(hidden)]
+pub type NearInsertHook =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// A test hook, not an API: what [`ClientOptions::resolver`] holds, a host and port to the
 /// addresses they resolve to.
@@ -158,6 +168,7 @@ impl fmt::Debug for ClientOptions {
             .field("probe_timeout", &self.probe_timeout)
             .field("resolve_interval", &self.resolve_interval)
             .field("resolver", &self.resolver.is_some())
+            .field("near_insert_hook", &self.near_insert_hook.is_some())
             .field("tls_ca", &self.tls_ca.as_ref().map(|pem| pem.len()))
             .field("max_receive_bytes", &self.max_receive_bytes)
             .field("default_ttl", &self.default_ttl)
@@ -216,6 +227,7 @@ impl Default for ClientOptions {
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
             resolve_interval: None,
             resolver: None,
+            near_insert_hook: None,
             tls_ca: None,
             max_receive_bytes: DEFAULT_MAX_RECEIVE_BYTES,
             default_ttl: DEFAULT_TTL,

@@ -856,6 +856,9 @@ impl Function {
                     // Only a live hit that is not due goes into the near cache (a stale value
                     // is never a hit; a due one is being recomputed).
                     if let (Some(near), Some(ticket), None) = (near, ticket, won) {
+                        if let Some(hook) = &self.client.options().near_insert_hook {
+                            hook().await;
+                        }
                         near.insert(
                             key,
                             reply.value.clone(),
