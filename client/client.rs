@@ -295,7 +295,8 @@ pub struct ClientMetrics {
     /// heard from within [`ClientOptions::near_cache_silence`]): only then are copies served.
     pub near_stream_healthy: bool,
     /// Whether the near cache was turned off for good because the service refused the stream
-    /// (invalidations off: UNIMPLEMENTED; no right to watch: PERMISSION_DENIED).
+    /// (invalidations off: UNIMPLEMENTED; no right to watch: PERMISSION_DENIED; more
+    /// namespaces than the server takes in one request: INVALID_ARGUMENT). Logged at warn once.
     pub near_disabled: bool,
 }
 

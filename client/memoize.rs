@@ -395,6 +395,11 @@ impl Function {
     /// returned all the same (fail-open); a stored value that no longer decodes into `T` is
     /// treated as a miss and overwritten.
     ///
+    /// With a near cache ([`ClientOptions::near_cache_bytes`](crate::ClientOptions::near_cache_bytes)),
+    /// a call whose entry this process has copied is answered from the copy, without a round
+    /// trip; another process's bust of it is then seen within milliseconds of returning
+    /// (README, "The near cache"), this process's own at once.
+    ///
     /// With [`Function::refresh_after`] or [`Function::xfetch`], a cached entry that is due is
     /// recomputed by the one caller that wins its lease, **inside this call**: that caller
     /// returns the new value once computed, everyone else (in this process and elsewhere) the

@@ -434,9 +434,16 @@ impl Near {
         }
     }
 
-    /// The copy of `key` if one may be served, counted as a near hit or miss.
+    /// The copy of `key` if one may be served, counted as a near hit or miss (not counted
+    /// once the near cache is off for good).
     pub(crate) fn get(&self, key: &EntryKey) -> Option<Bytes> {
-        let found = lock(&self.state).get(key, Instant::now(), self.silence);
+        let found = {
+            let mut state = lock(&self.state);
+            if state.disabled {
+                return None;
+            }
+            state.get(key, Instant::now(), self.silence)
+        };
         let counter = match found {
             Some(_) => &self.counters.hits,
             None => &self.counters.misses,
@@ -541,9 +548,15 @@ impl Near {
     }
 }
 
-/// Whether a `Watch` failure means it will never work for this client.
+/// Whether a `Watch` failure means it will never work for this client: invalidations are
+/// off (UNIMPLEMENTED), the client may not watch a namespace it uses (PERMISSION_DENIED), or
+/// the request itself is refused (INVALID_ARGUMENT: more namespaces than the server's
+/// `--max-batch`), which retrying would only repeat.
 fn is_final(status: &tonic::Status) -> bool {
-    matches!(status.code(), Code::Unimplemented | Code::PermissionDenied)
+    matches!(
+        status.code(),
+        Code::Unimplemented | Code::PermissionDenied | Code::InvalidArgument
+    )
 }
 
 /// How a stream ended.
