@@ -366,7 +366,6 @@ impl Function {
     /// The near cache's copy of `key`, decoded, when it has a servable one (and it decodes).
     fn near_hit<T: DeserializeOwned>(&self, key: &EntryKey) -> Option<T> {
         let near = self.near()?;
-        near.follow(&self.namespace);
         let bytes = near.get(key)?;
         let Some(value) = self.decode::<T>(&bytes) else {
             near.discard(key);

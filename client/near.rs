@@ -1,13 +1,15 @@
 //! The near cache (L1): copies of cache entries in this process, kept coherent by the
 //! service's invalidation stream (`Watch`), so a repeated `memoize` call costs a map lookup
-//! instead of a round trip. Off unless [`ClientOptions::near_cache_bytes`] is set.
+//! instead of a round trip. Off unless
+//! [`ClientOptions::near_cache_bytes`](crate::ClientOptions::near_cache_bytes) is set.
 //!
 //! # The rule
 //! The proto's "Invalidation stream" comment states the rule a near cache follows; this
 //! module is that rule, under one lock ([`Coherence`]) that both applying an event and
 //! inserting a lookup's answer take:
 //! - nothing is cached, or served, until the current stream has delivered its first event,
-//!   nor after it dropped or stayed silent for [`ClientOptions::near_cache_silence`];
+//!   nor after it dropped or stayed silent for
+//!   [`ClientOptions::near_cache_silence`](crate::ClientOptions::near_cache_silence);
 //! - a lookup's answer with position `p` is inserted only if `p != 0` and `applied <= p`
 //!   (`applied`: the highest position of any event processed, heartbeats included), and only
 //!   if nothing that empties the cache (a flush, a RESET, this client's own bust) happened
@@ -413,16 +415,9 @@ impl Near {
         }
     }
 
-    /// Makes sure the stream follows `namespace` (starting the watch task on first use).
-    /// Cheap when it already does: one lock and a set lookup.
-    pub(crate) fn follow(self: &Arc<Self>, namespace: &str) {
-        {
-            let mut state = lock(&self.state);
-            if state.disabled || state.wanted.contains(namespace) {
-                return;
-            }
-            state.wanted.insert(namespace.to_owned());
-        }
+    /// Has the stream follow `namespace` too: wakes the watch task (or starts it, the first
+    /// time) to reopen the stream with it.
+    fn follow(self: &Arc<Self>, namespace: &str) {
         if self.started.swap(true, Relaxed) {
             self.grown.notify_one();
         } else {
@@ -432,18 +427,30 @@ impl Near {
                 self.rpc.clone(),
             ));
         }
+        debug!(
+            namespace,
+            "cache-money near cache: following a new namespace"
+        );
     }
 
     /// The copy of `key` if one may be served, counted as a near hit or miss (not counted
-    /// once the near cache is off for good).
-    pub(crate) fn get(&self, key: &EntryKey) -> Option<Bytes> {
-        let found = {
+    /// once the near cache is off for good). The first lookup of a namespace has the stream
+    /// follow it, so later ones can be copied. One lock in all.
+    pub(crate) fn get(self: &Arc<Self>, key: &EntryKey) -> Option<Bytes> {
+        let (found, new) = {
             let mut state = lock(&self.state);
             if state.disabled {
                 return None;
             }
-            state.get(key, Instant::now(), self.silence)
+            let new = !state.wanted.contains(key.namespace());
+            if new {
+                state.wanted.insert(key.namespace().to_owned());
+            }
+            (state.get(key, Instant::now(), self.silence), new)
         };
+        if new {
+            self.follow(key.namespace());
+        }
         let counter = match found {
             Some(_) => &self.counters.hits,
             None => &self.counters.misses,

@@ -262,7 +262,7 @@ async fn a_killed_stream_stops_the_near_cache(backend: Backend) {
         after.near_hits, before.near_hits,
         "served from the near cache"
     );
-    assert!(after.near_flushes > before.near_flushes || before.near_flushes > 0);
+    assert!(after.near_flushes >= 1, "{after:?}");
 
     one.restart();
     warm(&f, &near, 1, &source, 1).await;
@@ -371,6 +371,54 @@ async fn a_bust_during_a_lookup_is_not_lost(backend: Backend) {
     let hits = near.metrics().near_hits;
     assert_eq!(read(&f, 7, &source).await, 2, "the old value was cached");
     assert_eq!(near.metrics().near_hits, hits, "served from the near cache");
+}
+
+/// The invalidation sequence deleted behind the servers' backs restarts its numbering lower:
+/// the near cache gets a RESET, drops its copies, follows `applied` down to the new numbering
+/// (else no lookup of the new numbering would be copied until it passed the old positions:
+/// no near hit again), and stays coherent with busts made after it.
+#[tokio::test]
+async fn a_restarted_sequence_resets_the_near_cache() {
+    let (behind, one, two) = Backend::Redis.replicas();
+    let Behind::Redis(redis) = &behind else {
+        unreachable!("a Redis backend")
+    };
+    let near = near_client(&one, near_options()).await;
+    let other = plain_client(&two).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let theirs = other.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    // Raise the old numbering well above where the new one will be.
+    for n in 100..150 {
+        theirs.bust(&(n,)).await.expect("bust");
+    }
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+
+    let deleted: u64 = ::redis::cmd("DEL")
+        .arg("cm:#invalidations")
+        .query_async(&mut redis.connect().await)
+        .await
+        .expect("DEL");
+    assert_eq!(deleted, 1, "the stream lives under the default prefix");
+    theirs.bust(&(99,)).await.expect("bust");
+    let reset = eventually(SETTLE, || async { near.metrics().near_resets >= 1 }).await;
+    assert!(reset, "no RESET applied: {:?}", near.metrics());
+    let hits = near.metrics().near_hits;
+    assert_eq!(read(&f, 1, &source).await, 1);
+    assert_eq!(near.metrics().near_hits, hits, "a copy survived the RESET");
+    warm(&f, &near, 1, &source, 1).await;
+
+    source.set(2);
+    theirs.bust(&(1,)).await.expect("bust");
+    let changed = Instant::now();
+    while read(&f, 1, &source).await != 2 {
+        assert!(
+            changed.elapsed() < BOUND,
+            "the bust after the RESET was missed"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// The log of one key's versions for the randomized run: when each change to it began and
