@@ -1118,6 +1118,10 @@ impl Function {
         self.client
             .flights()
             .lead(key, |claim| async move {
+                // From here the key's calls in this process wait for the refresh: none may
+                // read this process's old copy meanwhile, nor a lookup already in flight put
+                // one back.
+                self.client.own_change(&Scope::Entry(key.clone()));
                 self.client.count_computed();
                 let started = Instant::now();
                 let result = compute().await;

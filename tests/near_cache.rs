@@ -664,8 +664,8 @@ async fn invalidations_off_turns_the_near_cache_off() {
     assert!(metrics.hits >= 5, "{metrics:?}");
 }
 
-/// A near hit costs far less than a remote one: at least 100 times less on average
-/// (both printed).
+/// A near hit costs far less than a remote one: at least 100 times less on average in a
+/// release build, 50 in a debug one (both printed).
 #[tokio::test]
 async fn near_hits_are_much_faster_than_remote_ones() {
     const CALLS: u32 = 2000;
@@ -691,16 +691,21 @@ async fn near_hits_are_much_faster_than_remote_ones() {
     let before = near.metrics().near_hits;
     let near_hit = time(f).await;
     assert_eq!(near.metrics().near_hits - before, u64::from(CALLS));
-    eprintln!("near hit {near_hit:?} per call, remote hit {remote_hit:?} per call");
+    let ratio = remote_hit.as_secs_f64() / near_hit.as_secs_f64();
+    eprintln!("near hit {near_hit:?} per call, remote hit {remote_hit:?} per call ({ratio:.0}x)");
+    // Unoptimized, the near hit's encoding, md5 and decoding cost several times more than
+    // the remote hit's share of them; half the margin keeps a loaded host from failing it.
+    let required = if cfg!(debug_assertions) { 50.0 } else { 100.0 };
     assert!(
-        near_hit * 100 <= remote_hit,
+        ratio >= required,
         "near {near_hit:?}, remote {remote_hit:?}"
     );
 }
 
-/// A client's own bust drops its near copy before it returns: the very next call computes.
+/// A client's own bust, and its own refresh, drop its near copy before they return: the
+/// very next call gets the new value, without waiting for the stream to deliver the change.
 #[tokio::test]
-async fn own_busts_are_seen_at_once() {
+async fn own_busts_and_refreshes_are_seen_at_once() {
     let (_store, one, _two) = Backend::Redis.replicas();
     let near = near_client(&one, near_options()).await;
     let f = near.function("near.app", "f", Ttl::MINUTE);
@@ -710,4 +715,9 @@ async fn own_busts_are_seen_at_once() {
     source.set(2);
     f.bust(&(1,)).await.expect("bust");
     assert_eq!(read(&f, 1, &source).await, 2);
+
+    warm(&f, &near, 1, &source, 2).await;
+    let refreshed: u64 = f.refresh(&(1,), || async { 3 }).await.expect("refresh");
+    assert_eq!(refreshed, 3);
+    assert_eq!(read(&f, 1, &source).await, 3, "the old copy was served");
 }
