@@ -227,6 +227,8 @@ impl Function {
     /// [`Function::memoize`] (the winner recomputes before it returns) and
     /// [`Function::memoize_detached`] (the winner returns at once too, the recomputation runs
     /// in a spawned task). `Duration::ZERO` (the default): never by age. Needs leases on.
+    /// Such a handle does not use the client's near cache: the service decides when an entry
+    /// is due, so every lookup must reach it.
     pub fn refresh_after(mut self, age: Duration) -> Self {
         self.policy.refresh_after = age;
         self
@@ -237,7 +239,8 @@ impl Function {
     /// and written with it) and as its expiry nears, so one caller usually recomputes it
     /// before anyone misses. `beta` 1.0 is the paper's default; larger recomputes earlier;
     /// 0 (the default) turns it off. The recomputation happens as for
-    /// [`Function::refresh_after`]. Needs leases on.
+    /// [`Function::refresh_after`]. Needs leases on. Such a handle does not use the client's
+    /// near cache either.
     ///
     /// # Panics
     /// When `beta` is negative, infinite or NaN: almost always a literal.
