@@ -674,11 +674,14 @@ async fn invalidations_off_turns_the_near_cache_off() {
     assert!(metrics.hits >= 5, "{metrics:?}");
 }
 
-/// A near hit costs far less than a remote one: at least 100 times less on average in a
-/// release build, 50 in a debug one (both printed).
+/// A near hit costs far less than a remote one: at least 100 times less in a release build,
+/// 50 in a debug one (both printed). Each is the fastest of several batches, so other tests
+/// running beside it (the near hit is all CPU, the remote one mostly waiting) do not decide
+/// the outcome.
 #[tokio::test]
 async fn near_hits_are_much_faster_than_remote_ones() {
-    const CALLS: u32 = 2000;
+    const BATCHES: u32 = 10;
+    const CALLS: u32 = 200;
     let (_store, one, _two) = Backend::Redis.replicas();
     let near = near_client(&one, near_options()).await;
     let remote = plain_client(&one).await;
@@ -687,24 +690,31 @@ async fn near_hits_are_much_faster_than_remote_ones() {
     let f = near.function("near.app", "f", Ttl::MINUTE);
     warm(&f, &near, 1, &source, 1).await;
     let g = remote.function("near.app", "f", Ttl::MINUTE);
-    let time = |f: Function| {
+    let fastest = |f: Function| {
         let source = &source;
         async move {
-            let started = Instant::now();
-            for _ in 0..CALLS {
-                read(&f, 1, source).await;
+            let mut best = Duration::MAX;
+            for _ in 0..BATCHES {
+                let started = Instant::now();
+                for _ in 0..CALLS {
+                    read(&f, 1, source).await;
+                }
+                best = best.min(started.elapsed() / CALLS);
             }
-            started.elapsed() / CALLS
+            best
         }
     };
-    let remote_hit = time(g).await;
+    let remote_hit = fastest(g).await;
     let before = near.metrics().near_hits;
-    let near_hit = time(f).await;
-    assert_eq!(near.metrics().near_hits - before, u64::from(CALLS));
+    let near_hit = fastest(f).await;
+    assert_eq!(
+        near.metrics().near_hits - before,
+        u64::from(BATCHES * CALLS)
+    );
     let ratio = remote_hit.as_secs_f64() / near_hit.as_secs_f64();
     eprintln!("near hit {near_hit:?} per call, remote hit {remote_hit:?} per call ({ratio:.0}x)");
-    // Unoptimized, the near hit's encoding, md5 and decoding cost several times more than
-    // the remote hit's share of them; half the margin keeps a loaded host from failing it.
+    // Unoptimized, the near hit's encoding, md5 and decoding cost several times more, and
+    // the remote hit's share of them does not change the ratio much.
     let required = if cfg!(debug_assertions) { 50.0 } else { 100.0 };
     assert!(
         ratio >= required,
