@@ -431,6 +431,88 @@ async fn a_restarted_sequence_resets_the_near_cache() {
     }
 }
 
+/// A client of two replicas (`Client::connect_many`) keeps its near cache through the loss of
+/// either: after replica 1 is killed its stream is on replica 2; replica 1 comes back, replica
+/// 2 is killed, and the stream (which was on replica 2) drops, empties the copies and moves to
+/// replica 1, where copies are served again. The time to recover is printed.
+#[tokio::test]
+async fn a_stream_moves_to_another_replica() {
+    let (_store, mut one, mut two) = Backend::Redis.replicas();
+    let near = Client::connect_many_with([one.url(), two.url()], near_options())
+        .await
+        .expect("client");
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+
+    one.kill();
+    warm(&f, &near, 1, &source, 1).await;
+    // Ready when this returns; the client's health checks take it back within a second.
+    one.restart();
+
+    let flushes = near.metrics().near_flushes;
+    let killed = Instant::now();
+    two.kill();
+    let dropped = eventually(SETTLE, || async { near.metrics().near_flushes > flushes }).await;
+    assert!(
+        dropped,
+        "the stream was not on replica 2: {:?}",
+        near.metrics()
+    );
+    warm(&f, &near, 1, &source, 1).await;
+    eprintln!(
+        "near cache: stream moved to the other replica, copies served again {:?} after the kill",
+        killed.elapsed()
+    );
+}
+
+/// Copies are pushed out to stay within `near_cache_bytes`, and counted.
+#[tokio::test]
+async fn the_size_bounds_the_near_cache() {
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let options = ClientOptions {
+        near_cache_bytes: 4096,
+        ..near_options()
+    };
+    let near = near_client(&one, options).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 0, &source, 1).await;
+    // Each entry weighs about 200 bytes: 4 KiB holds a few dozen at most.
+    for round in 0..2 {
+        for n in 0..200 {
+            assert_eq!(read(&f, n, &source).await, 1, "round {round}");
+        }
+    }
+    let metrics = near.metrics();
+    assert!(metrics.near_evictions > 0, "{metrics:?}");
+    assert!(metrics.near_misses > 200, "{metrics:?}");
+}
+
+/// A handle with stale-while-revalidate does not use the near cache: every hit reaches the
+/// service, which decides when the entry is due.
+#[tokio::test]
+async fn refreshing_handles_skip_the_near_cache() {
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let near = near_client(&one, near_options()).await;
+    let plain = near.function("near.app", "f", Ttl::MINUTE);
+    let refreshing = near
+        .function("near.app", "g", Ttl::MINUTE)
+        .refresh_after(Duration::from_secs(3600));
+    let source = Source::default();
+    source.set(1);
+    warm(&plain, &near, 1, &source, 1).await;
+    let before = near.metrics();
+    for _ in 0..20 {
+        assert_eq!(read(&refreshing, 1, &source).await, 1);
+    }
+    let after = near.metrics();
+    assert_eq!(after.near_hits, before.near_hits, "{after:?}");
+    assert!(after.hits >= before.hits + 19, "{after:?}");
+}
+
 /// The log of one key's versions for the randomized run: when each change to it began and
 /// when it returned.
 #[derive(Debug, Default)]
