@@ -2,9 +2,12 @@
 //! replicas over one `redis-server` or one Redis Cluster, a client with the near cache on
 //! each. A bust or overwrite of any scope made through one replica reaches the other's
 //! client within a bound (measured and printed); a client whose stream is killed or frozen
-//! serves nothing from its copies until a stream is back; a bust applied while a lookup is
-//! in flight keeps that lookup's answer out; and a randomized run of memoize, bust and Put
-//! on a few keys never returns a value older than the bound.
+//! serves nothing from its copies until a stream is back (on the same replica or, with
+//! `connect_many`, another); a bust applied while a lookup is in flight keeps that lookup's
+//! answer out; a restarted sequence's RESET lowers `applied`; own busts and refreshes are
+//! seen at once; the size bounds the copies; and a randomized run of memoize, bust and Put
+//! on a few keys never returns a value older than the bound. A near hit's cost against a
+//! remote hit's is printed.
 
 mod common;
 
