@@ -740,9 +740,13 @@ mod cluster {
 }
 
 /// A server with invalidations off answers Watch with UNIMPLEMENTED: the near cache turns
-/// itself off for good (and says so in the metrics), and `memoize` works as without it.
+/// itself off for good (says so in the metrics, and once at warn), and `memoize` works as
+/// without it.
 #[tokio::test]
 async fn invalidations_off_turns_the_near_cache_off() {
+    // The watch task runs on this test's one thread, so its warning is captured.
+    let logs = common::Logs::default();
+    let _capture = logs.capture();
     let server = CacheServer::memory(&["--invalidations", "off"]);
     let near = near_client(&server, near_options()).await;
     let f = near.function("near.app", "f", Ttl::MINUTE);
@@ -757,6 +761,14 @@ async fn invalidations_off_turns_the_near_cache_off() {
     let metrics = near.metrics();
     assert_eq!(metrics.near_hits, 0, "{metrics:?}");
     assert!(metrics.hits >= 5, "{metrics:?}");
+    let other = near.function("near.other", "f", Ttl::MINUTE);
+    assert_eq!(read(&other, 1, &source).await, 1);
+    let warnings: Vec<String> = logs
+        .warnings()
+        .into_iter()
+        .filter(|line| line.contains("near cache off"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
 }
 
 /// A near hit costs far less than a remote one: at least 100 times less in a release build,
