@@ -862,11 +862,13 @@ impl Function {
                     self.client.count_hit();
                     // Only a live hit that is not due goes into the near cache (a stale value
                     // is never a hit; a due one is being recomputed).
-                    if let (Some(near), Some(ticket), None) = (near, ticket, won) {
-                        if let Some(hook) = &self.client.options().near_insert_hook {
+                    if let (Some(near), None) = (near, won) {
+                        if let (Some(hook), Some(_)) =
+                            (&self.client.options().near_insert_hook, ticket)
+                        {
                             hook().await;
                         }
-                        near.insert(
+                        near.offer(
                             key,
                             reply.value.clone(),
                             ticket,

@@ -21,8 +21,9 @@
 //!
 //! # One stream, the namespaces used so far
 //! A client has no right, in general, to follow every namespace (that needs the admin grant),
-//! so the stream follows the namespaces of the functions that used the near cache. When a
-//! new one shows up, the stream is replaced by one that follows it too, and the near cache is
+//! so the stream follows the namespaces the service has answered this client's near-cached
+//! lookups with hits in (a namespace it may not read never gets that far, so it cannot get
+//! the stream refused for good). When a new one shows up, the stream is replaced by one that follows it too, and the near cache is
 //! emptied and bypassed until the new stream's first event, as after a drop. That costs one
 //! emptying per namespace a client ever uses (a handful in a service), in exchange for one
 //! code path for every change of stream: resuming without emptying would be correct too
@@ -383,7 +384,7 @@ pub(crate) struct Near {
     counters: Counters,
     /// Woken when a namespace is added to `wanted`, so the stream follows it.
     grown: Arc<Notify>,
-    /// Whether the watch task runs (started by the first namespace).
+    /// Whether the watch task runs (started by the first namespace with a hit).
     started: AtomicBool,
     /// The stub the watch task calls `Watch` with.
     rpc: RawClient,
@@ -434,23 +435,15 @@ impl Near {
     }
 
     /// The copy of `key` if one may be served, counted as a near hit or miss (not counted
-    /// once the near cache is off for good). The first lookup of a namespace has the stream
-    /// follow it, so later ones can be copied. One lock in all.
-    pub(crate) fn get(self: &Arc<Self>, key: &EntryKey) -> Option<Bytes> {
-        let (found, new) = {
+    /// once the near cache is off for good).
+    pub(crate) fn get(&self, key: &EntryKey) -> Option<Bytes> {
+        let found = {
             let mut state = lock(&self.state);
             if state.disabled {
                 return None;
             }
-            let new = !state.wanted.contains(key.namespace());
-            if new {
-                state.wanted.insert(key.namespace().to_owned());
-            }
-            (state.get(key, Instant::now(), self.silence), new)
+            state.get(key, Instant::now(), self.silence)
         };
-        if new {
-            self.follow(key.namespace());
-        }
         let counter = match found {
             Some(_) => &self.counters.hits,
             None => &self.counters.misses,
@@ -473,18 +466,33 @@ impl Near {
         lock(&self.state).ticket(namespace, Instant::now(), self.silence)
     }
 
-    /// Caches a live hit of `key` answered at `position` with `ttl_ms` left, if the rule
-    /// allows.
-    pub(crate) fn insert(
-        &self,
+    /// Offers a live hit of `key` answered at `position` with `ttl_ms` left: copied if its
+    /// lookup had a `ticket` and the rule allows. The first hit of a namespace has the stream
+    /// follow it, so its later hits can be copied: following only namespaces the service has
+    /// answered hits of keeps one the client may not read from turning the near cache off
+    /// (a Watch it may not make is refused for good). One lock in all.
+    pub(crate) fn offer(
+        self: &Arc<Self>,
         key: &EntryKey,
         bytes: Bytes,
-        ticket: Ticket,
+        ticket: Option<Ticket>,
         position: u64,
         ttl_ms: u64,
     ) {
         let ttl = Duration::from_millis(ttl_ms);
-        lock(&self.state).insert(key.clone(), bytes, ticket, position, ttl);
+        let new = {
+            let mut state = lock(&self.state);
+            if let Some(ticket) = ticket {
+                state.insert(key.clone(), bytes, ticket, position, ttl);
+            }
+            let namespace = key.namespace();
+            !state.disabled
+                && !state.wanted.contains(namespace)
+                && state.wanted.insert(namespace.to_owned())
+        };
+        if new {
+            self.follow(key.namespace());
+        }
     }
 
     /// This client's own bust or overwrite of `scope`: its copies go before the call returns.
