@@ -132,7 +132,7 @@ impl Scope {
 
 /// One copy: the encoded value and when it stops being served.
 #[derive(Debug, Clone)]
-struct Copy {
+struct Held {
     bytes: Bytes,
     expires: Instant,
 }
@@ -141,8 +141,8 @@ struct Copy {
 #[derive(Debug, Clone, Copy)]
 struct Bytewise;
 
-impl Weighter<EntryKey, Copy> for Bytewise {
-    fn weight(&self, key: &EntryKey, copy: &Copy) -> u64 {
+impl Weighter<EntryKey, Held> for Bytewise {
+    fn weight(&self, key: &EntryKey, copy: &Held) -> u64 {
         let key_bytes = key.namespace().len() + key.function().len() + key.digest().len();
         (key_bytes + copy.bytes.len()) as u64 + ENTRY_OVERHEAD
     }
@@ -152,15 +152,15 @@ impl Weighter<EntryKey, Copy> for Bytewise {
 #[derive(Debug, Clone, Default)]
 struct Evictions(Arc<AtomicU64>);
 
-impl Lifecycle<EntryKey, Copy> for Evictions {
+impl Lifecycle<EntryKey, Held> for Evictions {
     type RequestState = ();
 
-    fn on_evict(&self, _state: &mut (), _key: EntryKey, _copy: Copy) {
+    fn on_evict(&self, _state: &mut (), _key: EntryKey, _copy: Held) {
         self.0.fetch_add(1, Relaxed);
     }
 }
 
-type Copies = unsync::Cache<EntryKey, Copy, Bytewise, DefaultHashBuilder, Evictions>;
+type Copies = unsync::Cache<EntryKey, Held, Bytewise, DefaultHashBuilder, Evictions>;
 
 /// What a lookup carries from before it was sent to its answer: which state of the near
 /// cache it was sent in, and when (its copy expires counted from then).
@@ -279,7 +279,7 @@ impl Coherence {
             && !ttl.is_zero();
         if allowed {
             let expires = ticket.sent + ttl;
-            self.copies.insert(key, Copy { bytes, expires });
+            self.copies.insert(key, Held { bytes, expires });
         }
         allowed
     }
