@@ -115,7 +115,7 @@ pub struct ClientOptions {
     /// Bearer token sent with every call, for a server with authentication on.
     pub token: Option<String>,
     /// The size in bytes of the near cache: copies of entries kept in this process so a
-    /// repeated `memoize` call is answered without a round trip (README, "Near cache").
+    /// repeated `memoize` call is answered without a round trip (README, "The near cache").
     /// 0 ([`DEFAULT_NEAR_CACHE_BYTES`]): off.
     ///
     /// Off by default because it changes what a caller can see: without it, a bust made by
@@ -123,8 +123,9 @@ pub struct ClientOptions {
     /// (or overwrite) reaches this client's copies through the service's invalidation stream,
     /// after a short delay (milliseconds while the stream is healthy; a client whose stream
     /// is unhealthy serves nothing from its copies). It also keeps one `Watch` stream open
-    /// per client. This client's own busts drop its copies before they return. Copies are
-    /// weighed as their key and value bytes plus a small overhead per entry.
+    /// per client (opened with the first remote hit, following the namespaces hits came
+    /// from). This client's own busts drop its copies before they return. Copies are weighed
+    /// as their key and value bytes plus a small overhead per entry.
     pub near_cache_bytes: usize,
     /// How long the near cache trusts its invalidation stream without hearing from it
     /// (servers send a heartbeat every second by default): after that long without any
