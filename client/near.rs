@@ -39,14 +39,14 @@ use std::{
     fmt,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter, unsync};
-use tokio::sync::Notify;
+use tokio::{sync::Notify, task::JoinHandle};
 use tonic::Code;
 use tracing::{debug, warn};
 
@@ -384,8 +384,9 @@ pub(crate) struct Near {
     counters: Counters,
     /// Woken when a namespace is added to `wanted`, so the stream follows it.
     grown: Arc<Notify>,
-    /// Whether the watch task runs (started by the first namespace with a hit).
-    started: AtomicBool,
+    /// The watch task, once the first hit started it. A task whose runtime shut down (a
+    /// client shared by several runtimes, as tests do) is started again by the next hit.
+    task: Mutex<Option<JoinHandle<()>>>,
     /// The stub the watch task calls `Watch` with.
     rpc: RawClient,
 }
@@ -411,27 +412,29 @@ impl Near {
             silence,
             counters,
             grown: Arc::new(Notify::new()),
-            started: AtomicBool::new(false),
+            task: Mutex::new(None),
             rpc,
         }
     }
 
-    /// Has the stream follow `namespace` too: wakes the watch task (or starts it, the first
-    /// time) to reopen the stream with it.
-    fn follow(self: &Arc<Self>, namespace: &str) {
-        if self.started.swap(true, Relaxed) {
-            self.grown.notify_one();
-        } else {
-            tokio::spawn(watch(
-                Arc::downgrade(self),
-                self.grown.clone(),
-                self.rpc.clone(),
-            ));
+    /// Makes sure the watch task runs (starting it, the first time or when its runtime is
+    /// gone); when `grown`, wakes it to reopen the stream with the namespaces added.
+    fn watching(self: &Arc<Self>, grown: bool) {
+        let mut task = lock(&self.task);
+        if task.as_ref().is_some_and(|task| !task.is_finished()) {
+            if grown {
+                self.grown.notify_one();
+            }
+            return;
         }
-        debug!(
-            namespace,
-            "cache-money near cache: following a new namespace"
-        );
+        // A task that died with its runtime left the state as it was: start from empty, as
+        // after any lost stream.
+        lock(&self.state).flush();
+        *task = Some(tokio::spawn(watch(
+            Arc::downgrade(self),
+            self.grown.clone(),
+            self.rpc.clone(),
+        )));
     }
 
     /// The copy of `key` if one may be served, counted as a near hit or miss (not counted
@@ -480,18 +483,24 @@ impl Near {
         ttl_ms: u64,
     ) {
         let ttl = Duration::from_millis(ttl_ms);
-        let new = {
+        let (new, disabled) = {
             let mut state = lock(&self.state);
             if let Some(ticket) = ticket {
                 state.insert(key.clone(), bytes, ticket, position, ttl);
             }
             let namespace = key.namespace();
-            !state.disabled
-                && !state.wanted.contains(namespace)
-                && state.wanted.insert(namespace.to_owned())
+            let new =
+                !state.wanted.contains(namespace) && state.wanted.insert(namespace.to_owned());
+            (new, state.disabled)
         };
         if new {
-            self.follow(key.namespace());
+            debug!(
+                namespace = key.namespace(),
+                "cache-money near cache: following a new namespace"
+            );
+        }
+        if !disabled {
+            self.watching(new);
         }
     }
 

@@ -516,6 +516,34 @@ async fn refreshing_handles_skip_the_near_cache() {
     assert!(after.hits >= before.hits + 19, "{after:?}");
 }
 
+/// A client whose watch task died with the runtime it was started on (the first hits came
+/// from a short-lived runtime) stops serving copies once the stream has been silent, and the
+/// next hit on another runtime starts the task again: copies are served again.
+#[test]
+fn a_watch_task_that_died_with_its_runtime_is_started_again() {
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let main = tokio::runtime::Runtime::new().expect("runtime");
+    let options = ClientOptions {
+        near_cache_silence: Duration::from_millis(500),
+        ..near_options()
+    };
+    let near = main.block_on(near_client(&one, options));
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    let short = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    short.block_on(warm(&f, &near, 1, &source, 1));
+    drop(short);
+    main.block_on(async {
+        let silent = eventually(SETTLE, || async { !near.metrics().near_stream_healthy }).await;
+        assert!(silent, "a dead task's stream still looks healthy");
+        warm(&f, &near, 1, &source, 1).await;
+    });
+}
+
 /// The log of one key's versions for the randomized run: when each change to it began and
 /// when it returned.
 #[derive(Debug, Default)]
