@@ -27,6 +27,7 @@ use crate::{
     connect::{self, describe},
     key::{EntryKey, check_name},
     lease::DEFAULT_LEASE,
+    near::{DEFAULT_NEAR_CACHE_BYTES, DEFAULT_NEAR_CACHE_SILENCE, Near, Scope},
     pb::{self, cache_money_client::CacheMoneyClient},
     single_flight::SingleFlight,
 };
@@ -113,12 +114,41 @@ pub struct ClientOptions {
     pub lease: Duration,
     /// Bearer token sent with every call, for a server with authentication on.
     pub token: Option<String>,
+    /// The size in bytes of the near cache: copies of entries kept in this process so a
+    /// repeated `memoize` call is answered without a round trip (README, "The near cache").
+    /// 0 ([`DEFAULT_NEAR_CACHE_BYTES`]): off.
+    ///
+    /// Off by default because it changes what a caller can see: without it, a bust made by
+    /// any process is seen by every later lookup at once; with it, another process's bust
+    /// (or overwrite) reaches this client's copies through the service's invalidation stream,
+    /// after a short delay (milliseconds while the stream is healthy; a client whose stream
+    /// is unhealthy serves nothing from its copies). It also keeps one `Watch` stream open
+    /// per client (opened with the first remote hit, following the namespaces hits came
+    /// from). This client's own busts drop its copies before they return. Copies are weighed
+    /// as their key and value bytes plus a small overhead per entry.
+    pub near_cache_bytes: usize,
+    /// How long the near cache trusts its invalidation stream without hearing from it
+    /// (servers send a heartbeat every second by default): after that long without any
+    /// event, the copies are dropped and `memoize` goes to the service until a new stream
+    /// speaks ([`DEFAULT_NEAR_CACHE_SILENCE`], 3 s). This bounds how long a copy can outlive
+    /// a bust that the stream failed to deliver; keep it a few heartbeat intervals.
+    pub near_cache_silence: Duration,
     /// A test hook, not an API: looks hosts up instead of the system's resolver, with
     /// [`ClientOptions::resolve_interval`] (so a test can make one name resolve to several
     /// loopback replicas).
     #[doc(hidden)]
     pub resolver: Option<Resolver>,
+    /// A test hook, not an API: awaited when a lookup's answer that may enter the near cache
+    /// has arrived, before the rule decides whether it does, so a test can land a bust in
+    /// between.
+    #[doc(hidden)]
+    pub near_insert_hook: Option<NearInsertHook>,
 }
+
+/// A test hook, not an API: what [`ClientOptions::near_insert_hook`] holds.
+#[doc(hidden)]
+pub type NearInsertHook =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// A test hook, not an API: what [`ClientOptions::resolver`] holds, a host and port to the
 /// addresses they resolve to.
@@ -139,6 +169,7 @@ impl fmt::Debug for ClientOptions {
             .field("probe_timeout", &self.probe_timeout)
             .field("resolve_interval", &self.resolve_interval)
             .field("resolver", &self.resolver.is_some())
+            .field("near_insert_hook", &self.near_insert_hook.is_some())
             .field("tls_ca", &self.tls_ca.as_ref().map(|pem| pem.len()))
             .field("max_receive_bytes", &self.max_receive_bytes)
             .field("default_ttl", &self.default_ttl)
@@ -146,6 +177,8 @@ impl fmt::Debug for ClientOptions {
             .field("enabled", &self.enabled)
             .field("lease", &self.lease)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("near_cache_bytes", &self.near_cache_bytes)
+            .field("near_cache_silence", &self.near_cache_silence)
             .finish()
     }
 }
@@ -195,6 +228,7 @@ impl Default for ClientOptions {
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
             resolve_interval: None,
             resolver: None,
+            near_insert_hook: None,
             tls_ca: None,
             max_receive_bytes: DEFAULT_MAX_RECEIVE_BYTES,
             default_ttl: DEFAULT_TTL,
@@ -202,6 +236,8 @@ impl Default for ClientOptions {
             enabled: true,
             lease: DEFAULT_LEASE,
             token: None,
+            near_cache_bytes: DEFAULT_NEAR_CACHE_BYTES,
+            near_cache_silence: DEFAULT_NEAR_CACHE_SILENCE,
         }
     }
 }
@@ -218,7 +254,7 @@ pub struct ClientMetrics {
     pub refused: u64,
     /// Lookups and stores skipped because the breaker was open.
     pub skipped: u64,
-    /// `memoize` calls answered from the cache.
+    /// `memoize` calls answered from the cache (the near cache's hits included).
     pub hits: u64,
     /// `memoize` calls that ran the function.
     pub computed: u64,
@@ -243,6 +279,26 @@ pub struct ClientMetrics {
     pub refreshes: u64,
     /// Whether the breaker is currently open.
     pub breaker_open: bool,
+    /// `memoize` calls answered from the near cache, without a round trip (also in `hits`).
+    pub near_hits: u64,
+    /// `memoize` calls that looked in the near cache and found nothing servable (no copy, or
+    /// the cache bypassed while its stream is unhealthy).
+    pub near_misses: u64,
+    /// Copies pushed out of the near cache to stay within its size.
+    pub near_evictions: u64,
+    /// Invalidation events applied to the near cache.
+    pub near_invalidations: u64,
+    /// RESET events applied to the near cache (each dropped every copy).
+    pub near_resets: u64,
+    /// Times the near cache was emptied because its stream dropped or fell silent.
+    pub near_flushes: u64,
+    /// Whether the near cache's stream is healthy (it delivered its first event and has been
+    /// heard from within [`ClientOptions::near_cache_silence`]): only then are copies served.
+    pub near_stream_healthy: bool,
+    /// Whether the near cache was turned off for good because the service refused the stream
+    /// (invalidations off: UNIMPLEMENTED; no right to watch: PERMISSION_DENIED; more
+    /// namespaces than the server takes in one request: INVALID_ARGUMENT). Logged at warn once.
+    pub near_disabled: bool,
 }
 
 #[derive(Debug, Default)]
@@ -295,6 +351,8 @@ struct Inner {
     breaker: Breaker,
     counters: Counters,
     flights: Flights,
+    /// The near cache, when [`ClientOptions::near_cache_bytes`] is set.
+    near: Option<Arc<Near>>,
 }
 
 /// A handle to a cache-money service. Cloning is shallow: clones share the connection, the
@@ -431,10 +489,19 @@ impl Client {
     }
 
     fn build(channel: Channel, options: ClientOptions, credentials: Credentials) -> Self {
+        let rpc = CacheMoneyClient::with_interceptor(channel, credentials)
+            .max_decoding_message_size(options.max_receive_bytes);
+        let near = (options.enabled && options.near_cache_bytes > 0).then(|| {
+            Arc::new(Near::new(
+                options.near_cache_bytes,
+                options.near_cache_silence,
+                rpc.clone(),
+            ))
+        });
         Client {
             inner: Arc::new(Inner {
-                rpc: CacheMoneyClient::with_interceptor(channel, credentials)
-                    .max_decoding_message_size(options.max_receive_bytes),
+                rpc,
+                near,
                 breaker: Breaker::new(options.breaker_threshold, options.breaker_cooldown),
                 options,
                 counters: Counters::default(),
@@ -502,9 +569,13 @@ impl Client {
     pub async fn bust_namespace(&self, namespace: &str) -> Result<u64, Error> {
         let namespace = namespace_of(namespace);
         check_name("namespace", &namespace)?;
+        let scope = Scope::Namespace(namespace.clone());
         let request = pb::BustNamespaceRequest { namespace };
-        self.bust_rpc(|mut rpc| async move { rpc.bust_namespace(request).await })
-            .await
+        self.bust_rpc(
+            scope,
+            |mut rpc| async move { rpc.bust_namespace(request).await },
+        )
+        .await
     }
 
     /// Removes every entry of `namespace` written with `tag` (see [`Function::tagged`] and
@@ -517,11 +588,13 @@ impl Client {
     pub async fn bust_tag(&self, namespace: &str, tag: &str) -> Result<u64, Error> {
         let namespace = namespace.replace("::", ".");
         check_name("namespace", &namespace)?;
+        // The near cache does not know which copies carried the tag: the namespace goes.
+        let scope = Scope::Namespace(namespace.clone());
         let request = pb::BustTagRequest {
             namespace,
             tag: tag.to_owned(),
         };
-        self.bust_rpc(|mut rpc| async move { rpc.bust_tag(request).await })
+        self.bust_rpc(scope, |mut rpc| async move { rpc.bust_tag(request).await })
             .await
     }
 
@@ -530,13 +603,21 @@ impl Client {
     /// # Errors
     /// The service's failure.
     pub async fn bust_all(&self) -> Result<u64, Error> {
-        self.bust_rpc(|mut rpc| async move { rpc.bust_all(pb::BustAllRequest {}).await })
-            .await
+        self.bust_rpc(Scope::All, |mut rpc| async move {
+            rpc.bust_all(pb::BustAllRequest {}).await
+        })
+        .await
     }
 
     /// A snapshot of what this client (and its clones) has done.
     pub fn metrics(&self) -> ClientMetrics {
         let counters = &self.inner.counters;
+        let near = self
+            .inner
+            .near
+            .as_ref()
+            .map(|near| near.metrics())
+            .unwrap_or_default();
         ClientMetrics {
             rpc_attempts: counters.rpc_attempts.load(Relaxed),
             rpc_failures: counters.rpc_failures.load(Relaxed),
@@ -552,6 +633,14 @@ impl Client {
             stale_served: counters.stale_served.load(Relaxed),
             refreshes: counters.refreshes.load(Relaxed),
             breaker_open: self.inner.breaker.is_open(),
+            near_hits: near.hits,
+            near_misses: near.misses,
+            near_evictions: near.evictions,
+            near_invalidations: near.invalidations,
+            near_resets: near.resets,
+            near_flushes: near.flushes,
+            near_stream_healthy: near.stream_healthy,
+            near_disabled: near.disabled,
         }
     }
 
@@ -564,9 +653,10 @@ impl Client {
         &self.inner.options
     }
 
-    /// Runs a bust RPC within the bust deadline. Busts bypass the breaker: they are rare and
-    /// their outcome matters.
-    pub(crate) async fn bust_rpc<F, Fut>(&self, call: F) -> Result<u64, Error>
+    /// Runs a bust RPC of `scope` within the bust deadline. Busts bypass the breaker: they are
+    /// rare and their outcome matters. The near cache's copies of `scope` are dropped before
+    /// it returns, whatever the outcome (a bust that failed may still have happened).
+    pub(crate) async fn bust_rpc<F, Fut>(&self, scope: Scope, call: F) -> Result<u64, Error>
     where
         F: FnOnce(RawClient) -> Fut,
         Fut: Future<Output = Result<tonic::Response<pb::BustResponse>, Status>>,
@@ -575,7 +665,9 @@ impl Client {
             return Ok(0);
         }
         let deadline = self.inner.options.bust_deadline;
-        match tokio::time::timeout(deadline, call(self.inner.rpc.clone())).await {
+        let outcome = tokio::time::timeout(deadline, call(self.inner.rpc.clone())).await;
+        self.own_change(&scope);
+        match outcome {
             Ok(Ok(reply)) => Ok(reply.into_inner().removed),
             Ok(Err(status)) => Err(Error::Rpc(status)),
             Err(_) => Err(Error::Timeout(deadline)),
@@ -680,6 +772,18 @@ impl Client {
     /// Whether `other` is this client or a clone of it (one connection, one breaker).
     pub(crate) fn same(&self, other: &Client) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// The near cache, when one is configured.
+    pub(crate) fn near(&self) -> Option<&Arc<Near>> {
+        self.inner.near.as_ref()
+    }
+
+    /// This client's own bust or overwrite of `scope`: the near cache's copies go at once.
+    pub(crate) fn own_change(&self, scope: &Scope) {
+        if let Some(near) = &self.inner.near {
+            near.own_change(scope);
+        }
     }
 
     /// The in-process single-flight table shared by every clone.

@@ -29,6 +29,8 @@
 //! - [`memoize`](macro@memoize) (feature `macros`, the `macros/` crate): the attribute.
 //! - [`Ttl`] (`ttl`): the seed's TTL constants, and the default maximum TTL both sides use.
 //! - `breaker`: the circuit breaker that keeps a down service from costing every call.
+//! - `near` ([`ClientOptions::near_cache_bytes`]): the near cache, copies of entries in the
+//!   process kept coherent by the service's invalidation stream (`Watch`).
 //! - `single_flight`: concurrent `memoize` calls of one key in a process share one computation.
 //! - `lease` ([`DEFAULT_LEASE`]): one computation per key across the fleet: a handle's lease
 //!   settings, the bound on waiting for another caller's lease, giving a lease back.
@@ -59,6 +61,7 @@ mod lease;
 pub mod limits;
 mod memoize;
 mod memoized;
+mod near;
 mod replicas;
 mod single_flight;
 mod ttl;
@@ -74,6 +77,7 @@ pub use error::Error;
 pub use lease::DEFAULT_LEASE;
 pub use memoize::{Function, KeyFn, Served};
 pub use memoized::{install, installed};
+pub use near::{DEFAULT_NEAR_CACHE_BYTES, DEFAULT_NEAR_CACHE_SILENCE};
 pub use ttl::{DEFAULT_MAX_TTL_SECONDS, Ttl};
 
 /// A [`Function`] handle named after the calling module: `function!(client, "addition",

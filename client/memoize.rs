@@ -21,6 +21,7 @@ use crate::{
     client::{Event, Flight, Shared},
     key::EntryKey,
     lease::{LeaseGuard, LeasePolicy, WaitBudget, compute_ms},
+    near::{Near, Scope},
     pb,
 };
 
@@ -226,6 +227,8 @@ impl Function {
     /// [`Function::memoize`] (the winner recomputes before it returns) and
     /// [`Function::memoize_detached`] (the winner returns at once too, the recomputation runs
     /// in a spawned task). `Duration::ZERO` (the default): never by age. Needs leases on.
+    /// Such a handle does not use the client's near cache: the service decides when an entry
+    /// is due, so every lookup must reach it.
     pub fn refresh_after(mut self, age: Duration) -> Self {
         self.policy.refresh_after = age;
         self
@@ -236,7 +239,8 @@ impl Function {
     /// and written with it) and as its expiry nears, so one caller usually recomputes it
     /// before anyone misses. `beta` 1.0 is the paper's default; larger recomputes earlier;
     /// 0 (the default) turns it off. The recomputation happens as for
-    /// [`Function::refresh_after`]. Needs leases on.
+    /// [`Function::refresh_after`]. Needs leases on. Such a handle does not use the client's
+    /// near cache either.
     ///
     /// # Panics
     /// When `beta` is negative, infinite or NaN: almost always a literal.
@@ -353,6 +357,27 @@ impl Function {
         )?)
     }
 
+    /// The client's near cache, when it has one and this handle may use it. A handle with
+    /// stale-while-revalidate ([`Function::refresh_after`], [`Function::xfetch`]) does not:
+    /// its hits must reach the service, which decides when one is due and hands out the
+    /// lease to recompute it; a near copy would hide that, and the entry would never refresh.
+    fn near(&self) -> Option<&Arc<Near>> {
+        let refreshes = !self.policy.refresh_after.is_zero() || self.policy.beta > 0.0;
+        self.client.near().filter(|_| !refreshes)
+    }
+
+    /// The near cache's copy of `key`, decoded, when it has a servable one (and it decodes).
+    fn near_hit<T: DeserializeOwned>(&self, key: &EntryKey) -> Option<T> {
+        let near = self.near()?;
+        let bytes = near.get(key)?;
+        let Some(value) = self.decode::<T>(&bytes) else {
+            near.discard(key);
+            return None;
+        };
+        self.client.count_hit();
+        Some(value)
+    }
+
     fn pb_key(key: &EntryKey) -> pb::Key {
         pb::Key {
             namespace: key.namespace().to_owned(),
@@ -371,6 +396,11 @@ impl Function {
     /// but not stored. When the service is down, slow or erroring, the result is computed and
     /// returned all the same (fail-open); a stored value that no longer decodes into `T` is
     /// treated as a miss and overwritten.
+    ///
+    /// With a near cache ([`ClientOptions::near_cache_bytes`](crate::ClientOptions::near_cache_bytes)),
+    /// a call whose entry this process has copied is answered from the copy, without a round
+    /// trip; another process's bust of it is then seen within milliseconds of returning
+    /// (README, "The near cache"), this process's own at once.
     ///
     /// With [`Function::refresh_after`] or [`Function::xfetch`], a cached entry that is due is
     /// recomputed by the one caller that wins its lease, **inside this call**: that caller
@@ -669,6 +699,10 @@ impl Function {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        // A near copy is a live hit, never stale: no flight, no lease, no round trip.
+        if let Some(value) = self.near_hit::<T>(key) {
+            return Outcome::Done(Ok(Served::fresh(value)));
+        }
         // Leaves the flight when dropped, even if this caller is cancelled or panics.
         let flight = self.client.flights().join(key);
         let mut compute = Some(compute);
@@ -791,12 +825,18 @@ impl Function {
     /// lease is this caller's, or the [`WaitBudget`] is spent.
     async fn lookup<T: DeserializeOwned>(&self, key: &EntryKey, tags: &[String]) -> Found<T> {
         let lifetime = self.policy.lifetime(self.client.options().lease);
-        let request = self.policy.get_request(Self::pb_key(key), lifetime, tags);
+        let mut request = self.policy.get_request(Self::pb_key(key), lifetime, tags);
+        let near = self.near();
+        // A near copy must never outlive its entry: ask for the time it has left.
+        request.want_ttl = near.is_some();
         let leased = request.lease_ms > 0;
         let mut stale = None;
         let mut budget: Option<WaitBudget> = None;
         loop {
             let request = request.clone();
+            // Taken before sending: the copy's expiry counts from here, and what empties the
+            // near cache meanwhile keeps this answer out of it.
+            let ticket = near.and_then(|near| near.ticket(&self.namespace));
             let found = self
                 .client
                 .cache_rpc("Get", &self.warned_refused, |mut rpc| async move {
@@ -820,6 +860,22 @@ impl Function {
             if reply.hit {
                 if let Some(value) = self.decode::<T>(&reply.value) {
                     self.client.count_hit();
+                    // Only a live hit that is not due goes into the near cache (a stale value
+                    // is never a hit; a due one is being recomputed).
+                    if let (Some(near), None) = (near, won) {
+                        if let (Some(hook), Some(_)) =
+                            (&self.client.options().near_insert_hook, ticket)
+                        {
+                            hook().await;
+                        }
+                        near.offer(
+                            key,
+                            reply.value.clone(),
+                            ticket,
+                            reply.position,
+                            reply.ttl_ms,
+                        );
+                    }
                     return Found::Hit {
                         value,
                         bytes: reply.value,
@@ -1067,6 +1123,10 @@ impl Function {
         self.client
             .flights()
             .lead(key, |claim| async move {
+                // From here the key's calls in this process wait for the refresh: none may
+                // read this process's old copy meanwhile, nor a lookup already in flight put
+                // one back.
+                self.client.own_change(&Scope::Entry(key.clone()));
                 self.client.count_computed();
                 let started = Instant::now();
                 let result = compute().await;
@@ -1146,6 +1206,7 @@ impl Function {
                 rpc.bust(request).await
             })
             .await;
+        self.client.own_change(&Scope::Entry(key.clone()));
     }
 
     /// Stores a refreshed result; one that is not cached (`null`) removes the old entry.
@@ -1156,7 +1217,10 @@ impl Function {
         value: &T,
         fresh: Fresh,
     ) -> Option<Bytes> {
-        let encoded = self.store(key, tags, value, fresh).await?;
+        let encoded = self.store(key, tags, value, fresh).await;
+        // A refresh replaces the entry: this process's copy goes before it returns.
+        self.client.own_change(&Scope::Entry(key.clone()));
+        let encoded = encoded?;
         if !self.cache_none && encoded.as_ref() == b"null" {
             self.remove(key).await;
         }
@@ -1169,10 +1233,13 @@ impl Function {
     /// # Errors
     /// [`Error::Args`], or the service's failure: a bust that did not happen is reported.
     pub async fn bust<A: Serialize + ?Sized>(&self, args: &A) -> Result<bool, Error> {
-        let key = Some(Self::pb_key(&self.entry_key(args)?));
+        let entry = self.entry_key(args)?;
+        let key = Some(Self::pb_key(&entry));
         let removed = self
             .client
-            .bust_rpc(|mut rpc| async move { rpc.bust(pb::BustRequest { key }).await })
+            .bust_rpc(Scope::Entry(entry), |mut rpc| async move {
+                rpc.bust(pb::BustRequest { key }).await
+            })
             .await?;
         Ok(removed > 0)
     }
@@ -1187,8 +1254,12 @@ impl Function {
             namespace: self.namespace.clone(),
             function: self.name.clone(),
         };
+        let scope = Scope::Function(self.namespace.clone(), self.name.clone());
         self.client
-            .bust_rpc(|mut rpc| async move { rpc.bust_function(request).await })
+            .bust_rpc(
+                scope,
+                |mut rpc| async move { rpc.bust_function(request).await },
+            )
             .await
     }
 }

@@ -1,0 +1,936 @@
+//! The near cache (L1): copies of cache entries in this process, kept coherent by the
+//! service's invalidation stream (`Watch`), so a repeated `memoize` call costs a map lookup
+//! instead of a round trip. Off unless
+//! [`ClientOptions::near_cache_bytes`](crate::ClientOptions::near_cache_bytes) is set.
+//!
+//! # The rule
+//! The proto's "Invalidation stream" comment states the rule a near cache follows; this
+//! module is that rule, under one lock ([`Coherence`]) that both applying an event and
+//! inserting a lookup's answer take:
+//! - nothing is cached, or served, until the current stream has delivered its first event,
+//!   nor after it dropped or stayed silent for
+//!   [`ClientOptions::near_cache_silence`](crate::ClientOptions::near_cache_silence);
+//! - a lookup's answer with position `p` is inserted only if `p != 0` and `applied <= p`
+//!   (`applied`: the highest position of any event processed, heartbeats included), and only
+//!   if nothing that empties the cache (a flush, a RESET, this client's own bust) happened
+//!   between sending the lookup and its answer (the `generation` a [`Ticket`] carries);
+//! - an INVALIDATION drops what its scope names, a RESET drops everything and sets `applied`
+//!   to its position (which may be lower: a restarted sequence);
+//! - a copy never outlives its entry: it expires at the time its lookup was sent plus the
+//!   time left the service reported.
+//!
+//! # One stream, the namespaces used so far
+//! A client has no right, in general, to follow every namespace (that needs the admin grant),
+//! so the stream follows the namespaces the service has answered this client's near-cached
+//! lookups with hits in (a namespace it may not read never gets that far, so it cannot get
+//! the stream refused for good). When a new one shows up, the stream is replaced by one that follows it too, and the near cache is
+//! emptied and bypassed until the new stream's first event, as after a drop. That costs one
+//! emptying per namespace a client ever uses (a handful in a service), in exchange for one
+//! code path for every change of stream: resuming without emptying would be correct too
+//! (`after` replays what the switch missed) but is a second path to get right.
+//!
+//! # Writes
+//! A value this client has just written is not inserted: its own write publishes an
+//! invalidation of the entry, which would drop it again (telling it apart would mean
+//! remembering our own positions). The next lookup, a remote hit, fills the near cache.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter, unsync};
+use tokio::{sync::Notify, task::JoinHandle};
+use tonic::Code;
+use tracing::{debug, warn};
+
+use crate::{client::RawClient, connect::describe, key::EntryKey, lock, pb};
+
+/// The near cache's size unless set: 0, off. A near cache changes what a caller can see (a
+/// bust made by another process is seen after a bounded delay instead of at once) and opens
+/// a `Watch` stream per client, so it is asked for, not given.
+pub const DEFAULT_NEAR_CACHE_BYTES: usize = 0;
+
+/// How long the near cache trusts a silent stream: with no event (the server sends a
+/// heartbeat every second by default) for this long, it is emptied and bypassed until a new
+/// stream speaks. Three heartbeats: one late heartbeat is not an outage.
+pub const DEFAULT_NEAR_CACHE_SILENCE: Duration = Duration::from_secs(3);
+
+/// What one copy costs beyond its key's and value's bytes: the map's slot, the queue links,
+/// the `Bytes` header and the expiry, rounded up. An estimate; it keeps a cache of many tiny
+/// values from holding far more entries than its size suggests.
+const ENTRY_OVERHEAD: u64 = 128;
+
+/// The weight the cache sizes itself for, per entry, to guess how many entries it will hold.
+const TYPICAL_ENTRY: usize = 512;
+
+/// The first pause before reconnecting a dropped stream; doubled after each failure.
+const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+
+/// The longest pause between two reconnection attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Which copies an invalidation (or this client's own bust) names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// One entry.
+    Entry(EntryKey),
+    /// Every entry of one function: (namespace, function).
+    Function(String, String),
+    /// Every entry of one namespace.
+    Namespace(String),
+    /// Every entry.
+    All,
+}
+
+impl Scope {
+    /// Whether `key` is among what the scope names.
+    fn covers(&self, key: &EntryKey) -> bool {
+        match self {
+            Scope::Entry(entry) => entry == key,
+            Scope::Function(namespace, function) => {
+                key.namespace() == namespace && key.function() == function
+            }
+            Scope::Namespace(namespace) => key.namespace() == namespace,
+            Scope::All => true,
+        }
+    }
+
+    /// The scope of an INVALIDATION event; everything when it names something this client
+    /// cannot read (an unknown scope, a malformed key), since dropping too much only costs
+    /// misses.
+    fn of_event(event: &pb::WatchEvent) -> Scope {
+        let key = event.key.as_ref();
+        let namespace = || key.map(|key| key.namespace.clone());
+        match pb::InvalidationScope::try_from(event.scope) {
+            Ok(pb::InvalidationScope::ScopeEntry) => key
+                .and_then(|key| {
+                    EntryKey::new(
+                        key.namespace.clone(),
+                        key.function.clone(),
+                        key.digest.clone(),
+                    )
+                    .ok()
+                })
+                .map_or(Scope::All, Scope::Entry),
+            Ok(pb::InvalidationScope::ScopeFunction) => key.map_or(Scope::All, |key| {
+                Scope::Function(key.namespace.clone(), key.function.clone())
+            }),
+            Ok(pb::InvalidationScope::ScopeNamespace) => {
+                namespace().map_or(Scope::All, Scope::Namespace)
+            }
+            _ => Scope::All,
+        }
+    }
+}
+
+/// One copy: the encoded value and when it stops being served.
+#[derive(Debug, Clone)]
+struct Held {
+    bytes: Bytes,
+    expires: Instant,
+}
+
+/// Weighs a copy by its key's and value's bytes plus [`ENTRY_OVERHEAD`].
+#[derive(Debug, Clone, Copy)]
+struct Bytewise;
+
+impl Weighter<EntryKey, Held> for Bytewise {
+    fn weight(&self, key: &EntryKey, copy: &Held) -> u64 {
+        let key_bytes = key.namespace().len() + key.function().len() + key.digest().len();
+        (key_bytes + copy.bytes.len()) as u64 + ENTRY_OVERHEAD
+    }
+}
+
+/// Counts copies pushed out to make room (not those dropped by invalidations).
+#[derive(Debug, Clone, Default)]
+struct Evictions(Arc<AtomicU64>);
+
+impl Lifecycle<EntryKey, Held> for Evictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _state: &mut (), _key: EntryKey, _copy: Held) {
+        self.0.fetch_add(1, Relaxed);
+    }
+}
+
+type Copies = unsync::Cache<EntryKey, Held, Bytewise, DefaultHashBuilder, Evictions>;
+
+/// What a lookup carries from before it was sent to its answer: which state of the near
+/// cache it was sent in, and when (its copy expires counted from then).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ticket {
+    generation: u64,
+    sent: Instant,
+}
+
+/// What applying one event did, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    Invalidation,
+    Heartbeat,
+    Reset,
+}
+
+/// The coherence rule's state, all under one lock: the copies, `applied`, whether the stream
+/// is healthy, and the generation that every emptying bumps.
+struct Coherence {
+    copies: Copies,
+    /// The highest position of any event processed (or a RESET's position).
+    applied: u64,
+    /// Bumped whenever the cache is emptied or this client busts: a lookup sent before is not
+    /// inserted.
+    generation: u64,
+    /// Whether the current stream has delivered its first event and has not dropped since.
+    healthy: bool,
+    /// When the last event arrived.
+    last_event: Instant,
+    /// The namespaces the healthy stream follows; only their entries are cached.
+    followed: BTreeSet<String>,
+    /// The namespaces that have used the near cache: what the next stream follows.
+    wanted: BTreeSet<String>,
+    /// The server refused the stream for good (invalidations off, no right to watch).
+    disabled: bool,
+}
+
+impl fmt::Debug for Coherence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Coherence")
+            .field("copies", &self.copies.len())
+            .field("applied", &self.applied)
+            .field("generation", &self.generation)
+            .field("healthy", &self.healthy)
+            .field("followed", &self.followed)
+            .field("disabled", &self.disabled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Coherence {
+    fn new(bytes: usize, evictions: Evictions, now: Instant) -> Self {
+        let items = (bytes / TYPICAL_ENTRY).max(16);
+        Coherence {
+            copies: Copies::with(
+                items,
+                bytes as u64,
+                Bytewise,
+                DefaultHashBuilder::default(),
+                evictions,
+            ),
+            applied: 0,
+            generation: 0,
+            healthy: false,
+            last_event: now,
+            followed: BTreeSet::new(),
+            wanted: BTreeSet::new(),
+            disabled: false,
+        }
+    }
+
+    /// Whether copies may be served and inserted now: a healthy stream heard from within
+    /// `silence`. (The watch task flushes a silent stream too; checking here as well keeps a
+    /// starved task from stretching the bound.)
+    fn usable(&self, now: Instant, silence: Duration) -> bool {
+        self.healthy && !self.disabled && now.saturating_duration_since(self.last_event) < silence
+    }
+
+    /// A ticket for a lookup of `namespace` sent now, when its answer may be cached.
+    fn ticket(&self, namespace: &str, now: Instant, silence: Duration) -> Option<Ticket> {
+        (self.usable(now, silence) && self.followed.contains(namespace)).then_some(Ticket {
+            generation: self.generation,
+            sent: now,
+        })
+    }
+
+    /// The live copy of `key`, if it may be served now.
+    fn get(&mut self, key: &EntryKey, now: Instant, silence: Duration) -> Option<Bytes> {
+        if !self.usable(now, silence) {
+            return None;
+        }
+        let copy = self.copies.get(key)?;
+        if copy.expires <= now {
+            self.copies.remove(key);
+            return None;
+        }
+        Some(copy.bytes.clone())
+    }
+
+    /// Inserts a lookup's answer (position `position`, `ttl` left) if the rule allows;
+    /// returns whether it did.
+    fn insert(
+        &mut self,
+        key: EntryKey,
+        bytes: Bytes,
+        ticket: Ticket,
+        position: u64,
+        ttl: Duration,
+    ) -> bool {
+        let allowed = self.healthy
+            && !self.disabled
+            && ticket.generation == self.generation
+            && position != 0
+            && self.applied <= position
+            && !ttl.is_zero();
+        if allowed {
+            let expires = ticket.sent + ttl;
+            self.copies.insert(key, Held { bytes, expires });
+        }
+        allowed
+    }
+
+    /// Applies one event of the stream following `followed`.
+    fn apply(
+        &mut self,
+        event: &pb::WatchEvent,
+        followed: &BTreeSet<String>,
+        now: Instant,
+    ) -> Applied {
+        if !self.healthy {
+            // The stream's first event: from here on, every invalidation after `applied`
+            // reaches this cache.
+            self.healthy = true;
+            self.followed = followed.clone();
+        }
+        self.last_event = now;
+        match pb::WatchEventKind::try_from(event.kind) {
+            Ok(pb::WatchEventKind::WatchEventHeartbeat) => {
+                self.applied = self.applied.max(event.position);
+                Applied::Heartbeat
+            }
+            Ok(pb::WatchEventKind::WatchEventInvalidation) => {
+                self.drop_scope(&Scope::of_event(event));
+                self.applied = self.applied.max(event.position);
+                Applied::Invalidation
+            }
+            Ok(pb::WatchEventKind::WatchEventReset)
+            | Ok(pb::WatchEventKind::Unspecified)
+            | Err(_) => {
+                // A restarted sequence numbers from lower: `applied` follows it down, and
+                // lookups in flight (positions of the old numbering) are not inserted.
+                self.empty();
+                self.applied = event.position;
+                Applied::Reset
+            }
+        }
+    }
+
+    /// Drops the copies `scope` names.
+    fn drop_scope(&mut self, scope: &Scope) {
+        match scope {
+            Scope::Entry(key) => {
+                self.copies.remove(key);
+            }
+            Scope::All => self.copies.clear(),
+            _ => self.copies.retain(|key, _| !scope.covers(key)),
+        }
+    }
+
+    /// This client's own bust (or overwrite) of `scope`: its copies go at once, and no
+    /// lookup sent before it is inserted (it may have read what the bust removed).
+    fn own_change(&mut self, scope: &Scope) {
+        self.drop_scope(scope);
+        self.generation += 1;
+    }
+
+    /// Drops every copy; lookups in flight are not inserted.
+    fn empty(&mut self) {
+        self.copies.clear();
+        self.generation += 1;
+    }
+
+    /// The stream dropped, fell silent or is being replaced: empty and bypass the cache until
+    /// the next stream's first event.
+    fn flush(&mut self) {
+        self.empty();
+        self.healthy = false;
+        self.followed.clear();
+    }
+}
+
+/// The near cache's counters (see [`ClientMetrics`](crate::ClientMetrics)).
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: Evictions,
+    invalidations: AtomicU64,
+    resets: AtomicU64,
+    flushes: AtomicU64,
+}
+
+/// What the near cache reports in [`ClientMetrics`](crate::ClientMetrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct NearMetrics {
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+    pub(crate) evictions: u64,
+    pub(crate) invalidations: u64,
+    pub(crate) resets: u64,
+    pub(crate) flushes: u64,
+    pub(crate) stream_healthy: bool,
+    pub(crate) disabled: bool,
+}
+
+/// A client's near cache and the handle of its watch task. Shared by the client's clones.
+pub(crate) struct Near {
+    state: Mutex<Coherence>,
+    silence: Duration,
+    counters: Counters,
+    /// Woken when a namespace is added to `wanted`, so the stream follows it.
+    grown: Arc<Notify>,
+    /// The watch task, once the first hit started it. A task whose runtime shut down (a
+    /// client shared by several runtimes, as tests do) is started again by the next hit.
+    task: Mutex<Option<JoinHandle<()>>>,
+    /// The stub the watch task calls `Watch` with.
+    rpc: RawClient,
+}
+
+impl fmt::Debug for Near {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Near")
+            .field("state", &*lock(&self.state))
+            .field("silence", &self.silence)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Near {
+    /// A near cache of `bytes` whose stream is trusted for `silence` without an event;
+    /// its watch task starts with the first namespace it is asked to follow.
+    pub(crate) fn new(bytes: usize, silence: Duration, rpc: RawClient) -> Self {
+        let counters = Counters::default();
+        let state = Coherence::new(bytes, counters.evictions.clone(), Instant::now());
+        Near {
+            state: Mutex::new(state),
+            silence,
+            counters,
+            grown: Arc::new(Notify::new()),
+            task: Mutex::new(None),
+            rpc,
+        }
+    }
+
+    /// Makes sure the watch task runs (starting it, the first time or when its runtime is
+    /// gone); when `grown`, wakes it to reopen the stream with the namespaces added.
+    fn watching(self: &Arc<Self>, grown: bool) {
+        let mut task = lock(&self.task);
+        if task.as_ref().is_some_and(|task| !task.is_finished()) {
+            if grown {
+                self.grown.notify_one();
+            }
+            return;
+        }
+        // A task that died with its runtime left the state as it was: start from empty, as
+        // after any lost stream.
+        lock(&self.state).flush();
+        *task = Some(tokio::spawn(watch(
+            Arc::downgrade(self),
+            self.grown.clone(),
+            self.rpc.clone(),
+        )));
+    }
+
+    /// The copy of `key` if one may be served, counted as a near hit or miss (not counted
+    /// once the near cache is off for good).
+    pub(crate) fn get(&self, key: &EntryKey) -> Option<Bytes> {
+        let found = {
+            let mut state = lock(&self.state);
+            if state.disabled {
+                return None;
+            }
+            state.get(key, Instant::now(), self.silence)
+        };
+        let counter = match found {
+            Some(_) => &self.counters.hits,
+            None => &self.counters.misses,
+        };
+        counter.fetch_add(1, Relaxed);
+        found
+    }
+
+    /// A lookup's hit turned out not to be servable (it does not decode): drops it and
+    /// counts a miss in place of the hit.
+    pub(crate) fn discard(&self, key: &EntryKey) {
+        lock(&self.state).copies.remove(key);
+        self.counters.hits.fetch_sub(1, Relaxed);
+        self.counters.misses.fetch_add(1, Relaxed);
+    }
+
+    /// A ticket for a lookup of a key of `namespace` about to be sent, when its answer may
+    /// be cached.
+    pub(crate) fn ticket(&self, namespace: &str) -> Option<Ticket> {
+        lock(&self.state).ticket(namespace, Instant::now(), self.silence)
+    }
+
+    /// Offers a live hit of `key` answered at `position` with `ttl_ms` left: copied if its
+    /// lookup had a `ticket` and the rule allows. The first hit of a namespace has the stream
+    /// follow it, so its later hits can be copied: following only namespaces the service has
+    /// answered hits of keeps one the client may not read from turning the near cache off
+    /// (a Watch it may not make is refused for good). One lock in all.
+    pub(crate) fn offer(
+        self: &Arc<Self>,
+        key: &EntryKey,
+        bytes: Bytes,
+        ticket: Option<Ticket>,
+        position: u64,
+        ttl_ms: u64,
+    ) {
+        let ttl = Duration::from_millis(ttl_ms);
+        let (new, disabled) = {
+            let mut state = lock(&self.state);
+            if let Some(ticket) = ticket {
+                state.insert(key.clone(), bytes, ticket, position, ttl);
+            }
+            let namespace = key.namespace();
+            let new =
+                !state.wanted.contains(namespace) && state.wanted.insert(namespace.to_owned());
+            (new, state.disabled)
+        };
+        if new {
+            debug!(
+                namespace = key.namespace(),
+                "cache-money near cache: following a new namespace"
+            );
+        }
+        if !disabled {
+            self.watching(new);
+        }
+    }
+
+    /// This client's own bust or overwrite of `scope`: its copies go before the call returns.
+    pub(crate) fn own_change(&self, scope: &Scope) {
+        lock(&self.state).own_change(scope);
+    }
+
+    /// A snapshot of the counters and the stream's state.
+    pub(crate) fn metrics(&self) -> NearMetrics {
+        let counters = &self.counters;
+        let (stream_healthy, disabled) = {
+            let state = lock(&self.state);
+            (state.usable(Instant::now(), self.silence), state.disabled)
+        };
+        NearMetrics {
+            hits: counters.hits.load(Relaxed),
+            misses: counters.misses.load(Relaxed),
+            evictions: counters.evictions.0.load(Relaxed),
+            invalidations: counters.invalidations.load(Relaxed),
+            resets: counters.resets.load(Relaxed),
+            flushes: counters.flushes.load(Relaxed),
+            stream_healthy,
+            disabled,
+        }
+    }
+
+    /// What the next stream asks for: the namespaces wanted so far, after `applied`.
+    fn request(&self) -> (pb::WatchRequest, BTreeSet<String>) {
+        let state = lock(&self.state);
+        let request = pb::WatchRequest {
+            namespaces: state.wanted.iter().cloned().collect(),
+            after: state.applied,
+            ..Default::default()
+        };
+        (request, state.wanted.clone())
+    }
+
+    /// Whether namespaces were added since the stream following `followed` started.
+    fn grew(&self, followed: &BTreeSet<String>) -> bool {
+        lock(&self.state).wanted.len() != followed.len()
+    }
+
+    fn apply(&self, event: &pb::WatchEvent, followed: &BTreeSet<String>) {
+        let applied = lock(&self.state).apply(event, followed, Instant::now());
+        let counter = match applied {
+            Applied::Invalidation => &self.counters.invalidations,
+            Applied::Reset => &self.counters.resets,
+            Applied::Heartbeat => return,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// Empties and bypasses the cache until the next stream's first event; `counted` when it
+    /// is an outage (a drop or silence), not a planned switch.
+    fn flush(&self, counted: bool) {
+        lock(&self.state).flush();
+        if counted {
+            self.counters.flushes.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn disable(&self, status: &tonic::Status) {
+        let mut state = lock(&self.state);
+        state.flush();
+        state.disabled = true;
+        // The watch task ends here, so this is logged once per client.
+        warn!(cause = %describe(status), "cache-money near cache off: the service does not stream invalidations to this client (invalidations off, or no read access to watch); memoize goes to the service every call");
+    }
+}
+
+/// Whether a `Watch` failure means it will never work for this client: invalidations are
+/// off (UNIMPLEMENTED), the client may not watch a namespace it uses (PERMISSION_DENIED), or
+/// the request itself is refused (INVALID_ARGUMENT: more namespaces than the server's
+/// `--max-batch`), which retrying would only repeat.
+fn is_final(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unimplemented | Code::PermissionDenied | Code::InvalidArgument
+    )
+}
+
+/// How a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// It failed, ended, or stayed silent: an outage.
+    Lost,
+    /// It is replaced by one following more namespaces.
+    Grown,
+    /// The server refused it for good, or the client is gone.
+    Stop,
+}
+
+/// The watch task: keeps one stream of the wanted namespaces open (reconnecting with backoff,
+/// resuming after `applied`), and applies its events. Holds the near cache weakly, so it ends
+/// within one silence period of the client being dropped.
+async fn watch(near: Weak<Near>, grown: Arc<Notify>, mut rpc: RawClient) {
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let Some((request, followed, silence)) = near.upgrade().map(|near| {
+            let (request, followed) = near.request();
+            (request, followed, near.silence)
+        }) else {
+            return;
+        };
+        let end = stream(
+            &near,
+            &grown,
+            &mut rpc,
+            request,
+            &followed,
+            silence,
+            &mut backoff,
+        )
+        .await;
+        let Some(this) = near.upgrade() else { return };
+        match end {
+            End::Stop => return,
+            End::Grown => this.flush(false),
+            End::Lost => {
+                this.flush(true);
+                drop(this);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Opens one stream and applies its events until it ends.
+async fn stream(
+    near: &Weak<Near>,
+    grown: &Notify,
+    rpc: &mut RawClient,
+    request: pb::WatchRequest,
+    followed: &BTreeSet<String>,
+    silence: Duration,
+    backoff: &mut Duration,
+) -> End {
+    let mut events = match tokio::time::timeout(silence, rpc.watch(request)).await {
+        Ok(Ok(reply)) => reply.into_inner(),
+        Ok(Err(status)) => return failed(near, &status),
+        Err(_) => return End::Lost,
+    };
+    loop {
+        tokio::select! {
+            () = grown.notified() => {
+                let Some(this) = near.upgrade() else { return End::Stop };
+                if this.grew(followed) {
+                    return End::Grown;
+                }
+            }
+            next = tokio::time::timeout(silence, events.message()) => {
+                let Some(this) = near.upgrade() else { return End::Stop };
+                match next {
+                    Ok(Ok(Some(event))) => {
+                        this.apply(&event, followed);
+                        *backoff = BACKOFF_FIRST;
+                    }
+                    Ok(Ok(None)) => return End::Lost,
+                    Ok(Err(status)) => return failed(near, &status),
+                    Err(_) => {
+                        debug!(silence_ms = silence.as_millis() as u64, "cache-money near cache: the invalidation stream is silent; emptying and reconnecting");
+                        return End::Lost;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a failed `Watch` comes to: the end of the near cache, or a reconnection.
+fn failed(near: &Weak<Near>, status: &tonic::Status) -> End {
+    let Some(this) = near.upgrade() else {
+        return End::Stop;
+    };
+    if is_final(status) {
+        this.disable(status);
+        return End::Stop;
+    }
+    debug!(cause = %describe(status), "cache-money near cache: the invalidation stream failed; emptying and reconnecting");
+    End::Lost
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SILENCE: Duration = Duration::from_secs(3);
+
+    fn key(function: &str, n: u8) -> EntryKey {
+        EntryKey::new("ns".into(), function.into(), format!("{n:032x}")).unwrap()
+    }
+
+    fn event(kind: pb::WatchEventKind, position: u64) -> pb::WatchEvent {
+        pb::WatchEvent {
+            kind: kind as i32,
+            position,
+            ..Default::default()
+        }
+    }
+
+    fn heartbeat(position: u64) -> pb::WatchEvent {
+        event(pb::WatchEventKind::WatchEventHeartbeat, position)
+    }
+
+    fn invalidation(scope: pb::InvalidationScope, key: pb::Key, position: u64) -> pb::WatchEvent {
+        pb::WatchEvent {
+            scope: scope as i32,
+            key: Some(key),
+            ..event(pb::WatchEventKind::WatchEventInvalidation, position)
+        }
+    }
+
+    fn pb_key(namespace: &str, function: &str, digest: &str) -> pb::Key {
+        pb::Key {
+            namespace: namespace.into(),
+            function: function.into(),
+            digest: digest.into(),
+        }
+    }
+
+    fn followed() -> BTreeSet<String> {
+        BTreeSet::from(["ns".to_owned()])
+    }
+
+    /// A healthy cache: its stream delivered a first heartbeat at `position`.
+    fn healthy(position: u64) -> (Coherence, Instant) {
+        let now = Instant::now();
+        let mut state = Coherence::new(1 << 20, Evictions::default(), now);
+        state.apply(&heartbeat(position), &followed(), now);
+        (state, now)
+    }
+
+    fn put(state: &mut Coherence, key: &EntryKey, position: u64, now: Instant) -> bool {
+        let ticket = state.ticket("ns", now, SILENCE).expect("a ticket");
+        let ttl = Duration::from_secs(60);
+        state.insert(key.clone(), Bytes::from_static(b"1"), ticket, position, ttl)
+    }
+
+    /// Nothing is cached before the stream's first event, nor served.
+    #[test]
+    fn nothing_before_the_first_event() {
+        let now = Instant::now();
+        let mut state = Coherence::new(1 << 20, Evictions::default(), now);
+        assert!(state.ticket("ns", now, SILENCE).is_none());
+        assert!(state.get(&key("f", 1), now, SILENCE).is_none());
+    }
+
+    /// An answer is inserted only when applied <= its position, and never at position 0.
+    #[test]
+    fn inserts_only_at_or_after_applied() {
+        let (mut state, now) = healthy(10);
+        assert!(!put(&mut state, &key("f", 1), 9, now), "older than applied");
+        assert!(!put(&mut state, &key("f", 2), 0, now), "unknown position");
+        assert!(put(&mut state, &key("f", 3), 10, now), "equal to applied");
+        assert!(put(&mut state, &key("f", 4), 11, now), "newer than applied");
+        assert!(state.get(&key("f", 3), now, SILENCE).is_some());
+        assert!(state.get(&key("f", 1), now, SILENCE).is_none());
+    }
+
+    /// An invalidation processed while a lookup was in flight keeps its older answer out.
+    #[test]
+    fn an_invalidation_during_a_lookup_keeps_its_answer_out() {
+        let (mut state, now) = healthy(10);
+        let ticket = state.ticket("ns", now, SILENCE).unwrap();
+        let k = key("f", 1);
+        let digest = k.digest().to_owned();
+        state.apply(
+            &invalidation(
+                pb::InvalidationScope::ScopeEntry,
+                pb_key("ns", "f", &digest),
+                12,
+            ),
+            &followed(),
+            now,
+        );
+        // The lookup read its value at position 11, before the bust at 12.
+        let ttl = Duration::from_secs(60);
+        assert!(!state.insert(k.clone(), Bytes::new(), ticket, 11, ttl));
+        assert!(state.get(&k, now, SILENCE).is_none());
+    }
+
+    /// A RESET empties the cache and sets applied to its position, even a lower one; a
+    /// lookup sent before it is not inserted.
+    #[test]
+    fn a_reset_lowers_applied_and_voids_lookups_in_flight() {
+        let (mut state, now) = healthy(100);
+        assert!(put(&mut state, &key("f", 1), 100, now));
+        let before = state.ticket("ns", now, SILENCE).unwrap();
+        state.apply(
+            &event(pb::WatchEventKind::WatchEventReset, 5),
+            &followed(),
+            now,
+        );
+        assert_eq!(state.applied, 5);
+        assert!(state.get(&key("f", 1), now, SILENCE).is_none());
+        let ttl = Duration::from_secs(60);
+        assert!(!state.insert(key("f", 2), Bytes::new(), before, 100, ttl));
+        assert!(
+            put(&mut state, &key("f", 3), 6, now),
+            "the new numbering's positions count"
+        );
+        // Heartbeats only raise applied.
+        state.apply(&heartbeat(4), &followed(), now);
+        assert_eq!(state.applied, 5, "a lower heartbeat does not lower applied");
+    }
+
+    /// Each scope drops exactly what it names.
+    #[test]
+    fn scopes_drop_what_they_name() {
+        let (mut state, now) = healthy(1);
+        let (f1, f2, g1) = (key("f", 1), key("f", 2), key("g", 1));
+        let other = EntryKey::new("other".into(), "f".into(), format!("{:032x}", 1)).unwrap();
+        let fill = |state: &mut Coherence| {
+            let position = state.applied;
+            for k in [&f1, &f2, &g1] {
+                assert!(put(state, k, position, now));
+            }
+            state.followed.insert("other".into());
+            let ticket = state.ticket("other", now, SILENCE).unwrap();
+            let ttl = Duration::from_secs(60);
+            assert!(state.insert(other.clone(), Bytes::new(), ticket, position, ttl));
+        };
+        let present = |state: &mut Coherence| {
+            [&f1, &f2, &g1, &other].map(|k| state.get(k, now, SILENCE).is_some())
+        };
+        let cases = [
+            (
+                invalidation(
+                    pb::InvalidationScope::ScopeEntry,
+                    pb_key("ns", "f", f1.digest()),
+                    2,
+                ),
+                [false, true, true, true],
+            ),
+            (
+                invalidation(
+                    pb::InvalidationScope::ScopeFunction,
+                    pb_key("ns", "f", ""),
+                    2,
+                ),
+                [false, false, true, true],
+            ),
+            (
+                invalidation(
+                    pb::InvalidationScope::ScopeNamespace,
+                    pb_key("ns", "", ""),
+                    2,
+                ),
+                [false, false, false, true],
+            ),
+            (
+                invalidation(pb::InvalidationScope::ScopeAll, pb::Key::default(), 2),
+                [false, false, false, false],
+            ),
+        ];
+        for (event, expected) in cases {
+            fill(&mut state);
+            state.apply(&event, &followed(), now);
+            assert_eq!(present(&mut state), expected, "after {event:?}");
+        }
+    }
+
+    /// A flush bypasses the cache until the next first event; a silent stream is not
+    /// served from either.
+    #[test]
+    fn a_flushed_or_silent_stream_serves_nothing() {
+        let (mut state, now) = healthy(1);
+        assert!(put(&mut state, &key("f", 1), 1, now));
+        let late = now + SILENCE;
+        assert!(state.get(&key("f", 1), late, SILENCE).is_none(), "silent");
+        assert!(state.ticket("ns", late, SILENCE).is_none());
+        state.flush();
+        assert!(state.get(&key("f", 1), now, SILENCE).is_none());
+        assert!(state.ticket("ns", now, SILENCE).is_none());
+        state.apply(&heartbeat(2), &followed(), now);
+        assert!(state.ticket("ns", now, SILENCE).is_some());
+    }
+
+    /// A copy expires when its entry would: the lookup's send time plus the time left.
+    #[test]
+    fn copies_expire_with_their_entries() {
+        let (mut state, now) = healthy(1);
+        let ticket = state.ticket("ns", now, SILENCE).unwrap();
+        let k = key("f", 1);
+        assert!(state.insert(
+            k.clone(),
+            Bytes::new(),
+            ticket,
+            1,
+            Duration::from_millis(50)
+        ));
+        assert!(
+            state
+                .get(&k, now + Duration::from_millis(49), SILENCE)
+                .is_some()
+        );
+        assert!(
+            state
+                .get(&k, now + Duration::from_millis(50), SILENCE)
+                .is_none()
+        );
+    }
+
+    /// This client's own bust drops its copies and keeps lookups sent before it out.
+    #[test]
+    fn own_busts_drop_at_once_and_void_lookups_in_flight() {
+        let (mut state, now) = healthy(1);
+        assert!(put(&mut state, &key("f", 1), 1, now));
+        let before = state.ticket("ns", now, SILENCE).unwrap();
+        state.own_change(&Scope::Function("ns".into(), "f".into()));
+        assert!(state.get(&key("f", 1), now, SILENCE).is_none());
+        let ttl = Duration::from_secs(60);
+        assert!(!state.insert(key("f", 2), Bytes::new(), before, 2, ttl));
+    }
+
+    /// Copies are pushed out to fit the size, and counted.
+    #[test]
+    fn the_size_bounds_the_copies() {
+        let evictions = Evictions::default();
+        let now = Instant::now();
+        let mut state = Coherence::new(4096, evictions.clone(), now);
+        state.apply(&heartbeat(1), &followed(), now);
+        for n in 0..100 {
+            let ticket = state.ticket("ns", now, SILENCE).unwrap();
+            let value = Bytes::from(vec![b'x'; 100]);
+            state.insert(key("f", n), value, ticket, 1, Duration::from_secs(60));
+        }
+        assert!(state.copies.weight() <= 4096);
+        assert!(evictions.0.load(Relaxed) > 0);
+    }
+}

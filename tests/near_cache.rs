@@ -1,0 +1,872 @@
+//! The client's near cache (`ClientOptions::near_cache_bytes`) against real servers: two
+//! replicas over one `redis-server` or one Redis Cluster, a client with the near cache on
+//! each. A bust or overwrite of any scope made through one replica reaches the other's
+//! client within a bound (measured and printed); a client whose stream is killed or frozen
+//! serves nothing from its copies until a stream is back (on the same replica or, with
+//! `connect_many`, another); a bust applied while a lookup is in flight keeps that lookup's
+//! answer out; a restarted sequence's RESET lowers `applied`; own busts and refreshes are
+//! seen at once; the size bounds the copies; and a randomized run of memoize, bust and Put
+//! on a few keys never returns a value older than the bound. A near hit's cost against a
+//! remote hit's is printed.
+
+mod common;
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::SeqCst},
+    },
+    time::{Duration, Instant},
+};
+
+use cache_money::{Client, ClientMetrics, ClientOptions, Function, Ttl, pb};
+use common::{CacheServer, RedisCluster, RedisServer, eventually};
+use tokio::sync::Notify;
+
+/// How long a bust made through one replica may take to reach another replica's client's
+/// near cache before the test fails: generous, for a loaded machine; the delay measured is
+/// printed.
+const BOUND: Duration = Duration::from_millis(500);
+
+/// How long the near cache may take to become usable (its stream's first event), or to
+/// notice an outage, before the test fails.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// The near cache's size in the tests: far more than they fill.
+const NEAR_BYTES: usize = 1 << 20;
+
+/// Which store the replicas share.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Redis,
+    Cluster,
+}
+
+/// The store behind the replicas, kept alive while they run.
+#[expect(dead_code, reason = "held only so the store outlives its servers")]
+enum Behind {
+    Redis(RedisServer),
+    Cluster(Arc<RedisCluster>),
+}
+
+impl Backend {
+    /// A store and the arguments that point a server at it (its own key prefix on the
+    /// shared cluster); heartbeats every 100 ms, so streams start quickly.
+    fn store(self) -> (Behind, Vec<String>) {
+        let mut args = vec!["--watch-heartbeat-ms".to_owned(), "100".to_owned()];
+        let behind = match self {
+            Backend::Redis => {
+                let redis = RedisServer::start();
+                args.extend(["--redis-url".to_owned(), redis.url()]);
+                Behind::Redis(redis)
+            }
+            Backend::Cluster => {
+                let cluster = RedisCluster::shared();
+                args.extend([
+                    "--redis-cluster".to_owned(),
+                    cluster.seeds(),
+                    "--key-prefix".to_owned(),
+                    common::unique_prefix("near"),
+                ]);
+                Behind::Cluster(cluster)
+            }
+        };
+        (behind, args)
+    }
+
+    /// Two replicas over one fresh store.
+    fn replicas(self) -> (Behind, CacheServer, CacheServer) {
+        let (behind, args) = self.store();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (behind, CacheServer::start(&args), CacheServer::start(&args))
+    }
+}
+
+fn near_options() -> ClientOptions {
+    ClientOptions {
+        near_cache_bytes: NEAR_BYTES,
+        ..ClientOptions::default()
+    }
+}
+
+/// A client of `server` with the near cache on.
+async fn near_client(server: &CacheServer, options: ClientOptions) -> Client {
+    Client::connect_with(server.url(), options)
+        .await
+        .expect("client")
+}
+
+/// A client of `server` without a near cache.
+async fn plain_client(server: &CacheServer) -> Client {
+    Client::connect(server.url()).await.expect("client")
+}
+
+/// The "source of truth" a memoized function reads: one version number.
+#[derive(Debug, Default)]
+struct Source(AtomicU64);
+
+impl Source {
+    fn get(&self) -> u64 {
+        self.0.load(SeqCst)
+    }
+
+    fn set(&self, version: u64) {
+        self.0.store(version, SeqCst)
+    }
+}
+
+/// Memoizes `args` of `f`, computing the source's current version.
+async fn read(f: &Function, args: u64, source: &Source) -> u64 {
+    let version = source.get();
+    f.memoize(&(args,), || async move { version })
+        .await
+        .expect("memoize")
+}
+
+/// Memoizes until the call is answered from the near cache with `expected`.
+async fn warm(f: &Function, client: &Client, args: u64, source: &Source, expected: u64) {
+    let warmed = eventually(SETTLE, || async {
+        let before = client.metrics().near_hits;
+        let value = read(f, args, source).await;
+        value == expected && client.metrics().near_hits > before
+    })
+    .await;
+    assert!(
+        warmed,
+        "no near hit within {SETTLE:?}: {:?}",
+        client.metrics()
+    );
+}
+
+/// How another client changes the entry that a near cache holds.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Bust,
+    BustFunction,
+    BustNamespace,
+    BustTag,
+    BustAll,
+    Put,
+}
+
+async fn change(how: Change, other: &Client, f: &Function, args: u64, new: u64) {
+    match how {
+        Change::Bust => {
+            f.bust(&(args,)).await.expect("bust");
+        }
+        Change::BustFunction => {
+            f.bust_all().await.expect("bust function");
+        }
+        Change::BustNamespace => {
+            other.bust_namespace(f.namespace()).await.expect("bust ns");
+        }
+        Change::BustTag => {
+            other.bust_tag(f.namespace(), "t").await.expect("bust tag");
+        }
+        Change::BustAll => {
+            other.bust_all().await.expect("bust all");
+        }
+        Change::Put => {
+            let request = pb::PutRequest {
+                key: Some(pb::Key {
+                    namespace: f.namespace().to_owned(),
+                    function: f.name().to_owned(),
+                    digest: f.digest(&(args,)).expect("digest"),
+                }),
+                value: serde_json::to_vec(&new).expect("encode").into(),
+                ttl_seconds: 60,
+                ..Default::default()
+            };
+            other.raw().put(request).await.expect("put");
+        }
+    }
+}
+
+/// A bust of every scope, and an overwrite, made by a client of replica 2 reaches a client of
+/// replica 1 whose near cache holds the value: the invalidation is applied, and its next
+/// `memoize` returns the new value, within [`BOUND`] of the change returning (both delays
+/// printed; the second includes the remote miss and write that fetch the new value).
+async fn changes_reach_other_replicas(backend: Backend) {
+    let (_store, one, two) = backend.replicas();
+    let near = near_client(&one, near_options()).await;
+    let other = plain_client(&two).await;
+    let source = Source::default();
+    let mut delays = Vec::new();
+    for (n, how) in [
+        Change::Bust,
+        Change::BustFunction,
+        Change::BustNamespace,
+        Change::BustTag,
+        Change::BustAll,
+        Change::Put,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = n as u64;
+        let (old, new) = (2 * n + 1, 2 * n + 2);
+        let mine = near.function("near.app", "f", Ttl::MINUTE).tagged(["t"]);
+        let theirs = other.function("near.app", "f", Ttl::MINUTE);
+        source.set(old);
+        warm(&mine, &near, n, &source, old).await;
+        source.set(new);
+        let invalidations = near.metrics().near_invalidations;
+        change(how, &other, &theirs, n, new).await;
+        let changed = Instant::now();
+        // When the invalidation is applied (it may come before the change's own answer).
+        while near.metrics().near_invalidations == invalidations {
+            assert!(
+                changed.elapsed() < BOUND,
+                "{how:?}: no invalidation {BOUND:?} after the change"
+            );
+            tokio::task::yield_now().await;
+        }
+        let dropped = changed.elapsed();
+        let seen = loop {
+            if read(&mine, n, &source).await == new {
+                break changed.elapsed();
+            }
+            assert!(
+                changed.elapsed() < BOUND,
+                "{how:?}: still the old value {BOUND:?} after the change: {:?}",
+                near.metrics()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        assert!(
+            near.metrics().near_invalidations > invalidations,
+            "{how:?} came through the stream"
+        );
+        delays.push(format!("{how:?} {dropped:?} / {seen:?}"));
+    }
+    eprintln!(
+        "near cache over {backend:?}: change returned on replica 2 -> invalidation applied by replica 1's client / new value read by it: {}",
+        delays.join(", ")
+    );
+}
+
+/// A client whose replica is killed (SIGKILL) stops serving from its near cache as soon as
+/// its stream fails (not a single near hit after), and serves from it again once the
+/// replica is back; the time to notice is printed.
+async fn a_killed_stream_stops_the_near_cache(backend: Backend) {
+    let (_store, mut one, _two) = backend.replicas();
+    let near = near_client(&one, near_options()).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+    assert!(near.metrics().near_stream_healthy);
+
+    let killed = Instant::now();
+    one.kill();
+    let noticed = eventually(SETTLE, || async { !near.metrics().near_stream_healthy }).await;
+    assert!(
+        noticed,
+        "the stream still looks healthy: {:?}",
+        near.metrics()
+    );
+    let took = killed.elapsed();
+    let before = near.metrics();
+    for _ in 0..10 {
+        read(&f, 1, &source).await;
+    }
+    let after = near.metrics();
+    assert_eq!(
+        after.near_hits, before.near_hits,
+        "served from the near cache"
+    );
+    assert!(after.near_flushes >= 1, "{after:?}");
+
+    one.restart();
+    warm(&f, &near, 1, &source, 1).await;
+    eprintln!(
+        "near cache over {backend:?}: a killed replica's stream noticed after {took:?}; near hits again after restart ({:?})",
+        near.metrics()
+    );
+}
+
+/// A client whose replica is frozen (SIGSTOP: its connection stays open, nothing arrives)
+/// stops serving from its near cache once the stream has been silent for
+/// `near_cache_silence`, and serves again once the replica is thawed.
+#[tokio::test]
+async fn a_silent_stream_stops_the_near_cache() {
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let silence = Duration::from_millis(500);
+    let options = ClientOptions {
+        near_cache_silence: silence,
+        ..near_options()
+    };
+    let near = near_client(&one, options).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+
+    one.freeze();
+    let frozen = Instant::now();
+    let noticed = eventually(SETTLE, || async { !near.metrics().near_stream_healthy }).await;
+    let took = frozen.elapsed();
+    one.thaw();
+    assert!(noticed, "a silent stream still looks healthy");
+    assert!(
+        took >= silence / 2,
+        "noticed after {took:?}, before any silence"
+    );
+    warm(&f, &near, 1, &source, 1).await;
+    let metrics = near.metrics();
+    assert!(metrics.near_flushes >= 1, "{metrics:?}");
+    eprintln!(
+        "near cache: a frozen replica's stream given up after {took:?} (silence {silence:?})"
+    );
+}
+
+/// A bust whose invalidation the near cache applies while one of its lookups is in flight
+/// (the lookup read the old value before the bust; its answer arrives after) keeps that
+/// answer out of the near cache: the next call gets the new value, not a near hit. The
+/// client's test hook holds the answer until the invalidation is applied, so the race is
+/// made, not hoped for. Without the rule (insert only if applied <= the answer's position),
+/// the old value would be inserted after the invalidation that should have dropped it, and
+/// served until its TTL.
+async fn a_bust_during_a_lookup_is_not_lost(backend: Backend) {
+    let (_store, one, two) = backend.replicas();
+    let answered = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let armed = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let (answered, release, armed) = (answered.clone(), release.clone(), armed.clone());
+        Arc::new(move || {
+            let (answered, release, armed) = (answered.clone(), release.clone(), armed.clone());
+            Box::pin(async move {
+                if armed.swap(false, SeqCst) {
+                    answered.notify_one();
+                    release.notified().await;
+                }
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        })
+    };
+    let options = ClientOptions {
+        near_insert_hook: Some(hook),
+        ..near_options()
+    };
+    let near = near_client(&one, options).await;
+    let other = plain_client(&two).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    // The stream is healthy (a near hit of another key), and key 7 is stored remotely with
+    // version 1 but not copied (written by the other client).
+    warm(&f, &near, 0, &source, 1).await;
+    let theirs = other.function("near.app", "f", Ttl::MINUTE);
+    assert_eq!(read(&theirs, 7, &source).await, 1);
+
+    armed.store(true, SeqCst);
+    let lookup = {
+        let f = f.clone();
+        tokio::spawn(async move {
+            let source = Source::default();
+            read(&f, 7, &source).await
+        })
+    };
+    answered.notified().await;
+    // The lookup has its answer (version 1): bust through the other replica and wait until
+    // this client's stream has applied the invalidation.
+    let invalidations = near.metrics().near_invalidations;
+    source.set(2);
+    theirs.bust(&(7,)).await.expect("bust");
+    let applied = eventually(SETTLE, || async {
+        near.metrics().near_invalidations > invalidations
+    })
+    .await;
+    assert!(applied, "the bust's invalidation never arrived");
+    release.notify_one();
+    assert_eq!(lookup.await.expect("lookup"), 1, "it read before the bust");
+
+    let hits = near.metrics().near_hits;
+    assert_eq!(read(&f, 7, &source).await, 2, "the old value was cached");
+    assert_eq!(near.metrics().near_hits, hits, "served from the near cache");
+}
+
+/// The invalidation sequence deleted behind the servers' backs restarts its numbering lower:
+/// the near cache gets a RESET, drops its copies, follows `applied` down to the new numbering
+/// (else no lookup of the new numbering would be copied until it passed the old positions:
+/// no near hit again), and stays coherent with busts made after it.
+#[tokio::test]
+async fn a_restarted_sequence_resets_the_near_cache() {
+    let (behind, one, two) = Backend::Redis.replicas();
+    let Behind::Redis(redis) = &behind else {
+        unreachable!("a Redis backend")
+    };
+    let near = near_client(&one, near_options()).await;
+    let other = plain_client(&two).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let theirs = other.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    // Raise the old numbering well above where the new one will be.
+    for n in 100..150 {
+        theirs.bust(&(n,)).await.expect("bust");
+    }
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+
+    let deleted: u64 = ::redis::cmd("DEL")
+        .arg("cm:#invalidations")
+        .query_async(&mut redis.connect().await)
+        .await
+        .expect("DEL");
+    assert_eq!(deleted, 1, "the stream lives under the default prefix");
+    theirs.bust(&(99,)).await.expect("bust");
+    let reset = eventually(SETTLE, || async { near.metrics().near_resets >= 1 }).await;
+    assert!(reset, "no RESET applied: {:?}", near.metrics());
+    let hits = near.metrics().near_hits;
+    assert_eq!(read(&f, 1, &source).await, 1);
+    assert_eq!(near.metrics().near_hits, hits, "a copy survived the RESET");
+    warm(&f, &near, 1, &source, 1).await;
+
+    source.set(2);
+    theirs.bust(&(1,)).await.expect("bust");
+    let changed = Instant::now();
+    while read(&f, 1, &source).await != 2 {
+        assert!(
+            changed.elapsed() < BOUND,
+            "the bust after the RESET was missed"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A client of two replicas (`Client::connect_many`) keeps its near cache through the loss of
+/// either: after replica 1 is killed its stream is on replica 2; replica 1 comes back, replica
+/// 2 is killed, and the stream (which was on replica 2) drops, empties the copies and moves to
+/// replica 1, where copies are served again. The time to recover is printed.
+#[tokio::test]
+async fn a_stream_moves_to_another_replica() {
+    let (_store, mut one, mut two) = Backend::Redis.replicas();
+    let near = Client::connect_many_with([one.url(), two.url()], near_options())
+        .await
+        .expect("client");
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+
+    one.kill();
+    warm(&f, &near, 1, &source, 1).await;
+    // Ready when this returns; the client's health checks take it back within a second.
+    one.restart();
+
+    let flushes = near.metrics().near_flushes;
+    let killed = Instant::now();
+    two.kill();
+    let dropped = eventually(SETTLE, || async { near.metrics().near_flushes > flushes }).await;
+    assert!(
+        dropped,
+        "the stream was not on replica 2: {:?}",
+        near.metrics()
+    );
+    warm(&f, &near, 1, &source, 1).await;
+    eprintln!(
+        "near cache: stream moved to the other replica, copies served again {:?} after the kill",
+        killed.elapsed()
+    );
+}
+
+/// Copies are pushed out to stay within `near_cache_bytes`, and counted.
+#[tokio::test]
+async fn the_size_bounds_the_near_cache() {
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let options = ClientOptions {
+        near_cache_bytes: 4096,
+        ..near_options()
+    };
+    let near = near_client(&one, options).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 0, &source, 1).await;
+    // Each entry weighs about 200 bytes: 4 KiB holds a few dozen at most.
+    for round in 0..2 {
+        for n in 0..200 {
+            assert_eq!(read(&f, n, &source).await, 1, "round {round}");
+        }
+    }
+    let metrics = near.metrics();
+    assert!(metrics.near_evictions > 0, "{metrics:?}");
+    assert!(metrics.near_misses > 200, "{metrics:?}");
+}
+
+/// A handle with stale-while-revalidate does not use the near cache: every hit reaches the
+/// service, which decides when the entry is due.
+#[tokio::test]
+async fn refreshing_handles_skip_the_near_cache() {
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let near = near_client(&one, near_options()).await;
+    let plain = near.function("near.app", "f", Ttl::MINUTE);
+    let refreshing = near
+        .function("near.app", "g", Ttl::MINUTE)
+        .refresh_after(Duration::from_secs(3600));
+    let source = Source::default();
+    source.set(1);
+    warm(&plain, &near, 1, &source, 1).await;
+    let before = near.metrics();
+    for _ in 0..20 {
+        assert_eq!(read(&refreshing, 1, &source).await, 1);
+    }
+    let after = near.metrics();
+    assert_eq!(after.near_hits, before.near_hits, "{after:?}");
+    assert!(after.hits >= before.hits + 19, "{after:?}");
+}
+
+/// A client whose watch task died with the runtime it was started on (the first hits came
+/// from a short-lived runtime) stops serving copies once the stream has been silent, and the
+/// next hit on another runtime starts the task again: copies are served again.
+#[test]
+fn a_watch_task_that_died_with_its_runtime_is_started_again() {
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let main = tokio::runtime::Runtime::new().expect("runtime");
+    let options = ClientOptions {
+        near_cache_silence: Duration::from_millis(500),
+        ..near_options()
+    };
+    let near = main.block_on(near_client(&one, options));
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    let short = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    short.block_on(warm(&f, &near, 1, &source, 1));
+    drop(short);
+    main.block_on(async {
+        let silent = eventually(SETTLE, || async { !near.metrics().near_stream_healthy }).await;
+        assert!(silent, "a dead task's stream still looks healthy");
+        warm(&f, &near, 1, &source, 1).await;
+    });
+}
+
+/// The log of one key's versions for the randomized run: when each change to it began and
+/// when it returned.
+#[derive(Debug, Default)]
+struct History {
+    /// `(began, returned)` of version `i`'s change; version 0 began with the run.
+    changes: Vec<(Instant, Option<Instant>)>,
+}
+
+/// One key of the randomized run: the current version, its history, and a lock that makes
+/// changes to the key one at a time (so a late write cannot undo a later bust, which would
+/// be the workload's race, not the cache's).
+struct Tracked {
+    version: AtomicU64,
+    history: Mutex<History>,
+    changing: tokio::sync::Mutex<()>,
+}
+
+/// What one memoize call of the randomized run returned, and when it ran.
+struct Observed {
+    key: u64,
+    value: (u64, u64),
+    started: Instant,
+    ended: Instant,
+}
+
+/// Changes `key` to a new version with `how` (a bust of the entry, or a Put of the new
+/// version) and records when the change began and returned.
+async fn versioned_change(tracked: &Tracked, key: u64, client: &Client, f: &Function, put: bool) {
+    let _one_at_a_time = tracked.changing.lock().await;
+    let next = {
+        let mut history = tracked.history.lock().unwrap();
+        history.changes.push((Instant::now(), None));
+        history.changes.len() as u64 - 1
+    };
+    tracked.version.store(next, SeqCst);
+    if put {
+        let request = pb::PutRequest {
+            key: Some(pb::Key {
+                namespace: f.namespace().to_owned(),
+                function: f.name().to_owned(),
+                digest: f.digest(&(key,)).expect("digest"),
+            }),
+            value: serde_json::to_vec(&(key, next)).expect("encode").into(),
+            ttl_seconds: 60,
+            ..Default::default()
+        };
+        client.raw().put(request).await.expect("put");
+    } else {
+        f.bust(&(key,)).await.expect("bust");
+    }
+    tracked.history.lock().unwrap().changes[next as usize].1 = Some(Instant::now());
+}
+
+/// Four clients with near caches, two on each replica, memoize, bust and overwrite a few keys
+/// at random for a while; every value a memoize call returned was current at some instant
+/// within [its start − [`BOUND`], its end]. Counts, the near hit ratio and the largest
+/// staleness seen are printed.
+async fn randomized_run(backend: Backend) {
+    const KEYS: u64 = 6;
+    const RUN: Duration = Duration::from_secs(20);
+    const MAX_OPS: usize = 40_000;
+    let (_store, one, two) = backend.replicas();
+    let started = Instant::now();
+    let keys: Arc<Vec<Tracked>> = Arc::new(
+        (0..KEYS)
+            .map(|_| Tracked {
+                version: AtomicU64::new(0),
+                history: Mutex::new(History {
+                    changes: vec![(started, None)],
+                }),
+                changing: tokio::sync::Mutex::new(()),
+            })
+            .collect(),
+    );
+    // A lookup that times out is written unconditionally (fail-open), so it could undo a
+    // bust made while it computed: the workload's race, not the near cache's. A long
+    // deadline keeps it out of the run on a loaded machine.
+    let options = ClientOptions {
+        deadline: Duration::from_secs(5),
+        ..near_options()
+    };
+    let mut clients = Vec::new();
+    for server in [&one, &one, &two, &two] {
+        clients.push(near_client(server, options.clone()).await);
+    }
+    let mut tasks = Vec::new();
+    for (n, client) in clients.iter().enumerate() {
+        let client = client.clone();
+        let keys = keys.clone();
+        tasks.push(tokio::spawn(async move {
+            let f = client.function("near.rand", "f", Ttl::MINUTE);
+            let mut rng = fastrand::Rng::with_seed(n as u64 + 1);
+            let mut seen = Vec::new();
+            let (mut busts, mut puts) = (0_u64, 0_u64);
+            while started.elapsed() < RUN && seen.len() < MAX_OPS {
+                let key = rng.u64(0..KEYS);
+                let tracked = &keys[key as usize];
+                match rng.u32(0..100) {
+                    0..4 => {
+                        versioned_change(tracked, key, &client, &f, false).await;
+                        busts += 1;
+                    }
+                    4..8 => {
+                        versioned_change(tracked, key, &client, &f, true).await;
+                        puts += 1;
+                    }
+                    _ => {
+                        let began = Instant::now();
+                        let value = f
+                            .memoize(&(key,), || async { (key, tracked.version.load(SeqCst)) })
+                            .await
+                            .expect("memoize");
+                        seen.push(Observed {
+                            key,
+                            value,
+                            started: began,
+                            ended: Instant::now(),
+                        });
+                        // Some calls back to back, some spread out.
+                        if rng.bool() {
+                            tokio::time::sleep(Duration::from_micros(rng.u64(0..2000))).await;
+                        }
+                    }
+                }
+            }
+            (seen, busts, puts)
+        }));
+    }
+    let mut observed = Vec::new();
+    let (mut busts, mut puts) = (0, 0);
+    for task in tasks {
+        let (seen, b, p) = task.await.expect("client task");
+        observed.extend(seen);
+        busts += b;
+        puts += p;
+    }
+    let (mut violations, mut worst) = (Vec::new(), Duration::ZERO);
+    for call in &observed {
+        let history = keys[call.key as usize].history.lock().unwrap();
+        let (key, version) = call.value;
+        let Some(&(began, _)) = history.changes.get(version as usize) else {
+            violations.push(format!(
+                "key {} returned unknown version {version}",
+                call.key
+            ));
+            continue;
+        };
+        // Version v was current from its change's start to the return of the change to v+1.
+        let superseded = history
+            .changes
+            .get(version as usize + 1)
+            .map(|&(_, returned)| returned.expect("every change returned"));
+        let stale_by = superseded.map_or(Duration::ZERO, |at| {
+            call.started.saturating_duration_since(at)
+        });
+        worst = worst.max(stale_by);
+        if key != call.key || began > call.ended || stale_by > BOUND {
+            violations.push(format!(
+                "key {} returned {:?}, stale by {stale_by:?}",
+                call.key, call.value
+            ));
+        }
+    }
+    let metrics: Vec<ClientMetrics> = clients.iter().map(Client::metrics).collect();
+    let near_hits: u64 = metrics.iter().map(|m| m.near_hits).sum();
+    let invalidations: u64 = metrics.iter().map(|m| m.near_invalidations).sum();
+    eprintln!(
+        "near cache randomized over {backend:?}: {} memoize calls ({near_hits} near hits), {busts} busts, {puts} puts, {invalidations} invalidations applied, largest staleness {worst:?} (bound {BOUND:?}), {} violations",
+        observed.len(),
+        violations.len()
+    );
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert!(near_hits > 0, "the near cache was never used");
+}
+
+mod redis {
+    use super::Backend;
+
+    #[tokio::test]
+    async fn changes_reach_other_replicas() {
+        super::changes_reach_other_replicas(Backend::Redis).await
+    }
+
+    #[tokio::test]
+    async fn a_killed_stream_stops_the_near_cache() {
+        super::a_killed_stream_stops_the_near_cache(Backend::Redis).await
+    }
+
+    #[tokio::test]
+    async fn a_bust_during_a_lookup_is_not_lost() {
+        super::a_bust_during_a_lookup_is_not_lost(Backend::Redis).await
+    }
+
+    #[tokio::test]
+    async fn randomized_run() {
+        super::randomized_run(Backend::Redis).await
+    }
+}
+
+mod cluster {
+    use super::Backend;
+
+    #[tokio::test]
+    async fn changes_reach_other_replicas() {
+        super::changes_reach_other_replicas(Backend::Cluster).await
+    }
+
+    #[tokio::test]
+    async fn a_killed_stream_stops_the_near_cache() {
+        super::a_killed_stream_stops_the_near_cache(Backend::Cluster).await
+    }
+
+    #[tokio::test]
+    async fn a_bust_during_a_lookup_is_not_lost() {
+        super::a_bust_during_a_lookup_is_not_lost(Backend::Cluster).await
+    }
+
+    #[tokio::test]
+    async fn randomized_run() {
+        super::randomized_run(Backend::Cluster).await
+    }
+}
+
+/// A server with invalidations off answers Watch with UNIMPLEMENTED: the near cache turns
+/// itself off for good (says so in the metrics, and once at warn), and `memoize` works as
+/// without it.
+#[tokio::test]
+async fn invalidations_off_turns_the_near_cache_off() {
+    // The watch task runs on this test's one thread, so its warning is captured.
+    let logs = common::Logs::default();
+    let _capture = logs.capture();
+    let server = CacheServer::memory(&["--invalidations", "off"]);
+    let near = near_client(&server, near_options()).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    // The first hit has the near cache follow the namespace, and the server refuses.
+    let off = eventually(SETTLE, || async {
+        assert_eq!(read(&f, 1, &source).await, 1);
+        near.metrics().near_disabled
+    })
+    .await;
+    assert!(off, "{:?}", near.metrics());
+    for _ in 0..5 {
+        assert_eq!(read(&f, 1, &source).await, 1);
+    }
+    let metrics = near.metrics();
+    assert_eq!(metrics.near_hits, 0, "{metrics:?}");
+    assert!(metrics.hits >= 5, "{metrics:?}");
+    let other = near.function("near.other", "f", Ttl::MINUTE);
+    assert_eq!(read(&other, 1, &source).await, 1);
+    let warnings: Vec<String> = logs
+        .warnings()
+        .into_iter()
+        .filter(|line| line.contains("near cache off"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+}
+
+/// A near hit costs far less than a remote one: at least 100 times less in a release build,
+/// 50 in a debug one (both printed). Each is the fastest of several batches, so other tests
+/// running beside it (the near hit is all CPU, the remote one mostly waiting) do not decide
+/// the outcome.
+#[tokio::test]
+async fn near_hits_are_much_faster_than_remote_ones() {
+    const BATCHES: u32 = 10;
+    const CALLS: u32 = 200;
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let near = near_client(&one, near_options()).await;
+    let remote = plain_client(&one).await;
+    let source = Source::default();
+    source.set(1);
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    warm(&f, &near, 1, &source, 1).await;
+    let g = remote.function("near.app", "f", Ttl::MINUTE);
+    let fastest = |f: Function| {
+        let source = &source;
+        async move {
+            let mut best = Duration::MAX;
+            for _ in 0..BATCHES {
+                let started = Instant::now();
+                for _ in 0..CALLS {
+                    read(&f, 1, source).await;
+                }
+                best = best.min(started.elapsed() / CALLS);
+            }
+            best
+        }
+    };
+    let remote_hit = fastest(g).await;
+    let before = near.metrics().near_hits;
+    let near_hit = fastest(f).await;
+    assert_eq!(
+        near.metrics().near_hits - before,
+        u64::from(BATCHES * CALLS)
+    );
+    let ratio = remote_hit.as_secs_f64() / near_hit.as_secs_f64();
+    eprintln!("near hit {near_hit:?} per call, remote hit {remote_hit:?} per call ({ratio:.0}x)");
+    // Unoptimized, the near hit's encoding, md5 and decoding cost several times more, and
+    // the remote hit's share of them does not change the ratio much.
+    let required = if cfg!(debug_assertions) { 50.0 } else { 100.0 };
+    assert!(
+        ratio >= required,
+        "near {near_hit:?}, remote {remote_hit:?}"
+    );
+}
+
+/// A client's own bust, and its own refresh, drop its near copy before they return: the
+/// very next call gets the new value, without waiting for the stream to deliver the change.
+#[tokio::test]
+async fn own_busts_and_refreshes_are_seen_at_once() {
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let near = near_client(&one, near_options()).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+    source.set(2);
+    f.bust(&(1,)).await.expect("bust");
+    assert_eq!(read(&f, 1, &source).await, 2);
+
+    warm(&f, &near, 1, &source, 2).await;
+    let refreshed: u64 = f.refresh(&(1,), || async { 3 }).await.expect("refresh");
+    assert_eq!(refreshed, 3);
+    assert_eq!(read(&f, 1, &source).await, 3, "the old copy was served");
+}
