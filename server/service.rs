@@ -652,7 +652,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
             };
         }
         // Read before the lookup: every invalidation at or below it is older than the value.
-        let position = self.hub.position();
+        let position = self.hub.lookup_position();
         let mut answer = self.answer(&key, &ask).await.map_err(|err| {
             self.lookups_failed(std::slice::from_ref(&key), &err);
             self.failed("Get", &context, err)
@@ -856,7 +856,7 @@ impl<S: Store> CacheMoney for CacheService<S> {
                 return Err(self.response_too_large(present));
             }
         }
-        let position = self.hub.position();
+        let position = self.hub.lookup_position();
         let values = self.store.get_many(&keys).await.map_err(|err| {
             self.lookups_failed(&keys, &err);
             self.failed("GetMany", &context, err)

@@ -347,13 +347,13 @@ pub struct Ring {
     first: u64,
 }
 
-/// The first position of a sequence created at `unix_seconds`: `{unix seconds}000000000`,
+/// The first position of a sequence created at `unix_millis`: `{unix milliseconds}000000`,
 /// what a Redis stream's creating entry is numbered (see `XADD_SCRIPT`). A sequence created
-/// later numbers above everything an earlier one did (unless the earlier one took more than
-/// 10^9 invalidations per second of its life), so a position from before a restart is always
-/// told apart: resuming from it answers a RESET.
-pub fn first_position(unix_seconds: u64) -> u64 {
-    unix_seconds.saturating_mul(1_000_000_000)
+/// a millisecond or more later numbers above everything an earlier one did (unless the
+/// earlier one took more than 10^6 invalidations per millisecond of its life), so a position
+/// from before a restart is always told apart: resuming from it answers a RESET.
+pub fn first_position(unix_millis: u64) -> u64 {
+    unix_millis.saturating_mul(1_000_000)
 }
 
 #[derive(Debug, Default)]
@@ -370,7 +370,7 @@ impl Ring {
     pub fn new(capacity: usize) -> Self {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_secs());
+            .map_or(0, |since| since.as_millis() as u64);
         Self::numbered_from(capacity, first_position(now).max(1))
     }
 
@@ -601,6 +601,16 @@ impl Hub {
         self.inner.position.load(Relaxed)
     }
 
+    /// The position a lookup answers with ([`Hub::position`], read before the lookup): 0
+    /// (unknown, never cached) while the reader is not healthy ([`Hub::healthy`]: failing,
+    /// or this server owes a bust of everything). A failing reader may still be on a
+    /// numbering the sequence has left (replaced under a lower one, which another replica's
+    /// reader has followed), and a near cache comparing such a position with what it applied
+    /// from another replica would keep a value an invalidation it applied already covers.
+    pub fn lookup_position(&self) -> u64 {
+        if self.healthy() { self.position() } else { 0 }
+    }
+
     /// Whether the reader knows where it stands: it has read where the sequence ended when
     /// it started, and its last read succeeded. Until it does, watchers get no heartbeat.
     pub fn healthy(&self) -> bool {
@@ -782,8 +792,14 @@ impl Hub {
         let mut beat = tokio::time::Instant::now();
         let mut failing = false;
         loop {
+            // Blocks only until the next heartbeat is due, so an invalidation read just before
+            // it does not push the heartbeat a whole interval later (heartbeats stay at most
+            // one interval apart while the reader is healthy and caught up).
+            let block = heartbeat
+                .saturating_sub(beat.elapsed())
+                .max(Duration::from_millis(1));
             let read = tokio::select! {
-                read = store.read_invalidations(last, READ_BATCH, Some(heartbeat)) => read,
+                read = store.read_invalidations(last, READ_BATCH, Some(block)) => read,
                 _ = closed.wait_for(|closed| *closed) => return,
             };
             // The entry at `last` checked (its nonce learnt when not known) before anything
@@ -1225,20 +1241,25 @@ mod tests {
         );
     }
 
-    /// A ring numbers from its creation time, so a ring made a second later (a restarted
+    /// A ring numbers from its creation time, so a ring made a millisecond later (a restarted
     /// server) numbers above everything a busy earlier one did.
     #[test]
     fn a_ring_numbers_from_its_creation_time() {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
-            .as_secs();
+            .as_millis() as u64;
         let ring = Ring::new(4);
         assert_eq!(ring.tail(), 0, "nothing published yet");
         let first = ring.publish(&[Invalidation::bust(Scope::All)]);
-        assert!((first_position(now)..=first_position(now + 60)).contains(&first));
-        let later = Ring::numbered_from(4, first_position(now + 1));
-        assert!(later.publish(&[Invalidation::bust(Scope::All)]) > first + 1_000_000);
+        assert!((first_position(now)..=first_position(now + 60_000)).contains(&first));
+        assert_eq!(first % 1_000_000, 0, "the first is a whole millisecond's");
+        // A ring made the next millisecond: room for 10^6 invalidations in between.
+        let later = Ring::numbered_from(4, first_position(first / 1_000_000 + 1));
+        assert_eq!(
+            later.publish(&[Invalidation::bust(Scope::All)]),
+            first + 1_000_000
+        );
         assert_eq!(first_position(u64::MAX), u64::MAX, "saturates");
     }
 

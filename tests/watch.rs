@@ -1062,6 +1062,10 @@ async fn a_failed_publish_does_not_fail_the_write() {
         .expect("Get")
         .into_inner();
     assert!(answer.hit, "the change was made");
+    assert_eq!(
+        answer.position, 0,
+        "a lookup while the server owes a bust is answered with position 0 (never cached)"
+    );
     let busted = tokio::time::timeout(
         EVENT_TIMEOUT,
         cm.bust(pb::BustRequest {
@@ -1084,6 +1088,22 @@ async fn a_failed_publish_does_not_fail_the_write() {
     );
     assert_eq!(event.scope, Scope::ScopeAll as i32, "{event:?}");
     assert_eq!(event.position, before + 1, "nothing else was published");
+    // Paid: lookups carry positions again (once the reader has read the bust).
+    let positioned = common::eventually(EVENT_TIMEOUT, || {
+        let mut cm = cm.clone();
+        async move {
+            let request = pb::GetRequest {
+                key: Some(key("be", "f", 3)),
+                ..Default::default()
+            };
+            cm.get(request).await.expect("Get").into_inner().position > before
+        }
+    })
+    .await;
+    assert!(
+        positioned,
+        "lookups stayed at position 0 after the debt was paid"
+    );
 }
 
 /// A Put whose caller's deadline passes while the store is slow (writes paused) is dropped
@@ -1348,8 +1368,8 @@ async fn a_recreated_sequence_numbers_above_the_old_one(backend: Backend) {
         old >= (now - 60) * 1_000_000_000,
         "the first position {old} is not numbered from the clock"
     );
-    // Let a second pass so the re-created sequence's clock reads later.
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // The clock must move on by a millisecond for the re-created sequence to number above.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     match &behind {
         Behind::Redis(redis) => {
             let mut admin = redis.connect().await;

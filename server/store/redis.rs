@@ -183,16 +183,17 @@ pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, len: usize, invalidati
 /// Appends one invalidation (`ARGV[1]`: the length to trim to, then the entry's fields) to the
 /// stream `KEYS[1]`: `XADD … MAXLEN ~ len 0-*`, the first part of the id fixed at 0 and the
 /// second numbered by Redis, a plain gapless counter. The entry that creates the stream is
-/// numbered from Redis's clock instead, `0-{unix seconds}000000000`, so a stream deleted and
+/// numbered from Redis's clock instead, `0-{unix milliseconds}000000`, so a stream deleted and
 /// re-created (a Redis restarted without persistence, an operator's `DEL`) numbers above
-/// everything the old one did (unless its clock went back, or the old one took more than 10^9
-/// invalidations per second of its life), and a watcher resuming with an old position is
+/// everything the old one did (unless its clock went back, or the old one took more than 10^6
+/// invalidations per millisecond of its life), and a watcher resuming with an old position is
 /// answered with a RESET, never a replay of the new stream's entries as if they followed it.
 /// The number is built as text: Lua's numbers are doubles, exact only to 2^53.
 pub(crate) const XADD_SCRIPT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local now = redis.call('TIME')
-  return redis.call('XADD', KEYS[1], '0-' .. now[1] .. '000000000', unpack(ARGV, 2))
+  local millis = string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+  return redis.call('XADD', KEYS[1], '0-' .. now[1] .. millis .. '000000', unpack(ARGV, 2))
 end
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-*', unpack(ARGV, 2))
 ";
@@ -255,6 +256,12 @@ fn foreign_stream(key: &str, what: &str) -> StoreError {
 /// something else), not INTERNAL; any other error as it is.
 pub(crate) fn publish_error(key: &str, err: StoreError) -> StoreError {
     match err {
+        // Redis before 7.0 knows no `0-*` id.
+        StoreError::Internal(message) if message.contains("Invalid stream ID") => {
+            StoreError::Unavailable(format!(
+                "cannot publish invalidations to {key}: the invalidation stream needs Redis 7.0 or later ({message}); upgrade Redis, or run with --invalidations off"
+            ))
+        }
         StoreError::Internal(message)
             if message.contains("WRONGTYPE")
                 || message.contains("equal or smaller than the target stream top item") =>
@@ -1349,5 +1356,26 @@ impl Store for RedisStore {
             }),
             memory: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Redis too old for `XADD … 0-*` is named as such, with what to do, not as an internal
+    /// error.
+    #[test]
+    fn a_redis_without_0_star_ids_is_named() {
+        let err = publish_error(
+            "cm:#invalidations",
+            StoreError::Internal(
+                "ERR Invalid stream ID specified as stream command argument".into(),
+            ),
+        );
+        let StoreError::Unavailable(message) = err else {
+            panic!("{err:?}")
+        };
+        assert!(message.contains("Redis 7.0") && message.contains("--invalidations off"));
     }
 }
