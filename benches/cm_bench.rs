@@ -6,7 +6,7 @@
 //!
 //! Options: --reps N (3), --seconds S per measurement (3), --bust-entries N (1000000),
 //! --footprint-seconds S (60), --only get50,get1,hops,lookup,memo-lease,memo-hit,memo-miss,batch,
-//! h2load,get50-metrics,bust,footprint (a comma-separated subset of the scenarios, for working on one), --cluster
+//! h2load,get50-metrics,near,bust,footprint (a comma-separated subset of the scenarios, for working on one), --cluster
 //! (the bust again on a Redis Cluster of three primaries and three replicas started for it, the
 //! entries spread over the primaries: `--only bust --cluster` compares the two).
 //! `get50-metrics` runs a second server with `--metrics-listen` and a third just like the first
@@ -16,7 +16,10 @@
 //! in a virtualenv with cache-money 1.3.0 made in target/bench-venv on first use, or
 //! `CACHE_MONEY_BENCH_PYTHON`). `hops` splits a one-caller hit into its hops: the server's own
 //! Redis round trip (a metered server's store GET time, sum over count) beside
-//! redis-benchmark's, and the gRPC hop alone (a Get from the in-memory store). It starts its own redis-server and cache-money-server on
+//! redis-benchmark's, and the gRPC hop alone (a Get from the in-memory store). `near` times a
+//! memoize hit served from the client's near cache beside the same hit through the service
+//! and beside the Python library's, then fills the near cache to measure its memory per
+//! entry (the bench process's RSS before and after). It starts its own redis-server and cache-money-server on
 //! loopback and stops them; every loop is bounded by time and count.
 
 #[path = "../tests/common/mod.rs"]
@@ -32,7 +35,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cache_money::{Client, RawClient, Ttl, pb, pb::cache_money_client::CacheMoneyClient};
+use cache_money::{
+    Client, ClientOptions, RawClient, Ttl, pb, pb::cache_money_client::CacheMoneyClient,
+};
 use common::{CacheServer, RedisCluster, RedisServer, digest, key};
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
@@ -524,6 +529,57 @@ async fn memoize_hits(handle: cache_money::Function, duration: Duration) -> Samp
     .await
 }
 
+/// Hits timed in batches: a near-cache hit takes about a microsecond, below the
+/// microsecond clock `load` records one operation with.
+const NEAR_BATCH: u64 = 100;
+
+/// One caller's memoize hits from the near cache through `handle` for `duration`, timed per
+/// batch of [`NEAR_BATCH`]; the percentiles are per hit (a batch's time divided by its size).
+async fn near_hits(handle: cache_money::Function, duration: Duration) -> Sample {
+    let started = Instant::now();
+    let mut per_hit_ns = Vec::new();
+    while started.elapsed() < duration {
+        let t = Instant::now();
+        for _ in 0..NEAR_BATCH {
+            let got: Profile = handle
+                .memoize(&(1u64,), || async { unreachable!("cached") })
+                .await
+                .unwrap();
+            assert_eq!(got.id, 918_273);
+        }
+        per_hit_ns.push((t.elapsed().as_nanos() / u128::from(NEAR_BATCH)) as u32);
+    }
+    let elapsed = started.elapsed();
+    let hits = per_hit_ns.len() as u64 * NEAR_BATCH;
+    let mut sample = sample(per_hit_ns, hits, elapsed);
+    sample.p50_us /= 1000.0;
+    sample.p99_us /= 1000.0;
+    sample
+}
+
+/// The near cache's memory per entry: the bench process's RSS grown by filling `handle`'s
+/// near cache with `count` copies of the profile (each computed and written, then read back
+/// through the service, which is what copies it), divided by the copies made.
+async fn near_footprint(cm: &Client, handle: &cache_money::Function, count: u64) -> (f64, u64) {
+    let copies = || cm.metrics().near_hits;
+    let before = rss_kib(std::process::id());
+    let hits_before = copies();
+    for pass in 0..3 {
+        for n in 0..count {
+            let got: Profile = handle
+                .memoize(&(1_000_000 + n,), || async { profile() })
+                .await
+                .unwrap();
+            assert_eq!(got.id, 918_273, "pass {pass}");
+        }
+    }
+    let after = rss_kib(std::process::id());
+    // The third pass hits the copies the second made.
+    let copied = copies() - hits_before;
+    let bytes = (after.saturating_sub(before) * 1024) as f64 / copied.max(1) as f64;
+    (bytes, copied)
+}
+
 /// A scenario's medians on both sides.
 struct Row {
     name: &'static str,
@@ -556,6 +612,8 @@ impl Row {
         let shown = |value: f64, unit: &str| {
             if value.is_nan() {
                 "–".to_owned()
+            } else if value < 10.0 {
+                format!("{value:.2}{unit}")
             } else {
                 format!("{value:.0}{unit}")
             }
@@ -667,7 +725,40 @@ async fn main() {
             "memoize hit, 1 caller, leases on (the default)",
             "the same, leases off (lease(Duration::ZERO))",
         ),
+        Row::new(
+            "memoize hit from the near cache, 1 caller",
+            "memoize hit through the service, 1 caller",
+        ),
+        Row::new(
+            "memoize hit from the near cache, 1 caller",
+            "the original Python library's @cached hit (cache-money 1.3.0)",
+        ),
     ];
+    // For `near`: a client with a near cache, its copy of the profile made before measuring.
+    let near = if settings.wants("near") {
+        let options = ClientOptions {
+            near_cache_bytes: 256 << 20,
+            ..ClientOptions::default()
+        };
+        let near_cm = Client::connect_with(server.url(), options).await.unwrap();
+        let handle = near_cm.function("bench", "profile", Ttl::HOUR);
+        let copied = Instant::now();
+        while near_cm.metrics().near_hits == 0 {
+            assert!(
+                copied.elapsed() < Duration::from_secs(10),
+                "no near hit within 10 s: {:?}",
+                near_cm.metrics()
+            );
+            let _: Profile = handle
+                .memoize(&(1u64,), || async { profile() })
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Some((near_cm, handle))
+    } else {
+        None
+    };
     // For `hops`: a server with metrics on, whose store command histogram times its own Redis
     // hop (sum / count: the mean, finer than any bucket), and one on the in-memory store.
     let hop_servers = if settings.wants("hops") {
@@ -689,7 +780,7 @@ async fn main() {
     // Per repetition: [redis-benchmark -c 1 mean, the server's Redis hop mean], µs.
     let mut hops = Vec::new();
     // The library cache-money replaces, timed by its own script (benches/python_hit.py).
-    let python = if settings.wants("memo-hit") {
+    let python = if settings.wants("memo-hit") || settings.wants("near") {
         python_reference(settings.quick)
     } else {
         None
@@ -853,6 +944,19 @@ async fn main() {
             rows[11].cm.push(memoize_hits(memo.clone(), duration).await);
         }
 
+        if let Some((_, handle)) = &near {
+            let remote = memoize_hits(memo.clone(), duration).await;
+            let local = near_hits(handle.clone(), duration).await;
+            rows[12].reference_samples.push(remote);
+            rows[12].cm.push(local);
+            if let Some(python) = &python {
+                rows[13].cm.push(local);
+                rows[13]
+                    .reference_samples
+                    .push(python_hit(python, redis.port(), duration));
+            }
+        }
+
         if settings.wants("memo-hit") {
             let reference_conn = conn.clone();
             rows[2].reference_samples.push(
@@ -1009,6 +1113,15 @@ async fn main() {
             report,
             "\nThe server's own Redis hop at one caller (store GET, mean from its histogram's sum and count; medians): {hop:.1} µs; redis-benchmark GET -c 1 mean {reference:.1} µs; ratio {:.2}×",
             hop / reference
+        );
+    }
+    if let Some((near_cm, handle)) = &near {
+        let count = if settings.quick { 2_000 } else { 20_000 };
+        let (bytes, copied) = near_footprint(near_cm, handle, count).await;
+        let _ = writeln!(
+            report,
+            "\nNear cache memory: {bytes:.0} bytes of the bench process's RSS per copy ({copied} copies of a {}-byte JSON profile with its key; RSS before and after filling)",
+            serde_json::to_vec(&profile()).unwrap().len(),
         );
     }
     if !h2load {
