@@ -127,11 +127,16 @@ pub struct ClientOptions {
     /// from). This client's own busts drop its copies before they return. Copies are weighed
     /// as their key and value bytes plus a small overhead per entry.
     pub near_cache_bytes: usize,
-    /// How long the near cache trusts its invalidation stream without hearing from it
-    /// (servers send a heartbeat every second by default): after that long without any
-    /// event, the copies are dropped and `memoize` goes to the service until a new stream
-    /// speaks ([`DEFAULT_NEAR_CACHE_SILENCE`], 3 s). This bounds how long a copy can outlive
-    /// a bust that the stream failed to deliver; keep it a few heartbeat intervals.
+    /// How long the near cache trusts its invalidation stream without a heartbeat (servers
+    /// send one every second by default, `--watch-heartbeat-ms`): after that long without a
+    /// heartbeat or RESET, the copies are dropped and `memoize` goes to the service until a
+    /// new stream speaks ([`DEFAULT_NEAR_CACHE_SILENCE`], 3 s). Invalidations do not count:
+    /// a server that stops keeping up stops its heartbeats but may still relay other
+    /// replicas' invalidations. This bounds how long a copy can outlive a bust that the
+    /// stream failed to deliver. It must exceed about twice the server's heartbeat interval
+    /// (two heartbeats can be up to about two intervals apart), or a healthy stream is taken
+    /// for a silent one now and then; the default, three intervals of the server's default,
+    /// leaves room for one late heartbeat.
     pub near_cache_silence: Duration,
     /// A test hook, not an API: looks hosts up instead of the system's resolver, with
     /// [`ClientOptions::resolve_interval`] (so a test can make one name resolve to several
@@ -290,10 +295,11 @@ pub struct ClientMetrics {
     pub near_invalidations: u64,
     /// RESET events applied to the near cache (each dropped every copy).
     pub near_resets: u64,
-    /// Times the near cache was emptied because its stream dropped or fell silent.
+    /// Times the near cache was emptied because its stream dropped or went without a
+    /// heartbeat for [`ClientOptions::near_cache_silence`].
     pub near_flushes: u64,
-    /// Whether the near cache's stream is healthy (it delivered its first event and has been
-    /// heard from within [`ClientOptions::near_cache_silence`]): only then are copies served.
+    /// Whether the near cache's stream is healthy (it delivered its first event and sent a
+    /// heartbeat within [`ClientOptions::near_cache_silence`]): only then are copies served.
     pub near_stream_healthy: bool,
     /// Whether the near cache was turned off for good because the service refused the stream
     /// (invalidations off: UNIMPLEMENTED; no right to watch: PERMISSION_DENIED; more

@@ -8,8 +8,11 @@
 //! module is that rule, under one lock ([`Coherence`]) that both applying an event and
 //! inserting a lookup's answer take:
 //! - nothing is cached, or served, until the current stream has delivered its first event,
-//!   nor after it dropped or stayed silent for
-//!   [`ClientOptions::near_cache_silence`](crate::ClientOptions::near_cache_silence);
+//!   nor after it dropped or went without a heartbeat (or RESET) for
+//!   [`ClientOptions::near_cache_silence`](crate::ClientOptions::near_cache_silence).
+//!   Invalidations do not count: a server stops its heartbeats when its reader falls behind
+//!   or it owes a bust of everything, while invalidations other replicas published keep
+//!   flowing, so only a heartbeat says the stream is complete up to now;
 //! - a lookup's answer with position `p` is inserted only if `p != 0` and `applied <= p`
 //!   (`applied`: the highest position of any event processed, heartbeats included), and only
 //!   if nothing that empties the cache (a flush, a RESET, this client's own bust) happened
@@ -57,9 +60,12 @@ use crate::{client::RawClient, connect::describe, key::EntryKey, lock, pb};
 /// a `Watch` stream per client, so it is asked for, not given.
 pub const DEFAULT_NEAR_CACHE_BYTES: usize = 0;
 
-/// How long the near cache trusts a silent stream: with no event (the server sends a
-/// heartbeat every second by default) for this long, it is emptied and bypassed until a new
-/// stream speaks. Three heartbeats: one late heartbeat is not an outage.
+/// How long the near cache trusts a stream without a heartbeat: with no heartbeat (or RESET)
+/// for this long (the server sends one every second by default), it is emptied and bypassed
+/// until a new stream speaks. Invalidations do not count, since a server that stops its
+/// heartbeats (reader behind, a bust of everything owed) may still relay other replicas'
+/// invalidations. Three heartbeat intervals: heartbeats can come up to about two intervals
+/// apart, and one late heartbeat is not an outage.
 pub const DEFAULT_NEAR_CACHE_SILENCE: Duration = Duration::from_secs(3);
 
 /// What one copy costs beyond its key's and value's bytes: the map's slot, the queue links,
@@ -189,8 +195,9 @@ struct Coherence {
     generation: u64,
     /// Whether the current stream has delivered its first event and has not dropped since.
     healthy: bool,
-    /// When the last event arrived.
-    last_event: Instant,
+    /// When the stream last said it is complete up to now: its last heartbeat or RESET (or
+    /// its first event). Invalidations do not count (see the module doc).
+    last_heard: Instant,
     /// The namespaces the healthy stream follows; only their entries are cached.
     followed: BTreeSet<String>,
     /// The namespaces that have used the near cache: what the next stream follows.
@@ -226,18 +233,18 @@ impl Coherence {
             applied: 0,
             generation: 0,
             healthy: false,
-            last_event: now,
+            last_heard: now,
             followed: BTreeSet::new(),
             wanted: BTreeSet::new(),
             disabled: false,
         }
     }
 
-    /// Whether copies may be served and inserted now: a healthy stream heard from within
-    /// `silence`. (The watch task flushes a silent stream too; checking here as well keeps a
+    /// Whether copies may be served and inserted now: a healthy stream that sent a heartbeat
+    /// within `silence`. (The watch task flushes a silent stream too; checking here as well keeps a
     /// starved task from stretching the bound.)
     fn usable(&self, now: Instant, silence: Duration) -> bool {
-        self.healthy && !self.disabled && now.saturating_duration_since(self.last_event) < silence
+        self.healthy && !self.disabled && now.saturating_duration_since(self.last_heard) < silence
     }
 
     /// A ticket for a lookup of `namespace` sent now, when its answer may be cached.
@@ -296,10 +303,11 @@ impl Coherence {
             // reaches this cache.
             self.healthy = true;
             self.followed = followed.clone();
+            self.last_heard = now;
         }
-        self.last_event = now;
         match pb::WatchEventKind::try_from(event.kind) {
             Ok(pb::WatchEventKind::WatchEventHeartbeat) => {
+                self.last_heard = now;
                 self.applied = self.applied.max(event.position);
                 Applied::Heartbeat
             }
@@ -315,6 +323,7 @@ impl Coherence {
                 // lookups in flight (positions of the old numbering) are not inserted.
                 self.empty();
                 self.applied = event.position;
+                self.last_heard = now;
                 Applied::Reset
             }
         }
@@ -544,14 +553,21 @@ impl Near {
         lock(&self.state).wanted.len() != followed.len()
     }
 
-    fn apply(&self, event: &pb::WatchEvent, followed: &BTreeSet<String>) {
-        let applied = lock(&self.state).apply(event, followed, Instant::now());
+    /// Applies one event; returns when the stream was last heard from (its last heartbeat,
+    /// RESET or first event), from which its silence is measured.
+    fn apply(&self, event: &pb::WatchEvent, followed: &BTreeSet<String>) -> Instant {
+        let (applied, heard) = {
+            let mut state = lock(&self.state);
+            let applied = state.apply(event, followed, Instant::now());
+            (applied, state.last_heard)
+        };
         let counter = match applied {
             Applied::Invalidation => &self.counters.invalidations,
             Applied::Reset => &self.counters.resets,
-            Applied::Heartbeat => return,
+            Applied::Heartbeat => return heard,
         };
         counter.fetch_add(1, Relaxed);
+        heard
     }
 
     /// Empties and bypasses the cache until the next stream's first event; `counted` when it
@@ -645,6 +661,9 @@ async fn stream(
         Ok(Err(status)) => return failed(near, &status),
         Err(_) => return End::Lost,
     };
+    // Silence is counted from the last heartbeat (or RESET, or the first event), not from
+    // the last event: invalidations keep flowing from a server that stopped keeping up.
+    let mut deadline = tokio::time::Instant::now() + silence;
     loop {
         tokio::select! {
             () = grown.notified() => {
@@ -653,17 +672,18 @@ async fn stream(
                     return End::Grown;
                 }
             }
-            next = tokio::time::timeout(silence, events.message()) => {
+            next = tokio::time::timeout_at(deadline, events.message()) => {
                 let Some(this) = near.upgrade() else { return End::Stop };
                 match next {
                     Ok(Ok(Some(event))) => {
-                        this.apply(&event, followed);
+                        let heard = this.apply(&event, followed);
+                        deadline = tokio::time::Instant::from_std(heard + silence);
                         *backoff = BACKOFF_FIRST;
                     }
                     Ok(Ok(None)) => return End::Lost,
                     Ok(Err(status)) => return failed(near, &status),
                     Err(_) => {
-                        debug!(silence_ms = silence.as_millis() as u64, "cache-money near cache: the invalidation stream is silent; emptying and reconnecting");
+                        debug!(silence_ms = silence.as_millis() as u64, "cache-money near cache: no heartbeat on the invalidation stream; emptying and reconnecting");
                         return End::Lost;
                     }
                 }
@@ -879,6 +899,36 @@ mod tests {
         assert!(state.ticket("ns", now, SILENCE).is_none());
         state.apply(&heartbeat(2), &followed(), now);
         assert!(state.ticket("ns", now, SILENCE).is_some());
+    }
+
+    /// Invalidations do not keep a stream healthy: a server that stopped its heartbeats
+    /// (reader behind, a bust owed) may still relay other replicas' invalidations, so only
+    /// a heartbeat or RESET restarts the silence.
+    #[test]
+    fn only_heartbeats_keep_a_stream_healthy() {
+        let (mut state, now) = healthy(1);
+        assert!(put(&mut state, &key("f", 1), 1, now));
+        let mut at = now;
+        for position in 2..10 {
+            at += SILENCE / 4;
+            let other = invalidation(
+                pb::InvalidationScope::ScopeEntry,
+                pb_key("ns", "g", &format!("{position:032x}")),
+                position,
+            );
+            state.apply(&other, &followed(), at);
+        }
+        assert!(at >= now + SILENCE);
+        assert!(
+            state.get(&key("f", 1), at, SILENCE).is_none(),
+            "still served"
+        );
+        assert!(state.ticket("ns", at, SILENCE).is_none());
+        state.apply(&heartbeat(10), &followed(), at);
+        assert!(
+            state.get(&key("f", 1), at, SILENCE).is_some(),
+            "a heartbeat"
+        );
     }
 
     /// A copy expires when its entry would: the lookup's send time plus the time left.

@@ -320,6 +320,94 @@ async fn a_silent_stream_stops_the_near_cache() {
     );
 }
 
+/// A replica that owes a bust of everything (its publish failed: its Redis user may not
+/// XADD) stops its heartbeats, but its watchers still get the invalidations other replicas
+/// publish in their namespaces. Those must not keep the near cache trusting the stream: it
+/// stops serving its copies within `near_cache_silence` (plus a margin) of the last
+/// heartbeat, so the value overwritten through the indebted replica is not served from the
+/// copy for long. Without the fix (silence counted from any event) the old value was still
+/// served 8 s later (the review's probe).
+#[tokio::test]
+async fn invalidations_without_heartbeats_do_not_keep_copies_served() {
+    let redis = RedisServer::start();
+    let mut admin = redis.connect().await;
+    let () = ::redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("r1")
+        .arg("on")
+        .arg(">pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER r1");
+    let url1 = format!("redis://r1:pw@127.0.0.1:{}", redis.port());
+    let one = CacheServer::start(&["--redis-url", &url1, "--watch-heartbeat-ms", "100"]);
+    let two = CacheServer::start(&["--redis-url", &redis.url(), "--watch-heartbeat-ms", "100"]);
+    let silence = Duration::from_millis(500);
+    let options = ClientOptions {
+        near_cache_silence: silence,
+        ..near_options()
+    };
+    let near = near_client(&one, options).await;
+    let writer = plain_client(&one).await;
+    let other = plain_client(&two).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+
+    // From here replica 1 cannot publish: its overwrite answers position 0 and it owes a
+    // bust of everything, so it stops its heartbeats.
+    let () = ::redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("r1")
+        .arg("-xadd")
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER r1 -xadd");
+    let request = pb::PutRequest {
+        key: Some(pb::Key {
+            namespace: "near.app".into(),
+            function: "f".into(),
+            digest: f.digest(&(1u64,)).expect("digest"),
+        }),
+        value: serde_json::to_vec(&2u64).expect("json").into(),
+        ttl_seconds: 60,
+        ..Default::default()
+    };
+    let put = writer.raw().put(request).await.expect("put").into_inner();
+    assert_eq!(put.position, 0, "the publish was expected to fail");
+    let changed = Instant::now();
+    source.set(3);
+
+    // Meanwhile replica 2 publishes invalidations of other keys of the namespace.
+    let g = other.function("near.app", "g", Ttl::MINUTE);
+    let mut last_stale = None;
+    let mut n = 0u64;
+    while changed.elapsed() < Duration::from_secs(4) {
+        n += 1;
+        g.bust(&(n,)).await.expect("bust");
+        let before = near.metrics().near_hits;
+        let value = read(&f, 1, &source).await;
+        if value == 1 && near.metrics().near_hits > before {
+            last_stale = Some(changed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bound = silence + Duration::from_secs(1);
+    eprintln!(
+        "near cache: with heartbeats stopped and {n} invalidations flowing, the old copy was served until {last_stale:?} after the overwrite (bound {bound:?}); {:?}",
+        near.metrics()
+    );
+    assert!(
+        last_stale.is_none_or(|at| at < bound),
+        "the old value was served from the copy {last_stale:?} after the overwrite"
+    );
+    assert_eq!(read(&f, 1, &source).await, 2, "the overwrite is read");
+}
+
 /// A bust whose invalidation the near cache applies while one of its lookups is in flight
 /// (the lookup read the old value before the bust; its answer arrives after) keeps that
 /// answer out of the near cache: the next call gets the new value, not a near hit. The
