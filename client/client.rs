@@ -298,6 +298,11 @@ pub struct ClientMetrics {
     /// Times the near cache was emptied because its stream dropped or went without a
     /// heartbeat for [`ClientOptions::near_cache_silence`].
     pub near_flushes: u64,
+    /// Live hits that could have been copied into the near cache (looked up while its stream
+    /// was healthy) but were kept out by its coherence rule: an invalidation of the key (or
+    /// a RESET, a flush, or this client's own bust) arrived while the lookup was in flight,
+    /// or more than the invalidations it remembers did.
+    pub near_insert_refused: u64,
     /// Whether the near cache's stream is healthy (it delivered its first event and sent a
     /// heartbeat within [`ClientOptions::near_cache_silence`]): only then are copies served.
     pub near_stream_healthy: bool,
@@ -645,6 +650,7 @@ impl Client {
             near_invalidations: near.invalidations,
             near_resets: near.resets,
             near_flushes: near.flushes,
+            near_insert_refused: near.insert_refused,
             near_stream_healthy: near.stream_healthy,
             near_disabled: near.disabled,
         }

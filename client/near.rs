@@ -13,10 +13,15 @@
 //!   Invalidations do not count: a server stops its heartbeats when its reader falls behind
 //!   or it owes a bust of everything, while invalidations other replicas published keep
 //!   flowing, so only a heartbeat says the stream is complete up to now;
-//! - a lookup's answer with position `p` is inserted only if `p != 0` and `applied <= p`
-//!   (`applied`: the highest position of any event processed, heartbeats included), and only
-//!   if nothing that empties the cache (a flush, a RESET, this client's own bust) happened
-//!   between sending the lookup and its answer (the `generation` a [`Ticket`] carries);
+//! - a lookup's answer of key `k` with position `p` is inserted only if `p != 0`, no
+//!   invalidation applied so far with a position above `p` names `k`, and nothing that
+//!   empties the cache (a flush, a RESET, this client's own bust) happened between sending
+//!   the lookup and its answer (the `generation` a [`Ticket`] carries). The proto's rule,
+//!   `applied <= p`, is the special case of remembering no invalidation; this cache
+//!   remembers the last [`RECENT_INVALIDATIONS`] (position and scope), so writes to other
+//!   keys of a namespace do not keep its lookups out. When `p` is older than what it
+//!   remembers (the `floor`: below it, invalidations were forgotten or never received),
+//!   the answer is not inserted;
 //! - an INVALIDATION drops what its scope names, a RESET drops everything and sets `applied`
 //!   to its position (which may be lower: a restarted sequence);
 //! - a copy never outlives its entry: it expires at the time its lookup was sent plus the
@@ -38,7 +43,7 @@
 //! remembering our own positions). The next lookup, a remote hit, fills the near cache.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, VecDeque},
     fmt,
     sync::{
         Arc, Mutex, Weak,
@@ -75,6 +80,11 @@ const ENTRY_OVERHEAD: u64 = 128;
 
 /// The weight the cache sizes itself for, per entry, to guess how many entries it will hold.
 const TYPICAL_ENTRY: usize = 512;
+
+/// How many applied invalidations the near cache remembers (position and scope), so that a
+/// lookup's answer is kept out only when an invalidation after it names its key. Past this
+/// many invalidations during one lookup, its answer is kept out whatever it names.
+pub(crate) const RECENT_INVALIDATIONS: usize = 1024;
 
 /// The first pause before reconnecting a dropped stream; doubled after each failure.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
@@ -190,6 +200,13 @@ struct Coherence {
     copies: Copies,
     /// The highest position of any event processed (or a RESET's position).
     applied: u64,
+    /// The last [`RECENT_INVALIDATIONS`] invalidations applied, oldest first: position and
+    /// scope.
+    recent: VecDeque<(u64, Scope)>,
+    /// `recent` holds every invalidation applied with a position above this (in the
+    /// namespaces the stream follows): the position of the last one forgotten, the RESET's,
+    /// or where the current stream started from.
+    floor: u64,
     /// Bumped whenever the cache is emptied or this client busts: a lookup sent before is not
     /// inserted.
     generation: u64,
@@ -231,6 +248,8 @@ impl Coherence {
                 evictions,
             ),
             applied: 0,
+            recent: VecDeque::new(),
+            floor: 0,
             generation: 0,
             healthy: false,
             last_heard: now,
@@ -282,7 +301,8 @@ impl Coherence {
             && !self.disabled
             && ticket.generation == self.generation
             && position != 0
-            && self.applied <= position
+            && self.floor <= position
+            && !self.invalidated_after(&key, position)
             && !ttl.is_zero();
         if allowed {
             let expires = ticket.sent + ttl;
@@ -291,19 +311,45 @@ impl Coherence {
         allowed
     }
 
-    /// Applies one event of the stream following `followed`.
+    /// Whether an invalidation applied with a position above `position` names `key`.
+    fn invalidated_after(&self, key: &EntryKey, position: u64) -> bool {
+        self.recent
+            .iter()
+            .rev()
+            .take_while(|(at, _)| *at > position)
+            .any(|(_, scope)| scope.covers(key))
+    }
+
+    /// Remembers an applied invalidation, forgetting the oldest past
+    /// [`RECENT_INVALIDATIONS`].
+    fn remember(&mut self, position: u64, scope: Scope) {
+        if self.recent.len() == RECENT_INVALIDATIONS
+            && let Some((forgotten, _)) = self.recent.pop_front()
+        {
+            self.floor = self.floor.max(forgotten);
+        }
+        self.recent.push_back((position, scope));
+    }
+
+    /// Applies one event of the stream following `followed`, which asked for the events
+    /// after `after` (0: from now on).
     fn apply(
         &mut self,
         event: &pb::WatchEvent,
         followed: &BTreeSet<String>,
+        after: u64,
         now: Instant,
     ) -> Applied {
-        if !self.healthy {
-            // The stream's first event: from here on, every invalidation after `applied`
-            // reaches this cache.
+        if !self.healthy || self.followed != *followed {
+            // The stream's first event: from here on, every invalidation after `after` (or
+            // after this event's position, for a stream started from now) in the namespaces
+            // it follows reaches this cache, but not necessarily those before it (a namespace
+            // the previous stream did not follow).
             self.healthy = true;
             self.followed = followed.clone();
             self.last_heard = now;
+            let start = if after == 0 { event.position } else { after };
+            self.floor = self.floor.max(start);
         }
         match pb::WatchEventKind::try_from(event.kind) {
             Ok(pb::WatchEventKind::WatchEventHeartbeat) => {
@@ -312,8 +358,10 @@ impl Coherence {
                 Applied::Heartbeat
             }
             Ok(pb::WatchEventKind::WatchEventInvalidation) => {
-                self.drop_scope(&Scope::of_event(event));
+                let scope = Scope::of_event(event);
+                self.drop_scope(&scope);
                 self.applied = self.applied.max(event.position);
+                self.remember(event.position, scope);
                 Applied::Invalidation
             }
             Ok(pb::WatchEventKind::WatchEventReset)
@@ -323,6 +371,8 @@ impl Coherence {
                 // lookups in flight (positions of the old numbering) are not inserted.
                 self.empty();
                 self.applied = event.position;
+                self.recent.clear();
+                self.floor = event.position;
                 self.last_heard = now;
                 Applied::Reset
             }
@@ -371,6 +421,7 @@ struct Counters {
     invalidations: AtomicU64,
     resets: AtomicU64,
     flushes: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// What the near cache reports in [`ClientMetrics`](crate::ClientMetrics).
@@ -382,6 +433,7 @@ pub(crate) struct NearMetrics {
     pub(crate) invalidations: u64,
     pub(crate) resets: u64,
     pub(crate) flushes: u64,
+    pub(crate) insert_refused: u64,
     pub(crate) stream_healthy: bool,
     pub(crate) disabled: bool,
 }
@@ -494,8 +546,10 @@ impl Near {
         let ttl = Duration::from_millis(ttl_ms);
         let (new, disabled) = {
             let mut state = lock(&self.state);
-            if let Some(ticket) = ticket {
-                state.insert(key.clone(), bytes, ticket, position, ttl);
+            if let Some(ticket) = ticket
+                && !state.insert(key.clone(), bytes, ticket, position, ttl)
+            {
+                self.counters.refused.fetch_add(1, Relaxed);
             }
             let namespace = key.namespace();
             let new =
@@ -532,6 +586,7 @@ impl Near {
             invalidations: counters.invalidations.load(Relaxed),
             resets: counters.resets.load(Relaxed),
             flushes: counters.flushes.load(Relaxed),
+            insert_refused: counters.refused.load(Relaxed),
             stream_healthy,
             disabled,
         }
@@ -553,12 +608,13 @@ impl Near {
         lock(&self.state).wanted.len() != followed.len()
     }
 
-    /// Applies one event; returns when the stream was last heard from (its last heartbeat,
-    /// RESET or first event), from which its silence is measured.
-    fn apply(&self, event: &pb::WatchEvent, followed: &BTreeSet<String>) -> Instant {
+    /// Applies one event of the stream following `followed` after `after`; returns when the
+    /// stream was last heard from (its last heartbeat, RESET or first event), from which its
+    /// silence is measured.
+    fn apply(&self, event: &pb::WatchEvent, followed: &BTreeSet<String>, after: u64) -> Instant {
         let (applied, heard) = {
             let mut state = lock(&self.state);
-            let applied = state.apply(event, followed, Instant::now());
+            let applied = state.apply(event, followed, after, Instant::now());
             (applied, state.last_heard)
         };
         let counter = match applied {
@@ -656,6 +712,7 @@ async fn stream(
     silence: Duration,
     backoff: &mut Duration,
 ) -> End {
+    let after = request.after;
     let mut events = match tokio::time::timeout(silence, rpc.watch(request)).await {
         Ok(Ok(reply)) => reply.into_inner(),
         Ok(Err(status)) => return failed(near, &status),
@@ -676,7 +733,7 @@ async fn stream(
                 let Some(this) = near.upgrade() else { return End::Stop };
                 match next {
                     Ok(Ok(Some(event))) => {
-                        let heard = this.apply(&event, followed);
+                        let heard = this.apply(&event, followed, after);
                         deadline = tokio::time::Instant::from_std(heard + silence);
                         *backoff = BACKOFF_FIRST;
                     }
@@ -751,7 +808,7 @@ mod tests {
     fn healthy(position: u64) -> (Coherence, Instant) {
         let now = Instant::now();
         let mut state = Coherence::new(1 << 20, Evictions::default(), now);
-        state.apply(&heartbeat(position), &followed(), now);
+        state.apply(&heartbeat(position), &followed(), 0, now);
         (state, now)
     }
 
@@ -796,12 +853,79 @@ mod tests {
                 12,
             ),
             &followed(),
+            0,
             now,
         );
         // The lookup read its value at position 11, before the bust at 12.
         let ttl = Duration::from_secs(60);
         assert!(!state.insert(k.clone(), Bytes::new(), ticket, 11, ttl));
         assert!(state.get(&k, now, SILENCE).is_none());
+    }
+
+    /// Invalidations of other keys while a lookup is in flight do not keep its answer out;
+    /// one of the same key, or of a scope covering it, does.
+    #[test]
+    fn only_invalidations_naming_the_key_keep_an_answer_out() {
+        let (mut state, now) = healthy(10);
+        let ticket = state.ticket("ns", now, SILENCE).unwrap();
+        let other = invalidation(
+            pb::InvalidationScope::ScopeEntry,
+            pb_key("ns", "f", key("f", 2).digest()),
+            12,
+        );
+        state.apply(&other, &followed(), 0, now);
+        let g = invalidation(
+            pb::InvalidationScope::ScopeFunction,
+            pb_key("ns", "g", ""),
+            13,
+        );
+        state.apply(&g, &followed(), 0, now);
+        let ttl = Duration::from_secs(60);
+        assert!(state.insert(key("f", 1), Bytes::new(), ticket, 11, ttl));
+        assert!(!state.insert(key("g", 1), Bytes::new(), ticket, 11, ttl));
+        assert!(
+            state.insert(key("g", 2), Bytes::new(), ticket, 13, ttl),
+            "read after the bust"
+        );
+        assert!(!state.insert(key("f", 2), Bytes::new(), ticket, 11, ttl));
+        assert_eq!(state.applied, 13);
+    }
+
+    /// Past the invalidations it remembers, an older answer is kept out whatever it names:
+    /// the forgotten ones might have named it.
+    #[test]
+    fn an_answer_older_than_what_is_remembered_is_kept_out() {
+        let (mut state, now) = healthy(10);
+        let ticket = state.ticket("ns", now, SILENCE).unwrap();
+        for n in 0..=RECENT_INVALIDATIONS as u64 {
+            let other = invalidation(
+                pb::InvalidationScope::ScopeEntry,
+                pb_key("ns", "g", &format!("{n:032x}")),
+                12 + n,
+            );
+            state.apply(&other, &followed(), 0, now);
+        }
+        assert_eq!(state.recent.len(), RECENT_INVALIDATIONS);
+        assert_eq!(state.floor, 12, "the first one is forgotten");
+        let ttl = Duration::from_secs(60);
+        assert!(!state.insert(key("f", 1), Bytes::new(), ticket, 11, ttl));
+        assert!(state.insert(key("f", 2), Bytes::new(), ticket, 12, ttl));
+    }
+
+    /// A stream that follows a namespace the previous one did not resumes after `applied`:
+    /// it delivers the new namespace's invalidations only from there, so an answer older
+    /// than that is kept out.
+    #[test]
+    fn a_new_stream_covers_only_what_is_after_its_start() {
+        let (mut state, now) = healthy(10);
+        state.apply(&heartbeat(20), &followed(), 0, now);
+        let more = BTreeSet::from(["ns".to_owned(), "new".to_owned()]);
+        state.apply(&heartbeat(21), &more, 20, now);
+        let ticket = state.ticket("new", now, SILENCE).unwrap();
+        let new_key = EntryKey::new("new".into(), "f".into(), format!("{:032x}", 1)).unwrap();
+        let ttl = Duration::from_secs(60);
+        assert!(!state.insert(new_key.clone(), Bytes::new(), ticket, 19, ttl));
+        assert!(state.insert(new_key, Bytes::new(), ticket, 20, ttl));
     }
 
     /// A RESET empties the cache and sets applied to its position, even a lower one; a
@@ -814,6 +938,7 @@ mod tests {
         state.apply(
             &event(pb::WatchEventKind::WatchEventReset, 5),
             &followed(),
+            0,
             now,
         );
         assert_eq!(state.applied, 5);
@@ -825,7 +950,7 @@ mod tests {
             "the new numbering's positions count"
         );
         // Heartbeats only raise applied.
-        state.apply(&heartbeat(4), &followed(), now);
+        state.apply(&heartbeat(4), &followed(), 0, now);
         assert_eq!(state.applied, 5, "a lower heartbeat does not lower applied");
     }
 
@@ -880,7 +1005,7 @@ mod tests {
         ];
         for (event, expected) in cases {
             fill(&mut state);
-            state.apply(&event, &followed(), now);
+            state.apply(&event, &followed(), 0, now);
             assert_eq!(present(&mut state), expected, "after {event:?}");
         }
     }
@@ -897,7 +1022,7 @@ mod tests {
         state.flush();
         assert!(state.get(&key("f", 1), now, SILENCE).is_none());
         assert!(state.ticket("ns", now, SILENCE).is_none());
-        state.apply(&heartbeat(2), &followed(), now);
+        state.apply(&heartbeat(2), &followed(), 0, now);
         assert!(state.ticket("ns", now, SILENCE).is_some());
     }
 
@@ -916,7 +1041,7 @@ mod tests {
                 pb_key("ns", "g", &format!("{position:032x}")),
                 position,
             );
-            state.apply(&other, &followed(), at);
+            state.apply(&other, &followed(), 0, at);
         }
         assert!(at >= now + SILENCE);
         assert!(
@@ -924,7 +1049,7 @@ mod tests {
             "still served"
         );
         assert!(state.ticket("ns", at, SILENCE).is_none());
-        state.apply(&heartbeat(10), &followed(), at);
+        state.apply(&heartbeat(10), &followed(), 0, at);
         assert!(
             state.get(&key("f", 1), at, SILENCE).is_some(),
             "a heartbeat"
@@ -974,7 +1099,7 @@ mod tests {
         let evictions = Evictions::default();
         let now = Instant::now();
         let mut state = Coherence::new(4096, evictions.clone(), now);
-        state.apply(&heartbeat(1), &followed(), now);
+        state.apply(&heartbeat(1), &followed(), 0, now);
         for n in 0..100 {
             let ticket = state.ticket("ns", now, SILENCE).unwrap();
             let value = Bytes::from(vec![b'x'; 100]);

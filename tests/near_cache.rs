@@ -474,6 +474,82 @@ async fn a_bust_during_a_lookup_is_not_lost(backend: Backend) {
     assert_eq!(near.metrics().near_hits, hits, "served from the near cache");
 }
 
+/// Writes to other keys of a namespace (every memoize miss elsewhere makes one) do not keep
+/// this client's lookups of unchanged keys out of its near cache: it remembers what recent
+/// invalidations named, and keeps an answer out only when one after it names its key.
+/// Without that (any invalidation after a lookup was sent kept its answer out), about half
+/// of the answers were refused under a few hundred writes a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_other_keys_do_not_keep_copies_out() {
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let near = near_client(&one, near_options()).await;
+    let writer = plain_client(&one).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 0, &source, 1).await;
+    // The keys read below are written (and their invalidations applied) before the traffic.
+    let theirs = writer.function("near.app", "f", Ttl::MINUTE);
+    let keys = 100..300u64;
+    for k in keys.clone() {
+        assert_eq!(read(&theirs, k, &source).await, 1);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (g, stop, writes) = (
+                writer.function("near.app", "g", Ttl::MINUTE),
+                stop.clone(),
+                writes.clone(),
+            );
+            tokio::spawn(async move {
+                let mut n = t * 1_000_000;
+                while !stop.load(SeqCst) {
+                    n += 1;
+                    let _: u64 = g.memoize(&(n,), || async move { n }).await.expect("g");
+                    writes.fetch_add(1, SeqCst);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let before = near.metrics();
+    let mut copied = 0;
+    for k in keys.clone() {
+        assert_eq!(read(&f, k, &source).await, 1);
+        let hits = near.metrics().near_hits;
+        assert_eq!(read(&f, k, &source).await, 1);
+        if near.metrics().near_hits > hits {
+            copied += 1;
+        }
+    }
+    let took = started.elapsed();
+    stop.store(true, SeqCst);
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    let after = near.metrics();
+    let tried = keys.count();
+    let rate = writes.load(SeqCst) as f64 / (took + Duration::from_millis(200)).as_secs_f64();
+    eprintln!(
+        "near cache: with {rate:.0} writes/s to other keys of the namespace, {copied} of {tried} remote hits copied ({} refused, {} flushes)",
+        after.near_insert_refused - before.near_insert_refused,
+        after.near_flushes - before.near_flushes,
+    );
+    assert!(
+        rate > 50.0,
+        "too little traffic to tell: {rate:.0} writes/s"
+    );
+    assert!(
+        copied * 10 >= tried * 9,
+        "{copied} of {tried} copied; {after:?}"
+    );
+}
+
 /// The invalidation sequence deleted behind the servers' backs restarts its numbering (from
 /// the clock, above the old one): the near cache gets a RESET, drops its copies, takes the
 /// RESET's position as `applied`, and stays coherent with busts made after it. (A RESET that
