@@ -123,10 +123,19 @@ pub struct ClientOptions {
     /// (or overwrite) reaches this client's copies through the service's invalidation stream,
     /// after a short delay (milliseconds while the stream is healthy; a client whose stream
     /// is unhealthy serves nothing from its copies). It also keeps one `Watch` stream open
-    /// per client (opened with the first remote hit, following the namespaces hits came
-    /// from). This client's own busts drop its copies before they return. Copies are weighed
-    /// as their key and value bytes plus a small overhead per entry.
+    /// per client (following [`ClientOptions::near_cache_namespaces`] from the start, and
+    /// the namespaces remote hits came from as they come). This client's own busts drop its
+    /// copies before they return. Copies are weighed as their key and value bytes plus a
+    /// small overhead per entry.
     pub near_cache_bytes: usize,
+    /// Namespaces the near cache follows from the start: its stream opens when the client is
+    /// made (in a Tokio runtime; otherwise at the first remote hit), so the first remote hit
+    /// in one of them can already be copied. A namespace not named here is followed from
+    /// this client's first remote hit in it: that hit and the lookups in flight while the
+    /// stream is reopened to follow it are not copied. Every name must be one this client
+    /// may read (a stream naming one it may not is refused, which bypasses the near cache
+    /// until a retry succeeds). Empty by default. Ignored without `near_cache_bytes`.
+    pub near_cache_namespaces: Vec<String>,
     /// How long the near cache trusts its invalidation stream without a heartbeat (servers
     /// send one every second by default, `--watch-heartbeat-ms`): after that long without a
     /// heartbeat or RESET, the copies are dropped and `memoize` goes to the service until a
@@ -184,6 +193,7 @@ impl fmt::Debug for ClientOptions {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("near_cache_bytes", &self.near_cache_bytes)
             .field("near_cache_silence", &self.near_cache_silence)
+            .field("near_cache_namespaces", &self.near_cache_namespaces)
             .finish()
     }
 }
@@ -243,6 +253,7 @@ impl Default for ClientOptions {
             token: None,
             near_cache_bytes: DEFAULT_NEAR_CACHE_BYTES,
             near_cache_silence: DEFAULT_NEAR_CACHE_SILENCE,
+            near_cache_namespaces: Vec::new(),
         }
     }
 }
@@ -503,11 +514,14 @@ impl Client {
         let rpc = CacheMoneyClient::with_interceptor(channel, credentials)
             .max_decoding_message_size(options.max_receive_bytes);
         let near = (options.enabled && options.near_cache_bytes > 0).then(|| {
-            Arc::new(Near::new(
+            let near = Arc::new(Near::new(
                 options.near_cache_bytes,
                 options.near_cache_silence,
+                &options.near_cache_namespaces,
                 rpc.clone(),
-            ))
+            ));
+            near.start();
+            near
         });
         Client {
             inner: Arc::new(Inner {

@@ -27,15 +27,19 @@
 //! - a copy never outlives its entry: it expires at the time its lookup was sent plus the
 //!   time left the service reported.
 //!
-//! # One stream, the namespaces used so far
+//! # One stream, the namespaces named and used so far
 //! A client has no right, in general, to follow every namespace (that needs the admin grant),
-//! so the stream follows the namespaces the service has answered this client's near-cached
-//! lookups with hits in (a namespace it may not read never gets that far, so it cannot get
-//! the stream refused for good). When a new one shows up, the stream is replaced by one that follows it too, and the near cache is
-//! emptied and bypassed until the new stream's first event, as after a drop. That costs one
-//! emptying per namespace a client ever uses (a handful in a service), in exchange for one
-//! code path for every change of stream: resuming without emptying would be correct too
-//! (`after` replays what the switch missed) but is a second path to get right.
+//! so the stream follows the namespaces named in
+//! [`ClientOptions::near_cache_namespaces`](crate::ClientOptions::near_cache_namespaces)
+//! (from when the client is made) and those the service has answered this client's
+//! near-cached lookups with hits in (a namespace it may not read never gets that far). When a
+//! new one shows up, the stream is replaced by one that follows it too, resuming after
+//! `applied`, and the copies are kept: the new stream replays every invalidation after
+//! `applied` of every namespace it follows, so nothing published meanwhile is missed; the
+//! copies are served meanwhile only while the old stream's last heartbeat is within the
+//! silence bound, as always. The new namespace has no copies yet, and its lookups are
+//! copied once the new stream has spoken, if they are newer than where it started (the
+//! `floor`: its invalidations from before were never received).
 //!
 //! # Writes
 //! A value this client has just written is not inserted: its own write publishes an
@@ -91,6 +95,11 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 
 /// The longest pause between two reconnection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The most namespaces the stream follows: the server's default `--max-batch`, which bounds
+/// the namespaces one `Watch` may name. Namespaces used past this many are not followed, and
+/// their lookups bypass the near cache.
+pub(crate) const MAX_FOLLOWED: usize = 1000;
 
 /// Which copies an invalidation (or this client's own bust) names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -445,7 +454,7 @@ pub(crate) struct Near {
     counters: Counters,
     /// Woken when a namespace is added to `wanted`, so the stream follows it.
     grown: Arc<Notify>,
-    /// The watch task, once the first hit started it. A task whose runtime shut down (a
+    /// The watch task, once started (with the client, or by the first hit). A task whose runtime shut down (a
     /// client shared by several runtimes, as tests do) is started again by the next hit.
     task: Mutex<Option<JoinHandle<()>>>,
     /// The stub the watch task calls `Watch` with.
@@ -463,11 +472,18 @@ impl fmt::Debug for Near {
 }
 
 impl Near {
-    /// A near cache of `bytes` whose stream is trusted for `silence` without an event;
-    /// its watch task starts with the first namespace it is asked to follow.
-    pub(crate) fn new(bytes: usize, silence: Duration, rpc: RawClient) -> Self {
+    /// A near cache of `bytes` whose stream is trusted for `silence` without a heartbeat,
+    /// following `namespaces` from the start (up to [`MAX_FOLLOWED`]); its watch task starts
+    /// with [`Near::start`] or the first namespace it is asked to follow.
+    pub(crate) fn new(
+        bytes: usize,
+        silence: Duration,
+        namespaces: &[String],
+        rpc: RawClient,
+    ) -> Self {
         let counters = Counters::default();
-        let state = Coherence::new(bytes, counters.evictions.clone(), Instant::now());
+        let mut state = Coherence::new(bytes, counters.evictions.clone(), Instant::now());
+        state.wanted = namespaces.iter().take(MAX_FOLLOWED).cloned().collect();
         Near {
             state: Mutex::new(state),
             silence,
@@ -475,6 +491,15 @@ impl Near {
             grown: Arc::new(Notify::new()),
             task: Mutex::new(None),
             rpc,
+        }
+    }
+
+    /// Starts the watch task now if there are namespaces to follow and a runtime to run it
+    /// on (else the first hit starts it).
+    pub(crate) fn start(self: &Arc<Self>) {
+        let wanted = !lock(&self.state).wanted.is_empty();
+        if wanted && tokio::runtime::Handle::try_current().is_ok() {
+            self.watching(false);
         }
     }
 
@@ -552,8 +577,11 @@ impl Near {
                 self.counters.refused.fetch_add(1, Relaxed);
             }
             let namespace = key.namespace();
-            let new =
-                !state.wanted.contains(namespace) && state.wanted.insert(namespace.to_owned());
+            // Past the limit a new namespace is not followed: its lookups bypass the near
+            // cache, and the stream keeps working for the others.
+            let new = !state.wanted.contains(namespace)
+                && state.wanted.len() < MAX_FOLLOWED
+                && state.wanted.insert(namespace.to_owned());
             (new, state.disabled)
         };
         if new {
@@ -626,13 +654,11 @@ impl Near {
         heard
     }
 
-    /// Empties and bypasses the cache until the next stream's first event; `counted` when it
-    /// is an outage (a drop or silence), not a planned switch.
-    fn flush(&self, counted: bool) {
+    /// Empties and bypasses the cache until the next stream's first event: an outage (a
+    /// drop or silence).
+    fn flush(&self) {
         lock(&self.state).flush();
-        if counted {
-            self.counters.flushes.fetch_add(1, Relaxed);
-        }
+        self.counters.flushes.fetch_add(1, Relaxed);
     }
 
     fn disable(&self, status: &tonic::Status) {
@@ -660,7 +686,7 @@ fn is_final(status: &tonic::Status) -> bool {
 enum End {
     /// It failed, ended, or stayed silent: an outage.
     Lost,
-    /// It is replaced by one following more namespaces.
+    /// It is replaced by one following more namespaces (the copies stay).
     Grown,
     /// The server refused it for good, or the client is gone.
     Stop,
@@ -691,9 +717,10 @@ async fn watch(near: Weak<Near>, grown: Arc<Notify>, mut rpc: RawClient) {
         let Some(this) = near.upgrade() else { return };
         match end {
             End::Stop => return,
-            End::Grown => this.flush(false),
+            // The copies stay: the next stream resumes after `applied`.
+            End::Grown => {}
             End::Lost => {
-                this.flush(true);
+                this.flush();
                 drop(this);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);

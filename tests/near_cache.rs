@@ -964,6 +964,83 @@ async fn invalidations_off_turns_the_near_cache_off() {
     assert_eq!(warnings.len(), 1, "{warnings:#?}");
 }
 
+/// The README's near cache example, as written: with the namespace followed from the start
+/// (`near_cache_namespaces`), the first call computes, the second is a remote hit that is
+/// copied, and the third is answered from the copy. The stream opens when the client is
+/// made; the test waits for its first event (milliseconds), which the README's reader gets
+/// for free while the first call computes and stores.
+#[tokio::test]
+async fn the_readme_example_does_what_it_says() {
+    let server = CacheServer::memory(&[]);
+    let options = ClientOptions {
+        near_cache_bytes: 64 << 20,
+        near_cache_namespaces: vec!["__main__".into()],
+        ..ClientOptions::default()
+    };
+    let cm = Client::connect_with(server.url(), options)
+        .await
+        .expect("client");
+    let started = eventually(SETTLE, || async { cm.metrics().near_stream_healthy }).await;
+    assert!(started, "the stream did not start with the client");
+    let add = cm.function("__main__", "addition", Ttl::HOUR);
+    let sum: i64 = add.memoize(&(3, 4), || async { 3 + 4 }).await.expect("1");
+    assert_eq!(sum, 7);
+    let first = cm.metrics();
+    assert_eq!((first.computed, first.hits), (1, 0), "{first:?}");
+    let sum: i64 = add.memoize(&(3, 4), || async { 3 + 4 }).await.expect("2");
+    assert_eq!(sum, 7);
+    let second = cm.metrics();
+    assert_eq!((second.hits, second.near_hits), (1, 0), "{second:?}");
+    let sum: i64 = add.memoize(&(3, 4), || async { 3 + 4 }).await.expect("3");
+    assert_eq!(sum, 7);
+    let third = cm.metrics();
+    assert_eq!((third.hits, third.near_hits), (2, 1), "{third:?}");
+    add.bust(&(3, 4)).await.expect("bust");
+    let _: i64 = add.memoize(&(3, 4), || async { 3 + 4 }).await.expect("4");
+    let fourth = cm.metrics();
+    assert_eq!(fourth.computed, 2, "the bust dropped the copy: {fourth:?}");
+}
+
+/// A namespace used later has the stream reopened to follow it too, and the copies of the
+/// namespaces already followed stay (the new stream resumes after `applied`, so nothing is
+/// missed): they are still served, and no flush is counted. Busts in both namespaces made
+/// through the other replica still reach the copies afterwards.
+#[tokio::test]
+async fn a_new_namespace_keeps_the_copies() {
+    let (_store, one, two) = Backend::Redis.replicas();
+    let near = near_client(&one, near_options()).await;
+    let other = plain_client(&two).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let g = near.function("near.more", "g", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+    // A hit in a new namespace: the stream is replaced by one following both.
+    let theirs_g = other.function("near.more", "g", Ttl::MINUTE);
+    assert_eq!(read(&theirs_g, 1, &source).await, 1);
+    assert_eq!(read(&g, 1, &source).await, 1);
+    warm(&g, &near, 1, &source, 1).await;
+    let hits = near.metrics().near_hits;
+    assert_eq!(read(&f, 1, &source).await, 1);
+    let metrics = near.metrics();
+    assert_eq!(
+        metrics.near_hits,
+        hits + 1,
+        "the copy was dropped: {metrics:?}"
+    );
+    assert_eq!(metrics.near_flushes, 0, "{metrics:?}");
+    // Both namespaces' busts still arrive.
+    source.set(2);
+    let theirs_f = other.function("near.app", "f", Ttl::MINUTE);
+    theirs_f.bust(&(1,)).await.expect("bust f");
+    theirs_g.bust(&(1,)).await.expect("bust g");
+    let seen = eventually(SETTLE, || async {
+        read(&f, 1, &source).await == 2 && read(&g, 1, &source).await == 2
+    })
+    .await;
+    assert!(seen, "{:?}", near.metrics());
+}
+
 /// A near hit costs far less than a remote one: at least 100 times less in a release build,
 /// 50 in a debug one (both printed). Each is the fastest of several batches, so other tests
 /// running beside it (the near hit is all CPU, the remote one mostly waiting) do not decide
