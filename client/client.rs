@@ -27,7 +27,10 @@ use crate::{
     connect::{self, describe},
     key::{EntryKey, check_name},
     lease::DEFAULT_LEASE,
-    near::{DEFAULT_NEAR_CACHE_BYTES, DEFAULT_NEAR_CACHE_SILENCE, Near, Scope},
+    near::{
+        DEFAULT_NEAR_CACHE_BYTES, DEFAULT_NEAR_CACHE_SILENCE, DEFAULT_NEAR_REFUSED_BACKOFF, Near,
+        Scope,
+    },
     pb::{self, cache_money_client::CacheMoneyClient},
     single_flight::SingleFlight,
 };
@@ -157,6 +160,10 @@ pub struct ClientOptions {
     /// between.
     #[doc(hidden)]
     pub near_insert_hook: Option<NearInsertHook>,
+    /// A test hook, not an API: the first pause before the near cache asks again for a
+    /// stream the service refused (1 minute, doubling up to 10).
+    #[doc(hidden)]
+    pub near_refused_backoff: Duration,
 }
 
 /// A test hook, not an API: what [`ClientOptions::near_insert_hook`] holds.
@@ -184,6 +191,7 @@ impl fmt::Debug for ClientOptions {
             .field("resolve_interval", &self.resolve_interval)
             .field("resolver", &self.resolver.is_some())
             .field("near_insert_hook", &self.near_insert_hook.is_some())
+            .field("near_refused_backoff", &self.near_refused_backoff)
             .field("tls_ca", &self.tls_ca.as_ref().map(|pem| pem.len()))
             .field("max_receive_bytes", &self.max_receive_bytes)
             .field("default_ttl", &self.default_ttl)
@@ -244,6 +252,7 @@ impl Default for ClientOptions {
             resolve_interval: None,
             resolver: None,
             near_insert_hook: None,
+            near_refused_backoff: DEFAULT_NEAR_REFUSED_BACKOFF,
             tls_ca: None,
             max_receive_bytes: DEFAULT_MAX_RECEIVE_BYTES,
             default_ttl: DEFAULT_TTL,
@@ -317,9 +326,12 @@ pub struct ClientMetrics {
     /// Whether the near cache's stream is healthy (it delivered its first event and sent a
     /// heartbeat within [`ClientOptions::near_cache_silence`]): only then are copies served.
     pub near_stream_healthy: bool,
-    /// Whether the near cache was turned off for good because the service refused the stream
-    /// (invalidations off: UNIMPLEMENTED; no right to watch: PERMISSION_DENIED; more
-    /// namespaces than the server takes in one request: INVALID_ARGUMENT). Logged at warn once.
+    /// Whether the near cache is off because the service refused its last request for a
+    /// stream (invalidations off: UNIMPLEMENTED; no right to watch: PERMISSION_DENIED; more
+    /// namespaces than the server takes in one request: INVALID_ARGUMENT). Logged at warn the
+    /// first time. The stream is asked for again after 1 minute, doubling up to 10 (a
+    /// rolling upgrade may replace the replica that refused), and the near cache is used
+    /// again once one is granted.
     pub near_disabled: bool,
 }
 
@@ -518,6 +530,7 @@ impl Client {
                 options.near_cache_bytes,
                 options.near_cache_silence,
                 &options.near_cache_namespaces,
+                options.near_refused_backoff,
                 rpc.clone(),
             ));
             near.start();

@@ -51,7 +51,7 @@ use std::{
     fmt,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -95,6 +95,19 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 
 /// The longest pause between two reconnection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The first pause before asking again for a stream the server refused (invalidations off,
+/// no right to watch, a request it does not take): doubled after each refusal, up to
+/// [`REFUSED_BACKOFF_MAX`]. Long, since a refusal usually lasts (a configuration), but not
+/// for ever: in a rolling upgrade, the replica that refused may be replaced by one that
+/// streams.
+pub(crate) const DEFAULT_NEAR_REFUSED_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The longest pause between two requests for a refused stream.
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(600);
+
+/// The longest a paused watch task sleeps before checking that its client still exists.
+const PAUSE_STEP: Duration = Duration::from_secs(1);
 
 /// The most namespaces the stream follows: the server's default `--max-batch`, which bounds
 /// the namespaces one `Watch` may name. Namespaces used past this many are not followed, and
@@ -228,7 +241,8 @@ struct Coherence {
     followed: BTreeSet<String>,
     /// The namespaces that have used the near cache: what the next stream follows.
     wanted: BTreeSet<String>,
-    /// The server refused the stream for good (invalidations off, no right to watch).
+    /// The server refused the last stream asked for (invalidations off, no right to watch):
+    /// bypassed until a stream is granted.
     disabled: bool,
 }
 
@@ -355,6 +369,7 @@ impl Coherence {
             // it follows reaches this cache, but not necessarily those before it (a namespace
             // the previous stream did not follow).
             self.healthy = true;
+            self.disabled = false;
             self.followed = followed.clone();
             self.last_heard = now;
             let start = if after == 0 { event.position } else { after };
@@ -454,11 +469,16 @@ pub(crate) struct Near {
     counters: Counters,
     /// Woken when a namespace is added to `wanted`, so the stream follows it.
     grown: Arc<Notify>,
-    /// The watch task, once started (with the client, or by the first hit). A task whose runtime shut down (a
-    /// client shared by several runtimes, as tests do) is started again by the next hit.
+    /// The watch task, once started (with the client, or by the first hit). A task whose
+    /// runtime shut down (a client shared by several runtimes, as tests do) is started again
+    /// by the next hit.
     task: Mutex<Option<JoinHandle<()>>>,
     /// The stub the watch task calls `Watch` with.
     rpc: RawClient,
+    /// The first pause before asking again for a refused stream.
+    refused_backoff: Duration,
+    /// Whether a refusal was logged at warn (once per client).
+    warned: AtomicBool,
 }
 
 impl fmt::Debug for Near {
@@ -473,12 +493,14 @@ impl fmt::Debug for Near {
 
 impl Near {
     /// A near cache of `bytes` whose stream is trusted for `silence` without a heartbeat,
-    /// following `namespaces` from the start (up to [`MAX_FOLLOWED`]); its watch task starts
-    /// with [`Near::start`] or the first namespace it is asked to follow.
+    /// following `namespaces` from the start (up to [`MAX_FOLLOWED`]), asking again for a
+    /// refused stream after `refused_backoff` (doubling); its watch task starts with
+    /// [`Near::start`] or the first namespace it is asked to follow.
     pub(crate) fn new(
         bytes: usize,
         silence: Duration,
         namespaces: &[String],
+        refused_backoff: Duration,
         rpc: RawClient,
     ) -> Self {
         let counters = Counters::default();
@@ -491,6 +513,8 @@ impl Near {
             grown: Arc::new(Notify::new()),
             task: Mutex::new(None),
             rpc,
+            refused_backoff,
+            warned: AtomicBool::new(false),
         }
     }
 
@@ -524,7 +548,7 @@ impl Near {
     }
 
     /// The copy of `key` if one may be served, counted as a near hit or miss (not counted
-    /// once the near cache is off for good).
+    /// while the service refuses the stream).
     pub(crate) fn get(&self, key: &EntryKey) -> Option<Bytes> {
         let found = {
             let mut state = lock(&self.state);
@@ -558,8 +582,8 @@ impl Near {
     /// Offers a live hit of `key` answered at `position` with `ttl_ms` left: copied if its
     /// lookup had a `ticket` and the rule allows. The first hit of a namespace has the stream
     /// follow it, so its later hits can be copied: following only namespaces the service has
-    /// answered hits of keeps one the client may not read from turning the near cache off
-    /// (a Watch it may not make is refused for good). One lock in all.
+    /// answered hits of keeps one the client may not read from getting the stream refused.
+    /// One lock in all.
     pub(crate) fn offer(
         self: &Arc<Self>,
         key: &EntryKey,
@@ -569,7 +593,7 @@ impl Near {
         ttl_ms: u64,
     ) {
         let ttl = Duration::from_millis(ttl_ms);
-        let (new, disabled) = {
+        let new = {
             let mut state = lock(&self.state);
             if let Some(ticket) = ticket
                 && !state.insert(key.clone(), bytes, ticket, position, ttl)
@@ -579,10 +603,9 @@ impl Near {
             let namespace = key.namespace();
             // Past the limit a new namespace is not followed: its lookups bypass the near
             // cache, and the stream keeps working for the others.
-            let new = !state.wanted.contains(namespace)
+            !state.wanted.contains(namespace)
                 && state.wanted.len() < MAX_FOLLOWED
-                && state.wanted.insert(namespace.to_owned());
-            (new, state.disabled)
+                && state.wanted.insert(namespace.to_owned())
         };
         if new {
             debug!(
@@ -590,9 +613,7 @@ impl Near {
                 "cache-money near cache: following a new namespace"
             );
         }
-        if !disabled {
-            self.watching(new);
-        }
+        self.watching(new);
     }
 
     /// This client's own bust or overwrite of `scope`: its copies go before the call returns.
@@ -661,20 +682,27 @@ impl Near {
         self.counters.flushes.fetch_add(1, Relaxed);
     }
 
+    /// The service refused the stream: empty and bypass the cache until a stream asked for
+    /// later is granted. Logged at warn the first time only.
     fn disable(&self, status: &tonic::Status) {
-        let mut state = lock(&self.state);
-        state.flush();
-        state.disabled = true;
-        // The watch task ends here, so this is logged once per client.
-        warn!(cause = %describe(status), "cache-money near cache off: the service does not stream invalidations to this client (invalidations off, or no read access to watch); memoize goes to the service every call");
+        {
+            let mut state = lock(&self.state);
+            state.flush();
+            state.disabled = true;
+        }
+        if !self.warned.swap(true, Relaxed) {
+            warn!(cause = %describe(status), "cache-money near cache off: the service does not stream invalidations to this client (invalidations off, or no read access to watch); memoize goes to the service every call, and the stream is asked for again every few minutes");
+        } else {
+            debug!(cause = %describe(status), "cache-money near cache: the invalidation stream is still refused");
+        }
     }
 }
 
-/// Whether a `Watch` failure means it will never work for this client: invalidations are
-/// off (UNIMPLEMENTED), the client may not watch a namespace it uses (PERMISSION_DENIED), or
-/// the request itself is refused (INVALID_ARGUMENT: more namespaces than the server's
-/// `--max-batch`), which retrying would only repeat.
-fn is_final(status: &tonic::Status) -> bool {
+/// Whether a `Watch` failure is a refusal rather than an outage: invalidations are off
+/// (UNIMPLEMENTED), the client may not watch a namespace it uses (PERMISSION_DENIED), or the
+/// request itself is refused (INVALID_ARGUMENT: more namespaces than the server's
+/// `--max-batch`). Retrying soon would only repeat it; it is retried after a long pause.
+fn is_refusal(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         Code::Unimplemented | Code::PermissionDenied | Code::InvalidArgument
@@ -688,7 +716,9 @@ enum End {
     Lost,
     /// It is replaced by one following more namespaces (the copies stay).
     Grown,
-    /// The server refused it for good, or the client is gone.
+    /// The server refused it.
+    Refused,
+    /// The client is gone.
     Stop,
 }
 
@@ -697,6 +727,10 @@ enum End {
 /// within one silence period of the client being dropped.
 async fn watch(near: Weak<Near>, grown: Arc<Notify>, mut rpc: RawClient) {
     let mut backoff = BACKOFF_FIRST;
+    let Some(refused_first) = near.upgrade().map(|near| near.refused_backoff) else {
+        return;
+    };
+    let mut refused = refused_first;
     loop {
         let Some((request, followed, silence)) = near.upgrade().map(|near| {
             let (request, followed) = near.request();
@@ -714,9 +748,20 @@ async fn watch(near: Weak<Near>, grown: Arc<Notify>, mut rpc: RawClient) {
             &mut backoff,
         )
         .await;
+        if end == End::Refused {
+            if !pause(&near, refused).await {
+                return;
+            }
+            refused = (refused * 2).min(REFUSED_BACKOFF_MAX.max(refused_first));
+            continue;
+        }
+        if backoff == BACKOFF_FIRST {
+            // The stream delivered an event: a later refusal starts the long pauses over.
+            refused = refused_first;
+        }
         let Some(this) = near.upgrade() else { return };
         match end {
-            End::Stop => return,
+            End::Stop | End::Refused => return,
             // The copies stay: the next stream resumes after `applied`.
             End::Grown => {}
             End::Lost => {
@@ -776,14 +821,30 @@ async fn stream(
     }
 }
 
-/// What a failed `Watch` comes to: the end of the near cache, or a reconnection.
+/// Sleeps `pause` in steps, so a dropped client's task ends within a step; whether the
+/// client is still there.
+async fn pause(near: &Weak<Near>, pause: Duration) -> bool {
+    let until = tokio::time::Instant::now() + pause;
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return near.strong_count() > 0;
+        }
+        tokio::time::sleep((until - now).min(PAUSE_STEP)).await;
+        if near.strong_count() == 0 {
+            return false;
+        }
+    }
+}
+
+/// What a failed `Watch` comes to: a long pause (refused), or a reconnection.
 fn failed(near: &Weak<Near>, status: &tonic::Status) -> End {
     let Some(this) = near.upgrade() else {
         return End::Stop;
     };
-    if is_final(status) {
+    if is_refusal(status) {
         this.disable(status);
-        return End::Stop;
+        return End::Refused;
     }
     debug!(cause = %describe(status), "cache-money near cache: the invalidation stream failed; emptying and reconnecting");
     End::Lost

@@ -1041,6 +1041,32 @@ async fn a_new_namespace_keeps_the_copies() {
     assert!(seen, "{:?}", near.metrics());
 }
 
+/// A refused stream is asked for again after a pause: a client whose replica has
+/// invalidations off bypasses its near cache (`near_disabled`), and uses it once a replica
+/// at that address streams (a rolling upgrade). The pause is shortened by a test hook; it is
+/// a minute by default. Without the retry, the near cache stayed off for the life of the
+/// client.
+#[tokio::test]
+async fn a_refused_stream_is_asked_for_again() {
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let mut old = CacheServer::memory(&["--listen", &listen, "--invalidations", "off"]);
+    let options = ClientOptions {
+        near_refused_backoff: Duration::from_millis(200),
+        near_cache_namespaces: vec!["near.app".into()],
+        ..near_options()
+    };
+    let near = near_client(&old, options).await;
+    let off = eventually(SETTLE, || async { near.metrics().near_disabled }).await;
+    assert!(off, "{:?}", near.metrics());
+    old.kill();
+    let _new = CacheServer::memory(&["--listen", &listen, "--watch-heartbeat-ms", "100"]);
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+    assert!(!near.metrics().near_disabled, "{:?}", near.metrics());
+}
+
 /// A near hit costs far less than a remote one: at least 100 times less in a release build,
 /// 50 in a debug one (both printed). Each is the fastest of several batches, so other tests
 /// running beside it (the near hit is all CPU, the remote one mostly waiting) do not decide
