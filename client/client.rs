@@ -694,7 +694,8 @@ impl Client {
 
     /// Runs a bust RPC of `scope` within the bust deadline. Busts bypass the breaker: they are
     /// rare and their outcome matters. The near cache's copies of `scope` are dropped before
-    /// it returns, whatever the outcome (a bust that failed may still have happened).
+    /// the request is sent and again before it returns, whatever the outcome (a bust that
+    /// failed, or whose caller stopped waiting, may still have happened).
     pub(crate) async fn bust_rpc<F, Fut>(&self, scope: Scope, call: F) -> Result<u64, Error>
     where
         F: FnOnce(RawClient) -> Fut,
@@ -704,6 +705,10 @@ impl Client {
             return Ok(0);
         }
         let deadline = self.inner.options.bust_deadline;
+        // Before sending as well as after: a caller that drops this future once the request
+        // is sent (the bust may happen) still has its copies dropped; after, so a lookup
+        // that read the old value while the bust was in flight is not copied.
+        self.own_change(&scope);
         let outcome = tokio::time::timeout(deadline, call(self.inner.rpc.clone())).await;
         self.own_change(&scope);
         match outcome {

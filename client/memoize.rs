@@ -1201,6 +1201,9 @@ impl Function {
         let request = pb::BustRequest {
             key: Some(Self::pb_key(key)),
         };
+        // Before sending as well as after, as `Client::bust_rpc` does: a dropped future
+        // still drops the copy.
+        self.client.own_change(&Scope::Entry(key.clone()));
         self.client
             .cache_rpc("Bust", &self.warned_refused, |mut rpc| async move {
                 rpc.bust(request).await

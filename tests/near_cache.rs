@@ -1067,6 +1067,27 @@ async fn a_refused_stream_is_asked_for_again() {
     assert!(!near.metrics().near_disabled, "{:?}", near.metrics());
 }
 
+/// A bust whose caller stops waiting for it (its future dropped once polled: the request
+/// may have been sent, and the bust may happen) still drops this client's copy at once.
+/// Without the drop before sending, the copy stayed until the stream's invalidation (if the
+/// bust happened) or its TTL (if not).
+#[tokio::test]
+async fn a_cancelled_bust_still_drops_the_copy() {
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let near = near_client(&one, near_options()).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+    // Polled once, then dropped: the bust is cancelled partway.
+    let cancelled = tokio::time::timeout(Duration::ZERO, f.bust(&(1,))).await;
+    assert!(cancelled.is_err(), "the bust completed in one poll");
+    let hits = near.metrics().near_hits;
+    read(&f, 1, &source).await;
+    let metrics = near.metrics();
+    assert_eq!(metrics.near_hits, hits, "served from the copy: {metrics:?}");
+}
+
 /// A near hit costs far less than a remote one: at least 100 times less in a release build,
 /// 50 in a debug one (both printed). Each is the fastest of several batches, so other tests
 /// running beside it (the near hit is all CPU, the remote one mostly waiting) do not decide
