@@ -827,7 +827,7 @@ impl Function {
         let lifetime = self.policy.lifetime(self.client.options().lease);
         let mut request = self.policy.get_request(Self::pb_key(key), lifetime, tags);
         let near = self.near();
-        // A near copy must never outlive its entry: ask for the time it has left.
+        // A near copy must not outlive its entry's TTL: ask for the time it has left.
         request.want_ttl = near.is_some();
         let leased = request.lease_ms > 0;
         let mut stale = None;

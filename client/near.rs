@@ -24,8 +24,10 @@
 //!   the answer is not inserted;
 //! - an INVALIDATION drops what its scope names, a RESET drops everything and sets `applied`
 //!   to its position (which may be lower: a restarted sequence);
-//! - a copy never outlives its entry: it expires at the time its lookup was sent plus the
-//!   time left the service reported.
+//! - a copy does not outlive its entry's TTL: it expires at the time its lookup was sent
+//!   plus the time left the service reported. (An entry the store evicts, Redis under
+//!   `maxmemory` or the memory store over its budget, publishes nothing: its copy lives to
+//!   that expiry.)
 //!
 //! # One stream, the namespaces named and used so far
 //! A client has no right, in general, to follow every namespace (that needs the admin grant),
