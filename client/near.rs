@@ -17,11 +17,13 @@
 //!   invalidation applied so far with a position above `p` names `k`, and nothing that
 //!   empties the cache (a flush, a RESET, this client's own bust) happened between sending
 //!   the lookup and its answer (the `generation` a [`Ticket`] carries). The proto's rule,
-//!   `applied <= p`, is the special case of remembering no invalidation; this cache
-//!   remembers the last [`RECENT_INVALIDATIONS`] (position and scope), so writes to other
-//!   keys of a namespace do not keep its lookups out. When `p` is older than what it
-//!   remembers (the `floor`: below it, invalidations were forgotten or never received),
-//!   the answer is not inserted;
+//!   `applied <= p` (`applied`: the highest position of any event processed, heartbeats
+//!   included), refuses the answer if any invalidation above `p` was applied, whatever it
+//!   names; this cache remembers the last [`RECENT_INVALIDATIONS`] (position and scope)
+//!   and refuses it only if one of them names `k`, so writes to other keys of a namespace
+//!   do not keep its lookups out. When `p` is older than what it remembers (the `floor`:
+//!   below it, invalidations were forgotten or never received), the answer is refused as
+//!   the proto's rule would;
 //! - an INVALIDATION drops what its scope names, a RESET drops everything and sets `applied`
 //!   to its position (which may be lower: a restarted sequence);
 //! - a copy does not outlive its entry's TTL: it expires at the time its lookup was sent
