@@ -6,8 +6,11 @@
 //! `connect_many`, another); a bust applied while a lookup is in flight keeps that lookup's
 //! answer out; a restarted sequence's RESET lowers `applied`; own busts and refreshes are
 //! seen at once; the size bounds the copies; and a randomized run of memoize, bust and Put
-//! on a few keys never returns a value older than the bound. A near hit's cost against a
-//! remote hit's is printed.
+//! on a few keys never returns a value older than the bound. Also: a stream whose heartbeats
+//! stop stops the near cache even while invalidations flow; writes to other keys do not keep
+//! copies out; the README example runs as written; a new namespace keeps the copies; a
+//! refused stream is asked for again; a cancelled bust still drops the copy. A near hit's
+//! cost against a remote hit's is printed.
 
 mod common;
 
