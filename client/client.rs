@@ -27,7 +27,10 @@ use crate::{
     connect::{self, describe},
     key::{EntryKey, check_name},
     lease::DEFAULT_LEASE,
-    near::{DEFAULT_NEAR_CACHE_BYTES, DEFAULT_NEAR_CACHE_SILENCE, Near, Scope},
+    near::{
+        DEFAULT_NEAR_CACHE_BYTES, DEFAULT_NEAR_CACHE_SILENCE, DEFAULT_NEAR_REFUSED_BACKOFF, Near,
+        Scope,
+    },
     pb::{self, cache_money_client::CacheMoneyClient},
     single_flight::SingleFlight,
 };
@@ -123,15 +126,29 @@ pub struct ClientOptions {
     /// (or overwrite) reaches this client's copies through the service's invalidation stream,
     /// after a short delay (milliseconds while the stream is healthy; a client whose stream
     /// is unhealthy serves nothing from its copies). It also keeps one `Watch` stream open
-    /// per client (opened with the first remote hit, following the namespaces hits came
-    /// from). This client's own busts drop its copies before they return. Copies are weighed
-    /// as their key and value bytes plus a small overhead per entry.
+    /// per client (following [`ClientOptions::near_cache_namespaces`] from the start, and
+    /// the namespaces remote hits came from as they come). This client's own busts drop its
+    /// copies before they return. Copies are weighed as their key and value bytes plus a
+    /// small overhead per entry.
     pub near_cache_bytes: usize,
-    /// How long the near cache trusts its invalidation stream without hearing from it
-    /// (servers send a heartbeat every second by default): after that long without any
-    /// event, the copies are dropped and `memoize` goes to the service until a new stream
-    /// speaks ([`DEFAULT_NEAR_CACHE_SILENCE`], 3 s). This bounds how long a copy can outlive
-    /// a bust that the stream failed to deliver; keep it a few heartbeat intervals.
+    /// Namespaces the near cache follows from the start: its stream opens when the client is
+    /// made (in a Tokio runtime; otherwise at the first remote hit), so the first remote hit
+    /// in one of them can already be copied. A namespace not named here is followed from
+    /// this client's first remote hit in it: that hit and the lookups in flight while the
+    /// stream is reopened to follow it are not copied. Every name must be one this client
+    /// may read (a stream naming one it may not is refused, which bypasses the near cache
+    /// until a retry succeeds). Empty by default. Ignored without `near_cache_bytes`.
+    pub near_cache_namespaces: Vec<String>,
+    /// How long the near cache trusts its invalidation stream without a heartbeat (servers
+    /// send one every second by default, `--watch-heartbeat-ms`): after that long without a
+    /// heartbeat or RESET, the copies are dropped and `memoize` goes to the service until a
+    /// new stream speaks ([`DEFAULT_NEAR_CACHE_SILENCE`], 3 s). Invalidations do not count:
+    /// a server that stops keeping up stops its heartbeats but may still relay other
+    /// replicas' invalidations. This bounds how long a copy can outlive a bust that the
+    /// stream failed to deliver. It must exceed about twice the server's heartbeat interval
+    /// (two heartbeats can be up to about two intervals apart), or a healthy stream is taken
+    /// for a silent one now and then; the default, three intervals of the server's default,
+    /// leaves room for one late heartbeat.
     pub near_cache_silence: Duration,
     /// A test hook, not an API: looks hosts up instead of the system's resolver, with
     /// [`ClientOptions::resolve_interval`] (so a test can make one name resolve to several
@@ -143,6 +160,10 @@ pub struct ClientOptions {
     /// between.
     #[doc(hidden)]
     pub near_insert_hook: Option<NearInsertHook>,
+    /// A test hook, not an API: the first pause before the near cache asks again for a
+    /// stream the service refused (1 minute, doubling up to 10).
+    #[doc(hidden)]
+    pub near_refused_backoff: Duration,
 }
 
 /// A test hook, not an API: what [`ClientOptions::near_insert_hook`] holds.
@@ -170,6 +191,7 @@ impl fmt::Debug for ClientOptions {
             .field("resolve_interval", &self.resolve_interval)
             .field("resolver", &self.resolver.is_some())
             .field("near_insert_hook", &self.near_insert_hook.is_some())
+            .field("near_refused_backoff", &self.near_refused_backoff)
             .field("tls_ca", &self.tls_ca.as_ref().map(|pem| pem.len()))
             .field("max_receive_bytes", &self.max_receive_bytes)
             .field("default_ttl", &self.default_ttl)
@@ -179,6 +201,7 @@ impl fmt::Debug for ClientOptions {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("near_cache_bytes", &self.near_cache_bytes)
             .field("near_cache_silence", &self.near_cache_silence)
+            .field("near_cache_namespaces", &self.near_cache_namespaces)
             .finish()
     }
 }
@@ -229,6 +252,7 @@ impl Default for ClientOptions {
             resolve_interval: None,
             resolver: None,
             near_insert_hook: None,
+            near_refused_backoff: DEFAULT_NEAR_REFUSED_BACKOFF,
             tls_ca: None,
             max_receive_bytes: DEFAULT_MAX_RECEIVE_BYTES,
             default_ttl: DEFAULT_TTL,
@@ -238,6 +262,7 @@ impl Default for ClientOptions {
             token: None,
             near_cache_bytes: DEFAULT_NEAR_CACHE_BYTES,
             near_cache_silence: DEFAULT_NEAR_CACHE_SILENCE,
+            near_cache_namespaces: Vec::new(),
         }
     }
 }
@@ -290,14 +315,23 @@ pub struct ClientMetrics {
     pub near_invalidations: u64,
     /// RESET events applied to the near cache (each dropped every copy).
     pub near_resets: u64,
-    /// Times the near cache was emptied because its stream dropped or fell silent.
+    /// Times the near cache was emptied because its stream dropped or went without a
+    /// heartbeat for [`ClientOptions::near_cache_silence`].
     pub near_flushes: u64,
-    /// Whether the near cache's stream is healthy (it delivered its first event and has been
-    /// heard from within [`ClientOptions::near_cache_silence`]): only then are copies served.
+    /// Live hits that could have been copied into the near cache (looked up while its stream
+    /// was healthy) but were kept out by its coherence rule: an invalidation of the key (or
+    /// a RESET, a flush, or this client's own bust) arrived while the lookup was in flight,
+    /// or more than the invalidations it remembers did.
+    pub near_insert_refused: u64,
+    /// Whether the near cache's stream is healthy (it delivered its first event and sent a
+    /// heartbeat within [`ClientOptions::near_cache_silence`]): only then are copies served.
     pub near_stream_healthy: bool,
-    /// Whether the near cache was turned off for good because the service refused the stream
-    /// (invalidations off: UNIMPLEMENTED; no right to watch: PERMISSION_DENIED; more
-    /// namespaces than the server takes in one request: INVALID_ARGUMENT). Logged at warn once.
+    /// Whether the near cache is off because the service refused its last request for a
+    /// stream (invalidations off: UNIMPLEMENTED; no right to watch: PERMISSION_DENIED; more
+    /// namespaces than the server takes in one request: INVALID_ARGUMENT). Logged at warn the
+    /// first time. The stream is asked for again after 1 minute, doubling up to 10 (a
+    /// rolling upgrade may replace the replica that refused), and the near cache is used
+    /// again once one is granted.
     pub near_disabled: bool,
 }
 
@@ -492,11 +526,15 @@ impl Client {
         let rpc = CacheMoneyClient::with_interceptor(channel, credentials)
             .max_decoding_message_size(options.max_receive_bytes);
         let near = (options.enabled && options.near_cache_bytes > 0).then(|| {
-            Arc::new(Near::new(
+            let near = Arc::new(Near::new(
                 options.near_cache_bytes,
                 options.near_cache_silence,
+                &options.near_cache_namespaces,
+                options.near_refused_backoff,
                 rpc.clone(),
-            ))
+            ));
+            near.start();
+            near
         });
         Client {
             inner: Arc::new(Inner {
@@ -639,6 +677,7 @@ impl Client {
             near_invalidations: near.invalidations,
             near_resets: near.resets,
             near_flushes: near.flushes,
+            near_insert_refused: near.insert_refused,
             near_stream_healthy: near.stream_healthy,
             near_disabled: near.disabled,
         }
@@ -655,7 +694,8 @@ impl Client {
 
     /// Runs a bust RPC of `scope` within the bust deadline. Busts bypass the breaker: they are
     /// rare and their outcome matters. The near cache's copies of `scope` are dropped before
-    /// it returns, whatever the outcome (a bust that failed may still have happened).
+    /// the request is sent and again before it returns, whatever the outcome (a bust that
+    /// failed, or whose caller stopped waiting, may still have happened).
     pub(crate) async fn bust_rpc<F, Fut>(&self, scope: Scope, call: F) -> Result<u64, Error>
     where
         F: FnOnce(RawClient) -> Fut,
@@ -665,6 +705,10 @@ impl Client {
             return Ok(0);
         }
         let deadline = self.inner.options.bust_deadline;
+        // Before sending as well as after: a caller that drops this future once the request
+        // is sent (the bust may happen) still has its copies dropped; after, so a lookup
+        // that read the old value while the bust was in flight is not copied.
+        self.own_change(&scope);
         let outcome = tokio::time::timeout(deadline, call(self.inner.rpc.clone())).await;
         self.own_change(&scope);
         match outcome {

@@ -827,7 +827,7 @@ impl Function {
         let lifetime = self.policy.lifetime(self.client.options().lease);
         let mut request = self.policy.get_request(Self::pb_key(key), lifetime, tags);
         let near = self.near();
-        // A near copy must never outlive its entry: ask for the time it has left.
+        // A near copy must not outlive its entry's TTL: ask for the time it has left.
         request.want_ttl = near.is_some();
         let leased = request.lease_ms > 0;
         let mut stale = None;
@@ -1201,6 +1201,9 @@ impl Function {
         let request = pb::BustRequest {
             key: Some(Self::pb_key(key)),
         };
+        // Before sending as well as after, as `Client::bust_rpc` does: a dropped future
+        // still drops the copy.
+        self.client.own_change(&Scope::Entry(key.clone()));
         self.client
             .cache_rpc("Bust", &self.warned_refused, |mut rpc| async move {
                 rpc.bust(request).await

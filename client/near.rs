@@ -8,26 +8,42 @@
 //! module is that rule, under one lock ([`Coherence`]) that both applying an event and
 //! inserting a lookup's answer take:
 //! - nothing is cached, or served, until the current stream has delivered its first event,
-//!   nor after it dropped or stayed silent for
-//!   [`ClientOptions::near_cache_silence`](crate::ClientOptions::near_cache_silence);
-//! - a lookup's answer with position `p` is inserted only if `p != 0` and `applied <= p`
-//!   (`applied`: the highest position of any event processed, heartbeats included), and only
-//!   if nothing that empties the cache (a flush, a RESET, this client's own bust) happened
-//!   between sending the lookup and its answer (the `generation` a [`Ticket`] carries);
+//!   nor after it dropped or went without a heartbeat (or RESET) for
+//!   [`ClientOptions::near_cache_silence`](crate::ClientOptions::near_cache_silence).
+//!   Invalidations do not count: a server stops its heartbeats when its reader falls behind
+//!   or it owes a bust of everything, while invalidations other replicas published keep
+//!   flowing, so only a heartbeat says the stream is complete up to now;
+//! - a lookup's answer of key `k` with position `p` is inserted only if `p != 0`, no
+//!   invalidation applied so far with a position above `p` names `k`, and nothing that
+//!   empties the cache (a flush, a RESET, this client's own bust) happened between sending
+//!   the lookup and its answer (the `generation` a [`Ticket`] carries). The proto's rule,
+//!   `applied <= p` (`applied`: the highest position of any event processed, heartbeats
+//!   included), refuses the answer if any invalidation above `p` was applied, whatever it
+//!   names; this cache remembers the last [`RECENT_INVALIDATIONS`] (position and scope)
+//!   and refuses it only if one of them names `k`, so writes to other keys of a namespace
+//!   do not keep its lookups out. When `p` is older than what it remembers (the `floor`:
+//!   below it, invalidations were forgotten or never received), the answer is refused as
+//!   the proto's rule would;
 //! - an INVALIDATION drops what its scope names, a RESET drops everything and sets `applied`
 //!   to its position (which may be lower: a restarted sequence);
-//! - a copy never outlives its entry: it expires at the time its lookup was sent plus the
-//!   time left the service reported.
+//! - a copy does not outlive its entry's TTL: it expires at the time its lookup was sent
+//!   plus the time left the service reported. (An entry the store evicts, Redis under
+//!   `maxmemory` or the memory store over its budget, publishes nothing: its copy lives to
+//!   that expiry.)
 //!
-//! # One stream, the namespaces used so far
+//! # One stream, the namespaces named and used so far
 //! A client has no right, in general, to follow every namespace (that needs the admin grant),
-//! so the stream follows the namespaces the service has answered this client's near-cached
-//! lookups with hits in (a namespace it may not read never gets that far, so it cannot get
-//! the stream refused for good). When a new one shows up, the stream is replaced by one that follows it too, and the near cache is
-//! emptied and bypassed until the new stream's first event, as after a drop. That costs one
-//! emptying per namespace a client ever uses (a handful in a service), in exchange for one
-//! code path for every change of stream: resuming without emptying would be correct too
-//! (`after` replays what the switch missed) but is a second path to get right.
+//! so the stream follows the namespaces named in
+//! [`ClientOptions::near_cache_namespaces`](crate::ClientOptions::near_cache_namespaces)
+//! (from when the client is made) and those the service has answered this client's
+//! near-cached lookups with hits in (a namespace it may not read never gets that far). When a
+//! new one shows up, the stream is replaced by one that follows it too, resuming after
+//! `applied`, and the copies are kept: the new stream replays every invalidation after
+//! `applied` of every namespace it follows, so nothing published meanwhile is missed; the
+//! copies are served meanwhile only while the old stream's last heartbeat is within the
+//! silence bound, as always. The new namespace has no copies yet, and its lookups are
+//! copied once the new stream has spoken, if they are newer than where it started (the
+//! `floor`: its invalidations from before were never received).
 //!
 //! # Writes
 //! A value this client has just written is not inserted: its own write publishes an
@@ -35,11 +51,11 @@
 //! remembering our own positions). The next lookup, a remote hit, fills the near cache.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, VecDeque},
     fmt,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -57,9 +73,12 @@ use crate::{client::RawClient, connect::describe, key::EntryKey, lock, pb};
 /// a `Watch` stream per client, so it is asked for, not given.
 pub const DEFAULT_NEAR_CACHE_BYTES: usize = 0;
 
-/// How long the near cache trusts a silent stream: with no event (the server sends a
-/// heartbeat every second by default) for this long, it is emptied and bypassed until a new
-/// stream speaks. Three heartbeats: one late heartbeat is not an outage.
+/// How long the near cache trusts a stream without a heartbeat: with no heartbeat (or RESET)
+/// for this long (the server sends one every second by default), it is emptied and bypassed
+/// until a new stream speaks. Invalidations do not count, since a server that stops its
+/// heartbeats (reader behind, a bust of everything owed) may still relay other replicas'
+/// invalidations. Three heartbeat intervals: heartbeats can come up to about two intervals
+/// apart, and one late heartbeat is not an outage.
 pub const DEFAULT_NEAR_CACHE_SILENCE: Duration = Duration::from_secs(3);
 
 /// What one copy costs beyond its key's and value's bytes: the map's slot, the queue links,
@@ -70,11 +89,34 @@ const ENTRY_OVERHEAD: u64 = 128;
 /// The weight the cache sizes itself for, per entry, to guess how many entries it will hold.
 const TYPICAL_ENTRY: usize = 512;
 
+/// How many applied invalidations the near cache remembers (position and scope), so that a
+/// lookup's answer is kept out only when an invalidation after it names its key. Past this
+/// many invalidations during one lookup, its answer is kept out whatever it names.
+pub(crate) const RECENT_INVALIDATIONS: usize = 1024;
+
 /// The first pause before reconnecting a dropped stream; doubled after each failure.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 
 /// The longest pause between two reconnection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The first pause before asking again for a stream the server refused (invalidations off,
+/// no right to watch, a request it does not take): doubled after each refusal, up to
+/// [`REFUSED_BACKOFF_MAX`]. Long, since a refusal usually lasts (a configuration), but not
+/// for ever: in a rolling upgrade, the replica that refused may be replaced by one that
+/// streams.
+pub(crate) const DEFAULT_NEAR_REFUSED_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The longest pause between two requests for a refused stream.
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(600);
+
+/// The longest a paused watch task sleeps before checking that its client still exists.
+const PAUSE_STEP: Duration = Duration::from_secs(1);
+
+/// The most namespaces the stream follows: the server's default `--max-batch`, which bounds
+/// the namespaces one `Watch` may name. Namespaces used past this many are not followed, and
+/// their lookups bypass the near cache.
+pub(crate) const MAX_FOLLOWED: usize = 1000;
 
 /// Which copies an invalidation (or this client's own bust) names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,18 +226,27 @@ struct Coherence {
     copies: Copies,
     /// The highest position of any event processed (or a RESET's position).
     applied: u64,
+    /// The last [`RECENT_INVALIDATIONS`] invalidations applied, oldest first: position and
+    /// scope.
+    recent: VecDeque<(u64, Scope)>,
+    /// `recent` holds every invalidation applied with a position above this (in the
+    /// namespaces the stream follows): the position of the last one forgotten, the RESET's,
+    /// or where the current stream started from.
+    floor: u64,
     /// Bumped whenever the cache is emptied or this client busts: a lookup sent before is not
     /// inserted.
     generation: u64,
     /// Whether the current stream has delivered its first event and has not dropped since.
     healthy: bool,
-    /// When the last event arrived.
-    last_event: Instant,
+    /// When the stream last said it is complete up to now: its last heartbeat or RESET (or
+    /// its first event). Invalidations do not count (see the module doc).
+    last_heard: Instant,
     /// The namespaces the healthy stream follows; only their entries are cached.
     followed: BTreeSet<String>,
     /// The namespaces that have used the near cache: what the next stream follows.
     wanted: BTreeSet<String>,
-    /// The server refused the stream for good (invalidations off, no right to watch).
+    /// The server refused the last stream asked for (invalidations off, no right to watch):
+    /// bypassed until a stream is granted.
     disabled: bool,
 }
 
@@ -224,20 +275,22 @@ impl Coherence {
                 evictions,
             ),
             applied: 0,
+            recent: VecDeque::new(),
+            floor: 0,
             generation: 0,
             healthy: false,
-            last_event: now,
+            last_heard: now,
             followed: BTreeSet::new(),
             wanted: BTreeSet::new(),
             disabled: false,
         }
     }
 
-    /// Whether copies may be served and inserted now: a healthy stream heard from within
-    /// `silence`. (The watch task flushes a silent stream too; checking here as well keeps a
+    /// Whether copies may be served and inserted now: a healthy stream that sent a heartbeat
+    /// within `silence`. (The watch task flushes a silent stream too; checking here as well keeps a
     /// starved task from stretching the bound.)
     fn usable(&self, now: Instant, silence: Duration) -> bool {
-        self.healthy && !self.disabled && now.saturating_duration_since(self.last_event) < silence
+        self.healthy && !self.disabled && now.saturating_duration_since(self.last_heard) < silence
     }
 
     /// A ticket for a lookup of `namespace` sent now, when its answer may be cached.
@@ -275,7 +328,8 @@ impl Coherence {
             && !self.disabled
             && ticket.generation == self.generation
             && position != 0
-            && self.applied <= position
+            && self.floor <= position
+            && !self.invalidated_after(&key, position)
             && !ttl.is_zero();
         if allowed {
             let expires = ticket.sent + ttl;
@@ -284,28 +338,58 @@ impl Coherence {
         allowed
     }
 
-    /// Applies one event of the stream following `followed`.
+    /// Whether an invalidation applied with a position above `position` names `key`.
+    fn invalidated_after(&self, key: &EntryKey, position: u64) -> bool {
+        self.recent
+            .iter()
+            .rev()
+            .take_while(|(at, _)| *at > position)
+            .any(|(_, scope)| scope.covers(key))
+    }
+
+    /// Remembers an applied invalidation, forgetting the oldest past
+    /// [`RECENT_INVALIDATIONS`].
+    fn remember(&mut self, position: u64, scope: Scope) {
+        if self.recent.len() == RECENT_INVALIDATIONS
+            && let Some((forgotten, _)) = self.recent.pop_front()
+        {
+            self.floor = self.floor.max(forgotten);
+        }
+        self.recent.push_back((position, scope));
+    }
+
+    /// Applies one event of the stream following `followed`, which asked for the events
+    /// after `after` (0: from now on).
     fn apply(
         &mut self,
         event: &pb::WatchEvent,
         followed: &BTreeSet<String>,
+        after: u64,
         now: Instant,
     ) -> Applied {
-        if !self.healthy {
-            // The stream's first event: from here on, every invalidation after `applied`
-            // reaches this cache.
+        if !self.healthy || self.followed != *followed {
+            // The stream's first event: from here on, every invalidation after `after` (or
+            // after this event's position, for a stream started from now) in the namespaces
+            // it follows reaches this cache, but not necessarily those before it (a namespace
+            // the previous stream did not follow).
             self.healthy = true;
+            self.disabled = false;
             self.followed = followed.clone();
+            self.last_heard = now;
+            let start = if after == 0 { event.position } else { after };
+            self.floor = self.floor.max(start);
         }
-        self.last_event = now;
         match pb::WatchEventKind::try_from(event.kind) {
             Ok(pb::WatchEventKind::WatchEventHeartbeat) => {
+                self.last_heard = now;
                 self.applied = self.applied.max(event.position);
                 Applied::Heartbeat
             }
             Ok(pb::WatchEventKind::WatchEventInvalidation) => {
-                self.drop_scope(&Scope::of_event(event));
+                let scope = Scope::of_event(event);
+                self.drop_scope(&scope);
                 self.applied = self.applied.max(event.position);
+                self.remember(event.position, scope);
                 Applied::Invalidation
             }
             Ok(pb::WatchEventKind::WatchEventReset)
@@ -315,6 +399,9 @@ impl Coherence {
                 // lookups in flight (positions of the old numbering) are not inserted.
                 self.empty();
                 self.applied = event.position;
+                self.recent.clear();
+                self.floor = event.position;
+                self.last_heard = now;
                 Applied::Reset
             }
         }
@@ -362,6 +449,7 @@ struct Counters {
     invalidations: AtomicU64,
     resets: AtomicU64,
     flushes: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// What the near cache reports in [`ClientMetrics`](crate::ClientMetrics).
@@ -373,6 +461,7 @@ pub(crate) struct NearMetrics {
     pub(crate) invalidations: u64,
     pub(crate) resets: u64,
     pub(crate) flushes: u64,
+    pub(crate) insert_refused: u64,
     pub(crate) stream_healthy: bool,
     pub(crate) disabled: bool,
 }
@@ -384,11 +473,16 @@ pub(crate) struct Near {
     counters: Counters,
     /// Woken when a namespace is added to `wanted`, so the stream follows it.
     grown: Arc<Notify>,
-    /// The watch task, once the first hit started it. A task whose runtime shut down (a
-    /// client shared by several runtimes, as tests do) is started again by the next hit.
+    /// The watch task, once started (with the client, or by the first hit). A task whose
+    /// runtime shut down (a client shared by several runtimes, as tests do) is started again
+    /// by the next hit.
     task: Mutex<Option<JoinHandle<()>>>,
     /// The stub the watch task calls `Watch` with.
     rpc: RawClient,
+    /// The first pause before asking again for a refused stream.
+    refused_backoff: Duration,
+    /// Whether a refusal was logged at warn (once per client).
+    warned: AtomicBool,
 }
 
 impl fmt::Debug for Near {
@@ -402,11 +496,20 @@ impl fmt::Debug for Near {
 }
 
 impl Near {
-    /// A near cache of `bytes` whose stream is trusted for `silence` without an event;
-    /// its watch task starts with the first namespace it is asked to follow.
-    pub(crate) fn new(bytes: usize, silence: Duration, rpc: RawClient) -> Self {
+    /// A near cache of `bytes` whose stream is trusted for `silence` without a heartbeat,
+    /// following `namespaces` from the start (up to [`MAX_FOLLOWED`]), asking again for a
+    /// refused stream after `refused_backoff` (doubling); its watch task starts with
+    /// [`Near::start`] or the first namespace it is asked to follow.
+    pub(crate) fn new(
+        bytes: usize,
+        silence: Duration,
+        namespaces: &[String],
+        refused_backoff: Duration,
+        rpc: RawClient,
+    ) -> Self {
         let counters = Counters::default();
-        let state = Coherence::new(bytes, counters.evictions.clone(), Instant::now());
+        let mut state = Coherence::new(bytes, counters.evictions.clone(), Instant::now());
+        state.wanted = namespaces.iter().take(MAX_FOLLOWED).cloned().collect();
         Near {
             state: Mutex::new(state),
             silence,
@@ -414,6 +517,17 @@ impl Near {
             grown: Arc::new(Notify::new()),
             task: Mutex::new(None),
             rpc,
+            refused_backoff,
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts the watch task now if there are namespaces to follow and a runtime to run it
+    /// on (else the first hit starts it).
+    pub(crate) fn start(self: &Arc<Self>) {
+        let wanted = !lock(&self.state).wanted.is_empty();
+        if wanted && tokio::runtime::Handle::try_current().is_ok() {
+            self.watching(false);
         }
     }
 
@@ -438,7 +552,7 @@ impl Near {
     }
 
     /// The copy of `key` if one may be served, counted as a near hit or miss (not counted
-    /// once the near cache is off for good).
+    /// while the service refuses the stream).
     pub(crate) fn get(&self, key: &EntryKey) -> Option<Bytes> {
         let found = {
             let mut state = lock(&self.state);
@@ -472,8 +586,8 @@ impl Near {
     /// Offers a live hit of `key` answered at `position` with `ttl_ms` left: copied if its
     /// lookup had a `ticket` and the rule allows. The first hit of a namespace has the stream
     /// follow it, so its later hits can be copied: following only namespaces the service has
-    /// answered hits of keeps one the client may not read from turning the near cache off
-    /// (a Watch it may not make is refused for good). One lock in all.
+    /// answered hits of keeps one the client may not read from getting the stream refused.
+    /// One lock in all.
     pub(crate) fn offer(
         self: &Arc<Self>,
         key: &EntryKey,
@@ -483,15 +597,19 @@ impl Near {
         ttl_ms: u64,
     ) {
         let ttl = Duration::from_millis(ttl_ms);
-        let (new, disabled) = {
+        let new = {
             let mut state = lock(&self.state);
-            if let Some(ticket) = ticket {
-                state.insert(key.clone(), bytes, ticket, position, ttl);
+            if let Some(ticket) = ticket
+                && !state.insert(key.clone(), bytes, ticket, position, ttl)
+            {
+                self.counters.refused.fetch_add(1, Relaxed);
             }
             let namespace = key.namespace();
-            let new =
-                !state.wanted.contains(namespace) && state.wanted.insert(namespace.to_owned());
-            (new, state.disabled)
+            // Past the limit a new namespace is not followed: its lookups bypass the near
+            // cache, and the stream keeps working for the others.
+            !state.wanted.contains(namespace)
+                && state.wanted.len() < MAX_FOLLOWED
+                && state.wanted.insert(namespace.to_owned())
         };
         if new {
             debug!(
@@ -499,9 +617,7 @@ impl Near {
                 "cache-money near cache: following a new namespace"
             );
         }
-        if !disabled {
-            self.watching(new);
-        }
+        self.watching(new);
     }
 
     /// This client's own bust or overwrite of `scope`: its copies go before the call returns.
@@ -523,6 +639,7 @@ impl Near {
             invalidations: counters.invalidations.load(Relaxed),
             resets: counters.resets.load(Relaxed),
             flushes: counters.flushes.load(Relaxed),
+            insert_refused: counters.refused.load(Relaxed),
             stream_healthy,
             disabled,
         }
@@ -544,39 +661,52 @@ impl Near {
         lock(&self.state).wanted.len() != followed.len()
     }
 
-    fn apply(&self, event: &pb::WatchEvent, followed: &BTreeSet<String>) {
-        let applied = lock(&self.state).apply(event, followed, Instant::now());
+    /// Applies one event of the stream following `followed` after `after`; returns when the
+    /// stream was last heard from (its last heartbeat, RESET or first event), from which its
+    /// silence is measured.
+    fn apply(&self, event: &pb::WatchEvent, followed: &BTreeSet<String>, after: u64) -> Instant {
+        let (applied, heard) = {
+            let mut state = lock(&self.state);
+            let applied = state.apply(event, followed, after, Instant::now());
+            (applied, state.last_heard)
+        };
         let counter = match applied {
             Applied::Invalidation => &self.counters.invalidations,
             Applied::Reset => &self.counters.resets,
-            Applied::Heartbeat => return,
+            Applied::Heartbeat => return heard,
         };
         counter.fetch_add(1, Relaxed);
+        heard
     }
 
-    /// Empties and bypasses the cache until the next stream's first event; `counted` when it
-    /// is an outage (a drop or silence), not a planned switch.
-    fn flush(&self, counted: bool) {
+    /// Empties and bypasses the cache until the next stream's first event: an outage (a
+    /// drop or silence).
+    fn flush(&self) {
         lock(&self.state).flush();
-        if counted {
-            self.counters.flushes.fetch_add(1, Relaxed);
-        }
+        self.counters.flushes.fetch_add(1, Relaxed);
     }
 
+    /// The service refused the stream: empty and bypass the cache until a stream asked for
+    /// later is granted. Logged at warn the first time only.
     fn disable(&self, status: &tonic::Status) {
-        let mut state = lock(&self.state);
-        state.flush();
-        state.disabled = true;
-        // The watch task ends here, so this is logged once per client.
-        warn!(cause = %describe(status), "cache-money near cache off: the service does not stream invalidations to this client (invalidations off, or no read access to watch); memoize goes to the service every call");
+        {
+            let mut state = lock(&self.state);
+            state.flush();
+            state.disabled = true;
+        }
+        if !self.warned.swap(true, Relaxed) {
+            warn!(cause = %describe(status), "cache-money near cache off: the service does not stream invalidations to this client (invalidations off, or no read access to watch); memoize goes to the service every call, and the stream is asked for again every few minutes");
+        } else {
+            debug!(cause = %describe(status), "cache-money near cache: the invalidation stream is still refused");
+        }
     }
 }
 
-/// Whether a `Watch` failure means it will never work for this client: invalidations are
-/// off (UNIMPLEMENTED), the client may not watch a namespace it uses (PERMISSION_DENIED), or
-/// the request itself is refused (INVALID_ARGUMENT: more namespaces than the server's
-/// `--max-batch`), which retrying would only repeat.
-fn is_final(status: &tonic::Status) -> bool {
+/// Whether a `Watch` failure is a refusal rather than an outage: invalidations are off
+/// (UNIMPLEMENTED), the client may not watch a namespace it uses (PERMISSION_DENIED), or the
+/// request itself is refused (INVALID_ARGUMENT: more namespaces than the server's
+/// `--max-batch`). Retrying soon would only repeat it; it is retried after a long pause.
+fn is_refusal(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         Code::Unimplemented | Code::PermissionDenied | Code::InvalidArgument
@@ -588,9 +718,11 @@ fn is_final(status: &tonic::Status) -> bool {
 enum End {
     /// It failed, ended, or stayed silent: an outage.
     Lost,
-    /// It is replaced by one following more namespaces.
+    /// It is replaced by one following more namespaces (the copies stay).
     Grown,
-    /// The server refused it for good, or the client is gone.
+    /// The server refused it.
+    Refused,
+    /// The client is gone.
     Stop,
 }
 
@@ -599,6 +731,10 @@ enum End {
 /// within one silence period of the client being dropped.
 async fn watch(near: Weak<Near>, grown: Arc<Notify>, mut rpc: RawClient) {
     let mut backoff = BACKOFF_FIRST;
+    let Some(refused_first) = near.upgrade().map(|near| near.refused_backoff) else {
+        return;
+    };
+    let mut refused = refused_first;
     loop {
         let Some((request, followed, silence)) = near.upgrade().map(|near| {
             let (request, followed) = near.request();
@@ -616,12 +752,24 @@ async fn watch(near: Weak<Near>, grown: Arc<Notify>, mut rpc: RawClient) {
             &mut backoff,
         )
         .await;
+        if end == End::Refused {
+            if !pause(&near, refused).await {
+                return;
+            }
+            refused = (refused * 2).min(REFUSED_BACKOFF_MAX.max(refused_first));
+            continue;
+        }
+        if backoff == BACKOFF_FIRST {
+            // The stream delivered an event: a later refusal starts the long pauses over.
+            refused = refused_first;
+        }
         let Some(this) = near.upgrade() else { return };
         match end {
-            End::Stop => return,
-            End::Grown => this.flush(false),
+            End::Stop | End::Refused => return,
+            // The copies stay: the next stream resumes after `applied`.
+            End::Grown => {}
             End::Lost => {
-                this.flush(true);
+                this.flush();
                 drop(this);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -640,11 +788,15 @@ async fn stream(
     silence: Duration,
     backoff: &mut Duration,
 ) -> End {
+    let after = request.after;
     let mut events = match tokio::time::timeout(silence, rpc.watch(request)).await {
         Ok(Ok(reply)) => reply.into_inner(),
         Ok(Err(status)) => return failed(near, &status),
         Err(_) => return End::Lost,
     };
+    // Silence is counted from the last heartbeat (or RESET, or the first event), not from
+    // the last event: invalidations keep flowing from a server that stopped keeping up.
+    let mut deadline = tokio::time::Instant::now() + silence;
     loop {
         tokio::select! {
             () = grown.notified() => {
@@ -653,17 +805,18 @@ async fn stream(
                     return End::Grown;
                 }
             }
-            next = tokio::time::timeout(silence, events.message()) => {
+            next = tokio::time::timeout_at(deadline, events.message()) => {
                 let Some(this) = near.upgrade() else { return End::Stop };
                 match next {
                     Ok(Ok(Some(event))) => {
-                        this.apply(&event, followed);
+                        let heard = this.apply(&event, followed, after);
+                        deadline = tokio::time::Instant::from_std(heard + silence);
                         *backoff = BACKOFF_FIRST;
                     }
                     Ok(Ok(None)) => return End::Lost,
                     Ok(Err(status)) => return failed(near, &status),
                     Err(_) => {
-                        debug!(silence_ms = silence.as_millis() as u64, "cache-money near cache: the invalidation stream is silent; emptying and reconnecting");
+                        debug!(silence_ms = silence.as_millis() as u64, "cache-money near cache: no heartbeat on the invalidation stream; emptying and reconnecting");
                         return End::Lost;
                     }
                 }
@@ -672,14 +825,30 @@ async fn stream(
     }
 }
 
-/// What a failed `Watch` comes to: the end of the near cache, or a reconnection.
+/// Sleeps `pause` in steps, so a dropped client's task ends within a step; whether the
+/// client is still there.
+async fn pause(near: &Weak<Near>, pause: Duration) -> bool {
+    let until = tokio::time::Instant::now() + pause;
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return near.strong_count() > 0;
+        }
+        tokio::time::sleep((until - now).min(PAUSE_STEP)).await;
+        if near.strong_count() == 0 {
+            return false;
+        }
+    }
+}
+
+/// What a failed `Watch` comes to: a long pause (refused), or a reconnection.
 fn failed(near: &Weak<Near>, status: &tonic::Status) -> End {
     let Some(this) = near.upgrade() else {
         return End::Stop;
     };
-    if is_final(status) {
+    if is_refusal(status) {
         this.disable(status);
-        return End::Stop;
+        return End::Refused;
     }
     debug!(cause = %describe(status), "cache-money near cache: the invalidation stream failed; emptying and reconnecting");
     End::Lost
@@ -731,7 +900,7 @@ mod tests {
     fn healthy(position: u64) -> (Coherence, Instant) {
         let now = Instant::now();
         let mut state = Coherence::new(1 << 20, Evictions::default(), now);
-        state.apply(&heartbeat(position), &followed(), now);
+        state.apply(&heartbeat(position), &followed(), 0, now);
         (state, now)
     }
 
@@ -776,12 +945,79 @@ mod tests {
                 12,
             ),
             &followed(),
+            0,
             now,
         );
         // The lookup read its value at position 11, before the bust at 12.
         let ttl = Duration::from_secs(60);
         assert!(!state.insert(k.clone(), Bytes::new(), ticket, 11, ttl));
         assert!(state.get(&k, now, SILENCE).is_none());
+    }
+
+    /// Invalidations of other keys while a lookup is in flight do not keep its answer out;
+    /// one of the same key, or of a scope covering it, does.
+    #[test]
+    fn only_invalidations_naming_the_key_keep_an_answer_out() {
+        let (mut state, now) = healthy(10);
+        let ticket = state.ticket("ns", now, SILENCE).unwrap();
+        let other = invalidation(
+            pb::InvalidationScope::ScopeEntry,
+            pb_key("ns", "f", key("f", 2).digest()),
+            12,
+        );
+        state.apply(&other, &followed(), 0, now);
+        let g = invalidation(
+            pb::InvalidationScope::ScopeFunction,
+            pb_key("ns", "g", ""),
+            13,
+        );
+        state.apply(&g, &followed(), 0, now);
+        let ttl = Duration::from_secs(60);
+        assert!(state.insert(key("f", 1), Bytes::new(), ticket, 11, ttl));
+        assert!(!state.insert(key("g", 1), Bytes::new(), ticket, 11, ttl));
+        assert!(
+            state.insert(key("g", 2), Bytes::new(), ticket, 13, ttl),
+            "read after the bust"
+        );
+        assert!(!state.insert(key("f", 2), Bytes::new(), ticket, 11, ttl));
+        assert_eq!(state.applied, 13);
+    }
+
+    /// Past the invalidations it remembers, an older answer is kept out whatever it names:
+    /// the forgotten ones might have named it.
+    #[test]
+    fn an_answer_older_than_what_is_remembered_is_kept_out() {
+        let (mut state, now) = healthy(10);
+        let ticket = state.ticket("ns", now, SILENCE).unwrap();
+        for n in 0..=RECENT_INVALIDATIONS as u64 {
+            let other = invalidation(
+                pb::InvalidationScope::ScopeEntry,
+                pb_key("ns", "g", &format!("{n:032x}")),
+                12 + n,
+            );
+            state.apply(&other, &followed(), 0, now);
+        }
+        assert_eq!(state.recent.len(), RECENT_INVALIDATIONS);
+        assert_eq!(state.floor, 12, "the first one is forgotten");
+        let ttl = Duration::from_secs(60);
+        assert!(!state.insert(key("f", 1), Bytes::new(), ticket, 11, ttl));
+        assert!(state.insert(key("f", 2), Bytes::new(), ticket, 12, ttl));
+    }
+
+    /// A stream that follows a namespace the previous one did not resumes after `applied`:
+    /// it delivers the new namespace's invalidations only from there, so an answer older
+    /// than that is kept out.
+    #[test]
+    fn a_new_stream_covers_only_what_is_after_its_start() {
+        let (mut state, now) = healthy(10);
+        state.apply(&heartbeat(20), &followed(), 0, now);
+        let more = BTreeSet::from(["ns".to_owned(), "new".to_owned()]);
+        state.apply(&heartbeat(21), &more, 20, now);
+        let ticket = state.ticket("new", now, SILENCE).unwrap();
+        let new_key = EntryKey::new("new".into(), "f".into(), format!("{:032x}", 1)).unwrap();
+        let ttl = Duration::from_secs(60);
+        assert!(!state.insert(new_key.clone(), Bytes::new(), ticket, 19, ttl));
+        assert!(state.insert(new_key, Bytes::new(), ticket, 20, ttl));
     }
 
     /// A RESET empties the cache and sets applied to its position, even a lower one; a
@@ -794,6 +1030,7 @@ mod tests {
         state.apply(
             &event(pb::WatchEventKind::WatchEventReset, 5),
             &followed(),
+            0,
             now,
         );
         assert_eq!(state.applied, 5);
@@ -805,7 +1042,7 @@ mod tests {
             "the new numbering's positions count"
         );
         // Heartbeats only raise applied.
-        state.apply(&heartbeat(4), &followed(), now);
+        state.apply(&heartbeat(4), &followed(), 0, now);
         assert_eq!(state.applied, 5, "a lower heartbeat does not lower applied");
     }
 
@@ -860,7 +1097,7 @@ mod tests {
         ];
         for (event, expected) in cases {
             fill(&mut state);
-            state.apply(&event, &followed(), now);
+            state.apply(&event, &followed(), 0, now);
             assert_eq!(present(&mut state), expected, "after {event:?}");
         }
     }
@@ -877,8 +1114,38 @@ mod tests {
         state.flush();
         assert!(state.get(&key("f", 1), now, SILENCE).is_none());
         assert!(state.ticket("ns", now, SILENCE).is_none());
-        state.apply(&heartbeat(2), &followed(), now);
+        state.apply(&heartbeat(2), &followed(), 0, now);
         assert!(state.ticket("ns", now, SILENCE).is_some());
+    }
+
+    /// Invalidations do not keep a stream healthy: a server that stopped its heartbeats
+    /// (reader behind, a bust owed) may still relay other replicas' invalidations, so only
+    /// a heartbeat or RESET restarts the silence.
+    #[test]
+    fn only_heartbeats_keep_a_stream_healthy() {
+        let (mut state, now) = healthy(1);
+        assert!(put(&mut state, &key("f", 1), 1, now));
+        let mut at = now;
+        for position in 2..10 {
+            at += SILENCE / 4;
+            let other = invalidation(
+                pb::InvalidationScope::ScopeEntry,
+                pb_key("ns", "g", &format!("{position:032x}")),
+                position,
+            );
+            state.apply(&other, &followed(), 0, at);
+        }
+        assert!(at >= now + SILENCE);
+        assert!(
+            state.get(&key("f", 1), at, SILENCE).is_none(),
+            "still served"
+        );
+        assert!(state.ticket("ns", at, SILENCE).is_none());
+        state.apply(&heartbeat(10), &followed(), 0, at);
+        assert!(
+            state.get(&key("f", 1), at, SILENCE).is_some(),
+            "a heartbeat"
+        );
     }
 
     /// A copy expires when its entry would: the lookup's send time plus the time left.
@@ -924,7 +1191,7 @@ mod tests {
         let evictions = Evictions::default();
         let now = Instant::now();
         let mut state = Coherence::new(4096, evictions.clone(), now);
-        state.apply(&heartbeat(1), &followed(), now);
+        state.apply(&heartbeat(1), &followed(), 0, now);
         for n in 0..100 {
             let ticket = state.ticket("ns", now, SILENCE).unwrap();
             let value = Bytes::from(vec![b'x'; 100]);

@@ -6,8 +6,11 @@
 //! `connect_many`, another); a bust applied while a lookup is in flight keeps that lookup's
 //! answer out; a restarted sequence's RESET lowers `applied`; own busts and refreshes are
 //! seen at once; the size bounds the copies; and a randomized run of memoize, bust and Put
-//! on a few keys never returns a value older than the bound. A near hit's cost against a
-//! remote hit's is printed.
+//! on a few keys never returns a value older than the bound. Also: a stream whose heartbeats
+//! stop stops the near cache even while invalidations flow; writes to other keys do not keep
+//! copies out; the README example runs as written; a new namespace keeps the copies; a
+//! refused stream is asked for again; a cancelled bust still drops the copy. A near hit's
+//! cost against a remote hit's is printed.
 
 mod common;
 
@@ -320,6 +323,94 @@ async fn a_silent_stream_stops_the_near_cache() {
     );
 }
 
+/// A replica that owes a bust of everything (its publish failed: its Redis user may not
+/// XADD) stops its heartbeats, but its watchers still get the invalidations other replicas
+/// publish in their namespaces. Those must not keep the near cache trusting the stream: it
+/// stops serving its copies within `near_cache_silence` (plus a margin) of the last
+/// heartbeat, so the value overwritten through the indebted replica is not served from the
+/// copy for long. Without the fix (silence counted from any event) the old value was still
+/// served 8 s later (the review's probe).
+#[tokio::test]
+async fn invalidations_without_heartbeats_do_not_keep_copies_served() {
+    let redis = RedisServer::start();
+    let mut admin = redis.connect().await;
+    let () = ::redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("r1")
+        .arg("on")
+        .arg(">pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER r1");
+    let url1 = format!("redis://r1:pw@127.0.0.1:{}", redis.port());
+    let one = CacheServer::start(&["--redis-url", &url1, "--watch-heartbeat-ms", "100"]);
+    let two = CacheServer::start(&["--redis-url", &redis.url(), "--watch-heartbeat-ms", "100"]);
+    let silence = Duration::from_millis(500);
+    let options = ClientOptions {
+        near_cache_silence: silence,
+        ..near_options()
+    };
+    let near = near_client(&one, options).await;
+    let writer = plain_client(&one).await;
+    let other = plain_client(&two).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+
+    // From here replica 1 cannot publish: its overwrite answers position 0 and it owes a
+    // bust of everything, so it stops its heartbeats.
+    let () = ::redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("r1")
+        .arg("-xadd")
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER r1 -xadd");
+    let request = pb::PutRequest {
+        key: Some(pb::Key {
+            namespace: "near.app".into(),
+            function: "f".into(),
+            digest: f.digest(&(1u64,)).expect("digest"),
+        }),
+        value: serde_json::to_vec(&2u64).expect("json").into(),
+        ttl_seconds: 60,
+        ..Default::default()
+    };
+    let put = writer.raw().put(request).await.expect("put").into_inner();
+    assert_eq!(put.position, 0, "the publish was expected to fail");
+    let changed = Instant::now();
+    source.set(3);
+
+    // Meanwhile replica 2 publishes invalidations of other keys of the namespace.
+    let g = other.function("near.app", "g", Ttl::MINUTE);
+    let mut last_stale = None;
+    let mut n = 0u64;
+    while changed.elapsed() < Duration::from_secs(4) {
+        n += 1;
+        g.bust(&(n,)).await.expect("bust");
+        let before = near.metrics().near_hits;
+        let value = read(&f, 1, &source).await;
+        if value == 1 && near.metrics().near_hits > before {
+            last_stale = Some(changed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bound = silence + Duration::from_secs(1);
+    eprintln!(
+        "near cache: with heartbeats stopped and {n} invalidations flowing, the old copy was served until {last_stale:?} after the overwrite (bound {bound:?}); {:?}",
+        near.metrics()
+    );
+    assert!(
+        last_stale.is_none_or(|at| at < bound),
+        "the old value was served from the copy {last_stale:?} after the overwrite"
+    );
+    assert_eq!(read(&f, 1, &source).await, 2, "the overwrite is read");
+}
+
 /// A bust whose invalidation the near cache applies while one of its lookups is in flight
 /// (the lookup read the old value before the bust; its answer arrives after) keeps that
 /// answer out of the near cache: the next call gets the new value, not a near hit. The
@@ -384,6 +475,82 @@ async fn a_bust_during_a_lookup_is_not_lost(backend: Backend) {
     let hits = near.metrics().near_hits;
     assert_eq!(read(&f, 7, &source).await, 2, "the old value was cached");
     assert_eq!(near.metrics().near_hits, hits, "served from the near cache");
+}
+
+/// Writes to other keys of a namespace (every memoize miss elsewhere makes one) do not keep
+/// this client's lookups of unchanged keys out of its near cache: it remembers what recent
+/// invalidations named, and keeps an answer out only when one after it names its key.
+/// Without that (any invalidation after a lookup was sent kept its answer out), about half
+/// of the answers were refused under a few hundred writes a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_other_keys_do_not_keep_copies_out() {
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let near = near_client(&one, near_options()).await;
+    let writer = plain_client(&one).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 0, &source, 1).await;
+    // The keys read below are written (and their invalidations applied) before the traffic.
+    let theirs = writer.function("near.app", "f", Ttl::MINUTE);
+    let keys = 100..300u64;
+    for k in keys.clone() {
+        assert_eq!(read(&theirs, k, &source).await, 1);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (g, stop, writes) = (
+                writer.function("near.app", "g", Ttl::MINUTE),
+                stop.clone(),
+                writes.clone(),
+            );
+            tokio::spawn(async move {
+                let mut n = t * 1_000_000;
+                while !stop.load(SeqCst) {
+                    n += 1;
+                    let _: u64 = g.memoize(&(n,), || async move { n }).await.expect("g");
+                    writes.fetch_add(1, SeqCst);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let before = near.metrics();
+    let mut copied = 0;
+    for k in keys.clone() {
+        assert_eq!(read(&f, k, &source).await, 1);
+        let hits = near.metrics().near_hits;
+        assert_eq!(read(&f, k, &source).await, 1);
+        if near.metrics().near_hits > hits {
+            copied += 1;
+        }
+    }
+    let took = started.elapsed();
+    stop.store(true, SeqCst);
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    let after = near.metrics();
+    let tried = keys.count();
+    let rate = writes.load(SeqCst) as f64 / (took + Duration::from_millis(200)).as_secs_f64();
+    eprintln!(
+        "near cache: with {rate:.0} writes/s to other keys of the namespace, {copied} of {tried} remote hits copied ({} refused, {} flushes)",
+        after.near_insert_refused - before.near_insert_refused,
+        after.near_flushes - before.near_flushes,
+    );
+    assert!(
+        rate > 50.0,
+        "too little traffic to tell: {rate:.0} writes/s"
+    );
+    assert!(
+        copied * 10 >= tried * 9,
+        "{copied} of {tried} copied; {after:?}"
+    );
 }
 
 /// The invalidation sequence deleted behind the servers' backs restarts its numbering (from
@@ -798,6 +965,130 @@ async fn invalidations_off_turns_the_near_cache_off() {
         .filter(|line| line.contains("near cache off"))
         .collect();
     assert_eq!(warnings.len(), 1, "{warnings:#?}");
+}
+
+/// The README's near cache example, as written: with the namespace followed from the start
+/// (`near_cache_namespaces`), the first call computes, the second is a remote hit that is
+/// copied, and the third is answered from the copy. The stream opens when the client is
+/// made; the test waits for its first event (milliseconds), which the README's reader gets
+/// for free while the first call computes and stores.
+#[tokio::test]
+async fn the_readme_example_does_what_it_says() {
+    let server = CacheServer::memory(&[]);
+    let options = ClientOptions {
+        near_cache_bytes: 64 << 20,
+        near_cache_namespaces: vec!["__main__".into()],
+        ..ClientOptions::default()
+    };
+    let cm = Client::connect_with(server.url(), options)
+        .await
+        .expect("client");
+    let started = eventually(SETTLE, || async { cm.metrics().near_stream_healthy }).await;
+    assert!(started, "the stream did not start with the client");
+    let add = cm.function("__main__", "addition", Ttl::HOUR);
+    let sum: i64 = add.memoize(&(3, 4), || async { 3 + 4 }).await.expect("1");
+    assert_eq!(sum, 7);
+    let first = cm.metrics();
+    assert_eq!((first.computed, first.hits), (1, 0), "{first:?}");
+    let sum: i64 = add.memoize(&(3, 4), || async { 3 + 4 }).await.expect("2");
+    assert_eq!(sum, 7);
+    let second = cm.metrics();
+    assert_eq!((second.hits, second.near_hits), (1, 0), "{second:?}");
+    let sum: i64 = add.memoize(&(3, 4), || async { 3 + 4 }).await.expect("3");
+    assert_eq!(sum, 7);
+    let third = cm.metrics();
+    assert_eq!((third.hits, third.near_hits), (2, 1), "{third:?}");
+    add.bust(&(3, 4)).await.expect("bust");
+    let _: i64 = add.memoize(&(3, 4), || async { 3 + 4 }).await.expect("4");
+    let fourth = cm.metrics();
+    assert_eq!(fourth.computed, 2, "the bust dropped the copy: {fourth:?}");
+}
+
+/// A namespace used later has the stream reopened to follow it too, and the copies of the
+/// namespaces already followed stay (the new stream resumes after `applied`, so nothing is
+/// missed): they are still served, and no flush is counted. Busts in both namespaces made
+/// through the other replica still reach the copies afterwards.
+#[tokio::test]
+async fn a_new_namespace_keeps_the_copies() {
+    let (_store, one, two) = Backend::Redis.replicas();
+    let near = near_client(&one, near_options()).await;
+    let other = plain_client(&two).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let g = near.function("near.more", "g", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+    // A hit in a new namespace: the stream is replaced by one following both.
+    let theirs_g = other.function("near.more", "g", Ttl::MINUTE);
+    assert_eq!(read(&theirs_g, 1, &source).await, 1);
+    assert_eq!(read(&g, 1, &source).await, 1);
+    warm(&g, &near, 1, &source, 1).await;
+    let hits = near.metrics().near_hits;
+    assert_eq!(read(&f, 1, &source).await, 1);
+    let metrics = near.metrics();
+    assert_eq!(
+        metrics.near_hits,
+        hits + 1,
+        "the copy was dropped: {metrics:?}"
+    );
+    assert_eq!(metrics.near_flushes, 0, "{metrics:?}");
+    // Both namespaces' busts still arrive.
+    source.set(2);
+    let theirs_f = other.function("near.app", "f", Ttl::MINUTE);
+    theirs_f.bust(&(1,)).await.expect("bust f");
+    theirs_g.bust(&(1,)).await.expect("bust g");
+    let seen = eventually(SETTLE, || async {
+        read(&f, 1, &source).await == 2 && read(&g, 1, &source).await == 2
+    })
+    .await;
+    assert!(seen, "{:?}", near.metrics());
+}
+
+/// A refused stream is asked for again after a pause: a client whose replica has
+/// invalidations off bypasses its near cache (`near_disabled`), and uses it once a replica
+/// at that address streams (a rolling upgrade). The pause is shortened by a test hook; it is
+/// a minute by default. Without the retry, the near cache stayed off for the life of the
+/// client.
+#[tokio::test]
+async fn a_refused_stream_is_asked_for_again() {
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let mut old = CacheServer::memory(&["--listen", &listen, "--invalidations", "off"]);
+    let options = ClientOptions {
+        near_refused_backoff: Duration::from_millis(200),
+        near_cache_namespaces: vec!["near.app".into()],
+        ..near_options()
+    };
+    let near = near_client(&old, options).await;
+    let off = eventually(SETTLE, || async { near.metrics().near_disabled }).await;
+    assert!(off, "{:?}", near.metrics());
+    old.kill();
+    let _new = CacheServer::memory(&["--listen", &listen, "--watch-heartbeat-ms", "100"]);
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+    assert!(!near.metrics().near_disabled, "{:?}", near.metrics());
+}
+
+/// A bust whose caller stops waiting for it (its future dropped once polled: the request
+/// may have been sent, and the bust may happen) still drops this client's copy at once.
+/// Without the drop before sending, the copy stayed until the stream's invalidation (if the
+/// bust happened) or its TTL (if not).
+#[tokio::test]
+async fn a_cancelled_bust_still_drops_the_copy() {
+    let (_store, one, _two) = Backend::Redis.replicas();
+    let near = near_client(&one, near_options()).await;
+    let f = near.function("near.app", "f", Ttl::MINUTE);
+    let source = Source::default();
+    source.set(1);
+    warm(&f, &near, 1, &source, 1).await;
+    // Polled once, then dropped: the bust is cancelled partway.
+    let cancelled = tokio::time::timeout(Duration::ZERO, f.bust(&(1,))).await;
+    assert!(cancelled.is_err(), "the bust completed in one poll");
+    let hits = near.metrics().near_hits;
+    read(&f, 1, &source).await;
+    let metrics = near.metrics();
+    assert_eq!(metrics.near_hits, hits, "served from the copy: {metrics:?}");
 }
 
 /// A near hit costs far less than a remote one: at least 100 times less in a release build,
