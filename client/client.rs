@@ -512,6 +512,7 @@ impl Client {
     /// # Errors
     /// [`Error::InvalidToken`] when the token cannot travel in metadata.
     pub fn from_channel_with(channel: Channel, options: ClientOptions) -> Result<Self, Error> {
+        crate::near::check_options(options.near_cache_silence, &options.near_cache_namespaces)?;
         let header = match &options.token {
             None => None,
             Some(token) => Some(

@@ -17,6 +17,8 @@ pub enum Error {
     InvalidName(KeyError),
     /// A TTL outside what the service accepts.
     InvalidTtl(String),
+    /// A [`ClientOptions`](crate::ClientOptions) field out of its range.
+    InvalidOption(String),
     /// The arguments cannot make a canonical key.
     Args(ArgsError),
     /// The service answered a bust with an error status.
@@ -36,6 +38,7 @@ impl fmt::Display for Error {
             Error::InvalidToken => write!(f, "token: must be printable ASCII without spaces"),
             Error::InvalidName(err) => write!(f, "{err}"),
             Error::InvalidTtl(message) => write!(f, "ttl: {message}"),
+            Error::InvalidOption(message) => write!(f, "client options: {message}"),
             Error::Args(err) => write!(f, "{err}"),
             Error::Rpc(status) => write!(f, "cache-money answered {}", describe(status)),
             Error::Timeout(after) => {
@@ -67,6 +70,7 @@ impl std::error::Error for Error {
             Error::InvalidUrl(_)
             | Error::InvalidToken
             | Error::InvalidTtl(_)
+            | Error::InvalidOption(_)
             | Error::Timeout(_)
             | Error::NotInstalled
             | Error::AlreadyInstalled => None,

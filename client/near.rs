@@ -94,6 +94,35 @@ const TYPICAL_ENTRY: usize = 512;
 /// many invalidations during one lookup, its answer is kept out whatever it names.
 pub(crate) const RECENT_INVALIDATIONS: usize = 1024;
 
+/// The shortest [`ClientOptions::near_cache_silence`](crate::ClientOptions::near_cache_silence)
+/// accepted: below it no stream would stay healthy between two heartbeats.
+pub(crate) const MIN_SILENCE: Duration = Duration::from_millis(100);
+
+/// The longest [`ClientOptions::near_cache_silence`](crate::ClientOptions::near_cache_silence)
+/// accepted: the bound on serving copies from a stream that stopped vouching for them.
+pub(crate) const MAX_SILENCE: Duration = Duration::from_secs(3600);
+
+/// Checks the near cache's options: a silence within [`MIN_SILENCE`]..=[`MAX_SILENCE`], and
+/// namespaces to follow that are valid names.
+///
+/// # Errors
+/// [`Error::InvalidOption`](crate::Error::InvalidOption) or
+/// [`Error::InvalidName`](crate::Error::InvalidName), naming the field.
+pub(crate) fn check_options(silence: Duration, namespaces: &[String]) -> Result<(), crate::Error> {
+    if !(MIN_SILENCE..=MAX_SILENCE).contains(&silence) {
+        return Err(crate::Error::InvalidOption(format!(
+            "near_cache_silence: must be from {} ms to {} s (keep it above twice the server's --watch-heartbeat-ms), got {} ms",
+            MIN_SILENCE.as_millis(),
+            MAX_SILENCE.as_secs(),
+            silence.as_millis()
+        )));
+    }
+    for namespace in namespaces {
+        crate::key::check_name("near_cache_namespaces", namespace)?;
+    }
+    Ok(())
+}
+
 /// The first pause before reconnecting a dropped stream; doubled after each failure.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 
@@ -245,6 +274,11 @@ struct Coherence {
     followed: BTreeSet<String>,
     /// The namespaces that have used the near cache: what the next stream follows.
     wanted: BTreeSet<String>,
+    /// Before when a lookup must have been sent for its answer not to be inserted: set by a
+    /// RESET that lowered positions, since
+    /// another replica's reader may still answer lookups with positions of the numbering
+    /// the RESET left (it notices within a heartbeat), and those would compare as newer.
+    quarantine: Option<Instant>,
     /// The server refused the last stream asked for (invalidations off, no right to watch):
     /// bypassed until a stream is granted.
     disabled: bool,
@@ -282,6 +316,7 @@ impl Coherence {
             last_heard: now,
             followed: BTreeSet::new(),
             wanted: BTreeSet::new(),
+            quarantine: None,
             disabled: false,
         }
     }
@@ -324,8 +359,10 @@ impl Coherence {
         position: u64,
         ttl: Duration,
     ) -> bool {
+        let quarantined = self.quarantine.is_some_and(|until| ticket.sent < until);
         let allowed = self.healthy
             && !self.disabled
+            && !quarantined
             && ticket.generation == self.generation
             && position != 0
             && self.floor <= position
@@ -359,23 +396,36 @@ impl Coherence {
     }
 
     /// Applies one event of the stream following `followed`, which asked for the events
-    /// after `after` (0: from now on).
+    /// after `after` (0: from now on); a stream silent for `silence` or more (a watch task
+    /// that was not run for that long finds its events waiting) empties the copies first.
     fn apply(
         &mut self,
         event: &pb::WatchEvent,
         followed: &BTreeSet<String>,
         after: u64,
         now: Instant,
+        silence: Duration,
     ) -> Applied {
+        if self.healthy && now.saturating_duration_since(self.last_heard) >= silence {
+            // The bound has passed: what was copied is no longer vouched for, whatever this
+            // event says.
+            self.empty();
+        }
         if !self.healthy || self.followed != *followed {
             // The stream's first event: from here on, every invalidation after `after` (or
             // after this event's position, for a stream started from now) in the namespaces
             // it follows reaches this cache, but not necessarily those before it (a namespace
             // the previous stream did not follow).
+            if !self.healthy {
+                // A stream after an outage starts from an empty cache: its first event
+                // starts the silence clock. A stream replacing a healthy one (more
+                // namespaces) keeps the copies and the clock: only a heartbeat or a RESET
+                // vouches for them again.
+                self.last_heard = now;
+            }
             self.healthy = true;
             self.disabled = false;
             self.followed = followed.clone();
-            self.last_heard = now;
             let start = if after == 0 { event.position } else { after };
             self.floor = self.floor.max(start);
         }
@@ -398,6 +448,9 @@ impl Coherence {
                 // A restarted sequence numbers from lower: `applied` follows it down, and
                 // lookups in flight (positions of the old numbering) are not inserted.
                 self.empty();
+                if event.position < self.applied {
+                    self.quarantine = Some(now + silence);
+                }
                 self.applied = event.position;
                 self.recent.clear();
                 self.floor = event.position;
@@ -656,6 +709,13 @@ impl Near {
         (request, state.wanted.clone())
     }
 
+    /// When a healthy stream was last heard from (its copies kept across a switch are vouched
+    /// for only until that plus the silence); none after an outage.
+    fn heard(&self) -> Option<Instant> {
+        let state = lock(&self.state);
+        state.healthy.then_some(state.last_heard)
+    }
+
     /// Whether namespaces were added since the stream following `followed` started.
     fn grew(&self, followed: &BTreeSet<String>) -> bool {
         lock(&self.state).wanted.len() != followed.len()
@@ -667,7 +727,7 @@ impl Near {
     fn apply(&self, event: &pb::WatchEvent, followed: &BTreeSet<String>, after: u64) -> Instant {
         let (applied, heard) = {
             let mut state = lock(&self.state);
-            let applied = state.apply(event, followed, after, Instant::now());
+            let applied = state.apply(event, followed, after, Instant::now(), self.silence);
             (applied, state.last_heard)
         };
         let counter = match applied {
@@ -766,8 +826,13 @@ async fn watch(near: Weak<Near>, grown: Arc<Notify>, mut rpc: RawClient) {
         let Some(this) = near.upgrade() else { return };
         match end {
             End::Stop | End::Refused => return,
-            // The copies stay: the next stream resumes after `applied`.
-            End::Grown => {}
+            // The copies stay: the next stream resumes after `applied`. With nothing applied
+            // yet (0 asks for "from now on", which would skip what came meanwhile), they go.
+            End::Grown => {
+                if this.request().0.after == 0 {
+                    this.flush();
+                }
+            }
             End::Lost => {
                 this.flush();
                 drop(this);
@@ -795,8 +860,13 @@ async fn stream(
         Err(_) => return End::Lost,
     };
     // Silence is counted from the last heartbeat (or RESET, or the first event), not from
-    // the last event: invalidations keep flowing from a server that stopped keeping up.
-    let mut deadline = tokio::time::Instant::now() + silence;
+    // the last event: invalidations keep flowing from a server that stopped keeping up. A
+    // stream replacing a healthy one carries its clock on.
+    let heard = near.upgrade().and_then(|near| near.heard());
+    let mut deadline = heard.map_or_else(
+        || tokio::time::Instant::now() + silence,
+        |heard| tokio::time::Instant::from_std(heard + silence),
+    );
     loop {
         tokio::select! {
             () = grown.notified() => {
@@ -900,7 +970,7 @@ mod tests {
     fn healthy(position: u64) -> (Coherence, Instant) {
         let now = Instant::now();
         let mut state = Coherence::new(1 << 20, Evictions::default(), now);
-        state.apply(&heartbeat(position), &followed(), 0, now);
+        state.apply(&heartbeat(position), &followed(), 0, now, SILENCE);
         (state, now)
     }
 
@@ -908,6 +978,45 @@ mod tests {
         let ticket = state.ticket("ns", now, SILENCE).expect("a ticket");
         let ttl = Duration::from_secs(60);
         state.insert(key.clone(), Bytes::from_static(b"1"), ticket, position, ttl)
+    }
+
+    /// A stream replacing a healthy one (more namespaces) keeps the copies but not a fresh
+    /// silence clock: its first event, an invalidation replayed, vouches for nothing, so the
+    /// copies go when the old stream's last heartbeat is a silence old (second review: each
+    /// new namespace used to add a whole silence to the bound).
+    #[test]
+    fn a_stream_switch_keeps_the_silence_clock() {
+        let (mut state, now) = healthy(1);
+        assert!(put(&mut state, &key("f", 1), 1, now));
+        let more = BTreeSet::from(["ns".to_owned(), "other".to_owned()]);
+        let switched = now + SILENCE * 3 / 4;
+        let replayed = invalidation(
+            pb::InvalidationScope::ScopeEntry,
+            pb_key("other", "g", &format!("{:032x}", 2)),
+            2,
+        );
+        state.apply(&replayed, &more, 1, switched, SILENCE);
+        assert!(
+            state.get(&key("f", 1), switched, SILENCE).is_some(),
+            "the copies stay across the switch"
+        );
+        let past = now + SILENCE;
+        assert!(
+            state.get(&key("f", 1), past, SILENCE).is_none(),
+            "served a silence after the last heartbeat"
+        );
+    }
+
+    /// The near cache's options are checked when the client is made.
+    #[test]
+    fn options_out_of_range_are_refused() {
+        assert!(check_options(DEFAULT_NEAR_CACHE_SILENCE, &["billing.invoices".into()]).is_ok());
+        for silence in [Duration::ZERO, Duration::from_millis(99), Duration::MAX] {
+            let err = check_options(silence, &[]).unwrap_err();
+            assert!(err.to_string().contains("near_cache_silence"), "{err}");
+        }
+        let err = check_options(DEFAULT_NEAR_CACHE_SILENCE, &["a::b".into()]).unwrap_err();
+        assert!(err.to_string().contains("near_cache_namespaces"), "{err}");
     }
 
     /// Nothing is cached before the stream's first event, nor served.
@@ -947,6 +1056,7 @@ mod tests {
             &followed(),
             0,
             now,
+            SILENCE,
         );
         // The lookup read its value at position 11, before the bust at 12.
         let ttl = Duration::from_secs(60);
@@ -965,13 +1075,13 @@ mod tests {
             pb_key("ns", "f", key("f", 2).digest()),
             12,
         );
-        state.apply(&other, &followed(), 0, now);
+        state.apply(&other, &followed(), 0, now, SILENCE);
         let g = invalidation(
             pb::InvalidationScope::ScopeFunction,
             pb_key("ns", "g", ""),
             13,
         );
-        state.apply(&g, &followed(), 0, now);
+        state.apply(&g, &followed(), 0, now, SILENCE);
         let ttl = Duration::from_secs(60);
         assert!(state.insert(key("f", 1), Bytes::new(), ticket, 11, ttl));
         assert!(!state.insert(key("g", 1), Bytes::new(), ticket, 11, ttl));
@@ -995,7 +1105,7 @@ mod tests {
                 pb_key("ns", "g", &format!("{n:032x}")),
                 12 + n,
             );
-            state.apply(&other, &followed(), 0, now);
+            state.apply(&other, &followed(), 0, now, SILENCE);
         }
         assert_eq!(state.recent.len(), RECENT_INVALIDATIONS);
         assert_eq!(state.floor, 12, "the first one is forgotten");
@@ -1010,9 +1120,9 @@ mod tests {
     #[test]
     fn a_new_stream_covers_only_what_is_after_its_start() {
         let (mut state, now) = healthy(10);
-        state.apply(&heartbeat(20), &followed(), 0, now);
+        state.apply(&heartbeat(20), &followed(), 0, now, SILENCE);
         let more = BTreeSet::from(["ns".to_owned(), "new".to_owned()]);
-        state.apply(&heartbeat(21), &more, 20, now);
+        state.apply(&heartbeat(21), &more, 20, now, SILENCE);
         let ticket = state.ticket("new", now, SILENCE).unwrap();
         let new_key = EntryKey::new("new".into(), "f".into(), format!("{:032x}", 1)).unwrap();
         let ttl = Duration::from_secs(60);
@@ -1032,18 +1142,25 @@ mod tests {
             &followed(),
             0,
             now,
+            SILENCE,
         );
         assert_eq!(state.applied, 5);
         assert!(state.get(&key("f", 1), now, SILENCE).is_none());
         let ttl = Duration::from_secs(60);
         assert!(!state.insert(key("f", 2), Bytes::new(), before, 100, ttl));
         assert!(
-            put(&mut state, &key("f", 3), 6, now),
-            "the new numbering's positions count"
+            !put(&mut state, &key("f", 3), 6, now),
+            "lookups sent within a silence of a lowering RESET are kept out: another replica \
+             may still answer them with positions of the old numbering"
         );
         // Heartbeats only raise applied.
-        state.apply(&heartbeat(4), &followed(), 0, now);
+        let later = now + SILENCE;
+        state.apply(&heartbeat(4), &followed(), 0, later, SILENCE);
         assert_eq!(state.applied, 5, "a lower heartbeat does not lower applied");
+        assert!(
+            put(&mut state, &key("f", 3), 6, later),
+            "then the new numbering's positions count"
+        );
     }
 
     /// Each scope drops exactly what it names.
@@ -1097,7 +1214,7 @@ mod tests {
         ];
         for (event, expected) in cases {
             fill(&mut state);
-            state.apply(&event, &followed(), 0, now);
+            state.apply(&event, &followed(), 0, now, SILENCE);
             assert_eq!(present(&mut state), expected, "after {event:?}");
         }
     }
@@ -1114,7 +1231,7 @@ mod tests {
         state.flush();
         assert!(state.get(&key("f", 1), now, SILENCE).is_none());
         assert!(state.ticket("ns", now, SILENCE).is_none());
-        state.apply(&heartbeat(2), &followed(), 0, now);
+        state.apply(&heartbeat(2), &followed(), 0, now, SILENCE);
         assert!(state.ticket("ns", now, SILENCE).is_some());
     }
 
@@ -1133,7 +1250,7 @@ mod tests {
                 pb_key("ns", "g", &format!("{position:032x}")),
                 position,
             );
-            state.apply(&other, &followed(), 0, at);
+            state.apply(&other, &followed(), 0, at, SILENCE);
         }
         assert!(at >= now + SILENCE);
         assert!(
@@ -1141,10 +1258,14 @@ mod tests {
             "still served"
         );
         assert!(state.ticket("ns", at, SILENCE).is_none());
-        state.apply(&heartbeat(10), &followed(), 0, at);
+        state.apply(&heartbeat(10), &followed(), 0, at, SILENCE);
         assert!(
-            state.get(&key("f", 1), at, SILENCE).is_some(),
-            "a heartbeat"
+            state.ticket("ns", at, SILENCE).is_some(),
+            "a heartbeat makes the stream usable again"
+        );
+        assert!(
+            state.get(&key("f", 1), at, SILENCE).is_none(),
+            "but what was copied before the silence passed is gone: nothing vouched for it"
         );
     }
 
@@ -1191,7 +1312,7 @@ mod tests {
         let evictions = Evictions::default();
         let now = Instant::now();
         let mut state = Coherence::new(4096, evictions.clone(), now);
-        state.apply(&heartbeat(1), &followed(), 0, now);
+        state.apply(&heartbeat(1), &followed(), 0, now, SILENCE);
         for n in 0..100 {
             let ticket = state.ticket("ns", now, SILENCE).unwrap();
             let value = Bytes::from(vec![b'x'; 100]);
