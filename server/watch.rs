@@ -746,42 +746,15 @@ impl Hub {
     /// The reader: follows the sequence from its current end, forever.
     async fn follow<S: Store>(self, store: S, heartbeat: Duration) {
         let mut closed = self.inner.closed.subscribe();
-        let mut retry = Duration::from_millis(50);
-        let start = async {
-            loop {
-                match store.reader_tail().await {
-                    Ok(tail) => return tail,
-                    Err(err) => {
-                        warn!(cause = %err, "watch: cannot read the invalidation stream's end; retrying");
-                        tokio::time::sleep(retry).await;
-                        retry = (retry * 2).min(MAX_RETRY_WAIT);
-                    }
-                }
-            }
-        };
-        let mut last = tokio::select! {
-            tail = start => tail,
-            _ = closed.wait_for(|closed| *closed) => return,
-        };
+        let start = until_read("end", &mut closed, || store.reader_tail());
+        let Some(mut last) = start.await else { return };
         self.inner.position.store(last, Relaxed);
         // A nonce that cannot be read is read again before anyone is told it is caught up.
-        let nonce_read = async {
-            let mut retry = Duration::from_millis(50);
-            loop {
-                match Self::nonce_at(&store, last).await {
-                    Ok(nonce) => return nonce,
-                    Err(err) => {
-                        warn!(cause = %err, "watch: cannot read the invalidation stream's newest entry; retrying");
-                        tokio::time::sleep(retry).await;
-                        retry = (retry * 2).min(MAX_RETRY_WAIT);
-                    }
-                }
-            }
+        let nonce_read = until_read("newest entry", &mut closed, || Self::nonce_at(&store, last));
+        let Some(mut nonce) = nonce_read.await else {
+            return;
         };
-        let mut nonce = tokio::select! {
-            nonce = nonce_read => nonce,
-            _ = closed.wait_for(|closed| *closed) => return,
-        };
+        let mut retry = Duration::from_millis(50);
         // Only now may a watcher be told it is caught up: an invalidation published before
         // this read is at or below `last`, one published after it is read below.
         self.set_healthy(true);
@@ -932,6 +905,37 @@ impl Hub {
             }
             (Some(_), None) => Ok(false),
         }
+    }
+}
+
+/// Reads with `read` until it succeeds (warning of each failure, naming `what` of the stream
+/// it could not read, and backing off up to [`MAX_RETRY_WAIT`]); `None` when the hub closes
+/// first.
+async fn until_read<T, F, Fut>(
+    what: &str,
+    closed: &mut signal::Receiver<bool>,
+    read: F,
+) -> Option<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let reading = async {
+        let mut retry = Duration::from_millis(50);
+        loop {
+            match read().await {
+                Ok(value) => return value,
+                Err(err) => {
+                    warn!(cause = %err, "watch: cannot read the invalidation stream's {what}; retrying");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(MAX_RETRY_WAIT);
+                }
+            }
+        }
+    };
+    tokio::select! {
+        value = reading => Some(value),
+        _ = closed.wait_for(|closed| *closed) => None,
     }
 }
 
