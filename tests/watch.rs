@@ -137,6 +137,16 @@ impl Watcher {
         event
     }
 
+    /// The next invalidation, heartbeats and RESETs skipped; within [`EVENT_TIMEOUT`] each.
+    async fn next_invalidation(&mut self) -> pb::WatchEvent {
+        loop {
+            let event = self.next_change().await;
+            if kind(&event) == pb::WatchEventKind::WatchEventInvalidation {
+                return event;
+            }
+        }
+    }
+
     /// The next invalidation or RESET, heartbeats skipped; within [`EVENT_TIMEOUT`] in all,
     /// so a lost event fails the test even while heartbeats keep coming.
     async fn next_change(&mut self) -> pb::WatchEvent {
@@ -1281,13 +1291,7 @@ async fn a_foreign_entry_is_reported_not_spun_on() {
         "{event:?}"
     );
     let position = bust(&mut cm, key("fe", "f", 10)).await;
-    loop {
-        let event = watcher.next_change().await;
-        if kind(&event) == pb::WatchEventKind::WatchEventInvalidation {
-            assert_eq!(event.position, position);
-            break;
-        }
-    }
+    assert_eq!(watcher.next_invalidation().await.position, position);
 }
 
 /// The reviewer's experiment: a stream replaced under the same numbering (5 Puts, then
@@ -1408,13 +1412,7 @@ async fn a_recreated_sequence_numbers_above_the_old_one(backend: Backend) {
     let later = write(&mut cm, key("re", "f", 3)).await;
     // The reader's own RESET for the deletion may come in between (it notices on its next
     // read); the write's invalidation follows.
-    loop {
-        let event = resumed.next_change().await;
-        if kind(&event) == pb::WatchEventKind::WatchEventInvalidation {
-            assert_eq!(event.position, later);
-            break;
-        }
-    }
+    assert_eq!(resumed.next_invalidation().await.position, later);
 }
 
 #[tokio::test]
