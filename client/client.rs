@@ -315,8 +315,9 @@ pub struct ClientMetrics {
     pub near_invalidations: u64,
     /// RESET events applied to the near cache (each dropped every copy).
     pub near_resets: u64,
-    /// Times the near cache was emptied because its stream dropped or went without a
-    /// heartbeat for [`ClientOptions::near_cache_silence`].
+    /// Times the near cache, in use, was emptied because its stream dropped, was refused, or
+    /// went without a heartbeat for [`ClientOptions::near_cache_silence`] (failed
+    /// reconnections before the next stream's first event are not counted again).
     pub near_flushes: u64,
     /// Live hits that could have been copied into the near cache (looked up while its stream
     /// was healthy) but were kept out by its coherence rule: an invalidation of the key (or

@@ -740,19 +740,32 @@ impl Near {
     }
 
     /// Empties and bypasses the cache until the next stream's first event: an outage (a
-    /// drop or silence).
+    /// drop or silence). Counted when the cache was in use (a reconnection that fails again
+    /// before any event has nothing to flush).
     fn flush(&self) {
-        lock(&self.state).flush();
-        self.counters.flushes.fetch_add(1, Relaxed);
+        let was_healthy = {
+            let mut state = lock(&self.state);
+            let was_healthy = state.healthy;
+            state.flush();
+            was_healthy
+        };
+        if was_healthy {
+            self.counters.flushes.fetch_add(1, Relaxed);
+        }
     }
 
     /// The service refused the stream: empty and bypass the cache until a stream asked for
     /// later is granted. Logged at warn the first time only.
     fn disable(&self, status: &tonic::Status) {
-        {
+        let was_healthy = {
             let mut state = lock(&self.state);
+            let was_healthy = state.healthy;
             state.flush();
             state.disabled = true;
+            was_healthy
+        };
+        if was_healthy {
+            self.counters.flushes.fetch_add(1, Relaxed);
         }
         if !self.warned.swap(true, Relaxed) {
             warn!(cause = %describe(status), "cache-money near cache off: the service does not stream invalidations to this client (invalidations off, or no read access to watch); memoize goes to the service every call, and the stream is asked for again every few minutes");
@@ -1004,6 +1017,29 @@ mod tests {
         assert!(
             state.get(&key("f", 1), past, SILENCE).is_none(),
             "served a silence after the last heartbeat"
+        );
+    }
+
+    /// A flush is counted once per outage: reconnections that fail before the next stream's
+    /// first event have nothing to flush and are not counted again.
+    #[tokio::test]
+    async fn one_outage_is_one_flush() {
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let rpc = pb::cache_money_client::CacheMoneyClient::with_interceptor(
+            channel,
+            crate::client::Credentials::default(),
+        );
+        let near = Near::new(1 << 20, SILENCE, &[], SILENCE, rpc);
+        near.flush();
+        assert_eq!(near.metrics().flushes, 0, "nothing was in use");
+        lock(&near.state).apply(&heartbeat(1), &followed(), 0, Instant::now(), SILENCE);
+        near.flush();
+        near.flush();
+        near.flush();
+        assert_eq!(
+            near.metrics().flushes,
+            1,
+            "one outage, three failed reconnections"
         );
     }
 

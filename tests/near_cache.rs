@@ -282,9 +282,9 @@ async fn a_killed_stream_stops_the_near_cache(backend: Backend) {
 
     one.restart();
     warm(&f, &near, 1, &source, 1).await;
+    let metrics = near.metrics();
     eprintln!(
-        "near cache over {backend:?}: a killed replica's stream noticed after {took:?}; near hits again after restart ({:?})",
-        near.metrics()
+        "near cache over {backend:?}: a killed replica's stream noticed after {took:?}; near hits again after restart ({metrics:?})",
     );
 }
 
