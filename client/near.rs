@@ -740,13 +740,20 @@ impl Near {
     }
 
     /// Empties and bypasses the cache until the next stream's first event: an outage (a
-    /// drop or silence). Counted when the cache was in use (a reconnection that fails again
-    /// before any event has nothing to flush).
+    /// drop or silence).
     fn flush(&self) {
+        self.flush_marking(false);
+    }
+
+    /// [`Near::flush`], and marks the cache `disabled` (refused) when `refused` (else leaves
+    /// the mark as it is). Counted when the cache was in use (a reconnection that fails again
+    /// before any event has nothing to flush).
+    fn flush_marking(&self, refused: bool) {
         let was_healthy = {
             let mut state = lock(&self.state);
             let was_healthy = state.healthy;
             state.flush();
+            state.disabled |= refused;
             was_healthy
         };
         if was_healthy {
@@ -757,16 +764,7 @@ impl Near {
     /// The service refused the stream: empty and bypass the cache until a stream asked for
     /// later is granted. Logged at warn the first time only.
     fn disable(&self, status: &tonic::Status) {
-        let was_healthy = {
-            let mut state = lock(&self.state);
-            let was_healthy = state.healthy;
-            state.flush();
-            state.disabled = true;
-            was_healthy
-        };
-        if was_healthy {
-            self.counters.flushes.fetch_add(1, Relaxed);
-        }
+        self.flush_marking(true);
         if !self.warned.swap(true, Relaxed) {
             warn!(cause = %describe(status), "cache-money near cache off: the service does not stream invalidations to this client (invalidations off, or no read access to watch); memoize goes to the service every call, and the stream is asked for again every few minutes");
         } else {
@@ -842,7 +840,7 @@ async fn watch(near: Weak<Near>, grown: Arc<Notify>, mut rpc: RawClient) {
             // The copies stay: the next stream resumes after `applied`. With nothing applied
             // yet (0 asks for "from now on", which would skip what came meanwhile), they go.
             End::Grown => {
-                if this.request().0.after == 0 {
+                if lock(&this.state).applied == 0 {
                     this.flush();
                 }
             }

@@ -816,15 +816,10 @@ impl Hub {
                                 continue;
                             }
                         };
-                        warn!(
-                            was = last,
-                            now = tail,
-                            "watch: the invalidation stream was replaced under the same numbering; resetting watchers"
-                        );
+                        nonce = self
+                            .renumbered(&store, last, tail, "was replaced under the same numbering")
+                            .await;
                         last = tail;
-                        self.reset_all(last);
-                        // Not known (unreadable now): learnt by the next read's check.
-                        nonce = Self::nonce_at(&store, last).await.unwrap_or(None);
                         continue;
                     }
                     if batch.is_empty() {
@@ -833,15 +828,8 @@ impl Hub {
                         if let Ok(tail) = store.reader_tail().await
                             && tail < last
                         {
-                            warn!(
-                                was = last,
-                                now = tail,
-                                "watch: the invalidation stream restarted; resetting watchers"
-                            );
+                            nonce = self.renumbered(&store, last, tail, "restarted").await;
                             last = tail;
-                            self.reset_all(last);
-                            // Checked by the next read before a heartbeat claims caught-up.
-                            nonce = Self::nonce_at(&store, last).await.unwrap_or(None);
                             continue;
                         }
                     }
@@ -880,6 +868,26 @@ impl Hub {
 }
 
 impl Hub {
+    /// The sequence `what` (restarted, replaced…): moves the reader from `was` to `tail`,
+    /// resets every watcher, and returns the nonce of the entry at `tail`. One that cannot be
+    /// read now is `None`, learnt by the next read's check before a heartbeat claims
+    /// caught-up.
+    async fn renumbered<S: Store>(
+        &self,
+        store: &S,
+        was: u64,
+        tail: u64,
+        what: &str,
+    ) -> Option<String> {
+        warn!(
+            was,
+            now = tail,
+            "watch: the invalidation stream {what}; resetting watchers"
+        );
+        self.reset_all(tail);
+        Self::nonce_at(store, tail).await.unwrap_or(None)
+    }
+
     /// The nonce of the entry at `position` (none for position 0 or for a store that cannot
     /// be replaced).
     async fn nonce_at<S: Store>(store: &S, position: u64) -> Result<Option<String>, StoreError> {
