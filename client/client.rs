@@ -128,8 +128,9 @@ pub struct ClientOptions {
     /// is unhealthy serves nothing from its copies). It also keeps one `Watch` stream open
     /// per client (following [`ClientOptions::near_cache_namespaces`] from the start, and
     /// the namespaces remote hits came from as they come). This client's own busts drop its
-    /// copies before they return. Copies are weighed as their key and value bytes plus a
-    /// small overhead per entry.
+    /// copies before they return. Copies are weighed as their key and value bytes plus 320
+    /// bytes per entry, what a copy costs in memory beyond them, so this bounds the memory
+    /// the copies take.
     pub near_cache_bytes: usize,
     /// Namespaces the near cache follows from the start: its stream opens when the client is
     /// made (in a Tokio runtime; otherwise at the first remote hit), so the first remote hit

@@ -81,10 +81,13 @@ pub const DEFAULT_NEAR_CACHE_BYTES: usize = 0;
 /// apart, and one late heartbeat is not an outage.
 pub const DEFAULT_NEAR_CACHE_SILENCE: Duration = Duration::from_secs(3);
 
-/// What one copy costs beyond its key's and value's bytes: the map's slot, the queue links,
-/// the `Bytes` header and the expiry, rounded up. An estimate; it keeps a cache of many tiny
-/// values from holding far more entries than its size suggests.
-const ENTRY_OVERHEAD: u64 = 128;
+/// What one copy costs beyond its key's and value's bytes: the map's slot (the key's three
+/// strings, the value's handle, the expiry, the queue links), the key's and the value's
+/// allocations, and the value's shared header once a hit has cloned it. Measured at about
+/// 290 bytes per copy of a small value (BENCHMARKS.md, "Near cache"), rounded up for
+/// allocators that keep a header per allocation: so `near_cache_bytes` bounds the process's
+/// memory for the copies, not just their payload.
+const ENTRY_OVERHEAD: u64 = 320;
 
 /// The weight the cache sizes itself for, per entry, to guess how many entries it will hold.
 const TYPICAL_ENTRY: usize = 512;
@@ -370,6 +373,9 @@ impl Coherence {
             && !ttl.is_zero();
         if allowed {
             let expires = ticket.sent + ttl;
+            // The answer's value is a slice of the whole buffer its response was decoded into
+            // (512 bytes at least, `client/codec.rs`); a copy of its own keeps only the value.
+            let bytes = Bytes::copy_from_slice(&bytes);
             self.copies.insert(key, Held { bytes, expires });
         }
         allowed
@@ -1354,5 +1360,25 @@ mod tests {
         }
         assert!(state.copies.weight() <= 4096);
         assert!(evictions.0.load(Relaxed) > 0);
+    }
+
+    /// A copy keeps its value in an allocation of its own: an answer's value is a slice of
+    /// the buffer its whole response was decoded into, which a copy must not keep alive.
+    #[test]
+    fn a_copy_does_not_keep_its_response_buffer() {
+        let now = Instant::now();
+        let mut state = Coherence::new(1 << 20, Evictions::default(), now);
+        state.apply(&heartbeat(1), &followed(), 0, now, SILENCE);
+        let response = Bytes::from(vec![b'x'; 8192]);
+        let value = response.slice(100..170);
+        let ticket = state.ticket("ns", now, SILENCE).unwrap();
+        let ttl = Duration::from_secs(60);
+        assert!(state.insert(key("f", 1), value.clone(), ticket, 1, ttl));
+        let held = state.get(&key("f", 1), now, SILENCE).unwrap();
+        assert_eq!(held, value);
+        assert!(
+            !response.as_ptr_range().contains(&held.as_ptr()),
+            "the copy points into the 8 KiB response buffer"
+        );
     }
 }
