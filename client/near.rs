@@ -51,7 +51,7 @@
 //! remembering our own positions). The next lookup, a remote hit, fills the near cache.
 
 use std::{
-    collections::{BTreeSet, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     fmt,
     sync::{
         Arc, Mutex, Weak,
@@ -88,6 +88,10 @@ pub const DEFAULT_NEAR_CACHE_SILENCE: Duration = Duration::from_secs(3);
 /// allocators that keep a header per allocation: so `near_cache_bytes` bounds the process's
 /// memory for the copies, not just their payload.
 const ENTRY_OVERHEAD: u64 = 320;
+
+/// The most namespaces and functions whose drops are remembered (see [`Dropped`]); past it,
+/// the next drop empties the copies instead (dropping too much only costs misses).
+const MAX_DROPPED_SCOPES: usize = 4096;
 
 /// The weight the cache sizes itself for, per entry, to guess how many entries it will hold.
 const TYPICAL_ENTRY: usize = 512;
@@ -204,11 +208,88 @@ impl Scope {
     }
 }
 
-/// One copy: the encoded value and when it stops being served.
+/// One copy: the encoded value, when it stops being served, and its stamp (see [`Dropped`]).
 #[derive(Debug, Clone)]
 struct Held {
     bytes: Bytes,
     expires: Instant,
+    stamp: u64,
+}
+
+/// Drops of whole namespaces and functions, applied lazily: each drop takes the next stamp,
+/// and a copy stamped (inserted) before the last drop of its namespace or function is gone,
+/// removed when it is next looked up or pushed out by newer copies. So an invalidation of a
+/// namespace (every `BustTag`) or of a function costs two map writes under the lock a hit
+/// takes, not a walk over every copy; a hit pays two map lookups, none while nothing was
+/// dropped.
+#[derive(Debug, Default)]
+struct Dropped {
+    /// The stamp the latest drop took; copies inserted now carry it.
+    stamp: u64,
+    namespaces: HashMap<String, u64>,
+    functions: HashMap<String, HashMap<String, u64>>,
+    /// Functions in `functions`, to bound the memory.
+    function_count: usize,
+}
+
+impl Dropped {
+    /// Whether a copy of `key` stamped `stamp` was dropped since.
+    fn covers(&self, key: &EntryKey, stamp: u64) -> bool {
+        let dropped_at = |at: Option<&u64>| at.is_some_and(|&at| stamp < at);
+        dropped_at(self.namespaces.get(key.namespace()))
+            || dropped_at(
+                self.functions
+                    .get(key.namespace())
+                    .and_then(|functions| functions.get(key.function())),
+            )
+    }
+
+    /// Records a drop of `scope` (a namespace or a function); false when there is no room to
+    /// remember it, and the copies must go now.
+    fn record(&mut self, scope: &Scope) -> bool {
+        let full = self.namespaces.len() + self.function_count >= MAX_DROPPED_SCOPES;
+        self.stamp += 1;
+        let stamp = self.stamp;
+        match scope {
+            Scope::Namespace(namespace) => {
+                if let Some(at) = self.namespaces.get_mut(namespace) {
+                    *at = stamp;
+                    return true;
+                }
+                if full {
+                    return false;
+                }
+                self.namespaces.insert(namespace.clone(), stamp);
+            }
+            Scope::Function(namespace, function) => {
+                if let Some(at) = self
+                    .functions
+                    .get_mut(namespace)
+                    .and_then(|functions| functions.get_mut(function))
+                {
+                    *at = stamp;
+                    return true;
+                }
+                if full {
+                    return false;
+                }
+                self.functions
+                    .entry(namespace.clone())
+                    .or_default()
+                    .insert(function.clone(), stamp);
+                self.function_count += 1;
+            }
+            Scope::Entry(_) | Scope::All => unreachable!("only namespaces and functions"),
+        }
+        true
+    }
+
+    /// Forgets every drop: there are no copies left to be stale.
+    fn clear(&mut self) {
+        self.namespaces.clear();
+        self.functions.clear();
+        self.function_count = 0;
+    }
 }
 
 /// Weighs a copy by its key's and value's bytes plus [`ENTRY_OVERHEAD`].
@@ -256,6 +337,8 @@ enum Applied {
 /// is healthy, and the generation that every emptying bumps.
 struct Coherence {
     copies: Copies,
+    /// Namespaces and functions dropped since their copies were inserted.
+    dropped: Dropped,
     /// The highest position of any event processed (or a RESET's position).
     applied: u64,
     /// The last [`RECENT_INVALIDATIONS`] invalidations applied, oldest first: position and
@@ -311,6 +394,7 @@ impl Coherence {
                 DefaultHashBuilder::default(),
                 evictions,
             ),
+            dropped: Dropped::default(),
             applied: 0,
             recent: VecDeque::new(),
             floor: 0,
@@ -345,7 +429,7 @@ impl Coherence {
             return None;
         }
         let copy = self.copies.get(key)?;
-        if copy.expires <= now {
+        if copy.expires <= now || self.dropped.covers(key, copy.stamp) {
             self.copies.remove(key);
             return None;
         }
@@ -376,7 +460,15 @@ impl Coherence {
             // The answer's value is a slice of the whole buffer its response was decoded into
             // (512 bytes at least, `client/codec.rs`); a copy of its own keeps only the value.
             let bytes = Bytes::copy_from_slice(&bytes);
-            self.copies.insert(key, Held { bytes, expires });
+            let stamp = self.dropped.stamp;
+            self.copies.insert(
+                key,
+                Held {
+                    bytes,
+                    expires,
+                    stamp,
+                },
+            );
         }
         allowed
     }
@@ -472,8 +564,12 @@ impl Coherence {
             Scope::Entry(key) => {
                 self.copies.remove(key);
             }
-            Scope::All => self.copies.clear(),
-            _ => self.copies.retain(|key, _| !scope.covers(key)),
+            Scope::All => self.clear_copies(),
+            Scope::Namespace(_) | Scope::Function(..) => {
+                if !self.dropped.record(scope) {
+                    self.clear_copies();
+                }
+            }
         }
     }
 
@@ -486,8 +582,14 @@ impl Coherence {
 
     /// Drops every copy; lookups in flight are not inserted.
     fn empty(&mut self) {
-        self.copies.clear();
+        self.clear_copies();
         self.generation += 1;
+    }
+
+    /// Drops every copy, and with them the drops remembered.
+    fn clear_copies(&mut self) {
+        self.copies.clear();
+        self.dropped.clear();
     }
 
     /// The stream dropped, fell silent or is being replaced: empty and bypass the cache until
@@ -1360,6 +1462,115 @@ mod tests {
         }
         assert!(state.copies.weight() <= 4096);
         assert!(evictions.0.load(Relaxed) > 0);
+    }
+
+    /// A namespace's or a function's invalidation hides exactly the copies inserted before
+    /// it in that namespace or function, without walking the copies (they go as they are
+    /// looked up), whatever order drops and inserts come in.
+    #[test]
+    fn scoped_invalidations_hide_the_older_copies_of_their_scope() {
+        let now = Instant::now();
+        let both = BTreeSet::from(["ns".to_owned(), "other".to_owned()]);
+        let mut state = Coherence::new(1 << 20, Evictions::default(), now);
+        state.apply(&heartbeat(1), &both, 0, now, SILENCE);
+        let ttl = Duration::from_secs(60);
+        let put = |state: &mut Coherence, key: &EntryKey, position: u64| {
+            let ticket = state.ticket(key.namespace(), now, SILENCE).unwrap();
+            assert!(state.insert(key.clone(), Bytes::from_static(b"1"), ticket, position, ttl));
+        };
+        let served = |state: &mut Coherence, key: &EntryKey| state.get(key, now, SILENCE).is_some();
+        let elsewhere = EntryKey::new("other".into(), "f".into(), format!("{:032x}", 1)).unwrap();
+        for n in 0..100 {
+            put(&mut state, &key("f", n), 1);
+            put(&mut state, &key("g", n), 1);
+        }
+        put(&mut state, &elsewhere, 1);
+
+        let namespace = invalidation(
+            pb::InvalidationScope::ScopeNamespace,
+            pb_key("ns", "", ""),
+            2,
+        );
+        state.apply(&namespace, &both, 0, now, SILENCE);
+        assert_eq!(
+            state.copies.len(),
+            201,
+            "a namespace's invalidation walked the copies"
+        );
+        put(&mut state, &key("g", 200), 3);
+        assert!(!served(&mut state, &key("f", 1)));
+        assert!(!served(&mut state, &key("g", 99)));
+        assert!(
+            served(&mut state, &key("g", 200)),
+            "a copy inserted after it"
+        );
+        assert!(served(&mut state, &elsewhere), "another namespace's copy");
+        assert_eq!(
+            state.copies.len(),
+            200,
+            "the two hidden copies looked up are gone"
+        );
+
+        put(&mut state, &key("f", 1), 4);
+        let function = invalidation(
+            pb::InvalidationScope::ScopeFunction,
+            pb_key("ns", "g", ""),
+            5,
+        );
+        state.apply(&function, &both, 0, now, SILENCE);
+        assert!(served(&mut state, &key("f", 1)), "another function's copy");
+        assert!(!served(&mut state, &key("g", 200)));
+        put(&mut state, &key("g", 200), 6);
+        assert!(
+            served(&mut state, &key("g", 200)),
+            "a copy inserted after it"
+        );
+        // A second invalidation of the namespace outranks the function's.
+        state.apply(
+            &invalidation(
+                pb::InvalidationScope::ScopeNamespace,
+                pb_key("ns", "", ""),
+                7,
+            ),
+            &both,
+            0,
+            now,
+            SILENCE,
+        );
+        assert!(!served(&mut state, &key("g", 200)));
+        assert!(!served(&mut state, &key("f", 1)));
+        assert!(served(&mut state, &elsewhere));
+    }
+
+    /// Past [`MAX_DROPPED_SCOPES`] remembered drops, the next one empties the copies: the
+    /// memory for drops stays bounded, and no copy from before is served.
+    #[test]
+    fn the_drops_remembered_are_bounded() {
+        let (mut state, now) = healthy(1);
+        assert!(put(&mut state, &key("f", 1), 1, now));
+        for n in 0..MAX_DROPPED_SCOPES {
+            state.own_change(&Scope::Function("ns".into(), format!("busted{n}")));
+        }
+        let ticket = state.ticket("ns", now, SILENCE).unwrap();
+        assert!(state.insert(
+            key("g", 1),
+            Bytes::from_static(b"1"),
+            ticket,
+            1,
+            Duration::from_secs(60)
+        ));
+        assert_eq!(state.copies.len(), 2);
+        state.own_change(&Scope::Function("ns".into(), "one more".into()));
+        assert_eq!(
+            state.copies.len(),
+            0,
+            "the drop past the bound emptied the copies"
+        );
+        assert_eq!(
+            state.dropped.namespaces.len() + state.dropped.function_count,
+            0
+        );
+        assert!(state.get(&key("f", 1), now, SILENCE).is_none());
     }
 
     /// A copy keeps its value in an allocation of its own: an answer's value is a slice of
