@@ -129,8 +129,9 @@ pub struct ClientOptions {
     /// per client (following [`ClientOptions::near_cache_namespaces`] from the start, and
     /// the namespaces remote hits came from as they come). This client's own busts drop its
     /// copies before they return. Copies are weighed as their key and value bytes plus 320
-    /// bytes per entry, what a copy costs in memory beyond them, so this bounds the memory
-    /// the copies take.
+    /// bytes per entry, about what a copy costs in memory beyond them, so this roughly bounds
+    /// the memory the copies take (the allocator's rounding varies, and the record of
+    /// namespaces and functions invalidated, at most 4,096 names, comes on top).
     pub near_cache_bytes: usize,
     /// Namespaces the near cache follows from the start: its stream opens when the client is
     /// made (in a Tokio runtime; otherwise at the first remote hit), so the first remote hit
@@ -310,7 +311,8 @@ pub struct ClientMetrics {
     /// `memoize` calls that looked in the near cache and found nothing servable (no copy, or
     /// the cache bypassed while its stream is unhealthy).
     pub near_misses: u64,
-    /// Copies pushed out of the near cache to stay within its size.
+    /// Copies pushed out of the near cache to stay within its size (including copies an
+    /// invalidation of their whole namespace or function had already hidden).
     pub near_evictions: u64,
     /// Invalidation events applied to the near cache.
     pub near_invalidations: u64,

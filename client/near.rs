@@ -89,8 +89,8 @@ pub const DEFAULT_NEAR_CACHE_SILENCE: Duration = Duration::from_secs(3);
 /// memory for the copies, not just their payload.
 const ENTRY_OVERHEAD: u64 = 320;
 
-/// The most namespaces and functions whose drops are remembered (see [`Dropped`]); past it,
-/// the next drop empties the copies instead (dropping too much only costs misses).
+/// The most namespaces and functions whose drops are remembered (see [`Dropped`]); a drop
+/// past it walks the copies once, removing what the table hides, and starts the table afresh.
 const MAX_DROPPED_SCOPES: usize = 4096;
 
 /// The weight the cache sizes itself for, per entry, to guess how many entries it will hold.
@@ -219,75 +219,84 @@ struct Held {
 /// Drops of whole namespaces and functions, applied lazily: each drop takes the next stamp,
 /// and a copy stamped (inserted) before the last drop of its namespace or function is gone,
 /// removed when it is next looked up or pushed out by newer copies. So an invalidation of a
-/// namespace (every `BustTag`) or of a function costs two map writes under the lock a hit
-/// takes, not a walk over every copy; a hit pays two map lookups, none while nothing was
-/// dropped.
+/// namespace (every `BustTag`) or of a function costs a map write under the lock a hit takes,
+/// not a walk over every copy; a hit pays one map lookup (two when its namespace had
+/// functions dropped), none while nothing was dropped.
 #[derive(Debug, Default)]
 struct Dropped {
     /// The stamp the latest drop took; copies inserted now carry it.
     stamp: u64,
-    namespaces: HashMap<String, u64>,
-    functions: HashMap<String, HashMap<String, u64>>,
-    /// Functions in `functions`, to bound the memory.
+    namespaces: HashMap<String, NamespaceDrops, DefaultHashBuilder>,
+    /// Functions remembered across `namespaces`, to bound the memory.
     function_count: usize,
+}
+
+/// One namespace's drops: of the whole namespace (0: none), and of functions since then.
+#[derive(Debug, Default)]
+struct NamespaceDrops {
+    whole: u64,
+    functions: HashMap<String, u64, DefaultHashBuilder>,
 }
 
 impl Dropped {
     /// Whether a copy of `key` stamped `stamp` was dropped since.
     fn covers(&self, key: &EntryKey, stamp: u64) -> bool {
-        let dropped_at = |at: Option<&u64>| at.is_some_and(|&at| stamp < at);
-        dropped_at(self.namespaces.get(key.namespace()))
-            || dropped_at(
-                self.functions
-                    .get(key.namespace())
-                    .and_then(|functions| functions.get(key.function())),
-            )
+        if self.namespaces.is_empty() {
+            return false;
+        }
+        let Some(drops) = self.namespaces.get(key.namespace()) else {
+            return false;
+        };
+        stamp < drops.whole
+            || (!drops.functions.is_empty()
+                && drops
+                    .functions
+                    .get(key.function())
+                    .is_some_and(|&at| stamp < at))
     }
 
-    /// Records a drop of `scope` (a namespace or a function); false when there is no room to
-    /// remember it, and the copies must go now.
+    /// Records a drop of `scope` (a namespace or a function); false when that would remember
+    /// more than [`MAX_DROPPED_SCOPES`] namespaces and functions.
     fn record(&mut self, scope: &Scope) -> bool {
-        let full = self.namespaces.len() + self.function_count >= MAX_DROPPED_SCOPES;
-        self.stamp += 1;
-        let stamp = self.stamp;
-        match scope {
-            Scope::Namespace(namespace) => {
-                if let Some(at) = self.namespaces.get_mut(namespace) {
-                    *at = stamp;
-                    return true;
-                }
-                if full {
-                    return false;
-                }
-                self.namespaces.insert(namespace.clone(), stamp);
-            }
-            Scope::Function(namespace, function) => {
-                if let Some(at) = self
-                    .functions
-                    .get_mut(namespace)
-                    .and_then(|functions| functions.get_mut(function))
-                {
-                    *at = stamp;
-                    return true;
-                }
-                if full {
-                    return false;
-                }
-                self.functions
-                    .entry(namespace.clone())
-                    .or_default()
-                    .insert(function.clone(), stamp);
-                self.function_count += 1;
-            }
+        let (namespace, function) = match scope {
+            Scope::Namespace(namespace) => (namespace, None),
+            Scope::Function(namespace, function) => (namespace, Some(function)),
             Scope::Entry(_) | Scope::All => unreachable!("only namespaces and functions"),
+        };
+        let remembered = self.namespaces.len() + self.function_count;
+        let known = self.namespaces.get(namespace);
+        let adds = usize::from(known.is_none())
+            + usize::from(function.is_some_and(|function| {
+                known.is_none_or(|drops| !drops.functions.contains_key(function))
+            }));
+        if remembered + adds > MAX_DROPPED_SCOPES {
+            return false;
+        }
+        self.stamp += 1;
+        let drops = self.namespaces.entry(namespace.clone()).or_default();
+        match function {
+            None => {
+                // The whole namespace outranks its functions' earlier drops.
+                drops.whole = self.stamp;
+                self.function_count -= drops.functions.len();
+                drops.functions.clear();
+            }
+            Some(function) => {
+                if drops
+                    .functions
+                    .insert(function.clone(), self.stamp)
+                    .is_none()
+                {
+                    self.function_count += 1;
+                }
+            }
         }
         true
     }
 
-    /// Forgets every drop: there are no copies left to be stale.
+    /// Forgets every drop: the copies they hide are gone.
     fn clear(&mut self) {
         self.namespaces.clear();
-        self.functions.clear();
         self.function_count = 0;
     }
 }
@@ -303,7 +312,8 @@ impl Weighter<EntryKey, Held> for Bytewise {
     }
 }
 
-/// Counts copies pushed out to make room (not those dropped by invalidations).
+/// Counts copies pushed out to make room: not those an invalidation removed, but those it
+/// had only hidden (a whole namespace's or function's, see [`Dropped`]) are counted.
 #[derive(Debug, Clone, Default)]
 struct Evictions(Arc<AtomicU64>);
 
@@ -457,9 +467,6 @@ impl Coherence {
             && !ttl.is_zero();
         if allowed {
             let expires = ticket.sent + ttl;
-            // The answer's value is a slice of the whole buffer its response was decoded into
-            // (512 bytes at least, `client/codec.rs`); a copy of its own keeps only the value.
-            let bytes = Bytes::copy_from_slice(&bytes);
             let stamp = self.dropped.stamp;
             self.copies.insert(
                 key,
@@ -567,7 +574,12 @@ impl Coherence {
             Scope::All => self.clear_copies(),
             Scope::Namespace(_) | Scope::Function(..) => {
                 if !self.dropped.record(scope) {
-                    self.clear_copies();
+                    // The table is full: apply what it remembers and this drop by walking
+                    // the copies once, and start it afresh.
+                    let dropped = &self.dropped;
+                    self.copies
+                        .retain(|key, copy| !dropped.covers(key, copy.stamp) && !scope.covers(key));
+                    self.dropped.clear();
                 }
             }
         }
@@ -758,9 +770,13 @@ impl Near {
         ttl_ms: u64,
     ) {
         let ttl = Duration::from_millis(ttl_ms);
+        // The answer's value is a slice of the whole buffer its response was decoded into (512
+        // bytes at least, `client/codec.rs`): a copy gets an allocation of its own, made
+        // before taking the lock hits take.
+        let owned = ticket.map(|ticket| (ticket, Bytes::copy_from_slice(&bytes)));
         let new = {
             let mut state = lock(&self.state);
-            if let Some(ticket) = ticket
+            if let Some((ticket, bytes)) = owned
                 && !state.insert(key.clone(), bytes, ticket, position, ttl)
             {
                 self.counters.refused.fetch_add(1, Relaxed);
@@ -1542,50 +1558,68 @@ mod tests {
         assert!(served(&mut state, &elsewhere));
     }
 
-    /// Past [`MAX_DROPPED_SCOPES`] remembered drops, the next one empties the copies: the
-    /// memory for drops stays bounded, and no copy from before is served.
+    /// Past [`MAX_DROPPED_SCOPES`] remembered drops, a new one walks the copies once: what
+    /// the table hid and what the new drop names go, every other copy stays, and the table
+    /// starts afresh. A drop of a scope already remembered only updates it.
     #[test]
     fn the_drops_remembered_are_bounded() {
         let (mut state, now) = healthy(1);
         assert!(put(&mut state, &key("f", 1), 1, now));
-        for n in 0..MAX_DROPPED_SCOPES {
+        assert!(put(&mut state, &key("g", 1), 1, now));
+        assert!(put(&mut state, &key("busted7", 1), 1, now));
+        // The namespace and MAX - 1 functions: the table is full.
+        for n in 0..MAX_DROPPED_SCOPES - 1 {
             state.own_change(&Scope::Function("ns".into(), format!("busted{n}")));
         }
-        let ticket = state.ticket("ns", now, SILENCE).unwrap();
-        assert!(state.insert(
-            key("g", 1),
-            Bytes::from_static(b"1"),
-            ticket,
-            1,
-            Duration::from_secs(60)
-        ));
-        assert_eq!(state.copies.len(), 2);
-        state.own_change(&Scope::Function("ns".into(), "one more".into()));
+        let remembered =
+            |state: &Coherence| state.dropped.namespaces.len() + state.dropped.function_count;
+        assert_eq!(remembered(&state), MAX_DROPPED_SCOPES);
+        state.own_change(&Scope::Function("ns".into(), "busted0".into()));
+        assert_eq!(
+            remembered(&state),
+            MAX_DROPPED_SCOPES,
+            "a drop again updates"
+        );
+        assert_eq!(state.copies.len(), 3, "nothing was walked");
+        assert!(put(&mut state, &key("h", 1), 1, now));
+        state.own_change(&Scope::Function("ns".into(), "g".into()));
+        assert_eq!(remembered(&state), 0, "the table starts afresh");
         assert_eq!(
             state.copies.len(),
-            0,
-            "the drop past the bound emptied the copies"
+            2,
+            "the copies the table hid and the new drop's went at once"
         );
-        assert_eq!(
-            state.dropped.namespaces.len() + state.dropped.function_count,
-            0
+        assert!(state.get(&key("g", 1), now, SILENCE).is_none());
+        assert!(
+            state.get(&key("f", 1), now, SILENCE).is_some(),
+            "a live copy was kept"
         );
-        assert!(state.get(&key("f", 1), now, SILENCE).is_none());
+        assert!(
+            state.get(&key("h", 1), now, SILENCE).is_some(),
+            "a live copy was kept"
+        );
     }
 
     /// A copy keeps its value in an allocation of its own: an answer's value is a slice of
     /// the buffer its whole response was decoded into, which a copy must not keep alive.
-    #[test]
-    fn a_copy_does_not_keep_its_response_buffer() {
-        let now = Instant::now();
-        let mut state = Coherence::new(1 << 20, Evictions::default(), now);
-        state.apply(&heartbeat(1), &followed(), 0, now, SILENCE);
+    #[tokio::test]
+    async fn a_copy_does_not_keep_its_response_buffer() {
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let rpc = pb::cache_money_client::CacheMoneyClient::with_interceptor(
+            channel,
+            crate::client::Credentials::default(),
+        );
+        let near = Arc::new(Near::new(1 << 20, SILENCE, &[], SILENCE, rpc));
+        // The watch task started (it runs at this test's first await, which never comes), so
+        // `offer` does not start one, which would flush.
+        near.watching(false);
+        lock(&near.state).apply(&heartbeat(1), &followed(), 0, Instant::now(), SILENCE);
         let response = Bytes::from(vec![b'x'; 8192]);
         let value = response.slice(100..170);
-        let ticket = state.ticket("ns", now, SILENCE).unwrap();
-        let ttl = Duration::from_secs(60);
-        assert!(state.insert(key("f", 1), value.clone(), ticket, 1, ttl));
-        let held = state.get(&key("f", 1), now, SILENCE).unwrap();
+        let ticket = near.ticket("ns");
+        assert!(ticket.is_some());
+        near.offer(&key("f", 1), value.clone(), ticket, 1, 60_000);
+        let held = near.get(&key("f", 1)).expect("the copy");
         assert_eq!(held, value);
         assert!(
             !response.as_ptr_range().contains(&held.as_ptr()),

@@ -647,7 +647,7 @@ async fn the_size_bounds_the_near_cache() {
     let source = Source::default();
     source.set(1);
     warm(&f, &near, 0, &source, 1).await;
-    // Each entry weighs about 420 bytes (320 of them overhead): 4 KiB holds about nine.
+    // Each entry weighs about 360 bytes (320 of them overhead): 4 KiB holds about eleven.
     for round in 0..2 {
         for n in 0..200 {
             assert_eq!(read(&f, n, &source).await, 1, "round {round}");
