@@ -1101,6 +1101,16 @@ mod tests {
         BTreeSet::from(["ns".to_owned()])
     }
 
+    /// A near cache whose service is nowhere (its stream never connects).
+    fn unconnected() -> Near {
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let rpc = pb::cache_money_client::CacheMoneyClient::with_interceptor(
+            channel,
+            crate::client::Credentials::default(),
+        );
+        Near::new(1 << 20, SILENCE, &[], SILENCE, rpc)
+    }
+
     /// A healthy cache: its stream delivered a first heartbeat at `position`.
     fn healthy(position: u64) -> (Coherence, Instant) {
         let now = Instant::now();
@@ -1146,12 +1156,7 @@ mod tests {
     /// first event have nothing to flush and are not counted again.
     #[tokio::test]
     async fn one_outage_is_one_flush() {
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
-        let rpc = pb::cache_money_client::CacheMoneyClient::with_interceptor(
-            channel,
-            crate::client::Credentials::default(),
-        );
-        let near = Near::new(1 << 20, SILENCE, &[], SILENCE, rpc);
+        let near = unconnected();
         near.flush();
         assert_eq!(near.metrics().flushes, 0, "nothing was in use");
         lock(&near.state).apply(&heartbeat(1), &followed(), 0, Instant::now(), SILENCE);
@@ -1604,12 +1609,7 @@ mod tests {
     /// the buffer its whole response was decoded into, which a copy must not keep alive.
     #[tokio::test]
     async fn a_copy_does_not_keep_its_response_buffer() {
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
-        let rpc = pb::cache_money_client::CacheMoneyClient::with_interceptor(
-            channel,
-            crate::client::Credentials::default(),
-        );
-        let near = Arc::new(Near::new(1 << 20, SILENCE, &[], SILENCE, rpc));
+        let near = Arc::new(unconnected());
         // The watch task started (it runs at this test's first await, which never comes), so
         // `offer` does not start one, which would flush.
         near.watching(false);
