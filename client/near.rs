@@ -219,9 +219,10 @@ struct Held {
 /// Drops of whole namespaces and functions, applied lazily: each drop takes the next stamp,
 /// and a copy stamped (inserted) before the last drop of its namespace or function is gone,
 /// removed when it is next looked up or pushed out by newer copies. So an invalidation of a
-/// namespace (every `BustTag`) or of a function costs a map write under the lock a hit takes,
-/// not a walk over every copy; a hit pays one map lookup (two when its namespace had
-/// functions dropped), none while nothing was dropped.
+/// namespace (every `BustTag`) or of a function costs a map write under the lock a hit takes
+/// (a namespace's also frees its functions' entries), not a walk over every copy; a hit pays
+/// one map lookup (two when its namespace had functions dropped), none while nothing was
+/// dropped.
 #[derive(Debug, Default)]
 struct Dropped {
     /// The stamp the latest drop took; copies inserted now carry it.
@@ -279,7 +280,7 @@ impl Dropped {
                 // The whole namespace outranks its functions' earlier drops.
                 drops.whole = self.stamp;
                 self.function_count -= drops.functions.len();
-                drops.functions.clear();
+                drops.functions = HashMap::default();
             }
             Some(function) => {
                 if drops
@@ -1579,13 +1580,17 @@ mod tests {
         let remembered =
             |state: &Coherence| state.dropped.namespaces.len() + state.dropped.function_count;
         assert_eq!(remembered(&state), MAX_DROPPED_SCOPES);
+        // A scope remembered already is dropped again: its entry is updated, and hides the
+        // copies inserted before this drop.
+        assert!(put(&mut state, &key("busted0", 1), 1, now));
         state.own_change(&Scope::Function("ns".into(), "busted0".into()));
         assert_eq!(
             remembered(&state),
             MAX_DROPPED_SCOPES,
             "a drop again updates"
         );
-        assert_eq!(state.copies.len(), 3, "nothing was walked");
+        assert_eq!(state.copies.len(), 4, "nothing was walked");
+        assert!(state.get(&key("busted0", 1), now, SILENCE).is_none());
         assert!(put(&mut state, &key("h", 1), 1, now));
         state.own_change(&Scope::Function("ns".into(), "g".into()));
         assert_eq!(remembered(&state), 0, "the table starts afresh");
@@ -1603,6 +1608,16 @@ mod tests {
             state.get(&key("h", 1), now, SILENCE).is_some(),
             "a live copy was kept"
         );
+        // Full again: a namespace's drop is taken (it replaces its functions' entries).
+        for n in 0..MAX_DROPPED_SCOPES - 1 {
+            state.own_change(&Scope::Function("ns".into(), format!("busted{n}")));
+        }
+        assert_eq!(remembered(&state), MAX_DROPPED_SCOPES);
+        state.own_change(&Scope::Namespace("ns".into()));
+        assert_eq!(remembered(&state), 1);
+        assert_eq!(state.copies.len(), 2, "nothing was walked");
+        assert!(state.get(&key("f", 1), now, SILENCE).is_none());
+        assert!(state.get(&key("h", 1), now, SILENCE).is_none());
     }
 
     /// A copy keeps its value in an allocation of its own: an answer's value is a slice of
