@@ -84,9 +84,9 @@ pub const DEFAULT_NEAR_CACHE_SILENCE: Duration = Duration::from_secs(3);
 /// What one copy costs beyond its key's and value's bytes: the map's slot (the key's three
 /// strings, the value's handle, the expiry, the queue links), the key's and the value's
 /// allocations, and the value's shared header once a hit has cloned it. Measured at about
-/// 290 bytes per copy of a small value (BENCHMARKS.md, "Near cache"), rounded up for
-/// allocators that keep a header per allocation: so `near_cache_bytes` bounds the process's
-/// memory for the copies, not just their payload.
+/// 220–460 bytes per copy of a small value, run to run (BENCHMARKS.md, "Near cache"): so
+/// `near_cache_bytes` roughly bounds the process's memory for the copies, not just their
+/// payload.
 const ENTRY_OVERHEAD: u64 = 320;
 
 /// The most namespaces and functions whose drops are remembered (see [`Dropped`]); a drop
