@@ -6,7 +6,7 @@
 //!
 //! Options: --reps N (3), --seconds S per measurement (3), --bust-entries N (1000000),
 //! --footprint-seconds S (60), --only get50,get1,hops,lookup,memo-lease,memo-hit,memo-miss,batch,
-//! h2load,get50-metrics,near,bust,footprint (a comma-separated subset of the scenarios, for working on one), --cluster
+//! h2load,floor,get50-metrics,near,bust,footprint (a comma-separated subset of the scenarios, for working on one), --cluster
 //! (the bust again on a Redis Cluster of three primaries and three replicas started for it, the
 //! entries spread over the primaries: `--only bust --cluster` compares the two).
 //! `get50-metrics` runs a second server with `--metrics-listen` and a third just like the first
@@ -16,14 +16,21 @@
 //! in a virtualenv with cache-money 1.3.0 made in target/bench-venv on first use, or
 //! `CACHE_MONEY_BENCH_PYTHON`). `hops` splits a one-caller hit into its hops: the server's own
 //! Redis round trip (a metered server's store GET time, sum over count) beside
-//! redis-benchmark's, and the gRPC hop alone (a Get from the in-memory store). `near` times a
-//! memoize hit served from the client's near cache beside the same hit through the service
-//! and beside the Python library's, then fills the near cache to measure its memory per
-//! entry (the bench process's RSS before and after). It starts its own redis-server and cache-money-server on
-//! loopback and stops them; every loop is bounded by time and count.
+//! redis-benchmark's, and the gRPC hop alone (a Get from the in-memory store). `floor` times
+//! one caller against two stand-in servers that are not cache-money (benches/floor: a bare
+//! hyper HTTP/2 responder, and the same relaying a GET to Redis over a plain socket) and
+//! against cache-money on either store, from h2load (1 × 1, when installed) and from the
+//! client library, beside redis-benchmark's one caller: what any gRPC hop, and any relay to
+//! Redis, costs on the machine. `near` times a memoize hit served from the client's near
+//! cache beside the same hit through the service and beside the Python library's, then fills
+//! the near cache to measure its memory per entry (the bench process's RSS before and after).
+//! It starts its own redis-server and cache-money-server on loopback and stops them; every
+//! loop is bounded by time and count.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "floor/mod.rs"]
+mod floor;
 
 use std::{
     fmt::Write as _,
@@ -49,6 +56,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// HTTP/2 connections the load generator spreads its callers over, like a fleet of clients.
 const CONNECTIONS: usize = 4;
+/// The servers `floor` measures one caller against, in its table's order.
+const FLOOR_SERVERS: [&str; 4] = [
+    "bare HTTP/2 responder (hyper; benches/floor)",
+    "relay: the bare responder + a plain-socket Redis GET",
+    "cache-money, in-memory store",
+    "cache-money, Redis store",
+];
 /// Callers in the concurrent scenarios (redis-benchmark's -c).
 const CONCURRENCY: usize = 50;
 /// Keys per GetMany.
@@ -266,10 +280,16 @@ fn redis_benchmark(port: u16, args: &[&str]) -> Sample {
 }
 
 /// The same Get from h2load (nghttp2-client), a C HTTP/2 load generator far lighter than a
-/// tonic client, over the same 50 streams (4 connections × 13 — about 50): shows how much of
-/// the gap is the Rust load generator competing for the 2 cores. `None` when h2load is not
-/// installed. h2load reports no percentiles, only throughput.
-fn h2load_get(addr: std::net::SocketAddr, duration: Duration) -> Option<Sample> {
+/// tonic client, over `connections` × `streams` streams (4 × 13 — about 50 — shows how much
+/// of the 50-caller gap is the Rust load generator competing for the 2 cores; 1 × 1 is one
+/// lean caller). `None` when h2load is not installed. h2load reports no percentiles, only
+/// throughput.
+fn h2load_get(
+    addr: std::net::SocketAddr,
+    connections: usize,
+    streams: usize,
+    duration: Duration,
+) -> Option<Sample> {
     use prost::Message;
     let request = pb::GetRequest {
         key: Some(key("bench", "get", 0)),
@@ -284,9 +304,9 @@ fn h2load_get(addr: std::net::SocketAddr, duration: Duration) -> Option<Sample> 
     let output = Command::new("h2load")
         .args([
             "-c",
-            "4",
+            &connections.to_string(),
             "-m",
-            "13",
+            &streams.to_string(),
             "-D",
             &format!("{}", duration.as_secs().max(1)),
         ])
@@ -470,6 +490,33 @@ async fn one_caller_gets(client: &RawClient, duration: Duration) -> Sample {
         }
     })
     .await
+}
+
+/// `floor`'s table: one caller against each of FLOOR_SERVERS, from h2load and from the client
+/// library, beside redis-benchmark's one caller (medians of the repetitions).
+fn floor_table(floors: &[([f64; 2], [[f64; 2]; 4])], report: &mut String) {
+    let reference = |n: usize| median(floors.iter().map(|(reference, _)| reference[n]).collect());
+    let (per_request, p50) = (reference(0), reference(1));
+    let _ = writeln!(
+        report,
+        "\nOne caller against the floor (medians); redis-benchmark GET -c 1: {per_request:.1} µs per request, p50 {p50:.1} µs\n\n\
+         | server | h2load 1×1: µs per request | × redis-benchmark | client library Get p50 | × redis-benchmark p50 |\n\
+         |---|---|---|---|---|"
+    );
+    for (n, name) in FLOOR_SERVERS.iter().enumerate() {
+        let column = |c: usize| median(floors.iter().map(|(_, measured)| measured[n][c]).collect());
+        let (lean, library) = (column(0), column(1));
+        let (lean, lean_ratio) = if lean.is_nan() {
+            ("– (no h2load)".to_owned(), "–".to_owned())
+        } else {
+            (format!("{lean:.1}"), format!("{:.2}×", lean / per_request))
+        };
+        let _ = writeln!(
+            report,
+            "| {name} | {lean} | {lean_ratio} | {library:.0} µs | {:.2}× |",
+            library / p50
+        );
+    }
 }
 
 /// The number a metrics page gives the sample that starts `prefix` (name and labels).
@@ -789,6 +836,36 @@ async fn main() {
     };
     // Per repetition: [redis-benchmark -c 1 mean, the server's Redis hop mean], µs.
     let mut hops = Vec::new();
+    // For `floor`: the stand-in servers and cache-money's two stores, each with a client (the
+    // in-memory store holding the fixture too), in FLOOR_SERVERS' order.
+    let floor_targets = if settings.wants("floor") {
+        let memory = CacheServer::memory(&[]);
+        let addrs = [
+            floor::start(None),
+            floor::start(Some(redis.port())),
+            memory.addr(),
+            server.addr(),
+        ];
+        let mut targets = Vec::new();
+        for addr in addrs {
+            let client = Client::connect(format!("http://{addr}"))
+                .await
+                .unwrap()
+                .raw();
+            targets.push((addr, client));
+        }
+        let mut memory_client = targets[2].1.clone();
+        memory_client
+            .put(common::put(key("bench", "get", 0), &value64, 3600))
+            .await
+            .unwrap();
+        Some((memory, targets))
+    } else {
+        None
+    };
+    // Per repetition: redis-benchmark -c 1's [µs per request, p50], and per floor target
+    // [h2load 1×1's µs per request, the client library's p50].
+    let mut floors: Vec<([f64; 2], [[f64; 2]; 4])> = Vec::new();
     // The library cache-money replaces, timed by its own script (benches/python_hit.py).
     let python = if settings.wants("memo-hit") || settings.wants("near") {
         python_reference(settings.quick)
@@ -867,7 +944,7 @@ async fn main() {
 
         if h2load && settings.wants("h2load") {
             let reference = redis_get(redis.port(), "50", &requests_for(rps50, duration));
-            if let Some(sample) = h2load_get(server.addr(), duration) {
+            if let Some(sample) = h2load_get(server.addr(), CONNECTIONS, 13, duration) {
                 rows[5].reference_samples.push(reference);
                 rows[5].cm.push(sample);
             }
@@ -906,6 +983,18 @@ async fn main() {
             rows[9]
                 .cm
                 .push(one_caller_gets(memory_client, duration).await);
+        }
+
+        if let Some((_, targets)) = &floor_targets {
+            let reference = redis_get(redis.port(), "1", &requests_for(rps1, duration));
+            let mut measured = [[f64::NAN; 2]; 4];
+            for ((addr, client), row) in targets.iter().zip(&mut measured) {
+                if h2load && let Some(sample) = h2load_get(*addr, 1, 1, duration) {
+                    row[0] = 1e6 / sample.per_second;
+                }
+                row[1] = one_caller_gets(client, duration).await.p50_us;
+            }
+            floors.push(([1e6 / reference.per_second, reference.p50_us], measured));
         }
 
         if settings.wants("lookup") {
@@ -1124,6 +1213,9 @@ async fn main() {
             "\nThe server's own Redis hop at one caller (store GET, mean from its histogram's sum and count; medians): {hop:.1} µs; redis-benchmark GET -c 1 mean {reference:.1} µs; ratio {:.2}×",
             hop / reference
         );
+    }
+    if !floors.is_empty() {
+        floor_table(&floors, &mut report);
     }
     if let Some((near_cm, handle)) = &near {
         let count = if settings.quick { 2_000 } else { 20_000 };
