@@ -57,8 +57,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// HTTP/2 connections the load generator spreads its callers over, like a fleet of clients.
 const CONNECTIONS: usize = 4;
 /// The servers `floor` measures one caller against, in its table's order.
-const FLOOR_SERVERS: [&str; 4] = [
+const FLOOR_SERVERS: [&str; 5] = [
     "bare HTTP/2 responder (hyper; benches/floor)",
+    "bare tonic service: cache-money's generated service, a Get that only answers",
     "relay: the bare responder + a plain-socket Redis GET",
     "cache-money, in-memory store",
     "cache-money, Redis store",
@@ -494,7 +495,7 @@ async fn one_caller_gets(client: &RawClient, duration: Duration) -> Sample {
 
 /// `floor`'s table: one caller against each of FLOOR_SERVERS, from h2load and from the client
 /// library, beside redis-benchmark's one caller (medians of the repetitions).
-fn floor_table(floors: &[([f64; 2], [[f64; 2]; 4])], report: &mut String) {
+fn floor_table(floors: &[([f64; 2], [[f64; 2]; 5])], report: &mut String) {
     let reference = |n: usize| median(floors.iter().map(|(reference, _)| reference[n]).collect());
     let (per_request, p50) = (reference(0), reference(1));
     let _ = writeln!(
@@ -842,6 +843,7 @@ async fn main() {
         let memory = CacheServer::memory(&[]);
         let addrs = [
             floor::start(None),
+            floor::start_tonic(),
             floor::start(Some(redis.port())),
             memory.addr(),
             server.addr(),
@@ -854,7 +856,7 @@ async fn main() {
                 .raw();
             targets.push((addr, client));
         }
-        let mut memory_client = targets[2].1.clone();
+        let mut memory_client = targets[3].1.clone();
         memory_client
             .put(common::put(key("bench", "get", 0), &value64, 3600))
             .await
@@ -865,7 +867,7 @@ async fn main() {
     };
     // Per repetition: redis-benchmark -c 1's [µs per request, p50], and per floor target
     // [h2load 1×1's µs per request, the client library's p50].
-    let mut floors: Vec<([f64; 2], [[f64; 2]; 4])> = Vec::new();
+    let mut floors: Vec<([f64; 2], [[f64; 2]; 5])> = Vec::new();
     // The library cache-money replaces, timed by its own script (benches/python_hit.py).
     let python = if settings.wants("memo-hit") || settings.wants("near") {
         python_reference(settings.quick)
@@ -987,7 +989,7 @@ async fn main() {
 
         if let Some((_, targets)) = &floor_targets {
             let reference = redis_get(redis.port(), "1", &requests_for(rps1, duration));
-            let mut measured = [[f64::NAN; 2]; 4];
+            let mut measured = [[f64::NAN; 2]; 5];
             for ((addr, client), row) in targets.iter().zip(&mut measured) {
                 if h2load && let Some(sample) = h2load_get(*addr, 1, 1, duration) {
                     row[0] = 1e6 / sample.per_second;

@@ -6,7 +6,11 @@
 //!   bytes) once it has read the request: the least one HTTP/2 request and response cost here;
 //! - the **relay** answers after a `GET` of the 64-byte fixture over one plain TCP connection
 //!   to Redis (the RESP exchange written out, no client library, no timer, no pool): the least
-//!   a gRPC-to-Redis relay costs.
+//!   a gRPC-to-Redis relay costs;
+//! - the **bare tonic service** is cache-money's generated service on tonic's server with
+//!   default settings, its `Get` answering the same hit at once (every other RPC
+//!   unimplemented): what tonic's server path adds to the bare responder, before any of
+//!   cache-money's own work.
 //!
 //! Neither is cache-money code. They bound from below what cache-money's server could reach
 //! with any gRPC stack and any Redis client, so the distance from each to cache-money's
@@ -26,7 +30,8 @@ use tokio::{
     sync::Mutex,
 };
 
-use cache_money::pb;
+use cache_money::pb::{self, cache_money_server::CacheMoney};
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
 /// The fixture's key in Redis (cm_bench's fixtures set it to 64 bytes).
 const FIXTURE: &[u8] = b"*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n";
@@ -34,6 +39,46 @@ const FIXTURE: &[u8] = b"*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n";
 /// Starts a stand-in server on a loopback port: the bare responder, or with `relay_to` (a
 /// Redis port) the relay. It serves until the process ends.
 pub fn start(relay_to: Option<u16>) -> SocketAddr {
+    on_own_thread(move |listener| async move {
+        let redis = match relay_to {
+            Some(port) => Some(Arc::new(Mutex::new(Relay::connect(port).await))),
+            None => None,
+        };
+        loop {
+            let (socket, _) = listener.accept().await.expect("accept");
+            socket.set_nodelay(true).expect("nodelay");
+            let redis = redis.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| answer(request, redis.clone()));
+                // A connection ends when its client goes; nothing to report.
+                let _ = http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await;
+            });
+        }
+    })
+}
+
+/// Starts the bare tonic service on a loopback port; it serves until the process ends.
+pub fn start_tonic() -> SocketAddr {
+    on_own_thread(|listener| async move {
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .add_service(pb::cache_money_server::CacheMoneyServer::new(BareService))
+            .serve_with_incoming(incoming)
+            .await
+            .expect("the bare tonic service serves");
+    })
+}
+
+/// Runs `serve` with a loopback listener on a thread of its own (a current-thread runtime),
+/// returning the listener's address once it is bound.
+fn on_own_thread<F, Fut>(serve: F) -> SocketAddr
+where
+    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
     let (bound, address) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("floor".into())
@@ -44,25 +89,10 @@ pub fn start(relay_to: Option<u16>) -> SocketAddr {
                 .expect("a runtime for the stand-in server");
             runtime.block_on(async move {
                 let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                let redis = match relay_to {
-                    Some(port) => Some(Arc::new(Mutex::new(Relay::connect(port).await))),
-                    None => None,
-                };
                 bound
                     .send(listener.local_addr().expect("bound"))
                     .expect("send");
-                loop {
-                    let (socket, _) = listener.accept().await.expect("accept");
-                    socket.set_nodelay(true).expect("nodelay");
-                    let redis = redis.clone();
-                    tokio::spawn(async move {
-                        let service = service_fn(move |request| answer(request, redis.clone()));
-                        // A connection ends when its client goes; nothing to report.
-                        let _ = http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(TokioIo::new(socket), service)
-                            .await;
-                    });
-                }
+                serve(listener).await;
             });
         })
         .expect("spawn the stand-in server");
@@ -80,12 +110,7 @@ async fn answer(
         Some(redis) => redis.lock().await.get().await,
         None => Bytes::from_static(&[b'x'; 64]),
     };
-    let message = pb::GetResponse {
-        hit: true,
-        value,
-        ..Default::default()
-    }
-    .encode_to_vec();
+    let message = hit(value).encode_to_vec();
     let mut framed = Vec::with_capacity(5 + message.len());
     framed.push(0);
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
@@ -97,6 +122,68 @@ async fn answer(
         .header("content-type", "application/grpc")
         .body(body)
         .expect("a valid response"))
+}
+
+/// The answer every stand-in gives: a hit of `value`.
+fn hit(value: Bytes) -> pb::GetResponse {
+    pb::GetResponse {
+        hit: true,
+        value,
+        ..Default::default()
+    }
+}
+
+/// cache-money's service with a `Get` that does nothing but answer.
+struct BareService;
+
+/// The service: `Get` answers, every other RPC is unimplemented (not part of the
+/// measurement). The whole impl comes from the macro so that `async_trait` sees every method.
+macro_rules! bare_service {
+    ($($rpc:ident($request:ident) -> $response:ident;)*) => {
+        #[tonic::async_trait]
+        impl CacheMoney for BareService {
+            async fn get(
+                &self,
+                _: GrpcRequest<pb::GetRequest>,
+            ) -> Result<GrpcResponse<pb::GetResponse>, Status> {
+                Ok(GrpcResponse::new(hit(Bytes::from_static(&[b'x'; 64]))))
+            }
+
+            type WatchStream = std::pin::Pin<
+                Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEvent, Status>> + Send>,
+            >;
+
+            async fn watch(
+                &self,
+                _: GrpcRequest<pb::WatchRequest>,
+            ) -> Result<GrpcResponse<Self::WatchStream>, Status> {
+                Err(Status::unimplemented("not part of the floor"))
+            }
+
+            $(
+                async fn $rpc(
+                    &self,
+                    _: GrpcRequest<pb::$request>,
+                ) -> Result<GrpcResponse<pb::$response>, Status> {
+                    Err(Status::unimplemented("not part of the floor"))
+                }
+            )*
+        }
+    };
+}
+
+bare_service! {
+    put(PutRequest) -> PutResponse;
+    release(ReleaseRequest) -> ReleaseResponse;
+    bust(BustRequest) -> BustResponse;
+    bust_function(BustFunctionRequest) -> BustResponse;
+    bust_namespace(BustNamespaceRequest) -> BustResponse;
+    bust_all(BustAllRequest) -> BustResponse;
+    bust_tag(BustTagRequest) -> BustResponse;
+    get_many(GetManyRequest) -> GetManyResponse;
+    put_many(PutManyRequest) -> PutManyResponse;
+    keys(KeysRequest) -> KeysResponse;
+    stats(StatsRequest) -> StatsResponse;
 }
 
 /// One plain connection to Redis, one command at a time.
