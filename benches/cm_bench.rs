@@ -17,9 +17,10 @@
 //! `CACHE_MONEY_BENCH_PYTHON`). `hops` splits a one-caller hit into its hops: the server's own
 //! Redis round trip (a metered server's store GET time, sum over count) beside
 //! redis-benchmark's, and the gRPC hop alone (a Get from the in-memory store). `floor` times
-//! one caller against two stand-in servers that are not cache-money (benches/floor: a bare
-//! hyper HTTP/2 responder, and the same relaying a GET to Redis over a plain socket) and
-//! against cache-money on either store, from h2load (1 × 1, when installed) and from the
+//! one caller against three stand-in servers (benches/floor: a bare hyper HTTP/2 responder,
+//! tonic serving cache-money's generated service with a Get that only answers, and the bare
+//! responder relaying a GET to Redis over a plain socket) and against cache-money on either
+//! store, from h2load (1 × 1, when installed) and from the
 //! client library, beside redis-benchmark's one caller: what any gRPC hop, and any relay to
 //! Redis, costs on the machine. `near` times a memoize hit served from the client's near
 //! cache beside the same hit through the service and beside the Python library's, then fills
@@ -493,9 +494,24 @@ async fn one_caller_gets(client: &RawClient, duration: Duration) -> Sample {
     .await
 }
 
+/// One repetition of `floor`: redis-benchmark -c 1's [µs per request, p50], and per entry of
+/// FLOOR_SERVERS [h2load 1×1's µs per request (NaN without h2load), the client library's p50].
+type FloorRun = ([f64; 2], [[f64; 2]; FLOOR_SERVERS.len()]);
+
+/// A cache-money server on the in-memory store holding the 64-byte Get fixture, and a client.
+async fn memory_with_fixture(value64: &[u8]) -> (CacheServer, RawClient) {
+    let memory = CacheServer::memory(&[]);
+    let mut client = Client::connect(memory.url()).await.unwrap().raw();
+    client
+        .put(common::put(key("bench", "get", 0), value64, 3600))
+        .await
+        .unwrap();
+    (memory, client)
+}
+
 /// `floor`'s table: one caller against each of FLOOR_SERVERS, from h2load and from the client
 /// library, beside redis-benchmark's one caller (medians of the repetitions).
-fn floor_table(floors: &[([f64; 2], [[f64; 2]; 5])], report: &mut String) {
+fn floor_table(floors: &[FloorRun], report: &mut String) {
     let reference = |n: usize| median(floors.iter().map(|(reference, _)| reference[n]).collect());
     let (per_request, p50) = (reference(0), reference(1));
     let _ = writeln!(
@@ -821,26 +837,18 @@ async fn main() {
     // hop (sum / count: the mean, finer than any bucket), and one on the in-memory store.
     let hop_servers = if settings.wants("hops") {
         let metered = CacheServer::redis(&redis, &["--metrics-listen", "127.0.0.1:0"]);
-        let memory = CacheServer::memory(&[]);
-        let (metered_client, memory_client) = (
-            Client::connect(metered.url()).await.unwrap().raw(),
-            Client::connect(memory.url()).await.unwrap().raw(),
-        );
-        let mut raw_memory = memory_client.clone();
-        raw_memory
-            .put(common::put(key("bench", "get", 0), &value64, 3600))
-            .await
-            .unwrap();
+        let metered_client = Client::connect(metered.url()).await.unwrap().raw();
+        let (memory, memory_client) = memory_with_fixture(&value64).await;
         Some((metered, metered_client, memory, memory_client))
     } else {
         None
     };
     // Per repetition: [redis-benchmark -c 1 mean, the server's Redis hop mean], µs.
     let mut hops = Vec::new();
-    // For `floor`: the stand-in servers and cache-money's two stores, each with a client (the
-    // in-memory store holding the fixture too), in FLOOR_SERVERS' order.
+    // For `floor`: the stand-in servers and cache-money's two stores, each with a client, in
+    // FLOOR_SERVERS' order.
     let floor_targets = if settings.wants("floor") {
-        let memory = CacheServer::memory(&[]);
+        let (memory, _) = memory_with_fixture(&value64).await;
         let addrs = [
             floor::start(None),
             floor::start_tonic(),
@@ -856,18 +864,11 @@ async fn main() {
                 .raw();
             targets.push((addr, client));
         }
-        let mut memory_client = targets[3].1.clone();
-        memory_client
-            .put(common::put(key("bench", "get", 0), &value64, 3600))
-            .await
-            .unwrap();
         Some((memory, targets))
     } else {
         None
     };
-    // Per repetition: redis-benchmark -c 1's [µs per request, p50], and per floor target
-    // [h2load 1×1's µs per request, the client library's p50].
-    let mut floors: Vec<([f64; 2], [[f64; 2]; 5])> = Vec::new();
+    let mut floors: Vec<FloorRun> = Vec::new();
     // The library cache-money replaces, timed by its own script (benches/python_hit.py).
     let python = if settings.wants("memo-hit") || settings.wants("near") {
         python_reference(settings.quick)
@@ -989,9 +990,10 @@ async fn main() {
 
         if let Some((_, targets)) = &floor_targets {
             let reference = redis_get(redis.port(), "1", &requests_for(rps1, duration));
-            let mut measured = [[f64::NAN; 2]; 5];
+            let mut measured = [[f64::NAN; 2]; FLOOR_SERVERS.len()];
             for ((addr, client), row) in targets.iter().zip(&mut measured) {
-                if h2load && let Some(sample) = h2load_get(*addr, 1, 1, duration) {
+                if h2load {
+                    let sample = h2load_get(*addr, 1, 1, duration).expect("h2load measured");
                     row[0] = 1e6 / sample.per_second;
                 }
                 row[1] = one_caller_gets(client, duration).await.p50_us;
@@ -1163,11 +1165,14 @@ async fn main() {
     }
 
     let mut report = String::new();
-    let _ = writeln!(
-        report,
-        "\n| scenario | cache-money | p50 | p99 | reference | reference | p50 | p99 | throughput ratio | p50 ratio | p99 ratio |"
-    );
-    let _ = writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|");
+    // The scenarios' table, when any of its rows was measured (`--only floor` fills none).
+    if rows.iter().any(|row| !row.cm.is_empty()) {
+        let _ = writeln!(
+            report,
+            "\n| scenario | cache-money | p50 | p99 | reference | reference | p50 | p99 | throughput ratio | p50 ratio | p99 ratio |"
+        );
+        let _ = writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|");
+    }
     for row in rows.iter().filter(|row| !row.cm.is_empty()) {
         row.render(&mut report);
     }

@@ -1,22 +1,22 @@
-//! `--only floor`: what any gRPC hop costs on this machine, to read cache-money's one-caller
-//! figures against. Two stand-in servers, each a bare hyper HTTP/2 server on a thread of its
-//! own with a current-thread runtime (as cache-money-server runs by default):
+//! `--only floor`: what a gRPC hop costs on this machine when built from the cheapest parts at
+//! hand, to read cache-money's one-caller figures against. Three stand-in servers, each on a
+//! thread of its own with a current-thread runtime (as cache-money-server runs by default):
 //!
 //! - the **bare responder** answers every request with the same `GetResponse` (a hit of 64
 //!   bytes) once it has read the request: the least one HTTP/2 request and response cost here;
-//! - the **relay** answers after a `GET` of the 64-byte fixture over one plain TCP connection
-//!   to Redis (the RESP exchange written out, no client library, no timer, no pool): the least
-//!   a gRPC-to-Redis relay costs;
+//! - the **relay** is the bare responder answering after a `GET` of the 64-byte fixture over
+//!   one plain TCP connection to Redis (the RESP exchange written out, no client library, no
+//!   pool, no permit): the cheapest gRPC-to-Redis relay built here;
 //! - the **bare tonic service** is cache-money's generated service on tonic's server with
 //!   default settings, its `Get` answering the same hit at once (every other RPC
 //!   unimplemented): what tonic's server path adds to the bare responder, before any of
 //!   cache-money's own work.
 //!
-//! Neither is cache-money code. They bound from below what cache-money's server could reach
-//! with any gRPC stack and any Redis client, so the distance from each to cache-money's
-//! server is the part of a hit that cache-money's own choices decide.
+//! None of them does cache-money's work (the tonic one only shares its generated code). They
+//! show what hyper, tonic and a Redis round trip cost on their own, so the distance from them
+//! to cache-money's server is the part of a hit that cache-money's own choices decide.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -33,8 +33,12 @@ use tokio::{
 use cache_money::pb::{self, cache_money_server::CacheMoney};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
-/// The fixture's key in Redis (cm_bench's fixtures set it to 64 bytes).
-const FIXTURE: &[u8] = b"*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n";
+/// `GET key:__rand_int__` in RESP: redis-benchmark's key, which cm_bench's fixtures set to 64
+/// bytes.
+const FIXTURE_GET: &[u8] = b"*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n";
+
+/// How long the relay waits for Redis before giving up on the run.
+const REDIS_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts a stand-in server on a loopback port: the bare responder, or with `relay_to` (a
 /// Redis port) the relay. It serves until the process ends.
@@ -188,26 +192,50 @@ bare_service! {
 
 /// One plain connection to Redis, one command at a time.
 struct Relay {
+    port: u16,
     socket: TcpStream,
     reply: Vec<u8>,
+    /// A command was written whose reply has not been read whole: its request was dropped
+    /// mid-way (a client that went away), and the connection is out of step.
+    in_flight: bool,
 }
 
 impl Relay {
     async fn connect(port: u16) -> Self {
+        Relay {
+            port,
+            socket: Self::dial(port).await,
+            reply: Vec::with_capacity(256),
+            in_flight: false,
+        }
+    }
+
+    async fn dial(port: u16) -> TcpStream {
         let socket = TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("the relay connects to Redis");
         socket.set_nodelay(true).expect("nodelay");
-        Relay {
-            socket,
-            reply: Vec::with_capacity(256),
-        }
+        socket
     }
 
-    /// `GET` of the fixture: the command written, then its bulk reply read whole.
+    /// `GET` of the fixture: the command written, then its bulk reply read whole, within
+    /// [`REDIS_WAIT`]. A connection left out of step by a dropped request is replaced first,
+    /// so a reply is never taken for the next command's.
     async fn get(&mut self) -> Bytes {
+        if self.in_flight {
+            self.socket = Self::dial(self.port).await;
+        }
+        self.in_flight = true;
+        let value = tokio::time::timeout(REDIS_WAIT, self.exchange())
+            .await
+            .unwrap_or_else(|_| panic!("Redis did not answer the relay within {REDIS_WAIT:?}"));
+        self.in_flight = false;
+        value
+    }
+
+    async fn exchange(&mut self) -> Bytes {
         self.socket
-            .write_all(FIXTURE)
+            .write_all(FIXTURE_GET)
             .await
             .expect("write to Redis");
         self.reply.clear();
@@ -228,7 +256,7 @@ fn bulk(reply: &[u8]) -> Option<Bytes> {
         .ok()
         .and_then(|header| header.strip_prefix('$'))
         .and_then(|length| length.parse().ok())
-        .unwrap_or_else(|| panic!("the fixture is a string: {reply:?}"));
+        .unwrap_or_else(|| panic!("expected the fixture's value (a bulk string), got {reply:?}"));
     let start = end + 2;
     (reply.len() >= start + length + 2)
         .then(|| Bytes::copy_from_slice(&reply[start..start + length]))
