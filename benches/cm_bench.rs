@@ -65,6 +65,10 @@ const FLOOR_SERVERS: [&str; 5] = [
     "cache-money, in-memory store",
     "cache-money, Redis store",
 ];
+/// The relay's place in FLOOR_SERVERS.
+const FLOOR_RELAY: usize = 2;
+/// cache-money on the Redis store's place in FLOOR_SERVERS.
+const FLOOR_REDIS: usize = 4;
 /// Callers in the concurrent scenarios (redis-benchmark's -c).
 const CONCURRENCY: usize = 50;
 /// Keys per GetMany.
@@ -534,6 +538,27 @@ fn floor_table(floors: &[FloorRun], report: &mut String) {
             library / p50
         );
     }
+    // cache-money on Redis against the relay, within each repetition: how far its server is
+    // from the cheapest relay, whatever the machine's round trips cost.
+    let against_relay = |c: usize| {
+        let ratio = median(
+            floors
+                .iter()
+                .map(|(_, measured)| measured[FLOOR_REDIS][c] / measured[FLOOR_RELAY][c])
+                .collect(),
+        );
+        if ratio.is_nan() {
+            "–".to_owned()
+        } else {
+            format!("{ratio:.2}×")
+        }
+    };
+    let _ = writeln!(
+        report,
+        "\ncache-money's Redis store against the relay, within each repetition (medians): {} from h2load, {} from the client library",
+        against_relay(0),
+        against_relay(1),
+    );
 }
 
 /// The number a metrics page gives the sample that starts `prefix` (name and labels).
