@@ -1,0 +1,67 @@
+//! One caller's memoize hits, back to back, for profiling a hit (BENCHMARKS.md, "One caller
+//! against the floor": `benches/critical_path.py` records the scheduler and syscalls of the
+//! client, the server and Redis while this runs).
+//!
+//! Start a server (`cargo run --release`), then:
+//!     cargo run --release --example hit_loop -- [URL] [SECONDS]
+//! URL defaults to http://127.0.0.1:50051, SECONDS to 10. Prints the hits' p50 and p99.
+
+use std::time::{Duration, Instant};
+
+use cache_money::{Client, Ttl};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let url = args
+        .next()
+        .unwrap_or_else(|| "http://127.0.0.1:50051".into());
+    let seconds: f64 = match args.next().map(|text| text.parse()) {
+        None => 10.0,
+        Some(Ok(seconds)) => seconds,
+        Some(Err(_)) => {
+            eprintln!("usage: hit_loop [URL] [SECONDS]");
+            std::process::exit(2);
+        }
+    };
+    let cache = match Client::connect(url.clone()).await {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::exit(1);
+        }
+    };
+    let profile = cache.function("bench", "hit_loop", Ttl::HOUR);
+    let value = || async { "x".repeat(64) };
+    // The first call stores the value; every later one must be a hit.
+    let _: String = profile.memoize(&(1u64,), value).await.expect("memoize");
+    let before = cache.metrics().hits;
+    let mut latencies = Vec::new();
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    while Instant::now() < end {
+        let started = Instant::now();
+        let hit: String = profile.memoize(&(1u64,), value).await.expect("memoize");
+        latencies.push(started.elapsed());
+        assert_eq!(hit.len(), 64);
+    }
+    let hits = cache.metrics().hits - before;
+    if hits < latencies.len() as u64 {
+        eprintln!(
+            "only {hits} of {} calls were hits: is {url} reachable and caching?",
+            latencies.len()
+        );
+        std::process::exit(1);
+    }
+    if latencies.is_empty() {
+        eprintln!("no calls in {seconds} s");
+        std::process::exit(2);
+    }
+    latencies.sort();
+    let at = |quantile: f64| latencies[((latencies.len() - 1) as f64 * quantile) as usize];
+    println!(
+        "{} hits, p50 {:.1} µs, p99 {:.1} µs",
+        latencies.len(),
+        at(0.5).as_secs_f64() * 1e6,
+        at(0.99).as_secs_f64() * 1e6
+    );
+}
