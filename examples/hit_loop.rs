@@ -1,10 +1,13 @@
 //! One caller's memoize hits, back to back, for profiling a hit (BENCHMARKS.md, "One caller
-//! against the floor": `benches/critical_path.py` records the scheduler and syscalls of the
-//! client, the server and Redis while this runs).
+//! against the floor": `benches/critical_path.py` records the socket syscalls of the client,
+//! the server and Redis while this runs).
 //!
-//! Start a server (`cargo run --release`), then:
+//! Start a server on the Redis store (`cargo run --release -- --redis-url redis://127.0.0.1:6379`;
+//! the in-memory store works too, but has no Redis hop to trace), then:
 //!     cargo run --release --example hit_loop -- [URL] [SECONDS]
-//! URL defaults to http://127.0.0.1:50051, SECONDS to 10. Prints the hits' p50 and p99.
+//! URL defaults to http://127.0.0.1:50051, SECONDS to 10. Waits up to 5 s for a first hit (a
+//! server still starting), prints the hits' p50 and p99, and fails when the calls are not hits
+//! (the server unreachable: memoize computes instead).
 
 use std::time::{Duration, Instant};
 
@@ -16,11 +19,11 @@ async fn main() {
     let url = args
         .next()
         .unwrap_or_else(|| "http://127.0.0.1:50051".into());
-    let seconds: f64 = match args.next().map(|text| text.parse()) {
+    let seconds: f64 = match args.next().map(|text| text.parse::<f64>()) {
         None => 10.0,
-        Some(Ok(seconds)) => seconds,
-        Some(Err(_)) => {
-            eprintln!("usage: hit_loop [URL] [SECONDS]");
+        Some(Ok(seconds)) if seconds.is_finite() && seconds >= 0.0 => seconds,
+        Some(_) => {
+            eprintln!("usage: hit_loop [URL] [SECONDS]   (SECONDS: a number, 0 or more)");
             std::process::exit(2);
         }
     };
@@ -33,8 +36,21 @@ async fn main() {
     };
     let profile = cache.function("bench", "hit_loop", Ttl::HOUR);
     let value = || async { "x".repeat(64) };
-    // The first call stores the value; every later one must be a hit.
-    let _: String = profile.memoize(&(1u64,), value).await.expect("memoize");
+    // The first call stores the value and every later one must be a hit: wait (up to 5 s,
+    // for a server still starting) until one is.
+    let waited = Instant::now();
+    loop {
+        let before = cache.metrics().hits;
+        let _: String = profile.memoize(&(1u64,), value).await.expect("memoize");
+        if cache.metrics().hits > before {
+            break;
+        }
+        if waited.elapsed() > Duration::from_secs(5) {
+            eprintln!("no hit within 5 s: is {url} reachable and caching?");
+            std::process::exit(1);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let before = cache.metrics().hits;
     let mut latencies = Vec::new();
     let end = Instant::now() + Duration::from_secs_f64(seconds);
