@@ -527,31 +527,27 @@ fn floor_table(floors: &[FloorRun], report: &mut String) {
     for (n, name) in FLOOR_SERVERS.iter().enumerate() {
         let column = |c: usize| median(floors.iter().map(|(_, measured)| measured[n][c]).collect());
         let (lean, library) = (column(0), column(1));
-        let (lean, lean_ratio) = if lean.is_nan() {
-            ("– (no h2load)".to_owned(), "–".to_owned())
+        let shown = if lean.is_nan() {
+            "– (no h2load)".to_owned()
         } else {
-            (format!("{lean:.1}"), format!("{:.2}×", lean / per_request))
+            format!("{lean:.1}")
         };
         let _ = writeln!(
             report,
-            "| {name} | {lean} | {lean_ratio} | {library:.0} µs | {:.2}× |",
-            library / p50
+            "| {name} | {shown} | {} | {library:.0} µs | {} |",
+            ratio(lean / per_request),
+            ratio(library / p50),
         );
     }
     // cache-money on Redis against the relay, within each repetition: how far its server is
     // from the cheapest relay, whatever the machine's round trips cost.
     let against_relay = |c: usize| {
-        let ratio = median(
+        ratio(median(
             floors
                 .iter()
                 .map(|(_, measured)| measured[FLOOR_REDIS][c] / measured[FLOOR_RELAY][c])
                 .collect(),
-        );
-        if ratio.is_nan() {
-            "–".to_owned()
-        } else {
-            format!("{ratio:.2}×")
-        }
+        ))
     };
     let _ = writeln!(
         report,
@@ -559,6 +555,15 @@ fn floor_table(floors: &[FloorRun], report: &mut String) {
         against_relay(0),
         against_relay(1),
     );
+}
+
+/// A ratio as the tables show it (`1.23×`), or `–` when either side was not measured.
+fn ratio(value: f64) -> String {
+    if value.is_nan() {
+        "–".to_owned()
+    } else {
+        format!("{value:.2}×")
+    }
 }
 
 /// The number a metrics page gives the sample that starts `prefix` (name and labels).
@@ -715,13 +720,6 @@ impl Row {
                 format!("{value:.2}{unit}")
             } else {
                 format!("{value:.0}{unit}")
-            }
-        };
-        let ratio = |value: f64| {
-            if value.is_nan() {
-                "–".to_owned()
-            } else {
-                format!("{value:.2}×")
             }
         };
         let _ = writeln!(
