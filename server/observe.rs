@@ -1,19 +1,27 @@
 //! Every RPC of the cache service, observed from outside the service: a request id (the
-//! caller's `x-request-id`, or a generated one) echoed in the response and named by the
-//! request's log lines; a `tracing` span with the method, request id and (once the service
-//! has validated it) the namespace, closed by a line with the result, status and duration;
-//! the RPC metrics (count by method and status code, latency, in flight). It wraps the
-//! authentication interceptor, so refused and shed requests are counted like any other.
+//! caller's `x-request-id`, or a generated one) named by the request's log lines and returned
+//! in the response whenever a log line names it; a `tracing` span with the method, request id
+//! and (once the service has validated it) the namespace, closed by a line with the result,
+//! status and duration; the RPC metrics (count by method and status code, latency, in
+//! flight). It wraps the authentication interceptor, so refused and shed requests are counted
+//! like any other.
 //!
 //! The span and its closing line are at DEBUG level (as tower-http's `TraceLayer` does): a span
 //! costs the log formatter a few percent of a Get's CPU, too much to pay on every request when
 //! nothing is written. At the default `info` level a request's warnings carry its request id
 //! as a field instead; `RUST_LOG=info,cache_money::server::observe=debug` turns the spans on.
+//!
+//! A generated id is made only when a log line asks for it (or the span needs it), and only
+//! then returned: an id that no log line names identifies nothing, and a unique header on
+//! every response cost the server ≈ 7 % of its instructions per Get (BENCHMARKS.md, "The
+//! request id"). A caller's own id is always echoed. Echoed ids are sent never-indexed: each is
+//! unique, so entering them in HTTP/2's header table would only evict what is worth keeping.
 
 use std::{
     fmt::Write as _,
     future::Future,
     pin::Pin,
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
     time::Instant,
 };
@@ -58,15 +66,45 @@ pub const METHODS: [&str; 13] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome(pub &'static str);
 
-/// A request's id, in its extensions for the service's log lines.
-#[derive(Debug, Clone)]
-pub struct RequestId(HeaderValue);
+/// A request's id, in its extensions for the service's log lines: the caller's, or one
+/// generated the first time a log line asks for it. Shared with the layer, which returns it in
+/// the response once it exists.
+#[derive(Debug, Clone, Default)]
+pub struct RequestId(Arc<OnceLock<HeaderValue>>);
 
-/// The request id in a request's extensions; empty when it did not pass the layer.
+impl RequestId {
+    /// The caller's id when it sent an acceptable one; else none yet (see [`RequestId::get`]).
+    fn of(headers: &HeaderMap) -> Self {
+        let id = RequestId::default();
+        if let Some(sent) = headers.get(REQUEST_ID_HEADER)
+            && acceptable_request_id(sent.as_bytes())
+        {
+            let _ = id.0.set(sent.clone());
+        }
+        id
+    }
+
+    /// The id, generated now if the caller sent none: from here on the response returns it.
+    fn get(&self) -> &HeaderValue {
+        self.0.get_or_init(generated_request_id)
+    }
+
+    /// The id to return in the response: the caller's, or a generated one some log line named.
+    fn named(&self) -> Option<HeaderValue> {
+        self.0.get().map(|id| {
+            let mut id = id.clone();
+            id.set_sensitive(true);
+            id
+        })
+    }
+}
+
+/// The request id in a request's extensions, for a log line (which makes the response return
+/// it); empty when the request did not pass the layer.
 pub fn request_id(extensions: &Extensions) -> &str {
     extensions
         .get::<RequestId>()
-        .and_then(|RequestId(id)| id.to_str().ok())
+        .and_then(|id| id.get().to_str().ok())
         .unwrap_or_default()
 }
 
@@ -126,17 +164,19 @@ fn acceptable_request_id(id: &[u8]) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || b"._:/+=-".contains(&b))
 }
 
-/// The caller's request id when it sent an acceptable one, else a new random 128-bit id in
-/// hex. Only unique, not secret: a fast non-cryptographic generator does.
-fn new_request_id(headers: &HeaderMap) -> HeaderValue {
-    match headers.get(REQUEST_ID_HEADER) {
-        Some(id) if acceptable_request_id(id.as_bytes()) => id.clone(),
-        _ => {
-            // Sized up front: one allocation, which the header value then takes over.
-            let mut id = String::with_capacity(32);
-            write!(id, "{:032x}", fastrand::u128(..)).expect("writing to a String cannot fail");
-            HeaderValue::try_from(id).expect("hex digits are a valid header value")
-        }
+/// A new random 128-bit id in hex. Only unique, not secret: a fast non-cryptographic
+/// generator does.
+fn generated_request_id() -> HeaderValue {
+    // Sized up front: one allocation, which the header value then takes over.
+    let mut id = String::with_capacity(32);
+    write!(id, "{:032x}", fastrand::u128(..)).expect("writing to a String cannot fail");
+    HeaderValue::try_from(id).expect("hex digits are a valid header value")
+}
+
+/// Returns `id` in `response`'s headers when a log line named it (or the caller sent it).
+fn return_named<B>(id: &RequestId, response: &mut http::Response<B>) {
+    if let Some(id) = id.named() {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
     }
 }
 
@@ -173,25 +213,27 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let request_id = new_request_id(request.headers());
-        request
-            .extensions_mut()
-            .insert(RequestId(request_id.clone()));
+        let request_id = RequestId::of(request.headers());
+        request.extensions_mut().insert(request_id.clone());
         let method = Method::of_path(request.uri().path());
+        // The span's fields are recorded when it is made: the id only when it is on.
         let span = debug_span!(
             "rpc",
             method = method.name(),
-            request_id = request_id.to_str().unwrap_or_default(),
+            request_id = field::Empty,
             namespace = field::Empty,
         );
         if span.is_disabled() && !self.metrics.is_enabled() {
-            // Nothing to record: echo the id, and that is all.
+            // Nothing to record: return the id if something named it, and that is all.
             let response = self.inner.call(request);
             return Box::pin(async move {
                 let mut response = response.await?;
-                response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+                return_named(&request_id, &mut response);
                 Ok(response.map(Body::new))
             });
+        }
+        if !span.is_disabled() {
+            span.record("request_id", request_id.get().to_str().unwrap_or_default());
         }
         self.metrics.rpc_started();
         let finish = Finish {
@@ -211,7 +253,7 @@ where
         };
         let observed = async move {
             let mut response = response.await?;
-            response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+            return_named(&request_id, &mut response);
             let outcome = response.extensions().get::<Outcome>().copied();
             // A refusal or failure is trailers-only: the status is in the headers.
             if let Some(status) = response.headers().get("grpc-status") {
@@ -352,26 +394,52 @@ mod tests {
         assert!(Method::of_path("/x").index() < Method::COUNT);
     }
 
-    /// A caller's id is kept when it is short and plain; otherwise a 32-hex id replaces it.
+    /// A caller's id is kept, and returned, when it is short and plain; otherwise there is no
+    /// id until a log line asks for one, which gets a 32-hex id that is returned from then on.
     #[test]
-    fn request_ids_are_kept_or_generated() {
+    fn request_ids_are_kept_or_generated_when_named() {
         let mut headers = HeaderMap::new();
         headers.insert(
             REQUEST_ID_HEADER,
             HeaderValue::from_static("req-42_a.b:c/d+e="),
         );
-        assert_eq!(new_request_id(&headers), "req-42_a.b:c/d+e=");
+        let id = RequestId::of(&headers);
+        let returned = id.named().expect("a caller's id is always returned");
+        assert_eq!(returned, "req-42_a.b:c/d+e=");
+        assert!(returned.is_sensitive(), "echoed ids are never indexed");
+        assert_eq!(id.get(), "req-42_a.b:c/d+e=");
         let long = "x".repeat(MAX_REQUEST_ID_LEN + 1);
         for bad in ["", "with space", "quote\"", long.as_str()] {
             headers.insert(REQUEST_ID_HEADER, HeaderValue::from_str(bad).unwrap());
-            let id = new_request_id(&headers);
-            assert_eq!(id.len(), 32, "{bad:?}");
-            assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit), "{bad:?}");
+            let id = RequestId::of(&headers);
+            assert_eq!(id.named(), None, "{bad:?}: nothing named it yet");
+            let generated = id.get().clone();
+            assert_eq!(generated.len(), 32, "{bad:?}");
+            assert!(
+                generated.as_bytes().iter().all(u8::is_ascii_hexdigit),
+                "{bad:?}"
+            );
+            assert_eq!(id.named(), Some(generated.clone()), "{bad:?}");
+            assert_eq!(id.get(), &generated, "{bad:?}: made once");
         }
-        let (a, b) = (
-            new_request_id(&HeaderMap::new()),
-            new_request_id(&HeaderMap::new()),
-        );
-        assert_ne!(a, b);
+        let (a, b) = (RequestId::default(), RequestId::default());
+        assert_ne!(a.get(), b.get());
+    }
+
+    /// The accessor the service's log lines use is what makes a generated id returned, and
+    /// every clone of a request's id (the layer keeps one) sees it.
+    #[test]
+    fn a_log_line_naming_the_id_returns_it() {
+        let id = RequestId::default();
+        let mut extensions = Extensions::new();
+        extensions.insert(id.clone());
+        let mut response = http::Response::new(());
+        return_named(&id, &mut response);
+        assert!(response.headers().get(REQUEST_ID_HEADER).is_none());
+        let logged = request_id(&extensions).to_owned();
+        assert_eq!(logged.len(), 32);
+        return_named(&id, &mut response);
+        assert_eq!(response.headers()[REQUEST_ID_HEADER], logged.as_str());
+        assert_eq!(request_id(&Extensions::new()), "");
     }
 }

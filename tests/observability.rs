@@ -1003,7 +1003,7 @@ async fn dashboard_queries_name_only_exported_metrics() {
 
 /// At the default log level, with the store down, a failing request's warning carries the
 /// request id the caller sent, echoed in the response; a request without one gets a generated
-/// 128-bit hex id, echoed and logged the same way.
+/// 128-bit hex id, returned and logged the same way (the warning names it).
 #[tokio::test]
 async fn request_ids_reach_the_logs_and_the_caller() {
     let closed = common::free_port();
@@ -1058,6 +1058,48 @@ async fn request_ids_reach_the_logs_and_the_caller() {
         .wait_for_log(&generated, READY_TIMEOUT)
         .unwrap_or_else(|| panic!("the generated id is not in the log:\n{}", server.log_text()));
     assert!(line.contains("store operation failed"), "{line}");
+}
+
+/// A generated id is returned only when a log line names it: not on a successful Get at the
+/// default level (no line names it), on every RPC once spans are on (each closing line names
+/// it), and a caller's own id always.
+#[tokio::test]
+async fn a_generated_id_is_returned_when_a_log_line_names_it() {
+    let returned = |metadata: &tonic::metadata::MetadataMap| {
+        metadata
+            .get("x-request-id")
+            .map(|id| id.to_str().unwrap().to_owned())
+    };
+    let quiet = CacheServer::memory(&[]);
+    let mut cm = quiet.client().await;
+    cm.put(put(key("billing", "invoice", 1), b"1", 60))
+        .await
+        .unwrap();
+    let hit = get_of(key("billing", "invoice", 1));
+    let response = cm.get(hit.clone()).await.unwrap();
+    assert!(response.get_ref().hit);
+    assert_eq!(returned(response.metadata()), None, "no log line named it");
+    let response = cm
+        .get(tagged(hit.clone(), None, Some("caller-id-8")))
+        .await
+        .unwrap();
+    assert_eq!(
+        returned(response.metadata()).as_deref(),
+        Some("caller-id-8")
+    );
+
+    let spans = CacheServer::start_with_env(
+        &[],
+        &[("RUST_LOG", "info,cache_money::server::observe=debug")],
+    );
+    let mut cm = spans.client().await;
+    let response = cm.get(hit).await.unwrap();
+    let generated = returned(response.metadata()).expect("the span names the id");
+    assert_eq!(generated.len(), 32, "{generated}");
+    let line = spans
+        .wait_for_log(&format!("request_id=\"{generated}\""), READY_TIMEOUT)
+        .unwrap_or_else(|| panic!("{generated} not in the log:\n{}", spans.log_text()));
+    assert!(line.contains("rpc finished"), "{line}");
 }
 
 /// With the filter the README documents (`RUST_LOG=info,cache_money::server::observe=debug`,
