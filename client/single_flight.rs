@@ -32,6 +32,7 @@ use std::{
     task::Poll,
 };
 
+use quick_cache::DefaultHashBuilder;
 use tokio::sync::OnceCell;
 
 use crate::lock;
@@ -61,14 +62,18 @@ impl Claim {
 }
 
 /// The flights under way, by key. Shared by every clone of a client.
+///
+/// Hashed with foldhash (quick_cache's `DefaultHashBuilder`, as the near cache's maps are) rather than
+/// the standard SipHash: every memoize call hashes its key three times here (join, then leave's
+/// lookup and removal), which with SipHash cost ≈ 2 % of a remote hit's instructions.
 pub(crate) struct SingleFlight<K, V> {
-    table: Mutex<HashMap<K, Entry<V>>>,
+    table: Mutex<HashMap<K, Entry<V>, DefaultHashBuilder>>,
 }
 
 impl<K, V> Default for SingleFlight<K, V> {
     fn default() -> Self {
         SingleFlight {
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(HashMap::default()),
         }
     }
 }
