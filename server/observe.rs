@@ -13,9 +13,11 @@
 //!
 //! A generated id is made only when a log line asks for it (or the span needs it), and only
 //! then returned: an id that no log line names identifies nothing, and a unique header on
-//! every response cost the server ≈ 7 % of its instructions per Get (BENCHMARKS.md, "The
-//! request id"). A caller's own id is always echoed. Echoed ids are sent never-indexed: each is
-//! unique, so entering them in HTTP/2's header table would only evict what is worth keeping.
+//! every response cost the server ≈ 7 % of its instructions per Get (BENCHMARKS.md,
+//! "Instructions per request"). A caller's own id is echoed on every response this layer
+//! makes (not on one tonic's `grpc-timeout` layer, outside it, answers when the caller's
+//! deadline passes). Echoed ids are sent never-indexed: each is unique, so entering them in
+//! HTTP/2's header table would only evict what is worth keeping.
 
 use std::{
     fmt::Write as _,
@@ -39,8 +41,8 @@ use crate::server::metrics::{Metrics, code_name};
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// The longest request id taken from a caller; a longer one, or one with characters outside
-/// `[A-Za-z0-9._:/+=-]`, is replaced by a generated id (it is written into every log line of
-/// the request).
+/// `[A-Za-z0-9._:/+=-]`, is replaced by a generated id (a caller's id is written into the
+/// request's log lines).
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// The RPCs of `cache_money.v1.CacheMoney`: the `method` label and span field. Any other path
@@ -440,6 +442,7 @@ mod tests {
         assert_eq!(logged.len(), 32);
         return_named(&id, &mut response);
         assert_eq!(response.headers()[REQUEST_ID_HEADER], logged.as_str());
+        assert!(response.headers()[REQUEST_ID_HEADER].is_sensitive());
         assert_eq!(request_id(&Extensions::new()), "");
     }
 }
