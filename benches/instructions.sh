@@ -100,11 +100,11 @@ for server in "${servers[@]}"; do
         "http://127.0.0.1:$port/cache_money.v1.CacheMoney/Get")
     "${get[@]}" -n 2000 -c "$CONNECTIONS" -m "$STREAMS" >/dev/null || fail "h2load failed" "$log"
     hits=$(count "$port" hits) misses=$(count "$port" misses) errors=$(count "$port" errors)
-    callgrind_control -i on "$valgrind_pid" >/dev/null || fail "callgrind_control -i on failed" "$log"
+    callgrind_control -i on "$valgrind_pid" >/dev/null 2>&1 || fail "callgrind_control -i on failed" "$log"
     "${get[@]}" -n "$REQUESTS" -c "$CONNECTIONS" -m "$STREAMS" >"$work/h2load.txt" ||
         fail "h2load failed" "$log"
-    callgrind_control -i off "$valgrind_pid" >/dev/null || fail "callgrind_control -i off failed" "$log"
-    callgrind_control -d "$valgrind_pid" >/dev/null || fail "callgrind_control -d failed" "$log"
+    callgrind_control -i off "$valgrind_pid" >/dev/null 2>&1 || fail "callgrind_control -i off failed" "$log"
+    callgrind_control -d "$valgrind_pid" >/dev/null 2>&1 || fail "callgrind_control -d failed" "$log"
     # Every measured Get a hit, by the server's own counts: h2load's "succeeded" counts HTTP
     # statuses, and a gRPC error is an HTTP 200.
     hits=$(($(count "$port" hits) - hits))
