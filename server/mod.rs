@@ -434,12 +434,14 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for NameTheMess
 impl<S, Request, B> tonic::codegen::Service<Request> for NameTheMessageLimit<S>
 where
     S: tonic::codegen::Service<Request, Response = http::Response<B>>,
-    S::Future: Send + 'static,
+    S::Future: Unpin,
     B: Default,
 {
     type Response = http::Response<B>;
     type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    // Not boxed: the generated service's future is boxed already (so `Unpin`), and a second
+    // box per RPC cost more than the check itself.
+    type Future = Renamed<S::Future>;
 
     fn poll_ready(
         &mut self,
@@ -449,9 +451,36 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let response = self.inner.call(request);
+        Renamed {
+            response: self.inner.call(request),
+            max_message_bytes: self.max_message_bytes,
+        }
+    }
+}
+
+/// The future of a [`NameTheMessageLimit`] call: the inner response, renamed when it is
+/// tonic's answer to a request over the limit.
+#[derive(Debug)]
+struct Renamed<F> {
+    response: F,
+    max_message_bytes: usize,
+}
+
+impl<F, B, E> Future for Renamed<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>> + Unpin,
+    B: Default,
+{
+    type Output = Result<http::Response<B>, E>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
         let limit = self.max_message_bytes;
-        Box::pin(async move { Ok(Self::rename(limit, response.await?)) })
+        std::pin::Pin::new(&mut self.response)
+            .poll(cx)
+            .map_ok(|response| NameTheMessageLimit::<()>::rename(limit, response))
     }
 }
 
