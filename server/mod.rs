@@ -361,7 +361,7 @@ async fn serve<S: Store>(
         .add_optional_service(config.reflection.then_some(reflection_v1alpha));
     // Only the cache service is behind authentication: health and reflection stay open for
     // probes and operators. Without tokens there is nothing to check, and the interceptor's
-    // layer (which rebuilds every request as a tonic::Request and back: ≈ 2 % of a Get's
+    // layer (which rebuilds every request as a tonic::Request and back: ≈ 1.5 % of a Get's
     // instructions, BENCHMARKS.md "Instructions per request") is left out.
     let router = match auth {
         Some(auth) => router.add_service(Observed::new(

@@ -3,8 +3,8 @@
 //! in the response whenever a log line names it; a `tracing` span with the method, request id
 //! and (once the service has validated it) the namespace, closed by a line with the result,
 //! status and duration; the RPC metrics (count by method and status code, latency, in
-//! flight). It wraps the authentication interceptor, so refused and shed requests are counted
-//! like any other.
+//! flight). It wraps the authentication interceptor (when tokens are configured), so refused
+//! and shed requests are counted like any other.
 //!
 //! The span and its closing line are at DEBUG level (as tower-http's `TraceLayer` does): a span
 //! costs the log formatter a few percent of a Get's CPU, too much to pay on every request when
@@ -182,7 +182,8 @@ fn return_named<B>(id: &RequestId, response: &mut http::Response<B>) {
     }
 }
 
-/// The cache service (`S`, with its interceptor) under observation. Cloning is shallow.
+/// The cache service (`S`, with its interceptor when tokens are configured) under observation.
+/// Cloning is shallow.
 #[derive(Debug, Clone)]
 pub struct Observed<S> {
     inner: S,

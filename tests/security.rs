@@ -471,3 +471,27 @@ async fn a_reader_memoizes_from_the_cache_without_a_lease() {
         .expect_err("Release is a write");
     assert_eq!(status.code(), Code::PermissionDenied);
 }
+
+/// With tokens the cache service sits behind the interceptor's layer (without, it does not):
+/// a request over --max-message-bytes still gets the message that names the flag.
+#[tokio::test]
+async fn oversized_messages_are_named_behind_authentication() {
+    let server = secured(&[
+        ("CACHE_MONEY_MAX_VALUE_BYTES", "1000"),
+        ("CACHE_MONEY_MAX_MESSAGE_BYTES", "6000"),
+    ]);
+    let mut cm = server.client().await;
+    let entries = (0..10)
+        .map(|n| put(key("billing", "f", n), &[7u8; 900], 60))
+        .collect();
+    let err = cm
+        .put_many(with_token(pb::PutManyRequest { entries }, Some(BILLING)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(
+        err.message().contains("--max-message-bytes (6000 bytes)"),
+        "the message does not name the flag: {}",
+        err.message()
+    );
+}
