@@ -110,6 +110,12 @@ pub fn request_id(extensions: &Extensions) -> &str {
         .unwrap_or_default()
 }
 
+/// Whether the log filter turns RPC spans on (the level this module's spans are at), as
+/// decided when the logging was set up; a service built before it asks too early.
+pub fn spans_enabled() -> bool {
+    tracing::enabled!(Level::DEBUG)
+}
+
 /// Records the namespace an RPC touches on its span, when spans are on, so every later log
 /// line of the request names it.
 pub fn record_namespace(namespace: &str) {
