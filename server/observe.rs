@@ -210,12 +210,12 @@ impl<S: NamedService> NamedService for Observed<S> {
 impl<S, B, R> tonic::codegen::Service<http::Request<B>> for Observed<S>
 where
     S: tonic::codegen::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
+    S::Future: Unpin + Send + 'static,
     R: http_body::Body<Data = Bytes, Error = Status> + Unpin + Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = Observing<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -234,12 +234,10 @@ where
         );
         if span.is_disabled() && !self.metrics.is_enabled() {
             // Nothing to record: return the id if something named it, and that is all.
-            let response = self.inner.call(request);
-            return Box::pin(async move {
-                let mut response = response.await?;
-                return_named(&request_id, &mut response);
-                Ok(response.map(Body::new))
-            });
+            return Observing::Quick {
+                response: self.inner.call(request),
+                request_id,
+            };
         }
         if !span.is_disabled() {
             span.record("request_id", request_id.get().to_str().unwrap_or_default());
@@ -283,9 +281,56 @@ where
             }))
         };
         if spanned {
-            Box::pin(observed.instrument(span))
+            Observing::Full(Box::pin(observed.instrument(span)))
         } else {
-            Box::pin(observed)
+            Observing::Full(Box::pin(observed))
+        }
+    }
+}
+
+/// The future of an observed RPC. With nothing to record, the inner response polled in place
+/// (the generated service's future is boxed already, so a second box per RPC would only cost
+/// an allocation and a move), returning the request id if something named it; otherwise the
+/// observation's own future.
+pub enum Observing<F, E> {
+    /// Nothing to record.
+    Quick {
+        /// The inner service's response.
+        response: F,
+        /// Returned in the response when a log line named it.
+        request_id: RequestId,
+    },
+    /// Metrics or a span to record.
+    Full(Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>),
+}
+
+impl<F, E> std::fmt::Debug for Observing<F, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = match self {
+            Observing::Quick { .. } => "Quick",
+            Observing::Full(_) => "Full",
+        };
+        f.debug_tuple("Observing").field(&path).finish()
+    }
+}
+
+impl<F, E, R> Future for Observing<F, E>
+where
+    F: Future<Output = Result<http::Response<R>, E>> + Unpin,
+    R: http_body::Body<Data = Bytes, Error = Status> + Send + 'static,
+{
+    type Output = Result<http::Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Observing::Quick {
+                response,
+                request_id,
+            } => Pin::new(response).poll(cx).map_ok(|mut response| {
+                return_named(request_id, &mut response);
+                response.map(Body::new)
+            }),
+            Observing::Full(observed) => observed.as_mut().poll(cx),
         }
     }
 }
