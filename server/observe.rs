@@ -110,8 +110,10 @@ pub fn request_id(extensions: &Extensions) -> &str {
         .unwrap_or_default()
 }
 
-/// Whether the log filter turns RPC spans on (the level this module's spans are at), as
-/// decided when the logging was set up; a service built before it asks too early.
+/// Whether the log filter turns RPC spans on, by this module's target and the spans' level
+/// (a filter naming the span, `[rpc]=debug`, is not seen here; nor does it show the closing
+/// line, which is written outside the span). Asked once logging is set up: a service built
+/// before it asks too early.
 pub fn spans_enabled() -> bool {
     tracing::enabled!(Level::DEBUG)
 }
@@ -234,10 +236,10 @@ where
         );
         if span.is_disabled() && !self.metrics.is_enabled() {
             // Nothing to record: return the id if something named it, and that is all.
-            return Observing::Quick {
+            return Observing(Path::Quick {
                 response: self.inner.call(request),
                 request_id,
-            };
+            });
         }
         if !span.is_disabled() {
             span.record("request_id", request_id.get().to_str().unwrap_or_default());
@@ -281,9 +283,9 @@ where
             }))
         };
         if spanned {
-            Observing::Full(Box::pin(observed.instrument(span)))
+            Observing(Path::Full(Box::pin(observed.instrument(span))))
         } else {
-            Observing::Full(Box::pin(observed))
+            Observing(Path::Full(Box::pin(observed)))
         }
     }
 }
@@ -292,23 +294,23 @@ where
 /// (the generated service's future is boxed already, so a second box per RPC would only cost
 /// an allocation and a move), returning the request id if something named it; otherwise the
 /// observation's own future.
-pub enum Observing<F, E> {
+pub struct Observing<F, E>(Path<F, E>);
+
+/// The observation's own future, when there is something to record.
+type Observation<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
+
+enum Path<F, E> {
     /// Nothing to record.
-    Quick {
-        /// The inner service's response.
-        response: F,
-        /// Returned in the response when a log line named it.
-        request_id: RequestId,
-    },
+    Quick { response: F, request_id: RequestId },
     /// Metrics or a span to record.
-    Full(Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>),
+    Full(Observation<E>),
 }
 
 impl<F, E> std::fmt::Debug for Observing<F, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let path = match self {
-            Observing::Quick { .. } => "Quick",
-            Observing::Full(_) => "Full",
+        let path = match self.0 {
+            Path::Quick { .. } => "Quick",
+            Path::Full(_) => "Full",
         };
         f.debug_tuple("Observing").field(&path).finish()
     }
@@ -322,15 +324,15 @@ where
     type Output = Result<http::Response<Body>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            Observing::Quick {
+        match &mut self.get_mut().0 {
+            Path::Quick {
                 response,
                 request_id,
             } => Pin::new(response).poll(cx).map_ok(|mut response| {
                 return_named(request_id, &mut response);
                 response.map(Body::new)
             }),
-            Observing::Full(observed) => observed.as_mut().poll(cx),
+            Path::Full(observed) => observed.as_mut().poll(cx),
         }
     }
 }

@@ -226,7 +226,8 @@ impl<S: Store> CacheService<S> {
     /// attaches, and each RPC checks it against the namespaces it touches. Lookups, writes,
     /// busts and store failures are recorded into `metrics` as well as counted for `Stats`.
     /// Every write and bust is published to the store's invalidation sequence, which `hub`
-    /// reads for the `Watch` streams.
+    /// reads for the `Watch` streams. Set up logging first: whether RPC spans are on (and a
+    /// Get's result is kept for their closing line) is asked of the log filter here.
     pub fn new(
         store: S,
         limits: Limits,
