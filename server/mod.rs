@@ -405,7 +405,9 @@ struct NameTheMessageLimit<S> {
 /// `codec/decode.rs`); `tests/faults.rs` notices if a tonic upgrade changes it.
 const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
 
-impl<S> NameTheMessageLimit<S> {
+impl<F> Renamed<F> {
+    /// `response`, or, when it is tonic's refusal of a request over the limit, one naming the
+    /// flag and the way out.
     fn rename<B: Default>(
         max_message_bytes: usize,
         response: http::Response<B>,
@@ -480,7 +482,7 @@ where
         let limit = self.max_message_bytes;
         std::pin::Pin::new(&mut self.response)
             .poll(cx)
-            .map_ok(|response| NameTheMessageLimit::<()>::rename(limit, response))
+            .map_ok(|response| Self::rename(limit, response))
     }
 }
 

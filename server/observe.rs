@@ -121,7 +121,7 @@ pub fn spans_enabled() -> bool {
 /// Records the namespace an RPC touches on its span, when spans are on, so every later log
 /// line of the request names it.
 pub fn record_namespace(namespace: &str) {
-    if tracing::enabled!(Level::DEBUG) {
+    if spans_enabled() {
         Span::current().record("namespace", namespace);
     }
 }
@@ -234,14 +234,15 @@ where
             request_id = field::Empty,
             namespace = field::Empty,
         );
-        if span.is_disabled() && !self.metrics.is_enabled() {
+        let spanned = !span.is_disabled();
+        if !spanned && !self.metrics.is_enabled() {
             // Nothing to record: return the id if something named it, and that is all.
             return Observing(Path::Quick {
                 response: self.inner.call(request),
                 request_id,
             });
         }
-        if !span.is_disabled() {
+        if spanned {
             span.record("request_id", request_id.get().to_str().unwrap_or_default());
         }
         self.metrics.rpc_started();
@@ -254,7 +255,6 @@ where
         };
         // The interceptor runs inside `call`: its work belongs to the span too. Entering and
         // instrumenting a disabled span still costs a poll wrapper per RPC, so only when on.
-        let spanned = !span.is_disabled();
         let response = if spanned {
             span.in_scope(|| self.inner.call(request))
         } else {
