@@ -13,10 +13,10 @@ use std::{
 };
 
 use bytes::Bytes;
+use http::HeaderValue;
 use tonic::{
     Code, Status,
     metadata::{Ascii, MetadataValue},
-    service::{Interceptor, interceptor::InterceptedService},
     transport::Channel,
 };
 use tracing::{debug, info, warn};
@@ -33,6 +33,7 @@ use crate::{
     },
     pb::{self, cache_money_client::CacheMoneyClient},
     single_flight::SingleFlight,
+    transport::Transport,
 };
 
 /// How long a cache lookup or store may take before `memoize` gives up on the cache.
@@ -208,36 +209,24 @@ impl fmt::Debug for ClientOptions {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to every call when a token is configured.
-#[derive(Clone, Default)]
-pub struct Credentials {
-    header: Option<MetadataValue<Ascii>>,
+/// The `authorization` header carrying the options' token, if any (sent never-indexed).
+///
+/// # Errors
+/// [`Error::InvalidToken`] when the token cannot travel in metadata (gRPC's ASCII rules).
+fn authorization(options: &ClientOptions) -> Result<Option<HeaderValue>, Error> {
+    let Some(token) = &options.token else {
+        return Ok(None);
+    };
+    let value = format!("Bearer {token}");
+    MetadataValue::<Ascii>::try_from(value.as_str()).map_err(|_| Error::InvalidToken)?;
+    let mut header = HeaderValue::try_from(value).map_err(|_| Error::InvalidToken)?;
+    header.set_sensitive(true);
+    Ok(Some(header))
 }
 
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let shown = if self.header.is_some() {
-            "Bearer <redacted>"
-        } else {
-            "none"
-        };
-        f.debug_tuple("Credentials").field(&shown).finish()
-    }
-}
-
-impl Interceptor for Credentials {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(header) = &self.header {
-            request
-                .metadata_mut()
-                .insert("authorization", header.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// The generated stub as this client uses it: over its channel, with its credentials.
-pub type RawClient = CacheMoneyClient<InterceptedService<Channel, Credentials>>;
+/// The generated stub as this client uses it: over its [`Transport`], which adds the
+/// client's token to every call.
+pub type RawClient = CacheMoneyClient<Transport>;
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -447,8 +436,15 @@ impl Client {
         if options.resolve_interval.is_some() {
             return Self::connect_many_with([url], options).await;
         }
-        let channel = connect::channel(&url.into(), &options)?;
-        Self::from_channel_with(channel, options)
+        let url = url.into();
+        let target = connect::Target::parse(&url)?;
+        if target.is_secure() {
+            // TLS is tonic's.
+            let channel = target.endpoint(&options)?.connect_lazy();
+            return Self::from_channel_with(channel, options);
+        }
+        let transport = Transport::direct(&target, &options, authorization(&options)?);
+        Self::build(transport, options)
     }
 
     /// A client of several replicas of the service, with default options: calls are spread
@@ -507,7 +503,8 @@ impl Client {
     /// A client over a channel you configured yourself (a proxy, a custom resolver or load
     /// balancing), with default options.
     pub fn from_channel(channel: Channel) -> Self {
-        Self::build(channel, ClientOptions::default(), Credentials::default())
+        Self::build(Transport::channel(channel, None), ClientOptions::default())
+            .expect("the default options are valid")
     }
 
     /// As [`Client::from_channel`], with options. The connection settings among them
@@ -516,20 +513,14 @@ impl Client {
     /// # Errors
     /// [`Error::InvalidToken`] when the token cannot travel in metadata.
     pub fn from_channel_with(channel: Channel, options: ClientOptions) -> Result<Self, Error> {
-        crate::near::check_options(options.near_cache_silence, &options.near_cache_namespaces)?;
-        let header = match &options.token {
-            None => None,
-            Some(token) => Some(
-                MetadataValue::try_from(format!("Bearer {token}"))
-                    .map_err(|_| Error::InvalidToken)?,
-            ),
-        };
-        Ok(Self::build(channel, options, Credentials { header }))
+        let transport = Transport::channel(channel, authorization(&options)?);
+        Self::build(transport, options)
     }
 
-    fn build(channel: Channel, options: ClientOptions, credentials: Credentials) -> Self {
-        let rpc = CacheMoneyClient::with_interceptor(channel, credentials)
-            .max_decoding_message_size(options.max_receive_bytes);
+    fn build(transport: Transport, options: ClientOptions) -> Result<Self, Error> {
+        crate::near::check_options(options.near_cache_silence, &options.near_cache_namespaces)?;
+        let rpc =
+            CacheMoneyClient::new(transport).max_decoding_message_size(options.max_receive_bytes);
         let near = (options.enabled && options.near_cache_bytes > 0).then(|| {
             let near = Arc::new(Near::new(
                 options.near_cache_bytes,
@@ -541,7 +532,7 @@ impl Client {
             near.start();
             near
         });
-        Client {
+        Ok(Client {
             inner: Arc::new(Inner {
                 rpc,
                 near,
@@ -550,7 +541,7 @@ impl Client {
                 counters: Counters::default(),
                 flights: Flights::default(),
             }),
-        }
+        })
     }
 
     /// A handle for one function's cache entries, kept for `ttl`.

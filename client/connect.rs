@@ -73,6 +73,14 @@ impl Target {
         })
     }
 
+    /// The URL's `host:port` (the port as given, if given), as requests name it.
+    pub(crate) fn authority(&self) -> http::uri::Authority {
+        self.uri
+            .authority()
+            .cloned()
+            .expect("a parsed target has a host")
+    }
+
     /// The URL as given.
     pub(crate) fn url(&self) -> &str {
         &self.url

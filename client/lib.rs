@@ -34,6 +34,8 @@
 //! - `single_flight`: concurrent `memoize` calls of one key in a process share one computation.
 //! - `lease` ([`DEFAULT_LEASE`]): one computation per key across the fleet: a handle's lease
 //!   settings, the bound on waiting for another caller's lease, giving a lease back.
+//! - [`Transport`] (`transport`): how calls reach the service: a direct HTTP/2 connection
+//!   (the `h2` crate) to one `http://` URL, or a tonic `Channel` for TLS and replicas.
 //! - [`channel`] (`connect`): how a URL and [`ClientOptions`] become a tonic `Channel`
 //!   (keepalive, TLS, timeouts), and [`describe_status`], a failed call in words.
 //! - `replicas`: several server replicas behind one channel ([`Client::connect_many`]): tonic's
@@ -64,13 +66,14 @@ mod memoized;
 mod near;
 mod replicas;
 mod single_flight;
+mod transport;
 mod ttl;
 
 pub use client::{
-    Client, ClientMetrics, ClientOptions, Credentials, DEFAULT_BREAKER_COOLDOWN,
-    DEFAULT_BREAKER_THRESHOLD, DEFAULT_BUST_DEADLINE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE,
-    DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_RECEIVE_BYTES,
-    DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_TTL, RawClient,
+    Client, ClientMetrics, ClientOptions, DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD,
+    DEFAULT_BUST_DEADLINE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE, DEFAULT_KEEPALIVE_INTERVAL,
+    DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_RECEIVE_BYTES, DEFAULT_PROBE_INTERVAL,
+    DEFAULT_PROBE_TIMEOUT, DEFAULT_TTL, RawClient,
 };
 pub use connect::{channel, describe as describe_status};
 pub use error::Error;
@@ -78,6 +81,7 @@ pub use lease::DEFAULT_LEASE;
 pub use memoize::{Function, KeyFn, Served};
 pub use memoized::{install, installed};
 pub use near::{DEFAULT_NEAR_CACHE_BYTES, DEFAULT_NEAR_CACHE_SILENCE};
+pub use transport::Transport;
 pub use ttl::{DEFAULT_MAX_TTL_SECONDS, Ttl};
 
 /// A [`Function`] handle named after the calling module: `function!(client, "addition",

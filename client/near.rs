@@ -1103,10 +1103,8 @@ mod tests {
     /// A near cache whose service is nowhere (its stream never connects).
     fn unconnected() -> Near {
         let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
-        let rpc = pb::cache_money_client::CacheMoneyClient::with_interceptor(
-            channel,
-            crate::client::Credentials::default(),
-        );
+        let rpc =
+            pb::cache_money_client::CacheMoneyClient::new(crate::Transport::channel(channel, None));
         Near::new(1 << 20, SILENCE, &[], SILENCE, rpc)
     }
 

@@ -4,14 +4,16 @@
 //!
 //! Start a server on the Redis store (`cargo run --release -- --redis-url redis://127.0.0.1:6379`;
 //! the in-memory store works too, but has no Redis hop to trace), then:
-//!     cargo run --release --example hit_loop -- [URL] [SECONDS]
-//! URL defaults to http://127.0.0.1:50051, SECONDS to 10. Waits up to 5 s for a first hit (a
+//!     cargo run --release --example hit_loop -- [URL] [SECONDS] [channel]
+//! URL defaults to http://127.0.0.1:50051, SECONDS to 10; `channel` calls through a tonic
+//! `Channel` (`Client::from_channel_with`) instead of the client's direct transport, to compare
+//! the two (BENCHMARKS.md, "The client's transport"). Waits up to 5 s for a first hit (a
 //! server still starting), prints the hits' p50 and p99, and fails when the calls are not hits
 //! (the server unreachable: memoize computes instead).
 
 use std::time::{Duration, Instant};
 
-use cache_money::{Client, Ttl};
+use cache_money::{Client, ClientOptions, Ttl};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -23,11 +25,26 @@ async fn main() {
         None => 10.0,
         Some(Ok(seconds)) if seconds.is_finite() && seconds >= 0.0 => seconds,
         Some(_) => {
-            eprintln!("usage: hit_loop [URL] [SECONDS]   (SECONDS: a number, 0 or more)");
+            eprintln!("usage: hit_loop [URL] [SECONDS] [channel]   (SECONDS: a number, 0 or more)");
             std::process::exit(2);
         }
     };
-    let cache = match Client::connect(url.clone()).await {
+    let through_channel = match args.next().as_deref() {
+        None => false,
+        Some("channel") => true,
+        Some(_) => {
+            eprintln!("usage: hit_loop [URL] [SECONDS] [channel]");
+            std::process::exit(2);
+        }
+    };
+    let connected = if through_channel {
+        let options = ClientOptions::default();
+        cache_money::channel(&url, &options)
+            .and_then(|channel| Client::from_channel_with(channel, options))
+    } else {
+        Client::connect(url.clone()).await
+    };
+    let cache = match connected {
         Ok(client) => client,
         Err(err) => {
             eprintln!("error: {err}");

@@ -1,6 +1,7 @@
-//! The client's connection (a tonic `Channel` made by `Client::connect`) against the real
-//! server binary: flow control, one shared connection, errors as statuses, cancelled calls,
-//! dead peers noticed by keepalive, reconnecting, bounded connects, and no call ever replayed.
+//! The client's connection (the direct HTTP/2 transport `Client::connect` makes for an
+//! `http://` URL) against the real server binary: flow control, one shared connection, errors
+//! as statuses, cancelled calls, dead peers noticed by keepalive, reconnecting, bounded
+//! connects, no call ever replayed, and nothing left running by a dropped client.
 //! A [`Forwarder`] in front of the server counts connections and stands in for a load
 //! balancer that sends new connections elsewhere.
 
@@ -143,6 +144,26 @@ async fn abandoned_calls_leave_the_connection_usable() {
         1,
         "a cancelled call cost a connection"
     );
+}
+
+/// A client that is dropped closes its connection: nothing it started (the connection's task,
+/// its keepalive PINGs) outlives it.
+#[tokio::test]
+async fn a_dropped_client_closes_its_connection() {
+    let server = CacheServer::memory(&[]);
+    let forwarder = Forwarder::start(server.addr()).await;
+    let cm = Client::connect_with(forwarder.url(), quick_keepalive())
+        .await
+        .unwrap();
+    let mut raw = cm.raw();
+    get(&mut raw, key("transport", "dropped", 1)).await.unwrap();
+    assert_eq!(forwarder.closed_by_client(), 0);
+    drop((cm, raw));
+    let closed = eventually(Duration::from_secs(5), || async {
+        forwarder.closed_by_client() == 1
+    })
+    .await;
+    assert!(closed, "the dropped client's connection stayed open");
 }
 
 /// After the server restarts, the client opens a new connection by itself and calls succeed
