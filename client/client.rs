@@ -77,11 +77,13 @@ pub struct ClientOptions {
     pub breaker_threshold: u32,
     /// How long an open breaker skips the cache before one probe.
     pub breaker_cooldown: Duration,
-    /// Bound on opening a connection to the service.
+    /// Bound on opening a connection to the service; more than zero.
     pub connect_timeout: Duration,
-    /// Silence after which the client PINGs the server to check the connection is alive.
+    /// How often the client PINGs the server, also while idle, to check the connection is
+    /// alive (through a tonic `Channel`: after this long without a frame from the server); at
+    /// least 10 ms.
     pub keepalive_interval: Duration,
-    /// How long a PING may go unanswered before the connection is replaced.
+    /// How long a PING may go unanswered before the connection is replaced; more than zero.
     pub keepalive_timeout: Duration,
     /// How often each replica's health is checked, with several replicas
     /// ([`Client::connect_many`]) or [`ClientOptions::resolve_interval`]; at least 10 ms.
@@ -207,6 +209,25 @@ impl fmt::Debug for ClientOptions {
             .field("near_cache_namespaces", &self.near_cache_namespaces)
             .finish()
     }
+}
+
+/// The shortest keepalive interval: shorter would spend the connection on PINGs.
+const MIN_KEEPALIVE_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Refuses connection settings that cannot work: a zero connect or keepalive timeout (every
+/// connection would fail), a keepalive interval under [`MIN_KEEPALIVE_INTERVAL`].
+fn check_connection_options(options: &ClientOptions) -> Result<(), Error> {
+    let refuse = |what: &str| Err(Error::InvalidOption(what.to_owned()));
+    if options.connect_timeout.is_zero() {
+        return refuse("connect_timeout: must be more than zero");
+    }
+    if options.keepalive_timeout.is_zero() {
+        return refuse("keepalive_timeout: must be more than zero");
+    }
+    if options.keepalive_interval < MIN_KEEPALIVE_INTERVAL {
+        return refuse("keepalive_interval: must be at least 10 ms");
+    }
+    Ok(())
 }
 
 /// The `authorization` header carrying the options' token, if any (sent never-indexed).
@@ -518,6 +539,7 @@ impl Client {
     }
 
     fn build(transport: Transport, options: ClientOptions) -> Result<Self, Error> {
+        check_connection_options(&options)?;
         crate::near::check_options(options.near_cache_silence, &options.near_cache_namespaces)?;
         let rpc =
             CacheMoneyClient::new(transport).max_decoding_message_size(options.max_receive_bytes);

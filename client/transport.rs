@@ -248,12 +248,27 @@ impl Direct {
                 }
             }
         };
-        let opened = outcome
+        let waited = outcome
             .wait_for(Option::is_some)
             .await
-            .map_err(|_| Status::unavailable(format!("connecting to {}: gave up", self.url)))?
-            .clone()
-            .expect("waited for an outcome");
+            .map(|opened| opened.clone().expect("waited for an outcome"));
+        let opened = match waited {
+            Ok(opened) => opened,
+            Err(_) => {
+                // The attempt's task ended without an outcome: its runtime shut down. The next
+                // call starts another (on its own runtime).
+                let mut state = lock(&self.state);
+                if (state.opening.as_ref())
+                    .is_some_and(|under_way| under_way.same_channel(&outcome))
+                {
+                    state.opening = None;
+                }
+                return Err(Status::unavailable(format!(
+                    "connecting to {}: the attempt's runtime shut down",
+                    self.url
+                )));
+            }
+        };
         opened?;
         let state = lock(&self.state);
         match &state.live {

@@ -166,6 +166,30 @@ async fn a_dropped_client_closes_its_connection() {
     assert!(closed, "the dropped client's connection stayed open");
 }
 
+/// A client made on one runtime keeps working on another once the first shuts down (a
+/// default client installed once, used by each test's own runtime): the connection's task
+/// died with its runtime, and the next call opens a new connection from the runtime it runs
+/// on instead of failing for ever.
+#[test]
+fn a_client_outlives_the_runtime_it_connected_on() {
+    let server = CacheServer::memory(&[]);
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let mut client = first.block_on(raw(server.url()));
+    first
+        .block_on(get(&mut client, key("transport", "runtimes", 1)))
+        .unwrap();
+    drop(first);
+    let second = runtime();
+    let reply = second.block_on(get(&mut client, key("transport", "runtimes", 1)));
+    assert!(reply.is_ok(), "{reply:?}");
+}
+
 /// After the server restarts, the client opens a new connection by itself and calls succeed
 /// again.
 #[tokio::test]
@@ -249,6 +273,44 @@ async fn unusable_urls_are_refused_up_front() {
         assert!(
             matches!(err, cache_money::Error::InvalidUrl(_)),
             "{url}: {err:?}"
+        );
+    }
+}
+
+/// Connection settings that cannot work are refused when the client is made, naming the
+/// option, rather than failing every call (or PINGing without pause).
+#[tokio::test]
+async fn unusable_connection_settings_are_refused_up_front() {
+    let zero = Duration::ZERO;
+    for (options, named) in [
+        (
+            ClientOptions {
+                connect_timeout: zero,
+                ..ClientOptions::default()
+            },
+            "connect_timeout",
+        ),
+        (
+            ClientOptions {
+                keepalive_timeout: zero,
+                ..ClientOptions::default()
+            },
+            "keepalive_timeout",
+        ),
+        (
+            ClientOptions {
+                keepalive_interval: Duration::from_millis(9),
+                ..ClientOptions::default()
+            },
+            "keepalive_interval",
+        ),
+    ] {
+        let err = Client::connect_with("http://127.0.0.1:50051", options)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, cache_money::Error::InvalidOption(message) if message.contains(named)),
+            "{named}: {err:?}"
         );
     }
 }
