@@ -449,11 +449,15 @@ impl Client {
     ///
     /// # Errors
     /// [`Error::InvalidUrl`] when the URL is not `http://host:port` or `https://host:port`,
-    /// [`Error::InvalidToken`] when the token cannot travel in metadata.
+    /// [`Error::InvalidToken`] when the token cannot travel in metadata,
+    /// [`Error::InvalidOption`] for a connection setting that cannot work (a zero connect or
+    /// keepalive timeout, a keepalive interval under 10 ms) or a near-cache setting out of
+    /// range.
     pub async fn connect_with(
         url: impl Into<String>,
         options: ClientOptions,
     ) -> Result<Self, Error> {
+        check_connection_options(&options)?;
         if options.resolve_interval.is_some() {
             return Self::connect_many_with([url], options).await;
         }
@@ -509,13 +513,14 @@ impl Client {
     /// to, looked up again every interval.
     ///
     /// # Errors
-    /// As [`Client::connect_many`], and [`Error::InvalidToken`] when the token cannot travel
-    /// in metadata.
+    /// As [`Client::connect_many`], and [`Error::InvalidToken`] and [`Error::InvalidOption`]
+    /// as for [`Client::connect_with`].
     pub async fn connect_many_with<I>(urls: I, options: ClientOptions) -> Result<Self, Error>
     where
         I: IntoIterator,
         I::Item: Into<String>,
     {
+        check_connection_options(&options)?;
         let urls = urls.into_iter().map(Into::into).collect();
         let channel = crate::replicas::channel(urls, &options).await?;
         Self::from_channel_with(channel, options)
@@ -532,14 +537,14 @@ impl Client {
     /// (timeouts, keepalive, TLS) are the channel's own and are not applied here.
     ///
     /// # Errors
-    /// [`Error::InvalidToken`] when the token cannot travel in metadata.
+    /// [`Error::InvalidToken`] when the token cannot travel in metadata,
+    /// [`Error::InvalidOption`] for a near-cache setting out of range.
     pub fn from_channel_with(channel: Channel, options: ClientOptions) -> Result<Self, Error> {
         let transport = Transport::channel(channel, authorization(&options)?);
         Self::build(transport, options)
     }
 
     fn build(transport: Transport, options: ClientOptions) -> Result<Self, Error> {
-        check_connection_options(&options)?;
         crate::near::check_options(options.near_cache_silence, &options.near_cache_namespaces)?;
         let rpc =
             CacheMoneyClient::new(transport).max_decoding_message_size(options.max_receive_bytes);

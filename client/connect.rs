@@ -1,5 +1,7 @@
-//! How [`Client::connect`](crate::Client::connect) turns a URL and [`ClientOptions`] into a
-//! tonic [`Channel`], and how a transport failure is put into words.
+//! Service URLs, how one becomes a tonic [`Channel`] (for `https://`, several replicas, or a
+//! caller sharing the connection with other services), and how a transport failure is put
+//! into words. A client of one `http://` URL uses the direct transport instead
+//! (`client/transport.rs`), with the same settings.
 //!
 //! The channel is tonic's, configured for a cache that must notice a dead peer quickly:
 //! - HTTP/2 keepalive PINGs, also while idle, so a half-open connection (server host gone,
@@ -23,8 +25,10 @@ use tonic::{
 
 use crate::{ClientOptions, Error};
 
-/// A lazily connecting channel to `url` (`http://host:port` or `https://host:port`), set up
-/// as [`Client::connect_with`](crate::Client::connect_with) sets up its own. Made separately,
+/// A lazily connecting channel to `url` (`http://host:port` or `https://host:port`) with the
+/// options' connection settings, as [`Client::connect_with`](crate::Client::connect_with) uses
+/// for `https://` (for `http://` it connects directly: the channel PINGs after
+/// `keepalive_interval` without a frame from the server rather than every interval). Made separately,
 /// one connection can carry the cache service (through
 /// [`Client::from_channel_with`](crate::Client::from_channel_with)) and the server's other
 /// services, such as gRPC health.
@@ -205,6 +209,8 @@ pub fn describe(status: &Status) -> String {
     let mut out = match status.source().map(chain) {
         // tonic copies the innermost cause into the message; the chain says it in context.
         Some(causes) if causes.contains(message) => format!("{code:?}: {causes}"),
+        // The direct transport's messages already end with their cause.
+        Some(causes) if message.ends_with(&causes) => format!("{code:?}: {message}"),
         Some(causes) => format!("{code:?}: {message}: {causes}"),
         None => format!("{code:?}: {message}"),
     };

@@ -4,22 +4,31 @@
 //! A client of one `http://` URL ([`Client::connect`](crate::Client::connect)) speaks HTTP/2
 //! through the `h2` crate directly: each call opens its stream and writes its request from the
 //! caller's own task, and one task per connection reads and writes the socket. tonic's
-//! `Channel` puts two more tasks between a call and the socket (a tower `Buffer` worker, then
-//! hyper's client, which spawns a task per request to pipe its body) and costs about twice
-//! the instructions per call (68,000 against 35,000 at one caller: BENCHMARKS.md, "The
-//! client's transport"). Everything else goes through tonic's `Channel`: `https://` (its
-//! TLS), several replicas (its balancer) and channels a caller made
+//! `Channel` puts more between a call and the socket (a tower `Buffer` and its worker task,
+//! then hyper's client: its dispatch channel to the connection task and a task per request
+//! for the response), and a memoize hit cost 81,664 client instructions through it against
+//! 57,315 here (BENCHMARKS.md, "The client's transport"). Everything else goes through tonic's
+//! `Channel`: `https://` (its TLS), several replicas (its balancer) and channels a caller made
 //! ([`Client::from_channel`](crate::Client::from_channel)).
 //!
 //! The direct connection keeps the `Channel`'s guarantees:
-//! - it connects lazily, one attempt at a time shared by every caller waiting, bounded by
-//!   [`ClientOptions::connect_timeout`], and carried on by its own task when the callers
-//!   that started it stop waiting (their deadlines are shorter than a slow handshake);
+//! - it connects lazily, one attempt at a time shared by every caller waiting, carried on by
+//!   its own task when the callers that started it stop waiting (their deadlines are shorter
+//!   than a slow handshake), and bounded by [`ClientOptions::connect_timeout`], which
+//!   includes the server answering a first PING: a peer that accepts TCP but does not speak
+//!   HTTP/2 is never sent a call;
 //! - it PINGs every [`ClientOptions::keepalive_interval`], also while idle, and closes a
 //!   connection whose PING goes unanswered for [`ClientOptions::keepalive_timeout`]: the
 //!   calls on it fail `UNAVAILABLE` and the next call opens a new one;
 //! - no call is ever sent twice. A call goes to a new connection only when the old one
-//!   refused to open its stream (closed, or told to go away), so nothing of it was sent.
+//!   refused to open its stream (closed, or told to go away), so nothing of it was sent;
+//! - a `grpc-timeout` a raw caller set bounds the call on the client too;
+//! - a dropped client leaves nothing running once its last stream ends.
+//!
+//! The connection's task runs on the runtime of the call that opened it. A client used from
+//! several runtimes (one installed once, used by tests that each run their own) keeps working
+//! when that runtime shuts down: the next call opens a new connection from its own runtime,
+//! though calls in flight on the old connection at that moment fail `UNAVAILABLE`.
 
 use std::{
     fmt,
@@ -32,12 +41,12 @@ use std::{
 
 use bytes::Bytes;
 use h2::{
-    Ping, Reason, RecvStream, SendStream,
+    Ping, PingPong, Reason, RecvStream, SendStream,
     client::{Connection, SendRequest},
 };
 use http::{
     HeaderValue, Request, Response, Uri,
-    header::{AUTHORIZATION, USER_AGENT},
+    header::{AUTHORIZATION, CONNECTION, TRANSFER_ENCODING, UPGRADE, USER_AGENT},
     uri::{Authority, Scheme},
 };
 use http_body::{Body as _, Frame};
@@ -89,7 +98,7 @@ impl Transport {
     ) -> Self {
         debug_assert!(!target.is_secure(), "TLS goes through tonic's Channel");
         Transport {
-            route: Route::Direct(Arc::new(Direct::new(target, options))),
+            route: Route::Direct(Arc::new_cyclic(|this| Direct::new(this, target, options))),
             authorization,
         }
     }
@@ -142,15 +151,21 @@ const USER_AGENT_VALUE: &str = concat!("cache-money-rust/", env!("CARGO_PKG_VERS
 
 /// hyper's HTTP/2 client settings, which tonic's `Channel` uses: a 2 MiB stream window and a
 /// 5 MiB connection window (a large `GetMany` answer is not held up by window updates), 16 KiB
-/// frames and header lists, at most 1 MiB buffered per stream before it stops asking for room.
+/// frames and header lists, at most 1 MiB buffered per stream before it stops asking for
+/// room, 100 streams before the server's SETTINGS arrive.
 const STREAM_WINDOW: u32 = 2 << 20;
 const CONNECTION_WINDOW: u32 = 5 << 20;
 const MAX_FRAME: u32 = 16 << 10;
 const MAX_HEADER_LIST: u32 = 16 << 10;
 const MAX_SEND_BUFFER: usize = 1 << 20;
+/// Streams opened at once before the server's SETTINGS say how many it takes (hyper's): a
+/// burst of first calls does not overrun a proxy's stream limit.
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
 
 /// One `http://` service's connection: the live one if any, and the attempt under way.
 struct Direct {
+    /// Itself, for the attempt's task (which must not keep a dropped client alive).
+    this: Weak<Direct>,
     url: Arc<str>,
     host: String,
     port: u16,
@@ -172,9 +187,10 @@ struct State {
 }
 
 impl Direct {
-    fn new(target: &Target, options: &ClientOptions) -> Self {
+    fn new(this: &Weak<Direct>, target: &Target, options: &ClientOptions) -> Self {
         let (host, port) = target.host_port();
         Direct {
+            this: this.clone(),
             url: target.url().into(),
             authority: target.authority(),
             host,
@@ -187,7 +203,8 @@ impl Direct {
     }
 
     /// One call: opens its stream, writes its request, and returns the response's head with
-    /// its body still to come.
+    /// its body still to come. A `grpc-timeout` the caller set (`tonic::Request::set_timeout`)
+    /// bounds it here too, as tonic's `Channel` does: `CANCELLED` once it expires.
     async fn call(self: Arc<Self>, request: Request<Body>) -> Result<Response<Body>, Status> {
         let (mut head, body) = request.into_parts();
         let mut uri = std::mem::take(&mut head.uri).into_parts();
@@ -195,25 +212,52 @@ impl Direct {
         uri.authority = Some(self.authority.clone());
         head.uri = Uri::from_parts(uri)
             .map_err(|err| Status::internal(format!("request to {}: {err}", self.url)))?;
+        // What HTTP/1 metadata a raw call may carry, HTTP/2 forbids (h2 would refuse the call).
+        for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+            head.headers.remove(name);
+        }
+        for name in ["keep-alive", "proxy-connection"] {
+            head.headers.remove(name);
+        }
         head.headers
-            .insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+            .entry(USER_AGENT)
+            .or_insert(HeaderValue::from_static(USER_AGENT_VALUE));
+        let timeout = grpc_timeout(&head.headers);
         let request = Request::from_parts(head, ());
+        let exchange = self.exchange(request, body);
+        let response = match timeout {
+            None => exchange.await?,
+            Some(timeout) => tokio::time::timeout(timeout, exchange)
+                .await
+                .map_err(|_| Status::cancelled("Timeout expired"))??,
+        };
+        let url = Arc::clone(&self.url);
+        Ok(response.map(|recv| Body::new(ResponseBody::new(recv, url))))
+    }
 
+    /// Sends the request on a ready connection and waits for the response's head.
+    async fn exchange(
+        &self,
+        request: Request<()>,
+        body: Body,
+    ) -> Result<Response<RecvStream>, Status> {
         let mut sender = self.ready().await?;
         // From here on the request may reach the server: whatever happens, it is not sent again.
         let (response, stream) = sender
             .send_request(request, false)
-            .map_err(|err| self.status(&err))?;
-        send_body(body, stream, &self.url).await?;
-        let response = response.await.map_err(|err| self.status(&err))?;
-        let url = Arc::clone(&self.url);
-        Ok(response.map(|recv| Body::new(ResponseBody::new(recv, url))))
+            .map_err(|err| self.status(err))?;
+        // A body the stream would not take (reset, or its connection lost meanwhile) says no
+        // more than the response will: the server's status, or the connection's error.
+        if let Err(Some(status)) = send_body(body, stream).await {
+            return Err(status);
+        }
+        response.await.map_err(|err| self.status(err))
     }
 
     /// A connection ready for a new stream. A connection that refuses one (closed, or the
     /// server said GOAWAY) has sent nothing of this call, so the call is made on a new
     /// connection, once.
-    async fn ready(self: &Arc<Self>) -> Result<SendRequest<Bytes>, Status> {
+    async fn ready(&self) -> Result<SendRequest<Bytes>, Status> {
         let mut refused = None;
         for _ in 0..2 {
             let (sender, number) = self.connection().await?;
@@ -226,16 +270,30 @@ impl Direct {
             }
         }
         let err = refused.expect("the loop ran");
-        Err(self.status(&err))
+        Err(self.status(err))
     }
 
     /// The live connection, or the outcome of opening one (an attempt already under way is
-    /// joined, not repeated).
-    async fn connection(self: &Arc<Self>) -> Result<(SendRequest<Bytes>, u64), Status> {
+    /// joined, not repeated). An attempt whose runtime shut down before it ended is made
+    /// again, once, from this call's runtime.
+    async fn connection(&self) -> Result<(SendRequest<Bytes>, u64), Status> {
+        match self.attempt().await {
+            Err(Abandoned) => self.attempt().await.unwrap_or_else(|Abandoned| {
+                Err(Status::unavailable(format!(
+                    "connecting to {}: the attempt's runtime shut down",
+                    self.url
+                )))
+            }),
+            Ok(connection) => connection,
+        }
+    }
+
+    /// As [`Direct::connection`], once.
+    async fn attempt(&self) -> Result<Result<(SendRequest<Bytes>, u64), Status>, Abandoned> {
         let mut outcome = {
             let mut state = lock(&self.state);
             if let Some((sender, number)) = &state.live {
-                return Ok((sender.clone(), *number));
+                return Ok(Ok((sender.clone(), *number)));
             }
             match &state.opening {
                 Some(outcome) => outcome.clone(),
@@ -243,7 +301,7 @@ impl Direct {
                     let (done, outcome) = watch::channel(None);
                     state.opening = Some(outcome.clone());
                     // Its own task: the attempt carries on when the callers stop waiting.
-                    tokio::spawn(Arc::clone(self).open(done));
+                    tokio::spawn(open(self.this.clone(), done));
                     outcome
                 }
             }
@@ -255,70 +313,63 @@ impl Direct {
         let opened = match waited {
             Ok(opened) => opened,
             Err(_) => {
-                // The attempt's task ended without an outcome: its runtime shut down. The next
-                // call starts another (on its own runtime).
+                // The attempt's task ended without an outcome: its runtime shut down.
                 let mut state = lock(&self.state);
                 if (state.opening.as_ref())
                     .is_some_and(|under_way| under_way.same_channel(&outcome))
                 {
                     state.opening = None;
                 }
-                return Err(Status::unavailable(format!(
-                    "connecting to {}: the attempt's runtime shut down",
-                    self.url
-                )));
+                return Err(Abandoned);
             }
         };
-        opened?;
+        if let Err(status) = opened {
+            return Ok(Err(status));
+        }
         let state = lock(&self.state);
-        match &state.live {
+        Ok(match &state.live {
             Some((sender, number)) => Ok((sender.clone(), *number)),
             None => Err(Status::unavailable(format!(
                 "the connection to {} closed as soon as it opened",
                 self.url
             ))),
-        }
+        })
     }
 
-    /// Opens a connection and tells the callers waiting on it how that went.
-    async fn open(self: Arc<Self>, done: watch::Sender<Option<Result<(), Status>>>) {
-        let outcome = match tokio::time::timeout(self.connect_timeout, self.handshake()).await {
-            Ok(Ok((sender, connection))) => {
-                let mut state = lock(&self.state);
-                state.opened += 1;
-                let number = state.opened;
-                state.live = Some((sender, number));
-                state.opening = None;
-                drop(state);
-                tokio::spawn(drive(connection, Arc::downgrade(&self), number));
-                Ok(())
-            }
-            Ok(Err(status)) => Err(status),
-            Err(_) => Err(Status::unavailable(format!(
-                "connecting to {}: no connection within {} ms (ClientOptions::connect_timeout)",
-                self.url,
-                self.connect_timeout.as_millis()
-            ))),
-        };
-        if outcome.is_err() {
-            lock(&self.state).opening = None;
-        }
-        let _ = done.send(Some(outcome));
-    }
-
-    /// TCP (`TCP_NODELAY`: every call is a small request waiting for a small answer), then
-    /// HTTP/2's preface and settings.
-    async fn handshake(
-        &self,
-    ) -> Result<(SendRequest<Bytes>, Connection<TcpStream, Bytes>), Status> {
-        let unreachable = |err: &dyn fmt::Display| {
-            Status::unavailable(format!("cannot connect to {}: {err}", self.url))
-        };
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+    /// TCP to the first of the host's addresses that takes it (each tried for its share of
+    /// what is left of the connect timeout, as tonic's connector does), `TCP_NODELAY` (every
+    /// call is a small request waiting for a small answer), then HTTP/2's preface and a PING
+    /// the server must answer: a peer that accepts TCP but does not speak HTTP/2 fails the
+    /// attempt within the connect timeout, before any call is sent to it.
+    async fn handshake(&self) -> Result<Opened, Status> {
+        let addresses: Vec<_> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
-            .map_err(|err| unreachable(&err))?;
-        tcp.set_nodelay(true).map_err(|err| unreachable(&err))?;
-        h2::client::Builder::new()
+            .map_err(|err| self.unreachable("cannot resolve", err))?
+            .collect();
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let mut failure = None;
+        let mut tcp = None;
+        for (tried, address) in addresses.iter().enumerate() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let share = left / u32::try_from(addresses.len() - tried).unwrap_or(u32::MAX);
+            match tokio::time::timeout(share, TcpStream::connect(address)).await {
+                Ok(Ok(connected)) => {
+                    tcp = Some(connected);
+                    break;
+                }
+                Ok(Err(err)) => failure = Some(self.unreachable("cannot connect", err)),
+                Err(_) => failure = Some(self.timed_out(&format!("no answer from {address}"))),
+            }
+        }
+        let Some(tcp) = tcp else {
+            return Err(failure.unwrap_or_else(|| {
+                self.timed_out(&format!("{} resolves to no address", self.host))
+            }));
+        };
+        tcp.set_nodelay(true)
+            .map_err(|err| self.unreachable("cannot connect", err))?;
+        let (sender, mut connection) = h2::client::Builder::new()
+            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -327,7 +378,45 @@ impl Direct {
             .enable_push(false)
             .handshake(tcp)
             .await
-            .map_err(|err| unreachable(&err))
+            .map_err(|err| self.unreachable("cannot connect", err))?;
+        let mut pings = connection.ping_pong().expect("taken once, here");
+        pings
+            .send_ping(Ping::opaque())
+            .map_err(|err| self.unreachable("cannot connect", err))?;
+        let answered = poll_fn(|cx| pings.poll_pong(cx));
+        tokio::select! {
+            closed = &mut connection => {
+                let why = match closed {
+                    Ok(()) => "the server closed the connection".to_owned(),
+                    Err(err) => err.to_string(),
+                };
+                Err(self.timed_out(&why))
+            }
+            answered = answered => match answered {
+                Ok(_) => Ok(Opened { sender, connection, pings }),
+                Err(err) => Err(self.unreachable("cannot connect", err)),
+            },
+        }
+    }
+
+    /// A failed attempt, with its cause as the status's source.
+    fn unreachable(
+        &self,
+        what: &str,
+        err: impl std::error::Error + Send + Sync + 'static,
+    ) -> Status {
+        let mut status = Status::unavailable(format!("{what} {}: {err}", self.url));
+        status.set_source(Arc::new(err));
+        status
+    }
+
+    /// An attempt that got no usable answer within the connect timeout.
+    fn timed_out(&self, why: &str) -> Status {
+        Status::unavailable(format!(
+            "connecting to {}: {why} within {} ms (ClientOptions::connect_timeout)",
+            self.url,
+            self.connect_timeout.as_millis()
+        ))
     }
 
     /// Drops connection `number` if it is still the live one: the next call opens another.
@@ -338,28 +427,71 @@ impl Direct {
         }
     }
 
-    fn status(&self, err: &h2::Error) -> Status {
+    fn status(&self, err: h2::Error) -> Status {
         status_of(err, &self.url)
     }
 }
 
-/// Serves connection `number` until it closes, PINGing it every keepalive interval and
-/// closing it when a PING goes unanswered for the keepalive timeout, or when the client is
-/// gone. Then makes sure the next call opens a new one.
-async fn drive(mut connection: Connection<TcpStream, Bytes>, owner: Weak<Direct>, number: u64) {
-    let Some((interval, timeout)) = owner
-        .upgrade()
-        .map(|direct| (direct.keepalive_interval, direct.keepalive_timeout))
-    else {
+/// An attempt to connect whose runtime shut down before it ended.
+struct Abandoned;
+
+/// A connection the server has answered on: its handle for new streams, the connection to
+/// drive, and its PINGs.
+struct Opened {
+    sender: SendRequest<Bytes>,
+    connection: Connection<TcpStream, Bytes>,
+    pings: PingPong,
+}
+
+/// Opens a connection for `direct` and tells the callers waiting on it how that went.
+async fn open(direct: Weak<Direct>, done: watch::Sender<Option<Result<(), Status>>>) {
+    let Some(direct) = direct.upgrade() else {
         return;
     };
-    let mut pings = connection.ping_pong().expect("taken once, here");
+    let outcome = match tokio::time::timeout(direct.connect_timeout, direct.handshake()).await {
+        Ok(Ok(opened)) => {
+            let mut state = lock(&direct.state);
+            state.opened += 1;
+            let number = state.opened;
+            state.live = Some((opened.sender, number));
+            state.opening = None;
+            drop(state);
+            let keepalive = (direct.keepalive_interval, direct.keepalive_timeout);
+            tokio::spawn(drive(
+                opened.connection,
+                opened.pings,
+                keepalive,
+                Arc::downgrade(&direct),
+                number,
+            ));
+            Ok(())
+        }
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(direct.timed_out("no connection")),
+    };
+    if outcome.is_err() {
+        lock(&direct.state).opening = None;
+    }
+    let _ = done.send(Some(outcome));
+}
+
+/// Serves connection `number` until it closes, PINGing it every keepalive interval and
+/// closing it when a PING goes unanswered for the keepalive timeout. Then makes sure the
+/// next call opens a new one. Once the client is dropped, h2 closes the connection when its
+/// last stream (a `Watch` the caller still reads, say) ends.
+async fn drive(
+    mut connection: Connection<TcpStream, Bytes>,
+    mut pings: PingPong,
+    (interval, timeout): (Duration, Duration),
+    owner: Weak<Direct>,
+    number: u64,
+) {
     loop {
         tokio::select! {
             _ = &mut connection => break,
             () = tokio::time::sleep(interval) => {}
         }
-        if owner.strong_count() == 0 || pings.send_ping(Ping::opaque()).is_err() {
+        if pings.send_ping(Ping::opaque()).is_err() {
             break;
         }
         let pong = tokio::time::timeout(timeout, poll_fn(|cx| pings.poll_pong(cx)));
@@ -379,23 +511,23 @@ async fn drive(mut connection: Connection<TcpStream, Bytes>, owner: Weak<Direct>
 
 /// Writes the request's body on `stream`: what is ready now from the caller's task (all of a
 /// unary or server-streaming call's request, one message), the rest, if any, from a task of
-/// its own.
-async fn send_body(
-    body: Body,
-    mut stream: SendStream<Bytes>,
-    url: &Arc<str>,
-) -> Result<(), Status> {
-    let mut pump = Pump {
-        body,
-        held: None,
-        url: Arc::clone(url),
-    };
-    let first = poll_fn(|cx| Poll::Ready(pump.poll(&mut stream, cx))).await;
+/// its own, which stops when the server resets the stream. Fails with the body's own status
+/// when encoding it failed, or with `None` when the stream would not take it (reset, or its
+/// connection lost): the response says why.
+async fn send_body(body: Body, mut stream: SendStream<Bytes>) -> Result<(), Option<Status>> {
+    let mut pump = Pump { body, held: None };
+    let first = poll_fn(|cx| Poll::Ready(pump.pump(&mut stream, cx))).await;
     match first {
-        Poll::Ready(outcome) => outcome,
+        Poll::Ready(outcome) => outcome.map_err(Result::ok),
         Poll::Pending => {
             tokio::spawn(async move {
-                let _ = poll_fn(|cx| pump.poll(&mut stream, cx)).await;
+                poll_fn(|cx| {
+                    if stream.poll_reset(cx).is_ready() {
+                        return Poll::Ready(());
+                    }
+                    pump.pump(&mut stream, cx).map(|_| ())
+                })
+                .await;
             });
             Ok(())
         }
@@ -408,20 +540,10 @@ async fn send_body(
 struct Pump {
     body: Body,
     held: Option<Bytes>,
-    url: Arc<str>,
 }
 
 impl Pump {
-    fn poll(
-        &mut self,
-        stream: &mut SendStream<Bytes>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<(), Status>> {
-        self.pump(stream, cx)
-            .map_err(|err| err.unwrap_or_else(|err| status_of(&err, &self.url)))
-    }
-
-    /// As [`Pump::poll`], failing with the body's status or the stream's error.
+    /// Sends what the body has ready; fails with the body's status or the stream's error.
     fn pump(
         &mut self,
         stream: &mut SendStream<Bytes>,
@@ -507,16 +629,17 @@ impl http_body::Body for ResponseBody {
                 }
                 Some(Err(err)) => {
                     this.done = true;
-                    return Poll::Ready(Some(Err(status_of(&err, &this.url))));
+                    return Poll::Ready(Some(Err(status_of(err, &this.url))));
                 }
                 None => this.data_done = true,
             }
         }
+        let trailers = ready!(this.recv.poll_trailers(cx));
         this.done = true;
-        match ready!(this.recv.poll_trailers(cx)) {
+        match trailers {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
-            Err(err) => Poll::Ready(Some(Err(status_of(&err, &this.url)))),
+            Err(err) => Poll::Ready(Some(Err(status_of(err, &this.url)))),
         }
     }
 
@@ -525,10 +648,12 @@ impl http_body::Body for ResponseBody {
     }
 }
 
-/// An HTTP/2 failure as a gRPC status, as tonic maps them: a lost or closed connection, a
-/// server going away or a refused stream is `UNAVAILABLE` (the call may be made again by its
-/// caller); a cancelled stream `CANCELLED`; the rest `INTERNAL`.
-fn status_of(err: &h2::Error, url: &str) -> Status {
+/// An HTTP/2 failure as a gRPC status, the error as its source. A connection lost, closed or
+/// sent away (GOAWAY), or a stream the server refused, is `UNAVAILABLE`; a cancelled stream
+/// `CANCELLED`; the rest as tonic maps them (`INTERNAL` for protocol errors). An `UNAVAILABLE`
+/// call may still have run on the server: the connection may have been lost after the server
+/// had the request.
+fn status_of(err: h2::Error, url: &str) -> Status {
     let code = if err.is_io() || err.is_go_away() {
         Code::Unavailable
     } else {
@@ -541,5 +666,52 @@ fn status_of(err: &h2::Error, url: &str) -> Status {
             None => Code::Unknown,
         }
     };
-    Status::new(code, format!("connection to {url}: {err}"))
+    let mut status = Status::new(code, format!("connection to {url}: {err}"));
+    status.set_source(Arc::new(err));
+    status
+}
+
+/// The `grpc-timeout` a call carries, as tonic's `Channel` reads it: up to 8 digits and a unit
+/// (`H`, `M`, `S`, `m`, `u`, `n`). One it cannot read bounds nothing here (the server refuses
+/// it).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let text = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at_checked(text.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value * 60 * 60),
+        "M" => Duration::from_secs(value * 60),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read_as_tonic_writes_them() {
+        let timeout = |text: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("grpc-timeout", HeaderValue::from_str(text).unwrap());
+            grpc_timeout(&headers)
+        };
+        assert_eq!(timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout("250000u"), Some(Duration::from_micros(250_000)));
+        assert_eq!(timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for unreadable in ["", "m", "100", "100x", "123456789m", "-1m", "1.5S"] {
+            assert_eq!(timeout(unreadable), None, "{unreadable:?}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
 }

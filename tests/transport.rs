@@ -146,6 +146,35 @@ async fn abandoned_calls_leave_the_connection_usable() {
     );
 }
 
+/// A raw call's own timeout (`tonic::Request::set_timeout`) bounds it on the client, as it
+/// did through tonic's `Channel`: against a frozen server the call ends CANCELLED at its
+/// timeout, not when keepalive gives up on the connection (7 s by default).
+#[tokio::test]
+async fn a_raw_calls_own_timeout_bounds_it() {
+    let server = CacheServer::memory(&[]);
+    let mut client = raw(server.url()).await;
+    get(&mut client, key("transport", "timeout", 1))
+        .await
+        .unwrap();
+    server.freeze();
+    let mut request = tonic::Request::new(pb::GetRequest {
+        key: Some(key("transport", "timeout", 1)),
+        ..Default::default()
+    });
+    let timeout = Duration::from_millis(100);
+    request.set_timeout(timeout);
+    let started = Instant::now();
+    let outcome = client.get(request).await;
+    let took = started.elapsed();
+    server.thaw();
+    let status = outcome.unwrap_err();
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    assert!(
+        took >= timeout && took < Duration::from_secs(2),
+        "the call ended after {took:?}"
+    );
+}
+
 /// A client that is dropped closes its connection: nothing it started (the connection's task,
 /// its keepalive PINGs) outlives it.
 #[tokio::test]
@@ -233,14 +262,18 @@ async fn refused_connections_are_unavailable() {
     assert!(err.to_string().contains("refused"), "{err}");
 }
 
-/// A peer that accepts TCP but never speaks HTTP/2 cannot hang a call: the unanswered
-/// keepalive PING closes the connection and the call fails UNAVAILABLE.
+/// A peer that accepts TCP but never speaks HTTP/2 cannot hang a call: the connection's first
+/// PING goes unanswered, the attempt fails within the connect timeout, and the call fails
+/// UNAVAILABLE, saying so.
 #[tokio::test]
-async fn silent_peers_are_given_up_on_by_keepalive() {
+async fn silent_peers_are_given_up_on() {
     // The kernel completes the TCP handshake from the backlog; nobody ever answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let options = quick_keepalive();
-    let bound = options.keepalive_interval + options.keepalive_timeout;
+    let options = ClientOptions {
+        connect_timeout: Duration::from_millis(300),
+        ..quick_keepalive()
+    };
+    let bound = options.connect_timeout;
     let url = format!("http://{}", silent.local_addr().unwrap());
     let mut client = Client::connect_with(url, options).await.unwrap().raw();
     let started = Instant::now();
@@ -249,13 +282,14 @@ async fn silent_peers_are_given_up_on_by_keepalive() {
         get(&mut client, key("transport", "silent", 1)),
     )
     .await
-    .expect("the call hung past keepalive");
+    .expect("the call hung past the connect timeout");
     let waited = started.elapsed();
     let status = outcome.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("connect_timeout"), "{status:?}");
     assert!(
         waited < bound * 3,
-        "gave up after {waited:?}, keepalive bound {bound:?}"
+        "gave up after {waited:?}, connect timeout {bound:?}"
     );
 }
 

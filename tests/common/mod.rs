@@ -223,10 +223,15 @@ impl RedisServer {
     }
 
     /// A direct connection, to check what the server really wrote.
+    /// A connection for the test's own commands. Its replies may take as long as a loaded
+    /// machine needs (a pipelined fill of 10,000 entries took over redis-rs's default 500 ms
+    /// once): a test bounds its own waits.
     pub async fn connect(&self) -> redis::aio::MultiplexedConnection {
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
         redis::Client::open(self.url())
             .expect("redis url")
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .expect("connect to test redis")
     }
