@@ -209,8 +209,8 @@ pub fn describe(status: &Status) -> String {
     let mut out = match status.source().map(chain) {
         // tonic copies the innermost cause into the message; the chain says it in context.
         Some(causes) if causes.contains(message) => format!("{code:?}: {causes}"),
-        // The direct transport's messages already end with their cause.
-        Some(causes) if message.ends_with(&causes) => format!("{code:?}: {message}"),
+        // The direct transport's messages already say their cause.
+        Some(causes) if message.contains(&causes) => format!("{code:?}: {message}"),
         Some(causes) => format!("{code:?}: {message}: {causes}"),
         None => format!("{code:?}: {message}"),
     };

@@ -22,8 +22,10 @@
 //!   calls on it fail `UNAVAILABLE` and the next call opens a new one;
 //! - no call is ever sent twice. A call goes to a new connection only when the old one
 //!   refused to open its stream (closed, or told to go away), so nothing of it was sent;
-//! - a `grpc-timeout` a raw caller set bounds the call on the client too;
-//! - a dropped client leaves nothing running once its last stream ends.
+//! - a `grpc-timeout` a raw caller set bounds the call on the client too, until the
+//!   response's head arrives (as tonic's `Channel`; here the wait for a connection counts);
+//! - a dropped client leaves nothing running once its last stream has ended and an attempt
+//!   to connect under way has finished (within the connect timeout).
 //!
 //! The connection's task runs on the runtime of the call that opened it. A client used from
 //! several runtimes (one installed once, used by tests that each run their own) keeps working
@@ -50,7 +52,7 @@ use http::{
     uri::{Authority, Scheme},
 };
 use http_body::{Body as _, Frame};
-use tokio::{net::TcpStream, sync::watch};
+use tokio::{net::TcpStream, sync::watch, time::Instant};
 use tonic::{Code, Status, body::Body, codegen::StdError, transport::Channel};
 
 use crate::{ClientOptions, connect::Target, lock};
@@ -158,13 +160,14 @@ const CONNECTION_WINDOW: u32 = 5 << 20;
 const MAX_FRAME: u32 = 16 << 10;
 const MAX_HEADER_LIST: u32 = 16 << 10;
 const MAX_SEND_BUFFER: usize = 1 << 20;
-/// Streams opened at once before the server's SETTINGS say how many it takes (hyper's): a
-/// burst of first calls does not overrun a proxy's stream limit.
+/// Streams opened at once before the server's SETTINGS say how many it takes (hyper's). A
+/// connection is used only after the server answered its first PING, by when its SETTINGS
+/// (sent first) apply: this only keeps to hyper's settings.
 const INITIAL_MAX_SEND_STREAMS: usize = 100;
 
 /// One `http://` service's connection: the live one if any, and the attempt under way.
 struct Direct {
-    /// Itself, for the attempt's task (which must not keep a dropped client alive).
+    /// Itself, for the attempt's task (which holds the client only while it connects).
     this: Weak<Direct>,
     url: Arc<str>,
     host: String,
@@ -204,7 +207,8 @@ impl Direct {
 
     /// One call: opens its stream, writes its request, and returns the response's head with
     /// its body still to come. A `grpc-timeout` the caller set (`tonic::Request::set_timeout`)
-    /// bounds it here too, as tonic's `Channel` does: `CANCELLED` once it expires.
+    /// bounds it here too until the response's head arrives, as tonic's `Channel` does:
+    /// `CANCELLED` once it expires. A caller's own `user-agent` replaces the library's.
     async fn call(self: Arc<Self>, request: Request<Body>) -> Result<Response<Body>, Status> {
         let (mut head, body) = request.into_parts();
         let mut uri = std::mem::take(&mut head.uri).into_parts();
@@ -248,7 +252,7 @@ impl Direct {
             .map_err(|err| self.status(err))?;
         // A body the stream would not take (reset, or its connection lost meanwhile) says no
         // more than the response will: the server's status, or the connection's error.
-        if let Err(Some(status)) = send_body(body, stream).await {
+        if let Err(Some(status)) = send_body(body, stream, &self.url).await {
             return Err(status);
         }
         response.await.map_err(|err| self.status(err))
@@ -274,8 +278,8 @@ impl Direct {
     }
 
     /// The live connection, or the outcome of opening one (an attempt already under way is
-    /// joined, not repeated). An attempt whose runtime shut down before it ended is made
-    /// again, once, from this call's runtime.
+    /// joined, not repeated). An attempt whose runtime shut down or stopped running it is
+    /// made again, once, from this call's runtime.
     async fn connection(&self) -> Result<(SendRequest<Bytes>, u64), Status> {
         match self.attempt().await {
             Err(Abandoned) => self.attempt().await.unwrap_or_else(|Abandoned| {
@@ -306,14 +310,18 @@ impl Direct {
                 }
             }
         };
-        let waited = outcome
-            .wait_for(Option::is_some)
+        // An attempt ends within the connect timeout on a runtime that runs; one that has not
+        // ended a second after is on a runtime that stopped running tasks (kept, but no longer
+        // driven) or shut down.
+        let patience = self.connect_timeout + Duration::from_secs(1);
+        let waited = tokio::time::timeout(patience, outcome.wait_for(Option::is_some))
             .await
-            .map(|opened| opened.clone().expect("waited for an outcome"));
+            .map(|waited| waited.map(|opened| opened.clone().expect("waited for an outcome")));
         let opened = match waited {
-            Ok(opened) => opened,
-            Err(_) => {
-                // The attempt's task ended without an outcome: its runtime shut down.
+            Ok(Ok(opened)) => opened,
+            Ok(Err(_)) | Err(_) => {
+                // The attempt's task ended without an outcome, or is not being run: its runtime
+                // shut down or stopped. A new attempt is made from this call's runtime.
                 let mut state = lock(&self.state);
                 if (state.opening.as_ref())
                     .is_some_and(|under_way| under_way.same_channel(&outcome))
@@ -340,80 +348,100 @@ impl Direct {
     /// what is left of the connect timeout, as tonic's connector does), `TCP_NODELAY` (every
     /// call is a small request waiting for a small answer), then HTTP/2's preface and a PING
     /// the server must answer: a peer that accepts TCP but does not speak HTTP/2 fails the
-    /// attempt within the connect timeout, before any call is sent to it.
-    async fn handshake(&self) -> Result<Opened, Status> {
-        let addresses: Vec<_> = tokio::net::lookup_host((self.host.as_str(), self.port))
+    /// attempt, before any call is sent to it. All of it by `deadline`.
+    async fn handshake(&self, deadline: Instant) -> Result<Opened, Status> {
+        let lookup = tokio::net::lookup_host((self.host.as_str(), self.port));
+        let addresses: Vec<_> = tokio::time::timeout_at(deadline, lookup)
             .await
-            .map_err(|err| self.unreachable("cannot resolve", err))?
+            .map_err(|_| self.timed_out(&format!("no address for {}", self.host)))?
+            .map_err(|err| self.unreachable(err))?
             .collect();
-        let deadline = tokio::time::Instant::now() + self.connect_timeout;
         let mut failure = None;
         let mut tcp = None;
         for (tried, address) in addresses.iter().enumerate() {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let left = deadline.saturating_duration_since(Instant::now());
             let share = left / u32::try_from(addresses.len() - tried).unwrap_or(u32::MAX);
             match tokio::time::timeout(share, TcpStream::connect(address)).await {
                 Ok(Ok(connected)) => {
                     tcp = Some(connected);
                     break;
                 }
-                Ok(Err(err)) => failure = Some(self.unreachable("cannot connect", err)),
-                Err(_) => failure = Some(self.timed_out(&format!("no answer from {address}"))),
+                Ok(Err(err)) => failure = Some(self.unreachable(err)),
+                Err(_) => {
+                    failure = Some(Status::unavailable(format!(
+                        "cannot connect to {}: no answer from {address} within {} ms",
+                        self.url,
+                        share.as_millis()
+                    )));
+                }
             }
         }
         let Some(tcp) = tcp else {
             return Err(failure.unwrap_or_else(|| {
-                self.timed_out(&format!("{} resolves to no address", self.host))
+                Status::unavailable(format!(
+                    "cannot connect to {}: {} resolves to no address",
+                    self.url, self.host
+                ))
             }));
         };
-        tcp.set_nodelay(true)
-            .map_err(|err| self.unreachable("cannot connect", err))?;
-        let (sender, mut connection) = h2::client::Builder::new()
-            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_header_list_size(MAX_HEADER_LIST)
-            .max_send_buffer_size(MAX_SEND_BUFFER)
-            .enable_push(false)
-            .handshake(tcp)
-            .await
-            .map_err(|err| self.unreachable("cannot connect", err))?;
-        let mut pings = connection.ping_pong().expect("taken once, here");
-        pings
-            .send_ping(Ping::opaque())
-            .map_err(|err| self.unreachable("cannot connect", err))?;
-        let answered = poll_fn(|cx| pings.poll_pong(cx));
-        tokio::select! {
-            closed = &mut connection => {
-                let why = match closed {
-                    Ok(()) => "the server closed the connection".to_owned(),
-                    Err(err) => err.to_string(),
-                };
-                Err(self.timed_out(&why))
+        tcp.set_nodelay(true).map_err(|err| self.unreachable(err))?;
+        let speak = async {
+            let (sender, mut connection) = h2::client::Builder::new()
+                .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME)
+                .max_header_list_size(MAX_HEADER_LIST)
+                .max_send_buffer_size(MAX_SEND_BUFFER)
+                .enable_push(false)
+                .handshake(tcp)
+                .await
+                .map_err(|err| self.unreachable(err))?;
+            let mut pings = connection.ping_pong().expect("taken once, here");
+            pings
+                .send_ping(Ping::opaque())
+                .map_err(|err| self.unreachable(err))?;
+            let answered = poll_fn(|cx| pings.poll_pong(cx));
+            tokio::select! {
+                closed = &mut connection => Err(self.not_http2(closed.err())),
+                answered = answered => match answered {
+                    Ok(_) => Ok(Opened { sender, connection, pings }),
+                    Err(err) => Err(self.not_http2(Some(err))),
+                },
             }
-            answered = answered => match answered {
-                Ok(_) => Ok(Opened { sender, connection, pings }),
-                Err(err) => Err(self.unreachable("cannot connect", err)),
-            },
-        }
+        };
+        tokio::time::timeout_at(deadline, speak)
+            .await
+            .map_err(|_| self.timed_out("no answer to HTTP/2"))?
     }
 
-    /// A failed attempt, with its cause as the status's source.
-    fn unreachable(
-        &self,
-        what: &str,
-        err: impl std::error::Error + Send + Sync + 'static,
-    ) -> Status {
-        let mut status = Status::unavailable(format!("{what} {}: {err}", self.url));
+    /// A failed attempt: `cannot connect to URL: why`, the cause as the status's source.
+    fn unreachable(&self, err: impl std::error::Error + Send + Sync + 'static) -> Status {
+        let mut status = Status::unavailable(format!("cannot connect to {}: {err}", self.url));
         status.set_source(Arc::new(err));
+        status
+    }
+
+    /// A peer that closed the connection, or broke HTTP/2, before answering its first PING.
+    fn not_http2(&self, err: Option<h2::Error>) -> Status {
+        let why = match &err {
+            Some(err) => err.to_string(),
+            None => "the server closed the connection before answering".to_owned(),
+        };
+        let mut status = Status::unavailable(format!(
+            "cannot connect to {}: {why} (is it a gRPC port without TLS? use https:// for one with TLS)",
+            self.url
+        ));
+        if let Some(err) = err {
+            status.set_source(Arc::new(err));
+        }
         status
     }
 
     /// An attempt that got no usable answer within the connect timeout.
     fn timed_out(&self, why: &str) -> Status {
         Status::unavailable(format!(
-            "connecting to {}: {why} within {} ms (ClientOptions::connect_timeout)",
+            "cannot connect to {}: {why} within {} ms (ClientOptions::connect_timeout)",
             self.url,
             self.connect_timeout.as_millis()
         ))
@@ -448,8 +476,9 @@ async fn open(direct: Weak<Direct>, done: watch::Sender<Option<Result<(), Status
     let Some(direct) = direct.upgrade() else {
         return;
     };
-    let outcome = match tokio::time::timeout(direct.connect_timeout, direct.handshake()).await {
-        Ok(Ok(opened)) => {
+    let deadline = Instant::now() + direct.connect_timeout;
+    let outcome = match direct.handshake(deadline).await {
+        Ok(opened) => {
             let mut state = lock(&direct.state);
             state.opened += 1;
             let number = state.opened;
@@ -466,8 +495,7 @@ async fn open(direct: Weak<Direct>, done: watch::Sender<Option<Result<(), Status
             ));
             Ok(())
         }
-        Ok(Err(status)) => Err(status),
-        Err(_) => Err(direct.timed_out("no connection")),
+        Err(status) => Err(status),
     };
     if outcome.is_err() {
         lock(&direct.state).opening = None;
@@ -512,13 +540,24 @@ async fn drive(
 /// Writes the request's body on `stream`: what is ready now from the caller's task (all of a
 /// unary or server-streaming call's request, one message), the rest, if any, from a task of
 /// its own, which stops when the server resets the stream. Fails with the body's own status
-/// when encoding it failed, or with `None` when the stream would not take it (reset, or its
-/// connection lost): the response says why.
-async fn send_body(body: Body, mut stream: SendStream<Bytes>) -> Result<(), Option<Status>> {
+/// when encoding it failed or h2 refused to send it, or with `None` when the stream would not
+/// take it (reset, or its connection lost): the response says why.
+async fn send_body(
+    body: Body,
+    mut stream: SendStream<Bytes>,
+    url: &str,
+) -> Result<(), Option<Status>> {
     let mut pump = Pump { body, held: None };
     let first = poll_fn(|cx| Poll::Ready(pump.pump(&mut stream, cx))).await;
     match first {
-        Poll::Ready(outcome) => outcome.map_err(Result::ok),
+        Poll::Ready(Ok(())) => Ok(()),
+        Poll::Ready(Err(Ok(status))) => Err(Some(status)),
+        // The server reset the stream, or the connection went: the response says which.
+        Poll::Ready(Err(Err(err))) if err.is_reset() || err.is_go_away() || err.is_io() => {
+            Err(None)
+        }
+        // Refused here (a frame h2 will not send): fail now; dropping the stream resets it.
+        Poll::Ready(Err(Err(err))) => Err(Some(status_of(err, url))),
         Poll::Pending => {
             tokio::spawn(async move {
                 poll_fn(|cx| {

@@ -202,6 +202,27 @@ async fn plaintext_client_fails_cleanly() {
         .unwrap();
 }
 
+/// `http://` to a TLS port through the client's direct transport fails promptly, saying what
+/// is likely wrong (the server was not sent a call in plaintext).
+#[tokio::test]
+async fn http_to_a_tls_server_says_to_use_https() {
+    let pki = Pki::generate();
+    let server = start(&pki, false);
+    let url = format!("http://{}", server.addr());
+    let mut raw = Client::connect(url).await.unwrap().raw();
+    let started = Instant::now();
+    let status = raw
+        .get(pb::GetRequest {
+            key: Some(key("ns", "f", 1)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2), "{status:?}");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("https://"), "{status:?}");
+}
+
 /// With --tls-client-ca, only clients with a certificate from that CA are served.
 #[tokio::test]
 async fn client_certificates_are_required_when_configured() {
