@@ -130,7 +130,7 @@ impl InvalidationMode {
 )]
 pub struct Config {
     /// Address to serve gRPC on. Port 0 picks a free port (logged at start-up).
-    #[arg(long, env = "CACHE_MONEY_LISTEN", default_value = DEFAULT_LISTEN)]
+    #[arg(long, env = "CACHE_MONEY_LISTEN", default_value = DEFAULT_LISTEN, value_parser = socket_address)]
     pub listen: SocketAddr,
 
     /// Redis to store entries in, e.g. redis://127.0.0.1:6379/0, redis://:password@host,
@@ -272,7 +272,7 @@ pub struct Config {
     /// Address to serve Prometheus metrics on (GET /metrics), e.g. 127.0.0.1:9464. Absent: no
     /// metrics. It asks for no token: listen only where your scrapers, not your callers, reach
     /// (SECURITY.md). Port 0 picks a free port (logged at start-up).
-    #[arg(long, env = "CACHE_MONEY_METRICS_LISTEN")]
+    #[arg(long, env = "CACHE_MONEY_METRICS_LISTEN", value_parser = socket_address)]
     pub metrics_listen: Option<SocketAddr>,
 
     /// Namespaces that get metric series of their own; lookups in later ones are counted
@@ -301,6 +301,17 @@ pub struct Config {
     /// Log line format. Verbosity comes from RUST_LOG (default: info).
     #[arg(long, env = "CACHE_MONEY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// An address to listen on: an IP address and a port. A host name is refused with the
+/// forms that work (listening needs the address itself).
+fn socket_address(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "give an IP address and port, e.g. 127.0.0.1:50051, 0.0.0.0:50051 or [::]:50051 \
+             (not a host name such as localhost), got {text:?}"
+        )
+    })
 }
 
 impl Config {

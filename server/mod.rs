@@ -422,7 +422,7 @@ impl<F> Renamed<F> {
             return response;
         }
         tonic::Status::out_of_range(format!(
-            "request: larger than --max-message-bytes ({max_message_bytes} bytes); send smaller batches ({})",
+            "request: larger than --max-message-bytes ({max_message_bytes} bytes); split a batch into smaller ones (a single value may be at most --max-value-bytes) ({})",
             status.message()
         ))
         .into_http()

@@ -260,7 +260,7 @@ async fn oversized_messages_are_refused() {
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     assert!(
         err.message().contains("--max-message-bytes (6000 bytes)")
-            && err.message().contains("smaller batches"),
+            && err.message().contains("split a batch into smaller ones"),
         "the message names neither the flag nor the way out: {}",
         err.message()
     );

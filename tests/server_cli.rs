@@ -256,7 +256,7 @@ fn every_setting_is_read_from_flag_and_from_environment_variable() {
 /// Settings that cannot work stop start-up with a message naming the flag.
 #[test]
 fn bad_configuration_is_refused_clearly() {
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (
             &["--key-prefix", "cache"],
             "--key-prefix: must end with a character outside [A-Za-z0-9_.-] such as ':', so entries cannot be confused with other keys; got \"cache\"",
@@ -285,6 +285,10 @@ fn bad_configuration_is_refused_clearly() {
         (
             &["--redis-url", "localhost:6379"],
             "--redis-url: must start with redis://",
+        ),
+        (
+            &["--metrics-listen", "localhost:9464"],
+            "give an IP address and port, e.g. 127.0.0.1:50051, 0.0.0.0:50051 or [::]:50051 (not a host name such as localhost), got \"localhost:9464\"",
         ),
     ];
     for (args, message) in cases {
