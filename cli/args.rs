@@ -194,7 +194,8 @@ pub struct PutArgs {
     #[command(flatten)]
     pub function: FunctionArgs,
     /// The call's argument list as a JSON array, then the value: `ARGS VALUE`, or `VALUE`
-    /// alone with --digest.
+    /// alone with --digest. VALUE `-` reads it from standard input (for values longer than a
+    /// command line takes).
     #[arg(value_names = ["ARGS", "VALUE"], num_args = 1..=2, required = true)]
     pub args_and_value: Vec<String>,
     /// The entry's digest (32 lowercase hex characters) instead of ARGS.

@@ -22,7 +22,7 @@ use tonic_health::pb::{
 use crate::{
     args::{Command, Connection, KeysArgs, PutArgs, ServiceCommand, TOKEN_ENV},
     error::CliError,
-    input::{self, digest_args, entry_key, function_key, value_bytes},
+    input::{self, digest_args, entry_key, function_key, value_bytes, value_text},
     report::{CACHE_SERVICE, Report, Scope},
 };
 
@@ -261,7 +261,7 @@ impl Service {
         let key = entry_key(&put.function, args, put.digest.as_deref())?;
         let request = PutRequest {
             key: Some(wire(&key)),
-            value: value_bytes(value, put.base64)?,
+            value: value_bytes(&value_text(value, std::io::stdin())?, put.base64)?,
             ttl_seconds: put.ttl,
             tags: put.tags,
             ..Default::default()

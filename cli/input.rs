@@ -108,6 +108,27 @@ impl EntryArgs {
     }
 }
 
+/// The VALUE `put` was given: the argument, or with `-` all of `stdin` (for values longer than
+/// a command line takes), less the trailing whitespace an editor or `echo` adds, which JSON
+/// and base64 both ignore.
+///
+/// # Errors
+/// [`CliError::Usage`] when `-` was given and standard input cannot be read as text.
+pub fn value_text(value: &str, mut stdin: impl std::io::Read) -> Result<String, CliError> {
+    if value != "-" {
+        return Ok(value.to_owned());
+    }
+    let mut text = String::new();
+    stdin.read_to_string(&mut text).map_err(|err| {
+        CliError::Usage(format!(
+            "VALUE -: standard input could not be read as text ({err}); give bytes as base64 \
+             with --base64"
+        ))
+    })?;
+    text.truncate(text.trim_end().len());
+    Ok(text)
+}
+
 /// The bytes `put` stores: the JSON text as given, or the bytes base64 stands for.
 ///
 /// # Errors
@@ -255,6 +276,18 @@ mod tests {
         );
         let name = usage(entry_key(&function("a b"), Some("[]"), None));
         assert!(name.starts_with("namespace: must be 1-128"), "{name}");
+    }
+
+    /// `-` reads the value from standard input, without its trailing newline; anything else
+    /// is the value itself.
+    #[test]
+    fn a_dash_reads_the_value_from_standard_input() {
+        let long = format!("\"{}\"", "x".repeat(300_000));
+        let piped = format!("{long}\n");
+        assert_eq!(value_text("-", piped.as_bytes()).unwrap(), long);
+        assert_eq!(value_text("7", "ignored".as_bytes()).unwrap(), "7");
+        let not_text: &[u8] = &[0xff, 0xfe];
+        assert!(usage(value_text("-", not_text)).contains("--base64"));
     }
 
     /// Values are JSON text kept byte for byte, or base64 with --base64.

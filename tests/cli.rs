@@ -100,6 +100,11 @@ impl Cli {
     }
 
     fn run(&self, args: &[&str]) -> Run {
+        self.run_fed(args, None)
+    }
+
+    /// As [`Cli::run`], with `input` on standard input (else none).
+    fn run_fed(&self, args: &[&str], input: Option<&[u8]>) -> Run {
         let mut command = Command::new(env!("CARGO_BIN_EXE_cache-money"));
         for name in [
             "CACHE_MONEY_SERVER",
@@ -111,12 +116,24 @@ impl Cli {
         ] {
             command.env_remove(name);
         }
-        let output = command
+        let mut child = command
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(args)
-            .stdin(Stdio::null())
-            .output()
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("run cache-money");
+        if let Some(input) = input {
+            // Dropped after writing: the CLI reads to the end.
+            let mut stdin = child.stdin.take().expect("piped");
+            std::io::Write::write_all(&mut stdin, input).expect("feed standard input");
+        }
+        let output = child.wait_with_output().expect("cache-money ran");
         Run {
             code: output
                 .status
@@ -290,6 +307,26 @@ fn binary_values_print_as_base64() {
     // Text that is not JSON is refused rather than stored as something else.
     let refused = cli.run(&["put", "ns", "blob", "[1]", "hello"]).exits(2);
     refused.complains("VALUE: not JSON");
+}
+
+/// VALUE `-` reads the value from standard input: a value longer than a command line takes
+/// (300 KB here) round-trips, stored without the trailing newline.
+#[test]
+fn long_values_come_from_standard_input() {
+    let server = CacheServer::memory(&[]);
+    let cli = Cli::for_server(&server);
+    let long = format!("\"{}\"", "x".repeat(300_000));
+    let piped = format!("{long}\n");
+    cli.run_fed(&["put", "ns", "long", "[1]", "-"], Some(piped.as_bytes()))
+        .exits(0);
+    let json = cli
+        .run(&["get", "ns", "long", "[1]", "-o", "json"])
+        .exits(0)
+        .json();
+    assert_eq!(
+        json["value"],
+        serde_json::Value::String("x".repeat(300_000))
+    );
 }
 
 /// What the library's memoize stored, the CLI finds with the same JSON arguments, and what
