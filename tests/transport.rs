@@ -195,6 +195,41 @@ async fn a_dropped_client_closes_its_connection() {
     assert!(closed, "the dropped client's connection stayed open");
 }
 
+/// A stream outlives the client that opened it: with the client dropped, a `Watch` its caller
+/// still reads keeps its connection (and its keepalive) and goes on receiving events, over
+/// many keepalive intervals.
+#[tokio::test]
+async fn a_stream_outlives_its_dropped_client() {
+    let server = CacheServer::memory(&["--watch-heartbeat-ms", "50"]);
+    let cm = Client::connect_with(server.url(), quick_keepalive())
+        .await
+        .unwrap();
+    let mut raw = cm.raw();
+    let request = pb::WatchRequest {
+        namespaces: vec!["kept".into()],
+        ..Default::default()
+    };
+    let mut events = raw.watch(request).await.unwrap().into_inner();
+    let patience = Duration::from_secs(2);
+    tokio::time::timeout(patience, events.message())
+        .await
+        .expect("an event within 2 s")
+        .unwrap()
+        .expect("subscribed");
+    drop((cm, raw));
+    let started = Instant::now();
+    let mut heartbeats = 0;
+    // Six keepalive intervals (100 ms) after the client went.
+    while started.elapsed() < Duration::from_millis(600) {
+        let event = tokio::time::timeout(patience, events.message())
+            .await
+            .expect("an event within 2 s");
+        assert!(matches!(event, Ok(Some(_))), "the stream ended: {event:?}");
+        heartbeats += 1;
+    }
+    assert!(heartbeats >= 5, "{heartbeats} events in 600 ms");
+}
+
 /// A client made on one runtime keeps working on another once the first shuts down (a
 /// default client installed once, used by each test's own runtime): the connection's task
 /// died with its runtime, and the next call opens a new connection from the runtime it runs
