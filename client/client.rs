@@ -457,10 +457,10 @@ impl Client {
         url: impl Into<String>,
         options: ClientOptions,
     ) -> Result<Self, Error> {
-        check_connection_options(&options)?;
         if options.resolve_interval.is_some() {
             return Self::connect_many_with([url], options).await;
         }
+        check_connection_options(&options)?;
         let url = url.into();
         let target = connect::Target::parse(&url)?;
         if target.is_secure() {

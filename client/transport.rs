@@ -47,7 +47,7 @@ use h2::{
     client::{Connection, SendRequest},
 };
 use http::{
-    HeaderValue, Request, Response, Uri,
+    HeaderName, HeaderValue, Request, Response, Uri,
     header::{AUTHORIZATION, CONNECTION, TRANSFER_ENCODING, UPGRADE, USER_AGENT},
     uri::{Authority, Scheme},
 };
@@ -148,6 +148,15 @@ impl tower_service::Service<Request<Body>> for Transport {
     }
 }
 
+/// The HTTP/1 connection-specific headers HTTP/2 forbids (those h2 refuses to send).
+const CONNECTION_SPECIFIC: [HeaderName; 5] = [
+    CONNECTION,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
 /// Sent with every direct call, as gRPC asks of clients.
 const USER_AGENT_VALUE: &str = concat!("cache-money-rust/", env!("CARGO_PKG_VERSION"));
 
@@ -217,10 +226,7 @@ impl Direct {
         head.uri = Uri::from_parts(uri)
             .map_err(|err| Status::internal(format!("request to {}: {err}", self.url)))?;
         // What HTTP/1 metadata a raw call may carry, HTTP/2 forbids (h2 would refuse the call).
-        for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
-            head.headers.remove(name);
-        }
-        for name in ["keep-alive", "proxy-connection"] {
+        for name in CONNECTION_SPECIFIC {
             head.headers.remove(name);
         }
         head.headers
