@@ -21,6 +21,9 @@ pub const DEFAULT_POOL_SIZE: u32 = 4;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// Bound on one store operation, from pool checkout to reply: past it the RPC is UNAVAILABLE.
 pub const DEFAULT_STORE_TIMEOUT_MS: u64 = 250;
+/// How long a Redis command alone in flight is polled for, µs (`--redis-busy-poll-us`):
+/// about twice a loopback Redis round trip.
+pub const DEFAULT_REDIS_BUSY_POLL_US: u64 = 50;
 /// Bound on opening one Redis connection.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 200;
 /// The longest time to live a `Put` may ask for: 30 days.
@@ -167,6 +170,13 @@ pub struct Config {
     /// Milliseconds one store operation may take, checkout included, before UNAVAILABLE.
     #[arg(long, env = "CACHE_MONEY_STORE_TIMEOUT_MS", default_value_t = DEFAULT_STORE_TIMEOUT_MS)]
     pub store_timeout_ms: u64,
+
+    /// Microseconds the server keeps checking for a Redis reply before it sleeps until the
+    /// reply wakes it, while that command is the only one in flight and Redis has recently
+    /// answered within this time: at low load it saves a wake-up per command (≈ 10 µs on a
+    /// VM) for about the CPU the sleep and wake-up cost. 0 turns it off.
+    #[arg(long, env = "CACHE_MONEY_REDIS_BUSY_POLL_US", default_value_t = DEFAULT_REDIS_BUSY_POLL_US)]
+    pub redis_busy_poll_us: u64,
 
     /// Milliseconds to open one Redis connection.
     #[arg(long, env = "CACHE_MONEY_CONNECT_TIMEOUT_MS", default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
@@ -361,6 +371,14 @@ impl Config {
                 ));
             }
         }
+        if self.redis_busy_poll_us >= self.store_timeout_ms.saturating_mul(1000) {
+            return Err(format!(
+                "--redis-busy-poll-us: must be below --store-timeout-ms ({} ms = {} µs), got {}",
+                self.store_timeout_ms,
+                self.store_timeout_ms.saturating_mul(1000),
+                self.redis_busy_poll_us
+            ));
+        }
         if self.redis_url.is_some() && self.redis_cluster.is_some() {
             return Err(
                 "--redis-url and --redis-cluster are both set (or CACHE_MONEY_REDIS_URL and CACHE_MONEY_REDIS_CLUSTER); use one: --redis-cluster for a Redis Cluster, --redis-url for one Redis"
@@ -475,6 +493,11 @@ impl Config {
     /// Bound on one store operation.
     pub fn store_timeout(&self) -> Duration {
         Duration::from_millis(self.store_timeout_ms)
+    }
+
+    /// How long a Redis command alone in flight is polled for.
+    pub fn redis_busy_poll(&self) -> Duration {
+        Duration::from_micros(self.redis_busy_poll_us)
     }
 
     /// Bound on opening one Redis connection.

@@ -142,6 +142,7 @@ pub async fn run(
             bust_batch: config.bust_batch,
             watch_stream_len: config.watch_stream_len,
             watch_block: config.watch_heartbeat(),
+            busy_poll: config.redis_busy_poll(),
             tls_ca: match &config.redis_tls_ca {
                 None => None,
                 Some(path) => Some(std::fs::read(path).map_err(|err| {
@@ -290,6 +291,7 @@ async fn serve<S: Store>(
         pool_size = config.pool_size,
         max_in_flight = config.max_in_flight,
         store_timeout_ms = config.store_timeout_ms,
+        redis_busy_poll_us = config.redis_busy_poll_us,
         connect_timeout_ms = config.connect_timeout_ms,
         max_ttl_seconds = config.max_ttl_seconds,
         max_value_bytes = config.max_value_bytes,

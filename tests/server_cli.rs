@@ -132,6 +132,7 @@ fn every_setting(files: &SettingFiles) -> Vec<(&'static str, String, String)> {
         number("pool-size", 3),
         number("max-in-flight", 77),
         number("store-timeout-ms", 251),
+        number("redis-busy-poll-us", 49),
         number("connect-timeout-ms", 201),
         number("max-ttl-seconds", 3601),
         number("max-value-bytes", 1001),
@@ -256,7 +257,7 @@ fn every_setting_is_read_from_flag_and_from_environment_variable() {
 /// Settings that cannot work stop start-up with a message naming the flag.
 #[test]
 fn bad_configuration_is_refused_clearly() {
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &["--key-prefix", "cache"],
             "--key-prefix: must end with a character outside [A-Za-z0-9_.-] such as ':', so entries cannot be confused with other keys; got \"cache\"",
@@ -270,6 +271,10 @@ fn bad_configuration_is_refused_clearly() {
             "--max-response-bytes: must be at least --max-value-bytes + 4096",
         ),
         (&["--pool-size", "0"], "--pool-size: must be at least 1"),
+        (
+            &["--store-timeout-ms", "100", "--redis-busy-poll-us", "100000"],
+            "--redis-busy-poll-us: must be below --store-timeout-ms (100 ms = 100000 µs), got 100000",
+        ),
         (
             &["--metrics-timeout-ms", "0"],
             "--metrics-timeout-ms: must be at least 1",

@@ -3,6 +3,7 @@
 //! [`cluster`] is the same store over a Redis Cluster; both pass every operation through one
 //! gate (in-flight limit, store timeout, timing) and share the error mapping.
 
+pub mod busy_poll;
 pub mod cluster;
 pub mod tags;
 
@@ -36,6 +37,7 @@ use crate::lock;
 use crate::server::key::{KeyLayout, LayoutKey};
 use crate::server::metrics::Metrics;
 use crate::server::watch::{Invalidation, Published, position_of, stream_id, stream_key};
+use busy_poll::BusyPoll;
 use redis::streams::{StreamRangeReply, StreamReadReply};
 
 /// The `command` label values of `cache_money_store_command_duration_seconds` for Redis: the
@@ -161,6 +163,9 @@ pub struct RedisSettings {
     pub watch_stream_len: usize,
     /// The longest the process's reader blocks in one `XREAD` (the heartbeat interval).
     pub watch_block: Duration,
+    /// How long a command alone in flight is polled for before the server sleeps until its
+    /// reply (see [`busy_poll`]); zero never polls.
+    pub busy_poll: Duration,
 }
 
 /// The `XADD`s of `invalidations` onto the stream `key`, trimmed to about `len` entries, one
@@ -472,7 +477,8 @@ pub struct RedisStore {
 }
 
 /// What every operation of a Redis store passes through: the in-flight limit, the store
-/// timeout and the command's timing in the metrics. Cloning is shallow.
+/// timeout, busy polling for a lone command's reply, and the command's timing in the metrics.
+/// Cloning is shallow.
 #[derive(Debug, Clone)]
 struct Gate {
     /// Bounds the commands in flight: past it, callers are refused at once (load shedding)
@@ -481,16 +487,19 @@ struct Gate {
     max_in_flight: usize,
     timeout: Duration,
     metrics: Metrics,
+    busy_poll: Arc<BusyPoll>,
 }
 
 impl Gate {
-    /// The limit and timeout `settings` name; metrics off until a store's `with_metrics`.
+    /// The limit, timeout and busy polling `settings` name; metrics off until a store's
+    /// `with_metrics`.
     fn new(settings: &RedisSettings) -> Self {
         Gate {
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             max_in_flight: settings.max_in_flight,
             timeout: settings.timeout,
             metrics: Metrics::disabled(),
+            busy_poll: Arc::new(BusyPoll::new(settings.busy_poll)),
         }
     }
 
@@ -509,7 +518,11 @@ impl Gate {
                 limit: self.max_in_flight,
             });
         };
-        let result = operation(deadline).await;
+        let result = self
+            .busy_poll
+            .run(started, || self.in_flight(), operation(deadline))
+            .await;
+        self.busy_poll.finished(started);
         // The clock reading the deadline came from: one fewer per command.
         self.metrics.store_command(op, Some(started.into_std()));
         result
