@@ -24,6 +24,8 @@ pub const DEFAULT_STORE_TIMEOUT_MS: u64 = 250;
 /// How long a Redis command alone in flight is polled for, µs (`--redis-busy-poll-us`):
 /// about twice a loopback Redis round trip.
 pub const DEFAULT_REDIS_BUSY_POLL_US: u64 = 50;
+/// The most `--redis-busy-poll-us` takes: a millisecond.
+pub const MAX_REDIS_BUSY_POLL_US: u64 = 1000;
 /// Bound on opening one Redis connection.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 200;
 /// The longest time to live a `Put` may ask for: 30 days.
@@ -172,9 +174,10 @@ pub struct Config {
     pub store_timeout_ms: u64,
 
     /// Microseconds the server keeps checking for a Redis reply before it sleeps until the
-    /// reply wakes it, while that command is the only one in flight and Redis has recently
-    /// answered within this time: at low load it saves a wake-up per command (≈ 10 µs on a
-    /// VM) for about the CPU the sleep and wake-up cost. 0 turns it off.
+    /// reply wakes it, while that command is the only one in flight and store operations
+    /// have lately taken no longer than this: at low load on a VM it saves a wake-up per
+    /// command, the server's thread staying busy through the round trip instead. Only with
+    /// --worker-threads 1; at most 1000; 0 turns it off.
     #[arg(long, env = "CACHE_MONEY_REDIS_BUSY_POLL_US", default_value_t = DEFAULT_REDIS_BUSY_POLL_US)]
     pub redis_busy_poll_us: u64,
 
@@ -370,6 +373,12 @@ impl Config {
                     "{flag}: must be at least --max-value-bytes + {MESSAGE_OVERHEAD_BYTES} ({needed}), got {value}"
                 ));
             }
+        }
+        if self.redis_busy_poll_us > MAX_REDIS_BUSY_POLL_US {
+            return Err(format!(
+                "--redis-busy-poll-us: at most {MAX_REDIS_BUSY_POLL_US} (a Redis that takes longer is not worth polling for), got {}",
+                self.redis_busy_poll_us
+            ));
         }
         if self.redis_busy_poll_us >= self.store_timeout_ms.saturating_mul(1000) {
             return Err(format!(

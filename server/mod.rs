@@ -142,7 +142,11 @@ pub async fn run(
             bust_batch: config.bust_batch,
             watch_stream_len: config.watch_stream_len,
             watch_block: config.watch_heartbeat(),
-            busy_poll: config.redis_busy_poll(),
+            // Polling helps only on the single-thread runtime (see busy_poll's docs).
+            busy_poll: match config.worker_threads {
+                1 => config.redis_busy_poll(),
+                _ => std::time::Duration::ZERO,
+            },
             tls_ca: match &config.redis_tls_ca {
                 None => None,
                 Some(path) => Some(std::fs::read(path).map_err(|err| {

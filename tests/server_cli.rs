@@ -257,7 +257,7 @@ fn every_setting_is_read_from_flag_and_from_environment_variable() {
 /// Settings that cannot work stop start-up with a message naming the flag.
 #[test]
 fn bad_configuration_is_refused_clearly() {
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (
             &["--key-prefix", "cache"],
             "--key-prefix: must end with a character outside [A-Za-z0-9_.-] such as ':', so entries cannot be confused with other keys; got \"cache\"",
@@ -272,8 +272,12 @@ fn bad_configuration_is_refused_clearly() {
         ),
         (&["--pool-size", "0"], "--pool-size: must be at least 1"),
         (
-            &["--store-timeout-ms", "100", "--redis-busy-poll-us", "100000"],
-            "--redis-busy-poll-us: must be below --store-timeout-ms (100 ms = 100000 µs), got 100000",
+            &["--redis-busy-poll-us", "1001"],
+            "--redis-busy-poll-us: at most 1000 (a Redis that takes longer is not worth polling for), got 1001",
+        ),
+        (
+            &["--store-timeout-ms", "1", "--redis-busy-poll-us", "1000"],
+            "--redis-busy-poll-us: must be below --store-timeout-ms (1 ms = 1000 µs), got 1000",
         ),
         (
             &["--metrics-timeout-ms", "0"],

@@ -518,11 +518,11 @@ impl Gate {
                 limit: self.max_in_flight,
             });
         };
+        let _timing = self.busy_poll.timing(started);
         let result = self
             .busy_poll
             .run(started, || self.in_flight(), operation(deadline))
             .await;
-        self.busy_poll.finished(started);
         // The clock reading the deadline came from: one fewer per command.
         self.metrics.store_command(op, Some(started.into_std()));
         result
@@ -1375,6 +1375,41 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gate polls for a command alone in flight (after one that was alone too): a
+    /// command answered in a way that wakes nobody completes only by being polled for.
+    #[tokio::test]
+    async fn the_gate_polls_for_a_lone_command() {
+        let gate = Gate::new(&RedisSettings {
+            url: "redis://127.0.0.1:1".into(),
+            key_prefix: "cm:".into(),
+            pool_size: 1,
+            max_in_flight: 4,
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(1),
+            bust_batch: 100,
+            tls_ca: None,
+            watch_stream_len: 100,
+            watch_block: Duration::from_secs(1),
+            busy_poll: Duration::from_secs(5),
+        });
+        gate.run("GET", |_| async { Ok(()) }).await.unwrap();
+        let answered = Arc::new(AtomicBool::new(false));
+        tokio::spawn({
+            let answered = answered.clone();
+            async move { answered.store(true, Relaxed) }
+        });
+        let command = |_| {
+            std::future::poll_fn(|_| match answered.load(Relaxed) {
+                true => std::task::Poll::Ready(Ok("reply")),
+                false => std::task::Poll::Pending,
+            })
+        };
+        tokio::select! {
+            reply = gate.run("GET", command) => assert_eq!(reply.unwrap(), "reply"),
+            () = tokio::time::sleep(Duration::from_secs(2)) => panic!("not polled for"),
+        }
+    }
 
     /// A Redis too old for `XADD … 0-*` is named as such, with what to do, not as an internal
     /// error.

@@ -2,23 +2,30 @@
 //! checking its sockets for up to a budget instead of going to sleep at once.
 //!
 //! At low load the server's thread has nothing else to do while its one command is in flight,
-//! so it sleeps in `epoll_wait` and the reply has to wake it. On a VM that wake-up is dear (a
-//! halted vCPU is woken by an interrupt through the hypervisor): measured on the Intel Xeon
-//! KVM of BENCHMARKS.md, busy polling took the server's Redis hop from ≈ 35 to ≈ 25 µs and a
-//! one-caller Get from ≈ 95 to ≈ 75 µs, at no more CPU per Get (the sleep and wake-up cost
-//! the thread about what the polling does). It is Linux's `SO_BUSY_POLL`, done by the
-//! server: bounded per command, and only where it pays:
+//! so it sleeps in `epoll_wait` and the reply has to wake it. On a VM without guest
+//! halt-polling that wake-up is dear (a halted vCPU is woken through the hypervisor): on the
+//! Intel Xeon KVM of BENCHMARKS.md ("Busy polling for the Redis reply"), polling took the
+//! server's Redis hop from ≈ 35 to ≈ 27 µs and its one-caller Get from ≈ 95 to ≈ 82 µs, at
+//! about the same CPU per Get (the sleep and the wake-up cost the thread about what the
+//! polling does). It is Linux's `SO_BUSY_POLL`, done by the server: bounded per command, and
+//! only where it pays:
 //!
-//! - only while the command is the one operation in flight, and the one before it was too:
-//!   under concurrent load the thread has other work and does not sleep anyway;
-//! - only while Redis has recently answered within the budget (a running average of the
-//!   commands' times), so a Redis across a network, whose replies would never arrive within
-//!   the poll, costs no polling at all;
-//! - each round yields to the runtime, which checks every socket and timer (`epoll_wait` with
-//!   no wait) and runs whatever became ready, so other requests, the store timeout and
-//!   shutdown go on as before.
+//! - only while the command is the one operation in flight, and the command that started
+//!   before it was too: under concurrent load the thread has other work and does not sleep
+//!   anyway, and a second operation arriving ends the polling;
+//! - only while the gate's operations have lately taken no longer than the budget (a running
+//!   average of their times, pool checkout included), so a Redis across a network, whose
+//!   replies would never arrive within the poll, costs no polling at all;
+//! - each round yields to the runtime, which runs whatever else is ready and then, with
+//!   nothing left, checks every socket and timer without sleeping (`epoll_wait` with a zero
+//!   timeout), so other requests, the store timeout and shutdown go on as before.
 //!
-//! `--redis-busy-poll-us 0` turns it off.
+//! Only on the single-thread runtime (`--worker-threads 1`, the default): on tokio's
+//! multi-thread one, an idle worker sleeping in `epoll_wait` holds the I/O driver, so a
+//! polling worker would not see the reply, only keep waking the others (the server turns it
+//! off there). While a caller sends Gets one after another, the thread is busy through each
+//! Redis round trip instead of asleep: a CPU quota sees that. `--redis-busy-poll-us 0` turns
+//! it off.
 
 use std::{
     future::Future,
@@ -34,10 +41,11 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub(crate) struct BusyPoll {
     budget: Duration,
-    /// Whether the last command started as the only operation in flight.
+    /// Whether the last command to start was then the only operation in flight.
     alone: AtomicBool,
-    /// A running average of the commands' times, µs (each new time weighs 1/8).
-    recent_us: AtomicU64,
+    /// A running average of the operations' times, ns (each new time weighs 1/8). Updates
+    /// from two threads at once may lose one: an average, not an account.
+    recent_ns: AtomicU64,
 }
 
 impl BusyPoll {
@@ -46,7 +54,7 @@ impl BusyPoll {
         BusyPoll {
             budget,
             alone: AtomicBool::new(false),
-            recent_us: AtomicU64::new(0),
+            recent_ns: AtomicU64::new(0),
         }
     }
 
@@ -64,7 +72,7 @@ impl BusyPoll {
         let worth_it = alone
             && was_alone
             && !self.budget.is_zero()
-            && self.recent_us.load(Relaxed) <= self.budget.as_micros() as u64;
+            && u128::from(self.recent_ns.load(Relaxed)) <= self.budget.as_nanos();
         if !worth_it {
             return command.await;
         }
@@ -76,33 +84,52 @@ impl BusyPoll {
                 return output;
             }
             if Instant::now() >= until || in_flight() > 1 {
-                // The command's waker is registered: the reply wakes the task as usual.
+                // Awaited from here, as any command: the reply wakes the task. (The await
+                // polls it once more first, needlessly but harmlessly.)
                 return command.await;
             }
             tokio::task::yield_now().await;
         }
     }
 
-    /// Records the time of a command started at `started` (nothing when polling is off).
-    pub(crate) fn finished(&self, started: Instant) {
-        if !self.budget.is_zero() {
-            self.record(started.elapsed());
+    /// Times an operation started at `started` into the running average when the returned
+    /// guard is dropped: when it finishes, or when its caller gives up on it (a slow
+    /// operation counts whether or not anyone waited for it). Nothing when polling is off.
+    pub(crate) fn timing(&self, started: Instant) -> Timing<'_> {
+        Timing {
+            poll: (!self.budget.is_zero()).then_some(self),
+            started,
         }
     }
 
-    /// Records a command's time, `took`, in the running average.
+    /// Records an operation's time, `took`, in the running average.
     fn record(&self, took: Duration) {
-        let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let recent = self.recent_us.load(Relaxed);
-        self.recent_us
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let recent = self.recent_ns.load(Relaxed);
+        self.recent_ns
             .store(recent - recent / 8 + took / 8, Relaxed);
+    }
+}
+
+/// Records an operation's time when dropped (see [`BusyPoll::timing`]).
+#[derive(Debug)]
+pub(crate) struct Timing<'a> {
+    poll: Option<&'a BusyPoll>,
+    started: Instant,
+}
+
+impl Drop for Timing<'_> {
+    fn drop(&mut self) {
+        if let Some(poll) = self.poll {
+            poll.record(self.started.elapsed());
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Mutex, atomic::AtomicUsize};
 
     /// `replied`, counting its polls in `polls` and noting when it last answered pending.
     fn counted<'a>(
@@ -120,28 +147,42 @@ mod tests {
         })
     }
 
+    /// A command ready once `answered` is set, which wakes nobody: only polling sees it.
+    fn seen_only_by_polling<'a>(
+        answered: &'a AtomicBool,
+        polls: &'a AtomicUsize,
+    ) -> impl Future<Output = &'static str> + 'a {
+        std::future::poll_fn(move |_| {
+            polls.fetch_add(1, Relaxed);
+            if answered.load(Relaxed) {
+                Poll::Ready("reply")
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
     #[tokio::test]
     async fn a_lone_command_is_polled_for_and_others_keep_running() {
         let poll = BusyPoll::new(Duration::from_secs(5));
         poll.alone.store(true, Relaxed);
-        // The reply comes from another task on this one thread: it arrives only if polling
-        // yields to the runtime (a poll that spun without yielding would never see it).
-        let (reply, replied) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move { reply.send("reply").unwrap() });
-        let polls = Mutex::new((0, None));
+        // The answer comes from another task on this one thread: it arrives only if polling
+        // yields to the runtime; and as it wakes nobody, it is seen only by polling.
+        let answered = std::sync::Arc::new(AtomicBool::new(false));
+        tokio::spawn({
+            let answered = answered.clone();
+            async move { answered.store(true, Relaxed) }
+        });
+        let polls = AtomicUsize::new(0);
         let started = Instant::now();
-        assert_eq!(
-            poll.run(started, || 1, counted(replied, &polls)).await,
-            "reply"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "waited out the budget: {:?}",
-            started.elapsed()
-        );
-        // Polled, then polled again after one yield: the second poll found the reply (the
-        // task was not woken in between: only the polling looked again).
-        assert_eq!(polls.lock().unwrap().0, 2);
+        tokio::select! {
+            reply = poll.run(started, || 1, seen_only_by_polling(&answered, &polls)) => {
+                assert_eq!(reply, "reply");
+            }
+            () = tokio::time::sleep(Duration::from_secs(2)) => panic!("not polled for"),
+        }
+        // Polled, then polled again after one yield, which let the other task answer.
+        assert_eq!(polls.load(Relaxed), 2);
     }
 
     #[tokio::test]
@@ -180,7 +221,7 @@ mod tests {
             reply.send("reply").unwrap()
         });
         // Alone when the command starts and at the first round; another operation from then.
-        let asked = std::sync::atomic::AtomicU64::new(0);
+        let asked = AtomicU64::new(0);
         let in_flight = || 1 + u64::from(asked.fetch_add(1, Relaxed) >= 2);
         let polls = Mutex::new((0, None));
         let started = Instant::now();
@@ -196,7 +237,7 @@ mod tests {
     #[tokio::test]
     async fn busy_or_far_or_off_is_not_polled_for() {
         // Each case: (what, budget, the last command alone, operations in flight, the time
-        // Redis has been taking).
+        // operations have been taking).
         let cases = [
             (
                 "another operation in flight",
@@ -221,40 +262,48 @@ mod tests {
                 Some(2),
             ),
         ];
-        for (case, budget, was_alone, in_flight, redis_seconds) in cases {
+        for (case, budget, was_alone, in_flight, seconds) in cases {
             let poll = BusyPoll::new(budget);
             poll.alone.store(was_alone, Relaxed);
-            for _ in 0..redis_seconds.map_or(0, |_| 32) {
-                poll.record(Duration::from_secs(redis_seconds.unwrap_or(0)));
+            for _ in 0..seconds.map_or(0, |_| 32) {
+                poll.record(Duration::from_secs(seconds.unwrap_or(0)));
             }
-            let (reply, replied) = tokio::sync::oneshot::channel();
-            let polls = Mutex::new((0, None));
-            let run = poll.run(Instant::now(), || in_flight, counted(replied, &polls));
-            // Nothing replies within 50 ms: a command not polled for is polled once and
-            // sleeps; one polled for would be polled again and again. (The sleep is checked
-            // first, so the command is not polled again when it ends.)
+            // Never answered: a command not polled for is polled once and sleeps; one polled
+            // for would be polled again and again. (The sleep is checked first, so the
+            // command is not polled again when it ends.)
+            let (answered, polls) = (AtomicBool::new(false), AtomicUsize::new(0));
             tokio::select! {
                 biased;
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
-                _ = run => panic!("{case}: answered without a reply"),
+                _ = poll.run(Instant::now(), || in_flight, seen_only_by_polling(&answered, &polls)) => {
+                    unreachable!("never answered")
+                }
             }
-            assert_eq!(polls.lock().unwrap().0, 1, "{case}: polled for");
-            drop(reply);
+            assert_eq!(polls.load(Relaxed), 1, "{case}: polled for");
         }
     }
 
     #[test]
-    fn the_average_follows_the_commands() {
+    fn the_average_follows_the_operations_and_their_guards() {
         let poll = BusyPoll::new(Duration::from_micros(50));
         for _ in 0..64 {
             poll.record(Duration::from_micros(400));
         }
-        let far = poll.recent_us.load(Relaxed);
-        assert!((390..=400).contains(&far), "{far}");
+        let far = poll.recent_ns.load(Relaxed);
+        assert!((399_000..=400_000).contains(&far), "{far}");
         for _ in 0..64 {
-            poll.record(Duration::from_micros(20));
+            poll.record(Duration::from_micros(49));
         }
-        let near = poll.recent_us.load(Relaxed);
-        assert!(near <= 25, "{near}");
+        // Back under the budget: truncation leaves at most a few ns of bias.
+        let near = poll.recent_ns.load(Relaxed);
+        assert!((49_000..50_000).contains(&near), "{near}");
+        // A guard records when dropped, however its operation ended.
+        let before = poll.recent_ns.load(Relaxed);
+        drop(poll.timing(Instant::now() - Duration::from_secs(1)));
+        assert!(poll.recent_ns.load(Relaxed) > before + 100_000_000);
+        // Off: nothing is recorded.
+        let off = BusyPoll::new(Duration::ZERO);
+        drop(off.timing(Instant::now() - Duration::from_secs(1)));
+        assert_eq!(off.recent_ns.load(Relaxed), 0);
     }
 }
