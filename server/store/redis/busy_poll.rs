@@ -5,7 +5,7 @@
 //! so it sleeps in `epoll_wait` and the reply has to wake it. On a VM without guest
 //! halt-polling that wake-up is dear (a halted vCPU is woken through the hypervisor): on the
 //! Intel Xeon KVM of BENCHMARKS.md ("Busy polling for the Redis reply"), polling took the
-//! server's Redis hop from ≈ 35 to ≈ 27 µs and its one-caller Get from ≈ 95 to ≈ 82 µs, at
+//! server's Redis hop from ≈ 36 to ≈ 28 µs and its one-caller Get from ≈ 98 to ≈ 83 µs, at
 //! about the same CPU per Get (the sleep and the wake-up cost the thread about what the
 //! polling does). It is Linux's `SO_BUSY_POLL`, done by the server: bounded per command, and
 //! only where it pays:
