@@ -142,10 +142,9 @@ pub async fn run(
             bust_batch: config.bust_batch,
             watch_stream_len: config.watch_stream_len,
             watch_block: config.watch_heartbeat(),
-            // Polling helps only on the single-thread runtime (see busy_poll's docs).
-            busy_poll: match config.worker_threads {
-                1 => config.redis_busy_poll(),
-                _ => std::time::Duration::ZERO,
+            busy_poll: match busy_polling(&config) {
+                true => config.redis_busy_poll(),
+                false => std::time::Duration::ZERO,
             },
             tls_ca: match &config.redis_tls_ca {
                 None => None,
@@ -178,6 +177,15 @@ pub async fn run(
             serve(store, config, security, telemetry, listener, shutdown).await
         }
     }
+}
+
+/// Whether a Redis store polls for its replies (`--redis-busy-poll-us`): only on a
+/// current-thread runtime, the server's own with `--worker-threads 1` or whatever runtime a
+/// caller of [`run`] made (see the busy_poll module's docs).
+fn busy_polling(config: &Config) -> bool {
+    config.redis_busy_poll_us > 0
+        && tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread
 }
 
 /// Who may call, and over what: the token grants and the listener's TLS, both optional.
@@ -296,6 +304,7 @@ async fn serve<S: Store>(
         max_in_flight = config.max_in_flight,
         store_timeout_ms = config.store_timeout_ms,
         redis_busy_poll_us = config.redis_busy_poll_us,
+        redis_busy_polling = busy_polling(&config) && store.kind() != "memory",
         connect_timeout_ms = config.connect_timeout_ms,
         max_ttl_seconds = config.max_ttl_seconds,
         max_value_bytes = config.max_value_bytes,

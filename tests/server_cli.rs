@@ -372,3 +372,27 @@ fn taken_port_is_reported() {
         );
     }
 }
+
+/// Busy polling for Redis replies is on with the single-thread runtime and off with more
+/// worker threads (where it cannot see the reply), and the start-up line says which.
+#[test]
+fn busy_polling_is_on_only_for_the_single_thread_runtime() {
+    // Nothing listens there: the server starts anyway, NOT_SERVING.
+    let url = format!("redis://127.0.0.1:{}", common::free_port());
+    for (threads, polling) in [("1", true), ("2", false)] {
+        let server = CacheServer::start(&["--redis-url", &url, "--worker-threads", threads]);
+        let line = server
+            .wait_for_log("cache-money serving", common::READY_TIMEOUT)
+            .unwrap();
+        assert!(
+            line.contains(&format!("redis_busy_polling={polling}")),
+            "{threads} threads: {line}"
+        );
+        assert!(line.contains("redis_busy_poll_us=50"), "{line}");
+    }
+    let server = CacheServer::start(&["--redis-url", &url, "--redis-busy-poll-us", "0"]);
+    let line = server
+        .wait_for_log("cache-money serving", common::READY_TIMEOUT)
+        .unwrap();
+    assert!(line.contains("redis_busy_polling=false"), "{line}");
+}

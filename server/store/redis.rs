@@ -521,7 +521,7 @@ impl Gate {
         let _timing = self.busy_poll.timing(started);
         let result = self
             .busy_poll
-            .run(started, || self.in_flight(), operation(deadline))
+            .run(|| self.in_flight(), operation(deadline))
             .await;
         // The clock reading the deadline came from: one fewer per command.
         self.metrics.store_command(op, Some(started.into_std()));
@@ -1409,6 +1409,25 @@ mod tests {
             reply = gate.run("GET", command) => assert_eq!(reply.unwrap(), "reply"),
             () = tokio::time::sleep(Duration::from_secs(2)) => panic!("not polled for"),
         }
+        // With another operation holding a permit, a command is polled once and waits.
+        let _other = gate.in_flight.clone().try_acquire_owned().unwrap();
+        let polls = std::sync::atomic::AtomicUsize::new(0);
+        let unanswered = |_| {
+            std::future::poll_fn(|_| {
+                polls.fetch_add(1, Relaxed);
+                std::task::Poll::<Result<(), StoreError>>::Pending
+            })
+        };
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = gate.run("GET", unanswered) => unreachable!("never answered"),
+        }
+        assert_eq!(
+            polls.load(Relaxed),
+            1,
+            "polled for beside another operation"
+        );
     }
 
     /// A Redis too old for `XADD … 0-*` is named as such, with what to do, not as an internal
