@@ -67,17 +67,9 @@ count() {
     "$CLI" --server "http://127.0.0.1:$1" stats | awk -v name="$2" '$1 == name { print $2 }'
 }
 
-# A framed gRPC GetRequest for bench/get/<32 zeros>: the 5-byte prefix, then the protobuf
-# (GetRequest.key = 1; Key.namespace = 1, function = 2, digest = 3).
+# A framed gRPC GetRequest for bench/get/<32 zeros>, for h2load.
 digest=00000000000000000000000000000000
-python3 - "$work/get.bin" "$digest" <<'PY'
-import struct, sys
-def field(number, payload):
-    return bytes([number << 3 | 2, len(payload)]) + payload
-key = field(1, b"bench") + field(2, b"get") + field(3, sys.argv[2].encode())
-message = field(1, key)
-open(sys.argv[1], "wb").write(b"\0" + struct.pack(">I", len(message)) + message)
-PY
+python3 benches/get_request.py "$work/get.bin" "$digest"
 
 n=0
 for server in "${servers[@]}"; do

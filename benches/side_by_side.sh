@@ -47,16 +47,9 @@ wait_for() {
     exit 1
 }
 
-# The framed GetRequest of benches/instructions.sh: bench/get/<32 zeros>.
+# A framed gRPC GetRequest for bench/get/<32 zeros>, for h2load.
 digest=00000000000000000000000000000000
-python3 - "$work/get.bin" "$digest" <<'PY'
-import struct, sys
-def field(number, payload):
-    return bytes([number << 3 | 2, len(payload)]) + payload
-key = field(1, b"bench") + field(2, b"get") + field(3, sys.argv[2].encode())
-message = field(1, key)
-open(sys.argv[1], "wb").write(b"\0" + struct.pack(">I", len(message)) + message)
-PY
+python3 benches/get_request.py "$work/get.bin" "$digest"
 
 redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
