@@ -5,7 +5,7 @@
 //! so it sleeps in `epoll_wait` and the reply has to wake it. On a VM without guest
 //! halt-polling that wake-up is dear (a halted vCPU is woken through the hypervisor): on the
 //! Intel Xeon KVM of BENCHMARKS.md ("Busy polling for the Redis reply"), polling took the
-//! server's Redis hop by 7–8 µs and its one-caller Get by 13–15 %, for the same to 11 % more
+//! server's Redis hop by 6–8 µs and its one-caller Get by 8–15 %, for the same to 16 % more
 //! CPU per Get (the sleep and the wake-up cost the thread about what the polling does). It is Linux's `SO_BUSY_POLL`, done by the server: bounded per command, and
 //! only where it pays:
 //!
