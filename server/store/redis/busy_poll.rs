@@ -4,10 +4,10 @@
 //! At low load the server's thread has nothing else to do while its one command is in flight,
 //! so it sleeps in `epoll_wait` and the reply has to wake it. On a VM without guest
 //! halt-polling that wake-up is dear (a halted vCPU is woken through the hypervisor): on the
-//! Intel Xeon KVM of BENCHMARKS.md ("Busy polling for the Redis reply"), polling took the
-//! server's Redis hop by 6–8 µs and its one-caller Get by 8–15 %, for the same to 16 % more
-//! CPU per Get (the sleep and the wake-up cost the thread about what the polling does). It is Linux's `SO_BUSY_POLL`, done by the server: bounded per command, and
-//! only where it pays:
+//! Intel Xeon KVM of BENCHMARKS.md ("Busy polling for the Redis reply"), polling took 6–8 µs
+//! off the server's Redis hop and 8–15 % off its one-caller Get, for the same to 16 % more
+//! CPU per Get (the sleep and the wake-up cost the thread about what the polling does). It is
+//! Linux's `SO_BUSY_POLL`, done by the server: bounded per command, and only where it pays:
 //!
 //! - only while the command is the one operation in flight, and the command that started
 //!   before it was too: under concurrent load the thread has other work and does not sleep
@@ -24,9 +24,9 @@
 //! Only on the single-thread runtime (`--worker-threads 1`, the default): on tokio's
 //! multi-thread one, an idle worker sleeping in `epoll_wait` holds the I/O driver, so a
 //! polling worker would not see the reply, only keep waking the others (the server turns it
-//! off on any runtime but a current-thread one). While a caller sends Gets one after another, the thread is busy through each
-//! Redis round trip instead of asleep: a CPU quota sees that. `--redis-busy-poll-us 0` turns
-//! it off.
+//! off on any runtime but a current-thread one). While a caller sends Gets one after another,
+//! the thread is busy through each Redis round trip instead of asleep: a CPU quota sees that.
+//! `--redis-busy-poll-us 0` turns it off.
 
 use std::{
     future::Future,
