@@ -217,15 +217,18 @@ const MIN_KEEPALIVE_INTERVAL: Duration = Duration::from_millis(10);
 /// Refuses connection settings that cannot work: a zero connect or keepalive timeout (every
 /// connection would fail), a keepalive interval under [`MIN_KEEPALIVE_INTERVAL`].
 fn check_connection_options(options: &ClientOptions) -> Result<(), Error> {
-    let refuse = |what: &str| Err(Error::InvalidOption(what.to_owned()));
+    let refuse = |what: String| Err(Error::InvalidOption(what));
     if options.connect_timeout.is_zero() {
-        return refuse("connect_timeout: must be more than zero");
+        return refuse("connect_timeout: must be more than zero".into());
     }
     if options.keepalive_timeout.is_zero() {
-        return refuse("keepalive_timeout: must be more than zero");
+        return refuse("keepalive_timeout: must be more than zero".into());
     }
     if options.keepalive_interval < MIN_KEEPALIVE_INTERVAL {
-        return refuse("keepalive_interval: must be at least 10 ms");
+        return refuse(format!(
+            "keepalive_interval: must be at least {} ms",
+            MIN_KEEPALIVE_INTERVAL.as_millis()
+        ));
     }
     Ok(())
 }

@@ -222,8 +222,8 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// A direct connection, to check what the server really wrote.
-    /// A connection for the test's own commands. Its replies may take as long as a loaded
+    /// A direct connection, to check what the server really wrote (and for the test's own
+    /// commands). Its replies may take as long as a loaded
     /// machine needs (a pipelined fill of 10,000 entries took over redis-rs's default 500 ms
     /// once): a test bounds its own waits.
     pub async fn connect(&self) -> redis::aio::MultiplexedConnection {

@@ -67,11 +67,14 @@ impl BusyPoll {
         in_flight: impl Fn() -> u64,
         command: F,
     ) -> F::Output {
+        if self.budget.is_zero() {
+            // Off: not even the shared flag is touched.
+            return command.await;
+        }
         let alone = in_flight() == 1;
         let was_alone = self.alone.swap(alone, Relaxed);
         let worth_it = alone
             && was_alone
-            && !self.budget.is_zero()
             && u128::from(self.recent_ns.load(Relaxed)) <= self.budget.as_nanos();
         if !worth_it {
             return command.await;
@@ -133,11 +136,18 @@ mod tests {
     use super::*;
     use std::sync::{Mutex, atomic::AtomicUsize};
 
-    /// `replied`, counting its polls in `polls` and noting when it last answered pending.
+    /// A command answered `reply` after `delay` by another task (its answer wakes the
+    /// command), counting its polls in `polls` and noting when it last answered pending.
     fn counted<'a>(
-        mut replied: tokio::sync::oneshot::Receiver<&'static str>,
+        delay: Duration,
+        reply: &'static str,
         polls: &'a Mutex<(usize, Option<Instant>)>,
     ) -> impl Future<Output = &'static str> + 'a {
+        let (answer, mut replied) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            answer.send(reply).unwrap()
+        });
         std::future::poll_fn(move |cx| {
             let polled = std::pin::Pin::new(&mut replied).poll(cx);
             let mut polls = polls.lock().unwrap();
@@ -190,14 +200,10 @@ mod tests {
     async fn polling_stops_at_the_budget_and_the_command_still_completes() {
         let poll = BusyPoll::new(Duration::from_millis(20));
         poll.alone.store(true, Relaxed);
-        let (reply, replied) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            reply.send("late").unwrap()
-        });
         let polls = Mutex::new((0, None));
         let started = Instant::now();
-        assert_eq!(poll.run(|| 1, counted(replied, &polls)).await, "late");
+        let command = counted(Duration::from_millis(300), "late", &polls);
+        assert_eq!(poll.run(|| 1, command).await, "late");
         let (rounds, last_pending) = *polls.lock().unwrap();
         assert!(rounds > 2, "not polled for: {rounds} polls");
         // The last pending poll came at the budget (20 ms), not just before the reply
@@ -213,16 +219,12 @@ mod tests {
     async fn a_second_operation_ends_the_polling() {
         let poll = BusyPoll::new(Duration::from_secs(5));
         poll.alone.store(true, Relaxed);
-        let (reply, replied) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            reply.send("reply").unwrap()
-        });
         // Alone when the command starts and at the first round; another operation from then.
         let asked = AtomicU64::new(0);
         let in_flight = || 1 + u64::from(asked.fetch_add(1, Relaxed) >= 2);
         let polls = Mutex::new((0, None));
-        assert_eq!(poll.run(in_flight, counted(replied, &polls)).await, "reply");
+        let command = counted(Duration::from_millis(100), "reply", &polls);
+        assert_eq!(poll.run(in_flight, command).await, "reply");
         // Polled at the start, after one round, once more as the polling ends (awaited from
         // then on), and when the reply woke it: not the thousands of rounds of 100 ms.
         assert_eq!(polls.lock().unwrap().0, 4);
