@@ -5,10 +5,15 @@
 #
 #   cargo build --release --bins --example hit_loop
 #   benches/side_by_side.sh "--redis-busy-poll-us 0" ""          # A's flags, then B's
+#   A_SERVER=/tmp/old-server benches/side_by_side.sh "" ""         # two builds, same flags
+#   CONNECTIONS=4 STREAMS=13 HIT_SECONDS=0 benches/side_by_side.sh "" ""   # under load
 #
+# Each side runs target/release/cache-money-server unless A_SERVER or B_SERVER names another
+# binary.
 # Starts redis-server and both servers on free loopback ports (metrics on) and stores one
-# 64-byte entry. Then ROUNDS times (default 3) measures A, B, B, A with h2load (1 connection,
-# 1 stream, REQUESTS Gets, default 20000): µs per Get, the server's own Redis hop (the mean of
+# 64-byte entry. Then ROUNDS times (default 3) measures A, B, B, A with h2load (CONNECTIONS
+# connections of STREAMS streams, default 1 and 1, REQUESTS Gets, default 20000): µs per Get
+# (the inverse of the throughput), the server's own Redis hop (the mean of
 # its store command histogram over those Gets, which also proves they all reached Redis) and
 # its CPU per Get (user + system, /proc, in steps of one clock tick). Then, unless
 # HIT_SECONDS=0, the same rounds of one caller's memoize hits through the client library
@@ -20,15 +25,24 @@ A_FLAGS=${1?"A's flags, e.g. \"--redis-busy-poll-us 0\""}
 B_FLAGS=${2-}
 ROUNDS=${ROUNDS:-3}
 REQUESTS=${REQUESTS:-20000}
+CONNECTIONS=${CONNECTIONS:-1}
+STREAMS=${STREAMS:-1}
 HIT_SECONDS=${HIT_SECONDS:-3}
+declare -A server
+for side in A B; do
+    named=${side}_SERVER
+    [ -z "${!named:-}" ] || server[$side]=$(realpath "${!named}")
+done
 cd "$(dirname "$0")/.."
-SERVER=$PWD/target/release/cache-money-server
+for side in A B; do server[$side]=${server[$side]:-$PWD/target/release/cache-money-server}; done
 CLI=$PWD/target/release/cache-money
 HIT_LOOP=$PWD/target/release/examples/hit_loop
 for tool in h2load redis-server redis-cli curl python3; do
     command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
 done
-[ -x "$SERVER" ] && [ -x "$CLI" ] || { echo "needs $SERVER: cargo build --release --bins" >&2; exit 1; }
+for binary in "${server[A]}" "${server[B]}" "$CLI"; do
+    [ -x "$binary" ] || { echo "needs $binary: cargo build --release --bins" >&2; exit 1; }
+done
 [ "$HIT_SECONDS" = 0 ] || [ -x "$HIT_LOOP" ] ||
     { echo "needs $HIT_LOOP: cargo build --release --example hit_loop (or HIT_SECONDS=0)" >&2; exit 1; }
 for var in $(compgen -e | grep '^CACHE_MONEY_' || true); do unset "$var"; done
@@ -62,7 +76,7 @@ for side in A B; do
     flags=A_FLAGS
     [ "$side" = B ] && flags=B_FLAGS
     # shellcheck disable=SC2086 # the flags are words
-    "$SERVER" --listen "127.0.0.1:${port[$side]}" --metrics-listen "127.0.0.1:${metrics[$side]}" \
+    "${server[$side]}" --listen "127.0.0.1:${port[$side]}" --metrics-listen "127.0.0.1:${metrics[$side]}" \
         --redis-url "redis://127.0.0.1:$redis_port" ${!flags} >"$work/$side.log" 2>&1 &
     pid[$side]=$!
     running+=("${pid[$side]}")
@@ -85,7 +99,7 @@ measure() {
     local side=$1 n=$2 before after rate
     before=$(reading "$side")
     rate=$(h2load -H 'content-type: application/grpc' -H 'te: trailers' -d "$work/get.bin" \
-        "http://127.0.0.1:${port[$side]}/cache_money.v1.CacheMoney/Get" -n "$n" -c 1 -m 1 |
+        "http://127.0.0.1:${port[$side]}/cache_money.v1.CacheMoney/Get" -n "$n" -c "$CONNECTIONS" -m "$STREAMS" |
         awk '/^finished in/ { print $4 }')
     after=$(reading "$side")
     python3 - "$side" "$n" "$rate" "$before" "$after" "$(getconf CLK_TCK)" <<'PY' | tee -a "$work/results"
@@ -112,7 +126,7 @@ hits() {
 measure A 2000 >/dev/null
 measure B 2000 >/dev/null
 : >"$work/results"
-echo "A: ${A_FLAGS:-(defaults)}; B: ${B_FLAGS:-(defaults)};$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+echo "A: ${server[A]} ${A_FLAGS:-(defaults)}; B: ${server[B]} ${B_FLAGS:-(defaults)}; h2load ${CONNECTIONS}x$STREAMS;$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 for _ in $(seq "$ROUNDS"); do
     for side in A B B A; do measure "$side" "$REQUESTS"; done
 done

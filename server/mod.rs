@@ -18,6 +18,7 @@
 
 pub mod auth;
 pub mod config;
+mod direct_get;
 pub mod key;
 pub mod metrics;
 pub mod observe;
@@ -46,6 +47,7 @@ use tracing::{info, warn};
 
 use self::auth::Auth;
 use self::config::{Config, LogFormat, redacted_seeds, redacted_url};
+use self::direct_get::DirectGet;
 use self::metrics::Metrics;
 use self::observe::Observed;
 use self::service::{CacheService, Limits};
@@ -266,17 +268,22 @@ async fn serve<S: Store>(
     } else {
         Hub::start(store.clone(), settings, metrics.clone())
     };
-    let service = CacheService::new(
+    let service = Arc::new(CacheService::new(
         store.clone(),
         limits,
         store_up.clone(),
         auth.is_some(),
         metrics.clone(),
         hub.clone(),
-    );
+    ));
     let tokens = auth.as_ref().map_or(0, Auth::len);
     let cache = NameTheMessageLimit {
-        inner: CacheMoneyServer::new(service).max_decoding_message_size(config.max_message_bytes),
+        inner: DirectGet::new(
+            CacheMoneyServer::from_arc(service.clone())
+                .max_decoding_message_size(config.max_message_bytes),
+            service,
+            config.max_message_bytes,
+        ),
         max_message_bytes: config.max_message_bytes,
     };
     let rpc_metrics = metrics.clone();
