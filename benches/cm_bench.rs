@@ -43,9 +43,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cache_money::{
-    Client, ClientOptions, RawClient, Ttl, pb, pb::cache_money_client::CacheMoneyClient,
-};
+use cache_money::{Client, ClientOptions, Ttl, pb, pb::cache_money_client::CacheMoneyClient};
 use common::{CacheServer, RedisCluster, RedisServer, digest, key};
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
@@ -377,8 +375,8 @@ fn fixture_request() -> pb::GetRequest {
 }
 
 /// One gRPC Get of the 64-byte fixture; it must hit.
-async fn get_fixture(client: &mut RawClient, request: pb::GetRequest) {
-    assert!(client.get(request).await.unwrap().into_inner().hit);
+async fn get_fixture(client: &Client, request: pb::GetRequest) {
+    assert!(client.raw_get(request).await.unwrap().into_inner().hit);
 }
 
 /// How many requests redis-benchmark needs to run for about `duration` at `rps`.
@@ -391,7 +389,7 @@ fn requests_for(rps: f64, duration: Duration) -> String {
 /// The 50-caller Get of the fixture through `clients`, and the CPU per request of the server
 /// (`server_pid`), Redis and the load generator meanwhile.
 async fn get50(
-    clients: &[RawClient],
+    clients: &[Client],
     duration: Duration,
     server_pid: u32,
     redis_pid: u32,
@@ -401,9 +399,9 @@ async fn get50(
     let before = CpuTicks::now(server_pid, redis_pid);
     let request = fixture_request();
     let measured = load(CONCURRENCY, duration, 1, move |caller, _| {
-        let (mut client, request) = (pool[caller % CONNECTIONS].clone(), request.clone());
+        let (client, request) = (pool[caller % CONNECTIONS].clone(), request.clone());
         async move {
-            get_fixture(&mut client, request).await;
+            get_fixture(&client, request).await;
         }
     })
     .await;
@@ -487,12 +485,12 @@ fn python_hit(python: &std::path::Path, port: u16, duration: Duration) -> Sample
 }
 
 /// One caller's Gets of the fixture through `client`, back to back, for `duration`.
-async fn one_caller_gets(client: &RawClient, duration: Duration) -> Sample {
+async fn one_caller_gets(client: &Client, duration: Duration) -> Sample {
     let (single, request) = (client.clone(), fixture_request());
     load(1, duration, 1, move |_, _| {
-        let (mut client, request) = (single.clone(), request.clone());
+        let (client, request) = (single.clone(), request.clone());
         async move {
-            get_fixture(&mut client, request).await;
+            get_fixture(&client, request).await;
         }
     })
     .await
@@ -503,10 +501,11 @@ async fn one_caller_gets(client: &RawClient, duration: Duration) -> Sample {
 type FloorRun = ([f64; 2], [[f64; 2]; FLOOR_SERVERS.len()]);
 
 /// A cache-money server on the in-memory store holding the 64-byte Get fixture, and a client.
-async fn memory_with_fixture(value64: &[u8]) -> (CacheServer, RawClient) {
+async fn memory_with_fixture(value64: &[u8]) -> (CacheServer, Client) {
     let memory = CacheServer::memory(&[]);
-    let mut client = Client::connect(memory.url()).await.unwrap().raw();
+    let client = Client::connect(memory.url()).await.unwrap();
     client
+        .raw()
         .put(common::put(key("bench", "get", 0), value64, 3600))
         .await
         .unwrap();
@@ -572,12 +571,11 @@ fn scraped(page: &str, prefix: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(prefix)?.trim().parse().ok())
 }
 
-/// The load generator's stubs: the client library's, each over its own channel (connection).
-async fn channels(server: &CacheServer) -> Vec<RawClient> {
+/// The load generator's clients: the client library's, each over its own connection.
+async fn channels(server: &CacheServer) -> Vec<Client> {
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {
-        let client = Client::connect(server.url()).await.expect("client");
-        clients.push(client.raw());
+        clients.push(Client::connect(server.url()).await.expect("client"));
     }
     clients
 }
@@ -860,7 +858,7 @@ async fn main() {
     // hop (sum / count: the mean, finer than any bucket), and one on the in-memory store.
     let hop_servers = if settings.wants("hops") {
         let metered = CacheServer::redis(&redis, &["--metrics-listen", "127.0.0.1:0"]);
-        let metered_client = Client::connect(metered.url()).await.unwrap().raw();
+        let metered_client = Client::connect(metered.url()).await.unwrap();
         let (memory, memory_client) = memory_with_fixture(&value64).await;
         Some((metered, metered_client, memory, memory_client))
     } else {
@@ -881,10 +879,7 @@ async fn main() {
         ];
         let mut targets = Vec::new();
         for addr in addrs {
-            let client = Client::connect(format!("http://{addr}"))
-                .await
-                .unwrap()
-                .raw();
+            let client = Client::connect(format!("http://{addr}")).await.unwrap();
             targets.push((addr, client));
         }
         Some((memory, targets))
@@ -1155,13 +1150,15 @@ async fn main() {
             let pool = clients.clone();
             rows[4].reference_samples.push(
                 load(BATCH_CALLERS, duration, 1, move |caller, n| {
-                    let mut client = pool[caller % CONNECTIONS].clone();
+                    let client = pool[caller % CONNECTIONS].clone();
                     async move {
                         let request = pb::GetRequest {
                             key: Some(key("bench", "batch", n % BATCH as u64)),
                             ..Default::default()
                         };
-                        assert!(client.get(request).await.unwrap().into_inner().hit);
+                        // The stub's Get, as GetMany's: the row compares the two RPCs.
+                        let reply = client.raw().get(request).await.unwrap();
+                        assert!(reply.into_inner().hit);
                     }
                 })
                 .await,
@@ -1169,12 +1166,13 @@ async fn main() {
             let pool = clients.clone();
             rows[4].cm.push(
                 load(BATCH_CALLERS, duration, BATCH as u64, move |caller, _| {
-                    let mut client = pool[caller % CONNECTIONS].clone();
+                    let client = pool[caller % CONNECTIONS].clone();
                     async move {
                         let keys = (0..BATCH as u64)
                             .map(|n| key("bench", "batch", n))
                             .collect();
                         let reply = client
+                            .raw()
                             .get_many(pb::GetManyRequest { keys })
                             .await
                             .unwrap()
@@ -1347,9 +1345,9 @@ async fn cluster_bust(settings: &Settings, report: &mut String) {
         let request = fixture_request();
         row.cm.push(
             load(CONCURRENCY, duration, 1, move |caller, _| {
-                let (mut client, request) = (pool[caller % CONNECTIONS].clone(), request.clone());
+                let (client, request) = (pool[caller % CONNECTIONS].clone(), request.clone());
                 async move {
-                    get_fixture(&mut client, request).await;
+                    get_fixture(&client, request).await;
                 }
             })
             .await,
@@ -1369,14 +1367,14 @@ async fn cluster_bust(settings: &Settings, report: &mut String) {
 async fn bust(
     store: &str,
     settings: &Settings,
-    clients: &[RawClient],
+    clients: &[Client],
     raw: &mut CacheMoneyClient<Channel>,
     report: &mut String,
 ) {
     let reading = Arc::new(AtomicBool::new(true));
     let mut readers = Vec::new();
     for caller in 0..8 {
-        let (mut client, reading) = (clients[caller % CONNECTIONS].clone(), reading.clone());
+        let (client, reading) = (clients[caller % CONNECTIONS].clone(), reading.clone());
         readers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             // Bounded: stops when the bust ends, or after 10 minutes at the very most.
@@ -1384,7 +1382,7 @@ async fn bust(
             while reading.load(Relaxed) && Instant::now() < give_up {
                 let t = Instant::now();
                 let _ = client
-                    .get(pb::GetRequest {
+                    .raw_get(pb::GetRequest {
                         key: Some(key("bench", "get", 0)),
                         ..Default::default()
                     })
@@ -1430,12 +1428,7 @@ async fn bust(
 }
 
 /// Footprint: server RSS under the 50-caller load, at the start and after a while.
-async fn footprint(
-    settings: &Settings,
-    clients: &[RawClient],
-    server_pid: u32,
-    report: &mut String,
-) {
+async fn footprint(settings: &Settings, clients: &[Client], server_pid: u32, report: &mut String) {
     let pool = clients.to_vec();
     let footprint = Duration::from_secs(settings.footprint_seconds);
     let early = Arc::new(std::sync::Mutex::new(0u64));
@@ -1445,10 +1438,10 @@ async fn footprint(
         *early_probe.lock().unwrap() = rss_kib(server_pid);
     });
     load(CONCURRENCY, footprint, 1, move |caller, _| {
-        let mut client = pool[caller % CONNECTIONS].clone();
+        let client = pool[caller % CONNECTIONS].clone();
         async move {
             let _ = client
-                .get(pb::GetRequest {
+                .raw_get(pb::GetRequest {
                     key: Some(key("bench", "get", 0)),
                     ..Default::default()
                 })

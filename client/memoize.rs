@@ -839,9 +839,7 @@ impl Function {
             let ticket = near.and_then(|near| near.ticket(&self.namespace));
             let found = self
                 .client
-                .cache_rpc("Get", &self.warned_refused, |mut rpc| async move {
-                    rpc.get(request).await
-                })
+                .cache_rpc("Get", &self.warned_refused, || self.client.raw_get(request))
                 .await;
             let Some(reply) = found else {
                 // Fail-open, and the result is written as before leases (unconditionally):
@@ -1015,9 +1013,10 @@ impl Function {
                 .policy
                 .stale_seconds(self.ttl, self.client.options().max_ttl),
         };
+        let mut rpc = self.client.raw();
         let reply = self
             .client
-            .cache_rpc("Put", &self.warned_refused, |mut rpc| async move {
+            .cache_rpc("Put", &self.warned_refused, || async move {
                 rpc.put(request).await
             })
             .await;
@@ -1204,8 +1203,9 @@ impl Function {
         // Before sending as well as after, as `Client::bust_rpc` does: a dropped future
         // still drops the copy.
         self.client.own_change(&Scope::Entry(key.clone()));
+        let mut rpc = self.client.raw();
         self.client
-            .cache_rpc("Bust", &self.warned_refused, |mut rpc| async move {
+            .cache_rpc("Bust", &self.warned_refused, || async move {
                 rpc.bust(request).await
             })
             .await;

@@ -2,11 +2,11 @@
 //!
 //! Every other RPC goes through the generated service as before. For a Get, tonic builds a
 //! `Grpc` with its codec, a `Streaming` decoder over the request body, a response stream of
-//! one message and an encoding body that frames it: ≈ 13 % of the server's instructions per
-//! Get at 50 callers (BENCHMARKS.md, "Get without tonic's unary path"). Here the request's
-//! one message is read from the body as it arrives (without a copy when it comes in one
-//! frame), handed to the same [`CacheMoney::get`], and the answer goes out as one prebuilt
-//! frame followed by the `grpc-status` trailers.
+//! one message and an encoding body that frames it. Here the request's one message is read
+//! from the body as it arrives (without a copy when it comes in one frame), handed to the same
+//! [`CacheMoney::get`], and the answer goes out as one prebuilt frame followed by the
+//! `grpc-status` trailers: 5 % fewer of the server's instructions per Get (BENCHMARKS.md,
+//! "Get without tonic's unary path").
 //!
 //! Nothing else changes: the layers around the service (auth, metrics, the message limit's
 //! wording) see the same requests and responses, and each way a request can be malformed gets
@@ -128,9 +128,10 @@ where
     }
 }
 
-/// The first message of a unary request's body, read to its end as tonic reads it: any later
-/// message is decoded and dropped, trailers are appended to `headers`, and a body the peer
-/// cancelled ends it. Errors are tonic's, word for word.
+/// The first message of a unary request's body, read to its end as tonic's decoder reads it:
+/// any later message is decoded and dropped; trailers are appended to `headers` and end it
+/// (whatever is left unread), as does a body the peer cancelled. Errors are tonic's, word for
+/// word.
 async fn read_one<M: Message + Default, B>(
     body: B,
     limit: usize,
@@ -142,84 +143,85 @@ where
 {
     let mut body = pin!(body);
     let mut buffered = BytesMut::new();
+    // Some(length) once a message's header is read and its bytes are awaited.
+    let mut expecting = None;
     let mut message = None;
     loop {
+        while let Some(bytes) = next_message(&mut buffered, &mut expecting, limit)? {
+            let decoded = M::decode(bytes).map_err(|err| Status::internal(err.to_string()))?;
+            message.get_or_insert(decoded);
+        }
         let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
-        let data = match frame {
-            None => break,
+        match frame {
+            None if buffered.is_empty() => break,
+            None => return Err(Status::internal("Unexpected EOF decoding stream.")),
             Some(Err(err)) => {
                 let status = Status::from_error(err.into());
+                // tonic ends a cancelled request's stream there, without looking at what
+                // is left of a message.
                 if status.code() == tonic::Code::Cancelled {
                     break;
                 }
                 return Err(status);
             }
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => data,
+                Ok(data) => buffered.extend_from_slice(&data),
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
                         headers.extend(trailers);
                     }
-                    continue;
+                    break;
                 }
             },
-        };
-        if buffered.is_empty() {
-            // The usual case: the whole message in one frame, decoded where it lies.
-            let mut data = data;
-            decode_all(&mut data, limit, &mut message)?;
-            buffered.put(data);
-        } else {
-            buffered.put(data);
-            let mut whole = buffered.split().freeze();
-            decode_all(&mut whole, limit, &mut message)?;
-            buffered.put(whole);
         }
-    }
-    if !buffered.is_empty() {
-        return Err(Status::internal("Unexpected EOF decoding stream."));
     }
     message.ok_or_else(|| Status::internal("Missing request message."))
 }
 
-/// Decodes each whole message at the front of `data` (the first into `first`, later ones
-/// dropped), leaving an incomplete one in `data`.
-fn decode_all<M: Message + Default>(
-    data: &mut Bytes,
+/// The next whole message in `buffered`, if it holds one, its header consumed as soon as it
+/// is there (so a message's bytes are awaited with the header already checked, as tonic's
+/// decoder does). `expecting` carries a read header's length between calls.
+fn next_message(
+    buffered: &mut BytesMut,
+    expecting: &mut Option<usize>,
     limit: usize,
-    first: &mut Option<M>,
-) -> Result<(), Status> {
-    while let [flag, a, b, c, d, ..] = data[..] {
-        match flag {
-            0 => {}
-            1 => {
-                return Err(Status::internal(
-                    "protocol error: received message with compressed-flag but no grpc-encoding was specified",
-                ));
+) -> Result<Option<Bytes>, Status> {
+    let len = match *expecting {
+        Some(len) => len,
+        None => {
+            let [flag, a, b, c, d, ..] = buffered[..] else {
+                return Ok(None);
+            };
+            match flag {
+                0 => {}
+                1 => {
+                    return Err(Status::internal(
+                        "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+                    ));
+                }
+                flag => {
+                    return Err(Status::internal(format!(
+                        "protocol error: received message with invalid compression flag: {flag} (valid flags are 0 and 1), while sending request"
+                    )));
+                }
             }
-            flag => {
-                return Err(Status::internal(format!(
-                    "protocol error: received message with invalid compression flag: {flag} (valid flags are 0 and 1), while sending request"
+            let len = u32::from_be_bytes([a, b, c, d]) as usize;
+            if len > limit {
+                return Err(Status::out_of_range(format!(
+                    "Error, decoded message length too large: found {len} bytes, the limit is: {limit} bytes"
                 )));
             }
+            buffered.advance(HEADER);
+            buffered.reserve(len);
+            len
         }
-        let len = u32::from_be_bytes([a, b, c, d]) as usize;
-        if len > limit {
-            return Err(Status::out_of_range(format!(
-                "Error, decoded message length too large: found {len} bytes, the limit is: {limit} bytes"
-            )));
-        }
-        if data.len() < HEADER + len {
-            break;
-        }
-        data.advance(HEADER);
-        let decoded =
-            M::decode(data.split_to(len)).map_err(|err| Status::internal(err.to_string()))?;
-        if first.is_none() {
-            *first = Some(decoded);
-        }
+    };
+    if buffered.len() < len {
+        *expecting = Some(len);
+        return Ok(None);
     }
-    Ok(())
+    *expecting = None;
+    Ok(Some(buffered.split_to(len).freeze()))
 }
 
 /// `response` as tonic would send it: its metadata as headers, the message in one frame, then
@@ -227,9 +229,15 @@ fn decode_all<M: Message + Default>(
 fn respond<M: Message>(response: tonic::Response<M>) -> http::Response<tonic::body::Body> {
     let (metadata, message, extensions) = response.into_parts();
     let len = message.encoded_len();
+    let Ok(framed_len) = u32::try_from(len) else {
+        return Status::resource_exhausted(format!(
+            "Cannot return body with more than 4GB of data but got {len} bytes"
+        ))
+        .into_http();
+    };
     let mut frame = BytesMut::with_capacity(HEADER + len);
     frame.put_u8(0);
-    frame.put_u32(u32::try_from(len).expect("a response within the message limit"));
+    frame.put_u32(framed_len);
     message
         .encode(&mut frame)
         .expect("the buffer holds the message's encoded length");
@@ -238,14 +246,28 @@ fn respond<M: Message>(response: tonic::Response<M>) -> http::Response<tonic::bo
         done: false,
     }));
     *http.version_mut() = http::Version::HTTP_2;
-    *http.headers_mut() = metadata.into_headers();
-    http.headers_mut().insert(
+    let mut headers = metadata.into_headers();
+    // What tonic leaves out of a response's metadata: gRPC's own headers.
+    for reserved in RESERVED {
+        headers.remove(reserved);
+    }
+    headers.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
+    *http.headers_mut() = headers;
     *http.extensions_mut() = extensions;
     http
 }
+
+/// The headers tonic removes from a response's metadata (`MetadataMap::GRPC_RESERVED_HEADERS`).
+const RESERVED: [&str; 5] = [
+    "te",
+    "content-type",
+    "grpc-message",
+    "grpc-message-type",
+    "grpc-status",
+];
 
 /// A successful unary response's body: one framed message, then the OK status as trailers.
 struct OneMessage {

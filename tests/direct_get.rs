@@ -1,8 +1,9 @@
 //! The server answers Get without tonic's unary path (`server/direct_get.rs`); a request
 //! carrying `grpc-encoding: identity` still takes tonic's. Each test here sends the same
-//! bytes both ways over a plain HTTP/2 connection and requires the same answer — status code,
-//! message, response headers, message bytes and trailers — so tonic is the reference for every
-//! malformed request a peer can send, as well as for a good one.
+//! bytes both ways over a plain HTTP/2 connection and requires the same answer — status code
+//! and message (from the trailers, or the head of a trailers-only answer), the other response
+//! headers, and the message bytes — so tonic is the reference for every malformed request a
+//! peer can send, as well as for a good one.
 
 mod common;
 
@@ -253,6 +254,23 @@ async fn malformed_requests_get_tonic_s_status() {
             "{what}: a body with an error: {reply:?}"
         );
     }
+    // Shapes where what is left over decides nothing, as in tonic's decoder: a header whose
+    // message never came ends as no message at all; after a whole message, a lone header, or
+    // stray bytes before the trailers, are ignored.
+    let reply = both_ways(&server, &[framed_with(0, 40, &[])], None).await;
+    assert_eq!(
+        (reply.code, reply.message.as_str()),
+        (Code::Internal, "Missing request message.")
+    );
+    let whole = framed(&message);
+    let lone_header = framed_with(0, 40, &[]);
+    let reply = both_ways(&server, &[whole.clone(), lone_header], None).await;
+    assert_eq!(reply.code, Code::Ok, "{reply:?}");
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-note", HeaderValue::from_static("trailing"));
+    let stray = Bytes::from_static(&[0, 0, 1]);
+    let reply = both_ways(&server, &[whole, stray], Some(trailers)).await;
+    assert_eq!(reply.code, Code::Ok, "{reply:?}");
     // Valid protobuf, invalid request: the service's own validation, on either path.
     let no_key = framed(&pb::GetRequest::default().encode_to_vec());
     let reply = both_ways(&server, &[no_key], None).await;
