@@ -845,8 +845,8 @@ impl Client {
         .await;
     }
 
-    /// A raw `Get`: what `self.raw().get(request)` answers, status for status, in about a
-    /// sixth fewer of the client's instructions when the client has a direct connection (one
+    /// A raw `Get`: what `self.raw().get(request)` answers, status for status, in about
+    /// 15 % fewer of the client's instructions when the client has a direct connection (one
     /// `http://` URL, [`Client::connect`]): the request is framed and the response read
     /// without the generated stub's generic path (BENCHMARKS.md, "Get without tonic's unary
     /// path"). `memoize` looks up through it. Like any raw call it has no deadline, breaker or

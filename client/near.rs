@@ -769,9 +769,10 @@ impl Near {
         ttl_ms: u64,
     ) {
         let ttl = Duration::from_millis(ttl_ms);
-        // The answer's value is a slice of the whole buffer its response was decoded into (512
-        // bytes at least, `client/codec.rs`): a copy gets an allocation of its own, made
-        // before taking the lock hits take.
+        // The answer's value is a slice of the whole buffer its response was decoded from (the
+        // HTTP/2 connection's read buffer, or tonic's decode buffer of 512 bytes at least,
+        // `client/codec.rs`): a copy gets an allocation of its own, made before taking the
+        // lock hits take.
         let owned = ticket.map(|ticket| (ticket, Bytes::copy_from_slice(&bytes)));
         let new = {
             let mut state = lock(&self.state);

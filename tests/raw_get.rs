@@ -308,13 +308,18 @@ async fn odd_responses_get_the_stub_s_outcome() {
             None,
         ),
         (
-            "trailers with an undecodable message",
+            "an OK status whose grpc-message does not decode",
             vec![
                 OK_HEAD,
                 data(),
                 Step::Trailers(&[("grpc-status", "0"), ("grpc-message", "%FF")]),
             ],
             Some(tonic::Code::Unknown),
+        ),
+        (
+            "not protobuf, then nothing",
+            vec![OK_HEAD, Step::Data(framed(&[0xff; 7])), Step::Stall],
+            Some(tonic::Code::Internal),
         ),
         (
             "the compressed flag, then nothing",
