@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use cache_money::pb;
-use common::{CacheServer, key, put};
+use common::{CacheServer, framed, framed_with, key, put};
 use http::{HeaderMap, HeaderValue, Request};
 use prost::Message;
 use tokio::net::TcpStream;
@@ -104,20 +104,6 @@ async fn exchange(
         headers,
         body: data.freeze(),
     }
-}
-
-/// `message` in a gRPC frame: flag 0, its length, its bytes.
-fn framed(message: &[u8]) -> Bytes {
-    framed_with(0, message.len() as u32, message)
-}
-
-/// A frame with any flag and any announced length.
-fn framed_with(flag: u8, len: u32, payload: &[u8]) -> Bytes {
-    let mut frame = BytesMut::new();
-    frame.put_u8(flag);
-    frame.put_u32(len);
-    frame.put_slice(payload);
-    frame.freeze()
 }
 
 fn get_request(n: u64) -> Vec<u8> {

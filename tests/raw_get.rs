@@ -8,8 +8,9 @@ mod common;
 
 use std::net::SocketAddr;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use cache_money::{Client, ClientOptions, pb};
+use common::{framed, framed_with};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use prost::Message;
 use tokio::net::TcpListener;
@@ -91,19 +92,6 @@ async fn answer(
             }
         }
     }
-}
-
-/// `message` in a gRPC frame.
-fn framed(message: &[u8]) -> Bytes {
-    framed_with(0, message.len() as u32, message)
-}
-
-fn framed_with(flag: u8, len: u32, payload: &[u8]) -> Bytes {
-    let mut frame = BytesMut::new();
-    frame.put_u8(flag);
-    frame.put_u32(len);
-    frame.put_slice(payload);
-    frame.freeze()
 }
 
 fn hit(value: &[u8]) -> Vec<u8> {

@@ -582,6 +582,20 @@ pub fn key(namespace: &str, function: &str, n: u64) -> pb::Key {
     }
 }
 
+/// `message` in a gRPC frame: flag 0, its length, its bytes.
+pub fn framed(message: &[u8]) -> bytes::Bytes {
+    framed_with(0, message.len() as u32, message)
+}
+
+/// A gRPC frame with any flag and any announced length, for what a peer might send.
+pub fn framed_with(flag: u8, len: u32, payload: &[u8]) -> bytes::Bytes {
+    let mut frame = Vec::with_capacity(5 + payload.len());
+    frame.push(flag);
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame.into()
+}
+
 /// A Put request.
 pub fn put(key: pb::Key, value: &[u8], ttl_seconds: u32) -> pb::PutRequest {
     pb::PutRequest {
