@@ -311,7 +311,7 @@ async fn serve<S: Store>(
         max_in_flight = config.max_in_flight,
         store_timeout_ms = config.store_timeout_ms,
         redis_busy_poll_us = config.redis_busy_poll_us,
-        redis_busy_polling = busy_polling(&config) && store.kind() != "memory",
+        redis_busy_polling = store.busy_polls(),
         connect_timeout_ms = config.connect_timeout_ms,
         max_ttl_seconds = config.max_ttl_seconds,
         max_value_bytes = config.max_value_bytes,

@@ -258,6 +258,12 @@ pub trait Store: Clone + fmt::Debug + Send + Sync + 'static {
     /// `"redis"`, `"redis-cluster"` or `"memory"`, for stats and logs.
     fn kind(&self) -> &'static str;
 
+    /// Whether the store busy-polls for its replies (`--redis-busy-poll-us`, in effect only on
+    /// a current-thread runtime), for the start-up line.
+    fn busy_polls(&self) -> bool {
+        false
+    }
+
     /// Reads one entry; `None` when absent, expired, past its TTL (a stale copy) or only
     /// leased.
     fn get(

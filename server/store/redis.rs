@@ -941,6 +941,10 @@ impl Store for RedisStore {
         "redis"
     }
 
+    fn busy_polls(&self) -> bool {
+        self.gate.busy_poll.is_on()
+    }
+
     async fn lookup(&self, key: &EntryKey, left: bool) -> Result<Found, StoreError> {
         let key = self.layout.entry(key);
         if !left {

@@ -50,6 +50,11 @@ pub(crate) struct BusyPoll {
 }
 
 impl BusyPoll {
+    /// Whether it ever polls: a budget above zero.
+    pub(crate) fn is_on(&self) -> bool {
+        !self.budget.is_zero()
+    }
+
     /// Polling for up to `budget` per command; `Duration::ZERO` never polls.
     pub(crate) fn new(budget: Duration) -> Self {
         BusyPoll {

@@ -1023,6 +1023,10 @@ impl Store for ClusterStore {
         "redis-cluster"
     }
 
+    fn busy_polls(&self) -> bool {
+        self.gate.busy_poll.is_on()
+    }
+
     async fn lookup(&self, key: &EntryKey, left: bool) -> Result<Found, StoreError> {
         let key = self.layout.entry(key);
         if !left {
