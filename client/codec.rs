@@ -9,6 +9,7 @@
 
 use std::marker::PhantomData;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use tonic::{
     Status,
@@ -71,4 +72,37 @@ impl<T: Message> Encoder for SizedEncoder<T> {
     fn buffer_settings(&self) -> BufferSettings {
         self.0.buffer_settings()
     }
+}
+
+/// The path of Get, the one RPC both sides frame and read themselves (the server's
+/// `direct_get`, the client's `Transport::get`).
+pub(crate) const GET_PATH: &str = "/cache_money.v1.CacheMoney/Get";
+
+/// A gRPC message's frame header: the compressed flag and the length (big-endian u32).
+pub(crate) const FRAME_HEADER: usize = 5;
+
+/// The compressed flag and the length that the frame at the start of `bytes` announces;
+/// `None` while its header is not all there.
+pub(crate) fn frame_header(bytes: &[u8]) -> Option<(u8, usize)> {
+    let [flag, a, b, c, d, ..] = *bytes else {
+        return None;
+    };
+    Some((flag, u32::from_be_bytes([a, b, c, d]) as usize))
+}
+
+/// `message` in one uncompressed gRPC frame, or tonic's refusal of a message over 4 GB.
+pub(crate) fn frame(message: &impl Message) -> Result<Bytes, Status> {
+    let len = message.encoded_len();
+    let announced = u32::try_from(len).map_err(|_| {
+        Status::resource_exhausted(format!(
+            "Cannot return body with more than 4GB of data but got {len} bytes"
+        ))
+    })?;
+    let mut frame = BytesMut::with_capacity(FRAME_HEADER + len);
+    frame.put_u8(0);
+    frame.put_u32(announced);
+    message
+        .encode(&mut frame)
+        .expect("the buffer holds the message's encoded length");
+    Ok(frame.freeze())
 }

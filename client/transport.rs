@@ -42,7 +42,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use h2::{
     Ping, PingPong, Reason, RecvStream, SendStream,
     client::{Connection, SendRequest},
@@ -62,7 +62,7 @@ use prost::Message;
 
 use crate::{
     ClientOptions,
-    codec::Codec,
+    codec::{self, Codec, FRAME_HEADER, GET_PATH},
     connect::Target,
     lock,
     pb::{self, cache_money_client::CacheMoneyClient},
@@ -756,11 +756,6 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
-/// The path of the one call a direct connection makes without the generated stub.
-const GET_PATH: &str = "/cache_money.v1.CacheMoney/Get";
-/// A gRPC message's frame header: the compressed flag and the length (big-endian u32).
-const FRAME_HEADER: usize = 5;
-
 impl Transport {
     /// `Get`, as the generated stub makes it (`RawClient::get` with its decoding limit set to
     /// `max_receive`), with the same answer and the same status for every way a response can
@@ -812,24 +807,14 @@ impl Direct {
         if let Some(authorization) = authorization {
             headers.insert(AUTHORIZATION, authorization.clone());
         }
-        let len = message.encoded_len();
-        let mut frame = BytesMut::with_capacity(FRAME_HEADER + len);
-        frame.put_u8(0);
-        frame.put_u32(u32::try_from(len).map_err(|_| {
-            Status::resource_exhausted(format!(
-                "Cannot return body with more than 4GB of data but got {len} bytes"
-            ))
-        })?);
-        message
-            .encode(&mut frame)
-            .expect("the buffer holds the message's encoded length");
+        let frame = codec::frame(&message)?;
 
         let mut sender = self.ready().await?;
         // From here on the request may reach the server: whatever happens, it is not sent again.
         let (response, mut stream) = sender
             .send_request(request, false)
             .map_err(|err| self.status(err))?;
-        if let Err(err) = stream.send_data(frame.freeze(), true) {
+        if let Err(err) = stream.send_data(frame, true) {
             // As `send_body`: a stream that would not take it says no more than the response.
             if !(err.is_reset() || err.is_go_away() || err.is_io()) {
                 return Err(status_of(err, &self.url));
@@ -888,24 +873,16 @@ async fn unary_response<M: Message + Default + Send + 'static>(
                         with_headers(Status::internal(err.to_string()), &parts.headers)
                     })?;
                     match poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-                        Some(Ok(frame)) => match frame.into_trailers() {
-                            Ok(trailers) if is_ok(&trailers) => {
+                        Some(Ok(frame)) if frame.trailers_ref().is_some_and(is_ok) => {
+                            if let Ok(trailers) = frame.into_trailers() {
                                 parts.headers.extend(trailers);
-                                return Ok(tonic::Response::from_parts(
-                                    MetadataMap::from_headers(parts.headers),
-                                    message,
-                                    parts.extensions,
-                                ));
                             }
-                            Ok(trailers) => {
-                                read.push_back(Ok(Frame::data(data)));
-                                read.push_back(Ok(Frame::trailers(trailers)));
-                            }
-                            Err(frame) => {
-                                read.push_back(Ok(Frame::data(data)));
-                                read.push_back(Ok(frame));
-                            }
-                        },
+                            return Ok(tonic::Response::from_parts(
+                                MetadataMap::from_headers(parts.headers),
+                                message,
+                                parts.extensions,
+                            ));
+                        }
                         next => {
                             read.push_back(Ok(Frame::data(data)));
                             read.extend(next);
@@ -945,13 +922,8 @@ async fn unary_response<M: Message + Default + Send + 'static>(
 
 /// Whether `data` is one whole uncompressed message within `max_receive` bytes.
 fn is_one_message(data: &Bytes, max_receive: usize) -> bool {
-    match data[..] {
-        [0, a, b, c, d, ref message @ ..] => {
-            let len = u32::from_be_bytes([a, b, c, d]) as usize;
-            len == message.len() && len <= max_receive
-        }
-        _ => false,
-    }
+    matches!(codec::frame_header(data),
+        Some((0, len)) if FRAME_HEADER + len == data.len() && len <= max_receive)
 }
 
 /// Whether `trailers` carry an OK status, as tonic reads it.
@@ -1017,6 +989,7 @@ mod tests {
     /// near miss of it is not: those go to tonic's decoder.
     #[test]
     fn only_the_usual_shape_is_read_here() {
+        use bytes::{BufMut, BytesMut};
         let framed = |flag: u8, len: u32, payload: &[u8]| {
             let mut frame = BytesMut::new();
             frame.put_u8(flag);

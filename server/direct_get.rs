@@ -21,7 +21,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame};
 use prost::Message;
 use tonic::{
@@ -31,12 +31,10 @@ use tonic::{
     server::NamedService,
 };
 
-use crate::pb::{self, cache_money_server::CacheMoney};
-
-/// The path of the one RPC served here.
-const GET: &str = "/cache_money.v1.CacheMoney/Get";
-/// A gRPC message's frame header: the compressed flag and the length (big-endian u32).
-const HEADER: usize = 5;
+use crate::{
+    codec::{self, FRAME_HEADER, GET_PATH},
+    pb::{self, cache_money_server::CacheMoney},
+};
 
 /// The generated service `inner`, with its Gets answered by `service` directly.
 #[derive(Debug)]
@@ -93,7 +91,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != GET || request.headers().contains_key("grpc-encoding") {
+        if request.uri().path() != GET_PATH || request.headers().contains_key("grpc-encoding") {
             return self.inner.call(request);
         }
         let service = self.service.clone();
@@ -147,10 +145,7 @@ where
     let mut expecting = None;
     let mut message = None;
     loop {
-        while let Some(bytes) = next_message(&mut buffered, &mut expecting, limit)? {
-            let decoded = M::decode(bytes).map_err(|err| Status::internal(err.to_string()))?;
-            message.get_or_insert(decoded);
-        }
+        decode_ready(&mut buffered, &mut expecting, limit, &mut message)?;
         let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
         match frame {
             None if buffered.is_empty() => break,
@@ -168,11 +163,7 @@ where
                 // The usual case: whole messages in the frame, taken from it without a copy;
                 // only what is left of a message waits in `buffered`.
                 Ok(mut data) if buffered.is_empty() => {
-                    while let Some(bytes) = next_message(&mut data, &mut expecting, limit)? {
-                        let decoded =
-                            M::decode(bytes).map_err(|err| Status::internal(err.to_string()))?;
-                        message.get_or_insert(decoded);
-                    }
+                    decode_ready(&mut data, &mut expecting, limit, &mut message)?;
                     buffered.extend_from_slice(&data);
                 }
                 Ok(data) => buffered.extend_from_slice(&data),
@@ -188,6 +179,21 @@ where
     message.ok_or_else(|| Status::internal("Missing request message."))
 }
 
+/// Decodes each whole message `buffered` holds, keeping the first in `first` (later ones are
+/// dropped), and leaves what is left of the next in `buffered`.
+fn decode_ready<M: Message + Default>(
+    buffered: &mut impl Buf,
+    expecting: &mut Option<usize>,
+    limit: usize,
+    first: &mut Option<M>,
+) -> Result<(), Status> {
+    while let Some(bytes) = next_message(buffered, expecting, limit)? {
+        let decoded = M::decode(bytes).map_err(|err| Status::internal(err.to_string()))?;
+        first.get_or_insert(decoded);
+    }
+    Ok(())
+}
+
 /// The next whole message in `buffered`, if it holds one, its header consumed as soon as it
 /// is there (so a message's bytes are awaited with the header already checked, as tonic's
 /// decoder does). `expecting` carries a read header's length between calls.
@@ -201,7 +207,7 @@ fn next_message(
         None => {
             // Both buffers read here (a frame's `Bytes`, the `BytesMut` of a message in
             // pieces) are contiguous: the chunk is all of it.
-            let [flag, a, b, c, d, ..] = buffered.chunk()[..] else {
+            let Some((flag, len)) = codec::frame_header(buffered.chunk()) else {
                 return Ok(None);
             };
             match flag {
@@ -217,13 +223,12 @@ fn next_message(
                     )));
                 }
             }
-            let len = u32::from_be_bytes([a, b, c, d]) as usize;
             if len > limit {
                 return Err(Status::out_of_range(format!(
                     "Error, decoded message length too large: found {len} bytes, the limit is: {limit} bytes"
                 )));
             }
-            buffered.advance(HEADER);
+            buffered.advance(FRAME_HEADER);
             len
         }
     };
@@ -239,23 +244,14 @@ fn next_message(
 /// `grpc-status: 0` as trailers.
 fn respond<M: Message>(response: tonic::Response<M>) -> http::Response<tonic::body::Body> {
     let (metadata, message, extensions) = response.into_parts();
-    let len = message.encoded_len();
-    // Unreachable under the message limits; tonic refuses it with this status too, though in
-    // trailers after a 200 head (it finds out while streaming the body).
-    let Ok(framed_len) = u32::try_from(len) else {
-        return Status::resource_exhausted(format!(
-            "Cannot return body with more than 4GB of data but got {len} bytes"
-        ))
-        .into_http();
+    // A message over 4 GB is unreachable under the message limits; tonic refuses it with the
+    // same status, though in trailers after a 200 head (it finds out while streaming the body).
+    let frame = match codec::frame(&message) {
+        Ok(frame) => frame,
+        Err(status) => return status.into_http(),
     };
-    let mut frame = BytesMut::with_capacity(HEADER + len);
-    frame.put_u8(0);
-    frame.put_u32(framed_len);
-    message
-        .encode(&mut frame)
-        .expect("the buffer holds the message's encoded length");
     let mut http = http::Response::new(tonic::body::Body::new(OneMessage {
-        frame: Some(frame.freeze()),
+        frame: Some(frame),
         done: false,
     }));
     *http.version_mut() = http::Version::HTTP_2;
@@ -414,22 +410,25 @@ mod tests {
         let reached = Arc::new(AtomicUsize::new(0));
         let mut service = direct_get(reached.clone());
 
-        let response = service.call(request(GET, None)).await.unwrap();
+        let response = service.call(request(GET_PATH, None)).await.unwrap();
         assert_eq!(reached.load(SeqCst), 0, "the Get reached the inner service");
         assert_eq!(response.headers()["content-type"], "application/grpc");
         let body = response.into_body().collect().await.unwrap();
         let trailers = body.trailers().cloned().expect("trailers");
         assert_eq!(trailers["grpc-status"], "0");
         let framed = body.to_bytes();
-        let reply = pb::GetResponse::decode(&framed[HEADER..]).expect("a GetResponse");
+        let reply = pb::GetResponse::decode(&framed[FRAME_HEADER..]).expect("a GetResponse");
         assert!(!reply.hit, "a miss in an empty store");
         assert_eq!(framed[0], 0);
         assert_eq!(
-            u32::from_be_bytes(framed[1..HEADER].try_into().unwrap()) as usize,
-            framed.len() - HEADER
+            u32::from_be_bytes(framed[1..FRAME_HEADER].try_into().unwrap()) as usize,
+            framed.len() - FRAME_HEADER
         );
 
-        service.call(request(GET, Some("identity"))).await.unwrap();
+        service
+            .call(request(GET_PATH, Some("identity")))
+            .await
+            .unwrap();
         assert_eq!(
             reached.load(SeqCst),
             1,

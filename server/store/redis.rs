@@ -1380,6 +1380,8 @@ impl Store for RedisStore {
 mod tests {
     use super::*;
 
+    use super::busy_poll::tests::seen_only_by_polling;
+
     /// The gate polls for a command alone in flight (after one that was alone too): a
     /// command answered in a way that wakes nobody completes only by being polled for.
     #[tokio::test]
@@ -1403,25 +1405,22 @@ mod tests {
             let answered = answered.clone();
             async move { answered.store(true, Relaxed) }
         });
-        let command = |_| {
-            std::future::poll_fn(|_| match answered.load(Relaxed) {
-                true => std::task::Poll::Ready(Ok("reply")),
-                false => std::task::Poll::Pending,
-            })
+        // A store command's result, from a command that only polling sees answered.
+        let seen = |answered, polls| async move {
+            Ok::<_, StoreError>(seen_only_by_polling(answered, polls).await)
         };
+        let polls = std::sync::atomic::AtomicUsize::new(0);
         tokio::select! {
-            reply = gate.run("GET", command) => assert_eq!(reply.unwrap(), "reply"),
+            reply = gate.run("GET", |_| seen(&answered, &polls)) => assert_eq!(reply.unwrap(), "reply"),
             () = tokio::time::sleep(Duration::from_secs(2)) => panic!("not polled for"),
         }
         // With another operation holding a permit, a command is polled once and waits.
         let _other = gate.in_flight.clone().try_acquire_owned().unwrap();
-        let polls = std::sync::atomic::AtomicUsize::new(0);
-        let unanswered = |_| {
-            std::future::poll_fn(|_| {
-                polls.fetch_add(1, Relaxed);
-                std::task::Poll::<Result<(), StoreError>>::Pending
-            })
-        };
+        let (never, polls) = (
+            AtomicBool::new(false),
+            std::sync::atomic::AtomicUsize::new(0),
+        );
+        let unanswered = |_| seen(&never, &polls);
         tokio::select! {
             biased;
             () = tokio::time::sleep(Duration::from_millis(50)) => {}

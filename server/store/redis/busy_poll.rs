@@ -50,11 +50,6 @@ pub(crate) struct BusyPoll {
 }
 
 impl BusyPoll {
-    /// Whether it ever polls: a budget above zero.
-    pub(crate) fn is_on(&self) -> bool {
-        !self.budget.is_zero()
-    }
-
     /// Polling for up to `budget` per command; `Duration::ZERO` never polls.
     pub(crate) fn new(budget: Duration) -> Self {
         BusyPoll {
@@ -62,6 +57,11 @@ impl BusyPoll {
             alone: AtomicBool::new(false),
             recent_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Whether it ever polls: a budget above zero.
+    pub(crate) fn is_on(&self) -> bool {
+        !self.budget.is_zero()
     }
 
     /// Runs `command` with `in_flight` operations running (its own included), polling for it
@@ -72,7 +72,7 @@ impl BusyPoll {
         in_flight: impl Fn() -> u64,
         command: F,
     ) -> F::Output {
-        if self.budget.is_zero() {
+        if !self.is_on() {
             // Off: not even the shared flag is touched.
             return command.await;
         }
@@ -107,7 +107,7 @@ impl BusyPoll {
     /// operation counts whether or not anyone waited for it). Nothing when polling is off.
     pub(crate) fn timing(&self, started: Instant) -> Timing<'_> {
         Timing {
-            poll: (!self.budget.is_zero()).then_some(self),
+            poll: self.is_on().then_some(self),
             started,
         }
     }
@@ -137,7 +137,7 @@ impl Drop for Timing<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::sync::{Mutex, atomic::AtomicUsize};
 
@@ -165,7 +165,8 @@ mod tests {
     }
 
     /// A command ready once `answered` is set, which wakes nobody: only polling sees it.
-    fn seen_only_by_polling<'a>(
+    /// (The gate's own test uses it too.)
+    pub(in crate::server::store::redis) fn seen_only_by_polling<'a>(
         answered: &'a AtomicBool,
         polls: &'a AtomicUsize,
     ) -> impl Future<Output = &'static str> + 'a {
