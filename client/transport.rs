@@ -922,8 +922,10 @@ async fn unary_response<M: Message + Default + Send + 'static>(
 
 /// Whether `data` is one whole uncompressed message within `max_receive` bytes.
 fn is_one_message(data: &Bytes, max_receive: usize) -> bool {
+    // `frame_header` answers only with the header all there: the subtraction cannot wrap,
+    // where adding the peer's length to it could on a 32-bit target.
     matches!(codec::frame_header(data),
-        Some((0, len)) if FRAME_HEADER + len == data.len() && len <= max_receive)
+        Some((0, len)) if len == data.len() - FRAME_HEADER && len <= max_receive)
 }
 
 /// Whether `trailers` carry an OK status, as tonic reads it.
