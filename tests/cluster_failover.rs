@@ -71,10 +71,7 @@ async fn load(
         };
         let earlier = written[(n as usize * 7919) % written.len()];
         match cm
-            .get(pb::GetRequest {
-                key: Some(key("load", &function, earlier)),
-                ..Default::default()
-            })
+            .get(common::get_request(key("load", &function, earlier)))
             .await
         {
             Ok(reply) => {
@@ -424,12 +421,7 @@ async fn frozen_cluster_times_out_instead_of_hanging() {
         cluster.freeze(*port);
     }
     let started = Instant::now();
-    let get = cm
-        .get(pb::GetRequest {
-            key: Some(key("ns", "f", 1)),
-            ..Default::default()
-        })
-        .await;
+    let get = cm.get(common::get_request(key("ns", "f", 1))).await;
     let keys = (0..20).map(|n| key("ns", "f", n)).collect();
     let get_many = cm.get_many(pb::GetManyRequest { keys }).await;
     let bust = cm
@@ -615,10 +607,7 @@ async fn silent_primary_replaced_then_its_keys_answer_again() {
         let keys = on_victim.iter().map(|&n| key("ns", "silent", n)).collect();
         let get_many = cm.get_many(pb::GetManyRequest { keys }).await;
         let get = cm
-            .get(pb::GetRequest {
-                key: Some(key("ns", "silent", on_victim[0])),
-                ..Default::default()
-            })
+            .get(common::get_request(key("ns", "silent", on_victim[0])))
             .await;
         match (get_many, get) {
             (Ok(many), Ok(one)) => {

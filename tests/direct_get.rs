@@ -106,12 +106,9 @@ async fn exchange(
     }
 }
 
-fn get_request(n: u64) -> Vec<u8> {
-    pb::GetRequest {
-        key: Some(key("ns", "f", n)),
-        ..Default::default()
-    }
-    .encode_to_vec()
+/// A plain Get of entry `n`, encoded (not yet framed).
+fn encoded_get(n: u64) -> Vec<u8> {
+    common::get_request(key("ns", "f", n)).encode_to_vec()
 }
 
 const THROUGH_TONIC: (&str, &str) = ("grpc-encoding", "identity");
@@ -140,7 +137,7 @@ async fn server_with_entry(extra: &[&str]) -> CacheServer {
 #[tokio::test]
 async fn hits_and_misses_are_answered_as_tonic_answers_them() {
     let server = server_with_entry(&[]).await;
-    let hit = both_ways(&server, &[framed(&get_request(1))], None).await;
+    let hit = both_ways(&server, &[framed(&encoded_get(1))], None).await;
     assert_eq!(hit.code, Code::Ok, "{hit:?}");
     assert!(
         hit.headers
@@ -152,7 +149,7 @@ async fn hits_and_misses_are_answered_as_tonic_answers_them() {
     assert_eq!(reply.value, Bytes::from(vec![7; 64]));
     assert_eq!(hit.body.len(), 5 + reply.encoded_len());
 
-    let miss = both_ways(&server, &[framed(&get_request(2))], None).await;
+    let miss = both_ways(&server, &[framed(&encoded_get(2))], None).await;
     assert_eq!(miss.code, Code::Ok);
     assert!(!pb::GetResponse::decode(&miss.body[5..]).unwrap().hit);
 }
@@ -162,7 +159,7 @@ async fn hits_and_misses_are_answered_as_tonic_answers_them() {
 #[tokio::test]
 async fn a_request_in_pieces_is_read_whole() {
     let server = server_with_entry(&[]).await;
-    let whole = framed(&get_request(1));
+    let whole = framed(&encoded_get(1));
     for cuts in [vec![3], vec![5], vec![5, 9], (1..whole.len()).collect()] {
         let mut frames = Vec::new();
         let mut from = 0;
@@ -184,13 +181,13 @@ async fn a_request_in_pieces_is_read_whole() {
 #[tokio::test]
 async fn a_second_message_and_trailers_are_read_and_the_first_answered() {
     let server = server_with_entry(&[]).await;
-    let two = [framed(&get_request(1)), framed(&get_request(2))];
+    let two = [framed(&encoded_get(1)), framed(&encoded_get(2))];
     let reply = both_ways(&server, &two, None).await;
     assert!(pb::GetResponse::decode(&reply.body[5..]).unwrap().hit);
 
     let mut trailers = HeaderMap::new();
     trailers.insert("x-note", HeaderValue::from_static("trailing"));
-    let reply = both_ways(&server, &[framed(&get_request(1))], Some(trailers)).await;
+    let reply = both_ways(&server, &[framed(&encoded_get(1))], Some(trailers)).await;
     assert_eq!(reply.code, Code::Ok, "{reply:?}");
     assert!(pb::GetResponse::decode(&reply.body[5..]).unwrap().hit);
 }
@@ -202,7 +199,7 @@ async fn a_second_message_and_trailers_are_read_and_the_first_answered() {
 async fn malformed_requests_get_tonic_s_status() {
     let server =
         server_with_entry(&["--max-value-bytes", "1000", "--max-message-bytes", "6000"]).await;
-    let message = get_request(1);
+    let message = encoded_get(1);
     let cases: [(&str, Vec<Bytes>, Code, &str); 7] = [
         (
             "no message",
@@ -285,7 +282,7 @@ async fn malformed_requests_get_tonic_s_status() {
 async fn the_direct_path_is_behind_authentication() {
     let tokens = r#"{"tokens": [{"name": "app", "token": "s3cret-s3cret-s3cret", "read": ["*"], "write": ["*"]}]}"#;
     let server = CacheServer::start_with_env(&[], &[("CACHE_MONEY_AUTH_TOKENS", tokens)]);
-    let frames = [framed(&get_request(1))];
+    let frames = [framed(&encoded_get(1))];
     let refused = call(server.addr(), GET, &[], &frames, None).await;
     assert_eq!(refused.code, Code::Unauthenticated, "{refused:?}");
     assert_eq!(
@@ -316,6 +313,6 @@ async fn other_rpcs_go_through_tonic() {
     )
     .await;
     assert_eq!(reply.code, Code::Ok, "{reply:?}");
-    let reply = call(server.addr(), GET, &[], &[framed(&get_request(3))], None).await;
+    let reply = call(server.addr(), GET, &[], &[framed(&encoded_get(3))], None).await;
     assert!(pb::GetResponse::decode(&reply.body[5..]).unwrap().hit);
 }

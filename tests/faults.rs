@@ -30,10 +30,7 @@ async fn overload_is_refused_quickly() {
     for n in 0..50 {
         let mut cm = cm.clone();
         callers.push(tokio::spawn(async move {
-            let request = pb::GetRequest {
-                key: Some(key("ns", "f", n)),
-                ..Default::default()
-            };
+            let request = common::get_request(key("ns", "f", n));
             let result = cm.get(request).await;
             (result.map(drop), Instant::now())
         }));
@@ -98,10 +95,7 @@ async fn redis_killed_under_load_then_restarted() {
                             .await
                             .map(|_| None)
                     } else {
-                        let request = pb::GetRequest {
-                            key: Some(key("load", "f", id)),
-                            ..Default::default()
-                        };
+                        let request = common::get_request(key("load", "f", id));
                         cm.get(request).await.map(|reply| {
                             let reply = reply.into_inner();
                             reply.hit.then(|| reply.value.to_vec())

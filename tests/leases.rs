@@ -369,10 +369,7 @@ async fn fleet_child() {
             let (mut raw, key, mine) = (raw.clone(), key.clone(), mine.clone());
             async move {
                 let reply = raw
-                    .get(pb::GetRequest {
-                        key: Some(key),
-                        ..Default::default()
-                    })
+                    .get(common::get_request(key))
                     .await
                     .unwrap()
                     .into_inner();

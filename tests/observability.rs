@@ -239,10 +239,7 @@ impl Scrape {
 
 /// A Get of `key`.
 fn get_of(key: pb::Key) -> pb::GetRequest {
-    pb::GetRequest {
-        key: Some(key),
-        ..Default::default()
-    }
+    common::get_request(key)
 }
 
 /// `message` with a bearer token and a request id, each when given.
@@ -302,13 +299,7 @@ async fn metrics_count_a_known_sequence_exactly() {
         digest: "not-a-digest".into(),
         ..key("billing", "invoice", 1)
     };
-    let refused = cm
-        .get(pb::GetRequest {
-            key: Some(bad_digest),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let refused = cm.get(common::get_request(bad_digest)).await.unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument);
     assert_eq!(bust(&mut cm, key("billing", "invoice", 2)).await, 1);
     assert_eq!(
@@ -1036,10 +1027,7 @@ async fn request_ids_reach_the_logs_and_the_caller() {
     }
 
     let failed = cm
-        .get(pb::GetRequest {
-            key: Some(key("billing", "invoice", 2)),
-            ..Default::default()
-        })
+        .get(common::get_request(key("billing", "invoice", 2)))
         .await
         .unwrap_err();
     let generated = failed
@@ -1133,10 +1121,7 @@ async fn each_rpc_is_a_span_with_its_outcome() {
     cm.put(tagged(stored, Some(TOKEN), Some("put-id-1")))
         .await
         .unwrap();
-    let hit = pb::GetRequest {
-        key: Some(key("billing", "invoice", 1)),
-        ..Default::default()
-    };
+    let hit = common::get_request(key("billing", "invoice", 1));
     assert!(
         cm.get(tagged(hit.clone(), Some(TOKEN), Some("get-id-2")))
             .await
@@ -1144,10 +1129,7 @@ async fn each_rpc_is_a_span_with_its_outcome() {
             .into_inner()
             .hit
     );
-    let miss = pb::GetRequest {
-        key: Some(key("billing", "invoice", 2)),
-        ..Default::default()
-    };
+    let miss = common::get_request(key("billing", "invoice", 2));
     assert!(
         !cm.get(tagged(miss, Some(TOKEN), Some("get-id-3")))
             .await

@@ -127,10 +127,7 @@ async fn both_ways(script: Vec<Step>, options: ClientOptions) -> Outcome {
     let client = Client::connect_with(format!("http://{addr}"), options)
         .await
         .expect("connect");
-    let request = pb::GetRequest {
-        key: Some(common::key("ns", "f", 1)),
-        ..Default::default()
-    };
+    let request = common::get_request(common::key("ns", "f", 1));
     let outcome = |result: Result<tonic::Response<pb::GetResponse>, tonic::Status>| match result {
         Ok(response) => Ok((response.get_ref().clone(), metadata(response.metadata()))),
         Err(status) => Err((

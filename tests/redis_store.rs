@@ -28,10 +28,7 @@ async fn get_is_unavailable_within(
     within: Duration,
 ) {
     let started = Instant::now();
-    let request = pb::GetRequest {
-        key: Some(key("ns", "f", 1)),
-        ..Default::default()
-    };
+    let request = common::get_request(key("ns", "f", 1));
     let err = cm.get(request).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert!(started.elapsed() < within, "took {:?}", started.elapsed());
@@ -266,12 +263,9 @@ async fn frozen_redis_times_out_instead_of_hanging() {
     let recovered = eventually(Duration::from_secs(5), || {
         let mut cm = cm.clone();
         async move {
-            cm.get(pb::GetRequest {
-                key: Some(key("ns", "f", 1)),
-                ..Default::default()
-            })
-            .await
-            .is_ok_and(|reply| reply.into_inner().hit)
+            cm.get(common::get_request(key("ns", "f", 1)))
+                .await
+                .is_ok_and(|reply| reply.into_inner().hit)
         }
     })
     .await;
@@ -547,10 +541,7 @@ async fn health_probes_need_no_in_flight_permit() {
     }
     let held = held.expect("no write got blocked in Redis");
     let refused = cm
-        .get(pb::GetRequest {
-            key: Some(key("ns", "f", 2)),
-            ..Default::default()
-        })
+        .get(common::get_request(key("ns", "f", 2)))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
@@ -721,12 +712,7 @@ async fn requests_after_an_idle_redis_restart_succeed() {
     assert!(noticed, "the health probe never reconnected");
     let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
     for n in 0..4 {
-        let reply = client
-            .get(pb::GetRequest {
-                key: Some(key("ns", "idle", n)),
-                ..Default::default()
-            })
-            .await;
+        let reply = client.get(common::get_request(key("ns", "idle", n))).await;
         assert!(
             reply.is_ok(),
             "request {n} after the restart failed: {reply:?}"

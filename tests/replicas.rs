@@ -454,10 +454,7 @@ async fn tonic_balance_alone_keeps_sending_to_a_dead_replica() {
     // Only the calls after the window count: by then the health checks would have left b.
     while killed.elapsed() < window * 2 {
         let outcome = raw
-            .get(pb::GetRequest {
-                key: Some(key("replicas", "plain", 1)),
-                ..Default::default()
-            })
+            .get(common::get_request(key("replicas", "plain", 1)))
             .await;
         if killed.elapsed() > window {
             calls += 1;

@@ -84,10 +84,7 @@ async fn call(
     match rpc {
         Rpc::Get => cm
             .get(with_token(
-                pb::GetRequest {
-                    key: Some(key("billing", "f", 1)),
-                    ..Default::default()
-                },
+                common::get_request(key("billing", "f", 1)),
                 token,
             ))
             .await

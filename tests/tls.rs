@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cache_money::{Client, ClientOptions, Ttl, pb, pb::cache_money_client::CacheMoneyClient};
+use cache_money::{Client, ClientOptions, Ttl, pb::cache_money_client::CacheMoneyClient};
 use common::{CacheServer, Logs, key, put};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -142,10 +142,7 @@ async fn tls_clients_are_served() {
         .await
         .unwrap();
     let reply = raw
-        .get(pb::GetRequest {
-            key: Some(key("ns", "f", 1)),
-            ..Default::default()
-        })
+        .get(common::get_request(key("ns", "f", 1)))
         .await
         .unwrap()
         .into_inner();
@@ -173,10 +170,7 @@ async fn plaintext_client_fails_cleanly() {
             .connect()
             .await?;
         CacheMoneyClient::new(channel)
-            .get(pb::GetRequest {
-                key: Some(key("ns", "f", 1)),
-                ..Default::default()
-            })
+            .get(common::get_request(key("ns", "f", 1)))
             .await
             .map(drop)
             .map_err(|status| status.into())
@@ -212,10 +206,7 @@ async fn http_to_a_tls_server_says_to_use_https() {
     let mut raw = Client::connect(url).await.unwrap().raw();
     let started = Instant::now();
     let status = raw
-        .get(pb::GetRequest {
-            key: Some(key("ns", "f", 1)),
-            ..Default::default()
-        })
+        .get(common::get_request(key("ns", "f", 1)))
         .await
         .unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(2), "{status:?}");
@@ -239,10 +230,7 @@ async fn client_certificates_are_required_when_configured() {
     let refused = match tls_channel(&server, pki.client_tls(false)).await {
         Err(_) => true,
         Ok(channel) => CacheMoneyClient::new(channel)
-            .get(pb::GetRequest {
-                key: Some(key("ns", "f", 1)),
-                ..Default::default()
-            })
+            .get(common::get_request(key("ns", "f", 1)))
             .await
             .is_err(),
     };
@@ -293,10 +281,7 @@ async fn redis_over_tls() {
         .await
         .expect("Put over rediss://");
     let reply = cm
-        .get(pb::GetRequest {
-            key: Some(key("ns", "f", 1)),
-            ..Default::default()
-        })
+        .get(common::get_request(key("ns", "f", 1)))
         .await
         .unwrap()
         .into_inner();

@@ -19,10 +19,7 @@ async fn raw(url: String) -> RawClient {
 
 async fn get(client: &mut RawClient, key: pb::Key) -> Result<pb::GetResponse, tonic::Status> {
     client
-        .get(pb::GetRequest {
-            key: Some(key),
-            ..Default::default()
-        })
+        .get(common::get_request(key))
         .await
         .map(tonic::Response::into_inner)
 }
@@ -157,10 +154,7 @@ async fn a_raw_calls_own_timeout_bounds_it() {
         .await
         .unwrap();
     server.freeze();
-    let mut request = tonic::Request::new(pb::GetRequest {
-        key: Some(key("transport", "timeout", 1)),
-        ..Default::default()
-    });
+    let mut request = tonic::Request::new(common::get_request(key("transport", "timeout", 1)));
     let timeout = Duration::from_millis(100);
     request.set_timeout(timeout);
     let started = Instant::now();

@@ -442,10 +442,7 @@ async fn get_carries_the_position_before_its_lookup(backend: Backend) {
     let written = write(&mut cm, key("pos", "f", 1)).await;
     watcher.next_change().await;
     let answer = cm
-        .get(pb::GetRequest {
-            key: Some(key("pos", "f", 1)),
-            ..Default::default()
-        })
+        .get(common::get_request(key("pos", "f", 1)))
         .await
         .expect("Get")
         .into_inner();
@@ -928,10 +925,7 @@ async fn nothing_is_claimed_before_the_reader_knows_the_end() {
         .into_inner();
     let mut watcher = Watcher { events, last: 0 };
     let answer = cm
-        .get(pb::GetRequest {
-            key: Some(key("early", "f", 1)),
-            ..Default::default()
-        })
+        .get(common::get_request(key("early", "f", 1)))
         .await
         .expect("Get")
         .into_inner();
@@ -1064,10 +1058,7 @@ async fn a_failed_publish_does_not_fail_the_write() {
         .into_inner();
     assert_eq!(written.position, 0, "unknown: not published");
     let answer = cm
-        .get(pb::GetRequest {
-            key: Some(key("be", "f", 2)),
-            ..Default::default()
-        })
+        .get(common::get_request(key("be", "f", 2)))
         .await
         .expect("Get")
         .into_inner();
@@ -1102,10 +1093,7 @@ async fn a_failed_publish_does_not_fail_the_write() {
     let positioned = common::eventually(EVENT_TIMEOUT, || {
         let mut cm = cm.clone();
         async move {
-            let request = pb::GetRequest {
-                key: Some(key("be", "f", 3)),
-                ..Default::default()
-            };
+            let request = common::get_request(key("be", "f", 3));
             cm.get(request).await.expect("Get").into_inner().position > before
         }
     })

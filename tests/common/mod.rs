@@ -606,13 +606,18 @@ pub fn put(key: pb::Key, value: &[u8], ttl_seconds: u32) -> pb::PutRequest {
     }
 }
 
+/// A plain Get request: no lease, no tags, no stale window.
+pub fn get_request(key: pb::Key) -> pb::GetRequest {
+    pb::GetRequest {
+        key: Some(key),
+        ..Default::default()
+    }
+}
+
 /// Reads one entry: `Some(value)` on a hit.
 pub async fn get(client: &mut CacheMoneyClient<Channel>, key: pb::Key) -> Option<Vec<u8>> {
     let reply = client
-        .get(pb::GetRequest {
-            key: Some(key),
-            ..Default::default()
-        })
+        .get(get_request(key))
         .await
         .expect("Get succeeds")
         .into_inner();
