@@ -567,6 +567,37 @@ async fn idle_streams_carry_heartbeats(backend: Backend) {
     );
 }
 
+/// With the default flags (heartbeat 1 s, store timeout 250 ms) the reader's blocking read
+/// outlasts the store timeout, yet is never cut short by it: the reader stays healthy, so every
+/// Get across several heartbeat intervals carries the position (a failing reader makes
+/// lookups answer 0, which a near cache may not cache).
+async fn lookups_keep_their_position_between_heartbeats(backend: Backend) {
+    const WINDOW: Duration = Duration::from_millis(2_500);
+    let (_store, server) = backend.start(&[]);
+    let mut cm = server.client().await;
+    let mut watcher = Watcher::ready(&mut cm, follow(&["steady"], &[])).await;
+    let busted = bust(&mut cm, key("steady", "f", 1)).await;
+    assert_eq!(watcher.next_change().await.position, busted);
+    let started = Instant::now();
+    let mut every = tokio::time::interval(Duration::from_millis(10));
+    let mut lookups = 0;
+    while started.elapsed() < WINDOW {
+        every.tick().await;
+        let answer = cm
+            .get(common::get_request(key("steady", "f", 2)))
+            .await
+            .expect("Get")
+            .into_inner();
+        lookups += 1;
+        assert!(
+            answer.position >= busted,
+            "lookup {lookups}, {:?} in: position {} (the bust read was {busted})",
+            started.elapsed(),
+            answer.position
+        );
+    }
+}
+
 /// Watch refuses a request that follows nothing, and bad names.
 async fn watch_validates_its_request(backend: Backend) {
     let (_store, server) = backend.start(&[]);
@@ -617,6 +648,7 @@ suite!(
     resume_replays_what_came_after,
     resume_from_a_trimmed_position_resets,
     idle_streams_carry_heartbeats,
+    lookups_keep_their_position_between_heartbeats,
     watch_validates_its_request,
 );
 

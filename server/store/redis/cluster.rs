@@ -422,10 +422,13 @@ impl ClusterStore {
             .map(str::trim)
             .filter(|seed| !seed.is_empty())
             .collect();
-        let client = |retries: u32| {
+        // The builder's response timeout also bounds each request as a whole (its "overall"
+        // timeout, retries included), and a connection's `ClusterConfig` changes only the
+        // per-node one: a client that waits longer needs a builder of its own.
+        let build = |retries: u32, response_timeout: Duration| {
             let mut builder = ClusterClientBuilder::new(seeds.clone())
                 .connection_timeout(settings.connect_timeout)
-                .response_timeout(settings.timeout)
+                .response_timeout(response_timeout)
                 .retries(retries)
                 .min_retry_wait(MIN_RETRY_WAIT_MS)
                 .max_retry_wait(MAX_RETRY_WAIT_MS);
@@ -441,21 +444,24 @@ impl ClusterStore {
                 )
             })
         };
-        let (client, once) = (client(RETRIES)?, client(0)?);
+        let (client, once) = (
+            build(RETRIES, settings.timeout)?,
+            build(0, settings.timeout)?,
+        );
+        // A blocking read may take the whole block before its node answers.
+        let reading_timeout = settings.timeout + settings.watch_block;
+        let reader = build(RETRIES, reading_timeout)?;
         // redis-rs takes each node's response timeout from this config, not the builder's:
         // without it a node that accepts connections but never answers (SIGSTOP, a partition)
         // would hang a fresh connection's start-up PING for good.
         let config = ClusterConfig::new()
             .set_connection_timeout(settings.connect_timeout)
             .set_response_timeout(settings.timeout);
-        // A blocking read may take the whole block before its node answers.
-        let reading = config
-            .clone()
-            .set_response_timeout(settings.timeout + settings.watch_block);
+        let reading = config.clone().set_response_timeout(reading_timeout);
         Ok(ClusterStore {
             connection: Renewable::new(client.clone(), config.clone()),
             probe: Renewable::new(client.clone(), config.clone()),
-            watch_reader: Renewable::new(client, reading),
+            watch_reader: Renewable::new(reader, reading),
             busts: Renewable::new(once, config),
             gate: Gate::new(settings),
             bust_batch: settings.bust_batch,
