@@ -2,7 +2,8 @@
 //!
 //! Start a server (`cargo run --release`), then:
 //!     cargo run --example macro
-//! Set CACHE_MONEY_URL to use another server than http://127.0.0.1:50051.
+//! Set CACHE_MONEY_SERVER (as for the `cache-money` CLI) to use another server than
+//! http://127.0.0.1:50051.
 
 use cache_money::{Client, Ttl, memoize};
 
@@ -24,7 +25,7 @@ async fn multiplication(a: i64, b: i64) -> i64 {
 // report it, and end the example with the error.
 #[tokio::main]
 async fn main() -> Result<(), cache_money::Error> {
-    let url = std::env::var("CACHE_MONEY_URL");
+    let url = std::env::var("CACHE_MONEY_SERVER");
     let url = url.as_deref().unwrap_or("http://127.0.0.1:50051");
     cache_money::install(Client::connect(url).await?)?;
 

@@ -2,7 +2,8 @@
 //!
 //! Start a server (`cargo run --release`), then:
 //!     cargo run --example quickstart
-//! Set CACHE_MONEY_URL to use another server than http://127.0.0.1:50051.
+//! Set CACHE_MONEY_SERVER (as for the `cache-money` CLI) to use another server than
+//! http://127.0.0.1:50051.
 
 use cache_money::{Client, Function, Ttl};
 
@@ -34,7 +35,8 @@ async fn main() {
 }
 
 async fn run() -> Result<(), cache_money::Error> {
-    let url = std::env::var("CACHE_MONEY_URL").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
+    let url =
+        std::env::var("CACHE_MONEY_SERVER").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
     let cm = Client::connect(url).await?;
     // The Python seed keys by module and function name; "__main__" shares entries with a
     // Python script's @cached functions.

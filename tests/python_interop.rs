@@ -284,7 +284,7 @@ fn readme_python_commands_work_as_written() {
     let output = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &commands.concat()])
         .current_dir(&clone)
-        .env("CACHE_MONEY_ADDRESS", server.addr().to_string())
+        .env("CACHE_MONEY_SERVER", format!("http://{}", server.addr()))
         // The requirements are installed already: pip must find them without an index.
         .env("PIP_NO_INDEX", "1")
         .env_remove("PYTHONPATH")

@@ -2,14 +2,18 @@
 
 From the repository root, with the stubs generated into gen/ and a server running (README):
     PYTHONPATH=gen:examples/python .venv/bin/python examples/python/quickstart.py
-Set CACHE_MONEY_ADDRESS to use another server than 127.0.0.1:50051.
+Set CACHE_MONEY_SERVER (as for the `cache-money` CLI) to use another server than
+http://127.0.0.1:50051; this example speaks plaintext only.
 """
 
 import os
 
 from cache_money_client import CACHE_HOUR, cached, connect
 
-stub = connect(os.environ.get("CACHE_MONEY_ADDRESS", "127.0.0.1:50051"))
+server = os.environ.get("CACHE_MONEY_SERVER", "http://127.0.0.1:50051")
+if not server.startswith("http://"):
+    raise SystemExit(f"CACHE_MONEY_SERVER={server}: give an http:// URL (this example has no TLS)")
+stub = connect(server.removeprefix("http://"))
 
 
 @cached(stub, timeout=CACHE_HOUR)
