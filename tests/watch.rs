@@ -2,8 +2,9 @@
 //! store, a real `redis-server` and a real Redis Cluster: each bust scope and overwrite
 //! reaches the watchers that follow it and no other, positions grow, a resume replays what
 //! came after it (or RESETs when that is gone), heartbeats keep an idle stream alive, an
-//! invalidation made through one replica reaches a watcher on another (latency printed), and
-//! a watcher of a killed replica resumes on another without losing anything.
+//! invalidation made through one replica reaches a watcher on another (latency printed), a
+//! watcher of a killed replica resumes on another without losing anything, and the reader's
+//! blocking read is not cut short by the store timeout (lookups keep their position).
 
 mod common;
 
@@ -567,13 +568,16 @@ async fn idle_streams_carry_heartbeats(backend: Backend) {
     );
 }
 
-/// With the default flags (heartbeat 1 s, store timeout 250 ms) the reader's blocking read
-/// outlasts the store timeout, yet is never cut short by it: the reader stays healthy, so every
-/// Get across several heartbeat intervals carries the position (a failing reader makes
-/// lookups answer 0, which a near cache may not cache).
+/// With the default flags (heartbeat 1 s, store timeout 250 ms, given here so an exported
+/// variable cannot change them) the reader's blocking read outlasts the store timeout, yet is
+/// never cut short by it: the reader stays healthy, so every Get across several heartbeat
+/// intervals carries the position (a failing reader makes lookups answer 0, which a near
+/// cache may not cache), and the server never logs a failed read.
 async fn lookups_keep_their_position_between_heartbeats(backend: Backend) {
     const WINDOW: Duration = Duration::from_millis(2_500);
-    let (_store, server) = backend.start(&[]);
+    const FAILED: &str = "reading the invalidation stream failed";
+    let (_store, server) =
+        backend.start(&["--watch-heartbeat-ms", "1000", "--store-timeout-ms", "250"]);
     let mut cm = server.client().await;
     let mut watcher = Watcher::ready(&mut cm, follow(&["steady"], &[])).await;
     let busted = bust(&mut cm, key("steady", "f", 1)).await;
@@ -591,11 +595,14 @@ async fn lookups_keep_their_position_between_heartbeats(backend: Backend) {
         lookups += 1;
         assert!(
             answer.position >= busted,
-            "lookup {lookups}, {:?} in: position {} (the bust read was {busted})",
+            "lookup {lookups}, {:?} in: position {} (the bust read was {busted}); server log:\n{}",
             started.elapsed(),
-            answer.position
+            answer.position,
+            server.log_text()
         );
     }
+    let log = server.log_text();
+    assert!(!log.contains(FAILED), "the reader failed:\n{log}");
 }
 
 /// Watch refuses a request that follows nothing, and bad names.

@@ -578,6 +578,8 @@ impl RedisStore {
         .map_err(|err| StoreError::Internal(format!("--redis-url: {err}")))?;
         // No response timeout inside redis-rs: `run` bounds every command by the store
         // timeout already, and a second timer per command cost a syscall (BENCHMARKS.md).
+        // The invalidation reader's blocking XREAD needs it too: redis-rs's default (500 ms)
+        // would cut a read that blocks for a heartbeat interval.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(None);

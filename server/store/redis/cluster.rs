@@ -1301,6 +1301,8 @@ impl Store for ClusterStore {
         block: Option<Duration>,
     ) -> Result<Vec<Published>, StoreError> {
         let cmd = xread(&self.invalidations, after, count, block);
+        // `block` is at most the heartbeat interval (`watch_block`), which the reader's client
+        // waits beyond the store timeout (`ClusterStore::new`).
         let Some(block) = block else {
             return read_reply(&self.invalidations, self.one("XREAD", cmd).await?);
         };
