@@ -720,6 +720,72 @@ async fn requests_after_an_idle_redis_restart_succeed() {
     }
 }
 
+/// Redis closes connections idle longer than its `timeout` (as a NAT or a load balancer drops
+/// idle flows) while the health probe's, used every interval, stays open: the pool notices
+/// each connection Redis closes, so no request fails on one.
+#[tokio::test]
+async fn connections_redis_closes_while_idle_fail_no_request() {
+    let redis = RedisServer::start();
+    // The default health interval (500 ms): the probe's PINGs keep its connection under the
+    // 1 s timeout below, so the probe never retires the pool on its own.
+    let server = CacheServer::redis(&redis, &["--health-interval-ms", "500"]);
+    let mut client = server.client().await;
+    let mut conn = redis.connect().await;
+    let getters = |conn: &redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let clients: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            clients
+                .lines()
+                .filter(|line| line.contains(" cmd=get "))
+                .count()
+        }
+    };
+    // Gets at once, so the pool holds more than one connection.
+    let mut gets = tokio::task::JoinSet::new();
+    for n in 0..8 {
+        let mut client = client.clone();
+        gets.spawn(async move { common::get(&mut client, key("ns", "idle", n)).await });
+    }
+    while let Some(done) = gets.join_next().await {
+        done.expect("a Get before the timeout");
+    }
+    assert!(getters(&conn).await >= 1, "no pooled connection ran a GET");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("timeout")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let closed = eventually(Duration::from_secs(10), || {
+        let conn = conn.clone();
+        async move { getters(&conn).await == 0 }
+    })
+    .await;
+    assert!(closed, "Redis never closed the idle pooled connections");
+    let probe_alive: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        probe_alive.contains(" cmd=ping "),
+        "the probe's connection was closed too, which would hide what this tests:\n{probe_alive}"
+    );
+    for n in 0..4 {
+        let reply = client.get(common::get_request(key("ns", "idle", n))).await;
+        assert!(
+            reply.is_ok(),
+            "request {n} after Redis closed the idle connections failed: {reply:?}"
+        );
+    }
+}
+
 /// A tagged Put with `ttl_seconds` of `function`'s call `n` in namespace `app`.
 fn tagged_put(function: &str, n: u64, ttl_seconds: u32, tag: &str) -> pb::PutRequest {
     pb::PutRequest {

@@ -331,12 +331,22 @@ pub(crate) fn tail_reply(key: &str, reply: StreamRangeReply) -> Result<u64, Stor
         .ok_or_else(|| foreign_stream(key, &format!("an entry with the id {}", entry.id)))
 }
 
+/// How long a pooled connection may sit unused before its next checkout PINGs it first.
+/// Redis closes clients idle longer than its `timeout` (whole seconds, at least 1), as NATs
+/// and load balancers drop idle flows; redis-rs notices, but says so only to RESP3
+/// connections. A connection used within the last second cannot have been closed that way,
+/// so requests keep coming without the round trip; after a pause, one PING per connection
+/// finds a closed one before a request fails on it (the pattern of HikariCP's
+/// `aliveBypassWindowMs`).
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
 /// Opens multiplexed connections and notices when one has died.
 ///
 /// bb8-redis's manager (and redis-rs's own) can only find a dead connection by sending PING on
 /// every checkout, which costs a round trip per request; without it a connection that Redis
 /// dropped (a restart) would stay in the pool, failing forever. This one marks a connection
-/// broken when a command on it fails at the I/O level or times out, and bb8 replaces it.
+/// broken when a command on it fails at the I/O level or times out, and bb8 replaces it; a
+/// connection unused for [`IDLE_CHECK`] is PINGed at its checkout.
 #[derive(Debug)]
 struct Manager {
     client: Client,
@@ -356,9 +366,21 @@ struct Connection {
     broken: Arc<AtomicBool>,
     /// The manager's generation when it was opened.
     generation: u64,
+    /// When it was opened, and its last checkout (nanoseconds after `opened`): the wall
+    /// clock's, as Redis's idle timeout is.
+    opened: std::time::Instant,
+    used: AtomicU64,
 }
 
 impl Connection {
+    /// Records a checkout at `now`; whether the connection had been unused for
+    /// [`IDLE_CHECK`] before it.
+    fn checked_out_after_a_pause(&self, now: std::time::Instant) -> bool {
+        let now = u64::try_from(now.duration_since(self.opened).as_nanos()).unwrap_or(u64::MAX);
+        let used = self.used.swap(now, Relaxed);
+        Duration::from_nanos(now.saturating_sub(used)) >= IDLE_CHECK
+    }
+
     /// Whether it can no longer be trusted: a command on it failed, or the health probe lost
     /// its own connection since this one was opened.
     fn retired(&self, generation: &AtomicU64) -> bool {
@@ -380,6 +402,8 @@ impl ManageConnection for Manager {
             redis,
             broken: Arc::new(AtomicBool::new(false)),
             generation,
+            opened: std::time::Instant::now(),
+            used: AtomicU64::new(0),
         })
     }
 
@@ -660,9 +684,28 @@ impl RedisStore {
             };
             // A connection that broke since it was last returned is dropped on return (bb8
             // asks has_broken); take another.
-            if !pooled.retired(&self.generation) {
-                return Ok((pooled.redis.clone(), pooled.broken.clone()));
+            if pooled.retired(&self.generation) {
+                continue;
             }
+            // Held through the PING, so no other caller takes it unchecked meanwhile.
+            if pooled.checked_out_after_a_pause(std::time::Instant::now()) {
+                let (mut redis, ping) = (pooled.redis.clone(), redis::cmd("PING"));
+                match timeout_at(deadline, ping.query_async::<()>(&mut redis)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => {
+                        pooled.broken.store(true, Relaxed);
+                        continue;
+                    }
+                    Err(_) => {
+                        pooled.broken.store(true, Relaxed);
+                        return Err(StoreError::Timeout {
+                            op,
+                            after: self.timeout,
+                        });
+                    }
+                }
+            }
+            return Ok((pooled.redis.clone(), pooled.broken.clone()));
         }
     }
 
