@@ -720,31 +720,30 @@ async fn requests_after_an_idle_redis_restart_succeed() {
     }
 }
 
+/// The `id=` of each client Redis lists whose last command was `command`.
+async fn clients_running(conn: &redis::aio::MultiplexedConnection, command: &str) -> Vec<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    list.lines()
+        .filter(|line| line.contains(&format!(" cmd={command} ")))
+        .filter_map(|line| line.split(' ').next().map(str::to_owned))
+        .collect()
+}
+
 /// Redis closes connections idle longer than its `timeout` (as a NAT or a load balancer drops
-/// idle flows) while the health probe's, used every interval, stays open: the pool notices
-/// each connection Redis closes, so no request fails on one.
+/// idle flows) while the health probe's, used every interval, stays open: the pool finds
+/// each connection Redis closed before a request is sent on it, so no request fails.
 #[tokio::test]
 async fn connections_redis_closes_while_idle_fail_no_request() {
     let redis = RedisServer::start();
     // The default health interval (500 ms): the probe's PINGs keep its connection under the
-    // 1 s timeout below, so the probe never retires the pool on its own.
+    // 1 s timeout below, so the probe never retires the pool on its own (checked below).
     let server = CacheServer::redis(&redis, &["--health-interval-ms", "500"]);
     let mut client = server.client().await;
     let mut conn = redis.connect().await;
-    let getters = |conn: &redis::aio::MultiplexedConnection| {
-        let mut conn = conn.clone();
-        async move {
-            let clients: String = redis::cmd("CLIENT")
-                .arg("LIST")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            clients
-                .lines()
-                .filter(|line| line.contains(" cmd=get "))
-                .count()
-        }
-    };
     // Gets at once, so the pool holds more than one connection.
     let mut gets = tokio::task::JoinSet::new();
     for n in 0..8 {
@@ -754,7 +753,12 @@ async fn connections_redis_closes_while_idle_fail_no_request() {
     while let Some(done) = gets.join_next().await {
         done.expect("a Get before the timeout");
     }
-    assert!(getters(&conn).await >= 1, "no pooled connection ran a GET");
+    assert!(
+        !clients_running(&conn, "get").await.is_empty(),
+        "no pooled connection ran a GET"
+    );
+    let probe = clients_running(&conn, "ping").await;
+    assert_eq!(probe.len(), 1, "one health probe connection: {probe:?}");
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("timeout")
@@ -764,19 +768,10 @@ async fn connections_redis_closes_while_idle_fail_no_request() {
         .unwrap();
     let closed = eventually(Duration::from_secs(10), || {
         let conn = conn.clone();
-        async move { getters(&conn).await == 0 }
+        async move { clients_running(&conn, "get").await.is_empty() }
     })
     .await;
     assert!(closed, "Redis never closed the idle pooled connections");
-    let probe_alive: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(
-        probe_alive.contains(" cmd=ping "),
-        "the probe's connection was closed too, which would hide what this tests:\n{probe_alive}"
-    );
     for n in 0..4 {
         let reply = client.get(common::get_request(key("ns", "idle", n))).await;
         assert!(
@@ -784,6 +779,13 @@ async fn connections_redis_closes_while_idle_fail_no_request() {
             "request {n} after Redis closed the idle connections failed: {reply:?}"
         );
     }
+    // The same probe connection throughout: had Redis closed it too, the probe would have
+    // retired the whole pool, which would hide what this tests.
+    assert_eq!(
+        clients_running(&conn, "ping").await,
+        probe,
+        "the probe's connection was replaced"
+    );
 }
 
 /// A tagged Put with `ttl_seconds` of `function`'s call `n` in namespace `app`.

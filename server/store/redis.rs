@@ -334,11 +334,12 @@ pub(crate) fn tail_reply(key: &str, reply: StreamRangeReply) -> Result<u64, Stor
 /// How long a pooled connection may sit unused before its next checkout PINGs it first.
 /// Redis closes clients idle longer than its `timeout` (whole seconds, at least 1), as NATs
 /// and load balancers drop idle flows; redis-rs notices, but says so only to RESP3
-/// connections. A connection used within the last second cannot have been closed that way,
-/// so requests keep coming without the round trip; after a pause, one PING per connection
-/// finds a closed one before a request fails on it (the pattern of HikariCP's
-/// `aliveBypassWindowMs`).
-const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// connections. A connection used within the last 0.9 s cannot have been closed that way, so
+/// it is used without the round trip; after a pause, one PING finds a closed one before a
+/// request fails on it (the pattern of HikariCP's `aliveBypassWindowMs`). The pool hands out
+/// its connections in turn, so below about one request per second per pooled connection
+/// (`--pool-size`) each request pays that round trip.
+const IDLE_CHECK: Duration = Duration::from_millis(900);
 
 /// Opens multiplexed connections and notices when one has died.
 ///
@@ -366,19 +367,33 @@ struct Connection {
     broken: Arc<AtomicBool>,
     /// The manager's generation when it was opened.
     generation: u64,
-    /// When it was opened, and its last checkout (nanoseconds after `opened`): the wall
-    /// clock's, as Redis's idle timeout is.
+    /// When it was opened, and when it was last handed out in use or found alive
+    /// (nanoseconds after `opened`). Real time, not tokio's clock, as Redis's idle timeout is.
     opened: std::time::Instant,
     used: AtomicU64,
 }
 
 impl Connection {
-    /// Records a checkout at `now`; whether the connection had been unused for
-    /// [`IDLE_CHECK`] before it.
-    fn checked_out_after_a_pause(&self, now: std::time::Instant) -> bool {
-        let now = u64::try_from(now.duration_since(self.opened).as_nanos()).unwrap_or(u64::MAX);
-        let used = self.used.swap(now, Relaxed);
-        Duration::from_nanos(now.saturating_sub(used)) >= IDLE_CHECK
+    /// `now` as [`Connection::used`] counts it.
+    fn since_opened(&self, now: std::time::Instant) -> u64 {
+        u64::try_from(now.duration_since(self.opened).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether the connection has been unused for [`IDLE_CHECK`] at `now`; if not, records
+    /// its use at `now`. One that has is recorded only once found alive
+    /// ([`Connection::alive_at`]), so a check cut short is made again at the next checkout.
+    fn paused(&self, now: u64) -> bool {
+        let paused =
+            Duration::from_nanos(now.saturating_sub(self.used.load(Relaxed))) >= IDLE_CHECK;
+        if !paused {
+            self.used.store(now, Relaxed);
+        }
+        paused
+    }
+
+    /// Records that a PING at `now` was answered.
+    fn alive_at(&self, now: u64) {
+        self.used.store(now, Relaxed);
     }
 
     /// Whether it can no longer be trusted: a command on it failed, or the health probe lost
@@ -688,14 +703,17 @@ impl RedisStore {
                 continue;
             }
             // Held through the PING, so no other caller takes it unchecked meanwhile.
-            if pooled.checked_out_after_a_pause(std::time::Instant::now()) {
+            let now = pooled.since_opened(std::time::Instant::now());
+            if pooled.paused(now) {
                 let (mut redis, ping) = (pooled.redis.clone(), redis::cmd("PING"));
                 match timeout_at(deadline, ping.query_async::<()>(&mut redis)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => {
+                    Ok(Ok(())) => pooled.alive_at(now),
+                    Ok(Err(err)) if connection_lost(&err) => {
                         pooled.broken.store(true, Relaxed);
                         continue;
                     }
+                    // Redis answering with an error (LOADING, BUSY): the connection works.
+                    Ok(Err(err)) => return Err(classify(err)),
                     Err(_) => {
                         pooled.broken.store(true, Relaxed);
                         return Err(StoreError::Timeout {
