@@ -697,40 +697,46 @@ async fn requests_after_an_idle_redis_restart_succeed() {
     // The probe has noticed once it has reconnected: the new Redis sees its connection
     // (ours is the other one) and health is SERVING.
     let noticed = eventually(Duration::from_secs(10), || {
-        let mut conn = conn.clone();
-        let server = &server;
+        let (conn, server) = (&conn, &server);
         async move {
-            let clients: String = redis::cmd("CLIENT")
-                .arg("LIST")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            clients.lines().count() >= 2 && health(server).await == ServingStatus::Serving as i32
+            client_list(conn).await.lines().count() >= 2
+                && health(server).await == ServingStatus::Serving as i32
         }
     })
     .await;
     assert!(noticed, "the health probe never reconnected");
     let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
-    for n in 0..4 {
-        let reply = client.get(common::get_request(key("ns", "idle", n))).await;
-        assert!(
-            reply.is_ok(),
-            "request {n} after the restart failed: {reply:?}"
-        );
-    }
+    idle_gets_succeed(&mut client, "the restart").await;
+}
+
+/// Redis's `CLIENT LIST`: one line per connection.
+async fn client_list(conn: &redis::aio::MultiplexedConnection) -> String {
+    redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap()
 }
 
 /// The `id=` of each client Redis lists whose last command was `command`.
 async fn clients_running(conn: &redis::aio::MultiplexedConnection, command: &str) -> Vec<String> {
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut conn.clone())
+    client_list(conn)
         .await
-        .unwrap();
-    list.lines()
+        .lines()
         .filter(|line| line.contains(&format!(" cmd={command} ")))
         .filter_map(|line| line.split(' ').next().map(str::to_owned))
         .collect()
+}
+
+/// Four Gets of `ns.idle`, each of which must succeed after `what`.
+async fn idle_gets_succeed(
+    client: &mut pb::cache_money_client::CacheMoneyClient<tonic::transport::Channel>,
+    what: &str,
+) {
+    for n in 0..4 {
+        let reply = client.get(common::get_request(key("ns", "idle", n))).await;
+        assert!(reply.is_ok(), "request {n} after {what} failed: {reply:?}");
+    }
 }
 
 /// Redis closes connections idle longer than its `timeout` (as a NAT or a load balancer drops
@@ -772,13 +778,7 @@ async fn connections_redis_closes_while_idle_fail_no_request() {
     })
     .await;
     assert!(closed, "Redis never closed the idle pooled connections");
-    for n in 0..4 {
-        let reply = client.get(common::get_request(key("ns", "idle", n))).await;
-        assert!(
-            reply.is_ok(),
-            "request {n} after Redis closed the idle connections failed: {reply:?}"
-        );
-    }
+    idle_gets_succeed(&mut client, "Redis closed the idle connections").await;
     // The same probe connection throughout: had Redis closed it too, the probe would have
     // retired the whole pool, which would hide what this tests.
     assert_eq!(
