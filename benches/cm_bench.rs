@@ -621,6 +621,32 @@ async fn memoize_hits(handle: cache_money::Function, duration: Duration) -> Samp
     .await
 }
 
+/// [`memoize_hits`] from a tokio multi-thread runtime of two workers (`#[tokio::main]`'s
+/// kind), through a client of its own (a direct connection's task runs on the runtime that
+/// opened it), where the client does not poll for its replies.
+async fn multi_thread_memoize_hits(url: String, duration: Duration) -> Sample {
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let client = Client::connect(url).await.unwrap();
+            let handle = client.function("bench", "profile", Ttl::HOUR);
+            let sample = memoize_hits(handle, duration).await;
+            assert_eq!(
+                client.metrics().polled_gets,
+                0,
+                "polled on a multi-thread runtime"
+            );
+            sample
+        })
+    })
+    .await
+    .unwrap()
+}
+
 /// Hits timed in batches: a near-cache hit takes about a microsecond, below the
 /// microsecond clock `load` records one operation with.
 const NEAR_BATCH: u64 = 100;
@@ -828,7 +854,27 @@ async fn main() {
             "memoize hit from the near cache, 1 caller",
             "the original Python library's @cached hit (cache-money 1.3.0)",
         ),
+        Row::new(
+            "memoize hit, 1 caller (the client polls for its reply, the default)",
+            "the same, busy_poll off",
+        ),
+        Row::new(
+            "memoize hit, 1 caller, on a multi-thread runtime (2 workers: no polling)",
+            "the original Python library's @cached hit (cache-money 1.3.0)",
+        ),
     ];
+    // For `memo-hit`: the same hits through a client that does not poll for its replies.
+    let not_polling = if settings.wants("memo-hit") {
+        let options = ClientOptions {
+            busy_poll: Duration::ZERO,
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_with(server.url(), options).await.unwrap();
+        let handle = client.function("bench", "profile", Ttl::HOUR);
+        Some((client, handle))
+    } else {
+        None
+    };
     // For `near`: a client with a near cache, its copy of the profile made before measuring.
     let near = if settings.wants("near") {
         let options = ClientOptions {
@@ -1097,12 +1143,20 @@ async fn main() {
             );
             let measured = memoize_hits(memo.clone(), duration).await;
             rows[2].cm.push(measured);
+            if let Some((_, handle)) = &not_polling {
+                rows[14].cm.push(measured);
+                rows[14]
+                    .reference_samples
+                    .push(memoize_hits(handle.clone(), duration).await);
+            }
+            let multi_thread = multi_thread_memoize_hits(server.url(), duration).await;
             // The same hits against the library they replace, measured right after them.
             if let Some(python) = &python {
+                let reference = python_hit(python, redis.port(), duration);
                 rows[8].cm.push(measured);
-                rows[8]
-                    .reference_samples
-                    .push(python_hit(python, redis.port(), duration));
+                rows[8].reference_samples.push(reference);
+                rows[15].cm.push(multi_thread);
+                rows[15].reference_samples.push(reference);
             }
         }
 
@@ -1231,6 +1285,14 @@ async fn main() {
             "\nCPU per Get at 50 callers (medians): cache-money-server metrics off {off:.1} µs, on {on:.1} µs ({:+.1} %); the control server (off) {second:.1} µs ({:+.1} %); the metered server counted {counted} Gets",
             (on / off - 1.0) * 100.0,
             (second / off - 1.0) * 100.0,
+        );
+    }
+    if settings.wants("memo-hit") {
+        let metrics = cm.metrics();
+        let _ = writeln!(
+            report,
+            "\nThe measuring client's polling caught {} replies of its {} lookups and stores (ClientMetrics::polled_gets, rpc_attempts)",
+            metrics.polled_gets, metrics.rpc_attempts,
         );
     }
     if !hops.is_empty() {

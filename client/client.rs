@@ -56,6 +56,12 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a PING may go unanswered before the connection is closed and replaced.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a direct connection's Get may poll for its reply before its task sleeps until
+/// the reply wakes it ([`ClientOptions::busy_poll`]).
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
+/// The longest [`ClientOptions::busy_poll`]: a reply that takes longer is not worth polling
+/// for (the server's `--redis-busy-poll-us` has the same bound).
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 /// How often a client of several replicas ([`Client::connect_many`]) asks each one's gRPC
 /// health service whether it serves. With [`DEFAULT_PROBE_TIMEOUT`] it bounds how long a
 /// dead, frozen or draining replica keeps being sent calls: 1.5 s.
@@ -85,6 +91,20 @@ pub struct ClientOptions {
     pub keepalive_interval: Duration,
     /// How long a PING may go unanswered before the connection is replaced; more than zero.
     pub keepalive_timeout: Duration,
+    /// How long a Get (a `memoize` lookup, [`Client::raw_get`]) keeps checking for its reply
+    /// before its task sleeps until the reply wakes it ([`DEFAULT_BUSY_POLL`], 200 µs; at
+    /// most [`MAX_BUSY_POLL`]; `Duration::ZERO` turns it off). A sleeping task's thread has
+    /// to be woken when the reply comes, which on a VM goes through the hypervisor: polling
+    /// took a one-caller memoize hit from 96 to 58 µs on an AMD EPYC KVM (BENCHMARKS.md,
+    /// "The client polls for its reply"), for up to this much CPU per Get, the thread busy
+    /// through the round trip instead of asleep. Only where it pays: on a direct (`http://`)
+    /// connection, from a task on a tokio current-thread runtime (on the multi-thread one an
+    /// idle worker holds the I/O driver, so a polling worker would not see the reply), while
+    /// the Get is the only one in flight on the client and the one before it was too, and
+    /// while Gets have lately been answered within the budget (a service across a slow
+    /// network costs no polling). Each round yields to the runtime, so the thread's other
+    /// tasks and timers go on. [`ClientMetrics::polled_gets`] counts the replies it caught.
+    pub busy_poll: Duration,
     /// How often each replica's health is checked, with several replicas
     /// ([`Client::connect_many`]) or [`ClientOptions::resolve_interval`]; at least 10 ms.
     pub probe_interval: Duration,
@@ -191,6 +211,7 @@ impl fmt::Debug for ClientOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("busy_poll", &self.busy_poll)
             .field("probe_interval", &self.probe_interval)
             .field("probe_timeout", &self.probe_timeout)
             .field("resolve_interval", &self.resolve_interval)
@@ -215,7 +236,8 @@ impl fmt::Debug for ClientOptions {
 const MIN_KEEPALIVE_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Refuses connection settings that cannot work: a zero connect or keepalive timeout (every
-/// connection would fail), a keepalive interval under [`MIN_KEEPALIVE_INTERVAL`].
+/// connection would fail), a keepalive interval under [`MIN_KEEPALIVE_INTERVAL`], a polling
+/// budget over [`MAX_BUSY_POLL`].
 fn check_connection_options(options: &ClientOptions) -> Result<(), Error> {
     let refuse = |what: String| Err(Error::InvalidOption(what));
     if options.connect_timeout.is_zero() {
@@ -228,6 +250,13 @@ fn check_connection_options(options: &ClientOptions) -> Result<(), Error> {
         return refuse(format!(
             "keepalive_interval: must be at least {} ms",
             MIN_KEEPALIVE_INTERVAL.as_millis()
+        ));
+    }
+    if options.busy_poll > MAX_BUSY_POLL {
+        return refuse(format!(
+            "busy_poll: at most {} µs (a reply that takes longer is not worth polling for), got {} µs",
+            MAX_BUSY_POLL.as_micros(),
+            options.busy_poll.as_micros()
         ));
     }
     Ok(())
@@ -262,6 +291,7 @@ impl Default for ClientOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            busy_poll: DEFAULT_BUSY_POLL,
             probe_interval: DEFAULT_PROBE_INTERVAL,
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
             resolve_interval: None,
@@ -319,6 +349,9 @@ pub struct ClientMetrics {
     pub refreshes: u64,
     /// Whether the breaker is currently open.
     pub breaker_open: bool,
+    /// Gets whose reply arrived while the client polled for it
+    /// ([`ClientOptions::busy_poll`]), rather than waking its caller's thread.
+    pub polled_gets: u64,
     /// `memoize` calls answered from the near cache, without a round trip (also in `hits`).
     pub near_hits: u64,
     /// `memoize` calls that looked in the near cache and found nothing servable (no copy, or
@@ -456,8 +489,8 @@ impl Client {
     /// [`Error::InvalidUrl`] when the URL is not `http://host:port` or `https://host:port`,
     /// [`Error::InvalidToken`] when the token cannot travel in metadata,
     /// [`Error::InvalidOption`] for a connection setting that cannot work (a zero connect or
-    /// keepalive timeout, a keepalive interval under 10 ms) or a near-cache setting out of
-    /// range.
+    /// keepalive timeout, a keepalive interval under 10 ms, a `busy_poll` over 1 ms) or a
+    /// near-cache setting out of range.
     pub async fn connect_with(
         url: impl Into<String>,
         options: ClientOptions,
@@ -700,6 +733,7 @@ impl Client {
             stale_served: counters.stale_served.load(Relaxed),
             refreshes: counters.refreshes.load(Relaxed),
             breaker_open: self.inner.breaker.is_open(),
+            polled_gets: self.inner.transport.polled_gets(),
             near_hits: near.hits,
             near_misses: near.misses,
             near_evictions: near.evictions,

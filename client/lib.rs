@@ -53,6 +53,7 @@
 //!   client of the service built on this library.
 
 mod breaker;
+mod busy_poll;
 pub mod canonical;
 mod client;
 mod codec;
@@ -71,9 +72,9 @@ mod ttl;
 
 pub use client::{
     Client, ClientMetrics, ClientOptions, DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD,
-    DEFAULT_BUST_DEADLINE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE, DEFAULT_KEEPALIVE_INTERVAL,
-    DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_RECEIVE_BYTES, DEFAULT_PROBE_INTERVAL,
-    DEFAULT_PROBE_TIMEOUT, DEFAULT_TTL, RawClient,
+    DEFAULT_BUST_DEADLINE, DEFAULT_BUSY_POLL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE,
+    DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_RECEIVE_BYTES,
+    DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_TTL, MAX_BUSY_POLL, RawClient,
 };
 pub use connect::{channel, describe as describe_status};
 pub use error::Error;

@@ -37,7 +37,10 @@ use std::{
     fmt,
     future::{Future, poll_fn},
     pin::Pin,
-    sync::{Arc, Mutex, Weak},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -62,6 +65,7 @@ use prost::Message;
 
 use crate::{
     ClientOptions,
+    busy_poll::{BusyPoll, on_current_thread_runtime},
     codec::{self, Codec, FRAME_HEADER, GET_PATH},
     connect::Target,
     lock,
@@ -121,6 +125,14 @@ impl Transport {
         Transport {
             route: Route::Channel(channel),
             authorization,
+        }
+    }
+
+    /// Gets whose reply arrived while polling for it (none through a `Channel`).
+    pub(crate) fn polled_gets(&self) -> u64 {
+        match &self.route {
+            Route::Direct(direct) => direct.busy_poll.caught(),
+            Route::Channel(_) => 0,
         }
     }
 }
@@ -199,6 +211,10 @@ struct Direct {
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
     state: Mutex<State>,
+    /// Polling for a Get's reply instead of sleeping until it wakes the caller.
+    busy_poll: BusyPoll,
+    /// Gets waiting for their reply right now.
+    gets_in_flight: AtomicU64,
 }
 
 #[derive(Default)]
@@ -230,6 +246,8 @@ impl Direct {
             keepalive_interval: options.keepalive_interval,
             keepalive_timeout: options.keepalive_timeout,
             state: Mutex::new(State::default()),
+            busy_poll: BusyPoll::new(options.busy_poll),
+            gets_in_flight: AtomicU64::new(0),
         }
     }
 
@@ -820,8 +838,38 @@ impl Direct {
                 return Err(status_of(err, &self.url));
             }
         }
-        let response = response.await.map_err(|err| self.status(err))?;
-        unary_response(response, max_receive, &self.url).await
+        let answer = async {
+            let response = response.await.map_err(|err| self.status(err))?;
+            unary_response(response, max_receive, &self.url).await
+        };
+        // The wait for the reply, polled for where it pays (`ClientOptions::busy_poll`).
+        if !self.busy_poll.is_on() {
+            return answer.await;
+        }
+        let _in_flight = InFlight::count(&self.gets_in_flight);
+        if !on_current_thread_runtime() {
+            return answer.await;
+        }
+        let _timing = self.busy_poll.timing(Instant::now());
+        self.busy_poll
+            .run(|| self.gets_in_flight.load(Relaxed), answer)
+            .await
+    }
+}
+
+/// One Get in flight on a connection, counted in its `gets_in_flight` until dropped.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn count(gets_in_flight: &'a AtomicU64) -> Self {
+        gets_in_flight.fetch_add(1, Relaxed);
+        InFlight(gets_in_flight)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 

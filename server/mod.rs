@@ -185,9 +185,7 @@ pub async fn run(
 /// current-thread runtime, the server's own with `--worker-threads 1` or whatever runtime a
 /// caller of [`run`] made (see the busy_poll module's docs).
 fn busy_polling(config: &Config) -> bool {
-    config.redis_busy_poll_us > 0
-        && tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::CurrentThread
+    config.redis_busy_poll_us > 0 && crate::busy_poll::on_current_thread_runtime()
 }
 
 /// Who may call, and over what: the token grants and the listener's TLS, both optional.

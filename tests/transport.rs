@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cache_money::{Client, ClientOptions, RawClient, Ttl, pb};
+use cache_money::{Client, ClientOptions, MAX_BUSY_POLL, RawClient, Ttl, pb};
 use common::{CacheServer, Forwarder, RedisServer, eventually, key, put};
 use tonic::Code;
 
@@ -374,6 +374,13 @@ async fn unusable_connection_settings_are_refused_up_front() {
             },
             "keepalive_interval",
         ),
+        (
+            ClientOptions {
+                busy_poll: MAX_BUSY_POLL + Duration::from_micros(1),
+                ..ClientOptions::default()
+            },
+            "busy_poll: at most 1000 µs",
+        ),
     ] {
         let err = Client::connect_with("http://127.0.0.1:50051", options)
             .await
@@ -383,6 +390,64 @@ async fn unusable_connection_settings_are_refused_up_front() {
             "{named}: {err:?}"
         );
     }
+}
+
+/// `count` memoize hits of one entry of `function` (computed first) through a client with
+/// `options`; what its metrics say after them.
+async fn hits_with(
+    server: &CacheServer,
+    function: &str,
+    options: ClientOptions,
+    count: u64,
+) -> cache_money::ClientMetrics {
+    let cm = Client::connect_with(server.url(), options).await.unwrap();
+    let f = cm.function("transport", function, Ttl::MINUTE);
+    for _ in 0..=count {
+        let value: u32 = f.memoize(&(1,), || async { 1 }).await.unwrap();
+        assert_eq!(value, 1);
+    }
+    let metrics = cm.metrics();
+    assert_eq!(metrics.hits, count, "{metrics:?}");
+    metrics
+}
+
+/// On a current-thread runtime (this test's), a Get alone in flight is polled for: its
+/// reply is seen by the polling instead of waking the task (`polled_gets`). The budget is
+/// the largest allowed, so a debug server on a busy machine still answers within it; the
+/// first Get is never polled for (none was alone before it). Turned off, nothing is.
+#[tokio::test]
+async fn lone_gets_are_polled_for_on_a_current_thread_runtime() {
+    let server = CacheServer::memory(&[]);
+    let on = ClientOptions {
+        busy_poll: MAX_BUSY_POLL,
+        ..ClientOptions::default()
+    };
+    let polled = hits_with(&server, "polled", on, 50).await.polled_gets;
+    println!("{polled} of 50 replies caught by polling");
+    assert!(polled > 0, "no reply was caught by polling");
+    let off = ClientOptions {
+        busy_poll: Duration::ZERO,
+        ..ClientOptions::default()
+    };
+    assert_eq!(
+        hits_with(&server, "not_polled", off, 50).await.polled_gets,
+        0
+    );
+}
+
+/// On tokio's multi-thread runtime polling would not see the reply (an idle worker holds the
+/// I/O driver): nothing is polled for, even with the largest budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gets_are_not_polled_for_on_a_multi_thread_runtime() {
+    let server = CacheServer::memory(&[]);
+    let on = ClientOptions {
+        busy_poll: MAX_BUSY_POLL,
+        ..ClientOptions::default()
+    };
+    assert_eq!(
+        hits_with(&server, "multi_thread", on, 50).await.polled_gets,
+        0
+    );
 }
 
 /// Each `memoize` lookup gives up after 100 ms, but the handshake takes 400 ms: the attempt

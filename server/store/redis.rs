@@ -3,7 +3,6 @@
 //! [`cluster`] is the same store over a Redis Cluster; both pass every operation through one
 //! gate (in-flight limit, store timeout, timing) and share the error mapping.
 
-pub mod busy_poll;
 pub mod cluster;
 pub mod tags;
 
@@ -32,12 +31,12 @@ use super::lease::{self, Acquired, Found, LeaseAsk};
 use super::{
     KeyInfo, KeysPage, NewEntry, PoolState, RedisTarget, Scope, Store, StoreError, StoreState,
 };
+use crate::busy_poll::BusyPoll;
 use crate::key::{EntryKey, FunctionKey};
 use crate::lock;
 use crate::server::key::{KeyLayout, LayoutKey};
 use crate::server::metrics::Metrics;
 use crate::server::watch::{Invalidation, Published, position_of, stream_id, stream_key};
-use busy_poll::BusyPoll;
 use redis::streams::{StreamRangeReply, StreamReadReply};
 
 /// The `command` label values of `cache_money_store_command_duration_seconds` for Redis: the
@@ -164,7 +163,7 @@ pub struct RedisSettings {
     /// The longest the process's reader blocks in one `XREAD` (the heartbeat interval).
     pub watch_block: Duration,
     /// How long a command alone in flight is polled for before the server sleeps until its
-    /// reply (see [`busy_poll`]); zero never polls.
+    /// reply (see `crate::busy_poll`); zero never polls.
     pub busy_poll: Duration,
 }
 
@@ -1443,7 +1442,7 @@ impl Store for RedisStore {
 mod tests {
     use super::*;
 
-    use super::busy_poll::tests::seen_only_by_polling;
+    use crate::busy_poll::tests::seen_only_by_polling;
 
     /// The gate polls for a command alone in flight (after one that was alone too): a
     /// command answered in a way that wakes nobody completes only by being polled for.

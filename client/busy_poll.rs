@@ -1,32 +1,33 @@
-//! Busy polling for a Redis reply: while a command waits for Redis alone, the server keeps
-//! checking its sockets for up to a budget instead of going to sleep at once.
+//! Busy polling for a reply: while a request waits for its reply alone, the thread keeps
+//! checking its sockets for up to a budget instead of going to sleep at once. The server
+//! polls for Redis's reply (`--redis-busy-poll-us`), the client for a Get's reply from the
+//! service ([`ClientOptions::busy_poll`](crate::ClientOptions::busy_poll)).
 //!
-//! At low load the server's thread has nothing else to do while its one command is in flight,
-//! so it sleeps in `epoll_wait` and the reply has to wake it. On a VM without guest
-//! halt-polling that wake-up is dear (a halted vCPU is woken through the hypervisor): on the
-//! Intel Xeon KVM of BENCHMARKS.md ("Busy polling for the Redis reply"), polling took 6–8 µs
-//! off the server's Redis hop and 8–15 % off its one-caller Get, for the same to 16 % more
-//! CPU per Get (the sleep and the wake-up cost the thread about what the polling does). It is
-//! Linux's `SO_BUSY_POLL`, done by the server: bounded per command, and only where it pays:
+//! At low load the thread has nothing else to do while its one request is in flight, so it
+//! sleeps in `epoll_wait` and the reply has to wake it. On a VM that wake-up is dear (a halted
+//! vCPU is woken through the hypervisor): on the Intel Xeon KVM of BENCHMARKS.md ("Busy
+//! polling for the Redis reply"), the server's polling took 6–8 µs off its Redis hop and
+//! 8–15 % off its one-caller Get, for the same to 16 % more CPU per Get (the sleep and the
+//! wake-up cost the thread about what the polling does); on the AMD EPYC KVM of "The client
+//! polls for its reply", the client's polling took a memoize hit from 96 to 58 µs. It is
+//! Linux's `SO_BUSY_POLL`, done in the process: bounded per request, and only where it pays:
 //!
-//! - only while the command is the one operation in flight, and the command that started
+//! - only while the request is the one operation in flight, and the request that started
 //!   before it was too: under concurrent load the thread has other work and does not sleep
 //!   anyway, and a second operation arriving ends the polling;
-//! - only while the gate's operations have lately taken no longer than the budget (a running
-//!   average of their times, pool checkout included), so a Redis across a network, whose
-//!   replies would never arrive within the poll, costs no polling at all (nor does a Redis
-//!   whose operations are often slow, batches and busts included, which is the price of a
-//!   simple rule);
+//! - only while the requests have lately taken no longer than the budget (a running average
+//!   of their times), so a peer across a network, whose replies would never arrive within the
+//!   poll, costs no polling at all (nor does one whose requests are often slow, which is the
+//!   price of a simple rule);
 //! - each round yields to the runtime, which runs whatever else is ready and then, with
 //!   nothing left, checks every socket and timer without sleeping (`epoll_wait` with a zero
-//!   timeout), so other requests, the store timeout and shutdown go on as before.
+//!   timeout), so other tasks, timeouts and shutdown go on as before.
 //!
-//! Only on the single-thread runtime (`--worker-threads 1`, the default): on tokio's
-//! multi-thread one, an idle worker sleeping in `epoll_wait` holds the I/O driver, so a
-//! polling worker would not see the reply, only keep waking the others (the server turns it
-//! off on any runtime but a current-thread one). While a caller sends Gets one after another,
-//! the thread is busy through each Redis round trip instead of asleep: a CPU quota sees that.
-//! `--redis-busy-poll-us 0` turns it off.
+//! Only on the single-thread runtime ([`on_current_thread_runtime`]): on tokio's multi-thread
+//! one, an idle worker sleeping in `epoll_wait` holds the I/O driver, so a polling worker
+//! would not see the reply, only keep waking the others. While a caller sends requests one
+//! after another, its thread is busy through each round trip instead of asleep: a CPU quota
+//! sees that. A budget of zero turns it off.
 
 use std::{
     future::Future,
@@ -47,6 +48,8 @@ pub(crate) struct BusyPoll {
     /// A running average of the operations' times, ns (each new time weighs 1/8). Updates
     /// from two threads at once may lose one: an average, not an account.
     recent_ns: AtomicU64,
+    /// Replies seen while polling, since it was made.
+    caught: AtomicU64,
 }
 
 impl BusyPoll {
@@ -56,6 +59,7 @@ impl BusyPoll {
             budget,
             alone: AtomicBool::new(false),
             recent_ns: AtomicU64::new(0),
+            caught: AtomicU64::new(0),
         }
     }
 
@@ -91,6 +95,7 @@ impl BusyPoll {
         loop {
             let polled = std::future::poll_fn(|cx| Poll::Ready(command.as_mut().poll(cx))).await;
             if let Poll::Ready(output) = polled {
+                self.caught.fetch_add(1, Relaxed);
                 return output;
             }
             if std::time::Instant::now() >= until || in_flight() > 1 {
@@ -100,6 +105,11 @@ impl BusyPoll {
             }
             tokio::task::yield_now().await;
         }
+    }
+
+    /// How many replies were seen while polling (rather than waking their caller).
+    pub(crate) fn caught(&self) -> u64 {
+        self.caught.load(Relaxed)
     }
 
     /// Times an operation started at `started` into the running average when the returned
@@ -121,6 +131,14 @@ impl BusyPoll {
     }
 }
 
+/// Whether the task asking runs on a tokio current-thread runtime, the only kind polling
+/// works on (see the module's docs).
+pub(crate) fn on_current_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+        runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
+    })
+}
+
 /// Records an operation's time when dropped (see [`BusyPoll::timing`]).
 #[derive(Debug)]
 pub(crate) struct Timing<'a> {
@@ -137,7 +155,7 @@ impl Drop for Timing<'_> {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::{Mutex, atomic::AtomicUsize};
 
@@ -166,7 +184,7 @@ pub(super) mod tests {
 
     /// A command ready once `answered` is set, which wakes nobody: only polling sees it.
     /// (The gate's own test uses it too.)
-    pub(in crate::server::store::redis) fn seen_only_by_polling<'a>(
+    pub(crate) fn seen_only_by_polling<'a>(
         answered: &'a AtomicBool,
         polls: &'a AtomicUsize,
     ) -> impl Future<Output = &'static str> + 'a {
