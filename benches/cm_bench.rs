@@ -955,6 +955,8 @@ async fn main() {
     } else {
         None
     };
+    // The bench process's CPU µs per memoize hit, [polling on, off], per repetition.
+    let mut memo_cpu = Vec::new();
     // CPU µs per Get of the server, metrics [off, on, the control], per repetition.
     let mut metrics_cpu = Vec::new();
     // Calibrate redis-benchmark's request counts to the measurement time.
@@ -1141,17 +1143,35 @@ async fn main() {
                 })
                 .await,
             );
-            let measured = memoize_hits(memo.clone(), duration).await;
-            rows[2].cm.push(measured);
-            if let Some((_, handle)) = &not_polling {
-                rows[14].cm.push(measured);
-                rows[14]
-                    .reference_samples
-                    .push(memoize_hits(handle.clone(), duration).await);
+            // Polling on (the default) and off, in turns (odd repetitions start with off),
+            // each with the bench process's CPU per hit.
+            let (mut measured, mut off) = (None, None);
+            for polling in [rep % 2 == 0, rep % 2 == 1] {
+                let handle = match (polling, &not_polling) {
+                    (true, _) => memo.clone(),
+                    (false, Some((_, handle))) => handle.clone(),
+                    (false, None) => continue,
+                };
+                let before = proc_ticks("self").0;
+                let sample = memoize_hits(handle, duration).await;
+                // USER_HZ ticks of 10 ms, over the hits.
+                let cpu_us = (proc_ticks("self").0 - before) as f64 * 10_000.0
+                    / (sample.per_second * duration.as_secs_f64()).max(1.0);
+                match polling {
+                    true => measured = Some((sample, cpu_us)),
+                    false => off = Some((sample, cpu_us)),
+                }
             }
-            let multi_thread = multi_thread_memoize_hits(server.url(), duration).await;
+            let (measured, polling_cpu) = measured.expect("measured with polling");
+            rows[2].cm.push(measured);
+            if let Some((sample, cpu_us)) = off {
+                rows[14].cm.push(measured);
+                rows[14].reference_samples.push(sample);
+                memo_cpu.push([polling_cpu, cpu_us]);
+            }
             // The same hits against the library they replace, measured right after them.
             if let Some(python) = &python {
+                let multi_thread = multi_thread_memoize_hits(server.url(), duration).await;
                 let reference = python_hit(python, redis.port(), duration);
                 rows[8].cm.push(measured);
                 rows[8].reference_samples.push(reference);
@@ -1285,6 +1305,15 @@ async fn main() {
             "\nCPU per Get at 50 callers (medians): cache-money-server metrics off {off:.1} µs, on {on:.1} µs ({:+.1} %); the control server (off) {second:.1} µs ({:+.1} %); the metered server counted {counted} Gets",
             (on / off - 1.0) * 100.0,
             (second / off - 1.0) * 100.0,
+        );
+    }
+    if !memo_cpu.is_empty() {
+        let column = |n: usize| median(memo_cpu.iter().map(|cpu: &[f64; 2]| cpu[n]).collect());
+        let _ = writeln!(
+            report,
+            "\nThe caller's CPU per memoize hit (the bench process, medians): polling {:.1} µs, not polling {:.1} µs",
+            column(0),
+            column(1),
         );
     }
     if settings.wants("memo-hit") {

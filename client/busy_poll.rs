@@ -23,11 +23,17 @@
 //!   nothing left, checks every socket and timer without sleeping (`epoll_wait` with a zero
 //!   timeout), so other tasks, timeouts and shutdown go on as before.
 //!
-//! Only on the single-thread runtime ([`on_current_thread_runtime`]): on tokio's multi-thread
-//! one, an idle worker sleeping in `epoll_wait` holds the I/O driver, so a polling worker
-//! would not see the reply, only keep waking the others. While a caller sends requests one
-//! after another, its thread is busy through each round trip instead of asleep: a CPU quota
-//! sees that. A budget of zero turns it off.
+//! Only on the single-thread runtime ([`on_current_thread_runtime`]), from the thread that
+//! runs it: on tokio's multi-thread one an idle worker sleeping in `epoll_wait` holds the I/O
+//! driver, and a connection's socket belongs to the runtime that opened it, so a polling
+//! thread other than the driver's would see the reply only once that thread had been woken
+//! for it: no wake-up saved, only CPU spent. While a caller sends requests one after another,
+//! its thread is busy through each round trip instead of asleep: a CPU quota sees that. A
+//! budget of zero turns it off.
+//!
+//! Every request's time counts in the average, also a request its caller gave up on (a
+//! timeout: a slow peer is one not worth polling for); one dropped early for another reason
+//! (a `select!` that took another branch) pulls the average down instead.
 
 use std::{
     future::Future,
@@ -122,13 +128,25 @@ impl BusyPoll {
         }
     }
 
-    /// Records an operation's time, `took`, in the running average.
+    /// Records an operation's time, `took`, in the running average; the first one recorded
+    /// is the average (a peer slower than the budget is not polled for while an average
+    /// starting from zero climbs to its time).
     fn record(&self, took: Duration) {
         let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         let recent = self.recent_ns.load(Relaxed);
-        self.recent_ns
-            .store(recent - recent / 8 + took / 8, Relaxed);
+        let average = match recent {
+            0 => took,
+            _ => recent - recent / 8 + took / 8,
+        };
+        self.recent_ns.store(average, Relaxed);
     }
+}
+
+/// A number for the calling thread, unique in the process and never 0.
+pub(crate) fn thread_number() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local!(static NUMBER: u64 = NEXT.fetch_add(1, Relaxed));
+    NUMBER.with(|number| *number)
 }
 
 /// Whether the task asking runs on a tokio current-thread runtime, the only kind polling
@@ -275,7 +293,7 @@ pub(crate) mod tests {
             ),
             ("turned off", Duration::ZERO, true, 1, None),
             (
-                "Redis answers slower than the budget",
+                "the peer answers slower than the budget",
                 Duration::from_secs(1),
                 true,
                 1,

@@ -58,7 +58,7 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a direct connection's Get may poll for its reply before its task sleeps until
 /// the reply wakes it ([`ClientOptions::busy_poll`]).
-pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(100);
 /// The longest [`ClientOptions::busy_poll`]: a reply that takes longer is not worth polling
 /// for (the server's `--redis-busy-poll-us` has the same bound).
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
@@ -92,18 +92,27 @@ pub struct ClientOptions {
     /// How long a PING may go unanswered before the connection is replaced; more than zero.
     pub keepalive_timeout: Duration,
     /// How long a Get (a `memoize` lookup, [`Client::raw_get`]) keeps checking for its reply
-    /// before its task sleeps until the reply wakes it ([`DEFAULT_BUSY_POLL`], 200 µs; at
+    /// before its task sleeps until the reply wakes it ([`DEFAULT_BUSY_POLL`], 100 µs; at
     /// most [`MAX_BUSY_POLL`]; `Duration::ZERO` turns it off). A sleeping task's thread has
     /// to be woken when the reply comes, which on a VM goes through the hypervisor: polling
-    /// took a one-caller memoize hit from 96 to 58 µs on an AMD EPYC KVM (BENCHMARKS.md,
+    /// took a one-caller memoize hit from 96 to 59 µs on an AMD EPYC KVM (BENCHMARKS.md,
     /// "The client polls for its reply"), for up to this much CPU per Get, the thread busy
-    /// through the round trip instead of asleep. Only where it pays: on a direct (`http://`)
-    /// connection, from a task on a tokio current-thread runtime (on the multi-thread one an
-    /// idle worker holds the I/O driver, so a polling worker would not see the reply), while
-    /// the Get is the only one in flight on the client and the one before it was too, and
-    /// while Gets have lately been answered within the budget (a service across a slow
-    /// network costs no polling). Each round yields to the runtime, so the thread's other
-    /// tasks and timers go on. [`ClientMetrics::polled_gets`] counts the replies it caught.
+    /// through the round trip instead of asleep. Only where it pays:
+    /// - on a direct (`http://`) connection, from the thread of the tokio current-thread
+    ///   runtime that opened it (`#[tokio::main(flavor = "current_thread")]`; on the
+    ///   multi-thread runtime an idle worker holds the I/O driver, so polling would not
+    ///   save the wake-up);
+    /// - while the Get is the only one of this client's Gets awaiting its reply, and the
+    ///   one before it was too (other calls, a put or a bust, do not count: a thread that
+    ///   has only them to wait for would sleep as well);
+    /// - while Gets have lately been answered within the budget (the average of their
+    ///   times): a service further away than that costs no polling, but one nearer, a
+    ///   sidecar or the same host, or a LAN answering within the budget, is polled for
+    ///   through the whole round trip.
+    ///
+    /// Each round yields to the runtime, so the thread's other tasks and timers go on. Set
+    /// it to zero where CPU is metered, or on bare metal, where a wake-up costs little.
+    /// [`ClientMetrics::polled_gets`] counts the replies it caught.
     pub busy_poll: Duration,
     /// How often each replica's health is checked, with several replicas
     /// ([`Client::connect_many`]) or [`ClientOptions::resolve_interval`]; at least 10 ms.
@@ -349,8 +358,9 @@ pub struct ClientMetrics {
     pub refreshes: u64,
     /// Whether the breaker is currently open.
     pub breaker_open: bool,
-    /// Gets whose reply arrived while the client polled for it
-    /// ([`ClientOptions::busy_poll`]), rather than waking its caller's thread.
+    /// Gets whose answer (a reply, or the connection's error) arrived while the client polled
+    /// for it ([`ClientOptions::busy_poll`]), rather than waking its caller's thread. Always
+    /// 0 through a tonic `Channel` (`https://`, several replicas, [`Client::from_channel`]).
     pub polled_gets: u64,
     /// `memoize` calls answered from the near cache, without a round trip (also in `hits`).
     pub near_hits: u64,

@@ -28,6 +28,8 @@
 //!   the attribute expands to (hidden, `__private`).
 //! - [`memoize`](macro@memoize) (feature `macros`, the `macros/` crate): the attribute.
 //! - [`Ttl`] (`ttl`): the seed's TTL constants, and the default maximum TTL both sides use.
+//! - `busy_poll`: waiting for a reply by polling rather than sleeping, bounded; the
+//!   client's Gets ([`ClientOptions::busy_poll`]) and the server's Redis commands use it.
 //! - `breaker`: the circuit breaker that keeps a down service from costing every call.
 //! - `near` ([`ClientOptions::near_cache_bytes`]): the near cache, copies of entries in the
 //!   process kept coherent by the service's invalidation stream (`Watch`).

@@ -65,7 +65,7 @@ use prost::Message;
 
 use crate::{
     ClientOptions,
-    busy_poll::{BusyPoll, on_current_thread_runtime},
+    busy_poll::{self, BusyPoll},
     codec::{self, Codec, FRAME_HEADER, GET_PATH},
     connect::Target,
     lock,
@@ -213,8 +213,14 @@ struct Direct {
     state: Mutex<State>,
     /// Polling for a Get's reply instead of sleeping until it wakes the caller.
     busy_poll: BusyPoll,
-    /// Gets waiting for their reply right now.
+    /// Gets waiting for their reply right now (counted only while polling is on, and only
+    /// those made from `driver_thread`).
     gets_in_flight: AtomicU64,
+    /// The thread running the live connection's task when that is a current-thread
+    /// runtime's ([`busy_poll::thread_number`]), else 0: only a Get made on that thread can
+    /// see its reply by polling (another thread would only see it once the driver's thread
+    /// had been woken for it).
+    driver_thread: AtomicU64,
 }
 
 #[derive(Default)]
@@ -248,6 +254,7 @@ impl Direct {
             state: Mutex::new(State::default()),
             busy_poll: BusyPoll::new(options.busy_poll),
             gets_in_flight: AtomicU64::new(0),
+            driver_thread: AtomicU64::new(0),
         }
     }
 
@@ -527,6 +534,13 @@ async fn open(direct: Weak<Direct>, done: watch::Sender<Option<Result<(), Status
             let number = state.opened;
             state.live = Some((opened.sender, number));
             state.opening = None;
+            // `drive`, spawned below, runs on this runtime: on this thread if it is a
+            // current-thread one.
+            let driver = match busy_poll::on_current_thread_runtime() {
+                true => busy_poll::thread_number(),
+                false => 0,
+            };
+            direct.driver_thread.store(driver, Relaxed);
             drop(state);
             let keepalive = (direct.keepalive_interval, direct.keepalive_timeout);
             tokio::spawn(drive(
@@ -842,14 +856,13 @@ impl Direct {
             let response = response.await.map_err(|err| self.status(err))?;
             unary_response(response, max_receive, &self.url).await
         };
-        // The wait for the reply, polled for where it pays (`ClientOptions::busy_poll`).
-        if !self.busy_poll.is_on() {
+        // The wait for the reply, polled for where it pays (`ClientOptions::busy_poll`): from
+        // the thread whose current-thread runtime drives the connection.
+        if !self.busy_poll.is_on() || self.driver_thread.load(Relaxed) != busy_poll::thread_number()
+        {
             return answer.await;
         }
         let _in_flight = InFlight::count(&self.gets_in_flight);
-        if !on_current_thread_runtime() {
-            return answer.await;
-        }
         let _timing = self.busy_poll.timing(Instant::now());
         self.busy_poll
             .run(|| self.gets_in_flight.load(Relaxed), answer)

@@ -4,10 +4,12 @@
 //!
 //! Start a server on the Redis store (`cargo run --release -- --redis-url redis://127.0.0.1:6379`;
 //! the in-memory store works too, but has no Redis hop to trace), then:
-//!     cargo run --release --example hit_loop -- [URL] [SECONDS] [channel]
+//!     cargo run --release --example hit_loop -- [URL] [SECONDS] [channel|no-poll]
 //! URL defaults to http://127.0.0.1:50051, SECONDS to 10; `channel` calls through a tonic
 //! `Channel` (`Client::from_channel_with`) instead of the client's direct transport, to compare
-//! the two (BENCHMARKS.md, "The client's transport"). Waits up to 5 s for a first hit (a
+//! the two (BENCHMARKS.md, "The client's transport"); `no-poll` is the direct transport with
+//! `ClientOptions::busy_poll` off (the client sleeps until each reply wakes it, as before it
+//! polled; what instruction counts under callgrind compare with). Waits up to 5 s for a first hit (a
 //! server still starting), prints the hits' p50 and p99, and fails when the calls are not hits
 //! (the server unreachable: memoize computes instead).
 
@@ -25,24 +27,32 @@ async fn main() {
         None => 10.0,
         Some(Ok(seconds)) if seconds.is_finite() && seconds >= 0.0 => seconds,
         Some(_) => {
-            eprintln!("usage: hit_loop [URL] [SECONDS] [channel]   (SECONDS: a number, 0 or more)");
+            eprintln!(
+                "usage: hit_loop [URL] [SECONDS] [channel|no-poll]   (SECONDS: a number, 0 or more)"
+            );
             std::process::exit(2);
         }
     };
-    let through_channel = match args.next().as_deref() {
-        None => false,
-        Some("channel") => true,
+    let (through_channel, options) = match args.next().as_deref() {
+        None => (false, ClientOptions::default()),
+        Some("channel") => (true, ClientOptions::default()),
+        Some("no-poll") => {
+            let options = ClientOptions {
+                busy_poll: Duration::ZERO,
+                ..ClientOptions::default()
+            };
+            (false, options)
+        }
         Some(_) => {
-            eprintln!("usage: hit_loop [URL] [SECONDS] [channel]");
+            eprintln!("usage: hit_loop [URL] [SECONDS] [channel|no-poll]");
             std::process::exit(2);
         }
     };
     let connected = if through_channel {
-        let options = ClientOptions::default();
         cache_money::channel(&url, &options)
             .and_then(|channel| Client::from_channel_with(channel, options))
     } else {
-        Client::connect(url.clone()).await
+        Client::connect_with(url.clone(), options).await
     };
     let cache = match connected {
         Ok(client) => client,

@@ -392,61 +392,160 @@ async fn unusable_connection_settings_are_refused_up_front() {
     }
 }
 
-/// `count` memoize hits of one entry of `function` (computed first) through a client with
-/// `options`; what its metrics say after them.
-async fn hits_with(
-    server: &CacheServer,
-    function: &str,
-    options: ClientOptions,
-    count: u64,
-) -> cache_money::ClientMetrics {
-    let cm = Client::connect_with(server.url(), options).await.unwrap();
+/// Options that poll for up to the largest budget, so a debug server on a busy machine still
+/// answers within it, and whose breaker never opens (a test's failures must not stop Gets).
+fn polling() -> ClientOptions {
+    ClientOptions {
+        busy_poll: MAX_BUSY_POLL,
+        breaker_threshold: u32::MAX,
+        ..ClientOptions::default()
+    }
+}
+
+/// `count` memoize hits of one entry of `function` through `cm`, after a first call that
+/// computes it unless cached; `cm`'s metrics after them.
+async fn hits(cm: &Client, function: &str, count: u64) -> cache_money::ClientMetrics {
     let f = cm.function("transport", function, Ttl::MINUTE);
-    for _ in 0..=count {
+    let value: u32 = f.memoize(&(1,), || async { 1 }).await.unwrap();
+    assert_eq!(value, 1);
+    let computed = cm.metrics().computed;
+    for _ in 0..count {
         let value: u32 = f.memoize(&(1,), || async { 1 }).await.unwrap();
         assert_eq!(value, 1);
     }
     let metrics = cm.metrics();
-    assert_eq!(metrics.hits, count, "{metrics:?}");
+    assert_eq!(metrics.computed, computed, "not all hits: {metrics:?}");
     metrics
 }
 
 /// On a current-thread runtime (this test's), a Get alone in flight is polled for: its
-/// reply is seen by the polling instead of waking the task (`polled_gets`). The budget is
-/// the largest allowed, so a debug server on a busy machine still answers within it; the
-/// first Get is never polled for (none was alone before it). Turned off, nothing is.
+/// reply is seen by the polling instead of waking the task (`polled_gets`). Turned off,
+/// nothing is.
 #[tokio::test]
 async fn lone_gets_are_polled_for_on_a_current_thread_runtime() {
     let server = CacheServer::memory(&[]);
-    let on = ClientOptions {
-        busy_poll: MAX_BUSY_POLL,
-        ..ClientOptions::default()
-    };
-    let polled = hits_with(&server, "polled", on, 50).await.polled_gets;
-    println!("{polled} of 50 replies caught by polling");
+    let cm = Client::connect_with(server.url(), polling()).await.unwrap();
+    // The first Get is never polled for: none was alone before it.
+    let first: u32 = cm
+        .function("transport", "first", Ttl::MINUTE)
+        .memoize(&(1,), || async { 1 })
+        .await
+        .unwrap();
+    assert_eq!((first, cm.metrics().polled_gets), (1, 0));
+    let polled = hits(&cm, "polled", 50).await.polled_gets;
+    println!("{polled} of 51 replies caught by polling");
     assert!(polled > 0, "no reply was caught by polling");
     let off = ClientOptions {
         busy_poll: Duration::ZERO,
         ..ClientOptions::default()
     };
-    assert_eq!(
-        hits_with(&server, "not_polled", off, 50).await.polled_gets,
-        0
+    let cm = Client::connect_with(server.url(), off).await.unwrap();
+    assert_eq!(hits(&cm, "not_polled", 50).await.polled_gets, 0);
+}
+
+/// While another caller's Gets are in flight on the same client, a Get is not polled for
+/// (the thread has other work): of 50, at most the one the other caller's first Get
+/// overlapped as it started (which may have begun alone) is caught by polling.
+#[tokio::test]
+async fn overlapping_gets_are_not_polled_for() {
+    let server = CacheServer::memory(&[]);
+    let cm = Client::connect_with(server.url(), polling()).await.unwrap();
+    let other = cm.function("transport", "overlapping", Ttl::MINUTE);
+    let _: u32 = other.memoize(&(2,), || async { 2 }).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let background = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _: u32 = other.memoize(&(2,), || async { 2 }).await.unwrap();
+            }
+        }
+    });
+    // The other caller is under way once it has hit.
+    let started = cm.metrics().hits;
+    while cm.metrics().hits < started + 3 {
+        tokio::task::yield_now().await;
+    }
+    let before = cm.metrics().polled_gets;
+    let after = hits(&cm, "overlapped", 50).await.polled_gets;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    background.await.unwrap();
+    assert!(
+        after - before <= 1,
+        "{} of 50 overlapping Gets polled for",
+        after - before
     );
 }
 
-/// On tokio's multi-thread runtime polling would not see the reply (an idle worker holds the
-/// I/O driver): nothing is polled for, even with the largest budget.
+/// A Get given up on while polled for (a frozen server: `memoize`'s deadline drops it)
+/// leaves the client's count of Gets in flight as it was: once the server answers again
+/// and the given-up Get's time has left the average, Gets are polled for again (a leaked
+/// count would make every later Get look overlapped, never polled).
+#[tokio::test]
+async fn a_get_given_up_on_leaves_polling_working() {
+    let server = CacheServer::memory(&[]);
+    let cm = Client::connect_with(server.url(), polling()).await.unwrap();
+    hits(&cm, "given_up", 5).await;
+    server.freeze();
+    let f = cm.function("transport", "given_up", Ttl::MINUTE);
+    let failures = cm.metrics().rpc_failures;
+    let value: u32 = f.memoize(&(2,), || async { 2 }).await.unwrap();
+    server.thaw();
+    assert_eq!(value, 2);
+    assert!(
+        cm.metrics().rpc_failures > failures,
+        "the lookup was not given up on: {:?}",
+        cm.metrics()
+    );
+    // The given-up Get counted its 100 ms: about 35 Gets of under a millisecond bring the
+    // average back within the budget.
+    let before = cm.metrics().polled_gets;
+    let after = hits(&cm, "given_up", 200).await.polled_gets;
+    assert!(
+        after > before,
+        "no Get polled for after one was given up on"
+    );
+}
+
+/// On tokio's multi-thread runtime polling would not save the wake-up (an idle worker holds
+/// the I/O driver): nothing is polled for, even with the largest budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gets_are_not_polled_for_on_a_multi_thread_runtime() {
     let server = CacheServer::memory(&[]);
-    let on = ClientOptions {
-        busy_poll: MAX_BUSY_POLL,
-        ..ClientOptions::default()
-    };
+    let cm = Client::connect_with(server.url(), polling()).await.unwrap();
+    assert_eq!(hits(&cm, "multi_thread", 50).await.polled_gets, 0);
+}
+
+/// A client whose connection was opened by another thread's current-thread runtime (one
+/// client shared by several runtimes) does not poll from this one: the reply reaches that
+/// thread's driver first, which has to be woken for it anyway.
+#[tokio::test]
+async fn a_connection_another_runtime_drives_is_not_polled_for() {
+    let server = CacheServer::memory(&[]);
+    let url = server.url();
+    let (opened, client) = tokio::sync::oneshot::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let other = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let cm = Client::connect_with(url, polling()).await.unwrap();
+            // The first call opens the connection, on this runtime.
+            hits(&cm, "other_runtime", 1).await;
+            opened.send(cm).unwrap();
+            let _ = stopped.await;
+        });
+    });
+    let cm = client.await.unwrap();
+    let before = cm.metrics().polled_gets;
+    let after = hits(&cm, "other_runtime", 50).await.polled_gets;
+    stop.send(()).unwrap();
+    other.join().unwrap();
     assert_eq!(
-        hits_with(&server, "multi_thread", on, 50).await.polled_gets,
-        0
+        after, before,
+        "polled for replies another runtime's thread receives"
     );
 }
 
