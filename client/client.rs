@@ -95,9 +95,10 @@ pub struct ClientOptions {
     /// before its task sleeps until the reply wakes it ([`DEFAULT_BUSY_POLL`], 100 µs; at
     /// most [`MAX_BUSY_POLL`]; `Duration::ZERO` turns it off). A sleeping task's thread has
     /// to be woken when the reply comes, which on a VM goes through the hypervisor: polling
-    /// took a one-caller memoize hit from 96 to 59 µs on an AMD EPYC KVM (BENCHMARKS.md,
+    /// took a one-caller memoize hit from 95–98 to 60 µs on an AMD EPYC KVM (BENCHMARKS.md,
     /// "The client polls for its reply"), for up to this much CPU per Get, the thread busy
-    /// through the round trip instead of asleep. Only where it pays:
+    /// through the round trip instead of asleep (there 62 µs of CPU per hit against 30).
+    /// Only where it pays:
     /// - on a direct (`http://`) connection, from the thread of the tokio current-thread
     ///   runtime that opened it (`#[tokio::main(flavor = "current_thread")]`; on the
     ///   multi-thread runtime an idle worker holds the I/O driver, so polling would not
