@@ -93,16 +93,22 @@ pub struct ClientOptions {
     pub keepalive_timeout: Duration,
     /// How long a Get (a `memoize` lookup, [`Client::raw_get`]) keeps checking for its reply
     /// before its task sleeps until the reply wakes it ([`DEFAULT_BUSY_POLL`], 100 µs; at
-    /// most [`MAX_BUSY_POLL`]; `Duration::ZERO` turns it off). A sleeping task's thread has
-    /// to be woken when the reply comes, which on a VM goes through the hypervisor: polling
-    /// took a one-caller memoize hit from 95–98 to 60 µs on an AMD EPYC KVM (BENCHMARKS.md,
-    /// "The client polls for its reply"), for up to this much CPU per Get, the thread busy
-    /// through the round trip instead of asleep (there 62 µs of CPU per hit against 30).
-    /// Only where it pays:
+    /// most [`MAX_BUSY_POLL`]; `Duration::ZERO` turns it off).
+    ///
+    /// Cost: the caller's thread stays busy through the round trip instead of asleep, up to
+    /// this much CPU per Get (on the AMD EPYC KVM of BENCHMARKS.md, "The client polls for its
+    /// reply", 62 µs of CPU per hit against 30), which a CPU quota sees; a reply that comes
+    /// just after the budget pays for the polling and the wake-up both. Gain: a sleeping
+    /// thread has to be woken when the reply comes, which on a VM without guest halt-polling
+    /// goes through the hypervisor: there a one-caller memoize hit took 60 µs instead of
+    /// 95–98. Expect less on bare metal or a guest that halt-polls; set it to zero there, or
+    /// where CPU is metered.
+    ///
+    /// Only where it can pay:
     /// - on a direct (`http://`) connection, from the thread of the tokio current-thread
-    ///   runtime that opened it (`#[tokio::main(flavor = "current_thread")]`; on the
-    ///   multi-thread runtime an idle worker holds the I/O driver, so polling would not
-    ///   save the wake-up);
+    ///   runtime that opened it (`#[tokio::main(flavor = "current_thread")]`, and
+    ///   `#[tokio::test]`'s; on the multi-thread runtime an idle worker holds the I/O
+    ///   driver, so polling would not save the wake-up);
     /// - while the Get is the only one of this client's Gets awaiting its reply, and the
     ///   one before it was too (other calls, a put or a bust, do not count: a thread that
     ///   has only them to wait for would sleep as well);
@@ -111,8 +117,7 @@ pub struct ClientOptions {
     ///   sidecar or the same host, or a LAN answering within the budget, is polled for
     ///   through the whole round trip.
     ///
-    /// Each round yields to the runtime, so the thread's other tasks and timers go on. Set
-    /// it to zero where CPU is metered, or on bare metal, where a wake-up costs little.
+    /// Each round yields to the runtime, so the thread's other tasks and timers go on.
     /// [`ClientMetrics::polled_gets`] counts the replies it caught.
     pub busy_poll: Duration,
     /// How often each replica's health is checked, with several replicas

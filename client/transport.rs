@@ -214,19 +214,26 @@ struct Direct {
     /// Polling for a Get's reply instead of sleeping until it wakes the caller.
     busy_poll: BusyPoll,
     /// Gets waiting for their reply right now (counted only while polling is on, and only
-    /// those made from `driver_thread`).
+    /// those made from their connection's driver thread, [`Live::driver`]).
     gets_in_flight: AtomicU64,
-    /// The thread running the live connection's task when that is a current-thread
-    /// runtime's ([`busy_poll::thread_number`]), else 0: only a Get made on that thread can
-    /// see its reply by polling (another thread would only see it once the driver's thread
-    /// had been woken for it).
-    driver_thread: AtomicU64,
+}
+
+/// An open connection: its handle for new streams, which one it is (connections are numbered
+/// from 1), and the thread running its task when that is a current-thread runtime's
+/// ([`busy_poll::thread_number`]; else 0). Only a Get made on that thread can see its reply
+/// by polling: another thread would see it only once the driver's thread had been woken for
+/// it.
+#[derive(Clone)]
+struct Live {
+    sender: SendRequest<Bytes>,
+    number: u64,
+    driver: u64,
 }
 
 #[derive(Default)]
 struct State {
-    /// The open connection, and which one it is (connections are numbered from 1).
-    live: Option<(SendRequest<Bytes>, u64)>,
+    /// The open connection.
+    live: Option<Live>,
     /// The attempt under way: its outcome, once known, for every caller waiting on it.
     opening: Option<watch::Receiver<Option<Result<(), Status>>>>,
     /// The number of the last connection opened.
@@ -254,7 +261,6 @@ impl Direct {
             state: Mutex::new(State::default()),
             busy_poll: BusyPoll::new(options.busy_poll),
             gets_in_flight: AtomicU64::new(0),
-            driver_thread: AtomicU64::new(0),
         }
     }
 
@@ -295,7 +301,7 @@ impl Direct {
         request: Request<()>,
         body: Body,
     ) -> Result<Response<RecvStream>, Status> {
-        let mut sender = self.ready().await?;
+        let mut sender = self.ready().await?.sender;
         // From here on the request may reach the server: whatever happens, it is not sent again.
         let (response, stream) = sender
             .send_request(request, false)
@@ -311,14 +317,14 @@ impl Direct {
     /// A connection ready for a new stream. A connection that refuses one (closed, or the
     /// server said GOAWAY) has sent nothing of this call, so the call is made on a new
     /// connection, once.
-    async fn ready(&self) -> Result<SendRequest<Bytes>, Status> {
+    async fn ready(&self) -> Result<Live, Status> {
         let mut refused = None;
         for _ in 0..2 {
-            let (sender, number) = self.connection().await?;
-            match sender.ready().await {
-                Ok(sender) => return Ok(sender),
+            let live = self.connection().await?;
+            match live.sender.ready().await {
+                Ok(sender) => return Ok(Live { sender, ..live }),
                 Err(err) => {
-                    self.forget(number);
+                    self.forget(live.number);
                     refused = Some(err);
                 }
             }
@@ -330,7 +336,7 @@ impl Direct {
     /// The live connection, or the outcome of opening one (an attempt already under way is
     /// joined, not repeated). An attempt whose runtime shut down or stopped running it is
     /// made again, once, from this call's runtime.
-    async fn connection(&self) -> Result<(SendRequest<Bytes>, u64), Status> {
+    async fn connection(&self) -> Result<Live, Status> {
         match self.attempt().await {
             Err(Abandoned) => self.attempt().await.unwrap_or_else(|Abandoned| {
                 Err(Status::unavailable(format!(
@@ -343,11 +349,11 @@ impl Direct {
     }
 
     /// As [`Direct::connection`], once.
-    async fn attempt(&self) -> Result<Result<(SendRequest<Bytes>, u64), Status>, Abandoned> {
+    async fn attempt(&self) -> Result<Result<Live, Status>, Abandoned> {
         let mut outcome = {
             let mut state = lock(&self.state);
-            if let Some((sender, number)) = &state.live {
-                return Ok(Ok((sender.clone(), *number)));
+            if let Some(live) = &state.live {
+                return Ok(Ok(live.clone()));
             }
             match &state.opening {
                 Some(outcome) => outcome.clone(),
@@ -386,7 +392,7 @@ impl Direct {
         }
         let state = lock(&self.state);
         Ok(match &state.live {
-            Some((sender, number)) => Ok((sender.clone(), *number)),
+            Some(live) => Ok(live.clone()),
             None => Err(Status::unavailable(format!(
                 "the connection to {} closed as soon as it opened",
                 self.url
@@ -500,7 +506,11 @@ impl Direct {
     /// Drops connection `number` if it is still the live one: the next call opens another.
     fn forget(&self, number: u64) {
         let mut state = lock(&self.state);
-        if state.live.as_ref().is_some_and(|(_, live)| *live == number) {
+        if state
+            .live
+            .as_ref()
+            .is_some_and(|live| live.number == number)
+        {
             state.live = None;
         }
     }
@@ -532,15 +542,18 @@ async fn open(direct: Weak<Direct>, done: watch::Sender<Option<Result<(), Status
             let mut state = lock(&direct.state);
             state.opened += 1;
             let number = state.opened;
-            state.live = Some((opened.sender, number));
-            state.opening = None;
             // `drive`, spawned below, runs on this runtime: on this thread if it is a
             // current-thread one.
             let driver = match busy_poll::on_current_thread_runtime() {
                 true => busy_poll::thread_number(),
                 false => 0,
             };
-            direct.driver_thread.store(driver, Relaxed);
+            state.live = Some(Live {
+                sender: opened.sender,
+                number,
+                driver,
+            });
+            state.opening = None;
             drop(state);
             let keepalive = (direct.keepalive_interval, direct.keepalive_timeout);
             tokio::spawn(drive(
@@ -841,7 +854,9 @@ impl Direct {
         }
         let frame = codec::frame(&message)?;
 
-        let mut sender = self.ready().await?;
+        let Live {
+            mut sender, driver, ..
+        } = self.ready().await?;
         // From here on the request may reach the server: whatever happens, it is not sent again.
         let (response, mut stream) = sender
             .send_request(request, false)
@@ -858,8 +873,7 @@ impl Direct {
         };
         // The wait for the reply, polled for where it pays (`ClientOptions::busy_poll`): from
         // the thread whose current-thread runtime drives the connection.
-        if !self.busy_poll.is_on() || self.driver_thread.load(Relaxed) != busy_poll::thread_number()
-        {
+        if !self.busy_poll.is_on() || driver != busy_poll::thread_number() {
             return answer.await;
         }
         let _in_flight = InFlight::count(&self.gets_in_flight);
