@@ -9,7 +9,7 @@
 //! polling for the Redis reply"), the server's polling took 6–8 µs off its Redis hop and
 //! 8–15 % off its one-caller Get, for the same to 16 % more CPU per Get (the sleep and the
 //! wake-up cost the thread about what the polling does); on the AMD EPYC KVM of "The client
-//! polls for its reply", the client's polling took a memoize hit from 95–98 to 60 µs. It is
+//! polls for its reply", the client's polling took a memoize hit from 95–99 to 60–61 µs. It is
 //! Linux's `SO_BUSY_POLL`, done in the process: bounded per request, and only where it pays:
 //!
 //! - only while the request is the one operation in flight, and the request that started

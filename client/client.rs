@@ -97,11 +97,11 @@ pub struct ClientOptions {
     ///
     /// Cost: the caller's thread stays busy through the round trip instead of asleep, up to
     /// this much CPU per Get (on the AMD EPYC KVM of BENCHMARKS.md, "The client polls for its
-    /// reply", 62 µs of CPU per hit against 30), which a CPU quota sees; a reply that comes
+    /// reply", 63 µs of CPU per hit against 30), which a CPU quota sees; a reply that comes
     /// just after the budget pays for the polling and the wake-up both. Gain: a sleeping
     /// thread has to be woken when the reply comes, which on a VM without guest halt-polling
-    /// goes through the hypervisor: there a one-caller memoize hit took 60 µs instead of
-    /// 95–98. Expect less on bare metal or a guest that halt-polls; set it to zero there, or
+    /// goes through the hypervisor: there a one-caller memoize hit took 60–61 µs instead of
+    /// 95–99. Expect less on bare metal or a guest that halt-polls; set it to zero there, or
     /// where CPU is metered.
     ///
     /// Only where it can pay:

@@ -437,6 +437,14 @@ async fn until_polled(cm: &Client, function: &str) -> Option<u64> {
     None
 }
 
+/// A client of `server` with [`polling`] options, its lone Gets of `function` seen polled for.
+async fn polled_client(server: &CacheServer, function: &str) -> Client {
+    let cm = Client::connect_with(server.url(), polling()).await.unwrap();
+    let polled = until_polled(&cm, function).await;
+    assert!(polled.is_some(), "lone Gets never polled for");
+    cm
+}
+
 /// On a current-thread runtime (this test's), a Get alone in flight is polled for: its
 /// reply is seen by the polling instead of waking the task (`polled_gets`). Not the first
 /// Get: none was alone before it. Turned off, nothing is.
@@ -466,11 +474,7 @@ async fn lone_gets_are_polled_for_on_a_current_thread_runtime() {
 #[tokio::test]
 async fn overlapping_gets_are_not_polled_for() {
     let server = CacheServer::memory(&[]);
-    let cm = Client::connect_with(server.url(), polling()).await.unwrap();
-    assert!(
-        until_polled(&cm, "overlapped").await.is_some(),
-        "lone Gets never polled for"
-    );
+    let cm = polled_client(&server, "overlapped").await;
     let other = cm.function("transport", "overlapping", Ttl::MINUTE);
     let _: u32 = other.memoize(&(2,), || async { 2 }).await.unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -505,11 +509,7 @@ async fn overlapping_gets_are_not_polled_for() {
 #[tokio::test]
 async fn a_get_given_up_on_leaves_polling_working() {
     let server = CacheServer::memory(&[]);
-    let cm = Client::connect_with(server.url(), polling()).await.unwrap();
-    assert!(
-        until_polled(&cm, "given_up").await.is_some(),
-        "never polled for"
-    );
+    let cm = polled_client(&server, "given_up").await;
     server.freeze();
     let f = cm.function("transport", "given_up", Ttl::MINUTE);
     let failures = cm.metrics().rpc_failures;
