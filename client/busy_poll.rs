@@ -77,11 +77,14 @@ impl BusyPoll {
         !self.budget.is_zero()
     }
 
-    /// Runs `command` with `in_flight` operations running (its own included), polling for it
-    /// within the budget when it is worth it. `in_flight` is asked again each round: a second
-    /// operation ends the polling.
+    /// Runs `command`, started at `started`, with `in_flight` operations running (its own
+    /// included), polling for it within the budget when it is worth it, and times it from
+    /// `started` into the average that decides that ([`BusyPoll::timing`]; a caller that has
+    /// read the clock already passes its reading). `in_flight` is asked again each round: a
+    /// second operation ends the polling.
     pub(crate) async fn run<F: Future>(
         &self,
+        started: Instant,
         in_flight: impl Fn() -> u64,
         command: F,
     ) -> F::Output {
@@ -89,6 +92,7 @@ impl BusyPoll {
             // Off: not even the shared flag is touched.
             return command.await;
         }
+        let _timing = self.timing(started);
         let alone = in_flight() == 1;
         let was_alone = self.alone.swap(alone, Relaxed);
         let worth_it = alone
@@ -124,7 +128,7 @@ impl BusyPoll {
     /// Times an operation started at `started` into the running average when the returned
     /// guard is dropped: when it finishes, or when its caller gives up on it (a slow
     /// operation counts whether or not anyone waited for it). Nothing when polling is off.
-    pub(crate) fn timing(&self, started: Instant) -> Timing<'_> {
+    fn timing(&self, started: Instant) -> Timing<'_> {
         Timing {
             poll: self.is_on().then_some(self),
             started,
@@ -232,7 +236,7 @@ pub(crate) mod tests {
         });
         let polls = AtomicUsize::new(0);
         tokio::select! {
-            reply = poll.run(|| 1, seen_only_by_polling(&answered, &polls)) => {
+            reply = poll.run(Instant::now(), || 1, seen_only_by_polling(&answered, &polls)) => {
                 assert_eq!(reply, "reply");
             }
             () = tokio::time::sleep(Duration::from_secs(2)) => panic!("not polled for"),
@@ -248,7 +252,7 @@ pub(crate) mod tests {
         let polls = Mutex::new((0, None));
         let started = Instant::now();
         let command = counted(Duration::from_millis(300), "late", &polls);
-        assert_eq!(poll.run(|| 1, command).await, "late");
+        assert_eq!(poll.run(Instant::now(), || 1, command).await, "late");
         let (rounds, last_pending) = *polls.lock().unwrap();
         assert!(rounds > 2, "not polled for: {rounds} polls");
         // The last pending poll came at the budget (20 ms), not just before the reply
@@ -269,7 +273,7 @@ pub(crate) mod tests {
         let in_flight = || 1 + u64::from(asked.fetch_add(1, Relaxed) >= 2);
         let polls = Mutex::new((0, None));
         let command = counted(Duration::from_millis(100), "reply", &polls);
-        assert_eq!(poll.run(in_flight, command).await, "reply");
+        assert_eq!(poll.run(Instant::now(), in_flight, command).await, "reply");
         // Polled at the start, after one round, once more as the polling ends (awaited from
         // then on), and when the reply woke it: not the thousands of rounds of 100 ms.
         assert_eq!(polls.lock().unwrap().0, 4);
@@ -317,7 +321,7 @@ pub(crate) mod tests {
             tokio::select! {
                 biased;
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
-                _ = poll.run(|| in_flight, seen_only_by_polling(&answered, &polls)) => {
+                _ = poll.run(Instant::now(), || in_flight, seen_only_by_polling(&answered, &polls)) => {
                     unreachable!("never answered")
                 }
             }

@@ -877,9 +877,8 @@ impl Direct {
             return answer.await;
         }
         let _in_flight = InFlight::count(&self.gets_in_flight);
-        let _timing = self.busy_poll.timing(Instant::now());
         self.busy_poll
-            .run(|| self.gets_in_flight.load(Relaxed), answer)
+            .run(Instant::now(), || self.gets_in_flight.load(Relaxed), answer)
             .await
     }
 }

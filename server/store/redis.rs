@@ -556,10 +556,9 @@ impl Gate {
                 limit: self.max_in_flight,
             });
         };
-        let _timing = self.busy_poll.timing(started);
         let result = self
             .busy_poll
-            .run(|| self.in_flight(), operation(deadline))
+            .run(started, || self.in_flight(), operation(deadline))
             .await;
         // The clock reading the deadline came from: one fewer per command.
         self.metrics.store_command(op, Some(started.into_std()));
