@@ -227,6 +227,14 @@ async fn bust_namespace(cm: &mut Cm, namespace: &str) -> u64 {
         .position
 }
 
+/// A Get of `key`, which must succeed: its whole answer (hit, value, position).
+async fn lookup(cm: &mut Cm, key: pb::Key) -> pb::GetResponse {
+    cm.get(common::get_request(key))
+        .await
+        .expect("Get")
+        .into_inner()
+}
+
 async fn write(cm: &mut Cm, key: pb::Key) -> u64 {
     let reply = cm.put(put(key, b"v", 60)).await.expect("Put").into_inner();
     assert!(!reply.refused);
@@ -442,11 +450,7 @@ async fn get_carries_the_position_before_its_lookup(backend: Backend) {
     let mut watcher = Watcher::ready(&mut cm, follow(&["pos"], &[])).await;
     let written = write(&mut cm, key("pos", "f", 1)).await;
     watcher.next_change().await;
-    let answer = cm
-        .get(common::get_request(key("pos", "f", 1)))
-        .await
-        .expect("Get")
-        .into_inner();
+    let answer = lookup(&mut cm, key("pos", "f", 1)).await;
     assert!(answer.hit);
     assert!(
         answer.position >= written,
@@ -587,11 +591,7 @@ async fn lookups_keep_their_position_between_heartbeats(backend: Backend) {
     let mut lookups = 0;
     while started.elapsed() < WINDOW {
         every.tick().await;
-        let answer = cm
-            .get(common::get_request(key("steady", "f", 2)))
-            .await
-            .expect("Get")
-            .into_inner();
+        let answer = lookup(&mut cm, key("steady", "f", 2)).await;
         lookups += 1;
         assert!(
             answer.position >= busted,
@@ -963,11 +963,7 @@ async fn nothing_is_claimed_before_the_reader_knows_the_end() {
         .expect("Watch starts")
         .into_inner();
     let mut watcher = Watcher { events, last: 0 };
-    let answer = cm
-        .get(common::get_request(key("early", "f", 1)))
-        .await
-        .expect("Get")
-        .into_inner();
+    let answer = lookup(&mut cm, key("early", "f", 1)).await;
     assert_eq!(answer.position, 0, "unknown until the reader knows the end");
     // At once: the string goes and the stream comes with one invalidation in it, so the
     // reader's first successful read of the end finds it published.
@@ -1096,11 +1092,7 @@ async fn a_failed_publish_does_not_fail_the_write() {
         .expect("the write succeeds though its publish failed")
         .into_inner();
     assert_eq!(written.position, 0, "unknown: not published");
-    let answer = cm
-        .get(common::get_request(key("be", "f", 2)))
-        .await
-        .expect("Get")
-        .into_inner();
+    let answer = lookup(&mut cm, key("be", "f", 2)).await;
     assert!(answer.hit, "the change was made");
     assert_eq!(
         answer.position, 0,
@@ -1131,10 +1123,7 @@ async fn a_failed_publish_does_not_fail_the_write() {
     // Paid: lookups carry positions again (once the reader has read the bust).
     let positioned = common::eventually(EVENT_TIMEOUT, || {
         let mut cm = cm.clone();
-        async move {
-            let request = common::get_request(key("be", "f", 3));
-            cm.get(request).await.expect("Get").into_inner().position > before
-        }
+        async move { lookup(&mut cm, key("be", "f", 3)).await.position > before }
     })
     .await;
     assert!(
