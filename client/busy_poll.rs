@@ -252,7 +252,7 @@ pub(crate) mod tests {
         let polls = Mutex::new((0, None));
         let started = Instant::now();
         let command = counted(Duration::from_millis(300), "late", &polls);
-        assert_eq!(poll.run(Instant::now(), || 1, command).await, "late");
+        assert_eq!(poll.run(started, || 1, command).await, "late");
         let (rounds, last_pending) = *polls.lock().unwrap();
         assert!(rounds > 2, "not polled for: {rounds} polls");
         // The last pending poll came at the budget (20 ms), not just before the reply
@@ -353,6 +353,34 @@ pub(crate) mod tests {
         // Off: nothing is recorded.
         let off = BusyPoll::new(Duration::ZERO);
         drop(off.timing(Instant::now() - Duration::from_secs(1)));
+        assert_eq!(off.recent_ns.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn run_times_its_command_from_its_start_finished_or_dropped() {
+        let second_ago = || Instant::now() - Duration::from_secs(1);
+        let at_least_a_second = |poll: &BusyPoll| poll.recent_ns.load(Relaxed) >= 1_000_000_000;
+        // Finished: recorded from the start given, not from the call.
+        let poll = BusyPoll::new(Duration::from_micros(50));
+        assert_eq!(
+            poll.run(second_ago(), || 1, async { "reply" }).await,
+            "reply"
+        );
+        assert!(at_least_a_second(&poll), "{}", poll.recent_ns.load(Relaxed));
+        // Given up on (dropped unanswered): recorded all the same.
+        let poll = BusyPoll::new(Duration::from_micros(50));
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            _ = poll.run(second_ago(), || 1, std::future::pending::<()>()) => unreachable!(),
+        }
+        assert!(at_least_a_second(&poll), "{}", poll.recent_ns.load(Relaxed));
+        // Off: nothing recorded.
+        let off = BusyPoll::new(Duration::ZERO);
+        assert_eq!(
+            off.run(second_ago(), || 1, async { "reply" }).await,
+            "reply"
+        );
         assert_eq!(off.recent_ns.load(Relaxed), 0);
     }
 }
